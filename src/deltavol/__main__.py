@@ -1,0 +1,3 @@
+from deltavol.cli import main
+
+main()

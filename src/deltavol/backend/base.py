@@ -1,0 +1,87 @@
+"""The block-device layer interface, in the manner of nbdkit plugins and filters.
+
+A volume's data path is a stack: ``Export`` (validation, once) → filters (one job each:
+target guard, copy-on-first-write, change tracking) → ``FileBackend``. A filter subclasses
+``Layer`` and overrides only the operations it changes; everything else is delegated to
+the layer below. Offsets and lengths reaching a layer are already checked by ``Export``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+Extent = tuple[int, int]  # (length, NBD base:allocation flags)
+
+
+class Backend(Protocol):
+    name: str
+    size: int
+
+    def can_trim(self) -> bool: ...
+    def can_zero(self) -> bool: ...
+    def can_fast_zero(self) -> bool: ...
+    def can_extents(self) -> bool: ...
+
+    async def pread(self, offset: int, length: int) -> bytes: ...
+    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None: ...
+    async def zero(
+        self, offset: int, length: int, may_trim: bool = True, fua: bool = False
+    ) -> None: ...
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None: ...
+    async def flush(self) -> None: ...
+    async def cache(self, offset: int, length: int) -> None: ...
+    async def extents(self, offset: int, length: int) -> list[Extent]: ...
+    async def close(self) -> None: ...
+
+
+class Layer:
+    """A filter: delegates every operation to ``self.next`` unless it overrides it."""
+
+    def __init__(self, next: Backend) -> None:
+        self.next = next
+
+    @property
+    def name(self) -> str:
+        return self.next.name
+
+    @property
+    def size(self) -> int:
+        return self.next.size
+
+    def can_trim(self) -> bool:
+        return self.next.can_trim()
+
+    def can_zero(self) -> bool:
+        return self.next.can_zero()
+
+    def can_fast_zero(self) -> bool:
+        return self.next.can_fast_zero()
+
+    def can_extents(self) -> bool:
+        return self.next.can_extents()
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        return await self.next.pread(offset, length)
+
+    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
+        await self.next.pwrite(offset, data, fua)
+
+    async def zero(
+        self, offset: int, length: int, may_trim: bool = True, fua: bool = False
+    ) -> None:
+        await self.next.zero(offset, length, may_trim, fua)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self.next.trim(offset, length, fua)
+
+    async def flush(self) -> None:
+        await self.next.flush()
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self.next.cache(offset, length)
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        return await self.next.extents(offset, length)
+
+    async def close(self) -> None:
+        await self.next.close()

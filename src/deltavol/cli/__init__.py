@@ -1,0 +1,51 @@
+"""The ``deltavol`` command. Every command but ``serve`` talks to the running server over
+its control API. ``main`` is the one place errors become messages and exit codes:
+0 ok, 1 operation failed, 2 usage error; no traceback for an expected failure."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from deltavol.cli.api_client import ApiTarget
+from deltavol.errors import DeltavolError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data-dir", envvar="DELTAVOL_DATA_DIR", help="Data dir of the server to talk to.")
+@click.option("--api-socket", help="Control API unix socket (default: DATA_DIR/api.sock).")
+@click.option(
+    "--api-url", envvar="DELTAVOL_API_URL", help="Control API over TCP, http://HOST:PORT."
+)
+@click.option("--token", envvar="DELTAVOL_API_TOKEN", help="Bearer token for --api-url.")
+@click.version_option(package_name="deltavol")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    data_dir: str | None,
+    api_socket: str | None,
+    api_url: str | None,
+    token: str | None,
+) -> None:
+    """Serve block volumes over NBD and keep copies of them up to date."""
+    ctx.obj = ApiTarget.resolve(data_dir, api_socket, api_url, token)
+
+
+def main() -> None:
+    from deltavol.cli import serve_cmd, volume_cmds  # noqa: F401  (register commands)
+
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except DeltavolError as exc:
+        click.echo(f"deltavol: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0)

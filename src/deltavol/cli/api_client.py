@@ -1,0 +1,74 @@
+"""The CLI's side of the control API: one request per call, errors as DeltavolError."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from deltavol.errors import ApiError, ServerNotRunning
+from deltavol.store.datadir import resolve_data_dir
+
+
+@dataclass(frozen=True)
+class ApiTarget:
+    data_dir: Path
+    socket: str | None = None  # unix socket; default data_dir/api.sock
+    url: str | None = None  # http://host:port for the TCP API
+    token: str | None = None
+
+    @property
+    def unix_socket(self) -> str:
+        return self.socket or str(self.data_dir / "api.sock")
+
+    @classmethod
+    def resolve(
+        cls, data_dir: str | None, socket: str | None, url: str | None, token: str | None
+    ) -> ApiTarget:
+        root = resolve_data_dir(data_dir)
+        if url and not token:
+            token_file = root / "api.token"
+            token = os.environ.get("DELTAVOL_API_TOKEN") or (
+                token_file.read_text().strip() if token_file.exists() else None
+            )
+        return cls(root, socket, url, token)
+
+
+def call(target: ApiTarget, method: str, path: str, body: Any = None, timeout: float = 300) -> Any:
+    return asyncio.run(acall(target, method, path, body, timeout))
+
+
+async def acall(
+    target: ApiTarget, method: str, path: str, body: Any = None, timeout: float = 300
+) -> Any:
+    if target.url:
+        connector: aiohttp.BaseConnector = aiohttp.TCPConnector()
+        base = target.url.rstrip("/")
+    else:
+        connector = aiohttp.UnixConnector(path=target.unix_socket)
+        base = "http://deltavol"
+    headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
+    try:
+        async with (
+            aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as session,
+            session.request(method, base + path, json=body, headers=headers) as resp,
+        ):
+            data = await resp.json(content_type=None)
+            if resp.status >= 400:
+                err = (data or {}).get("error", {}) if isinstance(data, dict) else {}
+                raise ApiError(
+                    resp.status, err.get("code", "Error"), err.get("message", f"HTTP {resp.status}")
+                )
+            return data
+    except (aiohttp.ClientConnectionError, FileNotFoundError) as exc:
+        if isinstance(exc, aiohttp.ServerDisconnectedError):
+            raise ApiError(502, "Disconnected", "the server closed the connection") from exc
+        raise ServerNotRunning(
+            socket=target.url or target.unix_socket, data_dir=target.data_dir
+        ) from exc

@@ -1,0 +1,81 @@
+"""``deltavol serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import click
+
+from deltavol.cli import cli
+from deltavol.config import DEFAULT_NBD, ServerConfig, parse_host_port
+from deltavol.store.datadir import resolve_data_dir
+
+
+class _KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} {record.levelname.lower()} {record.name}: {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+@cli.command()
+@click.option(
+    "--data-dir",
+    "serve_data_dir",
+    help="Data dir to own (default: $DELTAVOL_DATA_DIR, else $XDG_DATA_HOME/deltavol).",
+)
+@click.option(
+    "--nbd", "nbd", default=None, help="NBD TCP address HOST:PORT (default 127.0.0.1:10809)."
+)
+@click.option("--nbd-socket", help="Also (or, without --nbd, only) serve NBD on this unix socket.")
+@click.option(
+    "--api-socket", "serve_api_socket", help="Control API unix socket (default DATA_DIR/api.sock)."
+)
+@click.option(
+    "--api",
+    "api",
+    help="Also serve the control API on TCP HOST:PORT, with a token in DATA_DIR/api.token.",
+)
+@click.option(
+    "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])
+)
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    serve_data_dir: str | None,
+    nbd: str | None,
+    nbd_socket: str | None,
+    serve_api_socket: str | None,
+    api: str | None,
+    log_level: str,
+) -> None:
+    """Run the server: NBD exports and the control API for one data dir."""
+    setup_logging(log_level)
+    data_dir = resolve_data_dir(serve_data_dir) if serve_data_dir else ctx.obj.data_dir
+    nbd_tcp = parse_host_port(nbd, 10809) if nbd else (None if nbd_socket else DEFAULT_NBD)
+    config = ServerConfig(
+        data_dir=data_dir,
+        nbd_tcp=nbd_tcp,
+        nbd_socket=nbd_socket,
+        api_socket=serve_api_socket or ctx.obj.socket,
+        api_tcp=parse_host_port(api, 8080) if api else None,
+    )
+    from deltavol.server.main import serve as run
+
+    try:
+        import uvloop
+
+        uvloop.run(run(config))
+    except ImportError:
+        asyncio.run(run(config))

@@ -1,0 +1,121 @@
+"""``deltavol volume ...``."""
+
+from __future__ import annotations
+
+import click
+
+from deltavol.cli import cli
+from deltavol.cli.api_client import ApiTarget, call
+from deltavol.cli.output import emit_json, fields, table
+from deltavol.errors import InvalidSize
+from deltavol.units import format_size, parse_size
+
+INFO_FIELDS = (
+    "name",
+    "size",
+    "path",
+    "imported",
+    "created_at",
+    "connections",
+    "read_only",
+    "allocated",
+)
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except InvalidSize as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+def _human(v: dict) -> dict:
+    return {
+        **v,
+        "size_h": format_size(v["size"]),
+        "allocated_h": format_size(v["allocated"]) if v.get("allocated") is not None else None,
+    }
+
+
+@cli.group()
+def volume() -> None:
+    """Create, import, list and remove volumes."""
+
+
+@volume.command()
+@click.argument("name")
+@click.option(
+    "--size", required=True, callback=_size, help="Size, e.g. 4GiB (B K KiB M MiB G GiB T TiB)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the new volume as JSON.")
+@click.pass_obj
+def create(api: ApiTarget, name: str, size: int, as_json: bool) -> None:
+    """Create a sparse volume NAME of SIZE bytes in the data dir."""
+    info = call(api, "POST", "/v1/volumes", {"name": name, "size": size})
+    emit_json(info) if as_json else click.echo(
+        f"created volume {info['name']} ({format_size(info['size'])})"
+    )
+
+
+@volume.command(name="import")
+@click.argument("name")
+@click.option("--path", required=True, help="Existing file or block device, used in place.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def import_(api: ApiTarget, name: str, path: str, as_json: bool) -> None:
+    """Make an existing file or block device the volume NAME (its data stays where it is)."""
+    import os
+
+    info = call(api, "POST", "/v1/volumes", {"name": name, "path": os.path.abspath(path)})
+    emit_json(info) if as_json else click.echo(
+        f"imported volume {info['name']} from {info['path']} ({format_size(info['size'])})"
+    )
+
+
+@volume.command(name="list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def list_(api: ApiTarget, as_json: bool) -> None:
+    """List volumes."""
+    vols = call(api, "GET", "/v1/volumes")
+    if as_json:
+        emit_json(vols)
+    else:
+        table(
+            [_human(v) for v in vols],
+            [
+                ("name", "name"),
+                ("size_h", "size"),
+                ("allocated_h", "allocated"),
+                ("connections", "conns"),
+                ("path", "path"),
+            ],
+        )
+
+
+@volume.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def info(ctx: click.Context, name: str | None, as_json: bool) -> None:
+    """Show one volume (or all of them)."""
+    api: ApiTarget = ctx.obj
+    vols = [call(api, "GET", f"/v1/volumes/{name}")] if name else call(api, "GET", "/v1/volumes")
+    if as_json:
+        emit_json(vols[0] if name else vols)
+        return
+    for i, v in enumerate(vols):
+        if i:
+            click.echo()
+        fields(v, INFO_FIELDS)
+
+
+@volume.command()
+@click.argument("name")
+@click.pass_obj
+def remove(api: ApiTarget, name: str) -> None:
+    """Remove volume NAME (deletes its image unless it was imported)."""
+    call(api, "DELETE", f"/v1/volumes/{name}")
+    click.echo(f"removed volume {name}")

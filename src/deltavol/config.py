@@ -1,0 +1,30 @@
+"""Server configuration, normalised once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from deltavol.errors import UsageError
+
+DEFAULT_NBD = ("127.0.0.1", 10809)
+
+
+def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(default_port)
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(msg=f"invalid address {text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    data_dir: Path
+    nbd_tcp: tuple[str, int] | None = DEFAULT_NBD
+    nbd_socket: str | None = None
+    api_socket: str | None = None  # default: data_dir/api.sock
+    api_tcp: tuple[str, int] | None = None
+    drain_timeout: float = 30.0

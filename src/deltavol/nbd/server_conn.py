@@ -1,0 +1,475 @@
+"""Sans-I/O server side of one NBD connection.
+
+Theory of operation
+-------------------
+Bytes from the peer go in with ``receive_data``; ``next_event`` turns them into events
+(or ``NEED_DATA``); the application answers through the ``reply_*`` / ``send_*`` methods,
+which queue bytes that ``data_to_send`` hands back to whoever owns the socket. Nothing
+here touches a socket, a file or a clock.
+
+The phases and their legal transitions are in ``_TRANSITIONS``; anything else is a bug in
+the caller and raises ``ProtocolStateError``. A peer that breaks a MUST of the spec gets a
+``Closed`` event (a hard disconnect); a peer that sends a request we merely refuse gets a
+``BadRequest`` the application must answer with an error reply.
+
+A WRITE whose payload is too large to accept is refused, but its payload is still read
+and dropped (``_discard``) so that the stream stays in step and the client can go on.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+from deltavol.nbd import constants as c
+from deltavol.nbd.constants import Cmd, CmdFlag, Errno, Info, Opt, Rep, ReplyFlag, ReplyType
+from deltavol.nbd.events import (
+    NEED_DATA,
+    BadRequest,
+    Closed,
+    Event,
+    ExportInfo,
+    OptExportName,
+    OptInfo,
+    OptList,
+    OptMetaContext,
+    Request,
+)
+
+BASE_ALLOCATION_ID = 1  # the one meta context this server offers
+
+
+class Phase(enum.Enum):
+    AWAIT_CLIENT_FLAGS = "await-client-flags"
+    OPTIONS = "options"
+    OPTION_PENDING = "option-pending"  # the application owes a reply to an option
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+_TRANSITIONS: dict[tuple[Phase, str], Phase] = {
+    (Phase.AWAIT_CLIENT_FLAGS, "client-flags"): Phase.OPTIONS,
+    (Phase.AWAIT_CLIENT_FLAGS, "close"): Phase.CLOSED,
+    (Phase.OPTIONS, "app-option"): Phase.OPTION_PENDING,
+    (Phase.OPTIONS, "close"): Phase.CLOSED,
+    (Phase.OPTION_PENDING, "replied"): Phase.OPTIONS,
+    (Phase.OPTION_PENDING, "go"): Phase.TRANSMISSION,
+    (Phase.OPTION_PENDING, "close"): Phase.CLOSED,
+    (Phase.TRANSMISSION, "close"): Phase.CLOSED,
+    (Phase.CLOSED, "close"): Phase.CLOSED,
+}
+
+
+class ProtocolStateError(RuntimeError):
+    """The application called a method that its connection's phase does not allow."""
+
+
+class ServerConnection:
+    def __init__(self, *, max_payload: int = c.MAX_PAYLOAD) -> None:
+        self.phase = Phase.AWAIT_CLIENT_FLAGS
+        self.max_payload = max_payload
+        self.structured_replies = False
+        self.no_zeroes = False
+        self.export: ExportInfo | None = None
+        self.meta_contexts: frozenset[int] = frozenset()  # ids selected by SET_META_CONTEXT
+        self._buf = bytearray()
+        self._pos = 0
+        self._out: list[bytes | memoryview] = []
+        self._pending: tuple[Opt, object] | None = None  # option awaiting the app
+        self._discard = 0  # payload bytes still to drop after a refused WRITE
+        self._discarded_event: BadRequest | None = None
+        self._eof = False
+        self._out.append(
+            c.GREETING.pack(
+                c.NBDMAGIC, c.IHAVEOPT, c.HandshakeFlag.FIXED_NEWSTYLE | c.HandshakeFlag.NO_ZEROES
+            )
+        )
+
+    # --- plumbing --------------------------------------------------------------------------
+    def _go(self, trigger: str) -> None:
+        try:
+            self.phase = _TRANSITIONS[(self.phase, trigger)]
+        except KeyError:
+            raise ProtocolStateError(
+                f"server connection: {trigger!r} is not allowed in phase {self.phase.value}"
+            ) from None
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the peer; ``b""`` means the peer closed its side."""
+        if not data:
+            self._eof = True
+            return
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        self._buf += data
+
+    def data_to_send(self) -> list[bytes | memoryview]:
+        out, self._out = self._out, []
+        return out
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def _take(self, n: int) -> bytes | None:
+        if len(self._buf) - self._pos < n:
+            return None
+        chunk = bytes(self._buf[self._pos : self._pos + n])
+        self._pos += n
+        if self._pos > 1 << 20:
+            del self._buf[: self._pos]
+            self._pos = 0
+        return chunk
+
+    def _close(self, reason: str, clean: bool = False) -> Closed:
+        self._go("close")
+        return Closed(reason, clean)
+
+    # --- events ------------------------------------------------------------------------------
+    def next_event(self) -> Event | object:
+        if self.phase is Phase.CLOSED:
+            return Closed("connection closed", clean=True)
+        if self.phase is Phase.OPTION_PENDING:
+            raise ProtocolStateError("reply to the pending option before asking for events")
+        if self.phase is Phase.AWAIT_CLIENT_FLAGS:
+            event = self._client_flags()
+        elif self.phase is Phase.OPTIONS:
+            event = self._option()
+        else:
+            event = self._request()
+        if event is NEED_DATA and self._eof:
+            clean = self.phase is Phase.TRANSMISSION and self.buffered == 0 and not self._discard
+            return self._close("peer closed the connection", clean=clean)
+        return event
+
+    def _client_flags(self) -> Event | object:
+        raw = self._take(4)
+        if raw is None:
+            return NEED_DATA
+        (flags,) = c.CLIENT_FLAGS.unpack(raw)
+        known = c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES
+        if flags & ~known:
+            return self._close(f"unknown client flags {flags:#x}")
+        self.no_zeroes = bool(flags & c.ClientFlag.C_NO_ZEROES)
+        self._go("client-flags")
+        return self._option()
+
+    def _option(self) -> Event | object:
+        while True:
+            if self.buffered < c.OPTION_HEADER.size:
+                return NEED_DATA
+            magic, opt, length = c.OPTION_HEADER.unpack_from(self._buf, self._pos)
+            if magic != c.IHAVEOPT:
+                return self._close(f"bad option magic {magic:#x}")
+            if length > c.MAX_OPTION_LENGTH:
+                return self._close(f"option {opt} payload of {length} bytes is too long")
+            if self.buffered < c.OPTION_HEADER.size + length:
+                return NEED_DATA
+            self._pos += c.OPTION_HEADER.size
+            payload = self._take(length) or b""
+            event = self._parse_option(opt, payload)
+            if event is not None:
+                return event
+
+    def _parse_option(self, opt: int, data: bytes) -> Event | None:
+        """Answer protocol-only options here; return an event for the rest."""
+        try:
+            option = Opt(opt)
+        except ValueError:
+            self._option_reply(opt, Rep.ERR_UNSUP, f"option {opt} is not supported".encode())
+            return None
+        if option is Opt.EXPORT_NAME:
+            self._pending = (option, None)
+            self._go("app-option")
+            return OptExportName(data.decode("utf-8", "replace"))
+        if option is Opt.ABORT:
+            self._option_reply(opt, Rep.ACK)
+            return self._close("client sent NBD_OPT_ABORT", clean=True)
+        if option is Opt.LIST:
+            if data:
+                return self._invalid(opt, "NBD_OPT_LIST takes no data")
+            self._pending = (option, None)
+            self._go("app-option")
+            return OptList()
+        if option is Opt.STRUCTURED_REPLY:
+            if data:
+                return self._invalid(opt, "NBD_OPT_STRUCTURED_REPLY takes no data")
+            if self.structured_replies:
+                return self._invalid(opt, "structured replies are already negotiated")
+            self.structured_replies = True
+            self._option_reply(opt, Rep.ACK)
+            return None
+        if option in (Opt.INFO, Opt.GO):
+            parsed = _parse_info_request(data)
+            if isinstance(parsed, str):
+                return self._invalid(opt, parsed)
+            self._pending = (option, parsed[1])
+            self._go("app-option")
+            return OptInfo(parsed[0], parsed[1], go=option is Opt.GO)
+        if option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+            if option is Opt.SET_META_CONTEXT and not self.structured_replies:
+                return self._invalid(opt, "negotiate structured replies first")
+            parsed_meta = _parse_meta_request(data)
+            if isinstance(parsed_meta, str):
+                return self._invalid(opt, parsed_meta)
+            self._pending = (option, parsed_meta[1])
+            self._go("app-option")
+            return OptMetaContext(*parsed_meta, set=option is Opt.SET_META_CONTEXT)
+        self._option_reply(opt, Rep.ERR_UNSUP, f"{option.name} is not supported".encode())
+        return None
+
+    def _invalid(self, opt: int, why: str) -> None:
+        self._option_reply(opt, Rep.ERR_INVALID, why.encode())
+        return None
+
+    def _option_reply(self, opt: int, rep: int, payload: bytes = b"") -> None:
+        self._out.append(c.OPTION_REPLY_HEADER.pack(c.OPTION_REPLY_MAGIC, opt, rep, len(payload)))
+        if payload:
+            self._out.append(payload)
+
+    def _request(self) -> Event | object:
+        if self._discard:
+            n = min(self._discard, self.buffered)
+            self._pos += n
+            self._discard -= n
+            if self._discard:
+                return NEED_DATA
+            event, self._discarded_event = self._discarded_event, None
+            return event
+        if self.buffered < c.REQUEST.size:
+            return NEED_DATA
+        magic, flags, cmd, cookie, offset, length = c.REQUEST.unpack_from(self._buf, self._pos)
+        if magic != c.REQUEST_MAGIC:
+            return self._close(f"bad request magic {magic:#x}")
+        if cmd == Cmd.WRITE:
+            if length > self.max_payload:
+                self._pos += c.REQUEST.size
+                self._discard = length
+                self._discarded_event = BadRequest(
+                    cookie, cmd, Errno.EINVAL, f"write of {length} bytes exceeds the maximum"
+                )
+                return self._request()
+            if self.buffered < c.REQUEST.size + length:
+                return NEED_DATA
+        self._pos += c.REQUEST.size
+        data = self._take(length) if cmd == Cmd.WRITE else b""
+        try:
+            command = Cmd(cmd)
+        except ValueError:
+            return BadRequest(cookie, cmd, Errno.EINVAL, f"unknown command {cmd}")
+        if command is Cmd.DISC:
+            return self._close("client sent NBD_CMD_DISC", clean=True)
+        if flags & ~c.ALLOWED_CMD_FLAGS[command]:
+            return BadRequest(cookie, cmd, Errno.EINVAL, f"flags {flags:#x} not valid for {command.name}")
+        if command is Cmd.READ and length > self.max_payload:
+            return BadRequest(cookie, cmd, Errno.EINVAL, f"read of {length} bytes exceeds the maximum")
+        if command is Cmd.BLOCK_STATUS and not self.meta_contexts:
+            return BadRequest(cookie, cmd, Errno.EINVAL, "no meta context was negotiated")
+        return Request(cookie, command, CmdFlag(flags), offset, length, data or b"")
+
+    # --- answers to option events ----------------------------------------------------------
+    def _answered(self, expected: tuple[Opt, ...]) -> tuple[Opt, object]:
+        if self.phase is not Phase.OPTION_PENDING or self._pending is None:
+            raise ProtocolStateError(f"no option is pending (phase {self.phase.value})")
+        if self._pending[0] not in expected:
+            raise ProtocolStateError(f"pending option is {self._pending[0].name}")
+        pending, self._pending = self._pending, None
+        return pending
+
+    def accept_export(self, export: ExportInfo) -> None:
+        """Answer NBD_OPT_EXPORT_NAME: enter transmission with ``export``."""
+        self._answered((Opt.EXPORT_NAME,))
+        self.export = export
+        self._out.append(c.EXPORT_NAME_REPLY.pack(export.size, export.flags))
+        if not self.no_zeroes:
+            self._out.append(bytes(124))
+        self._go("go")
+
+    def refuse_export_name(self, reason: str) -> Closed:
+        """NBD_OPT_EXPORT_NAME cannot carry an error: the spec asks for a hard disconnect."""
+        self._answered((Opt.EXPORT_NAME,))
+        return self._close(reason)
+
+    def reply_list(self, names: list[str]) -> None:
+        self._answered((Opt.LIST,))
+        for name in names:
+            raw = name.encode()
+            self._option_reply(Opt.LIST, Rep.SERVER, struct.pack(">I", len(raw)) + raw)
+        self._option_reply(Opt.LIST, Rep.ACK)
+        self._go("replied")
+
+    def reply_info(
+        self, export: ExportInfo | None, error: str = "", refusal: Rep = Rep.ERR_UNKNOWN
+    ) -> None:
+        """Answer NBD_OPT_INFO/GO; ``export=None`` refuses with ``refusal`` and ``error``."""
+        opt, requests = self._answered((Opt.INFO, Opt.GO))
+        if export is None:
+            self._option_reply(opt, refusal, error.encode()[: c.MAX_STRING])
+            self._go("replied")
+            return
+        wanted = set(requests)  # type: ignore[arg-type]
+        self._option_reply(opt, Rep.INFO, struct.pack(">HQH", Info.EXPORT, export.size, export.flags))
+        if Info.NAME in wanted:
+            self._option_reply(opt, Rep.INFO, struct.pack(">H", Info.NAME) + export.name.encode())
+        if Info.DESCRIPTION in wanted and export.description:
+            self._option_reply(
+                opt, Rep.INFO, struct.pack(">H", Info.DESCRIPTION) + export.description.encode()
+            )
+        self._option_reply(
+            opt,
+            Rep.INFO,
+            struct.pack(
+                ">HIII", Info.BLOCK_SIZE, export.min_block, export.preferred_block, export.max_block
+            ),
+        )
+        self._option_reply(opt, Rep.ACK)
+        if opt is Opt.GO:
+            self.export = export
+            self.max_payload = min(self.max_payload, export.max_block)
+            self._go("go")
+        else:
+            self._go("replied")
+
+    def reply_meta_context(self, export_exists: bool, error: str = "") -> None:
+        """Answer LIST/SET_META_CONTEXT; only ``base:allocation`` is offered."""
+        opt, queries = self._answered((Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT))
+        assert isinstance(queries, tuple)
+        if not export_exists:
+            self._option_reply(opt, Rep.ERR_UNKNOWN, error.encode())
+            self._go("replied")
+            return
+        listing = opt is Opt.LIST_META_CONTEXT
+        match = any(
+            q == c.BASE_ALLOCATION or (listing and q in ("base:", "")) for q in queries
+        ) or (listing and not queries)
+        if match:
+            self._option_reply(
+                opt,
+                Rep.META_CONTEXT,
+                struct.pack(">I", BASE_ALLOCATION_ID) + c.BASE_ALLOCATION.encode(),
+            )
+        if opt is Opt.SET_META_CONTEXT:
+            self.meta_contexts = frozenset({BASE_ALLOCATION_ID}) if match else frozenset()
+        self._option_reply(opt, Rep.ACK)
+        self._go("replied")
+
+    # --- transmission replies --------------------------------------------------------------
+    def send_ok(self, cookie: int) -> None:
+        """Success for a command without reply data (simple replies are allowed for these)."""
+        self._out.append(c.SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, cookie))
+
+    def send_error(self, cookie: int, errno: int, message: str = "") -> None:
+        if self.structured_replies:
+            msg = message.encode()[: c.MAX_STRING]
+            payload = struct.pack(">IH", errno, len(msg)) + msg
+            self._out.append(
+                c.STRUCTURED_REPLY.pack(
+                    c.STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.ERROR, cookie, len(payload)
+                )
+            )
+            self._out.append(payload)
+        else:
+            self._out.append(c.SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, errno, cookie))
+
+    def send_read(self, cookie: int, offset: int, pieces: list[tuple[int, bytes | None]]) -> None:
+        """Reply to a READ with ``pieces``: (length, data) in order; data None means a hole.
+
+        With simple replies holes are sent as zeroes; with structured replies as
+        NBD_REPLY_TYPE_OFFSET_HOLE chunks.
+        """
+        if not self.structured_replies:
+            self._out.append(c.SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, cookie))
+            for length, data in pieces:
+                self._out.append(data if data is not None else bytes(length))
+            return
+        last = len(pieces) - 1
+        for i, (length, data) in enumerate(pieces):
+            flags = ReplyFlag.DONE if i == last else 0
+            if data is None:
+                self._out.append(
+                    c.STRUCTURED_REPLY.pack(
+                        c.STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_HOLE, cookie, 12
+                    )
+                )
+                self._out.append(struct.pack(">QI", offset, length))
+            else:
+                self._out.append(
+                    c.STRUCTURED_REPLY.pack(
+                        c.STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_DATA, cookie, 8 + length
+                    )
+                    + struct.pack(">Q", offset)
+                )
+                self._out.append(data)
+            offset += length
+        if last < 0:
+            self._out.append(
+                c.STRUCTURED_REPLY.pack(
+                    c.STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.NONE, cookie, 0
+                )
+            )
+
+    def send_block_status(self, cookie: int, extents: list[tuple[int, int]]) -> None:
+        """Reply to BLOCK_STATUS with (length, flags) descriptors for base:allocation."""
+        payload = struct.pack(">I", BASE_ALLOCATION_ID) + b"".join(
+            struct.pack(">II", length, flags) for length, flags in extents
+        )
+        self._out.append(
+            c.STRUCTURED_REPLY.pack(
+                c.STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.BLOCK_STATUS, cookie, len(payload)
+            )
+        )
+        self._out.append(payload)
+
+
+def _read_string(data: bytes, pos: int) -> tuple[str, int] | str:
+    if pos + 4 > len(data):
+        return "truncated string length"
+    (n,) = struct.unpack_from(">I", data, pos)
+    pos += 4
+    if n > c.MAX_STRING:
+        return f"string of {n} bytes is longer than {c.MAX_STRING}"
+    if pos + n > len(data):
+        return "string runs past the end of the option"
+    raw = data[pos : pos + n]
+    if b"\0" in raw:
+        return "string contains NUL"
+    try:
+        return raw.decode("utf-8"), pos + n
+    except UnicodeDecodeError:
+        return "string is not UTF-8"
+
+
+def _parse_info_request(data: bytes) -> tuple[str, tuple[int, ...]] | str:
+    got = _read_string(data, 0)
+    if isinstance(got, str):
+        return got
+    name, pos = got
+    if pos + 2 > len(data):
+        return "missing number of information requests"
+    (count,) = struct.unpack_from(">H", data, pos)
+    pos += 2
+    if len(data) != pos + 2 * count:
+        return "length does not match the number of information requests"
+    return name, struct.unpack_from(f">{count}H", data, pos)
+
+
+def _parse_meta_request(data: bytes) -> tuple[str, tuple[str, ...]] | str:
+    got = _read_string(data, 0)
+    if isinstance(got, str):
+        return got
+    name, pos = got
+    if pos + 4 > len(data):
+        return "missing number of queries"
+    (count,) = struct.unpack_from(">I", data, pos)
+    pos += 4
+    queries = []
+    for _ in range(count):
+        q = _read_string(data, pos)
+        if isinstance(q, str):
+            return q
+        queries.append(q[0])
+        pos = q[1]
+    if pos != len(data):
+        return "trailing bytes after the queries"
+    return name, tuple(queries)

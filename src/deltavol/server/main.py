@@ -1,0 +1,74 @@
+"""``deltavol serve``: wire the data dir, service, NBD listener and control API together,
+run until SIGTERM/SIGINT, then shut down in order (stop accepting, drain in-flight
+requests, flush volumes, release the data dir)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+
+from aiohttp import web
+
+from deltavol.config import ServerConfig
+from deltavol.errors import Error
+from deltavol.server.http_api import make_app
+from deltavol.server.nbd_listener import NbdListener
+from deltavol.service import Service
+from deltavol.store.datadir import DataDir
+
+log = logging.getLogger("deltavol.server")
+
+
+async def serve(config: ServerConfig) -> None:
+    datadir = DataDir(config.data_dir)
+    db = datadir.open()
+    service = Service(db, datadir.volumes)
+    runner: web.AppRunner | None = None
+    listener = NbdListener(service)
+    try:
+        service.load()
+        api_socket = config.api_socket or str(datadir.api_socket)
+        token = None
+        if config.api_tcp:
+            token = secrets.token_urlsafe(32)
+            fd = os.open(datadir.api_token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.write(fd, token.encode())
+            os.close(fd)
+        runner = web.AppRunner(make_app(service, token), access_log=None)
+        await runner.setup()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(api_socket)
+        try:
+            await web.UnixSite(runner, api_socket).start()
+            if config.api_tcp:
+                await web.TCPSite(runner, *config.api_tcp).start()
+            if config.nbd_tcp:
+                await listener.listen_tcp(*config.nbd_tcp)
+            if config.nbd_socket:
+                await listener.listen_unix(config.nbd_socket)
+        except OSError as exc:
+            raise Error(msg=f"cannot listen: {exc.strerror or exc}") from exc
+        log.info(
+            "server: ready, data dir %s, api %s (pid %d)", config.data_dir, api_socket, os.getpid()
+        )
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("server: stopping")
+    finally:
+        await listener.shutdown(config.drain_timeout)
+        if runner is not None:
+            await runner.cleanup()
+        for vol in service.volumes.all():
+            with contextlib.suppress(Exception):
+                await vol.backend.flush()
+        await service.close()
+        datadir.close()
+        log.info("server: stopped")

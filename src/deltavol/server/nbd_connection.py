@@ -1,0 +1,298 @@
+"""The asyncio half of one NBD connection: it only moves bytes and runs requests.
+
+Reading: bytes go into the sans-I/O ``ServerConnection``; each ``Request`` becomes a task,
+so requests run concurrently and reply out of order. Backpressure is bounded in count and
+bytes: past ``MAX_INFLIGHT`` requests or ``MAX_INFLIGHT_BYTES`` of payload, or while the
+transport's write buffer is full, reading pauses until requests complete.
+
+Replies are queued by the sans-I/O layer and written in one ``writelines`` right after
+they are produced; the event loop is single-threaded, so replies never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from deltavol.backend.export import Export
+from deltavol.errors import DeltavolError, NotFound
+from deltavol.nbd.constants import Cmd, CmdFlag, Rep
+from deltavol.nbd.events import (
+    NEED_DATA,
+    BadRequest,
+    Closed,
+    ExportInfo,
+    OptExportName,
+    OptInfo,
+    OptList,
+    OptMetaContext,
+    Request,
+)
+from deltavol.nbd.server_conn import ServerConnection
+
+log = logging.getLogger("deltavol.nbd")
+
+MAX_INFLIGHT = 64
+MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
+SPARSE_READ_MIN = 64 * 1024  # reads this large look for holes to send as OFFSET_HOLE
+
+
+class ExportDirectory(Protocol):
+    """What a connection needs from the server: names, and exports to open and close."""
+
+    def export_names(self) -> list[str]: ...
+    def open_export(self, name: str) -> Export: ...  # raises NotFound / Protected
+    def close_export(self, name: str) -> None: ...
+
+
+class NbdConnection(asyncio.Protocol):
+    def __init__(
+        self, directory: ExportDirectory, on_done: Callable[[NbdConnection], None]
+    ) -> None:
+        self.directory = directory
+        self.on_done = on_done
+        self.conn = ServerConnection()
+        self.export: Export | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.inflight_bytes = 0
+        self._reading_paused = False
+        self._writing_paused = False
+        self._closed = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    # --- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  (uvloop's is not a subclass)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self._pump()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self.export is not None:
+            self.directory.close_export(self.export.name)
+            self.export = None
+        self.on_done(self)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    # --- plumbing ----------------------------------------------------------------------------
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self._closed:
+            return
+        busy = (
+            self._writing_paused
+            or len(self.tasks) >= MAX_INFLIGHT
+            or self.inflight_bytes >= MAX_INFLIGHT_BYTES
+        )
+        if busy and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        elif not busy and self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+            self._pump()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _pump(self) -> None:
+        while not self._reading_paused and not self._closed:
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                break
+            if isinstance(event, Request):
+                self._start(event)
+            elif isinstance(event, BadRequest):
+                log.warning("nbd %s: refused request: %s", self.peer, event.reason)
+                self.conn.send_error(event.cookie, event.errno, event.reason)
+            elif isinstance(event, Closed):
+                self._flush()
+                if not event.clean:
+                    log.warning("nbd %s: closing: %s", self.peer, event.reason)
+                self._closed = True
+                self._close_when_idle()
+                break
+            else:
+                self._option(event)
+            self._flush()
+        self._flush()
+
+    def _close_when_idle(self) -> None:
+        if not self.tasks:
+            self.close()
+        else:
+            task = asyncio.get_running_loop().create_task(self._drain_then_close())
+            task.add_done_callback(lambda _t: None)
+
+    async def _drain_then_close(self) -> None:
+        await self.idle.wait()
+        self.close()
+
+    # --- handshake ----------------------------------------------------------------------------
+    def _info(self, export: Export) -> ExportInfo:
+        return ExportInfo(
+            name=export.name,
+            size=export.size,
+            flags=export.transmission_flags(),
+            description=export.description,
+            max_block=self.conn.max_payload,
+        )
+
+    def _open(self, name: str) -> Export:
+        export = self.directory.open_export(name)
+        self.export = export
+        log.info("nbd %s: opened export %r", self.peer, name)
+        return export
+
+    def _option(self, event: object) -> None:
+        if isinstance(event, OptList):
+            self.conn.reply_list(self.directory.export_names())
+        elif isinstance(event, OptInfo):
+            try:
+                export = (
+                    self._open(event.name) if event.go else self.directory.open_export(event.name)
+                )
+                if not event.go:
+                    self.directory.close_export(event.name)
+            except DeltavolError as exc:
+                refusal = Rep.ERR_UNKNOWN if isinstance(exc, NotFound) else Rep.ERR_POLICY
+                log.info("nbd %s: refused export %r: %s", self.peer, event.name, exc.message)
+                self.conn.reply_info(None, exc.message, refusal)
+                return
+            self.conn.reply_info(self._info(export))
+        elif isinstance(event, OptExportName):
+            try:
+                export = self._open(event.name)
+            except DeltavolError as exc:
+                log.info("nbd %s: refused export %r: %s", self.peer, event.name, exc.message)
+                self.conn.refuse_export_name(exc.message)
+                self._closed = True
+                self.close()
+                return
+            self.conn.accept_export(self._info(export))
+        elif isinstance(event, OptMetaContext):
+            known = event.name in self.directory.export_names()
+            self.conn.reply_meta_context(known, f"export {event.name!r} does not exist")
+
+    # --- transmission ------------------------------------------------------------------------
+    def _start(self, req: Request) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(req))
+        self.tasks.add(task)
+        self.idle.clear()
+        self.inflight_bytes += req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0
+        task.add_done_callback(lambda t, r=req: self._finished(t, r))
+        self._update_reading()
+
+    def _finished(self, task: asyncio.Task[None], req: Request) -> None:
+        self.tasks.discard(task)
+        self.inflight_bytes -= req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0
+        if not self.tasks:
+            self.idle.set()
+        self._update_reading()
+
+    async def _run(self, req: Request) -> None:
+        export = self.export
+        assert export is not None
+        try:
+            await _HANDLERS[req.cmd](self, export, req)
+        except DeltavolError as exc:
+            log.info("nbd %s: %s failed: %s", self.peer, req.cmd.name, exc.message)
+            self.conn.send_error(req.cookie, exc.nbd_errno, exc.message)
+        except Exception as exc:  # a bug must cost one request, never the server
+            log.exception(
+                "nbd %s: %s at %d+%d crashed", self.peer, req.cmd.name, req.offset, req.length
+            )
+            self.conn.send_error(req.cookie, errno.EIO, f"internal error: {exc}")
+        self._flush()
+
+    async def _read(self, export: Export, req: Request) -> None:
+        if (
+            self.conn.structured_replies
+            and req.length >= SPARSE_READ_MIN
+            and not req.flags & CmdFlag.DF
+        ):
+            extents = await export.extents(req.offset, req.length)
+            if len(extents) > 1 or (extents and extents[0][1] & 1):
+                pieces: list[tuple[int, bytes | None]] = []
+                pos = req.offset
+                for length, flags in extents:
+                    pieces.append((length, None if flags & 1 else await export.pread(pos, length)))
+                    pos += length
+                self.conn.send_read(req.cookie, req.offset, pieces)
+                return
+        data = await export.pread(req.offset, req.length)
+        self.conn.send_read(req.cookie, req.offset, [(req.length, data)])
+
+    async def _write(self, export: Export, req: Request) -> None:
+        await export.pwrite(req.offset, req.data, bool(req.flags & CmdFlag.FUA))
+        self.conn.send_ok(req.cookie)
+
+    async def _flush_cmd(self, export: Export, req: Request) -> None:
+        await export.flush()
+        self.conn.send_ok(req.cookie)
+
+    async def _trim(self, export: Export, req: Request) -> None:
+        await export.trim(req.offset, req.length, bool(req.flags & CmdFlag.FUA))
+        self.conn.send_ok(req.cookie)
+
+    async def _zero(self, export: Export, req: Request) -> None:
+        await export.zero(
+            req.offset,
+            req.length,
+            may_trim=not req.flags & CmdFlag.NO_HOLE,
+            fua=bool(req.flags & CmdFlag.FUA),
+            fast=bool(req.flags & CmdFlag.FAST_ZERO),
+        )
+        self.conn.send_ok(req.cookie)
+
+    async def _cache(self, export: Export, req: Request) -> None:
+        await export.cache(req.offset, req.length)
+        self.conn.send_ok(req.cookie)
+
+    async def _block_status(self, export: Export, req: Request) -> None:
+        if req.length == 0:
+            self.conn.send_error(req.cookie, errno.EINVAL, "block status of zero length")
+            return
+        extents = await export.extents(req.offset, req.length)
+        if req.flags & CmdFlag.REQ_ONE:
+            extents = extents[:1]
+        self.conn.send_block_status(req.cookie, extents)
+
+
+_HANDLERS: dict[Cmd, Callable[[NbdConnection, Export, Request], Awaitable[None]]] = {
+    Cmd.READ: NbdConnection._read,
+    Cmd.WRITE: NbdConnection._write,
+    Cmd.FLUSH: NbdConnection._flush_cmd,
+    Cmd.TRIM: NbdConnection._trim,
+    Cmd.WRITE_ZEROES: NbdConnection._zero,
+    Cmd.CACHE: NbdConnection._cache,
+    Cmd.BLOCK_STATUS: NbdConnection._block_status,
+}

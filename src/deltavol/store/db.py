@@ -1,0 +1,67 @@
+"""Metadata in SQLite (WAL): the schema, its version, and a transaction helper.
+
+A database whose ``format_version`` is newer than this code, or that SQLite cannot
+read, is refused with an error naming the file: never silently recreated.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from deltavol.errors import CorruptFile
+
+FORMAT_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS volumes (
+    name TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    imported INTEGER NOT NULL,
+    created_at TEXT NOT NULL
+);
+"""
+
+
+class Database:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            with self.transaction():
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        self.conn.execute(stmt)
+                row = self.conn.execute(
+                    "SELECT value FROM meta WHERE key='format_version'"
+                ).fetchone()
+                if row is None:
+                    self.conn.execute(
+                        "INSERT INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),)
+                    )
+                elif int(row[0]) > FORMAT_VERSION:
+                    raise CorruptFile(
+                        path=path, why=f"format version {row[0]} is newer than {FORMAT_VERSION}"
+                    )
+        except sqlite3.DatabaseError as exc:
+            raise CorruptFile(path=path, why=str(exc)) from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()

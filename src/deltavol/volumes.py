@@ -1,0 +1,231 @@
+"""Volumes: named block devices owned by the server, each with its layer stack.
+
+A volume's row in SQLite is the commit point: ``create`` makes the sparse image first and
+inserts the row last (an image with no row is garbage, removed on the next open);
+``remove`` deletes the row first and the image after.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import re
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deltavol.backend.base import Backend
+from deltavol.backend.export import Export
+from deltavol.backend.file import FileBackend, device_size
+from deltavol.errors import (
+    AlreadyExists,
+    Error,
+    InUse,
+    InvalidName,
+    InvalidSize,
+    NotFound,
+    os_error,
+)
+from deltavol.store.db import Database
+
+log = logging.getLogger("deltavol.volumes")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
+MAX_NAME = 64
+SECTOR = 512
+
+
+def check_name(name: str, kind: str = "volume") -> str:
+    if not name:
+        raise InvalidName(name=name, why=f"a {kind} name must not be empty")
+    if len(name) > MAX_NAME:
+        raise InvalidName(name=name, why=f"longer than {MAX_NAME} characters")
+    if "/" in name:
+        raise InvalidName(name=name, why="must not contain '/'")
+    if not NAME_RE.match(name):
+        raise InvalidName(name=name, why="use letters, digits and . _ : + - (not first), no spaces")
+    return name
+
+
+def check_size(size: int) -> int:
+    if size <= 0:
+        raise InvalidSize(size=size, why="must be positive")
+    if size % SECTOR:
+        raise InvalidSize(size=size, why=f"must be a multiple of {SECTOR} bytes")
+    return size
+
+
+@dataclass
+class Volume:
+    name: str
+    path: str
+    size: int
+    imported: bool
+    created_at: str
+    backend: FileBackend
+    export: Export = field(init=False)
+    connections: int = 0
+    # Filters (guard, cofw, tracker) are stacked on ``backend`` by whoever needs them;
+    # ``restack`` rebuilds ``export.top`` from this list, bottom first.
+    filters: list[Callable[[Backend], Backend]] = field(default_factory=list)
+    # Why the volume may not be written or opened right now (set by sessions).
+    write_guard: Callable[[], str | None] = lambda: None
+    open_guard: Callable[[], str | None] = lambda: None
+
+    def __post_init__(self) -> None:
+        self.export = Export(self.backend, read_only=lambda: self.write_guard() is not None)
+
+    def restack(self) -> None:
+        top: Backend = self.backend
+        for make in self.filters:
+            top = make(top)
+        self.export.top = top
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "size": self.size,
+            "path": self.path,
+            "imported": self.imported,
+            "created_at": self.created_at,
+            "connections": self.connections,
+            "read_only": self.export.read_only,
+            "allocated": _allocated(self.path),
+        }
+
+
+def _allocated(path: str) -> int | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return None if stat.S_ISBLK(st.st_mode) else st.st_blocks * 512
+
+
+class Volumes:
+    def __init__(self, db: Database, images: Path) -> None:
+        self.db = db
+        self.images = images
+        self._by_name: dict[str, Volume] = {}
+
+    def load(self) -> None:
+        rows = self.db.conn.execute("SELECT * FROM volumes ORDER BY name").fetchall()
+        known = set()
+        for row in rows:
+            try:
+                self._open(row["name"], row["path"], bool(row["imported"]), row["created_at"])
+            except (OSError, Error) as exc:
+                log.error("volume %s: cannot open %s: %s", row["name"], row["path"], exc)
+            known.add(row["path"])
+        for leftover in self.images.glob("*.img"):
+            if str(leftover) not in known:  # created but never committed
+                log.warning("removing uncommitted volume image %s", leftover)
+                leftover.unlink(missing_ok=True)
+
+    def _open(self, name: str, path: str, imported: bool, created_at: str) -> Volume:
+        backend = FileBackend(name, path)
+        vol = Volume(name, path, backend.size, imported, created_at, backend)
+        self._by_name[name] = vol
+        return vol
+
+    def get(self, name: str) -> Volume:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise NotFound(kind="volume", name=name) from None
+
+    def find(self, name: str) -> Volume | None:
+        return self._by_name.get(name)
+
+    def all(self) -> list[Volume]:
+        return sorted(self._by_name.values(), key=lambda v: v.name)
+
+    def _check_new(self, name: str) -> None:
+        check_name(name)
+        if name in self._by_name:
+            raise AlreadyExists(kind="volume", name=name)
+
+    def create(self, name: str, size: int) -> Volume:
+        self._check_new(name)
+        check_size(size)
+        path = self.images / f"{name}.img"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            path.unlink()  # an uncommitted leftover of a crashed create
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise os_error(exc, f"creating {path}") from exc
+        os.close(fd)
+        return self._commit(name, str(path), imported=False)
+
+    def import_(self, name: str, path: str) -> Volume:
+        self._check_new(name)
+        real = os.path.realpath(path)
+        try:
+            st = os.stat(real)
+        except OSError as exc:
+            raise Error(msg=f"cannot import {path}: {exc.strerror}") from exc
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise Error(msg=f"cannot import {path}: not a regular file or block device")
+        for vol in self._by_name.values():
+            if os.path.realpath(vol.path) == real:
+                raise InUse(kind="file", name=path, why=f"already volume {vol.name!r}")
+        try:
+            fd = os.open(real, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise Error(msg=f"cannot import {path}: {exc.strerror}") from exc
+        try:
+            size = device_size(fd)
+        finally:
+            os.close(fd)
+        check_size(size)
+        return self._commit(name, real, imported=True)
+
+    def _commit(self, name: str, path: str, imported: bool) -> Volume:
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        vol = self._open(name, path, imported, now)
+        try:
+            with self.db.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO volumes VALUES (?, ?, ?, ?, ?)",
+                    (name, path, vol.size, int(imported), now),
+                )
+        except BaseException:
+            self._by_name.pop(name, None)
+            raise
+        log.info(
+            "volume %s: %s %s (%d bytes)",
+            name,
+            "imported" if imported else "created",
+            path,
+            vol.size,
+        )
+        return vol
+
+    async def remove(self, name: str, busy: Callable[[Volume], str | None]) -> None:
+        vol = self.get(name)
+        why = busy(vol)
+        if why is None and vol.connections:
+            why = f"{vol.connections} NBD connection(s) open"
+        if why:
+            raise InUse(kind="volume", name=name, why=why)
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM volumes WHERE name = ?", (name,))
+        del self._by_name[name]
+        await vol.backend.close()
+        if not vol.imported:
+            Path(vol.path).unlink(missing_ok=True)
+        log.info("volume %s: removed", name)
+
+    async def close(self) -> None:
+        for vol in self._by_name.values():
+            await vol.backend.close()
