@@ -14,12 +14,20 @@ the caller and raises ``ProtocolStateError``. A peer that breaks a MUST of the s
 
 A WRITE whose payload is too large to accept is refused, but its payload is still read
 and dropped (``_discard``) so that the stream stays in step and the client can go on.
+
+Flag checks mask with plain ints: ``~`` on an ``enum.IntFlag`` only inverts the bits the
+enum defines, so ``flags & ~KnownFlags`` would never see an unknown bit.
+
+Metadata contexts follow the spec's two rules: every NBD_OPT_SET_META_CONTEXT replaces the
+selection (even one that fails), and the selection only counts if it was made for the
+export name the client finally picks with NBD_OPT_GO / NBD_OPT_EXPORT_NAME.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
+from typing import TypeVar
 
 from deltavol.nbd import constants as c
 from deltavol.nbd.constants import Cmd, CmdFlag, Errno, Info, Opt, Rep, ReplyFlag, ReplyType
@@ -37,6 +45,8 @@ from deltavol.nbd.events import (
 )
 
 BASE_ALLOCATION_ID = 1  # the one meta context this server offers
+_COMPACT_AT = 1 << 20  # drop consumed input once this much of the buffer is consumed
+_Opt = TypeVar("_Opt", OptExportName, OptInfo, OptList, OptMetaContext)
 
 
 class Phase(enum.Enum):
@@ -75,7 +85,9 @@ class ServerConnection:
         self._buf = bytearray()
         self._pos = 0
         self._out: list[bytes | memoryview] = []
-        self._pending: tuple[Opt, object] | None = None  # option awaiting the app
+        self._pending: OptExportName | OptInfo | OptList | OptMetaContext | None = None
+        self._meta_export: str | None = None  # export named by the last SET_META_CONTEXT
+        self._closed: Closed | None = None
         self._discard = 0  # payload bytes still to drop after a refused WRITE
         self._discarded_event: BadRequest | None = None
         self._eof = False
@@ -99,8 +111,10 @@ class ServerConnection:
         if not data:
             self._eof = True
             return
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
+        if self.phase is Phase.CLOSED:
+            return  # nothing more will be parsed; do not hold on to it
+        if self._pos and (self._pos == len(self._buf) or self._pos >= _COMPACT_AT):
+            del self._buf[: self._pos]
             self._pos = 0
         self._buf += data
 
@@ -117,19 +131,18 @@ class ServerConnection:
             return None
         chunk = bytes(self._buf[self._pos : self._pos + n])
         self._pos += n
-        if self._pos > 1 << 20:
-            del self._buf[: self._pos]
-            self._pos = 0
         return chunk
 
     def _close(self, reason: str, clean: bool = False) -> Closed:
         self._go("close")
-        return Closed(reason, clean)
+        self._closed = Closed(reason, clean)
+        return self._closed
 
     # --- events ------------------------------------------------------------------------------
     def next_event(self) -> Event | object:
         if self.phase is Phase.CLOSED:
-            return Closed("connection closed", clean=True)
+            assert self._closed is not None
+            return self._closed
         if self.phase is Phase.OPTION_PENDING:
             raise ProtocolStateError("reply to the pending option before asking for events")
         if self.phase is Phase.AWAIT_CLIENT_FLAGS:
@@ -148,7 +161,7 @@ class ServerConnection:
         if raw is None:
             return NEED_DATA
         (flags,) = c.CLIENT_FLAGS.unpack(raw)
-        known = c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES
+        known = int(c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES)
         if flags & ~known:
             return self._close(f"unknown client flags {flags:#x}")
         self.no_zeroes = bool(flags & c.ClientFlag.C_NO_ZEROES)
@@ -180,18 +193,14 @@ class ServerConnection:
             self._option_reply(opt, Rep.ERR_UNSUP, f"option {opt} is not supported".encode())
             return None
         if option is Opt.EXPORT_NAME:
-            self._pending = (option, None)
-            self._go("app-option")
-            return OptExportName(data.decode("utf-8", "replace"))
+            return self._ask(OptExportName(data.decode("utf-8", "replace")))
         if option is Opt.ABORT:
             self._option_reply(opt, Rep.ACK)
             return self._close("client sent NBD_OPT_ABORT", clean=True)
         if option is Opt.LIST:
             if data:
                 return self._invalid(opt, "NBD_OPT_LIST takes no data")
-            self._pending = (option, None)
-            self._go("app-option")
-            return OptList()
+            return self._ask(OptList())
         if option is Opt.STRUCTURED_REPLY:
             if data:
                 return self._invalid(opt, "NBD_OPT_STRUCTURED_REPLY takes no data")
@@ -204,20 +213,26 @@ class ServerConnection:
             parsed = _parse_info_request(data)
             if isinstance(parsed, str):
                 return self._invalid(opt, parsed)
-            self._pending = (option, parsed[1])
-            self._go("app-option")
-            return OptInfo(parsed[0], parsed[1], go=option is Opt.GO)
+            return self._ask(OptInfo(parsed[0], parsed[1], go=option is Opt.GO))
         if option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
-            if option is Opt.SET_META_CONTEXT and not self.structured_replies:
-                return self._invalid(opt, "negotiate structured replies first")
+            if option is Opt.SET_META_CONTEXT:
+                # Replaces the selection even when it fails.
+                self.meta_contexts = frozenset()
+                self._meta_export = None
+                if not self.structured_replies:
+                    return self._invalid(opt, "negotiate structured replies first")
             parsed_meta = _parse_meta_request(data)
             if isinstance(parsed_meta, str):
                 return self._invalid(opt, parsed_meta)
-            self._pending = (option, parsed_meta[1])
-            self._go("app-option")
-            return OptMetaContext(*parsed_meta, set=option is Opt.SET_META_CONTEXT)
+            return self._ask(OptMetaContext(*parsed_meta, set=option is Opt.SET_META_CONTEXT))
         self._option_reply(opt, Rep.ERR_UNSUP, f"{option.name} is not supported".encode())
         return None
+
+    def _ask(self, event: OptExportName | OptInfo | OptList | OptMetaContext) -> Event:
+        """Hand an option to the application, which owes an answer before the next event."""
+        self._pending = event
+        self._go("app-option")
+        return event
 
     def _invalid(self, opt: int, why: str) -> None:
         self._option_reply(opt, Rep.ERR_INVALID, why.encode())
@@ -260,56 +275,68 @@ class ServerConnection:
             return BadRequest(cookie, cmd, Errno.EINVAL, f"unknown command {cmd}")
         if command is Cmd.DISC:
             return self._close("client sent NBD_CMD_DISC", clean=True)
-        if flags & ~c.ALLOWED_CMD_FLAGS[command]:
-            return BadRequest(cookie, cmd, Errno.EINVAL, f"flags {flags:#x} not valid for {command.name}")
+        allowed = int(c.ALLOWED_CMD_FLAGS[command])
+        if self.export is not None and self.export.flags & c.TransmissionFlag.SEND_FUA:
+            allowed |= CmdFlag.FUA  # spec: then FUA MUST be accepted on every command
+        if flags & ~allowed:
+            why = f"flags {flags:#x} not valid for {command.name}"
+            return BadRequest(cookie, cmd, Errno.EINVAL, why)
         if command is Cmd.READ and length > self.max_payload:
-            return BadRequest(cookie, cmd, Errno.EINVAL, f"read of {length} bytes exceeds the maximum")
+            why = f"read of {length} bytes exceeds the maximum"
+            return BadRequest(cookie, cmd, Errno.EINVAL, why)
         if command is Cmd.BLOCK_STATUS and not self.meta_contexts:
             return BadRequest(cookie, cmd, Errno.EINVAL, "no meta context was negotiated")
         return Request(cookie, command, CmdFlag(flags), offset, length, data or b"")
 
     # --- answers to option events ----------------------------------------------------------
-    def _answered(self, expected: tuple[Opt, ...]) -> tuple[Opt, object]:
-        if self.phase is not Phase.OPTION_PENDING or self._pending is None:
+    def _answered(self, expected: type[_Opt]) -> _Opt:
+        pending = self._pending
+        if self.phase is not Phase.OPTION_PENDING or pending is None:
             raise ProtocolStateError(f"no option is pending (phase {self.phase.value})")
-        if self._pending[0] not in expected:
-            raise ProtocolStateError(f"pending option is {self._pending[0].name}")
-        pending, self._pending = self._pending, None
+        if not isinstance(pending, expected):
+            raise ProtocolStateError(f"pending option is {type(pending).__name__}")
+        self._pending = None
         return pending
+
+    def _enter_transmission(self, name: str, export: ExportInfo) -> None:
+        self.export = export
+        self.max_payload = min(self.max_payload, export.max_block)
+        if name != self._meta_export:  # contexts were selected for another export
+            self.meta_contexts = frozenset()
+        self._go("go")
 
     def accept_export(self, export: ExportInfo) -> None:
         """Answer NBD_OPT_EXPORT_NAME: enter transmission with ``export``."""
-        self._answered((Opt.EXPORT_NAME,))
-        self.export = export
+        event = self._answered(OptExportName)
         self._out.append(c.EXPORT_NAME_REPLY.pack(export.size, export.flags))
         if not self.no_zeroes:
             self._out.append(bytes(124))
-        self._go("go")
+        self._enter_transmission(event.name, export)
 
     def refuse_export_name(self, reason: str) -> Closed:
         """NBD_OPT_EXPORT_NAME cannot carry an error: the spec asks for a hard disconnect."""
-        self._answered((Opt.EXPORT_NAME,))
+        self._answered(OptExportName)
         return self._close(reason)
 
     def reply_list(self, names: list[str]) -> None:
-        self._answered((Opt.LIST,))
+        self._answered(OptList)
         for name in names:
             raw = name.encode()
             self._option_reply(Opt.LIST, Rep.SERVER, struct.pack(">I", len(raw)) + raw)
         self._option_reply(Opt.LIST, Rep.ACK)
         self._go("replied")
 
-    def reply_info(
-        self, export: ExportInfo | None, error: str = "", refusal: Rep = Rep.ERR_UNKNOWN
-    ) -> None:
+    def reply_info(self, export: ExportInfo | None, error: str = "", refusal: Rep = Rep.ERR_UNKNOWN) -> None:
         """Answer NBD_OPT_INFO/GO; ``export=None`` refuses with ``refusal`` and ``error``."""
-        opt, requests = self._answered((Opt.INFO, Opt.GO))
+        event = self._answered(OptInfo)
+        opt = Opt.GO if event.go else Opt.INFO
         if export is None:
-            self._option_reply(opt, refusal, error.encode()[: c.MAX_STRING])
+            self._option_reply(opt, refusal, _message(error))
             self._go("replied")
             return
-        wanted = set(requests)  # type: ignore[arg-type]
-        self._option_reply(opt, Rep.INFO, struct.pack(">HQH", Info.EXPORT, export.size, export.flags))
+        wanted = set(event.requests)
+        info_export = struct.pack(">HQH", Info.EXPORT, export.size, export.flags)
+        self._option_reply(opt, Rep.INFO, info_export)
         if Info.NAME in wanted:
             self._option_reply(opt, Rep.INFO, struct.pack(">H", Info.NAME) + export.name.encode())
         if Info.DESCRIPTION in wanted and export.description:
@@ -319,49 +346,57 @@ class ServerConnection:
         self._option_reply(
             opt,
             Rep.INFO,
-            struct.pack(
-                ">HIII", Info.BLOCK_SIZE, export.min_block, export.preferred_block, export.max_block
-            ),
+            struct.pack(">HIII", Info.BLOCK_SIZE, export.min_block, export.preferred_block, export.max_block),
         )
         self._option_reply(opt, Rep.ACK)
         if opt is Opt.GO:
-            self.export = export
-            self.max_payload = min(self.max_payload, export.max_block)
-            self._go("go")
+            self._enter_transmission(event.name, export)
         else:
             self._go("replied")
 
     def reply_meta_context(self, export_exists: bool, error: str = "") -> None:
         """Answer LIST/SET_META_CONTEXT; only ``base:allocation`` is offered."""
-        opt, queries = self._answered((Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT))
-        assert isinstance(queries, tuple)
+        event = self._answered(OptMetaContext)
+        opt = Opt.SET_META_CONTEXT if event.set else Opt.LIST_META_CONTEXT
         if not export_exists:
-            self._option_reply(opt, Rep.ERR_UNKNOWN, error.encode())
+            self._option_reply(opt, Rep.ERR_UNKNOWN, _message(error))
             self._go("replied")
             return
-        listing = opt is Opt.LIST_META_CONTEXT
-        match = any(
-            q == c.BASE_ALLOCATION or (listing and q in ("base:", "")) for q in queries
-        ) or (listing and not queries)
+        listing = not event.set
+        queries = event.queries
+        match = any(q == c.BASE_ALLOCATION or (listing and q in ("base:", "")) for q in queries) or (
+            listing and not queries
+        )
         if match:
+            # The id in LIST replies is reserved and SHOULD be zero.
+            context_id = 0 if listing else BASE_ALLOCATION_ID
             self._option_reply(
                 opt,
                 Rep.META_CONTEXT,
-                struct.pack(">I", BASE_ALLOCATION_ID) + c.BASE_ALLOCATION.encode(),
+                struct.pack(">I", context_id) + c.BASE_ALLOCATION.encode(),
             )
-        if opt is Opt.SET_META_CONTEXT:
-            self.meta_contexts = frozenset({BASE_ALLOCATION_ID}) if match else frozenset()
+        if event.set and match:
+            self.meta_contexts = frozenset({BASE_ALLOCATION_ID})
+            self._meta_export = event.name
         self._option_reply(opt, Rep.ACK)
         self._go("replied")
 
     # --- transmission replies --------------------------------------------------------------
+    def _replying(self) -> None:
+        """Replies are legal once transmission began, and after a close (for requests still
+        in flight when NBD_CMD_DISC arrived), but never during the handshake."""
+        if self.export is None:
+            raise ProtocolStateError(f"no transmission reply is possible in phase {self.phase.value}")
+
     def send_ok(self, cookie: int) -> None:
         """Success for a command without reply data (simple replies are allowed for these)."""
+        self._replying()
         self._out.append(c.SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, cookie))
 
     def send_error(self, cookie: int, errno: int, message: str = "") -> None:
+        self._replying()
         if self.structured_replies:
-            msg = message.encode()[: c.MAX_STRING]
+            msg = _message(message)
             payload = struct.pack(">IH", errno, len(msg)) + msg
             self._out.append(
                 c.STRUCTURED_REPLY.pack(
@@ -378,6 +413,7 @@ class ServerConnection:
         With simple replies holes are sent as zeroes; with structured replies as
         NBD_REPLY_TYPE_OFFSET_HOLE chunks.
         """
+        self._replying()
         if not self.structured_replies:
             self._out.append(c.SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, cookie))
             for length, data in pieces:
@@ -404,22 +440,30 @@ class ServerConnection:
             offset += length
         if last < 0:
             self._out.append(
-                c.STRUCTURED_REPLY.pack(
-                    c.STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.NONE, cookie, 0
-                )
+                c.STRUCTURED_REPLY.pack(c.STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.NONE, cookie, 0)
             )
 
     def send_block_status(self, cookie: int, extents: list[tuple[int, int]]) -> None:
         """Reply to BLOCK_STATUS with (length, flags) descriptors for base:allocation."""
+        self._replying()
+        if BASE_ALLOCATION_ID not in self.meta_contexts:
+            raise ProtocolStateError("block status reply without a negotiated meta context")
         payload = struct.pack(">I", BASE_ALLOCATION_ID) + b"".join(
             struct.pack(">II", length, flags) for length, flags in extents
         )
-        self._out.append(
-            c.STRUCTURED_REPLY.pack(
-                c.STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.BLOCK_STATUS, cookie, len(payload)
-            )
+        header = c.STRUCTURED_REPLY.pack(
+            c.STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.BLOCK_STATUS, cookie, len(payload)
         )
+        self._out.append(header)
         self._out.append(payload)
+
+
+def _message(text: str) -> bytes:
+    """``text`` as a wire string: UTF-8, at most MAX_STRING bytes, never a cut character."""
+    raw = text.encode()
+    if len(raw) <= c.MAX_STRING:
+        return raw
+    return raw[: c.MAX_STRING].decode("utf-8", "ignore").encode()
 
 
 def _read_string(data: bytes, pos: int) -> tuple[str, int] | str:
