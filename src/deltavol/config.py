@@ -28,3 +28,4 @@ class ServerConfig:
     api_socket: str | None = None  # default: data_dir/api.sock
     api_tcp: tuple[str, int] | None = None
     drain_timeout: float = 30.0
+    save_limit: int = 1 << 30  # bytes of copy-on-first-write save area per session update

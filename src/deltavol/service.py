@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from deltavol.backend.export import Export
 from deltavol.errors import Protected
+from deltavol.sessions.manager import SessionManager
+from deltavol.store.datadir import DataDir
 from deltavol.store.db import Database
-from deltavol.volumes import Volume, Volumes
+from deltavol.volumes import Volumes
 
 
 class Service:
-    def __init__(self, db: Database, images: Path) -> None:
+    def __init__(self, db: Database, datadir: DataDir, save_limit: int = 1 << 30) -> None:
         self.db = db
-        self.volumes = Volumes(db, images)
+        self.volumes = Volumes(db, datadir.volumes)
+        self.sessions = SessionManager(db, self.volumes, datadir.bitmaps, datadir.save, save_limit)
 
     def load(self) -> None:
         self.volumes.load()
+        self.sessions.load()
+
+    async def start(self) -> None:
+        await self.sessions.start()
 
     async def close(self) -> None:
+        await self.sessions.shutdown()
         await self.volumes.close()
 
     # --- ExportDirectory for the NBD server ---------------------------------------------
@@ -53,7 +60,32 @@ class Service:
         return self.volumes.get(name).info()
 
     async def remove_volume(self, name: str) -> None:
-        await self.volumes.remove(name, self._volume_busy)
+        await self.volumes.remove(name, self.sessions.volume_busy)
 
-    def _volume_busy(self, vol: Volume) -> str | None:
-        return None
+    # --- sessions ---------------------------------------------------------------------------
+    async def create_session(self, **params: Any) -> dict[str, Any]:
+        return (await self.sessions.create(**params)).status()
+
+    def list_sessions(self) -> list[dict[str, Any]]:
+        return [s.status() for s in self.sessions.all()]
+
+    def session_status(self, name: str) -> dict[str, Any]:
+        return self.sessions.get(name).status()
+
+    async def update_session(self, name: str, full: bool, max_rate: int | None) -> dict[str, Any]:
+        return await self.sessions.get(name).start_update(full, max_rate)
+
+    async def pause_session(self, name: str) -> dict[str, Any]:
+        return await self.sessions.get(name).pause()
+
+    async def resume_session(self, name: str) -> dict[str, Any]:
+        return await self.sessions.get(name).resume()
+
+    async def cancel_session(self, name: str) -> dict[str, Any]:
+        return await self.sessions.get(name).cancel()
+
+    async def remove_session(self, name: str) -> None:
+        await self.sessions.remove(name)
+
+    async def verify_session(self, name: str) -> dict[str, Any]:
+        return await self.sessions.get(name).verify()

@@ -24,9 +24,7 @@ def parse_size(text: str | int) -> int:
         return text
     m = _SIZE.match(text)
     if not m or m.group(2).upper() not in _MULT:
-        raise InvalidSize(
-            size=text, why="expected a number with an optional unit B K KiB M MiB G GiB T TiB"
-        )
+        raise InvalidSize(size=text, why="expected a number with an optional unit B K KiB M MiB G GiB T TiB")
     value = float(m.group(1)) * _MULT[m.group(2).upper()]
     if value != int(value):
         raise InvalidSize(size=text, why="not a whole number of bytes")

@@ -125,9 +125,7 @@ class FileBackend:
         if fua:
             os.fdatasync(self._fd)
 
-    async def zero(
-        self, offset: int, length: int, may_trim: bool = True, fua: bool = False
-    ) -> None:
+    async def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
         await self._run("write zeroes", self._zero, offset, length, may_trim, fua)
 
     def _zero(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:

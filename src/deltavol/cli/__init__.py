@@ -15,9 +15,7 @@ from deltavol.errors import DeltavolError
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data-dir", envvar="DELTAVOL_DATA_DIR", help="Data dir of the server to talk to.")
 @click.option("--api-socket", help="Control API unix socket (default: DATA_DIR/api.sock).")
-@click.option(
-    "--api-url", envvar="DELTAVOL_API_URL", help="Control API over TCP, http://HOST:PORT."
-)
+@click.option("--api-url", envvar="DELTAVOL_API_URL", help="Control API over TCP, http://HOST:PORT.")
 @click.option("--token", envvar="DELTAVOL_API_TOKEN", help="Bearer token for --api-url.")
 @click.version_option(package_name="deltavol")
 @click.pass_context
@@ -33,7 +31,7 @@ def cli(
 
 
 def main() -> None:
-    from deltavol.cli import serve_cmd, volume_cmds  # noqa: F401  (register commands)
+    from deltavol.cli import serve_cmd, session_cmds, volume_cmds  # noqa: F401  (registers)
 
     try:
         cli.main(standalone_mode=False)

@@ -42,9 +42,7 @@ def call(target: ApiTarget, method: str, path: str, body: Any = None, timeout: f
     return asyncio.run(acall(target, method, path, body, timeout))
 
 
-async def acall(
-    target: ApiTarget, method: str, path: str, body: Any = None, timeout: float = 300
-) -> Any:
+async def acall(target: ApiTarget, method: str, path: str, body: Any = None, timeout: float = 300) -> Any:
     if target.url:
         connector: aiohttp.BaseConnector = aiohttp.TCPConnector()
         base = target.url.rstrip("/")
@@ -69,6 +67,4 @@ async def acall(
     except (aiohttp.ClientConnectionError, FileNotFoundError) as exc:
         if isinstance(exc, aiohttp.ServerDisconnectedError):
             raise ApiError(502, "Disconnected", "the server closed the connection") from exc
-        raise ServerNotRunning(
-            socket=target.url or target.unix_socket, data_dir=target.data_dir
-        ) from exc
+        raise ServerNotRunning(socket=target.url or target.unix_socket, data_dir=target.data_dir) from exc

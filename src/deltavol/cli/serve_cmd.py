@@ -15,7 +15,8 @@ from deltavol.store.datadir import resolve_data_dir
 
 class _KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} {record.levelname.lower()} {record.name}: {record.getMessage()}"
+        when = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+        line = f"{when} {record.levelname.lower()} {record.name}: {record.getMessage()}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -35,21 +36,15 @@ def setup_logging(level: str) -> None:
     "serve_data_dir",
     help="Data dir to own (default: $DELTAVOL_DATA_DIR, else $XDG_DATA_HOME/deltavol).",
 )
-@click.option(
-    "--nbd", "nbd", default=None, help="NBD TCP address HOST:PORT (default 127.0.0.1:10809)."
-)
+@click.option("--nbd", "nbd", default=None, help="NBD TCP address HOST:PORT (default 127.0.0.1:10809).")
 @click.option("--nbd-socket", help="Also (or, without --nbd, only) serve NBD on this unix socket.")
-@click.option(
-    "--api-socket", "serve_api_socket", help="Control API unix socket (default DATA_DIR/api.sock)."
-)
+@click.option("--api-socket", "serve_api_socket", help="Control API unix socket (default DATA_DIR/api.sock).")
 @click.option(
     "--api",
     "api",
     help="Also serve the control API on TCP HOST:PORT, with a token in DATA_DIR/api.token.",
 )
-@click.option(
-    "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])
-)
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_context
 def serve(
     ctx: click.Context,

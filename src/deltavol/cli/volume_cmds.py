@@ -46,17 +46,13 @@ def volume() -> None:
 
 @volume.command()
 @click.argument("name")
-@click.option(
-    "--size", required=True, callback=_size, help="Size, e.g. 4GiB (B K KiB M MiB G GiB T TiB)."
-)
+@click.option("--size", required=True, callback=_size, help="Size, e.g. 4GiB (B K KiB M MiB G GiB T TiB).")
 @click.option("--json", "as_json", is_flag=True, help="Print the new volume as JSON.")
 @click.pass_obj
 def create(api: ApiTarget, name: str, size: int, as_json: bool) -> None:
     """Create a sparse volume NAME of SIZE bytes in the data dir."""
     info = call(api, "POST", "/v1/volumes", {"name": name, "size": size})
-    emit_json(info) if as_json else click.echo(
-        f"created volume {info['name']} ({format_size(info['size'])})"
-    )
+    emit_json(info) if as_json else click.echo(f"created volume {info['name']} ({format_size(info['size'])})")
 
 
 @volume.command(name="import")

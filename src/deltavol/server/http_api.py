@@ -14,7 +14,7 @@ from aiohttp import web
 
 from deltavol.errors import DeltavolError, UsageError
 from deltavol.service import Service
-from deltavol.units import parse_size
+from deltavol.units import parse_interval, parse_rate, parse_size
 
 log = logging.getLogger("deltavol.api")
 
@@ -30,9 +30,7 @@ def _error(status: int, code: str, message: str) -> web.Response:
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request.app[TOKEN]
-    tcp = request.transport is not None and isinstance(
-        request.transport.get_extra_info("peername"), tuple
-    )
+    tcp = request.transport is not None and isinstance(request.transport.get_extra_info("peername"), tuple)
     if token is not None and tcp and not _token_ok(request, token):
         return _error(401, "Unauthorized", "missing or wrong API token")
     try:
@@ -96,6 +94,54 @@ def routes(service: Service) -> web.RouteTableDef:
     async def remove_volume(request: web.Request) -> web.Response:
         await service.remove_volume(request.match_info["name"])
         return web.json_response({"removed": request.match_info["name"]})
+
+    @r.get("/v1/sessions")
+    async def list_sessions(request: web.Request) -> web.Response:
+        return web.json_response(service.list_sessions())
+
+    @r.post("/v1/sessions")
+    async def create_session(request: web.Request) -> web.Response:
+        body = await _body(request)
+        granularity = body.get("granularity", "64KiB")
+        info = await service.create_session(
+            name=_field(body, "name", str),
+            source=_field(body, "source", str),
+            target=_field(body, "target", str),
+            granularity=parse_size(granularity),
+            max_rate=parse_rate(body.get("max_rate")),
+            every=parse_interval(body.get("every")),
+        )
+        return web.json_response(info, status=201)
+
+    @r.get("/v1/sessions/{name}")
+    async def session_status(request: web.Request) -> web.Response:
+        return web.json_response(service.session_status(request.match_info["name"]))
+
+    @r.delete("/v1/sessions/{name}")
+    async def remove_session(request: web.Request) -> web.Response:
+        await service.remove_session(request.match_info["name"])
+        return web.json_response({"removed": request.match_info["name"]})
+
+    @r.post("/v1/sessions/{name}/update")
+    async def update_session(request: web.Request) -> web.Response:
+        body = await _body(request) if request.can_read_body else {}
+        info = await service.update_session(
+            request.match_info["name"],
+            full=bool(body.get("full", False)),
+            max_rate=parse_rate(body.get("max_rate")),
+        )
+        return web.json_response(info)
+
+    @r.post("/v1/sessions/{name}/{action:pause|resume|cancel|verify}")
+    async def session_action(request: web.Request) -> web.Response:
+        name, action = request.match_info["name"], request.match_info["action"]
+        do = {
+            "pause": service.pause_session,
+            "resume": service.resume_session,
+            "cancel": service.cancel_session,
+            "verify": service.verify_session,
+        }[action]
+        return web.json_response(await do(name))
 
     return r
 

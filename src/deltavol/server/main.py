@@ -26,11 +26,12 @@ log = logging.getLogger("deltavol.server")
 async def serve(config: ServerConfig) -> None:
     datadir = DataDir(config.data_dir)
     db = datadir.open()
-    service = Service(db, datadir.volumes)
+    service = Service(db, datadir, config.save_limit)
     runner: web.AppRunner | None = None
     listener = NbdListener(service)
     try:
         service.load()
+        await service.start()
         api_socket = config.api_socket or str(datadir.api_socket)
         token = None
         if config.api_tcp:
@@ -52,9 +53,7 @@ async def serve(config: ServerConfig) -> None:
                 await listener.listen_unix(config.nbd_socket)
         except OSError as exc:
             raise Error(msg=f"cannot listen: {exc.strerror or exc}") from exc
-        log.info(
-            "server: ready, data dir %s, api %s (pid %d)", config.data_dir, api_socket, os.getpid()
-        )
+        log.info("server: ready, data dir %s, api %s (pid %d)", config.data_dir, api_socket, os.getpid())
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -49,9 +49,7 @@ class ExportDirectory(Protocol):
 
 
 class NbdConnection(asyncio.Protocol):
-    def __init__(
-        self, directory: ExportDirectory, on_done: Callable[[NbdConnection], None]
-    ) -> None:
+    def __init__(self, directory: ExportDirectory, on_done: Callable[[NbdConnection], None]) -> None:
         self.directory = directory
         self.on_done = on_done
         self.conn = ServerConnection()
@@ -177,9 +175,7 @@ class NbdConnection(asyncio.Protocol):
             self.conn.reply_list(self.directory.export_names())
         elif isinstance(event, OptInfo):
             try:
-                export = (
-                    self._open(event.name) if event.go else self.directory.open_export(event.name)
-                )
+                export = self._open(event.name) if event.go else self.directory.open_export(event.name)
                 if not event.go:
                     self.directory.close_export(event.name)
             except DeltavolError as exc:
@@ -227,18 +223,12 @@ class NbdConnection(asyncio.Protocol):
             log.info("nbd %s: %s failed: %s", self.peer, req.cmd.name, exc.message)
             self.conn.send_error(req.cookie, exc.nbd_errno, exc.message)
         except Exception as exc:  # a bug must cost one request, never the server
-            log.exception(
-                "nbd %s: %s at %d+%d crashed", self.peer, req.cmd.name, req.offset, req.length
-            )
+            log.exception("nbd %s: %s at %d+%d crashed", self.peer, req.cmd.name, req.offset, req.length)
             self.conn.send_error(req.cookie, errno.EIO, f"internal error: {exc}")
         self._flush()
 
     async def _read(self, export: Export, req: Request) -> None:
-        if (
-            self.conn.structured_replies
-            and req.length >= SPARSE_READ_MIN
-            and not req.flags & CmdFlag.DF
-        ):
+        if self.conn.structured_replies and req.length >= SPARSE_READ_MIN and not req.flags & CmdFlag.DF:
             extents = await export.extents(req.offset, req.length)
             if len(extents) > 1 or (extents and extents[0][1] & 1):
                 pieces: list[tuple[int, bytes | None]] = []

@@ -26,9 +26,7 @@ def resolve_data_dir(explicit: str | None = None) -> Path:
     env = os.environ.get("DELTAVOL_DATA_DIR")
     if env:
         return Path(env).expanduser().absolute()
-    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "share"
-    )
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(xdg).absolute() / "deltavol"
 
 

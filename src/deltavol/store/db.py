@@ -23,6 +23,21 @@ CREATE TABLE IF NOT EXISTS volumes (
     imported INTEGER NOT NULL,
     created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sessions (
+    name TEXT PRIMARY KEY,
+    source TEXT NOT NULL REFERENCES volumes(name),
+    target TEXT NOT NULL,
+    granularity INTEGER NOT NULL,
+    max_rate INTEGER,
+    every INTEGER,
+    state TEXT NOT NULL,
+    consistent INTEGER NOT NULL,
+    point_in_time TEXT,
+    last_error TEXT,
+    created_at TEXT NOT NULL,
+    next_update_id INTEGER NOT NULL,
+    update_json TEXT
+);
 """
 
 
@@ -39,13 +54,9 @@ class Database:
                 for stmt in SCHEMA.split(";"):
                     if stmt.strip():
                         self.conn.execute(stmt)
-                row = self.conn.execute(
-                    "SELECT value FROM meta WHERE key='format_version'"
-                ).fetchone()
+                row = self.conn.execute("SELECT value FROM meta WHERE key='format_version'").fetchone()
                 if row is None:
-                    self.conn.execute(
-                        "INSERT INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),)
-                    )
+                    self.conn.execute("INSERT INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
                 elif int(row[0]) > FORMAT_VERSION:
                     raise CorruptFile(
                         path=path, why=f"format version {row[0]} is newer than {FORMAT_VERSION}"

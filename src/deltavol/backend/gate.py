@@ -1,0 +1,73 @@
+"""A write gate for a source volume: a mark must see no write half-way through the stack.
+
+Writes pass the gate shared; ``closed()`` waits for writes in flight to finish and holds
+new ones back while a session marks (tracking -> transfer) or resets its tracking bitmap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from deltavol.backend.base import Backend, Layer
+
+
+class WriteGate:
+    def __init__(self) -> None:
+        self._writers = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._reopened: asyncio.Event | None = None
+
+    async def enter(self) -> None:
+        while self._reopened is not None:
+            await self._reopened.wait()
+        self._writers += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self._writers -= 1
+        if not self._writers:
+            self._idle.set()
+
+    @asynccontextmanager
+    async def closed(self) -> AsyncIterator[None]:
+        while self._reopened is not None:
+            await self._reopened.wait()
+        reopened = self._reopened = asyncio.Event()
+        try:
+            await self._idle.wait()
+            yield
+        finally:
+            self._reopened = None
+            reopened.set()
+
+
+class GateLayer(Layer):
+    """Every change passes the gate; reads do not need to."""
+
+    def __init__(self, next: Backend, gate: WriteGate) -> None:
+        super().__init__(next)
+        self.gate = gate
+
+    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
+        await self.gate.enter()
+        try:
+            await self.next.pwrite(offset, data, fua)
+        finally:
+            self.gate.leave()
+
+    async def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
+        await self.gate.enter()
+        try:
+            await self.next.zero(offset, length, may_trim, fua)
+        finally:
+            self.gate.leave()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self.gate.enter()
+        try:
+            await self.next.trim(offset, length, fua)
+        finally:
+            self.gate.leave()

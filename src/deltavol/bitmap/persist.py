@@ -1,0 +1,153 @@
+"""Bitmap files, crash-safe.
+
+Design notes
+------------
+A file is a 4096-byte header — magic, format version, granularity, volume size, number
+of bits, generation, kind (tracking or transfer), CRC32 of all that — then the bit bytes.
+``load`` checks every field and the length and names the file and the exact problem:
+a damaged bitmap is never read as an empty one.
+
+Two ways of writing:
+
+* ``save_atomic``: the whole bitmap to a tmp file in the same directory, fsync,
+  ``os.replace``, fsync of the directory. A crash leaves either the old or the new file.
+* ``TrackingFile.persist``: the write-ahead path under every acknowledged NBD write. Only
+  the bit bytes that cover the newly set chunks are written in place, then fdatasync —
+  with group commit: callers whose bytes were written before a sync started share it, so
+  many concurrent first-writes cost one fsync. Bits are never cleared in place; clearing
+  happens in memory and reaches the disk with ``rewrite`` (atomic) at a checkpoint, so
+  the file is always a superset of the acknowledged changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import zlib
+from pathlib import Path
+
+from deltavol.bitmap.bitmap import Bitmap
+from deltavol.errors import CorruptFile, os_error
+
+MAGIC = b"DVBITMAP"
+VERSION = 1
+HEADER_SIZE = 4096
+_HEADER = struct.Struct(">8sIIQQQB")  # magic, version, granularity, size, nbits, generation, kind
+KIND_TRACKING = 1
+KIND_TRANSFER = 2
+_KINDS = {KIND_TRACKING: "tracking", KIND_TRANSFER: "transfer"}
+
+
+def _header(bitmap: Bitmap, generation: int, kind: int) -> bytes:
+    head = _HEADER.pack(
+        MAGIC, VERSION, bitmap.granularity, bitmap.size, bitmap.nbits, generation, kind
+    )
+    return (head + struct.pack(">I", zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
+
+
+def sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_atomic(path: Path, bitmap: Bitmap, generation: int, kind: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            data = _header(bitmap, generation, kind) + bitmap.to_bytes()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        sync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise os_error(exc, f"writing bitmap {path}") from exc
+
+
+def load(path: Path, kind: int, granularity: int, size: int) -> tuple[Bitmap, int]:
+    """Read and validate a bitmap file; returns (bitmap, generation)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptFile(path=path, why=f"{_KINDS.get(kind, 'bitmap')} bitmap file is missing") from None
+    except OSError as exc:
+        raise CorruptFile(path=path, why=exc.strerror or str(exc)) from exc
+    if len(raw) < HEADER_SIZE:
+        raise CorruptFile(path=path, why=f"header truncated ({len(raw)} bytes)")
+    head = raw[: _HEADER.size]
+    (crc,) = struct.unpack_from(">I", raw, _HEADER.size)
+    magic, version, gran, vsize, nbits, generation, got_kind = _HEADER.unpack(head)
+    if magic != MAGIC:
+        raise CorruptFile(path=path, why="not a deltavol bitmap (bad magic)")
+    if zlib.crc32(head) != crc:
+        raise CorruptFile(path=path, why="header checksum mismatch")
+    if version != VERSION:
+        raise CorruptFile(path=path, why=f"unsupported format version {version}")
+    if got_kind != kind:
+        raise CorruptFile(
+            path=path, why=f"is a {_KINDS.get(got_kind, got_kind)} bitmap, expected {_KINDS[kind]}"
+        )
+    if (gran, vsize) != (granularity, size):
+        raise CorruptFile(
+            path=path,
+            why=f"geometry {gran}-byte chunks of {vsize} bytes, expected {granularity} of {size}",
+        )
+    bitmap = Bitmap(size, granularity)
+    expected = HEADER_SIZE + (bitmap.nbits + 7) // 8
+    if nbits != bitmap.nbits or len(raw) != expected:
+        raise CorruptFile(path=path, why=f"length {len(raw)} bytes, expected {expected} (truncated?)")
+    return Bitmap.from_bytes(size, granularity, raw[HEADER_SIZE:]), generation
+
+
+class TrackingFile:
+    """The tracking bitmap's file, written ahead of every change (see the module notes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._written = 0  # persist() calls whose bytes are in the file
+        self._synced = 0  # ... of which this many are durable
+        self._syncing: asyncio.Task[None] | None = None
+
+    async def persist(self, bitmap: Bitmap, chunks: list[int]) -> None:
+        """Make the bits of ``chunks`` (already set in ``bitmap``) durable."""
+        lo, data = bitmap.byte_span(chunks)
+        try:
+            os.pwrite(self._fd, data, HEADER_SIZE + lo)  # page cache: no need for a thread
+        except OSError as exc:
+            raise os_error(exc, f"tracking bitmap {self.path}") from exc
+        self._written += 1
+        ticket = self._written
+        while self._synced < ticket:
+            if self._syncing is None:
+                self._syncing = asyncio.get_running_loop().create_task(self._sync(self._written))
+            await asyncio.shield(self._syncing)
+
+    async def _sync(self, upto: int) -> None:
+        try:
+            await asyncio.to_thread(os.fdatasync, self._fd)
+        except OSError as exc:
+            raise os_error(exc, f"tracking bitmap {self.path}") from exc
+        finally:
+            self._syncing = None
+        self._synced = max(self._synced, upto)
+
+    def rewrite(self, bitmap: Bitmap, generation: int) -> None:
+        """Replace the file atomically with ``bitmap`` (this is where cleared bits land)."""
+        save_atomic(self.path, bitmap, generation, KIND_TRACKING)
+        old, self._fd = self._fd, os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        os.close(old)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

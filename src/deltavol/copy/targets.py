@@ -1,0 +1,113 @@
+"""Where copies go: a local volume's file, or an export on another NBD server.
+
+A target is opened by the session that owns it and written only by the copy engine (and,
+when the save area is full, by copy-before-write). ``zero`` returns False when the target
+cannot write zeroes efficiently, and the engine then writes zero buffers itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol
+
+from deltavol.backend.file import FileBackend
+from deltavol.errors import Error
+
+
+class TargetError(Error):
+    """{msg}"""
+
+
+class CopyTarget(Protocol):
+    description: str
+    size: int
+
+    async def pwrite(self, offset: int, data: bytes) -> None: ...
+    async def zero(self, offset: int, length: int) -> bool: ...
+    async def pread(self, offset: int, length: int) -> bytes: ...
+    async def flush(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+def is_uri(target: str) -> bool:
+    return target.startswith(("nbd://", "nbd+unix://", "nbds://"))
+
+
+class LocalTarget:
+    """A local volume, written beneath its export (which refuses clients' writes)."""
+
+    def __init__(self, backend: FileBackend) -> None:
+        self.backend = backend
+        self.description = f"volume {backend.name!r}"
+        self.size = backend.size
+
+    async def pwrite(self, offset: int, data: bytes) -> None:
+        await self.backend.pwrite(offset, data)
+
+    async def zero(self, offset: int, length: int) -> bool:
+        await self.backend.zero(offset, length, may_trim=True)
+        return True
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        return await self.backend.pread(offset, length)
+
+    async def flush(self) -> None:
+        await self.backend.flush()
+
+    async def close(self) -> None:
+        """The backend belongs to the volume; nothing to close."""
+
+
+class NbdTarget:
+    """An export on a remote NBD server, reached with deltavol's own NBD client."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.description = uri
+        self.size = 0
+        self._client = None  # type: ignore[var-annotated]
+
+    async def open(self) -> NbdTarget:
+        from deltavol.nbd.client import NbdClient
+
+        try:
+            self._client = await NbdClient.connect(self.uri)
+        except (OSError, ValueError) as exc:
+            raise TargetError(msg=f"target {self.uri}: {exc}") from exc
+        if self._client.read_only:
+            await self._client.close()
+            raise TargetError(msg=f"target {self.uri} is read-only")
+        self.size = self._client.size
+        return self
+
+    async def _do(self, what: str, coro):  # type: ignore[no-untyped-def]
+        try:
+            return await coro
+        except Exception as exc:
+            raise TargetError(msg=f"target {self.uri}: {what} failed: {exc}") from exc
+
+    async def pwrite(self, offset: int, data: bytes) -> None:
+        assert self._client is not None
+        await self._do(f"write at {offset}", self._client.pwrite(offset, data))
+
+    async def zero(self, offset: int, length: int) -> bool:
+        assert self._client is not None
+        if self._client.can_zero:
+            await self._do(f"write zeroes at {offset}", self._client.zero(offset, length, may_trim=True))
+            return True
+        return False
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        assert self._client is not None
+        return await self._do(f"read at {offset}", self._client.pread(offset, length))
+
+    async def flush(self) -> None:
+        assert self._client is not None
+        if self._client.can_flush:
+            await self._do("flush", self._client.flush())
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            with contextlib.suppress(Exception):  # closing a dead connection is no news
+                await client.close()

@@ -1,0 +1,290 @@
+"""All sessions of a server: creating and removing them, wiring them into their source's
+write path and their target's guards, reloading them at start-up, and the scheduler.
+
+A source volume with sessions gets three filters (top first): the write gate, the
+copy-on-first-write hooks, the tracking hooks. A local target volume is exported
+read-only while its session exists and cannot be opened while the copy is inconsistent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from deltavol.backend.base import Backend
+from deltavol.backend.gate import GateLayer, WriteGate
+from deltavol.backend.hooks import BeforeChange
+from deltavol.copy.targets import CopyTarget, LocalTarget, NbdTarget, TargetError, is_uri
+from deltavol.errors import AlreadyExists, DeltavolError, InUse, NotFound, UsageError
+from deltavol.sessions.session import Session, UpdateRecord
+from deltavol.sessions.states import State
+from deltavol.store.db import Database
+from deltavol.volumes import Volume, Volumes, check_name
+
+log = logging.getLogger("deltavol.sessions")
+
+DEFAULT_GRANULARITY = 64 * 1024
+MIN_GRANULARITY = 4 * 1024
+MAX_GRANULARITY = 16 * 1024 * 1024
+
+
+def check_granularity(value: int) -> int:
+    if value < MIN_GRANULARITY or value > MAX_GRANULARITY or value & (value - 1):
+        raise UsageError(msg=f"invalid granularity {value}: must be a power of two from 4KiB to 16MiB")
+    return value
+
+
+class SessionManager:
+    def __init__(
+        self, db: Database, volumes: Volumes, bitmaps: Path, save: Path, save_limit: int = 1 << 30
+    ) -> None:
+        self.db = db
+        self.volumes = volumes
+        self.bitmaps = bitmaps
+        self.save = save
+        self.save_limit = save_limit
+        self._sessions: dict[str, Session] = {}
+        self._gates: dict[str, WriteGate] = {}
+        self._scheduler: asyncio.Task[None] | None = None
+
+    # --- lookup -------------------------------------------------------------------------------
+    def get(self, name: str) -> Session:
+        try:
+            return self._sessions[name]
+        except KeyError:
+            raise NotFound(kind="session", name=name) from None
+
+    def all(self) -> list[Session]:
+        return sorted(self._sessions.values(), key=lambda s: s.name)
+
+    def of_source(self, volume: str) -> list[Session]:
+        return [s for s in self.all() if s.source.name == volume]
+
+    def of_target(self, volume: str) -> Session | None:
+        return next((s for s in self._sessions.values() if s.target_spec == volume), None)
+
+    def volume_busy(self, vol: Volume) -> str | None:
+        users = [s.name for s in self.all() if vol.name in (s.source.name, s.target_spec)]
+        return f"used by session(s) {', '.join(users)}" if users else None
+
+    # --- wiring -----------------------------------------------------------------------------
+    def _gate_for(self, source: Volume) -> WriteGate:
+        return self._gates.setdefault(source.name, WriteGate())
+
+    def _attach(self, session: Session) -> None:
+        source = session.source
+        if not source.filters:
+            gate = self._gate_for(source)
+            name = source.name
+
+            def track_hooks() -> list[Any]:
+                return [s.track for s in self.of_source(name)]
+
+            def protect_hooks() -> list[Any]:
+                return [s.protect for s in self.of_source(name) if s.update is not None]
+
+            def track(b: Backend) -> Backend:
+                return BeforeChange(b, track_hooks)
+
+            def protect(b: Backend) -> Backend:
+                return BeforeChange(b, protect_hooks)
+
+            def gated(b: Backend) -> Backend:
+                return GateLayer(b, gate)
+
+            source.filters = [track, protect, gated]
+            source.restack()
+        target = self.volumes.find(session.target_spec)
+        if target is not None:
+            target.write_guard = lambda: f"it is the target of session {session.name!r}"
+            target.open_guard = lambda: (
+                None
+                if session.consistent
+                else f"session {session.name!r} has not finished copying to it (inconsistent)"
+            )
+
+    def _detach(self, session: Session) -> None:
+        source = session.source
+        if not self.of_source(source.name):
+            source.filters = []
+            source.restack()
+            self._gates.pop(source.name, None)
+        target = self.volumes.find(session.target_spec)
+        if target is not None:
+            target.write_guard = lambda: None
+            target.open_guard = lambda: None
+
+    async def _open_target(self, session: Session) -> CopyTarget:
+        spec = session.target_spec
+        if is_uri(spec):
+            return await NbdTarget(spec).open()
+        vol = self.volumes.find(spec)
+        if vol is None:
+            raise TargetError(msg=f"target volume {spec!r} does not exist")
+        return LocalTarget(vol.backend)
+
+    # --- persistence ------------------------------------------------------------------------
+    def _persist(self, s: Session) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    s.name,
+                    s.source.name,
+                    s.target_spec,
+                    s.granularity,
+                    s.max_rate,
+                    s.every,
+                    s.state.value,
+                    int(s.consistent),
+                    s.point_in_time,
+                    s.last_error,
+                    s.created_at,
+                    s.next_update_id,
+                    json.dumps(asdict(s.update)) if s.update else None,
+                ),
+            )
+
+    def _new(self, name: str, source: Volume, target: str, granularity: int, **kw: Any) -> Session:
+        return Session(
+            name=name,
+            source=source,
+            target_spec=target,
+            granularity=granularity,
+            files=self.bitmaps,
+            save_dir=self.save,
+            gate=self._gate_for(source),
+            open_target=self._open_target,
+            persist_row=self._persist,
+            save_limit=self.save_limit,
+            **kw,
+        )
+
+    def load(self) -> None:
+        """Reopen every session; one whose files are corrupt comes back ``failed``."""
+        for row in self.db.conn.execute("SELECT * FROM sessions ORDER BY name").fetchall():
+            source = self.volumes.find(row["source"])
+            if source is None:
+                log.error("session %s: source volume %s is missing", row["name"], row["source"])
+                continue
+            s = self._new(
+                row["name"],
+                source,
+                row["target"],
+                row["granularity"],
+                max_rate=row["max_rate"],
+                every=row["every"],
+            )
+            s.state = State(row["state"])
+            s.consistent = bool(row["consistent"])
+            s.point_in_time = row["point_in_time"]
+            s.last_error = row["last_error"]
+            s.created_at = row["created_at"]
+            s.next_update_id = row["next_update_id"]
+            if row["update_json"]:
+                s.update = UpdateRecord(**json.loads(row["update_json"]))
+            self._attach(s)
+            self._sessions[s.name] = s
+            try:
+                s.load_files()
+            except DeltavolError as exc:
+                s.set_aside_files(f"{exc.message}; run 'deltavol session update {s.name} --full'")
+                log.error("session %s: %s", s.name, s.last_error)
+
+    async def start(self) -> None:
+        """Resume updates interrupted by a stop or crash, then run the scheduler."""
+        for s in self.all():
+            if s.state is State.COPYING and s.transfer is not None:
+                log.info("session %s: resuming interrupted update %s", s.name, s.update and s.update.id)
+                s._spawn()
+        self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
+
+    async def shutdown(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+        for s in self.all():
+            await s.shutdown()
+
+    async def _schedule(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for s in self.all():
+                if not s.every or s.busy or s.state not in (State.IDLE, State.NEW):
+                    continue
+                if s.last_started and now - s.last_started < s.every:
+                    continue
+                if not s.last_started:
+                    s.last_started = now  # the first run is one interval after start-up
+                    continue
+                try:
+                    log.info("session %s: scheduled update", s.name)
+                    await s.start_update(full=False)
+                except DeltavolError as exc:
+                    log.error("session %s: scheduled update refused: %s", s.name, exc.message)
+
+    # --- operations ---------------------------------------------------------------------------
+    async def create(
+        self,
+        name: str,
+        source: str,
+        target: str,
+        granularity: int = DEFAULT_GRANULARITY,
+        max_rate: int | None = None,
+        every: int | None = None,
+    ) -> Session:
+        check_name(name, "session")
+        if name in self._sessions:
+            raise AlreadyExists(kind="session", name=name)
+        check_granularity(granularity)
+        src = self.volumes.get(source)
+        if target == source:
+            raise UsageError(msg=f"session {name!r}: the target is the source volume {source!r}")
+        other = self.of_target(target)
+        if other is not None:
+            raise InUse(kind="target", name=target, why=f"session {other.name!r} writes to it")
+        if self.of_source(target):
+            raise InUse(kind="volume", name=target, why="it is the source of a session")
+        if self.of_target(source):
+            raise InUse(kind="volume", name=source, why="it is the target of a session")
+        if is_uri(target):
+            probe: CopyTarget = await NbdTarget(target).open()
+            size = probe.size
+            await probe.close()
+        else:
+            tvol = self.volumes.get(target)
+            if tvol.connections:
+                raise InUse(kind="volume", name=target, why=f"{tvol.connections} NBD connection(s) open")
+            size = tvol.size
+        if size < src.size:
+            raise UsageError(
+                msg=f"target {target} ({size} bytes) is smaller than source {source} ({src.size} bytes)"
+            )
+        s = self._new(name, src, target, granularity, max_rate=max_rate, every=every)
+        s.create_files()
+        self._attach(s)
+        self._sessions[name] = s
+        try:
+            self._persist(s)
+        except BaseException:
+            del self._sessions[name]
+            self._detach(s)
+            s.delete_files()
+            raise
+        log.info("session %s: created %s -> %s (granularity %d)", name, source, target, granularity)
+        return s
+
+    async def remove(self, name: str) -> None:
+        s = self.get(name)
+        await s.shutdown()
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM sessions WHERE name = ?", (name,))
+        del self._sessions[name]
+        self._detach(s)
+        s.delete_files()
+        log.info("session %s: removed", name)

@@ -1,0 +1,693 @@
+"""One copy session: a source volume, a target, two bitmaps and at most one update.
+
+Design notes
+------------
+* **Tracking** (``track``, a hook under every change to the source): the chunk's bit is
+  set in memory and made durable in the tracking file before the change goes down. A
+  change to a chunk whose bit is set but not yet durable waits for that same fsync.
+* **Mark** (``_mark``): with the source's write gate closed (no change half-way through
+  the stack), ``transfer |= tracking`` is saved atomically, then tracking is reset on disk.
+  A crash between the two leaves the bits in both files: a superset, never a miss.
+* **Protect** (``protect``, a hook above tracking): while an incremental pass runs, the
+  first change to a chunk still in transfer saves the chunk's old contents durably to the
+  save area first; if the save area is full, the old chunk is copied to the target at
+  once (copy-before-write) and its transfer bit cleared.
+* **Copy** (``_copy_run``): under the chunks' locks, read the source (or the saved copy),
+  write it to the target zero-aware, clear the bits. A full pass reads by extents, writes
+  holes as zeroes, and has no protection: what changes under it is tracked and copied by
+  the catch-up incremental pass that ends every full update.
+* **Unmark**: transfer empty -> flush target, drop the save area, consistent as of the mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from deltavol.backend.gate import WriteGate
+from deltavol.bitmap import persist
+from deltavol.bitmap.bitmap import Bitmap
+from deltavol.copy.engine import MAX_REQUEST, Progress, requests, run_pipeline, write_piece
+from deltavol.copy.save_area import SaveArea
+from deltavol.copy.targets import CopyTarget, TargetError
+from deltavol.copy.throttle import Throttle
+from deltavol.errors import CorruptFile, DeltavolError, Error
+from deltavol.nbd.constants import STATE_HOLE
+from deltavol.sessions.states import State, next_state
+from deltavol.volumes import Volume
+
+log = logging.getLogger("deltavol.session")
+
+TRACKING, TRANSFER = persist.KIND_TRACKING, persist.KIND_TRANSFER
+CHECKPOINT_SECONDS = 2.0
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class UpdateRecord:
+    """The running (or last) update, as persisted and as shown in status."""
+
+    id: int
+    kind: str  # "full" | "incremental"
+    protecting: bool = False  # False during a full update's unprotected pass
+    marked_at: str | None = None
+    bytes_total: int = 0
+    bytes_done: int = 0
+    bytes_sent: int = 0
+    cofw_saved_bytes: int = 0
+    catchup_bytes: int = 0
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+@dataclass
+class RetryPolicy:
+    """Automatic resume of an update whose target failed: exponential backoff, bounded."""
+
+    limit: int = 5
+    backoff: float = 2.0
+    max_backoff: float = 60.0
+    attempts: int = 0
+    next_at: float | None = None
+
+    def delay(self) -> float:
+        return min(self.max_backoff, self.backoff * 2**self.attempts)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "attempts": self.attempts,
+            "limit": self.limit,
+            "next_in": None if self.next_at is None else max(0.0, round(self.next_at - time.time(), 1)),
+        }
+
+
+class ChunkLocks:
+    """Per-chunk mutual exclusion between copying a chunk and saving it before a write."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, asyncio.Event] = {}
+
+    @asynccontextmanager
+    async def hold(self, chunks: Iterable[int]) -> AsyncIterator[None]:
+        taken: list[int] = []
+        try:
+            for c in sorted(chunks):  # ascending: no deadlock between multi-chunk holders
+                while (ev := self._held.get(c)) is not None:
+                    await ev.wait()
+                self._held[c] = asyncio.Event()
+                taken.append(c)
+            yield
+        finally:
+            for c in taken:
+                self._held.pop(c).set()
+
+
+class Session:
+    def __init__(
+        self,
+        *,
+        name: str,
+        source: Volume,
+        target_spec: str,
+        granularity: int,
+        files: Path,
+        save_dir: Path,
+        gate: WriteGate,
+        open_target: Any,
+        persist_row: Any,
+        max_rate: int | None = None,
+        every: int | None = None,
+        save_limit: int = 1 << 30,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.target_spec = target_spec
+        self.granularity = granularity
+        self.max_rate = max_rate
+        self.every = every
+        self.save_limit = save_limit
+        self.state = State.NEW
+        self.consistent = False
+        self.point_in_time: str | None = None
+        self.last_error: str | None = None
+        self.created_at = now_iso()
+        self.update: UpdateRecord | None = None
+        self.next_update_id = 1
+        self.last_started = 0.0
+        self._gate = gate
+        self._open_target = open_target
+        self._persist_row = persist_row
+        self._tracking_path = files / f"{name}.tracking"
+        self._transfer_path = files / f"{name}.transfer"
+        self._save_dir = save_dir
+        self.tracking = Bitmap(source.size, granularity)
+        self.tracking_file: persist.TrackingFile | None = None
+        self.transfer: Bitmap | None = None
+        self.save: SaveArea | None = None
+        self.locks = ChunkLocks()
+        self.progress: Progress | None = None
+        self.target: CopyTarget | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._unsynced: dict[int, asyncio.Future[None]] = {}
+        self._rate: int | None = None
+        self.retry = retry or RetryPolicy()
+        self._retry_task: asyncio.Task[None] | None = None
+
+    # --- files ----------------------------------------------------------------------------
+    def create_files(self) -> None:
+        persist.save_atomic(self._tracking_path, self.tracking, 0, TRACKING)
+        self.tracking_file = persist.TrackingFile(self._tracking_path)
+
+    def load_files(self) -> None:
+        """Reopen bitmaps and the save area after a restart; corrupt files raise.
+
+        A transfer file that the session row does not own (an update that never
+        committed, or one that finished just before the crash) goes back into tracking:
+        a superset of the changes is safe, a lost bit is not.
+        """
+        self.tracking, _ = persist.load(self._tracking_path, TRACKING, self.granularity, self.source.size)
+        self.tracking_file = persist.TrackingFile(self._tracking_path)
+        owned = self.update is not None and self.state in (State.COPYING, State.PAUSED, State.FAILED)
+        transfer = None
+        if self._transfer_path.exists():
+            transfer, generation = persist.load(
+                self._transfer_path, TRANSFER, self.granularity, self.source.size
+            )
+            if not owned or self.update is None or generation != self.update.id:
+                self.tracking.or_(transfer)
+                self._rewrite_tracking()
+                self._transfer_path.unlink()
+                transfer = None
+                owned = False
+        elif owned:
+            raise CorruptFile(path=self._transfer_path, why="transfer bitmap of a running update is missing")
+        self.transfer = transfer
+        save = self._save_area(self.update.id if self.update else 0)
+        if owned and self.update is not None and self.update.protecting:
+            self.save = save.open()
+        else:
+            save.path.unlink(missing_ok=True)
+
+    def set_aside_files(self, why: str) -> None:
+        """Corrupt files: keep them for inspection, fail the session, track afresh.
+
+        Nothing is known of what changed, so the next update must be a full one.
+        """
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+        for path in (self._tracking_path, self._transfer_path, self._save_area(0).path):
+            if path.exists():
+                path.rename(path.with_name(f"{path.name}.corrupt-{stamp}"))
+        self.transfer = None
+        self.save = None
+        self.tracking = Bitmap(self.source.size, self.granularity)
+        self.create_files()
+        self.state = State.FAILED
+        self.consistent = False
+        self.point_in_time = None
+        self.last_error = why
+        self._persist_row(self)
+
+    def delete_files(self) -> None:
+        if self.tracking_file is not None:
+            self.tracking_file.close()
+        self._drop_save_area()
+        for path in (self._tracking_path, self._transfer_path):
+            path.unlink(missing_ok=True)
+
+    def _save_area(self, update_id: int) -> SaveArea:
+        return SaveArea(
+            self._save_dir / f"{self.name}.save",
+            self.granularity,
+            self.source.size,
+            update_id,
+            self.save_limit,
+        )
+
+    def _drop_save_area(self) -> None:
+        if self.save is not None:
+            self.save.delete()
+            self.save = None
+
+    def _checkpoint(self) -> None:
+        if self.transfer is not None and self.update is not None:
+            persist.save_atomic(self._transfer_path, self.transfer, self.update.id, TRANSFER)
+        self._sync_progress()
+        self._persist_row(self)
+
+    def _sync_progress(self) -> None:
+        if self.update is not None and self.progress is not None:
+            self.update.bytes_total = self.progress.bytes_total
+            self.update.bytes_done = self.progress.bytes_done
+            self.update.bytes_sent = self.progress.bytes_sent
+
+    # --- hooks on the source's write path ---------------------------------------------
+    async def track(self, offset: int, length: int) -> None:
+        if length == 0:
+            return
+        new = self.tracking.set_range(offset, length)
+        waits: set[asyncio.Future[None]] = set()
+        if new:
+            assert self.tracking_file is not None
+            fut = asyncio.ensure_future(self.tracking_file.persist(self.tracking, new))
+            for c in new:
+                self._unsynced[c] = fut
+            fut.add_done_callback(lambda f, cs=new: self._synced(f, cs))
+            waits.add(fut)
+        if self._unsynced:
+            for c in self.tracking.chunk_range(offset, length):
+                f = self._unsynced.get(c)
+                if f is not None:
+                    waits.add(f)
+        for f in waits:
+            await asyncio.shield(f)
+
+    def _synced(self, fut: asyncio.Future[None], chunks: list[int]) -> None:
+        for c in chunks:
+            if self._unsynced.get(c) is fut:
+                del self._unsynced[c]
+
+    async def protect(self, offset: int, length: int) -> None:
+        update, transfer = self.update, self.transfer
+        if update is None or transfer is None or not update.protecting or length == 0:
+            return
+        save = self.save
+        todo = [
+            c
+            for c in self.tracking.chunk_range(offset, length)
+            if transfer.test(c) and (save is None or c not in save)
+        ]
+        if not todo:
+            return
+        async with self.locks.hold(todo):
+            for c in todo:
+                if not transfer.test(c) or (save is not None and c in save):
+                    continue
+                off, n = self._chunk_span(c)
+                old = await self.source.backend.pread(off, n)
+                if save is not None and await save.save(c, old):
+                    update.cofw_saved_bytes += n
+                    continue
+                # save area full: copy-before-write
+                target = await self._ensure_target()
+                sent = await write_piece(target, off, old, n)
+                if transfer.test(c):
+                    transfer.clear(c)
+                    if self.progress is not None:
+                        self.progress.done(n)
+                        self.progress.bytes_sent += sent
+
+    def _chunk_span(self, chunk: int) -> tuple[int, int]:
+        off = chunk * self.granularity
+        return off, min(self.granularity, self.source.size - off)
+
+    # --- updates -------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start_update(self, full: bool, max_rate: int | None = None) -> dict[str, Any]:
+        """Begin an update; returns once it is committed (marked, or for --full started)."""
+        full = full or self.state is State.NEW or self._needs_full()
+        if self.busy:
+            raise Error(msg=f"session {self.name!r} is already copying")
+        new_state = next_state(self.name, self.state, "update")
+        before = (self.state, self.update, self.transfer, self.progress, self.consistent)
+        self._cancel_retry()
+        self.retry.attempts = 0
+        self._rate = max_rate if max_rate is not None else self.max_rate
+        self.update = UpdateRecord(
+            id=self.next_update_id, kind="full" if full else "incremental", started_at=now_iso()
+        )
+        self.next_update_id += 1
+        self.last_error = None
+        self.last_started = time.monotonic()
+        try:
+            if full:
+                await self._start_full(new_state)
+            else:
+                self.state = new_state
+                self.progress = None
+                await self._mark()
+        except BaseException:
+            self.state, self.update, self.transfer, self.progress, self.consistent = before
+            raise
+        log.info(
+            "session %s: %s update %d started (%d bytes to copy)",
+            self.name,
+            self.update.kind,
+            self.update.id,
+            self.progress.bytes_total if self.progress else 0,
+        )
+        self._spawn()
+        return self.status()
+
+    def _needs_full(self) -> bool:
+        return not self.consistent and self.transfer is None and self.point_in_time is None
+
+    async def _start_full(self, new_state: State) -> None:
+        """Commit 'inconsistent, copying everything' before the first byte goes out."""
+        assert self.update is not None
+        transfer = Bitmap(self.source.size, self.granularity)
+        transfer.set_all()
+        async with self._gate.closed():
+            persist.save_atomic(self._transfer_path, transfer, self.update.id, TRANSFER)
+            self._drop_save_area()
+            self.transfer = transfer
+            self.consistent = False
+            self.state = new_state
+            self.progress = Progress(bytes_total=self.transfer_bytes())
+            self._checkpoint()  # the commit point
+            self.tracking.clear_all()
+            self._rewrite_tracking()
+
+    async def _mark(self) -> None:
+        """tracking -> transfer (OR-ed into any unfinished transfer), fresh tracking.
+
+        Order for crash safety: the new transfer file and a new save area are durable
+        before the session row commits the mark; tracking is reset only after that.
+        """
+        assert self.update is not None
+        async with self._gate.closed():
+            transfer = self.transfer or Bitmap(self.source.size, self.granularity)
+            before = self.transfer_bytes(transfer)
+            transfer.or_(self.tracking)
+            persist.save_atomic(self._transfer_path, transfer, self.update.id, TRANSFER)
+            self._drop_save_area()
+            self.save = self._save_area(self.update.id).create()
+            self.transfer = transfer
+            self.update.marked_at = now_iso()
+            self.update.protecting = True
+            total = self.transfer_bytes()
+            if self.progress is None:
+                self.progress = Progress(bytes_total=total)
+            else:  # the catch-up pass of a full update
+                self.update.catchup_bytes = total - before
+                self.progress.bytes_total = self.progress.bytes_done + total
+            self._checkpoint()  # the commit point
+            self.tracking.clear_all()
+            self._rewrite_tracking()
+
+    def _rewrite_tracking(self) -> None:
+        assert self.tracking_file is not None
+        self.tracking_file.rewrite(self.tracking, self.next_update_id)
+
+    def transfer_bytes(self, bitmap: Bitmap | None = None) -> int:
+        bitmap = bitmap if bitmap is not None else self.transfer
+        return 0 if bitmap is None else bitmap.bytes_set()
+
+    def _spawn(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"session-{self.name}")
+
+    async def _ensure_target(self) -> CopyTarget:
+        if self.target is None:
+            self.target = await self._open_target(self)
+        return self.target
+
+    async def _run(self) -> None:
+        assert self.update is not None and self.transfer is not None
+        checkpointer = asyncio.get_running_loop().create_task(self._checkpoint_loop())
+        try:
+            target = await self._ensure_target()
+            if self.progress is None:
+                self.progress = Progress(bytes_total=self.transfer_bytes())
+            self.progress.bytes_done = self.progress.bytes_total - self.transfer_bytes()
+            if not self.update.protecting:
+                await self._copy_pass(target)
+                await self._mark()  # the catch-up pass of a full update
+            await self._copy_pass(target)
+            await target.flush()
+            self._finish()
+        except asyncio.CancelledError:
+            raise
+        except TargetError as exc:
+            await self._fail(exc.message, retryable=True)
+        except (DeltavolError, OSError) as exc:
+            await self._fail(exc.message if isinstance(exc, DeltavolError) else str(exc), retryable=False)
+        except Exception as exc:  # a bug: the session fails, the server stays up
+            log.exception("session %s: update crashed", self.name)
+            await self._fail(f"internal error: {exc!r}", retryable=False)
+        finally:
+            checkpointer.cancel()
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            self._checkpoint()
+
+    async def _copy_pass(self, target: CopyTarget) -> None:
+        assert self.transfer is not None
+        max_chunks = max(1, MAX_REQUEST // self.granularity)
+        await run_pipeline(
+            requests(self.transfer.runs(), max_chunks),
+            lambda first, count: self._copy_run(target, first, count),
+            throttle=Throttle(self._rate),
+            request_bytes=lambda first, count: count * self.granularity,
+        )
+
+    async def _copy_run(self, target: CopyTarget, first: int, count: int) -> None:
+        transfer, update, progress = self.transfer, self.update, self.progress
+        assert transfer is not None and update is not None and progress is not None
+        offset = first * self.granularity
+        length = min(count * self.granularity, self.source.size - offset)
+        chunks = range(first, first + count)
+        if not update.protecting:
+            pieces = await self._read_by_extents(offset, length)
+        else:
+            async with self.locks.hold(chunks):
+                live = [c for c in chunks if transfer.test(c)]
+                if not live:
+                    return
+                data = bytearray(await self.source.backend.pread(offset, length))
+                if self.save is not None:
+                    for c in live:
+                        if c in self.save:
+                            at = c * self.granularity - offset
+                            old = await self.save.load(c)
+                            data[at : at + len(old)] = old
+            pieces = _live_pieces(data, offset, live, self._chunk_span)
+        for off, piece in pieces:
+            n = piece if isinstance(piece, int) else len(piece)
+            sent = await write_piece(target, off, None if isinstance(piece, int) else piece, n)
+            progress.bytes_sent += sent  # not `+= await`: that would read a stale total
+        for c in chunks:
+            if transfer.test(c):
+                transfer.clear(c)
+                progress.done(self._chunk_span(c)[1])
+
+    async def _read_by_extents(self, offset: int, length: int) -> list[tuple[int, bytes | int]]:
+        """Pieces of [offset, offset+length): data as bytes, holes as their length."""
+        pieces: list[tuple[int, bytes | int]] = []
+        pos = offset
+        for n, flags in await self.source.backend.extents(offset, length):
+            pieces.append((pos, n if flags & STATE_HOLE else await self.source.backend.pread(pos, n)))
+            pos += n
+        return pieces
+
+    def _finish(self) -> None:
+        assert self.update is not None
+        self._sync_progress()
+        self.transfer = None
+        self.consistent = True
+        self.retry.attempts = 0
+        self.point_in_time = self.update.marked_at
+        self.update.finished_at = now_iso()
+        self.state = next_state(self.name, self.state, "done")
+        self._persist_row(self)  # the commit point; the files below are garbage after it
+        self._drop_save_area()
+        self._transfer_path.unlink(missing_ok=True)
+        log.info(
+            "session %s: update %d done, consistent as of %s (%d bytes sent)",
+            self.name,
+            self.update.id,
+            self.point_in_time,
+            self.update.bytes_sent,
+        )
+
+    async def _fail(self, why: str, retryable: bool) -> None:
+        self.last_error = why
+        self.state = next_state(self.name, self.state, "fail")
+        self._checkpoint()
+        log.error("session %s: update failed: %s", self.name, why)
+        await self._drop_target()
+        if retryable and self.retry.attempts < self.retry.limit:
+            delay = self.retry.delay()
+            self.retry.attempts += 1
+            self.retry.next_at = time.time() + delay
+            log.info(
+                "session %s: retry %d of %d in %.0fs", self.name, self.retry.attempts, self.retry.limit, delay
+            )
+            self._retry_task = asyncio.get_running_loop().create_task(self._retry_later(delay))
+
+    async def _retry_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self.retry.next_at = None
+        if self.state is State.FAILED and self.transfer is not None:
+            log.info("session %s: retrying (attempt %d)", self.name, self.retry.attempts)
+            self._resume()
+
+    async def _drop_target(self) -> None:
+        target, self.target = self.target, None
+        if target is not None:
+            await target.close()
+
+    async def _stop_task(self) -> None:
+        self._cancel_retry()
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def pause(self) -> dict[str, Any]:
+        self.state = next_state(self.name, self.state, "pause")
+        await self._stop_task()
+        self._checkpoint()
+        return self.status()
+
+    async def resume(self) -> dict[str, Any]:
+        next_state(self.name, self.state, "resume")
+        if self.transfer is None:
+            raise Error(msg=f"session {self.name!r} has no update to resume")
+        self._cancel_retry()
+        self.retry.attempts = 0
+        await self._drop_target()  # reconnect: the old connection may be dead
+        self._resume()
+        return self.status()
+
+    def _resume(self) -> None:
+        self.state = next_state(self.name, self.state, "resume")
+        self.last_error = None
+        self._checkpoint()
+        self._spawn()
+
+    def _cancel_retry(self) -> None:
+        task, self._retry_task = self._retry_task, None
+        if task is not None:
+            task.cancel()
+        self.retry.next_at = None
+
+    async def cancel(self) -> dict[str, Any]:
+        new_state = next_state(self.name, self.state, "cancel")
+        await self._stop_task()
+        if self.transfer is not None:
+            async with self._gate.closed():
+                self.tracking.or_(self.transfer)
+                self._rewrite_tracking()
+        self.transfer = None
+        self._transfer_path.unlink(missing_ok=True)
+        self._drop_save_area()
+        self.consistent = False
+        self.state = new_state
+        self._persist_row(self)
+        await self._drop_target()
+        return self.status()
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._task)
+
+    async def shutdown(self) -> None:
+        """Server stopping: stop copying but keep every state for the next start."""
+        await self._stop_task()
+        if self.state is State.COPYING:
+            self._checkpoint()
+        await self._drop_target()
+        if self.tracking_file is not None:
+            self.tracking_file.close()
+
+    # --- verify ----------------------------------------------------------------------------
+    async def verify(self) -> dict[str, Any]:
+        if self.busy or self.state is not State.IDLE or not self.consistent:
+            raise Error(
+                msg=f"session {self.name!r} is {self.state.value}"
+                f"{'' if self.consistent else ', not consistent'}: verify needs a finished update"
+            )
+        target = await self._ensure_target()
+        step = max(1, MAX_REQUEST // self.granularity)
+        compared = skipped = 0
+        mismatches: list[int] = []
+        for first in range(0, self.tracking.nbits, step):
+            chunks = range(first, min(first + step, self.tracking.nbits))
+            offset = first * self.granularity
+            length = min(len(chunks) * self.granularity, self.source.size - offset)
+            theirs = await target.pread(offset, length)
+            ours = await self.source.backend.pread(offset, length)
+            for c in chunks:
+                if self.tracking.test(c):  # changed since the mark: not comparable
+                    skipped += 1
+                    continue
+                a = c * self.granularity - offset
+                n = self._chunk_span(c)[1]
+                compared += 1
+                if ours[a : a + n] != theirs[a : a + n]:
+                    mismatches.append(c * self.granularity)
+        result = {
+            "session": self.name,
+            "ok": not mismatches,
+            "chunks_compared": compared,
+            "chunks_skipped": skipped,
+            "mismatches": len(mismatches),
+            "mismatch_offsets": mismatches[:100],
+            "point_in_time": self.point_in_time,
+        }
+        log.info("session %s: verify %s", self.name, result)
+        return result
+
+    # --- status ---------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        update = None
+        if self.update is not None:
+            self._sync_progress()
+            u = asdict(self.update)
+            running = self.busy and self.progress is not None
+            u["rate"] = round(self.progress.rate) if running and self.progress else 0
+            eta = self.progress.eta if running and self.progress else None
+            u["eta"] = None if eta is None else round(eta, 1)
+            update = u
+        return {
+            "name": self.name,
+            "source": self.source.name,
+            "target": self.target_spec,
+            "granularity": self.granularity,
+            "state": self.state.value,
+            "consistent": self.consistent,
+            "point_in_time": self.point_in_time,
+            "tracked_bytes": self.transfer_bytes(self.tracking),
+            "update": update,
+            "last_error": self.last_error,
+            "retry": self.retry.status(),
+            "max_rate": self.max_rate,
+            "every": self.every,
+        }
+
+
+def _live_pieces(
+    data: bytearray, offset: int, live: list[int], span: Any
+) -> list[tuple[int, bytes | int]]:
+    """The parts of ``data`` (read at ``offset``) that cover the ``live`` chunks, merged
+    where chunks are adjacent."""
+    pieces: list[tuple[int, bytes | int]] = []
+    start = end = -1
+    for c in live:
+        off, n = span(c)
+        if off != end:
+            if start >= 0:
+                pieces.append((start, bytes(data[start - offset : end - offset])))
+            start = off
+        end = off + n
+    if start >= 0:
+        pieces.append((start, bytes(data[start - offset : end - offset])))
+    return pieces

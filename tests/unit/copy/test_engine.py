@@ -1,0 +1,129 @@
+"""The copy pipeline's pieces: request cutting, zero detection, zero-aware writes,
+concurrency bounds and error propagation, against a recording target."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from deltavol.copy.engine import Progress, is_zero, requests, run_pipeline, write_piece
+from deltavol.copy.throttle import Throttle
+
+
+class RecordingTarget:
+    def __init__(self, size: int, can_zero: bool = True) -> None:
+        self.description = "recording"
+        self.size = size
+        self.can_zero = can_zero
+        self.ops: list[tuple[str, int, int]] = []
+        self.data = bytearray(size)
+
+    async def pwrite(self, offset: int, data: bytes) -> None:
+        self.ops.append(("write", offset, len(data)))
+        self.data[offset : offset + len(data)] = data
+
+    async def zero(self, offset: int, length: int) -> bool:
+        if not self.can_zero:
+            return False
+        self.ops.append(("zero", offset, length))
+        self.data[offset : offset + length] = bytes(length)
+        return True
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        return bytes(self.data[offset : offset + length])
+
+    async def flush(self) -> None:
+        self.ops.append(("flush", 0, 0))
+
+    async def close(self) -> None:
+        pass
+
+
+def test_requests_cut_runs_at_max_chunks() -> None:
+    assert list(requests(iter([(0, 5), (10, 2)]), 2)) == [(0, 2), (2, 2), (4, 1), (10, 2)]
+
+
+def test_requests_of_empty_runs_is_empty() -> None:
+    assert list(requests(iter([]), 4)) == []
+
+
+@pytest.mark.parametrize("n", [1, 4096, 4 * 1024 * 1024, 4 * 1024 * 1024 + 1])
+def test_is_zero(n: int) -> None:
+    assert is_zero(bytes(n))
+    data = bytearray(n)
+    data[-1] = 1
+    assert not is_zero(bytes(data))
+
+
+async def test_write_piece_sends_zeroes_as_zero_requests() -> None:
+    t = RecordingTarget(1 << 20)
+    assert await write_piece(t, 4096, bytes(8192), 8192) == 0
+    assert await write_piece(t, 65536, None, 4096) == 0
+    assert t.ops == [("zero", 4096, 8192), ("zero", 65536, 4096)]
+
+
+async def test_write_piece_falls_back_to_zero_buffers() -> None:
+    t = RecordingTarget(1 << 20, can_zero=False)
+    t.data[:] = b"\xff" * (1 << 20)
+    assert await write_piece(t, 0, None, 8192) == 8192
+    assert t.ops == [("write", 0, 8192)]
+    assert t.data[:8192] == bytes(8192)
+
+
+async def test_write_piece_writes_data() -> None:
+    t = RecordingTarget(1 << 20)
+    assert await write_piece(t, 512, b"x" * 1000, 1000) == 1000
+    assert t.data[512:1512] == b"x" * 1000
+
+
+async def test_pipeline_runs_every_request_once_with_bounded_concurrency() -> None:
+    seen: list[tuple[int, int]] = []
+    active = peak = 0
+
+    async def job(first: int, count: int) -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.001)
+        seen.append((first, count))
+        active -= 1
+
+    work = requests(iter([(i * 10, 3) for i in range(100)]), 2)
+    await run_pipeline(work, job, throttle=Throttle(None), request_bytes=lambda f, c: c, inflight=8)
+    assert sorted(seen) == sorted(requests(iter([(i * 10, 3) for i in range(100)]), 2))
+    assert 1 < peak <= 8
+
+
+async def test_pipeline_stops_on_first_error() -> None:
+    done = 0
+
+    async def job(first: int, count: int) -> None:
+        nonlocal done
+        if first == 5:
+            raise OSError("target went away")
+        await asyncio.sleep(0.001)
+        done += 1
+
+    with pytest.raises(OSError, match="target went away"):
+        await run_pipeline(
+            iter([(i, 1) for i in range(1000)]), job, throttle=Throttle(None), request_bytes=lambda f, c: c
+        )
+    assert done < 999
+
+
+async def test_throttle_limits_rate() -> None:
+    throttle = Throttle(1 << 20)  # 1 MiB/s
+    start = time.monotonic()
+    for _ in range(6):
+        await throttle.take(128 * 1024)  # 768 KiB in all: at least ~0.5 s past the burst
+    assert time.monotonic() - start >= 0.4
+
+
+def test_progress_rate_and_eta() -> None:
+    p = Progress(bytes_total=100)
+    assert p.eta is None or p.eta >= 0
+    p.done(100)
+    assert p.bytes_done == 100
+    assert p.eta == 0.0
