@@ -35,7 +35,7 @@ from typing import Any
 from deltavol.backend.gate import WriteGate
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
-from deltavol.copy.engine import MAX_REQUEST, Progress, requests, run_pipeline, write_piece
+from deltavol.copy.engine import INFLIGHT, MAX_REQUEST, Progress, requests, run_pipeline, write_piece
 from deltavol.copy.save_area import SaveArea
 from deltavol.copy.targets import CopyTarget, TargetError
 from deltavol.copy.throttle import Throttle
@@ -69,6 +69,7 @@ class UpdateRecord:
     catchup_bytes: int = 0
     started_at: str | None = None
     finished_at: str | None = None
+    max_rate: int | None = None  # bytes/s for this update (--max-rate, else the session's)
 
 
 @dataclass
@@ -161,7 +162,6 @@ class Session:
         self.target: CopyTarget | None = None
         self._task: asyncio.Task[None] | None = None
         self._unsynced: dict[int, asyncio.Future[None]] = {}
-        self._rate: int | None = None
         self.retry = retry or RetryPolicy()
         self._retry_task: asyncio.Task[None] | None = None
 
@@ -326,9 +326,11 @@ class Session:
         before = (self.state, self.update, self.transfer, self.progress, self.consistent)
         self._cancel_retry()
         self.retry.attempts = 0
-        self._rate = max_rate if max_rate is not None else self.max_rate
         self.update = UpdateRecord(
-            id=self.next_update_id, kind="full" if full else "incremental", started_at=now_iso()
+            id=self.next_update_id,
+            kind="full" if full else "incremental",
+            started_at=now_iso(),
+            max_rate=max_rate if max_rate is not None else self.max_rate,
         )
         self.next_update_id += 1
         self.last_error = None
@@ -447,13 +449,16 @@ class Session:
             self._checkpoint()
 
     async def _copy_pass(self, target: CopyTarget) -> None:
-        assert self.transfer is not None
-        max_chunks = max(1, MAX_REQUEST // self.granularity)
+        assert self.transfer is not None and self.update is not None
+        rate = self.update.max_rate
+        # throttled: requests of about a quarter second each, so progress stays smooth
+        request = MAX_REQUEST if not rate else min(MAX_REQUEST, max(self.granularity, rate // 4))
         await run_pipeline(
-            requests(self.transfer.runs(), max_chunks),
+            requests(self.transfer.runs(), max(1, request // self.granularity)),
             lambda first, count: self._copy_run(target, first, count),
-            throttle=Throttle(self._rate),
+            throttle=Throttle(rate),
             request_bytes=lambda first, count: count * self.granularity,
+            inflight=INFLIGHT if not rate else 2,
         )
 
     async def _copy_run(self, target: CopyTarget, first: int, count: int) -> None:
