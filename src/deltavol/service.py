@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from deltavol.backend.export import Export
+from deltavol.config import ServerConfig
 from deltavol.errors import Protected
 from deltavol.sessions.manager import SessionManager
 from deltavol.store.datadir import DataDir
@@ -13,10 +14,10 @@ from deltavol.volumes import Volumes
 
 
 class Service:
-    def __init__(self, db: Database, datadir: DataDir, save_limit: int = 1 << 30) -> None:
+    def __init__(self, db: Database, datadir: DataDir, config: ServerConfig) -> None:
         self.db = db
         self.volumes = Volumes(db, datadir.volumes)
-        self.sessions = SessionManager(db, self.volumes, datadir.bitmaps, datadir.save, save_limit)
+        self.sessions = SessionManager(db, self.volumes, datadir.bitmaps, datadir.save, config)
 
     def load(self) -> None:
         self.volumes.load()

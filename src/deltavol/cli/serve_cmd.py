@@ -11,6 +11,7 @@ import click
 from deltavol.cli import cli
 from deltavol.config import DEFAULT_NBD, ServerConfig, parse_host_port
 from deltavol.store.datadir import resolve_data_dir
+from deltavol.units import parse_size
 
 
 class _KeyValueFormatter(logging.Formatter):
@@ -44,6 +45,11 @@ def setup_logging(level: str) -> None:
     "api",
     help="Also serve the control API on TCP HOST:PORT, with a token in DATA_DIR/api.token.",
 )
+@click.option("--save-limit", default="1GiB", show_default=True, help="Save area limit per session update.")
+@click.option("--retry-limit", default=5, show_default=True, help="Automatic retries of a failed target.")
+@click.option(
+    "--retry-backoff", default=2.0, show_default=True, help="Seconds before the first retry (doubles)."
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_context
 def serve(
@@ -53,6 +59,9 @@ def serve(
     nbd_socket: str | None,
     serve_api_socket: str | None,
     api: str | None,
+    save_limit: str,
+    retry_limit: int,
+    retry_backoff: float,
     log_level: str,
 ) -> None:
     """Run the server: NBD exports and the control API for one data dir."""
@@ -65,6 +74,9 @@ def serve(
         nbd_socket=nbd_socket,
         api_socket=serve_api_socket or ctx.obj.socket,
         api_tcp=parse_host_port(api, 8080) if api else None,
+        save_limit=parse_size(save_limit),
+        retry_limit=retry_limit,
+        retry_backoff=retry_backoff,
     )
     from deltavol.server.main import serve as run
 

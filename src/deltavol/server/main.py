@@ -26,7 +26,7 @@ log = logging.getLogger("deltavol.server")
 async def serve(config: ServerConfig) -> None:
     datadir = DataDir(config.data_dir)
     db = datadir.open()
-    service = Service(db, datadir, config.save_limit)
+    service = Service(db, datadir, config)
     runner: web.AppRunner | None = None
     listener = NbdListener(service)
     try:

@@ -19,9 +19,10 @@ from typing import Any
 from deltavol.backend.base import Backend
 from deltavol.backend.gate import GateLayer, WriteGate
 from deltavol.backend.hooks import BeforeChange
+from deltavol.config import ServerConfig
 from deltavol.copy.targets import CopyTarget, LocalTarget, NbdTarget, TargetError, is_uri
 from deltavol.errors import AlreadyExists, DeltavolError, InUse, NotFound, UsageError
-from deltavol.sessions.session import Session, UpdateRecord
+from deltavol.sessions.session import RetryPolicy, Session, UpdateRecord
 from deltavol.sessions.states import State
 from deltavol.store.db import Database
 from deltavol.volumes import Volume, Volumes, check_name
@@ -41,13 +42,13 @@ def check_granularity(value: int) -> int:
 
 class SessionManager:
     def __init__(
-        self, db: Database, volumes: Volumes, bitmaps: Path, save: Path, save_limit: int = 1 << 30
+        self, db: Database, volumes: Volumes, bitmaps: Path, save: Path, config: ServerConfig
     ) -> None:
         self.db = db
         self.volumes = volumes
         self.bitmaps = bitmaps
         self.save = save
-        self.save_limit = save_limit
+        self.config = config
         self._sessions: dict[str, Session] = {}
         self._gates: dict[str, WriteGate] = {}
         self._scheduler: asyncio.Task[None] | None = None
@@ -161,7 +162,8 @@ class SessionManager:
             gate=self._gate_for(source),
             open_target=self._open_target,
             persist_row=self._persist,
-            save_limit=self.save_limit,
+            save_limit=self.config.save_limit,
+            retry=RetryPolicy(limit=self.config.retry_limit, backoff=self.config.retry_backoff),
             **kw,
         )
 
