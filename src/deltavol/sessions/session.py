@@ -156,6 +156,7 @@ class Session:
         self.tracking = Bitmap(source.size, granularity)
         self.tracking_file: persist.TrackingFile | None = None
         self.transfer: Bitmap | None = None
+        self._durable_transfer: Bitmap | None = None  # transfer as of the last checkpoint
         self.save: SaveArea | None = None
         self.locks = ChunkLocks()
         self.progress: Progress | None = None
@@ -194,6 +195,7 @@ class Session:
         elif owned:
             raise CorruptFile(path=self._transfer_path, why="transfer bitmap of a running update is missing")
         self.transfer = transfer
+        self._durable_transfer = transfer.copy() if transfer is not None else None
         save = self._save_area(self.update.id if self.update else 0)
         if owned and self.update is not None and self.update.protecting:
             self.save = save.open()
@@ -210,6 +212,7 @@ class Session:
             if path.exists():
                 path.rename(path.with_name(f"{path.name}.corrupt-{stamp}"))
         self.transfer = None
+        self._durable_transfer = None
         self.save = None
         self.tracking = Bitmap(self.source.size, self.granularity)
         self.create_files()
@@ -242,7 +245,9 @@ class Session:
 
     def _checkpoint(self) -> None:
         if self.transfer is not None and self.update is not None:
-            persist.save_atomic(self._transfer_path, self.transfer, self.update.id, TRANSFER)
+            durable = self.transfer.copy()
+            persist.save_atomic(self._transfer_path, durable, self.update.id, TRANSFER)
+            self._durable_transfer = durable
         self._sync_progress()
         self._persist_row(self)
 
@@ -279,34 +284,42 @@ class Session:
                 del self._unsynced[c]
 
     async def protect(self, offset: int, length: int) -> None:
-        update, transfer = self.update, self.transfer
-        if update is None or transfer is None or not update.protecting or length == 0:
+        """Save the old contents of chunks the update still owes, before they change.
+
+        A chunk is owed while its bit is set in memory *or* in the last durable
+        checkpoint: a chunk copied since that checkpoint would be copied again after a
+        crash, so until the checkpoint records it as done its old contents must stay
+        recoverable from the save area.
+        """
+        update, transfer, save = self.update, self.transfer, self.save
+        if update is None or transfer is None or save is None or not update.protecting:
             return
-        save = self.save
-        todo = [
-            c
-            for c in self.tracking.chunk_range(offset, length)
-            if transfer.test(c) and (save is None or c not in save)
-        ]
+        owed = self._owed
+        todo = [c for c in self.tracking.chunk_range(offset, length) if owed(c) and c not in save]
         if not todo:
             return
         async with self.locks.hold(todo):
             for c in todo:
-                if not transfer.test(c) or (save is not None and c in save):
+                if not owed(c) or c in save:
                     continue
                 off, n = self._chunk_span(c)
                 old = await self.source.backend.pread(off, n)
-                if save is not None and await save.save(c, old):
+                if await save.save(c, old):
                     update.cofw_saved_bytes += n
-                    continue
-                # save area full: copy-before-write
-                target = await self._ensure_target()
-                sent = await write_piece(target, off, old, n)
-                if transfer.test(c):
-                    transfer.clear(c)
-                    if self.progress is not None:
-                        self.progress.done(n)
-                        self.progress.bytes_sent += sent
+                elif transfer.test(c):  # save area full: copy-before-write
+                    sent = await write_piece(await self._ensure_target(), off, old, n)
+                    if transfer.test(c):
+                        transfer.clear(c)
+                        if self.progress is not None:
+                            self.progress.done(n)
+                            self.progress.bytes_sent += sent
+                if not transfer.test(c) and c not in save:
+                    self._checkpoint()  # make "c is done" durable before c changes
+
+    def _owed(self, chunk: int) -> bool:
+        assert self.transfer is not None
+        durable = self._durable_transfer
+        return self.transfer.test(chunk) or (durable is not None and durable.test(chunk))
 
     def _chunk_span(self, chunk: int) -> tuple[int, int]:
         off = chunk * self.granularity
@@ -386,6 +399,7 @@ class Session:
             before = self.transfer_bytes(transfer)
             transfer.or_(self.tracking)
             persist.save_atomic(self._transfer_path, transfer, self.update.id, TRANSFER)
+            self._durable_transfer = transfer.copy()
             self._drop_save_area()
             self.save = self._save_area(self.update.id).create()
             self.transfer = transfer
@@ -504,6 +518,7 @@ class Session:
         assert self.update is not None
         self._sync_progress()
         self.transfer = None
+        self._durable_transfer = None
         self.consistent = True
         self.retry.attempts = 0
         self.point_in_time = self.update.marked_at
@@ -591,6 +606,7 @@ class Session:
                 self.tracking.or_(self.transfer)
                 self._rewrite_tracking()
         self.transfer = None
+        self._durable_transfer = None
         self._transfer_path.unlink(missing_ok=True)
         self._drop_save_area()
         self.consistent = False
