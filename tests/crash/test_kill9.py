@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.crash.harness import Server
 
 pytestmark = [pytest.mark.crash, pytest.mark.slow]
 
@@ -24,71 +24,12 @@ G = 64 * 1024
 NCHUNKS = 64
 SIZE = G * NCHUNKS
 WRITER = Path(__file__).with_name("writer.py")
-DELTAVOL = Path(sys.executable).with_name("deltavol")
 TRIALS = int(os.environ.get("DELTAVOL_CRASH_TRIALS", "6"))
 
 
 def pattern(tag: int, length: int = G) -> bytes:
     head = tag.to_bytes(8, "little")
     return (head * (length // 8 + 1))[:length]
-
-
-class Server:
-    """``deltavol serve`` that can be killed -9 and started again on the same data dir."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.sock = root / "nbd.sock"
-        self.env = {**os.environ, "DELTAVOL_DATA_DIR": str(root)}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = open(root / "server.log", "ab")  # noqa: SIM115
-
-    def start(self) -> None:
-        (self.root / "api.sock").unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            [DELTAVOL, "serve", "--nbd-socket", str(self.sock), "--retry-backoff", "0.2"],
-            env=self.env,
-            stderr=self.log,
-        )
-        for _ in range(100):
-            if (self.root / "api.sock").exists():
-                return
-            time.sleep(0.05)
-        raise AssertionError("server did not start: " + (self.root / "server.log").read_text()[-2000:])
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            assert self.proc.wait(30) == 0
-
-    def cli(self, *args: str) -> str:
-        out = subprocess.run([DELTAVOL, *args], env=self.env, capture_output=True, text=True)
-        assert out.returncode == 0, f"deltavol {' '.join(args)}: {out.stderr}"
-        return out.stdout
-
-    def status(self) -> dict:
-        return json.loads(self.cli("session", "status", "s", "--json"))
-
-    def wait_idle(self, update_id: int, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            st = self.status()
-            if st["state"] == "idle" and st["update"]["id"] == update_id:
-                return st
-            assert st["state"] != "failed", st
-            time.sleep(0.1)
-        raise AssertionError(f"update {update_id} did not finish: {self.status()}")
-
-    def uri(self, name: str) -> str:
-        return f"nbd+unix:///{name}?socket={self.sock}"
-
-    def image(self, name: str) -> bytes:
-        return (self.root / "volumes" / f"{name}.img").read_bytes()
 
 
 def run_writer(uri: str, seed: int, count: int, delay: float = 0.0) -> subprocess.Popen[str]:
@@ -128,18 +69,19 @@ def chunk_tags(image: bytes, model: dict[int, int], maybe: dict[int, int]) -> li
 
 @pytest.fixture
 def server(tmp_path: Path) -> Server:
-    if not Path("/usr/bin/python3").exists() or subprocess.run(
-        ["/usr/bin/python3", "-c", "import nbd"], capture_output=True
-    ).returncode:
+    if (
+        not Path("/usr/bin/python3").exists()
+        or subprocess.run(["/usr/bin/python3", "-c", "import nbd"], capture_output=True).returncode
+    ):
         pytest.fail("the crash tests need Debian's python3-libnbd")
-    srv = Server(tmp_path)
+    srv = Server(tmp_path / "data")
     srv.start()
     srv.cli("volume", "create", "src", "--size", str(SIZE))
     srv.cli("volume", "create", "dst", "--size", str(SIZE))
     srv.cli("session", "create", "s", "--source", "src", "--target", "dst")
     yield srv
     srv.stop()
-    assert "Traceback" not in (tmp_path / "server.log").read_text()
+    assert "Traceback" not in srv.log_path.read_text()
 
 
 def test_kill9_during_incremental_update_and_cofw(server: Server) -> None:
@@ -156,9 +98,9 @@ def test_kill9_during_incremental_update_and_cofw(server: Server) -> None:
         for chunk, tag in acknowledged(out)[0]:
             model[chunk] = tag
         mark_image = dict(model)
-        update_id = json.loads(srv.cli("session", "update", "s", "--max-rate", "1MiB/s", "--json"))[
-            "update"
-        ]["id"]
+        update_id = json.loads(srv.cli("session", "update", "s", "--max-rate", "1MiB/s", "--json"))["update"][
+            "id"
+        ]
 
         # writes after the mark (copy-on-first-write), then kill -9 at a random moment
         after = run_writer(srv.uri("src"), 2 * trial + 2, 400, delay=0.002)
@@ -197,9 +139,9 @@ def test_kill9_during_full_update(server: Server) -> None:
     trials = 0
     for trial in range(max(2, TRIALS // 2)):
         rng = random.Random(100 + trial)
-        update_id = json.loads(
-            srv.cli("session", "update", "s", "--full", "--max-rate", "2MiB/s", "--json")
-        )["update"]["id"]
+        update_id = json.loads(srv.cli("session", "update", "s", "--full", "--max-rate", "2MiB/s", "--json"))[
+            "update"
+        ]["id"]
         writer = run_writer(srv.uri("src"), 200 + trial, 100, delay=0.005)
         time.sleep(rng.uniform(0.05, 1.0))
         srv.kill9()

@@ -66,6 +66,7 @@ class FileBackend:
         self._punch = not self.is_block
         self._zero_range = not self.is_block
         self._seek = not self.is_block
+        self._nowait = bool(_NOWAIT)
 
     def can_trim(self) -> bool:
         return True
@@ -86,14 +87,17 @@ class FileBackend:
             raise os_error(exc, f"{what} on volume {self.name!r}") from exc
 
     async def pread(self, offset: int, length: int) -> bytes:
-        if _NOWAIT:
+        if self._nowait:
             buf = bytearray(length)
             try:
                 n = os.preadv(self._fd, [buf], offset, _NOWAIT)
             except BlockingIOError:
                 n = -1
             except OSError as exc:
-                raise os_error(exc, f"read on volume {self.name!r}") from exc
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise os_error(exc, f"read on volume {self.name!r}") from exc
+                self._nowait = False  # this file system (tmpfs, ...) cannot: use the pool
+                n = -1
             if n == length:
                 return buf  # type: ignore[return-value]
         return await self._run("read", self._pread_full, offset, length)

@@ -70,7 +70,24 @@ def save_atomic(path: Path, bitmap: Bitmap, generation: int, kind: int) -> None:
         sync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise os_error(exc, f"writing bitmap {path}") from exc
+        raise os_error(exc, f"bitmap {path}") from exc
+
+
+def write_bits_in_place(path: Path, bitmap: Bitmap) -> None:
+    """Overwrite the bit bytes of an existing file with ``bitmap`` and make them durable.
+
+    Only for bits going from set to clear (checkpoints of a transfer bitmap): it needs
+    no new space, and a torn write leaves every byte either old (a superset) or new.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, bitmap.to_bytes(), HEADER_SIZE)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise os_error(exc, f"bitmap {path}") from exc
 
 
 def load(path: Path, kind: int, granularity: int, size: int) -> tuple[Bitmap, int]:

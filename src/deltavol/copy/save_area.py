@@ -11,14 +11,16 @@ after that: so after a crash every chunk whose source was overwritten has a comp
 record. A torn record at the tail belongs to a save that never returned, whose overwrite
 never happened; ``open`` drops it and truncates the file there.
 
-A chunk is saved at most once per update (its first write). The file is deleted when the
-update finishes or is cancelled. ``limit`` bounds the file; past it ``save`` returns False
+A chunk is saved at most once per update (its first write). Records are appended one at a
+time, so a failed append (a full disk) never leaves a gap before a good record. The file
+is deleted when the update finishes or is cancelled. ``limit`` bounds the file; past it ``save`` returns False
 and the caller falls back to copy-before-write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import struct
 import zlib
@@ -44,6 +46,7 @@ class SaveArea:
         self.index: dict[int, tuple[int, int]] = {}  # chunk -> (data offset, length)
         self._end = HEADER_SIZE
         self._fd = -1
+        self._append = asyncio.Lock()
 
     # --- lifecycle -----------------------------------------------------------------------
     def create(self) -> SaveArea:
@@ -123,26 +126,36 @@ class SaveArea:
         """Durably keep ``data`` as chunk's old contents; False if the area is full."""
         if chunk in self.index:
             return True
-        need = RECORD.size + len(data)
-        if self.used + need > self.limit:
-            return False
-        pos = self._end
-        self._end += need
-        record = RECORD.pack(RECORD_MAGIC, chunk, len(data), zlib.crc32(data)) + bytes(data)
-        try:
-            await asyncio.to_thread(self._write, record, pos)
-        except OSError as exc:
-            raise os_error(exc, f"save area {self.path}") from exc
-        self.index[chunk] = (pos + RECORD.size, len(data))
-        return True
+        async with self._append:  # one record at a time: a failed one never leaves a gap
+            if chunk in self.index:
+                return True
+            need = RECORD.size + len(data)
+            if self.used + need > self.limit:
+                return False
+            pos = self._end
+            record = RECORD.pack(RECORD_MAGIC, chunk, len(data), zlib.crc32(data)) + bytes(data)
+            try:
+                await asyncio.to_thread(self._write, record, pos)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise os_error(exc, f"save area {self.path}") from exc
+                self.limit = self.used  # the data dir is full: as good as a full save area
+                return False
+            self._end = pos + need
+            self.index[chunk] = (pos + RECORD.size, len(data))
+            return True
 
     def _write(self, record: bytes, pos: int) -> None:
-        os.pwrite(self._fd, record, pos)
+        if os.pwrite(self._fd, record, pos) != len(record):  # a full disk can write short
+            raise OSError(errno.ENOSPC, "short write to the save area")
         os.fdatasync(self._fd)
 
     async def load(self, chunk: int) -> bytes:
         offset, length = self.index[chunk]
-        return await asyncio.to_thread(os.pread, self._fd, length, offset)
+        data = await asyncio.to_thread(os.pread, self._fd, length, offset)
+        if len(data) != length:
+            raise CorruptFile(path=self.path, why=f"record of chunk {chunk} is short")
+        return data
 
 
 def _sync_dir(path: Path) -> None:

@@ -243,11 +243,27 @@ class Session:
             self.save.delete()
             self.save = None
 
-    def _checkpoint(self) -> None:
+    async def _checkpoint(self) -> None:
+        """Make copy progress durable: flush the target, then clear the done bits on disk.
+
+        Bits only go from set to clear here, so they are written in place (no new space
+        needed on a full disk; a torn write leaves each byte old or new, both safe).
+        """
         if self.transfer is not None and self.update is not None:
+            if self.target is not None:
+                await self.target.flush()
             durable = self.transfer.copy()
-            persist.save_atomic(self._transfer_path, durable, self.update.id, TRANSFER)
+            persist.write_bits_in_place(self._transfer_path, durable)
             self._durable_transfer = durable
+
+    async def _try_checkpoint(self) -> None:
+        try:
+            await self._checkpoint()
+            self._save_row()
+        except (DeltavolError, OSError) as exc:  # the last durable checkpoint still holds
+            log.warning("session %s: checkpoint skipped: %s", self.name, exc)
+
+    def _save_row(self) -> None:
         self._sync_progress()
         self._persist_row(self)
 
@@ -314,7 +330,7 @@ class Session:
                             self.progress.done(n)
                             self.progress.bytes_sent += sent
                 if not transfer.test(c) and c not in save:
-                    self._checkpoint()  # make "c is done" durable before c changes
+                    await self._checkpoint()  # make "c is done" durable before c changes
 
     def _owed(self, chunk: int) -> bool:
         assert self.transfer is not None
@@ -383,7 +399,7 @@ class Session:
             self.consistent = False
             self.state = new_state
             self.progress = Progress(bytes_total=self.transfer_bytes())
-            self._checkpoint()  # the commit point
+            self._save_row()  # the commit point
             self.tracking.clear_all()
             self._rewrite_tracking()
 
@@ -411,7 +427,7 @@ class Session:
             else:  # the catch-up pass of a full update
                 self.update.catchup_bytes = total - before
                 self.progress.bytes_total = self.progress.bytes_done + total
-            self._checkpoint()  # the commit point
+            self._save_row()  # the commit point
             self.tracking.clear_all()
             self._rewrite_tracking()
 
@@ -460,7 +476,7 @@ class Session:
     async def _checkpoint_loop(self) -> None:
         while True:
             await asyncio.sleep(CHECKPOINT_SECONDS)
-            self._checkpoint()
+            await self._try_checkpoint()
 
     async def _copy_pass(self, target: CopyTarget) -> None:
         assert self.transfer is not None and self.update is not None
@@ -538,7 +554,10 @@ class Session:
     async def _fail(self, why: str, retryable: bool) -> None:
         self.last_error = why
         self.state = next_state(self.name, self.state, "fail")
-        self._checkpoint()
+        try:
+            self._save_row()  # the transfer file keeps its last durable checkpoint
+        except DeltavolError as exc:
+            log.error("session %s: cannot record the failure: %s", self.name, exc.message)
         log.error("session %s: update failed: %s", self.name, why)
         await self._drop_target()
         if retryable and self.retry.attempts < self.retry.limit:
@@ -573,7 +592,7 @@ class Session:
     async def pause(self) -> dict[str, Any]:
         self.state = next_state(self.name, self.state, "pause")
         await self._stop_task()
-        self._checkpoint()
+        await self._try_checkpoint()
         return self.status()
 
     async def resume(self) -> dict[str, Any]:
@@ -589,7 +608,7 @@ class Session:
     def _resume(self) -> None:
         self.state = next_state(self.name, self.state, "resume")
         self.last_error = None
-        self._checkpoint()
+        self._save_row()
         self._spawn()
 
     def _cancel_retry(self) -> None:
@@ -624,7 +643,7 @@ class Session:
         """Server stopping: stop copying but keep every state for the next start."""
         await self._stop_task()
         if self.state is State.COPYING:
-            self._checkpoint()
+            await self._try_checkpoint()
         await self._drop_target()
         if self.tracking_file is not None:
             self.tracking_file.close()

@@ -10,7 +10,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from deltavol.errors import CorruptFile
+from deltavol.errors import CorruptFile, Error, NoSpace
 
 FORMAT_VERSION = 1
 
@@ -66,13 +66,20 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.conn.execute("BEGIN IMMEDIATE")
         try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            if "full" in str(exc):
+                raise NoSpace(what=f"metadata {self.path}") from exc
+            raise Error(msg=f"metadata {self.path}: {exc}") from exc
 
     def close(self) -> None:
         self.conn.close()

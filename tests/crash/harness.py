@@ -1,0 +1,77 @@
+"""A deltavol server for fault tests: killed -9, restarted, on any data dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DELTAVOL = Path(sys.executable).with_name("deltavol")
+
+
+class Server:
+    """``deltavol serve`` that can be killed -9 and started again on the same data dir."""
+
+    def __init__(self, root: Path, *extra: str, log_path: Path | None = None) -> None:
+        self.root = root
+        self.extra = extra
+        self.sock = root / "nbd.sock"
+        self.env = {**os.environ, "DELTAVOL_DATA_DIR": str(root)}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = log_path or root.with_name(root.name + ".log")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115
+
+    def start(self) -> None:
+        (self.root / "api.sock").unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [DELTAVOL, "serve", "--nbd-socket", str(self.sock), "--retry-backoff", "0.2", *self.extra],
+            env=self.env,
+            stderr=self.log,
+        )
+        for _ in range(100):
+            if (self.root / "api.sock").exists():
+                return
+            time.sleep(0.05)
+        raise AssertionError("server did not start: " + self.log_path.read_text()[-2000:])
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            assert self.proc.wait(30) == 0
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([DELTAVOL, *args], env=self.env, capture_output=True, text=True)
+
+    def cli(self, *args: str) -> str:
+        out = self.run(*args)
+        assert out.returncode == 0, f"deltavol {' '.join(args)}: {out.stderr}"
+        return out.stdout
+
+    def status(self) -> dict:
+        return json.loads(self.cli("session", "status", "s", "--json"))
+
+    def wait_idle(self, update_id: int, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status()
+            if st["state"] == "idle" and st["update"]["id"] == update_id:
+                return st
+            assert st["state"] != "failed", st
+            time.sleep(0.1)
+        raise AssertionError(f"update {update_id} did not finish: {self.status()}")
+
+    def uri(self, name: str) -> str:
+        return f"nbd+unix:///{name}?socket={self.sock}"
+
+    def image(self, name: str) -> bytes:
+        path = json.loads(self.cli("volume", "info", name, "--json"))["path"]
+        return Path(path).read_bytes()
