@@ -1,0 +1,250 @@
+"""The asyncio half of the NBD client: connect by URI, many requests in flight.
+
+Each call submits its request(s) to the sans-I/O ``ClientConnection`` and awaits a future
+keyed by cookie; ``data_received`` completes them. Requests larger than the server's
+maximum block size are split. A connection that drops fails every pending request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from deltavol.nbd.client_conn import ClientConnection, HandshakeFailed, Ready, Reply
+from deltavol.nbd.constants import Cmd, CmdFlag
+from deltavol.nbd.constants import TransmissionFlag as TF
+from deltavol.nbd.events import NEED_DATA, Closed
+
+DEFAULT_PORT = 10809
+
+
+class NbdError(OSError):
+    """The server answered a request with an error."""
+
+
+class NbdConnectionError(ConnectionError):
+    """The connection could not be made, was refused, or broke."""
+
+
+@dataclass(frozen=True)
+class NbdUri:
+    export: str
+    host: str | None = None
+    port: int = DEFAULT_PORT
+    socket: str | None = None
+
+
+def parse_uri(uri: str) -> NbdUri:
+    """``nbd://host[:port]/export`` or ``nbd+unix:///export?socket=PATH`` (libnbd's spelling)."""
+    parts = urlsplit(uri)
+    export = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
+    if parts.scheme == "nbd":
+        if not parts.hostname:
+            raise ValueError(f"invalid NBD URI {uri!r}: no host")
+        try:
+            port = parts.port or DEFAULT_PORT
+        except ValueError:
+            raise ValueError(f"invalid NBD URI {uri!r}: bad port") from None
+        return NbdUri(export, host=parts.hostname, port=port)
+    if parts.scheme == "nbd+unix":
+        sockets = parse_qs(parts.query).get("socket")
+        if not sockets:
+            raise ValueError(f"invalid NBD URI {uri!r}: nbd+unix needs ?socket=PATH")
+        return NbdUri(export, socket=sockets[0])
+    raise ValueError(f"invalid NBD URI {uri!r}: expected nbd:// or nbd+unix://")
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, client: NbdClient) -> None:
+        self.client = client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.client._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.client._feed(data)
+
+    def eof_received(self) -> bool:
+        self.client._feed(b"")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client._lost(f"connection lost: {exc}" if exc else "server closed the connection")
+
+
+class NbdClient:
+    def __init__(self, uri: str, conn: ClientConnection) -> None:
+        self.uri = uri
+        self.conn = conn
+        self._transport: asyncio.Transport | None = None
+        self._ready: asyncio.Future[Ready] = asyncio.get_running_loop().create_future()
+        self._waiting: dict[int, asyncio.Future[Reply]] = {}
+        self._error: str | None = None
+        self.size = 0
+        self.flags = 0
+        self.max_block = 32 * 1024 * 1024
+
+    @classmethod
+    async def connect(cls, uri: str, *, block_status: bool = False, timeout: float = 30.0) -> NbdClient:
+        where = parse_uri(uri)
+        client = cls(uri, ClientConnection(where.export, block_status=block_status))
+        loop = asyncio.get_running_loop()
+        try:
+            if where.socket is not None:
+                await loop.create_unix_connection(lambda: _Protocol(client), where.socket)
+            else:
+                await loop.create_connection(lambda: _Protocol(client), where.host, where.port)
+            ready = await asyncio.wait_for(asyncio.shield(client._ready), timeout)
+        except (OSError, TimeoutError) as exc:
+            client._close_transport()
+            if isinstance(exc, NbdConnectionError):
+                raise
+            raise NbdConnectionError(f"{uri}: {exc.strerror or exc or 'timed out'}") from exc
+        client.size, client.flags = ready.size, ready.flags
+        client.max_block = ready.max_block
+        return client
+
+    # --- capabilities ------------------------------------------------------------------------
+    def _has(self, flag: TF) -> bool:
+        return bool(self.flags & flag)
+
+    @property
+    def read_only(self) -> bool:
+        return self._has(TF.READ_ONLY)
+
+    @property
+    def can_flush(self) -> bool:
+        return self._has(TF.SEND_FLUSH)
+
+    @property
+    def can_fua(self) -> bool:
+        return self._has(TF.SEND_FUA)
+
+    @property
+    def can_trim(self) -> bool:
+        return self._has(TF.SEND_TRIM)
+
+    @property
+    def can_zero(self) -> bool:
+        return self._has(TF.SEND_WRITE_ZEROES)
+
+    @property
+    def can_multi_conn(self) -> bool:
+        return self._has(TF.CAN_MULTI_CONN)
+
+    @property
+    def can_block_status(self) -> bool:
+        return self.conn.meta_context_id is not None
+
+    # --- plumbing ----------------------------------------------------------------------------
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out and self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(out)
+
+    def _feed(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        while True:
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                break
+            if isinstance(event, Reply):
+                fut = self._waiting.pop(event.cookie, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(event)
+            elif isinstance(event, Ready):
+                self._ready.set_result(event)
+            elif isinstance(event, (HandshakeFailed, Closed)):
+                self._fail_all(event.reason)
+                break
+        self._flush()
+
+    def _lost(self, why: str) -> None:
+        self._fail_all(why)
+
+    def _fail_all(self, why: str) -> None:
+        if self._error is None:
+            self._error = why
+        exc = NbdConnectionError(f"{self.uri}: {self._error}")
+        if not self._ready.done():
+            self._ready.set_exception(exc)
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._waiting.clear()
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    async def _call(
+        self, what: str, cmd: Cmd, offset: int, length: int, flags: int = 0, data: bytes = b""
+    ) -> Reply:
+        if self._error is not None:
+            raise NbdConnectionError(f"{self.uri}: {self._error}")
+        cookie = self.conn.request(cmd, offset, length, flags, data)
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[cookie] = fut
+        self._flush()
+        reply = await fut
+        if reply.error:
+            detail = f": {reply.message}" if reply.message else ""
+            raise NbdError(reply.error, f"{what} at {offset}+{length} on {self.uri} failed{detail}")
+        return reply
+
+    def _pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
+        step = self.max_block
+        return [(o, min(step, offset + length - o)) for o in range(offset, offset + length, step)] or [
+            (offset, 0)
+        ]
+
+    # --- operations --------------------------------------------------------------------------
+    async def pread(self, offset: int, length: int) -> bytes:
+        parts = await asyncio.gather(
+            *(self._call("read", Cmd.READ, o, n) for o, n in self._pieces(offset, length))
+        )
+        return b"".join(bytes(p.data or b"") for p in parts)
+
+    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
+        flags = CmdFlag.FUA if fua else 0
+        view = memoryview(data)
+        await asyncio.gather(
+            *(
+                self._call("write", Cmd.WRITE, o, n, flags, view[o - offset : o - offset + n])  # type: ignore[arg-type]
+                for o, n in self._pieces(offset, len(data))
+            )
+        )
+
+    async def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
+        flags = (0 if may_trim else CmdFlag.NO_HOLE) | (CmdFlag.FUA if fua else 0)
+        await asyncio.gather(
+            *(
+                self._call("write zeroes", Cmd.WRITE_ZEROES, o, n, flags)
+                for o, n in self._chunks32(offset, length)
+            )
+        )
+
+    async def trim(self, offset: int, length: int) -> None:
+        await asyncio.gather(*(self._call("trim", Cmd.TRIM, o, n) for o, n in self._chunks32(offset, length)))
+
+    def _chunks32(self, offset: int, length: int) -> list[tuple[int, int]]:
+        step = 1 << 30  # lengths are 32 bits on the wire
+        return [(o, min(step, offset + length - o)) for o in range(offset, offset + length, step)]
+
+    async def flush(self) -> None:
+        await self._call("flush", Cmd.FLUSH, 0, 0)
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        if not self.can_block_status:
+            return [(length, 0)]
+        reply = await self._call("block status", Cmd.BLOCK_STATUS, offset, min(length, (1 << 32) - 1))
+        return reply.extents
+
+    async def close(self) -> None:
+        if self._error is None and self._transport is not None and not self._transport.is_closing():
+            self.conn.request(Cmd.DISC, 0, 0)
+            self._flush()
+            self._error = "closed"
+        self._close_transport()

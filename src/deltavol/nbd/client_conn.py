@@ -1,0 +1,326 @@
+"""Sans-I/O client side of one NBD connection (fixed newstyle).
+
+The handshake runs by itself once the greeting arrives: client flags, then
+NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT base:allocation (if asked), then
+NBD_OPT_GO with a block-size request. It ends in ``Ready`` or ``HandshakeFailed``.
+In transmission, ``request`` queues a request and returns its cookie; replies come back
+as one ``Reply`` per request, structured chunks assembled (read data with holes as zeroes,
+block status as (length, flags) pairs). A reply that does not fit what was asked is a
+protocol violation and ends the connection with ``Closed``.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+
+from deltavol.nbd import constants as c
+from deltavol.nbd.constants import Cmd, Info, Opt, Rep, ReplyFlag, ReplyType
+from deltavol.nbd.events import NEED_DATA, Closed
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    size: int
+    flags: int
+    min_block: int
+    preferred_block: int
+    max_block: int
+    meta_context_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeFailed:
+    reason: str
+
+
+@dataclass(slots=True)
+class Reply:
+    cookie: int
+    error: int = 0
+    message: str = ""
+    data: bytearray | None = None
+    extents: list[tuple[int, int]] = field(default_factory=list)
+
+
+class Phase(enum.Enum):
+    AWAIT_GREETING = "await-greeting"
+    OPTIONS = "options"
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+_TRANSITIONS = {
+    (Phase.AWAIT_GREETING, "greeting"): Phase.OPTIONS,
+    (Phase.OPTIONS, "go"): Phase.TRANSMISSION,
+}
+
+
+@dataclass(slots=True)
+class _Pending:
+    cmd: Cmd
+    offset: int
+    length: int
+    reply: Reply
+
+
+class ClientConnection:
+    def __init__(self, export: str, *, structured: bool = True, block_status: bool = False) -> None:
+        self.export = export
+        self.phase = Phase.AWAIT_GREETING
+        self._want_structured = structured
+        self._want_meta = block_status
+        self.structured = False
+        self.meta_context_id: int | None = None
+        self._buf = bytearray()
+        self._out: list[bytes | memoryview] = []
+        self._opts: list[int] = []  # options sent, awaiting their final reply
+        self._info: dict[str, int] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._next_cookie = 1
+        self._closed: Closed | None = None
+
+    # --- plumbing ----------------------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        if not data:
+            if self.phase is not Phase.CLOSED:
+                self._close("server closed the connection")
+            return
+        self._buf += data
+
+    def data_to_send(self) -> list[bytes | memoryview]:
+        out, self._out = self._out, []
+        return out
+
+    def _go(self, trigger: str) -> None:
+        self.phase = _TRANSITIONS[(self.phase, trigger)]
+
+    def _close(self, reason: str) -> Closed:
+        self.phase = Phase.CLOSED
+        self._closed = Closed(reason, clean=False)
+        return self._closed
+
+    def _take(self, n: int) -> bytes | None:
+        if len(self._buf) < n:
+            return None
+        chunk = bytes(self._buf[:n])
+        del self._buf[:n]
+        return chunk
+
+    def _option(self, opt: Opt, payload: bytes = b"") -> None:
+        self._out.append(c.OPTION_HEADER.pack(c.IHAVEOPT, opt, len(payload)) + payload)
+        self._opts.append(opt)
+
+    # --- events ------------------------------------------------------------------------------
+    def next_event(self) -> object:
+        if self.phase is Phase.CLOSED:
+            assert self._closed is not None
+            return self._closed
+        if self.phase is Phase.AWAIT_GREETING:
+            return self._greeting()
+        if self.phase is Phase.OPTIONS:
+            return self._option_reply()
+        return self._reply()
+
+    def _greeting(self) -> object:
+        raw = self._take(c.GREETING.size)
+        if raw is None:
+            return NEED_DATA
+        magic, opt_magic, flags = c.GREETING.unpack(raw)
+        if magic != c.NBDMAGIC or opt_magic != c.IHAVEOPT:
+            return self._close("not a newstyle NBD server")
+        if not flags & c.HandshakeFlag.FIXED_NEWSTYLE:
+            return self._close("server does not speak fixed newstyle")
+        client = c.ClientFlag.C_FIXED_NEWSTYLE
+        if flags & c.HandshakeFlag.NO_ZEROES:
+            client |= c.ClientFlag.C_NO_ZEROES
+        self._out.append(c.CLIENT_FLAGS.pack(client))
+        self._go("greeting")
+        if self._want_structured:
+            self._option(Opt.STRUCTURED_REPLY)
+        else:
+            self._send_go()
+        return self.next_event()
+
+    def _send_meta(self) -> None:
+        name = self.export.encode()
+        query = c.BASE_ALLOCATION.encode()
+        self._option(
+            Opt.SET_META_CONTEXT,
+            struct.pack(">I", len(name)) + name + struct.pack(">II", 1, len(query)) + query,
+        )
+
+    def _send_go(self) -> None:
+        name = self.export.encode()
+        self._option(Opt.GO, struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, Info.BLOCK_SIZE))
+
+    def _option_reply(self) -> object:
+        while True:
+            if len(self._buf) < c.OPTION_REPLY_HEADER.size:
+                return NEED_DATA
+            magic, opt, rep, length = c.OPTION_REPLY_HEADER.unpack_from(self._buf)
+            if magic != c.OPTION_REPLY_MAGIC:
+                return self._close("bad option reply magic")
+            if length > c.MAX_OPTION_LENGTH:
+                return self._close("option reply too long")
+            if len(self._buf) < c.OPTION_REPLY_HEADER.size + length:
+                return NEED_DATA
+            del self._buf[: c.OPTION_REPLY_HEADER.size]
+            payload = self._take(length) or b""
+            if not self._opts or opt != self._opts[0]:
+                return self._close(f"reply to option {opt} that was not asked")
+            event = self._handle_option_reply(opt, rep, payload)
+            if event is not None:
+                return event
+
+    def _handle_option_reply(self, opt: int, rep: int, payload: bytes) -> object | None:
+        if rep & c.REP_ERR_BIT:
+            self._opts.pop(0)
+            message = payload.decode("utf-8", "replace")
+            if opt == Opt.GO:
+                name = Rep(rep).name if rep in Rep._value2member_map_ else hex(rep)
+                failed = HandshakeFailed(f"server refused export {self.export!r}: {message or name}")
+                self._close(failed.reason)
+                return failed
+            # structured replies or meta contexts refused: go on without them
+            if opt == Opt.STRUCTURED_REPLY or opt == Opt.SET_META_CONTEXT:
+                self._send_go()
+            return None
+        if rep == Rep.ACK:
+            self._opts.pop(0)
+            if opt == Opt.STRUCTURED_REPLY:
+                self.structured = True
+                if self._want_meta:
+                    self._send_meta()
+                else:
+                    self._send_go()
+            elif opt == Opt.SET_META_CONTEXT:
+                self._send_go()
+            elif opt == Opt.GO:
+                if "size" not in self._info:
+                    return self._close("server sent no NBD_INFO_EXPORT")
+                self._go("go")
+                return Ready(
+                    size=self._info["size"],
+                    flags=self._info["flags"],
+                    min_block=self._info.get("min", 1),
+                    preferred_block=self._info.get("pref", 4096),
+                    max_block=min(self._info.get("max", c.MAX_PAYLOAD), c.MAX_PAYLOAD),
+                    meta_context_id=self.meta_context_id,
+                )
+            return None
+        if rep == Rep.META_CONTEXT and len(payload) >= 4:
+            (ctx,) = struct.unpack_from(">I", payload)
+            if payload[4:].decode("utf-8", "replace") == c.BASE_ALLOCATION:
+                self.meta_context_id = ctx
+            return None
+        if rep == Rep.INFO and len(payload) >= 2:
+            (kind,) = struct.unpack_from(">H", payload)
+            if kind == Info.EXPORT and len(payload) >= 12:
+                self._info["size"], self._info["flags"] = struct.unpack_from(">QH", payload, 2)
+            elif kind == Info.BLOCK_SIZE and len(payload) >= 14:
+                self._info["min"], self._info["pref"], self._info["max"] = struct.unpack_from(
+                    ">III", payload, 2
+                )
+            return None
+        return None  # informational replies we do not use
+
+    # --- transmission ------------------------------------------------------------------------
+    def request(
+        self, cmd: Cmd, offset: int, length: int, flags: int = 0, data: bytes | memoryview = b""
+    ) -> int:
+        if self.phase is not Phase.TRANSMISSION:
+            raise RuntimeError(f"cannot send requests in phase {self.phase.value}")
+        cookie = self._next_cookie
+        self._next_cookie += 1
+        self._out.append(c.REQUEST.pack(c.REQUEST_MAGIC, flags, cmd, cookie, offset, length))
+        if cmd == Cmd.WRITE:
+            self._out.append(data)
+        if cmd == Cmd.DISC:
+            return cookie
+        reply = Reply(cookie, data=bytearray(length) if cmd == Cmd.READ else None)
+        self._pending[cookie] = _Pending(cmd, offset, length, reply)
+        return cookie
+
+    def _reply(self) -> object:
+        if len(self._buf) < 4:
+            return NEED_DATA
+        (magic,) = struct.unpack_from(">I", self._buf)
+        if magic == c.SIMPLE_REPLY_MAGIC:
+            return self._simple()
+        if magic == c.STRUCTURED_REPLY_MAGIC and self.structured:
+            return self._structured()
+        return self._close(f"bad reply magic {magic:#x}")
+
+    def _simple(self) -> object:
+        if len(self._buf) < c.SIMPLE_REPLY.size:
+            return NEED_DATA
+        _, error, cookie = c.SIMPLE_REPLY.unpack_from(self._buf)
+        pending = self._pending.get(cookie)
+        if pending is None:
+            return self._close(f"reply for unknown cookie {cookie}")
+        need = pending.length if pending.cmd == Cmd.READ and not error else 0
+        if pending.cmd == Cmd.READ and self.structured:
+            return self._close("simple reply to a read with structured replies on")
+        if len(self._buf) < c.SIMPLE_REPLY.size + need:
+            return NEED_DATA
+        del self._buf[: c.SIMPLE_REPLY.size]
+        reply = pending.reply
+        if need:
+            assert reply.data is not None
+            reply.data[:] = self._buf[:need]
+            del self._buf[:need]
+        reply.error = error
+        del self._pending[cookie]
+        return reply
+
+    def _structured(self) -> object:
+        if len(self._buf) < c.STRUCTURED_REPLY.size:
+            return NEED_DATA
+        _, flags, rtype, cookie, length = c.STRUCTURED_REPLY.unpack_from(self._buf)
+        if len(self._buf) < c.STRUCTURED_REPLY.size + length:
+            return NEED_DATA
+        pending = self._pending.get(cookie)
+        if pending is None:
+            return self._close(f"reply for unknown cookie {cookie}")
+        del self._buf[: c.STRUCTURED_REPLY.size]
+        payload = memoryview(self._take(length) or b"")
+        reply = pending.reply
+        problem = self._chunk(pending, rtype, payload)
+        if problem:
+            return self._close(problem)
+        if not flags & ReplyFlag.DONE:
+            return self._reply() if self._buf else NEED_DATA
+        del self._pending[cookie]
+        return reply
+
+    def _chunk(self, p: _Pending, rtype: int, payload: memoryview) -> str | None:
+        reply = p.reply
+        if rtype == ReplyType.NONE:
+            return None
+        if rtype in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
+            if len(payload) < 6:
+                return "short error chunk"
+            error, mlen = struct.unpack_from(">IH", payload)
+            reply.error = error or c.Errno.EIO
+            reply.message = bytes(payload[6 : 6 + mlen]).decode("utf-8", "replace")
+            return None
+        if rtype == ReplyType.OFFSET_DATA and p.cmd == Cmd.READ:
+            (off,) = struct.unpack_from(">Q", payload)
+            n = len(payload) - 8
+            if off < p.offset or off + n > p.offset + p.length:
+                return "read data outside the request"
+            assert reply.data is not None
+            reply.data[off - p.offset : off - p.offset + n] = payload[8:]
+            return None
+        if rtype == ReplyType.OFFSET_HOLE and p.cmd == Cmd.READ:
+            off, n = struct.unpack_from(">QI", payload)
+            if off < p.offset or off + n > p.offset + p.length:
+                return "read hole outside the request"
+            return None  # the buffer starts zeroed
+        if rtype == ReplyType.BLOCK_STATUS and p.cmd == Cmd.BLOCK_STATUS:
+            count = (len(payload) - 4) // 8
+            reply.extents.extend(struct.unpack_from(">II", payload, 4 + 8 * i) for i in range(count))
+            return None
+        return f"unexpected reply chunk type {rtype} to {p.cmd.name}"
