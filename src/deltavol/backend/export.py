@@ -68,6 +68,10 @@ class Export:
         if self.read_only:
             raise ReadOnly(name=self.name)
 
+    def pread_cached(self, offset: int, length: int) -> bytes | None:
+        self._check(offset, length)
+        return self.top.pread_cached(offset, length)
+
     async def pread(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
         return await self.top.pread(offset, length)

@@ -86,20 +86,25 @@ class FileBackend:
         except OSError as exc:
             raise os_error(exc, f"{what} on volume {self.name!r}") from exc
 
+    def pread_cached(self, offset: int, length: int) -> bytes | None:
+        if not self._nowait:
+            return None
+        buf = bytearray(length)
+        try:
+            n = os.preadv(self._fd, [buf], offset, _NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise os_error(exc, f"read on volume {self.name!r}") from exc
+            self._nowait = False  # this file system (tmpfs, ...) cannot: use the pool
+            return None
+        return buf if n == length else None  # type: ignore[return-value]
+
     async def pread(self, offset: int, length: int) -> bytes:
-        if self._nowait:
-            buf = bytearray(length)
-            try:
-                n = os.preadv(self._fd, [buf], offset, _NOWAIT)
-            except BlockingIOError:
-                n = -1
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise os_error(exc, f"read on volume {self.name!r}") from exc
-                self._nowait = False  # this file system (tmpfs, ...) cannot: use the pool
-                n = -1
-            if n == length:
-                return buf  # type: ignore[return-value]
+        data = self.pread_cached(offset, length)
+        if data is not None:
+            return data
         return await self._run("read", self._pread_full, offset, length)
 
     def _pread_full(self, offset: int, length: int) -> bytes:
