@@ -129,7 +129,8 @@ class ServerConnection:
     def _take(self, n: int) -> bytes | None:
         if len(self._buf) - self._pos < n:
             return None
-        chunk = bytes(self._buf[self._pos : self._pos + n])
+        with memoryview(self._buf) as view:  # one copy, not two (a slice, then bytes())
+            chunk = bytes(view[self._pos : self._pos + n])
         self._pos += n
         return chunk
 

@@ -12,8 +12,10 @@ they are produced; the event loop is single-threaded, so replies never interleav
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -37,7 +39,8 @@ log = logging.getLogger("deltavol.nbd")
 
 MAX_INFLIGHT = 64
 MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
-SPARSE_READ_MIN = 64 * 1024  # reads this large look for holes to send as OFFSET_HOLE
+SPARSE_READ_MIN = 64 * 1024
+SOCKET_BUFFER = 4 * 1024 * 1024  # reads this large look for holes to send as OFFSET_HOLE
 
 
 class ExportDirectory(Protocol):
@@ -67,6 +70,14 @@ class NbdConnection(asyncio.Protocol):
     # --- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  (uvloop's is not a subclass)
+        # Big replies: let the kernel hold several in flight, and pause reading only when
+        # many are queued (the default 64 KiB high-water mark would stall on every read).
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        transport.set_write_buffer_limits(high=MAX_INFLIGHT_BYTES)  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self._flush()
