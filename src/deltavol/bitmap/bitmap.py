@@ -22,11 +22,7 @@ _SCAN = 1 << 16  # bytes examined per step when skipping zero regions
 
 
 def check_granularity(granularity: int) -> int:
-    if (
-        granularity < MIN_GRANULARITY
-        or granularity > MAX_GRANULARITY
-        or granularity & (granularity - 1)
-    ):
+    if granularity < MIN_GRANULARITY or granularity > MAX_GRANULARITY or granularity & (granularity - 1):
         raise ValueError(f"granularity {granularity} must be a power of two from 4 KiB to 16 MiB")
     return granularity
 
@@ -104,43 +100,33 @@ class Bitmap:
 
     def first_set(self, start: int = 0) -> int | None:
         """The first set chunk at or after ``start``."""
-        if start >= self.nbits:
-            return None
-        bits = self._bits
-        byte = start >> 3
-        head = bits[byte] >> (start & 7)
-        if head:
-            return start + ((head & -head).bit_length() - 1)
-        byte += 1
-        n = len(bits)
-        while byte < n:
-            window = bits[byte : byte + _SCAN]
-            rest = window.lstrip(b"\0")
-            if rest:
-                byte += len(window) - len(rest)
-                b = bits[byte]
-                return byte * 8 + ((b & -b).bit_length() - 1)
-            byte += len(window)
-        return None
+        found = self._find(start, 0x00)
+        return found if found < self.nbits else None
 
     def first_clear(self, start: int) -> int:
         """The first clear chunk at or after ``start`` (``nbits`` if none)."""
-        if start >= self.nbits:
-            return self.nbits
+        return min(self.nbits, self._find(start, 0xFF))
+
+    def _find(self, start: int, skip: int) -> int:
+        """First bit at or after ``start`` that differs from the bits of byte ``skip``
+        (0x00: find a set bit; 0xFF: find a clear one). Whole bytes of ``skip`` are
+        passed over by ``lstrip`` in C. Returns at least ``nbits`` if there is none."""
         bits = self._bits
         byte = start >> 3
-        head = (~bits[byte] & 0xFF) >> (start & 7)
+        if byte >= len(bits):
+            return self.nbits
+        head = ((bits[byte] ^ skip) & 0xFF) >> (start & 7)
         if head:
-            return min(self.nbits, start + ((head & -head).bit_length() - 1))
+            return start + ((head & -head).bit_length() - 1)
         byte += 1
-        n = len(bits)
-        while byte < n:
+        fill = bytes([skip])
+        while byte < len(bits):
             window = bits[byte : byte + _SCAN]
-            rest = window.lstrip(b"\xff")
+            rest = window.lstrip(fill)
             if rest:
                 byte += len(window) - len(rest)
-                b = ~bits[byte] & 0xFF
-                return min(self.nbits, byte * 8 + ((b & -b).bit_length() - 1))
+                b = bits[byte] ^ skip
+                return byte * 8 + ((b & -b).bit_length() - 1)
             byte += len(window)
         return self.nbits
 

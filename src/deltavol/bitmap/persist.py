@@ -29,6 +29,7 @@ from pathlib import Path
 
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.errors import CorruptFile, os_error
+from deltavol.store.fsio import sync_dir
 
 MAGIC = b"DVBITMAP"
 VERSION = 1
@@ -40,18 +41,8 @@ _KINDS = {KIND_TRACKING: "tracking", KIND_TRANSFER: "transfer"}
 
 
 def _header(bitmap: Bitmap, generation: int, kind: int) -> bytes:
-    head = _HEADER.pack(
-        MAGIC, VERSION, bitmap.granularity, bitmap.size, bitmap.nbits, generation, kind
-    )
+    head = _HEADER.pack(MAGIC, VERSION, bitmap.granularity, bitmap.size, bitmap.nbits, generation, kind)
     return (head + struct.pack(">I", zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
-
-
-def sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_atomic(path: Path, bitmap: Bitmap, generation: int, kind: int) -> None:

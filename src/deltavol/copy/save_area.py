@@ -27,6 +27,7 @@ import zlib
 from pathlib import Path
 
 from deltavol.errors import CorruptFile, os_error
+from deltavol.store.fsio import sync_dir
 
 MAGIC = b"DVSAVEAR"
 VERSION = 1
@@ -61,7 +62,7 @@ class SaveArea:
             os.close(fd)
             raise os_error(exc, f"creating save area {self.path}") from exc
         os.replace(tmp, self.path)
-        _sync_dir(self.path.parent)
+        sync_dir(self.path.parent)
         self._fd = fd
         return self
 
@@ -156,11 +157,3 @@ class SaveArea:
         if len(data) != length:
             raise CorruptFile(path=self.path, why=f"record of chunk {chunk} is short")
         return data
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
