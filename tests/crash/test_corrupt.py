@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.crash.harness import DELTAVOL, Server
+from tests.harness import DELTAVOL, Server
 
 pytestmark = pytest.mark.crash
 SIZE = 8 * 1024 * 1024

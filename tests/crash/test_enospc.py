@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.crash.harness import Server
+from tests.harness import Server
 
 pytestmark = pytest.mark.crash
 MiB = 1 << 20

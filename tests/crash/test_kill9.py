@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.crash.harness import Server
+from tests.harness import Server
 
 pytestmark = [pytest.mark.crash, pytest.mark.slow]
 

@@ -1,16 +1,32 @@
-"""A deltavol server for fault tests: killed -9, restarted, on any data dir."""
+"""``deltavol serve`` as a subprocess, and the third-party programs tests drive it with."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+
 DELTAVOL = Path(sys.executable).with_name("deltavol")
+# nbdsh and the libnbd Python module belong to Debian's own interpreter, not the venv's.
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def require(*tools: str) -> None:
+    """Skip when a peer program is missing; under CI=true a missing peer fails the run."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if not missing:
+        return
+    message = f"missing programs: {', '.join(missing)} (run `make setup`)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 class Server:
@@ -56,18 +72,18 @@ class Server:
         assert out.returncode == 0, f"deltavol {' '.join(args)}: {out.stderr}"
         return out.stdout
 
-    def status(self) -> dict:
-        return json.loads(self.cli("session", "status", "s", "--json"))
+    def status(self, session: str = "s") -> dict:
+        return json.loads(self.cli("session", "status", session, "--json"))
 
-    def wait_idle(self, update_id: int, timeout: float = 60) -> dict:
+    def wait_idle(self, update_id: int, timeout: float = 60, session: str = "s") -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            st = self.status()
+            st = self.status(session)
             if st["state"] == "idle" and st["update"]["id"] == update_id:
                 return st
             assert st["state"] != "failed", st
             time.sleep(0.1)
-        raise AssertionError(f"update {update_id} did not finish: {self.status()}")
+        raise AssertionError(f"update {update_id} did not finish: {self.status(session)}")
 
     def uri(self, name: str) -> str:
         return f"nbd+unix:///{name}?socket={self.sock}"

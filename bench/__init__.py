@@ -1,0 +1,1 @@
+"""Benchmarks: deltavol and its peers side by side in one run, reported as ratios."""
