@@ -66,14 +66,44 @@ class Bitmap:
                 new.append(c)
         return new
 
+    def clear_run(self, first: int, count: int) -> int:
+        """Clear chunks [first, first+count); returns the bytes of those that were set."""
+        end = min(first + count, self.nbits)
+        if end <= first:
+            return 0
+        short = self.granularity - self.chunk_bytes(end - 1) if self.test(end - 1) else 0
+        cleared = 0
+        c = first
+        while c < end and (c & 7 or end - c < 8):  # a ragged head, or a run inside one byte
+            cleared += self._take(c)
+            c += 1
+        lo, hi = c >> 3, end >> 3
+        bits, step = self._bits, 1 << 20
+        for i in range(lo, hi, step):
+            j = min(hi, i + step)
+            cleared += int.from_bytes(bits[i:j], "little").bit_count()
+            bits[i:j] = bytes(j - i)
+        for tail in range(max(c, hi * 8), end):  # the ragged tail
+            cleared += self._take(tail)
+        return cleared * self.granularity - short
+
+    def _take(self, chunk: int) -> int:
+        was = self.test(chunk)
+        self.clear(chunk)
+        return int(was)
+
     def set_all(self) -> None:
-        self._bits[:] = b"\xff" * len(self._bits)
+        ones, bits = b"\xff" * (1 << 20), self._bits
+        for i in range(0, len(bits), len(ones)):
+            bits[i : i + len(ones)] = ones[: len(bits) - i]
         extra = len(self._bits) * 8 - self.nbits
         if extra:
             self._bits[-1] &= 0xFF >> extra
 
     def clear_all(self) -> None:
-        self._bits[:] = bytes(len(self._bits))
+        zeroes, bits = bytes(1 << 20), self._bits
+        for i in range(0, len(bits), len(zeroes)):
+            bits[i : i + len(zeroes)] = zeroes[: len(bits) - i]
 
     def chunk_bytes(self, chunk: int) -> int:
         """Bytes of the volume in ``chunk`` (the last one may be short)."""
@@ -160,8 +190,12 @@ class Bitmap:
     def to_bytes(self) -> bytes:
         return bytes(self._bits)
 
+    def view(self) -> memoryview:
+        """The bits without a copy, for writing them out (use as a context manager)."""
+        return memoryview(self._bits).toreadonly()
+
     @classmethod
-    def from_bytes(cls, size: int, granularity: int, data: bytes) -> Bitmap:
+    def from_bytes(cls, size: int, granularity: int, data: bytes | memoryview) -> Bitmap:
         bm = cls(size, granularity)
         if len(data) != len(bm._bits):
             raise ValueError(f"bitmap data is {len(data)} bytes, expected {len(bm._bits)}")

@@ -1,7 +1,8 @@
 """The copy pipeline: runs of set bits -> requests of bounded size -> many in flight.
 
 Shape (after nbdcopy): a bitmap's runs are cut into requests of at most ``max_chunks``
-chunks; ``inflight`` workers take requests in ascending order, each drawing from the
+chunks (a full pass also cuts them at the source's holes, and sends each hole as one
+request); ``inflight`` workers take requests in ascending order, each drawing from the
 throttle first; the work of one request (read, zero-detect, write, clear bits) is the
 caller's ``job``. Progress counts completions, not submissions. An error in one worker
 stops the others and is raised once.
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from deltavol.copy.targets import CopyTarget
 from deltavol.copy.throttle import Throttle
+from deltavol.nbd.constants import STATE_HOLE
 
 MAX_REQUEST = 4 * 1024 * 1024
 INFLIGHT = 16
@@ -65,20 +67,93 @@ def requests(runs: Iterator[tuple[int, int]], max_chunks: int) -> Iterator[tuple
             count -= n
 
 
+Extents = Callable[[int, int], Awaitable[list[tuple[int, int]]]]
+SCAN_WINDOW = 1 << 30  # bytes of source asked for extents at a time
+
+
+async def split_at_holes(
+    runs: Iterator[tuple[int, int]],
+    extents: Extents,
+    granularity: int,
+    size: int,
+    max_chunks: int,
+    scan_window: int = SCAN_WINDOW,
+) -> AsyncIterator[tuple[int, int, bool]]:
+    """Requests (first, count, hole) for runs of chunks: data cut to ``max_chunks``, each run
+    of whole chunks the source holds as a hole sent as one request, however long."""
+    window = max(1, scan_window // granularity)
+    hole: tuple[int, int] | None = None  # not yet yielded: it may go on in the next window
+    for first, count in runs:
+        end = first + count
+        for pos in range(first, end, window):
+            stop = min(end, pos + window)
+            lo, hi = pos * granularity, min(stop * granularity, size)
+            cursor = pos
+            for a, b in _hole_chunks(await extents(lo, hi - lo), lo, granularity, size):
+                if a > cursor:
+                    if hole:
+                        yield (*hole, True)
+                        hole = None
+                    for f, n in requests(iter([(cursor, a - cursor)]), max_chunks):
+                        yield f, n, False
+                if hole and hole[0] + hole[1] == a:
+                    hole = (hole[0], b - hole[0])
+                else:
+                    if hole:
+                        yield (*hole, True)
+                    hole = (a, b - a)
+                cursor = b
+            if cursor < stop:
+                if hole:
+                    yield (*hole, True)
+                    hole = None
+                for f, n in requests(iter([(cursor, stop - cursor)]), max_chunks):
+                    yield f, n, False
+        if hole:
+            yield (*hole, True)
+            hole = None
+
+
+def _hole_chunks(
+    extents: list[tuple[int, int]], offset: int, granularity: int, size: int
+) -> Iterator[tuple[int, int]]:
+    """[a, b) of the whole chunks inside each hole extent (a hole to the end of the volume
+    includes its short last chunk)."""
+    at = offset
+    for n, flags in extents:
+        start, at = at, at + n
+        if flags & STATE_HOLE:
+            a = -(-start // granularity)
+            b = at // granularity if at < size else -(-size // granularity)
+            if b > a:
+                yield a, b
+
+
+async def _aiter(items: Iterable[tuple[int, ...]]) -> AsyncIterator[tuple[int, ...]]:
+    for item in items:
+        yield item
+
+
 async def run_pipeline(
-    work: Iterator[tuple[int, int]],
-    job: Callable[[int, int], Awaitable[None]],
+    work: Iterable[tuple[int, ...]] | AsyncIterator[tuple[int, ...]],
+    job: Callable[..., Awaitable[None]],
     *,
     throttle: Throttle,
-    request_bytes: Callable[[int, int], int],
+    request_bytes: Callable[..., int],
     inflight: int = INFLIGHT,
 ) -> None:
-    """Run ``job(first, count)`` for every request in ``work``, ``inflight`` at a time."""
+    """Run ``job(*request)`` for every request in ``work``, ``inflight`` at a time."""
+    items = work if isinstance(work, AsyncIterator) else _aiter(work)
+    taking = asyncio.Lock()  # an async generator must not be resumed by two workers at once
 
     async def worker() -> None:
-        for first, count in work:  # a shared iterator: each request goes to one worker
-            await throttle.take(request_bytes(first, count))
-            await job(first, count)
+        while True:
+            async with taking:
+                item = await anext(items, None)
+            if item is None:
+                return
+            await throttle.take(request_bytes(*item))
+            await job(*item)
 
     try:
         async with asyncio.TaskGroup() as tg:
@@ -110,6 +185,8 @@ async def write_piece(target: CopyTarget, offset: int, data: bytes | None, lengt
     if data is None or is_zero(data):
         if await target.zero(offset, length):
             return 0
-        data = _ZEROES[:length] if length <= MAX_REQUEST else bytes(length)
+        for at in range(offset, offset + length, MAX_REQUEST):
+            await target.pwrite(at, _ZEROES[: min(MAX_REQUEST, offset + length - at)])
+        return length
     await target.pwrite(offset, data)
     return length

@@ -35,7 +35,15 @@ from typing import Any
 from deltavol.backend.gate import WriteGate
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
-from deltavol.copy.engine import INFLIGHT, MAX_REQUEST, Progress, requests, run_pipeline, write_piece
+from deltavol.copy.engine import (
+    INFLIGHT,
+    MAX_REQUEST,
+    Progress,
+    requests,
+    run_pipeline,
+    split_at_holes,
+    write_piece,
+)
 from deltavol.copy.save_area import SaveArea
 from deltavol.copy.targets import CopyTarget, TargetError
 from deltavol.copy.throttle import Throttle
@@ -483,21 +491,31 @@ class Session:
         rate = self.update.max_rate
         # throttled: requests of about a quarter second each, so progress stays smooth
         request = MAX_REQUEST if not rate else min(MAX_REQUEST, max(self.granularity, rate // 4))
+        max_chunks = max(1, request // self.granularity)
+        runs, g = self.transfer.runs(), self.granularity
+        # a full pass is cut at the source's holes, so it goes as fast as its data
+        work = (
+            requests(runs, max_chunks)
+            if self.update.protecting
+            else split_at_holes(runs, self.source.backend.extents, g, self.source.size, max_chunks)
+        )
         await run_pipeline(
-            requests(self.transfer.runs(), max(1, request // self.granularity)),
-            lambda first, count: self._copy_run(target, first, count),
+            work,
+            lambda first, count, hole=False: self._copy_run(target, first, count, hole),
             throttle=Throttle(rate),
-            request_bytes=lambda first, count: count * self.granularity,
+            request_bytes=lambda first, count, hole=False: g if hole else count * g,  # a hole costs a request
             inflight=INFLIGHT if not rate else 2,
         )
 
-    async def _copy_run(self, target: CopyTarget, first: int, count: int) -> None:
+    async def _copy_run(self, target: CopyTarget, first: int, count: int, hole: bool = False) -> None:
         transfer, update, progress = self.transfer, self.update, self.progress
         assert transfer is not None and update is not None and progress is not None
         offset = first * self.granularity
         length = min(count * self.granularity, self.source.size - offset)
         chunks = range(first, first + count)
-        if not update.protecting:
+        if hole:
+            pieces: list[tuple[int, bytes | int]] = [(offset, length)]
+        elif not update.protecting:
             pieces = await self._read_by_extents(offset, length)
         else:
             async with self.locks.hold(chunks):
@@ -516,10 +534,7 @@ class Session:
             n = piece if isinstance(piece, int) else len(piece)
             sent = await write_piece(target, off, None if isinstance(piece, int) else piece, n)
             progress.bytes_sent += sent  # not `+= await`: that would read a stale total
-        for c in chunks:
-            if transfer.test(c):
-                transfer.clear(c)
-                progress.done(self._chunk_span(c)[1])
+        progress.done(transfer.clear_run(first, count))
 
     async def _read_by_extents(self, offset: int, length: int) -> list[tuple[int, bytes | int]]:
         """Pieces of [offset, offset+length): data as bytes, holes as their length."""
@@ -714,9 +729,7 @@ class Session:
         }
 
 
-def _live_pieces(
-    data: bytearray, offset: int, live: list[int], span: Any
-) -> list[tuple[int, bytes | int]]:
+def _live_pieces(data: bytearray, offset: int, live: list[int], span: Any) -> list[tuple[int, bytes | int]]:
     """The parts of ``data`` (read at ``offset``) that cover the ``live`` chunks, merged
     where chunks are adjacent."""
     pieces: list[tuple[int, bytes | int]] = []

@@ -7,9 +7,13 @@ import asyncio
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from deltavol.copy.engine import Progress, is_zero, requests, run_pipeline, write_piece
+from deltavol.bitmap.bitmap import Bitmap
+from deltavol.copy.engine import Progress, is_zero, requests, run_pipeline, split_at_holes, write_piece
 from deltavol.copy.throttle import Throttle
+from deltavol.nbd.constants import STATE_HOLE
 
 
 class RecordingTarget:
@@ -127,3 +131,62 @@ def test_progress_rate_and_eta() -> None:
     p.done(100)
     assert p.bytes_done == 100
     assert p.eta == 0.0
+
+
+def _model_extents(holes: set[int], unit: int, size: int):  # type: ignore[no-untyped-def]
+    """An extents() over a source whose ``unit``-sized blocks in ``holes`` are holes."""
+
+    async def extents(offset: int, length: int) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        at = offset
+        while at < offset + length:
+            n = min(unit - at % unit, offset + length - at)
+            flags = STATE_HOLE if at // unit in holes else 0
+            if out and out[-1][1] == flags:
+                out[-1] = (out[-1][0] + n, flags)
+            else:
+                out.append((n, flags))
+            at += n
+        return out
+
+    return extents
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    holes=st.sets(st.integers(0, 63)),
+    runs=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 30)), max_size=4),
+    unit_shift=st.integers(-2, 2),
+    tail=st.integers(0, 3),
+    max_chunks=st.integers(1, 5),
+)
+async def test_split_at_holes_covers_the_runs_and_sends_whole_holes(
+    holes: set[int], runs: list[tuple[int, int]], unit_shift: int, tail: int, max_chunks: int
+) -> None:
+    g = 4096
+    unit = g << unit_shift if unit_shift >= 0 else g >> -unit_shift
+    nbits = 64
+    size = nbits * g - tail * 512
+    # disjoint, ascending runs inside the volume
+    chunks = sorted({c for first, n in runs for c in range(first, min(first + n, nbits))})
+    bm = Bitmap(size, g)
+    for c in chunks:
+        bm.set(c)
+    extents = _model_extents(holes, unit, size)
+    # small scan windows, so holes must merge across them
+    out = [r async for r in split_at_holes(bm.runs(), extents, g, size, max_chunks, scan_window=8 * g)]
+    covered = [c for first, n, _ in out for c in range(first, first + n)]
+    assert covered == chunks
+    for first, n, hole in out:
+        blocks = {
+            b
+            for c in range(first, first + n)
+            for b in range(c * g // unit, -(-min((c + 1) * g, size) // unit))
+        }
+        if hole:
+            assert blocks <= holes
+        else:
+            assert n <= max_chunks
+    # no two hole requests that touch: they would have been one
+    ends = {(first + n) for first, n, hole in out if hole}
+    assert not any(hole and first in ends for first, n, hole in out)
