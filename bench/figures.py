@@ -1,0 +1,267 @@
+"""Each figure of the table: deltavol and its peer measured one after the other, same files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.fio import fio
+from bench.peers import Deltavol, deltavol, nbd_unix, qemu_nbd
+from deltavol.nbd.client import NbdClient
+
+MiB = 2**20
+GiB = 2**30
+CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Row:
+    group: str
+    figure: str
+    unit: str
+    deltavol: float
+    peer_name: str = ""
+    peer: float | None = None
+    aim: tuple[str, float] | None = None  # (">=" or "<=", bound) on the ratio, or on the value if no peer
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.peer is None or not self.peer else self.deltavol / self.peer
+
+    @property
+    def met(self) -> bool | None:
+        if self.aim is None:
+            return None
+        value = self.ratio if self.peer is not None else self.deltavol
+        if value is None:
+            return None
+        op, bound = self.aim
+        return value >= bound if op == ">=" else value <= bound
+
+
+@dataclass
+class Settings:
+    work: Path
+    runtime: float = 5.0  # seconds per fio run
+    fio_size: int = 1 * GiB
+    copy_size: int = 4 * GiB
+
+
+def fill(path: Path, size: int, data_every: int = 0) -> None:
+    """A raw file of ``size`` with random-looking data; with ``data_every`` only every other extent."""
+    block = random.Random(7).randbytes(MiB)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        step = data_every or size
+        for start in range(0, size, 2 * step if data_every else step):
+            f.seek(start)
+            for _ in range(min(step, size - start) // MiB):
+                f.write(block)
+        os.fsync(f.fileno())
+
+
+def drop_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def fresh(path: Path, size: int) -> Path:
+    path.unlink(missing_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+FIO_JOBS = [
+    ("seq 1 MiB read, iodepth 16", "read", "1m", 16, 1, "MiB/s"),
+    ("seq 1 MiB write, iodepth 16", "write", "1m", 16, 1, "MiB/s"),
+    ("4 KiB random read, iodepth 32, 1 job", "randread", "4k", 32, 1, "IOPS"),
+    ("4 KiB random read, iodepth 32, 2 jobs", "randread", "4k", 32, 2, "IOPS"),
+    ("4 KiB random write, iodepth 32, 1 job", "randwrite", "4k", 32, 1, "IOPS"),
+    ("4 KiB random write, iodepth 32, 2 jobs", "randwrite", "4k", 32, 2, "IOPS"),
+]
+
+
+def data_path(s: Settings) -> Iterator[Row]:
+    """fio through deltavol and through qemu-nbd on the same raw file in page cache."""
+    image = s.work / "fio.img"
+    fill(image, s.fio_size)
+    with deltavol(s.work / "dv-fio") as dv:
+        dv.volume("bench", path=image)
+        for name, rw, bs, depth, jobs, unit in FIO_JOBS:
+            ours = fio(dv.uri("bench"), rw, bs, depth, s.runtime, jobs).figure(unit)
+            with qemu_nbd(image, s.work / "qemu.sock") as uri:
+                theirs = fio(uri, rw, bs, depth, s.runtime, jobs).figure(unit)
+            yield Row("data path (page cache)", name, unit, ours, "qemu-nbd", theirs, (">=", 1.0))
+
+
+def cold_cache(s: Settings) -> Iterator[Row]:
+    """The same figures with the file dropped from the page cache before each run."""
+    image = s.work / "fio.img"
+    if not image.exists():
+        fill(image, s.fio_size)
+    with deltavol(s.work / "dv-cold") as dv:
+        dv.volume("bench", path=image)
+        for name, rw, bs, depth, jobs, unit in FIO_JOBS:
+            if jobs != 1:
+                continue
+            drop_cache(image)
+            ours = fio(dv.uri("bench"), rw, bs, depth, s.runtime, jobs).figure(unit)
+            with qemu_nbd(image, s.work / "qemu.sock") as uri:
+                drop_cache(image)
+                theirs = fio(uri, rw, bs, depth, s.runtime, jobs).figure(unit)
+            yield Row("data path (cold cache)", name, unit, ours, "qemu-nbd", theirs)
+
+
+def tracking(s: Settings) -> Iterator[Row]:
+    """4 KiB random writes while 1 and 4 sessions track the volume, against none."""
+    image = s.work / "fio.img"
+    if not image.exists():
+        fill(image, s.fio_size)
+    with deltavol(s.work / "dv-track") as dv:
+        dv.volume("bench", path=image)
+        for jobs in (1, 2):
+            base = fio(dv.uri("bench"), "randwrite", "4k", 32, s.runtime, jobs).iops
+            made = 0
+            for n in (1, 4):
+                while made < n:
+                    made += 1
+                    dv.volume(f"copy{made}", size=s.fio_size)
+                    dv.session(f"s{made}", "bench", f"copy{made}")
+                ours = fio(dv.uri("bench"), "randwrite", "4k", 32, s.runtime, jobs).iops
+                yield Row(
+                    "tracking overhead",
+                    f"4 KiB random write, {jobs} job(s), {n} session(s) tracking",
+                    "IOPS", ours, "no session", base, (">=", 0.95),
+                )  # fmt: skip
+            for i in range(1, made + 1):
+                dv.call("DELETE", f"/v1/sessions/s{i}")
+                dv.call("DELETE", f"/v1/volumes/copy{i}")
+
+
+def _write_chunks(uri: str, chunks: list[int]) -> None:
+    async def go() -> None:
+        client = await NbdClient.connect(uri)
+        try:
+            data = random.Random(3).randbytes(CHUNK)
+            await asyncio.gather(*(client.pwrite(c * CHUNK, data) for c in chunks))
+            await client.flush()
+        finally:
+            await client.close()
+
+    asyncio.run(go())
+
+
+def copies(s: Settings) -> Iterator[Row]:
+    """Full update of a half-data, half-hole volume vs nbdcopy; then 1 % incremental vs full."""
+    size = s.copy_size
+    source = s.work / "copy-src.img"
+    fill(source, size, data_every=32 * MiB)
+    with deltavol(s.work / "dv-copy") as dv:
+        dv.volume("src", path=source)
+        local = dv.volume("dst", size=size)
+        peer = dv.volume("dst-nbdcopy", size=size)
+        dv.session("local", "src", "dst")
+        full = timed(lambda: (dv.update("local", full=True), dv.wait("local")))
+        theirs = timed(lambda: subprocess.run(["nbdcopy", dv.uri("src"), dv.uri("dst-nbdcopy")], check=True))
+        yield Row("copy", f"full update, {size // GiB} GiB half data, to a local volume",
+                  "s", full, "nbdcopy", theirs, ("<=", 1.0))  # fmt: skip
+        assert local.stat().st_blocks * 512 <= size // 2 + 64 * MiB, "target not sparse"
+        peer.unlink()
+
+        nchunks = size // CHUNK
+        changed = random.Random(11).sample(range(nchunks), nchunks // 100)
+        _write_chunks(dv.uri("src"), changed)
+        incr = timed(lambda: (dv.update("local"), dv.wait("local")))
+        sent = dv.call("GET", "/v1/sessions/local")["update"]["bytes_sent"]
+        assert sent == len(changed) * CHUNK, f"incremental sent {sent}, expected {len(changed) * CHUNK}"
+        yield Row("copy", "incremental update, 1 % of chunks changed", "s", incr, "full update", full,
+                  ("<=", 0.03))  # fmt: skip
+
+        remote = fresh(s.work / "copy-remote.img", size)
+        with qemu_nbd(remote, s.work / "qemu.sock") as uri:
+            dv.session("remote", "src", uri)
+            full_remote = timed(lambda: (dv.update("remote", full=True), dv.wait("remote")))
+        fresh(remote, size)
+        with qemu_nbd(remote, s.work / "qemu.sock") as uri:
+            theirs = timed(lambda: subprocess.run(["nbdcopy", dv.uri("src"), uri], check=True))
+        remote.unlink()
+        yield Row("copy", f"full update, {size // GiB} GiB half data, to qemu-nbd",
+                  "s", full_remote, "nbdcopy", theirs, ("<=", 1.0))  # fmt: skip
+
+
+def cofw_latency(s: Settings) -> Iterator[Row]:
+    """p99 of 4 KiB random writes while copy-on-first-write protects every chunk, vs no update."""
+    image = s.work / "fio.img"
+    if not image.exists():
+        fill(image, s.fio_size)
+    with deltavol(s.work / "dv-cofw") as dv:
+        dv.volume("bench", path=image)
+        dv.volume("copy", size=s.fio_size)
+        dv.session("s", "bench", "copy")
+        dv.update("s", full=True)
+        dv.wait("s")
+        _write_chunks(dv.uri("bench"), list(range(s.fio_size // CHUNK)))  # every chunk changed
+        idle = fio(dv.uri("bench"), "randwrite", "4k", 1, s.runtime).p99_us
+        dv.update("s", max_rate="8MiB/s")  # keeps most chunks waiting, so most writes save first
+        during = fio(dv.uri("bench"), "randwrite", "4k", 1, s.runtime)
+        saved = dv.call("GET", "/v1/sessions/s")["update"]["cofw_saved_bytes"]
+        dv.call("POST", "/v1/sessions/s/cancel")
+        assert saved > 0, "no copy-on-first-write happened"
+        yield Row("copy-on-first-write", "4 KiB random write p99 latency, iodepth 1", "p99 µs",
+                  during.p99_us, "no update", idle, ("<=", 3.0))  # fmt: skip
+
+
+def memory(s: Settings) -> Iterator[Row]:
+    """RSS of a server with a 16 TiB sparse volume and two sessions after their full updates."""
+    tmpfs = s.work / "tmpfs"
+    tmpfs.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2G", "tmpfs", str(tmpfs)], check=True)
+    try:
+        with deltavol(tmpfs / "data") as dv:
+            size = 16 * 2**40
+            dv.volume("big", size=size)
+            _write_chunks(dv.uri("big"), [0, 1, 1000, 2**24, size // CHUNK - 1])
+            for i in (1, 2):
+                dv.volume(f"copy{i}", size=size)
+                dv.session(f"s{i}", "big", f"copy{i}")
+                dv.update(f"s{i}", full=True)
+                dv.wait(f"s{i}")
+            _write_chunks(dv.uri("big"), [5, 2**20])
+            for i in (1, 2):
+                dv.update(f"s{i}")
+                dv.wait(f"s{i}")
+            rss, peak = dv.rss()
+        yield Row("memory", "server RSS, 16 TiB sparse volume, 2 sessions", "MiB", rss / MiB,
+                  aim=("<=", 200))  # fmt: skip
+        yield Row("memory", "server peak RSS, same", "MiB", peak / MiB, aim=("<=", 200))
+    finally:
+        subprocess.run(["umount", str(tmpfs)], check=False)
+
+
+SECTIONS: dict[str, Callable[[Settings], Iterator[Row]]] = {
+    "data": data_path,
+    "tracking": tracking,
+    "copy": copies,
+    "cofw": cofw_latency,
+    "memory": memory,
+    "cold": cold_cache,
+}
+
+__all__ = ["SECTIONS", "Deltavol", "Row", "Settings", "nbd_unix"]

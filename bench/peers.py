@@ -1,0 +1,127 @@
+"""The servers a benchmark runs side by side: deltavol and qemu-nbd, on the same files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from deltavol.cli.api_client import ApiTarget, call
+
+DELTAVOL = Path(sys.executable).with_name("deltavol")
+
+
+def nbd_unix(export: str, sock: Path) -> str:
+    return f"nbd+unix:///{export}?socket={sock}"
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
+    for _ in range(200):
+        if path.exists():
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+        time.sleep(0.025)
+    raise RuntimeError(f"{what} did not start")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Deltavol:
+    """A running ``deltavol serve`` on its own data dir, driven through its control API."""
+
+    def __init__(self, root: Path, *extra: str) -> None:
+        self.root = root
+        self.sock = root / "nbd.sock"
+        self.api = ApiTarget(root)
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "api.sock").unlink(missing_ok=True)
+        log = open(self.root.with_name(self.root.name + ".log"), "ab")  # noqa: SIM115
+        env = {**os.environ, "DELTAVOL_DATA_DIR": str(self.root)}
+        cmd = [str(DELTAVOL), "serve", "--nbd-socket", str(self.sock), *self.extra]
+        self.proc = subprocess.Popen(cmd, env=env, stderr=log)
+        _wait_for(self.root / "api.sock", self.proc, "deltavol serve")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+    def uri(self, volume: str) -> str:
+        return nbd_unix(volume, self.sock)
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        return call(self.api, method, path, body)
+
+    def volume(self, name: str, size: int | None = None, path: Path | None = None) -> Path:
+        """Create (sparse) or import a volume; returns its file."""
+        body = {"name": name, "size": size} if path is None else {"name": name, "path": str(path)}
+        return Path(self.call("POST", "/v1/volumes", body)["path"])
+
+    def session(self, name: str, source: str, target: str) -> None:
+        self.call("POST", "/v1/sessions", {"name": name, "source": source, "target": target})
+
+    def update(self, name: str, full: bool = False, max_rate: str | None = None) -> int:
+        info = self.call("POST", f"/v1/sessions/{name}/update", {"full": full, "max_rate": max_rate})
+        return info["update"]["id"]
+
+    def wait(self, name: str) -> dict[str, Any]:
+        """Poll (10 ms) until the session stops copying; the update must have ended idle."""
+        while True:
+            info = self.call("GET", f"/v1/sessions/{name}")
+            if info["state"] != "copying":
+                if info["state"] != "idle":
+                    raise RuntimeError(f"session {name}: {info['state']}: {info['last_error']}")
+                return info
+            time.sleep(0.01)
+
+    def rss(self) -> tuple[int, int]:
+        """(current, peak) resident set size of the server, in bytes."""
+        assert self.proc is not None
+        fields = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields[key] = value
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+@contextmanager
+def deltavol(root: Path, *extra: str) -> Iterator[Deltavol]:
+    server = Deltavol(root, *extra)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def qemu_nbd(image: Path, sock: Path, export: str = "bench") -> Iterator[str]:
+    """qemu-nbd as fast as it goes on a raw file: writeback cache, thread pool, many clients."""
+    sock.unlink(missing_ok=True)
+    cmd = [
+        "qemu-nbd", "-f", "raw", "-x", export, "-k", str(sock), "--persistent", "--shared=16",
+        "--cache=writeback", "--aio=threads", str(image),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(sock, proc, "qemu-nbd")
+        yield nbd_unix(export, sock)
+    finally:
+        _stop(proc)
