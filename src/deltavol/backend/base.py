@@ -23,6 +23,7 @@ class Backend(Protocol):
     def can_extents(self) -> bool: ...
 
     def pread_cached(self, offset: int, length: int) -> bytes | None: ...
+    def pwrite_now(self, offset: int, data: bytes) -> bool: ...
     async def pread(self, offset: int, length: int) -> bytes: ...
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None: ...
     async def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None: ...
@@ -62,6 +63,11 @@ class Layer:
     def pread_cached(self, offset: int, length: int) -> bytes | None:
         """The data if it can be had without blocking (from the page cache), else None."""
         return self.next.pread_cached(offset, length)
+
+    def pwrite_now(self, offset: int, data: bytes) -> bool:
+        """Write at once if no layer has to wait for anything (the disk, a fsync, a mark);
+        False if nothing was written and ``pwrite`` must be used."""
+        return self.next.pwrite_now(offset, data)
 
     async def pread(self, offset: int, length: int) -> bytes:
         return await self.next.pread(offset, length)

@@ -76,6 +76,10 @@ class Export:
         self._check(offset, length)
         return await self.top.pread(offset, length)
 
+    def pwrite_now(self, offset: int, data: bytes) -> bool:
+        self._check_write(offset, len(data))
+        return self.top.pwrite_now(offset, data)
+
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
         self._check_write(offset, len(data))
         await self.top.pwrite(offset, data, fua)

@@ -20,6 +20,10 @@ class WriteGate:
         self._idle.set()
         self._reopened: asyncio.Event | None = None
 
+    @property
+    def open(self) -> bool:
+        return self._reopened is None
+
     async def enter(self) -> None:
         while self._reopened is not None:
             await self._reopened.wait()
@@ -50,6 +54,10 @@ class GateLayer(Layer):
     def __init__(self, next: Backend, gate: WriteGate) -> None:
         super().__init__(next)
         self.gate = gate
+
+    def pwrite_now(self, offset: int, data: bytes) -> bool:
+        # synchronous, so no mark can fall in the middle of it: no need to enter
+        return self.gate.open and self.next.pwrite_now(offset, data)
 
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
         await self.gate.enter()

@@ -9,10 +9,15 @@ tracking bits are durable). The work is the sessions'; the layer only orders it.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 
 from deltavol.backend.base import Backend, Layer
 
-Hook = Callable[[int, int], Awaitable[None]]
+
+@dataclass(frozen=True)
+class Hook:
+    before: Callable[[int, int], Awaitable[None]]  # the work to do before a change goes down
+    ready: Callable[[int, int], bool]  # True when ``before`` would have nothing to do
 
 
 class BeforeChange(Layer):
@@ -22,7 +27,11 @@ class BeforeChange(Layer):
 
     async def _before(self, offset: int, length: int) -> None:
         for hook in self.hooks():
-            await hook(offset, length)
+            await hook.before(offset, length)
+
+    def pwrite_now(self, offset: int, data: bytes) -> bool:
+        n = len(data)
+        return all(hook.ready(offset, n) for hook in self.hooks()) and self.next.pwrite_now(offset, data)
 
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
         await self._before(offset, len(data))

@@ -18,7 +18,7 @@ from typing import Any
 
 from deltavol.backend.base import Backend
 from deltavol.backend.gate import GateLayer, WriteGate
-from deltavol.backend.hooks import BeforeChange
+from deltavol.backend.hooks import BeforeChange, Hook
 from deltavol.config import ServerConfig
 from deltavol.copy.targets import CopyTarget, LocalTarget, NbdTarget, TargetError, is_uri
 from deltavol.errors import AlreadyExists, DeltavolError, InUse, NotFound, UsageError
@@ -83,11 +83,11 @@ class SessionManager:
             gate = self._gate_for(source)
             name = source.name
 
-            def track_hooks() -> list[Any]:
-                return [s.track for s in self.of_source(name)]
+            def track_hooks() -> list[Hook]:
+                return [Hook(s.track, s.tracked) for s in self.of_source(name)]
 
-            def protect_hooks() -> list[Any]:
-                return [s.protect for s in self.of_source(name) if s.update is not None]
+            def protect_hooks() -> list[Hook]:
+                return [Hook(s.protect, s.protected) for s in self.of_source(name) if s.update is not None]
 
             def track(b: Backend) -> Backend:
                 return BeforeChange(b, track_hooks)

@@ -302,6 +302,11 @@ class Session:
         for f in waits:
             await asyncio.shield(f)
 
+    def tracked(self, offset: int, length: int) -> bool:
+        """True if ``track`` would have nothing to do: every bit set and durable."""
+        test, unsynced = self.tracking.test, self._unsynced
+        return all(test(c) and c not in unsynced for c in self.tracking.chunk_range(offset, length))
+
     def _synced(self, fut: asyncio.Future[None], chunks: list[int]) -> None:
         for c in chunks:
             if self._unsynced.get(c) is fut:
@@ -339,6 +344,14 @@ class Session:
                             self.progress.bytes_sent += sent
                 if not transfer.test(c) and c not in save:
                     await self._checkpoint()  # make "c is done" durable before c changes
+
+    def protected(self, offset: int, length: int) -> bool:
+        """True if ``protect`` would have nothing to do: no chunk here still owed and unsaved."""
+        update, save = self.update, self.save
+        if update is None or self.transfer is None or save is None or not update.protecting:
+            return True
+        owed = self._owed
+        return not any(owed(c) and c not in save for c in self.tracking.chunk_range(offset, length))
 
     def _owed(self, chunk: int) -> bool:
         assert self.transfer is not None
