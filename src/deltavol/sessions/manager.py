@@ -83,22 +83,19 @@ class SessionManager:
             gate = self._gate_for(source)
             name = source.name
 
-            def track_hooks() -> list[Hook]:
-                return [Hook(s.track, s.tracked) for s in self.of_source(name)]
+            def hooks() -> list[Hook]:
+                sessions = self.of_source(name)
+                return [Hook(s.protect, s.protected) for s in sessions if s.update is not None] + [
+                    Hook(s.track, s.tracked) for s in sessions
+                ]
 
-            def protect_hooks() -> list[Hook]:
-                return [Hook(s.protect, s.protected) for s in self.of_source(name) if s.update is not None]
-
-            def track(b: Backend) -> Backend:
-                return BeforeChange(b, track_hooks)
-
-            def protect(b: Backend) -> Backend:
-                return BeforeChange(b, protect_hooks)
+            def before_change(b: Backend) -> Backend:
+                return BeforeChange(b, hooks)
 
             def gated(b: Backend) -> Backend:
                 return GateLayer(b, gate)
 
-            source.filters = [track, protect, gated]
+            source.filters = [before_change, gated]
             source.restack()
         target = self.volumes.find(session.target_spec)
         if target is not None:
