@@ -278,7 +278,7 @@ class ServerConnection:
             return self._close("client sent NBD_CMD_DISC", clean=True)
         allowed = int(c.ALLOWED_CMD_FLAGS[command])
         if self.export is not None and self.export.flags & c.TransmissionFlag.SEND_FUA:
-            allowed |= CmdFlag.FUA  # spec: then FUA MUST be accepted on every command
+            allowed |= int(CmdFlag.FUA)  # spec: then FUA MUST be accepted on every command
         if flags & ~allowed:
             why = f"flags {flags:#x} not valid for {command.name}"
             return BadRequest(cookie, cmd, Errno.EINVAL, why)
