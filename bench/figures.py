@@ -66,6 +66,14 @@ def fill(path: Path, size: int, data_every: int = 0) -> None:
         os.fsync(f.fileno())
 
 
+def fio_image(s: Settings) -> Path:
+    """The raw file every fio figure runs on, made once per run."""
+    image = s.work / "fio.img"
+    if not image.exists():
+        fill(image, s.fio_size)
+    return image
+
+
 def drop_cache(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -100,8 +108,7 @@ FIO_JOBS = [
 
 def data_path(s: Settings) -> Iterator[Row]:
     """fio through deltavol and through qemu-nbd on the same raw file in page cache."""
-    image = s.work / "fio.img"
-    fill(image, s.fio_size)
+    image = fio_image(s)
     with deltavol(s.work / "dv-fio") as dv:
         dv.volume("bench", path=image)
         for name, rw, bs, depth, jobs, unit in FIO_JOBS:
@@ -113,9 +120,7 @@ def data_path(s: Settings) -> Iterator[Row]:
 
 def cold_cache(s: Settings) -> Iterator[Row]:
     """The same figures with the file dropped from the page cache before each run."""
-    image = s.work / "fio.img"
-    if not image.exists():
-        fill(image, s.fio_size)
+    image = fio_image(s)
     with deltavol(s.work / "dv-cold") as dv:
         dv.volume("bench", path=image)
         for name, rw, bs, depth, jobs, unit in FIO_JOBS:
@@ -131,9 +136,7 @@ def cold_cache(s: Settings) -> Iterator[Row]:
 
 def tracking(s: Settings) -> Iterator[Row]:
     """4 KiB random writes while 1 and 4 sessions track the volume, against none."""
-    image = s.work / "fio.img"
-    if not image.exists():
-        fill(image, s.fio_size)
+    image = fio_image(s)
     with deltavol(s.work / "dv-track") as dv:
         dv.volume("bench", path=image)
         for jobs in (1, 2):
@@ -208,9 +211,7 @@ def copies(s: Settings) -> Iterator[Row]:
 
 def cofw_latency(s: Settings) -> Iterator[Row]:
     """p99 of 4 KiB random writes while copy-on-first-write protects every chunk, vs no update."""
-    image = s.work / "fio.img"
-    if not image.exists():
-        fill(image, s.fio_size)
+    image = fio_image(s)
     with deltavol(s.work / "dv-cofw") as dv:
         dv.volume("bench", path=image)
         dv.volume("copy", size=s.fio_size)

@@ -75,6 +75,15 @@ class Server:
     def status(self, session: str = "s") -> dict:
         return json.loads(self.cli("session", "status", session, "--json"))
 
+    def wait_state(self, state: str, timeout: float = 60, session: str = "s") -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status(session)
+            if st["state"] == state:
+                return st
+            time.sleep(0.05)
+        raise AssertionError(f"session {session} never {state}: {self.status(session)}")
+
     def wait_idle(self, update_id: int, timeout: float = 60, session: str = "s") -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -26,16 +26,6 @@ def fill_source(server: Server) -> None:
     qemu_io(server.uri("src"), "write -P 0xa1 0 24M", "write -P 0xa2 40M 24M")  # and a hole
 
 
-def wait_state(server: Server, state: str, timeout: float = 60, session: str = "s") -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = server.status(session)
-        if st["state"] == state:
-            return st
-        time.sleep(0.05)
-    raise AssertionError(f"never {state}: {server.status(session)}")
-
-
 @pytest.mark.parametrize("kind", ["local", "qemu-nbd", "nbdkit"])
 def test_full_update_while_fio_writes(server: Server, tmp_path: Path, kind: str) -> None:
     require("fio", "nbdcopy")
@@ -59,7 +49,7 @@ def test_full_update_while_fio_writes(server: Server, tmp_path: Path, kind: str)
         )  # fmt: skip
         assert fio.returncode == 0
         assert server.status()["state"] == "copying", "fio outlived the copy: slow it down"
-        st = wait_state(server, "idle", timeout=120)
+        st = server.wait_state("idle", timeout=120)
         assert st["consistent"] and st["update"]["kind"] == "full"
         # the catch-up pass copied what fio wrote (at most 512 writes of 4 KiB -> chunks), not everything
         assert 0 < st["update"]["catchup_bytes"] <= 512 * G
@@ -78,7 +68,7 @@ def test_local_target_is_protected_during_and_after_a_full_update(server: Server
     assert "session 's'" in text or "inconsistent" in text, text  # cannot even be opened
     out = server.run("volume", "remove", "dst")
     assert out.returncode == 1 and "session" in out.stderr
-    wait_state(server, "idle", timeout=120)
+    server.wait_state("idle", timeout=120)
     qemu_io(server.uri("dst"), "read -P 0xa1 0 24M", "read -P 0 24M 16M", read_only=True)
     text = qemu_io(server.uri("dst"), "write -P 1 0 4k", ok=False)
     assert "failed" in text or "read-only" in text.lower() or "permission" in text.lower(), text

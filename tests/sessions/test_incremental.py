@@ -35,16 +35,6 @@ def write_chunks(server: Server, chunks: list[int], pattern: int) -> None:
     qemu_io(server.uri("src"), *(f"write -P {pattern} {c * G} {G}" for c in chunks))
 
 
-def wait_state(server: Server, state: str, timeout: float = 60, session: str = "s") -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = server.status(session)
-        if st["state"] == state:
-            return st
-        time.sleep(0.05)
-    raise AssertionError(f"never {state}: {server.status(session)}")
-
-
 def target_chunks(server: Server, volume: str = "dst") -> list[int]:
     """The first byte of every chunk of a local target (each chunk is written whole)."""
     image = server.image(volume)
@@ -76,7 +66,7 @@ def test_copy_on_first_write_keeps_the_point_in_time(tmp_path: Path, save_limit:
         server.cli("session", "update", "s", "--max-rate", "256KiB/s")  # marked: B is the point in time
         write_chunks(server, b_set, 0xCC)  # at once: C over the chunks still owed
         write_chunks(server, d_set, 0xDD)  # and D on others
-        st = wait_state(server, "idle", timeout=120)
+        st = server.wait_state("idle", timeout=120)
         if save_limit is None:
             assert st["update"]["cofw_saved_bytes"] > 0
         want = [0xBB if c in b_set else 0xAA for c in range(NCHUNKS)]
@@ -96,14 +86,14 @@ def test_pause_resume_cancel(server: Server) -> None:
     server.cli("session", "update", "s", "--max-rate", "512KiB/s")
     time.sleep(0.5)
     server.cli("session", "pause", "s")
-    paused = wait_state(server, "paused")
+    paused = server.wait_state("paused")
     done = paused["update"]["bytes_done"]
     assert 0 < done < 64 * G
     time.sleep(0.5)
     assert server.status()["update"]["bytes_done"] == done  # really stopped
     server.cli("session", "resume", "s")
     server.cli("session", "cancel", "s")
-    st = wait_state(server, "idle")
+    st = server.wait_state("idle")
     # part old, part new: no point in time holds, until the next update copies the rest
     assert not st["consistent"]
     assert st["tracked_bytes"] >= 64 * G - st["update"]["bytes_done"]  # the rest goes back to tracking
@@ -121,12 +111,12 @@ def test_a_killed_target_fails_the_session_and_resume_finishes_it(server: Server
         server.cli("session", "create", "s", "--source", "src", "--target", uri(sock))
         server.cli("session", "update", "s", "--full", "--max-rate", "2MiB/s")
         time.sleep(1.5)
-    st = wait_state(server, "failed")  # qemu-nbd was killed mid-copy
+    st = server.wait_state("failed")  # qemu-nbd was killed mid-copy
     assert "nbd+unix" in st["last_error"] or "t.sock" in st["last_error"], st["last_error"]
     with serving(qemu_nbd_cmd(image, sock), sock):
         out = server.run("session", "resume", "s")  # unless the retry policy got there first
         assert out.returncode == 0 or "is copying" in out.stderr, out.stderr
-        st = wait_state(server, "idle", timeout=60)
+        st = server.wait_state("idle", timeout=60)
         assert st["consistent"]
         u = st["update"]
         assert u["bytes_total"] <= u["bytes_sent"] + 4 * MiB  # catch-up sent nothing: no writes
@@ -151,7 +141,7 @@ def test_scheduler_and_two_sessions_on_one_source(server: Server) -> None:
     setup(server)
     server.cli("volume", "create", "dst2", "--size", str(SIZE))
     server.cli("session", "create", "s2", "--source", "src", "--target", "dst2", "--every", "1s")
-    first = wait_state(server, "idle", session="s2")["update"]["id"]
+    first = server.wait_state("idle", session="s2")["update"]["id"]
     write_chunks(server, [3, 4], 0xBB)
     deadline = time.monotonic() + 30
     while target_chunks(server, "dst2")[3] != 0xBB:  # the scheduler catches up by itself
