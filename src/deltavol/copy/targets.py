@@ -7,8 +7,10 @@ cannot write zeroes efficiently, and the engine then writes zero buffers itself.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from typing import Protocol
+import itertools
+from typing import Any, Protocol
 
 from deltavol.backend.file import FileBackend
 from deltavol.errors import Error
@@ -59,26 +61,46 @@ class LocalTarget:
 
 
 class NbdTarget:
-    """An export on a remote NBD server, reached with deltavol's own NBD client."""
+    """An export on a remote NBD server, reached with deltavol's own NBD client.
+
+    A server that promises CAN_MULTI_CONN gets ``CONNECTIONS`` connections, used in turn
+    (as nbdcopy does): one connection is one queue on the server, several keep more of
+    it busy. A flush on any of them then covers writes completed on all.
+    """
+
+    CONNECTIONS = 4
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self.description = uri
         self.size = 0
-        self._client = None  # type: ignore[var-annotated]
+        self._clients: list[Any] = []
+        self._turn = itertools.count()
 
     async def open(self) -> NbdTarget:
         from deltavol.nbd.client import NbdClient
 
         try:
-            self._client = await NbdClient.connect(self.uri)
+            first = await NbdClient.connect(self.uri)
+            self._clients = [first]
+            if first.read_only:
+                raise TargetError(msg=f"target {self.uri} is read-only")
+            if first.can_multi_conn:
+                more = await asyncio.gather(
+                    *(NbdClient.connect(self.uri) for _ in range(self.CONNECTIONS - 1))
+                )
+                self._clients.extend(more)
         except (OSError, ValueError) as exc:
+            await self.close()
             raise TargetError(msg=f"target {self.uri}: {exc}") from exc
-        if self._client.read_only:
-            await self._client.close()
-            raise TargetError(msg=f"target {self.uri} is read-only")
-        self.size = self._client.size
+        except TargetError:
+            await self.close()
+            raise
+        self.size = first.size
         return self
+
+    def _client(self) -> Any:
+        return self._clients[next(self._turn) % len(self._clients)]
 
     async def _do(self, what: str, coro):  # type: ignore[no-untyped-def]
         try:
@@ -87,27 +109,25 @@ class NbdTarget:
             raise TargetError(msg=f"target {self.uri}: {what} failed: {exc}") from exc
 
     async def pwrite(self, offset: int, data: bytes) -> None:
-        assert self._client is not None
-        await self._do(f"write at {offset}", self._client.pwrite(offset, data))
+        await self._do(f"write at {offset}", self._client().pwrite(offset, data))
 
     async def zero(self, offset: int, length: int) -> bool:
-        assert self._client is not None
-        if self._client.can_zero:
-            await self._do(f"write zeroes at {offset}", self._client.zero(offset, length, may_trim=True))
+        client = self._client()
+        if client.can_zero:
+            await self._do(f"write zeroes at {offset}", client.zero(offset, length, may_trim=True))
             return True
         return False
 
     async def pread(self, offset: int, length: int) -> bytes:
-        assert self._client is not None
-        return await self._do(f"read at {offset}", self._client.pread(offset, length))
+        return await self._do(f"read at {offset}", self._client().pread(offset, length))
 
     async def flush(self) -> None:
-        assert self._client is not None
-        if self._client.can_flush:
-            await self._do("flush", self._client.flush())
+        client = self._clients[0]  # multi-conn: it covers what the others completed
+        if client.can_flush:
+            await self._do("flush", client.flush())
 
     async def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
+        clients, self._clients = self._clients, []
+        for client in clients:
             with contextlib.suppress(Exception):  # closing a dead connection is no news
                 await client.close()
