@@ -64,6 +64,7 @@ class NbdConnection(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._closed = False
+        self._flush_soon = False
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -111,6 +112,16 @@ class NbdConnection(asyncio.Protocol):
         out = self.conn.data_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
+
+    def _flush_later(self) -> None:
+        """Replies finished by tasks in one turn of the loop go out in one write."""
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_soon = False
+        self._flush()
 
     def _update_reading(self) -> None:
         if self.transport is None or self._closed:
@@ -270,7 +281,7 @@ class NbdConnection(asyncio.Protocol):
         except Exception as exc:  # a bug must cost one request, never the server
             log.exception("nbd %s: %s at %d+%d crashed", self.peer, req.cmd.name, req.offset, req.length)
             self.conn.send_error(req.cookie, errno.EIO, f"internal error: {exc}")
-        self._flush()
+        self._flush_later()
 
     async def _read(self, export: Export, req: Request) -> None:
         if self.conn.structured_replies and req.length >= SPARSE_READ_MIN and not req.flags & CmdFlag.DF:

@@ -64,7 +64,7 @@ class SessionManager:
         return sorted(self._sessions.values(), key=lambda s: s.name)
 
     def of_source(self, volume: str) -> list[Session]:
-        return [s for s in self.all() if s.source.name == volume]
+        return [s for s in self._sessions.values() if s.source.name == volume]  # on every write: no sort
 
     def of_target(self, volume: str) -> Session | None:
         return next((s for s in self._sessions.values() if s.target_spec == volume), None)
@@ -85,8 +85,8 @@ class SessionManager:
 
             def hooks() -> list[Hook]:
                 sessions = self.of_source(name)
-                return [Hook(s.protect, s.protected) for s in sessions if s.update is not None] + [
-                    Hook(s.track, s.tracked) for s in sessions
+                return [s.protect_hook for s in sessions if s.update is not None] + [
+                    s.track_hook for s in sessions
                 ]
 
             def before_change(b: Backend) -> Backend:

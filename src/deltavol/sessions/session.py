@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from deltavol.backend.gate import WriteGate
+from deltavol.backend.hooks import Hook
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.engine import (
@@ -171,6 +172,8 @@ class Session:
         self.target: CopyTarget | None = None
         self._task: asyncio.Task[None] | None = None
         self._unsynced: dict[int, asyncio.Future[None]] = {}
+        self.track_hook = Hook(self.track, self.tracked)
+        self.protect_hook = Hook(self.protect, self.protected)
         self.retry = retry or RetryPolicy()
         self._retry_task: asyncio.Task[None] | None = None
 
