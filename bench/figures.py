@@ -107,15 +107,23 @@ FIO_JOBS = [
 
 
 def data_path(s: Settings) -> Iterator[Row]:
-    """fio through deltavol and through qemu-nbd on the same raw file in page cache."""
+    """fio through deltavol and through qemu-nbd on the same raw file in page cache; each
+    figure is the better of two runs, taken in the order deltavol, peer, peer, deltavol, so
+    neither side always inherits the other's dirty pages."""
     image = fio_image(s)
     with deltavol(s.work / "dv-fio") as dv:
         dv.volume("bench", path=image)
         for name, rw, bs, depth, jobs, unit in FIO_JOBS:
-            ours = fio(dv.uri("bench"), rw, bs, depth, s.runtime, jobs).figure(unit)
-            with qemu_nbd(image, s.work / "qemu.sock") as uri:
-                theirs = fio(uri, rw, bs, depth, s.runtime, jobs).figure(unit)
-            yield Row("data path (page cache)", name, unit, ours, "qemu-nbd", theirs, (">=", 1.0))
+
+            def ours() -> float:
+                return fio(dv.uri("bench"), rw, bs, depth, s.runtime, jobs).figure(unit)  # noqa: B023
+
+            def theirs() -> float:
+                with qemu_nbd(image, s.work / "qemu.sock") as uri:
+                    return fio(uri, rw, bs, depth, s.runtime, jobs).figure(unit)  # noqa: B023
+
+            a, b, c, d = ours(), theirs(), theirs(), ours()
+            yield Row("data path (page cache)", name, unit, max(a, d), "qemu-nbd", max(b, c), (">=", 1.0))
 
 
 def cold_cache(s: Settings) -> Iterator[Row]:
