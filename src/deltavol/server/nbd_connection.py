@@ -114,7 +114,8 @@ class NbdConnection(asyncio.Protocol):
             self.transport.writelines(out)
 
     def _flush_later(self) -> None:
-        """Replies finished by tasks in one turn of the loop go out in one write."""
+        """Small replies finished by tasks in one turn of the loop go out in one write
+        (a burst of write acks after a group fsync, say)."""
         if not self._flush_soon:
             self._flush_soon = True
             asyncio.get_running_loop().call_soon(self._flush_now)
@@ -281,7 +282,10 @@ class NbdConnection(asyncio.Protocol):
         except Exception as exc:  # a bug must cost one request, never the server
             log.exception("nbd %s: %s at %d+%d crashed", self.peer, req.cmd.name, req.offset, req.length)
             self.conn.send_error(req.cookie, errno.EIO, f"internal error: {exc}")
-        self._flush_later()
+        if req.cmd is Cmd.READ:
+            self._flush()  # data: out at once, so the socket keeps streaming
+        else:
+            self._flush_later()
 
     async def _read(self, export: Export, req: Request) -> None:
         if self.conn.structured_replies and req.length >= SPARSE_READ_MIN and not req.flags & CmdFlag.DF:
