@@ -8,6 +8,7 @@ from deltavol.backend.export import Export
 from deltavol.config import ServerConfig
 from deltavol.errors import Protected
 from deltavol.sessions.manager import SessionManager
+from deltavol.sessions.verify import verify
 from deltavol.store.datadir import DataDir
 from deltavol.store.db import Database
 from deltavol.volumes import Volumes
@@ -89,4 +90,4 @@ class Service:
         await self.sessions.remove(name)
 
     async def verify_session(self, name: str) -> dict[str, Any]:
-        return await self.sessions.get(name).verify()
+        return await verify(self.sessions.get(name))

@@ -114,8 +114,7 @@ def test_a_killed_target_fails_the_session_and_resume_finishes_it(server: Server
     st = server.wait_state("failed")  # qemu-nbd was killed mid-copy
     assert "nbd+unix" in st["last_error"] or "t.sock" in st["last_error"], st["last_error"]
     with serving(qemu_nbd_cmd(image, sock), sock):
-        out = server.run("session", "resume", "s")  # unless the retry policy got there first
-        assert out.returncode == 0 or "is copying" in out.stderr, out.stderr
+        server.cli("session", "resume", "s")  # a no-op if the retry policy got there first
         st = server.wait_state("idle", timeout=60)
         assert st["consistent"]
         u = st["update"]

@@ -339,7 +339,7 @@ class Session:
                 if await save.save(c, old):
                     update.cofw_saved_bytes += n
                 elif transfer.test(c):  # save area full: copy-before-write
-                    sent = await write_piece(await self._ensure_target(), off, old, n)
+                    sent = await write_piece(await self.ensure_target(), off, old, n)
                     if transfer.test(c):
                         transfer.clear(c)
                         if self.progress is not None:
@@ -466,7 +466,7 @@ class Session:
     def _spawn(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"session-{self.name}")
 
-    async def _ensure_target(self) -> CopyTarget:
+    async def ensure_target(self) -> CopyTarget:
         if self.target is None:
             self.target = await self._open_target(self)
         return self.target
@@ -475,7 +475,7 @@ class Session:
         assert self.update is not None and self.transfer is not None
         checkpointer = asyncio.get_running_loop().create_task(self._checkpoint_loop())
         try:
-            target = await self._ensure_target()
+            target = await self.ensure_target()
             if self.progress is None:
                 self.progress = Progress(bytes_total=self.transfer_bytes())
             self.progress.bytes_done = self.progress.bytes_total - self.transfer_bytes()
@@ -627,6 +627,8 @@ class Session:
         return self.status()
 
     async def resume(self) -> dict[str, Any]:
+        if self.state is State.COPYING:  # already going (the retry policy got there first)
+            return self.status()
         next_state(self.name, self.state, "resume")
         if self.transfer is None:
             raise Error(msg=f"session {self.name!r} has no update to resume")
@@ -680,43 +682,6 @@ class Session:
             self.tracking_file.close()
 
     # --- verify ----------------------------------------------------------------------------
-    async def verify(self) -> dict[str, Any]:
-        if self.busy or self.state is not State.IDLE or not self.consistent:
-            raise Error(
-                msg=f"session {self.name!r} is {self.state.value}"
-                f"{'' if self.consistent else ', not consistent'}: verify needs a finished update"
-            )
-        target = await self._ensure_target()
-        step = max(1, MAX_REQUEST // self.granularity)
-        compared = skipped = 0
-        mismatches: list[int] = []
-        for first in range(0, self.tracking.nbits, step):
-            chunks = range(first, min(first + step, self.tracking.nbits))
-            offset = first * self.granularity
-            length = min(len(chunks) * self.granularity, self.source.size - offset)
-            theirs = await target.pread(offset, length)
-            ours = await self.source.backend.pread(offset, length)
-            for c in chunks:
-                if self.tracking.test(c):  # changed since the mark: not comparable
-                    skipped += 1
-                    continue
-                a = c * self.granularity - offset
-                n = self._chunk_span(c)[1]
-                compared += 1
-                if ours[a : a + n] != theirs[a : a + n]:
-                    mismatches.append(c * self.granularity)
-        result = {
-            "session": self.name,
-            "ok": not mismatches,
-            "chunks_compared": compared,
-            "chunks_skipped": skipped,
-            "mismatches": len(mismatches),
-            "mismatch_offsets": mismatches[:100],
-            "point_in_time": self.point_in_time,
-        }
-        log.info("session %s: verify %s", self.name, result)
-        return result
-
     # --- status ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         update = None
