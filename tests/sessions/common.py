@@ -73,3 +73,25 @@ def differing_chunks(got: bytes, want: bytes, g: int = G) -> list[int]:
     return [
         c for c in range(0, (len(want) + g - 1) // g) if got[c * g : (c + 1) * g] != want[c * g : (c + 1) * g]
     ]
+
+
+def session_with_copy(server: Server, size: int, granularity: int = G, target: str = "dst") -> Model:
+    """Pattern 0xAA everywhere on a new source, session ``s`` to a new local volume, a finished
+    full update; returns the model of the source."""
+    server.cli("volume", "create", "src", "--size", str(size))
+    server.cli("volume", "create", target, "--size", str(size))
+    model = Model(size)
+    apply(server, "src", model.write(0xAA, 0, size))
+    server.cli(
+        "session", "create", "s", "--source", "src", "--target", target, "--granularity", str(granularity)
+    )
+    server.cli("session", "update", "s", "--full", "--wait")
+    assert server.image(target) == model.snapshot()
+    return model
+
+
+def refused_open(server: Server, volume: str) -> str:
+    """qemu-io cannot open ``volume`` even read-only; the refusal's text."""
+    text = qemu_io(server.uri(volume), "read 0 4k", ok=False, read_only=True)
+    assert "can't open" in text, text
+    return text
