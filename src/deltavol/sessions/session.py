@@ -376,6 +376,10 @@ class Session:
         if self.busy:
             raise Error(msg=f"session {self.name!r} is already copying")
         new_state = next_state(self.name, self.state, "update")
+        if self.state in (State.NEW, State.IDLE):
+            # nothing uses the target between updates (no transfer: no copy-before-write), and
+            # a connection kept since the last update or verify may have died with its server
+            await self._drop_target()
         before = (self.state, self.update, self.transfer, self.progress, self.consistent)
         self._cancel_retry()
         self.retry.attempts = 0
