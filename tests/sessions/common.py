@@ -52,13 +52,19 @@ def start_update(server: Server, *args: str, session: str = "s") -> dict[str, An
     return st
 
 
-def wait_for(server: Server, pred: Any, what: str, timeout: float = 60, session: str = "s") -> dict[str, Any]:
-    """Poll the session's status until ``pred(status)`` holds."""
+def wait_for(
+    server: Server, pred: Any, what: str, timeout: float = 60, session: str = "s", failed_ok: bool = False
+) -> dict[str, Any]:
+    """Poll the session's status until ``pred(status)`` holds (a failed session is an error at
+    once unless ``failed_ok``)."""
     deadline = time.monotonic() + timeout
     while True:
         st = server.status(session)
         if pred(st):
             return st
+        assert failed_ok or st["state"] != "failed", (
+            f"session {session} failed while waiting to be {what}: {st}"
+        )
         assert time.monotonic() < deadline, f"session {session}: never {what}: {st}"
         time.sleep(0.05)
 
