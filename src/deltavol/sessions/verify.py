@@ -32,6 +32,7 @@ async def verify(session: Session) -> dict[str, Any]:
             msg=f"session {s.name!r} is {s.state.value}"
             f"{'' if s.consistent else ', not consistent'}: verify needs a finished update"
         )
+    await s._drop_target()  # idle: nothing else uses it, and a kept connection may be dead
     target = await s.ensure_target()
     g, tracking = s.granularity, s.tracking
     compared = skipped = 0
