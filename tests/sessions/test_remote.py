@@ -122,6 +122,9 @@ def test_a_target_restarted_between_updates_is_reconnected(server: Server, tmp_p
     st = server.status()
     assert st["consistent"] and st["update"]["bytes_total"] == 3 * G
     assert_image(image, model.snapshot())
+    with serving(qemu_nbd_cmd(image, sock), sock):  # and again: verify reconnects too
+        out = server.run("session", "verify", "s")
+        assert out.returncode == 0 and "OK" in out.stdout, out.stderr
 
 
 def test_remote_targets_refused(server: Server, tmp_path: Path) -> None:
