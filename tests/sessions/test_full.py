@@ -55,8 +55,11 @@ def test_full_update_while_fio_writes(server: Server, tmp_path: Path, kind: str)
         # stale contents the copy must replace, over the source's hole too
         qemu_io(target_uri, f"write -P 0x77 0 {SIZE}")
         server.cli("session", "create", "s", "--source", "src", "--target", target)
+        qemu_io(server.uri("src"), "write -P 0xa3 60M 1M")  # tracked: the full update clears it at start
+        assert server.status()["tracked_bytes"] == 1 * MiB
         started = start_update(server, "--full", "--max-rate", "24MiB/s")  # about 3 s
         assert started["update"]["kind"] == "full" and not started["consistent"]
+        assert started["tracked_bytes"] == 0
         iolog = tmp_path / "fio.iolog"
         fio = run(
             "fio", "--name=w", "--ioengine=nbd", f"--uri={server.uri('src')}", "--rw=randwrite",
