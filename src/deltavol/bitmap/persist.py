@@ -120,6 +120,8 @@ def load(path: Path, kind: int, granularity: int, size: int) -> tuple[Bitmap, in
     expected = HEADER_SIZE + (bitmap.nbits + 7) // 8
     if nbits != bitmap.nbits or len(raw) != expected:
         raise CorruptFile(path=path, why=f"length {len(raw)} bytes, expected {expected} (truncated?)")
+    if nbits % 8 and raw[-1] >> (nbits % 8):
+        raise CorruptFile(path=path, why=f"bits set past the end of the volume (chunk {nbits} or later)")
     return Bitmap.from_bytes(size, granularity, memoryview(raw)[HEADER_SIZE:]), generation
 
 
