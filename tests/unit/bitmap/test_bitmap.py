@@ -1,31 +1,49 @@
-"""Bitmap operations against a model (a set of chunk numbers), at word and byte edges."""
+"""Bitmap operations against a model (a set of set chunk numbers), at word and byte edges."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import itertools
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
-from deltavol.errors import CorruptFile
 
 G = 4096
+EDGES = [0, 1, 6, 7, 8, 9, 15, 16, 62, 63, 64, 65, 127, 128, 129, 191, 192, 255, 256]
+# Bit counts around byte and 64-bit word boundaries, and sizes whose last chunk is short.
+NBITS = st.sampled_from([1, 2, 7, 8, 9, 63, 64, 65, 127, 128, 129, 200, 257]) | st.integers(1, 300)
+TAILS = st.sampled_from([0, 1, 512, G - 1])
 
-sizes = st.integers(1, 700).map(lambda n: n * G) | st.integers(1, 700).map(lambda n: n * G - 512)
-ops = st.lists(
-    st.tuples(
-        st.sampled_from(["set", "clear", "set_range", "clear_run"]), st.integers(0, 720), st.integers(0, 200)
+
+@st.composite
+def sizes(draw: st.DrawFn) -> int:
+    return draw(NBITS) * G - draw(TAILS)
+
+
+def chunk() -> st.SearchStrategy[int]:
+    """A chunk number biased to edges; callers reduce it modulo ``nbits`` (-1: the last one)."""
+    return st.sampled_from([*EDGES, -1, -2]) | st.integers(0, 300)
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("set"), chunk()),
+        st.tuples(st.just("clear"), chunk()),
+        st.tuples(st.just("set_range"), chunk(), st.sampled_from([0, 1, 511, G - 1]), st.integers(0, 70 * G)),
+        st.tuples(st.just("clear_run"), chunk(), st.integers(0, 130)),
+        st.tuples(st.just("or"), st.sets(chunk(), max_size=20)),
+        st.tuples(st.just("set_all")),
+        st.tuples(st.just("clear_all")),
     ),
-    max_size=30,
+    max_size=25,
 )
 
 
-def model_runs(bits: set[int]) -> list[tuple[int, int]]:
+def model_runs(bits: set[int], start: int = 0) -> list[tuple[int, int]]:
     runs: list[tuple[int, int]] = []
-    for c in sorted(bits):
+    for c in sorted(b for b in bits if b >= start):
         if runs and runs[-1][0] + runs[-1][1] == c:
             runs[-1] = (runs[-1][0], runs[-1][1] + 1)
         else:
@@ -33,150 +51,181 @@ def model_runs(bits: set[int]) -> list[tuple[int, int]]:
     return runs
 
 
-@settings(max_examples=300, deadline=None)
-@given(size=sizes, ops=ops)
-def test_bitmap_agrees_with_a_set(size: int, ops: list[tuple[str, int, int]]) -> None:
-    bm = Bitmap(size, G)
-    model: set[int] = set()
-    for op, a, n in ops:
-        a %= bm.nbits
-        if op == "set":
-            bm.set(a)
-            model.add(a)
-        elif op == "clear":
-            bm.clear(a)
-            model.discard(a)
-        elif op == "set_range":
-            offset, length = a * G + 100, n * 1000
-            new = bm.set_range(offset, length)
-            touched = set(bm.chunk_range(offset, min(length, size - offset)))
-            assert sorted(touched - model) == new
-            model |= touched
-        else:
-            before = model & set(range(a, a + n))
-            assert bm.clear_run(a, n) == sum(bm.chunk_bytes(c) for c in before)
-            model -= before
+def chunk_bytes(size: int, c: int) -> int:
+    return min(G, size - c * G)
+
+
+def apply(bm: Bitmap, model: set[int], op: tuple) -> None:  # type: ignore[type-arg]
+    """Apply ``op`` to both; check what the operation itself returns."""
+    n = bm.nbits
+    name = op[0]
+    if name in ("set", "clear"):
+        c = op[1] % n
+        bm.set(c) if name == "set" else bm.clear(c)
+        model.add(c) if name == "set" else model.discard(c)
+    elif name == "set_range":
+        offset, length = (op[1] % n) * G + op[2], op[3]
+        touched = (
+            {c for c in range(n) if c * G < offset + length and offset < (c + 1) * G} if length else set()
+        )
+        assert bm.set_range(offset, length) == sorted(touched - model)
+        model |= touched
+    elif name == "clear_run":
+        first, count = op[1] % n, op[2]
+        gone = {c for c in model if first <= c < first + count}
+        assert bm.clear_run(first, count) == sum(chunk_bytes(bm.size, c) for c in gone)
+        model -= gone
+    elif name == "or":
+        other = Bitmap(bm.size, G)
+        extra = {c % n for c in op[1]}
+        for c in extra:
+            other.set(c)
+        bm.or_(other)
+        model |= extra
+        assert {c for c in range(n) if other.test(c)} == extra  # the argument is left alone
+    elif name == "set_all":
+        bm.set_all()
+        model |= set(range(n))
+    else:
+        bm.clear_all()
+        model.clear()
+
+
+def check(bm: Bitmap, model: set[int]) -> None:
+    n = bm.nbits
+    assert {c for c in range(n) if bm.test(c)} == model
     assert bm.count() == len(model)
-    assert bm.bytes_set() == sum(bm.chunk_bytes(c) for c in model)
-    assert list(bm.runs()) == model_runs(model)
-    assert bm.first_set(0) == (min(model) if model else None)
-    start = ops[0][1] % bm.nbits if ops else 0
-    assert bm.first_set(start) == min((c for c in model if c >= start), default=None)
-    assert bm.first_clear(start) == min(
-        (c for c in range(start, bm.nbits) if c not in model), default=bm.nbits
-    )
+    assert bm.bytes_set() == sum(chunk_bytes(bm.size, c) for c in model)
     assert bm.is_empty() == (not model)
+    runs = list(bm.runs())
+    assert runs == model_runs(model)
+    # maximal, disjoint, sorted, inside the bitmap
+    for (a, la), (b, _) in itertools.pairwise(runs):
+        assert la > 0 and a + la < b
+    assert all(a >= 0 and a + k <= n for a, k in runs)
+    for start in {0, 1, 7, 8, 63, 64, 65, n // 2, n - 1, n}:
+        if start > n:
+            continue
+        assert bm.first_set(start) == min((c for c in model if c >= start), default=None)
+        assert bm.first_clear(start) == min((c for c in range(start, n) if c not in model), default=n)
+        assert list(bm.runs(start)) == model_runs(model, start)
+    # bits past the end are never set: they would count in count() and in the file
+    raw = bm.to_bytes()
+    assert len(raw) == (n + 7) // 8
+    if n % 8:
+        assert raw[-1] >> (n % 8) == 0
 
 
-@settings(max_examples=100, deadline=None)
-@given(size=sizes, a=st.sets(st.integers(0, 700)), b=st.sets(st.integers(0, 700)))
-def test_or_and_copy(size: int, a: set[int], b: set[int]) -> None:
-    x, y = Bitmap(size, G), Bitmap(size, G)
-    a, b = {c for c in a if c < x.nbits}, {c for c in b if c < x.nbits}
-    for c in a:
-        x.set(c)
-    for c in b:
-        y.set(c)
-    z = x.copy()
-    x.or_(y)
-    assert {c for c in range(x.nbits) if x.test(c)} == a | b
-    assert {c for c in range(z.nbits) if z.test(c)} == a  # the copy is independent
-    with pytest.raises(ValueError):
-        x.or_(Bitmap(size + G, G))
+@settings(max_examples=250, deadline=None)
+@given(size=sizes(), ops=OPS)
+def test_bitmap_agrees_with_a_set(size: int, ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    bm = Bitmap(size, G)
+    assert bm.nbits == -(-size // G)
+    model: set[int] = set()
+    for op in ops:
+        apply(bm, model, op)
+    check(bm, model)
 
 
-def test_set_all_and_clear_all_respect_the_last_partial_byte() -> None:
-    bm = Bitmap(13 * G - 1, G)
-    bm.set_all()
-    assert bm.count() == 13 and bm.bytes_set() == 13 * G - 1
-    assert list(bm.runs()) == [(0, 13)]
+@settings(max_examples=60, deadline=None)
+@given(size=sizes(), bits=st.sets(chunk(), max_size=40))
+def test_copy_and_bytes_round_trip_and_are_independent(size: int, bits: set[int]) -> None:
+    bm = Bitmap(size, G)
+    model = {c % bm.nbits for c in bits}
+    for c in model:
+        bm.set(c)
+    twin = Bitmap.from_bytes(size, G, bm.to_bytes())
+    copy = bm.copy()
     bm.clear_all()
+    check(twin, model)
+    check(copy, model)
+    check(bm, set())
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=sizes(), bits=st.sets(chunk(), min_size=1, max_size=40))
+def test_byte_span_covers_the_chunks(size: int, bits: set[int]) -> None:
+    bm = Bitmap(size, G)
+    chunks = sorted({c % bm.nbits for c in bits})
+    for c in chunks:
+        bm.set(c)
+    lo, data = bm.byte_span(chunks)
+    assert lo == chunks[0] // 8 and lo + len(data) == chunks[-1] // 8 + 1
+    assert data == bm.to_bytes()[lo : lo + len(data)]
+
+
+def test_runs_see_bits_cleared_while_iterating() -> None:
+    bm = Bitmap(300 * G, G)
+    for first, count in [(0, 3), (63, 3), (128, 1), (200, 100)]:
+        bm.set_range(first * G, count * G)
+    seen = []
+    for first, count in bm.runs():
+        seen.append((first, count))
+        bm.clear_run(first, count)
+        bm.clear_run(128, 1)  # ahead of the iterator: never yielded
+    assert seen == [(0, 3), (63, 3), (200, 100)]
     assert bm.is_empty()
 
 
-@pytest.mark.parametrize("bad", [3000, 4096 * 3, 32 << 20, 0])
-def test_granularity_must_be_a_power_of_two_in_range(bad: int) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("nbits", [1, 7, 8, 9, 63, 64, 65, 129])
+@pytest.mark.parametrize("tail", [0, 1, G - 1])
+def test_set_all_stays_inside_the_volume(nbits: int, tail: int) -> None:
+    bm = Bitmap(nbits * G - tail, G)
+    bm.set_all()
+    assert bm.count() == nbits and bm.bytes_set() == nbits * G - tail
+    assert list(bm.runs()) == [(0, nbits)]
+    assert bm.first_clear(0) == nbits and bm.first_set(nbits - 1) == nbits - 1
+    assert bm.clear_run(0, nbits + 100) == nbits * G - tail
+    assert bm.is_empty() and bm.first_set(0) is None
+
+
+def test_set_range_edges() -> None:
+    bm = Bitmap(10 * G - 100, G)
+    assert bm.set_range(0, 0) == []  # empty range
+    assert bm.set_range(G - 1, 2) == [0, 1]  # two bytes straddling a chunk boundary
+    assert bm.set_range(9 * G, 1 << 40) == [9]  # clipped at the end
+    assert bm.set_range(10 * G, G) == []  # entirely past the end
+    assert bm.set_range(0, 10 * G) == [2, 3, 4, 5, 6, 7, 8]  # only the new ones
+    assert bm.bytes_set() == 10 * G - 100
+
+
+def test_empty_volume_has_no_bits() -> None:
+    bm = Bitmap(0, G)
+    assert bm.nbits == 0 and bm.count() == 0 and bm.bytes_set() == 0
+    assert list(bm.runs()) == [] and bm.first_set(0) is None and bm.first_clear(0) == 0
+    bm.set_all()
+    assert bm.is_empty()
+
+
+def test_or_refuses_other_geometry() -> None:
+    with pytest.raises(ValueError, match="geometry"):
+        Bitmap(64 * G, G).or_(Bitmap(65 * G, G))
+    with pytest.raises(ValueError, match="geometry"):
+        Bitmap(64 * G, G).or_(Bitmap(64 * G, 2 * G))
+
+
+def test_from_bytes_refuses_the_wrong_length() -> None:
+    with pytest.raises(ValueError, match="expected 2"):
+        Bitmap.from_bytes(9 * G, G, b"\0")
+
+
+@pytest.mark.parametrize("bad", [0, 2048, 3000, 4096 * 3, 32 << 20])
+def test_granularity_must_be_a_power_of_two_from_4k_to_16m(bad: int) -> None:
+    with pytest.raises(ValueError, match="power of two"):
         Bitmap(1 << 20, bad)
 
 
-@settings(max_examples=50, deadline=None)
-@given(size=sizes, bits=st.sets(st.integers(0, 700)), generation=st.integers(0, 2**40))
-def test_files_round_trip(
-    tmp_path_factory: pytest.TempPathFactory, size: int, bits: set[int], generation: int
-) -> None:
-    path = tmp_path_factory.mktemp("bm") / "t.bitmap"
-    bm = Bitmap(size, G)
-    for c in bits:
-        if c < bm.nbits:
-            bm.set(c)
-    persist.save_atomic(path, bm, generation, persist.KIND_TRANSFER)
-    back, gen = persist.load(path, persist.KIND_TRANSFER, G, size)
-    assert gen == generation and back.to_bytes() == bm.to_bytes()
+@pytest.mark.parametrize("good", [4096, 65536, 16 << 20])
+def test_granularity_limits_are_accepted(good: int) -> None:
+    assert Bitmap(1 << 30, good).nbits == -(-(1 << 30) // good)
 
 
-def _saved(tmp_path: Path) -> Path:
-    path = tmp_path / "t.bitmap"
-    bm = Bitmap(1 << 20, G)
-    bm.set(3)
-    persist.save_atomic(path, bm, 7, persist.KIND_TRACKING)
-    return path
-
-
-@pytest.mark.parametrize(
-    "damage, words",
-    [
-        (lambda raw: b"XXXX" + raw[4:], "magic"),
-        (lambda raw: raw[:12] + bytes([raw[12] ^ 1]) + raw[13:], "checksum"),
-        (lambda raw: raw[:100], "truncated"),
-        (lambda raw: b"", "truncated"),
-        (lambda raw: raw[:-1], "length"),
-        (lambda raw: raw + b"\0", "length"),
-    ],
-)
-def test_damaged_files_are_refused_by_name(tmp_path: Path, damage, words: str) -> None:  # type: ignore[no-untyped-def]
-    path = _saved(tmp_path)
-    path.write_bytes(damage(path.read_bytes()))
-    with pytest.raises(CorruptFile) as err:
-        persist.load(path, persist.KIND_TRACKING, G, 1 << 20)
-    assert str(path) in str(err.value) and words in str(err.value)
-
-
-def test_wrong_kind_or_geometry_is_refused(tmp_path: Path) -> None:
-    path = _saved(tmp_path)
-    with pytest.raises(CorruptFile, match="transfer"):
-        persist.load(path, persist.KIND_TRANSFER, G, 1 << 20)
-    with pytest.raises(CorruptFile, match="geometry"):
-        persist.load(path, persist.KIND_TRACKING, 2 * G, 1 << 20)
-    with pytest.raises(CorruptFile, match="missing"):
-        persist.load(tmp_path / "absent", persist.KIND_TRACKING, G, 1 << 20)
-
-
-async def test_tracking_file_group_commit_and_in_place_bits(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import asyncio
-    import os
-
-    path = _saved(tmp_path)
-    tf = persist.TrackingFile(path)
-    syncs = 0
-    real = os.fdatasync
-
-    def counting(fd: int) -> None:
-        nonlocal syncs
-        syncs += 1
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", counting)
-    bm, _ = persist.load(path, persist.KIND_TRACKING, G, 1 << 20)
-    news = [bm.set_range(c * G, G) for c in range(10, 60)]
-    await asyncio.gather(*(tf.persist(bm, new) for new in news))
-    assert 1 <= syncs <= 3  # 50 concurrent first-writes shared a handful of fsyncs
-    back, _ = persist.load(path, persist.KIND_TRACKING, G, 1 << 20)
-    assert back.to_bytes() == bm.to_bytes()
-    bm.clear_run(10, 20)
-    persist.write_bits_in_place(path, bm)
-    back, _ = persist.load(path, persist.KIND_TRACKING, G, 1 << 20)
-    assert list(back.runs()) == [(3, 1), (30, 30)]
-    tf.close()
+def test_a_big_sparse_bitmap_is_scanned_without_looping_over_bits() -> None:
+    bm = Bitmap(16 << 40, 64 * 1024)  # 16 TiB at 64 KiB: 256 Mi bits, 32 MiB
+    last = bm.nbits - 1
+    bm.set(last)
+    bm.set(5)
+    assert list(bm.runs()) == [(5, 1), (last, 1)]
+    assert bm.count() == 2 and bm.first_clear(0) == 0
+    bm.or_(bm.copy())
+    assert bm.clear_run(0, bm.nbits) == 2 * 64 * 1024
