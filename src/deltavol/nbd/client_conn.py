@@ -63,6 +63,7 @@ class _Pending:
     offset: int
     length: int
     reply: Reply
+    covered: int = 0  # bytes of a structured read answered so far (data or hole)
 
 
 class ClientConnection:
@@ -244,14 +245,18 @@ class ClientConnection:
         return cookie
 
     def _reply(self) -> object:
-        if len(self._buf) < 4:
-            return NEED_DATA
-        (magic,) = struct.unpack_from(">I", self._buf)
-        if magic == c.SIMPLE_REPLY_MAGIC:
-            return self._simple()
-        if magic == c.STRUCTURED_REPLY_MAGIC and self.structured:
-            return self._structured()
-        return self._close(f"bad reply magic {magic:#x}")
+        while True:  # a loop, not recursion: a read may come in thousands of chunks
+            if len(self._buf) < 4:
+                return NEED_DATA
+            (magic,) = struct.unpack_from(">I", self._buf)
+            if magic == c.SIMPLE_REPLY_MAGIC:
+                return self._simple()
+            if magic == c.STRUCTURED_REPLY_MAGIC and self.structured:
+                event = self._structured()
+                if event is None:  # a chunk that is not the last one
+                    continue
+                return event
+            return self._close(f"bad reply magic {magic:#x}")
 
     def _simple(self) -> object:
         if len(self._buf) < c.SIMPLE_REPLY.size:
@@ -275,7 +280,7 @@ class ClientConnection:
         del self._pending[cookie]
         return reply
 
-    def _structured(self) -> object:
+    def _structured(self) -> object | None:
         if len(self._buf) < c.STRUCTURED_REPLY.size:
             return NEED_DATA
         _, flags, rtype, cookie, length = c.STRUCTURED_REPLY.unpack_from(self._buf)
@@ -291,7 +296,9 @@ class ClientConnection:
         if problem:
             return self._close(problem)
         if not flags & ReplyFlag.DONE:
-            return self._reply() if self._buf else NEED_DATA
+            return None
+        if pending.cmd == Cmd.READ and not reply.error and pending.covered != pending.length:
+            return self._close(f"read reply covers {pending.covered} of {pending.length} bytes")
         del self._pending[cookie]
         return reply
 
@@ -307,19 +314,27 @@ class ClientConnection:
             reply.message = bytes(payload[6 : 6 + mlen]).decode("utf-8", "replace")
             return None
         if rtype == ReplyType.OFFSET_DATA and p.cmd == Cmd.READ:
+            if len(payload) < 8:
+                return "short read data chunk"
             (off,) = struct.unpack_from(">Q", payload)
             n = len(payload) - 8
             if off < p.offset or off + n > p.offset + p.length:
                 return "read data outside the request"
             assert reply.data is not None
             reply.data[off - p.offset : off - p.offset + n] = payload[8:]
+            p.covered += n
             return None
         if rtype == ReplyType.OFFSET_HOLE and p.cmd == Cmd.READ:
+            if len(payload) != 12:
+                return "short read hole chunk" if len(payload) < 12 else "long read hole chunk"
             off, n = struct.unpack_from(">QI", payload)
             if off < p.offset or off + n > p.offset + p.length:
                 return "read hole outside the request"
+            p.covered += n
             return None  # the buffer starts zeroed
         if rtype == ReplyType.BLOCK_STATUS and p.cmd == Cmd.BLOCK_STATUS:
+            if len(payload) < 4:
+                return "short block status chunk"
             count = (len(payload) - 4) // 8
             reply.extents.extend(struct.unpack_from(">II", payload, 4 + 8 * i) for i in range(count))
             return None

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.sessions.targets import nbdkit_memory_cmd, qemu_nbd_cmd, serving, uri
 
 from deltavol.nbd.client import NbdClient, NbdConnectionError, NbdError, parse_uri
+from tests.sessions.targets import nbdkit_memory_cmd, qemu_nbd_cmd, serving, uri
 
 MiB = 1 << 20
 
