@@ -69,14 +69,44 @@ class OptMetaContext:
 # --- transmission phase ---------------------------------------------------------------------
 @dataclass(slots=True)
 class Request:
-    """A well-formed transmission request; ``data`` is the payload of a WRITE."""
+    """A well-formed transmission request; ``data`` is the payload of a WRITE.
+
+    ``flags`` holds the validated ``CmdFlag`` bits as a plain int, and the properties
+    test them with plain ints: ``IntFlag`` arithmetic builds a new enum member per
+    operation, a cost paid on every request otherwise.
+    """
 
     cookie: int
     cmd: Cmd
-    flags: CmdFlag
+    flags: int
     offset: int
     length: int
     data: bytes = field(default=b"", repr=False)
+
+    @property
+    def fua(self) -> bool:
+        return bool(self.flags & _FUA)
+
+    @property
+    def no_hole(self) -> bool:
+        return bool(self.flags & _NO_HOLE)
+
+    @property
+    def df(self) -> bool:
+        return bool(self.flags & _DF)
+
+    @property
+    def req_one(self) -> bool:
+        return bool(self.flags & _REQ_ONE)
+
+    @property
+    def fast_zero(self) -> bool:
+        return bool(self.flags & _FAST_ZERO)
+
+
+_FUA, _NO_HOLE, _DF, _REQ_ONE, _FAST_ZERO = (
+    int(f) for f in (CmdFlag.FUA, CmdFlag.NO_HOLE, CmdFlag.DF, CmdFlag.REQ_ONE, CmdFlag.FAST_ZERO)
+)
 
 
 @dataclass(frozen=True, slots=True)

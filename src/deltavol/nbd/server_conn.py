@@ -46,6 +46,7 @@ from deltavol.nbd.events import (
 
 BASE_ALLOCATION_ID = 1  # the one meta context this server offers
 _COMPACT_AT = 1 << 20  # drop consumed input once this much of the buffer is consumed
+_COMMANDS = {int(cmd): cmd for cmd in Cmd}  # a dict lookup; ``Cmd(n)`` costs much more per request
 _Opt = TypeVar("_Opt", OptExportName, OptInfo, OptList, OptMetaContext)
 
 
@@ -81,6 +82,7 @@ class ServerConnection:
         self.structured_replies = False
         self.no_zeroes = False
         self.export: ExportInfo | None = None
+        self._allowed: dict[Cmd, int] = {}  # command flags accepted, per command, for ``export``
         self.meta_contexts: frozenset[int] = frozenset()  # ids selected by SET_META_CONTEXT
         self._buf = bytearray()
         self._pos = 0
@@ -270,15 +272,12 @@ class ServerConnection:
                 return NEED_DATA
         self._pos += c.REQUEST.size
         data = self._take(length) if cmd == Cmd.WRITE else b""
-        try:
-            command = Cmd(cmd)
-        except ValueError:
+        command = _COMMANDS.get(cmd)
+        if command is None:
             return BadRequest(cookie, cmd, Errno.EINVAL, f"unknown command {cmd}")
         if command is Cmd.DISC:
             return self._close("client sent NBD_CMD_DISC", clean=True)
-        allowed = int(c.ALLOWED_CMD_FLAGS[command])
-        if self.export is not None and self.export.flags & c.TransmissionFlag.SEND_FUA:
-            allowed |= int(CmdFlag.FUA)  # spec: then FUA MUST be accepted on every command
+        allowed = self._allowed[command]
         if flags & ~allowed:
             why = f"flags {flags:#x} not valid for {command.name}"
             return BadRequest(cookie, cmd, Errno.EINVAL, why)
@@ -287,7 +286,7 @@ class ServerConnection:
             return BadRequest(cookie, cmd, Errno.EINVAL, why)
         if command is Cmd.BLOCK_STATUS and not self.meta_contexts:
             return BadRequest(cookie, cmd, Errno.EINVAL, "no meta context was negotiated")
-        return Request(cookie, command, CmdFlag(flags), offset, length, data or b"")
+        return Request(cookie, command, flags, offset, length, data or b"")
 
     # --- answers to option events ----------------------------------------------------------
     def _answered(self, expected: type[_Opt]) -> _Opt:
@@ -301,6 +300,9 @@ class ServerConnection:
 
     def _enter_transmission(self, name: str, export: ExportInfo) -> None:
         self.export = export
+        fua = int(CmdFlag.FUA) if export.flags & c.TransmissionFlag.SEND_FUA else 0
+        # spec: with SEND_FUA advertised, FUA MUST be accepted on every command
+        self._allowed = {cmd: int(flags) | fua for cmd, flags in c.ALLOWED_CMD_FLAGS.items()}
         self.max_payload = min(self.max_payload, export.max_block)
         if name != self._meta_export:  # contexts were selected for another export
             self.meta_contexts = frozenset()

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from deltavol.backend.export import Export
 from deltavol.errors import DeltavolError, NotFound
-from deltavol.nbd.constants import Cmd, CmdFlag, Rep
+from deltavol.nbd.constants import Cmd, Rep
 from deltavol.nbd.events import (
     NEED_DATA,
     BadRequest,
@@ -163,8 +163,7 @@ class NbdConnection(asyncio.Protocol):
                 break
             else:
                 self._option(event)
-            self._flush()
-        self._flush()
+        self._flush()  # the acks of a burst of requests leave in one write
 
     def _close_when_idle(self) -> None:
         if not self.tasks:
@@ -225,7 +224,7 @@ class NbdConnection(asyncio.Protocol):
     def _start(self, req: Request) -> None:
         if req.cmd is Cmd.READ and self._read_inline(req):
             return
-        if req.cmd is Cmd.WRITE and not req.flags & CmdFlag.FUA and self._write_inline(req):
+        if req.cmd is Cmd.WRITE and not req.fua and self._write_inline(req):
             return
         task = asyncio.get_running_loop().create_task(self._run(req))
         self.tasks.add(task)
@@ -248,6 +247,7 @@ class NbdConnection(asyncio.Protocol):
         if data is None:
             return False
         self.conn.send_read(req.cookie, req.offset, [(req.length, data)])
+        self._flush()  # data: out at once, so the socket keeps streaming
         return True
 
     def _write_inline(self, req: Request) -> bool:
@@ -288,7 +288,7 @@ class NbdConnection(asyncio.Protocol):
             self._flush_later()
 
     async def _read(self, export: Export, req: Request) -> None:
-        if self.conn.structured_replies and req.length >= SPARSE_READ_MIN and not req.flags & CmdFlag.DF:
+        if self.conn.structured_replies and req.length >= SPARSE_READ_MIN and not req.df:
             extents = await export.extents(req.offset, req.length)
             if len(extents) > 1 or (extents and extents[0][1] & 1):
                 pieces: list[tuple[int, bytes | None]] = []
@@ -302,7 +302,7 @@ class NbdConnection(asyncio.Protocol):
         self.conn.send_read(req.cookie, req.offset, [(req.length, data)])
 
     async def _write(self, export: Export, req: Request) -> None:
-        await export.pwrite(req.offset, req.data, bool(req.flags & CmdFlag.FUA))
+        await export.pwrite(req.offset, req.data, req.fua)
         self.conn.send_ok(req.cookie)
 
     async def _flush_cmd(self, export: Export, req: Request) -> None:
@@ -310,16 +310,16 @@ class NbdConnection(asyncio.Protocol):
         self.conn.send_ok(req.cookie)
 
     async def _trim(self, export: Export, req: Request) -> None:
-        await export.trim(req.offset, req.length, bool(req.flags & CmdFlag.FUA))
+        await export.trim(req.offset, req.length, req.fua)
         self.conn.send_ok(req.cookie)
 
     async def _zero(self, export: Export, req: Request) -> None:
         await export.zero(
             req.offset,
             req.length,
-            may_trim=not req.flags & CmdFlag.NO_HOLE,
-            fua=bool(req.flags & CmdFlag.FUA),
-            fast=bool(req.flags & CmdFlag.FAST_ZERO),
+            may_trim=not req.no_hole,
+            fua=req.fua,
+            fast=req.fast_zero,
         )
         self.conn.send_ok(req.cookie)
 
@@ -332,7 +332,7 @@ class NbdConnection(asyncio.Protocol):
             self.conn.send_error(req.cookie, errno.EINVAL, "block status of zero length")
             return
         extents = await export.extents(req.offset, req.length)
-        if req.flags & CmdFlag.REQ_ONE:
+        if req.req_one:
             extents = extents[:1]
         self.conn.send_block_status(req.cookie, extents)
 
