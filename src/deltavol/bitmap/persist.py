@@ -11,10 +11,11 @@ Two ways of writing:
 
 * ``save_atomic``: the whole bitmap to a tmp file in the same directory, fsync,
   ``os.replace``, fsync of the directory. A crash leaves either the old or the new file.
-* ``TrackingFile.persist``: the write-ahead path under every acknowledged NBD write. Only
-  the bit bytes that cover the newly set chunks are written in place, then fdatasync —
-  with group commit: callers whose bytes were written before a sync started share it, so
-  many concurrent first-writes cost one fsync. Bits are never cleared in place; clearing
+* ``TrackingFile.write_bits`` + ``round``: the write-ahead path under every acknowledged
+  NBD write. Only the bit bytes that cover the newly set chunks are written in place, then
+  fdatasync — by group commit (``store/group_commit.py``): writers whose bytes were in the
+  file before a round started share it, so many concurrent first-writes, on every
+  session of a source, cost one round. Bits are never cleared in place; clearing
   happens in memory and reaches the disk with ``rewrite`` (atomic) at a checkpoint, so
   the file is always a superset of the acknowledged changes.
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.errors import CorruptFile, os_error
 from deltavol.store.fsio import sync_dir
+from deltavol.store.group_commit import GroupCommit
 
 MAGIC = b"DVBITMAP"
 VERSION = 1
@@ -128,35 +130,35 @@ def load(path: Path, kind: int, granularity: int, size: int) -> tuple[Bitmap, in
 class TrackingFile:
     """The tracking bitmap's file, written ahead of every change (see the module notes)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, commit: GroupCommit | None = None) -> None:
         self.path = path
+        self.commit = commit or GroupCommit()  # shared by the sessions of one source
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        self._written = 0  # persist() calls whose bytes are in the file
-        self._synced = 0  # ... of which this many are durable
-        self._syncing: asyncio.Task[None] | None = None
 
-    async def persist(self, bitmap: Bitmap, chunks: list[int]) -> None:
-        """Make the bits of ``chunks`` (already set in ``bitmap``) durable."""
+    def write_bits(self, bitmap: Bitmap, chunks: list[int]) -> None:
+        """Put the bit bytes of ``chunks`` (already set in ``bitmap``) in the file; not yet durable."""
         lo, data = bitmap.byte_span(chunks)
         try:
             os.pwrite(self._fd, data, HEADER_SIZE + lo)  # page cache: no need for a thread
         except OSError as exc:
             raise os_error(exc, f"tracking bitmap {self.path}") from exc
-        self._written += 1
-        ticket = self._written
-        while self._synced < ticket:
-            if self._syncing is None:
-                self._syncing = asyncio.get_running_loop().create_task(self._sync(self._written))
-            await asyncio.shield(self._syncing)
 
-    async def _sync(self, upto: int) -> None:
+    def sync(self) -> None:
+        if self._fd < 0:  # closed (its session is gone): nothing left to make durable
+            return
         try:
-            await asyncio.to_thread(os.fdatasync, self._fd)
+            os.fdatasync(self._fd)
         except OSError as exc:
             raise os_error(exc, f"tracking bitmap {self.path}") from exc
-        finally:
-            self._syncing = None
-        self._synced = max(self._synced, upto)
+
+    def round(self) -> asyncio.Future[None]:
+        """The group-commit round that makes the bits written so far durable."""
+        return self.commit.round(self)
+
+    async def persist(self, bitmap: Bitmap, chunks: list[int]) -> None:
+        """Make the bits of ``chunks`` (already set in ``bitmap``) durable."""
+        self.write_bits(bitmap, chunks)
+        await asyncio.shield(self.round())
 
     def rewrite(self, bitmap: Bitmap, generation: int) -> None:
         """Replace the file atomically with ``bitmap`` (this is where cleared bits land)."""

@@ -25,6 +25,7 @@ from deltavol.errors import AlreadyExists, DeltavolError, InUse, NotFound, Usage
 from deltavol.sessions.session import RetryPolicy, Session, UpdateRecord
 from deltavol.sessions.states import State
 from deltavol.store.db import Database
+from deltavol.store.group_commit import GroupCommit
 from deltavol.volumes import Volume, Volumes, check_name
 
 log = logging.getLogger("deltavol.sessions")
@@ -51,6 +52,7 @@ class SessionManager:
         self.config = config
         self._sessions: dict[str, Session] = {}
         self._gates: dict[str, WriteGate] = {}
+        self._commits: dict[str, GroupCommit] = {}  # one group commit per source (see Session.track)
         self._scheduler: asyncio.Task[None] | None = None
 
     # --- lookup -------------------------------------------------------------------------------
@@ -83,11 +85,21 @@ class SessionManager:
             gate = self._gate_for(source)
             name = source.name
 
+            async def track(offset: int, length: int) -> None:
+                rounds = set()
+                for s in self.of_source(name):
+                    rounds.update(s.track(offset, length))
+                for r in rounds:
+                    await asyncio.shield(r)
+
+            def tracked(offset: int, length: int) -> bool:
+                return all(s.tracked(offset, length) for s in self.of_source(name))
+
+            track_hook = Hook(track, tracked)
+
             def hooks() -> list[Hook]:
                 sessions = self.of_source(name)
-                return [s.protect_hook for s in sessions if s.update is not None] + [
-                    s.track_hook for s in sessions
-                ]
+                return [s.protect_hook for s in sessions if s.update is not None] + [track_hook]
 
             def before_change(b: Backend) -> Backend:
                 return BeforeChange(b, hooks)
@@ -112,6 +124,7 @@ class SessionManager:
             source.filters = []
             source.restack()
             self._gates.pop(source.name, None)
+            self._commits.pop(source.name, None)
         target = self.volumes.find(session.target_spec)
         if target is not None:
             target.write_guard = lambda: None
@@ -157,6 +170,7 @@ class SessionManager:
             files=self.bitmaps,
             save_dir=self.save,
             gate=self._gate_for(source),
+            commit=self._commits.setdefault(source.name, GroupCommit()),
             open_target=self._open_target,
             persist_row=self._persist,
             save_limit=self.config.save_limit,

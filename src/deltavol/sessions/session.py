@@ -51,6 +51,7 @@ from deltavol.copy.throttle import Throttle
 from deltavol.errors import CorruptFile, DeltavolError, Error
 from deltavol.nbd.constants import STATE_HOLE
 from deltavol.sessions.states import State, next_state
+from deltavol.store.group_commit import GroupCommit
 from deltavol.volumes import Volume
 
 log = logging.getLogger("deltavol.session")
@@ -134,6 +135,7 @@ class Session:
         files: Path,
         save_dir: Path,
         gate: WriteGate,
+        commit: GroupCommit,
         open_target: Any,
         persist_row: Any,
         max_rate: int | None = None,
@@ -171,8 +173,9 @@ class Session:
         self.progress: Progress | None = None
         self.target: CopyTarget | None = None
         self._task: asyncio.Task[None] | None = None
-        self._unsynced: dict[int, asyncio.Future[None]] = {}
-        self.track_hook = Hook(self.track, self.tracked)
+        self._commit = commit
+        self._unsynced: dict[int, asyncio.Future[None] | None] = {}  # chunk -> its round
+        self._round_chunks: dict[asyncio.Future[None], list[int]] = {}
         self.protect_hook = Hook(self.protect, self.protected)
         self.retry = retry or RetryPolicy()
         self._retry_task: asyncio.Task[None] | None = None
@@ -180,7 +183,7 @@ class Session:
     # --- files ----------------------------------------------------------------------------
     def create_files(self) -> None:
         persist.save_atomic(self._tracking_path, self.tracking, 0, TRACKING)
-        self.tracking_file = persist.TrackingFile(self._tracking_path)
+        self.tracking_file = persist.TrackingFile(self._tracking_path, self._commit)
 
     def load_files(self) -> None:
         """Reopen bitmaps and the save area after a restart; corrupt files raise.
@@ -190,7 +193,7 @@ class Session:
         a superset of the changes is safe, a lost bit is not.
         """
         self.tracking, _ = persist.load(self._tracking_path, TRACKING, self.granularity, self.source.size)
-        self.tracking_file = persist.TrackingFile(self._tracking_path)
+        self.tracking_file = persist.TrackingFile(self._tracking_path, self._commit)
         owned = self.update is not None and self.state in (State.COPYING, State.PAUSED, State.FAILED)
         transfer = None
         if self._transfer_path.exists():
@@ -285,35 +288,64 @@ class Session:
             self.update.bytes_sent = self.progress.bytes_sent
 
     # --- hooks on the source's write path ---------------------------------------------
-    async def track(self, offset: int, length: int) -> None:
+    def track(self, offset: int, length: int) -> list[asyncio.Future[None]]:
+        """Set the tracking bits of a change; returns the group-commit rounds the change
+        must wait for before it goes down (none when its bits are already durable).
+
+        A bit set in memory is in ``_unsynced`` until a round made it durable; if that
+        round failed, it stays there with no round, and the next change of the chunk
+        writes it and asks for a round again.
+        """
         if length == 0:
-            return
-        new = self.tracking.set_range(offset, length)
-        waits: set[asyncio.Future[None]] = set()
+            return []
+        tracking, unsynced = self.tracking, self._unsynced
+        new = tracking.set_range(offset, length)
+        waits: list[asyncio.Future[None]] = []
+        if unsynced:
+            retry = []
+            for c in tracking.chunk_range(offset, length):
+                if c in unsynced:
+                    fut = unsynced[c]
+                    if fut is None:
+                        retry.append(c)
+                    elif fut not in waits:
+                        waits.append(fut)
+            if retry:
+                new = sorted(set(new).union(retry))
         if new:
             assert self.tracking_file is not None
-            fut = asyncio.ensure_future(self.tracking_file.persist(self.tracking, new))
+            try:
+                self.tracking_file.write_bits(tracking, new)
+            except DeltavolError:
+                for c in new:
+                    unsynced[c] = None
+                raise
+            fut = self.tracking_file.round()
             for c in new:
-                self._unsynced[c] = fut
-            fut.add_done_callback(lambda f, cs=new: self._synced(f, cs))
-            waits.add(fut)
-        if self._unsynced:
-            for c in self.tracking.chunk_range(offset, length):
-                f = self._unsynced.get(c)
-                if f is not None:
-                    waits.add(f)
-        for f in waits:
-            await asyncio.shield(f)
+                unsynced[c] = fut
+            chunks = self._round_chunks.get(fut)
+            if chunks is None:
+                chunks = self._round_chunks[fut] = []
+                fut.add_done_callback(self._round_done)
+            chunks.extend(new)
+            if fut not in waits:
+                waits.append(fut)
+        return waits
 
     def tracked(self, offset: int, length: int) -> bool:
         """True if ``track`` would have nothing to do: every bit set and durable."""
         test, unsynced = self.tracking.test, self._unsynced
         return all(test(c) and c not in unsynced for c in self.tracking.chunk_range(offset, length))
 
-    def _synced(self, fut: asyncio.Future[None], chunks: list[int]) -> None:
-        for c in chunks:
-            if self._unsynced.get(c) is fut:
-                del self._unsynced[c]
+    def _round_done(self, fut: asyncio.Future[None]) -> None:
+        failed = fut.cancelled() or fut.exception() is not None
+        unsynced = self._unsynced
+        for c in self._round_chunks.pop(fut, ()):
+            if unsynced.get(c) is fut:
+                if failed:
+                    unsynced[c] = None
+                else:
+                    del unsynced[c]
 
     async def protect(self, offset: int, length: int) -> None:
         """Save the old contents of chunks the update still owes, before they change.
