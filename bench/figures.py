@@ -143,35 +143,51 @@ def cold_cache(s: Settings) -> Iterator[Row]:
 
 
 def tracking(s: Settings) -> Iterator[Row]:
-    """4 KiB random writes while 1 and 4 sessions track the volume, against none: first
-    writes after a mark (each new chunk waits for a group fsync of every session's tracking
-    file), then the steady state (every chunk already tracked, nothing to wait for)."""
-    image = fio_image(s)
+    """4 KiB random writes on a volume that 1 and 4 sessions track, against the same writes
+    on a twin volume with no session, in alternation (each run after ``sync``, the better of
+    two runs each, so neither side inherits the other's writeback). First writes after a
+    mark wait for a group fsync of the tracking files; in the steady state every chunk is
+    already tracked and nothing waits."""
+    image, twin = fio_image(s), s.work / "fio-twin.img"
+    if not twin.exists():
+        fill(twin, s.fio_size)
     with deltavol(s.work / "dv-track") as dv:
         dv.volume("bench", path=image)
+        dv.volume("plain", path=twin)
+        for i in range(1, 5):
+            dv.volume(f"copy{i}", size=s.fio_size)
+
+        def run(volume: str, jobs: int) -> float:
+            os.sync()
+            return fio(dv.uri(volume), "randwrite", "4k", 32, s.runtime, jobs).iops
+
+        def sessions(n: int) -> None:  # n sessions with empty tracking bitmaps
+            for info in dv.call("GET", "/v1/sessions"):
+                dv.call("DELETE", f"/v1/sessions/{info['name']}")
+            for i in range(1, n + 1):
+                dv.session(f"s{i}", "bench", f"copy{i}")
+
         for jobs in (1, 2):
-            base = fio(dv.uri("bench"), "randwrite", "4k", 32, s.runtime, jobs).iops
-            made = 0
             for n in (1, 4):
-                while made < n:
-                    made += 1
-                    dv.volume(f"copy{made}", size=s.fio_size)
-                    dv.session(f"s{made}", "bench", f"copy{made}")
-                first = fio(dv.uri("bench"), "randwrite", "4k", 32, s.runtime, jobs).iops
+                first, base_first, steady, base_steady = [], [], [], []
+                for _ in range(2):
+                    sessions(n)
+                    first.append(run("bench", jobs))
+                    base_first.append(run("plain", jobs))
                 _write_chunks(dv.uri("bench"), list(range(s.fio_size // CHUNK)))  # all tracked now
-                steady = fio(dv.uri("bench"), "randwrite", "4k", 32, s.runtime, jobs).iops
-                for what, ours in (("first writes after a mark", first), ("steady state", steady)):
+                for _ in range(2):
+                    steady.append(run("bench", jobs))
+                    base_steady.append(run("plain", jobs))
+                for what, ours, base in (
+                    ("first writes after a mark", first, base_first),
+                    ("steady state", steady, base_steady),
+                ):
                     yield Row(
                         "tracking overhead",
                         f"4 KiB random write, {jobs} job(s), {n} session(s) tracking, {what}",
-                        "IOPS", ours, "no session", base, (">=", 0.95),
+                        "IOPS", max(ours), "no session", max(base), (">=", 0.95),
                     )  # fmt: skip
-                for i in range(1, made + 1):  # the next round starts from empty tracking bitmaps
-                    dv.call("DELETE", f"/v1/sessions/s{i}")
-                    dv.session(f"s{i}", "bench", f"copy{i}")
-            for i in range(1, made + 1):
-                dv.call("DELETE", f"/v1/sessions/s{i}")
-                dv.call("DELETE", f"/v1/volumes/copy{i}")
+        sessions(0)
 
 
 def _write_chunks(uri: str, chunks: list[int]) -> None:
@@ -179,7 +195,13 @@ def _write_chunks(uri: str, chunks: list[int]) -> None:
         client = await NbdClient.connect(uri)
         try:
             data = random.Random(3).randbytes(CHUNK)
-            await asyncio.gather(*(client.pwrite(c * CHUNK, data) for c in chunks))
+            room = asyncio.Semaphore(64)  # a bounded pipeline, not a GiB of requests at once
+
+            async def write(c: int) -> None:
+                async with room:
+                    await client.pwrite(c * CHUNK, data)
+
+            await asyncio.gather(*(write(c) for c in chunks))
             await client.flush()
         finally:
             await client.close()

@@ -12,7 +12,7 @@ per hook.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from deltavol.backend.base import Backend, Layer
@@ -25,12 +25,12 @@ class Hook:
 
 
 class BeforeChange(Layer):
-    def __init__(self, next: Backend, hooks: Callable[[], Iterable[Hook]]) -> None:
+    def __init__(self, next: Backend, hooks: Sequence[Hook]) -> None:
         super().__init__(next)
-        self.hooks = hooks
+        self.hooks = hooks  # live: its owner changes it as hooks come and go
 
     async def _before(self, offset: int, length: int) -> None:
-        todo = [hook.before for hook in self.hooks() if not hook.ready(offset, length)]
+        todo = [hook.before for hook in self.hooks if not hook.ready(offset, length)]
         if len(todo) == 1:
             await todo[0](offset, length)
         elif todo:
@@ -38,7 +38,7 @@ class BeforeChange(Layer):
 
     def pwrite_now(self, offset: int, data: bytes) -> bool:
         n = len(data)
-        return all(hook.ready(offset, n) for hook in self.hooks()) and self.next.pwrite_now(offset, data)
+        return all(hook.ready(offset, n) for hook in self.hooks) and self.next.pwrite_now(offset, data)
 
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
         await self._before(offset, len(data))

@@ -55,6 +55,13 @@ class Bitmap:
         last = min((offset + length - 1) // self.granularity, self.nbits - 1)
         return range(first, last + 1)
 
+    def all_set(self, offset: int, length: int) -> bool:
+        """True if every chunk touched by the byte range is set (asked on every write)."""
+        first = offset // self.granularity
+        if length > 0 and (offset + length - 1) // self.granularity == first < self.nbits:
+            return bool(self._bits[first >> 3] & (1 << (first & 7)))
+        return all(self.test(c) for c in self.chunk_range(offset, length))
+
     def set_range(self, offset: int, length: int) -> list[int]:
         """Set the chunks of a byte range; returns those that were not set before."""
         new = []

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,23 @@ def check_granularity(value: int) -> int:
     return value
 
 
+@dataclass
+class _SourceWiring:
+    """What the sessions of one source share: the write gate, one group commit for their
+    tracking files, and the hooks its ``BeforeChange`` filter runs (a live list, rebuilt
+    as sessions come and go, so no write pays for finding them)."""
+
+    gate: WriteGate = field(default_factory=WriteGate)
+    commit: GroupCommit = field(default_factory=GroupCommit)
+    sessions: list[Session] = field(default_factory=list)
+    track: Hook | None = None
+    hooks: list[Hook] = field(default_factory=list)
+
+    def rehook(self) -> None:
+        protect = [s.protect_hook for s in self.sessions]
+        self.hooks[:] = protect + ([self.track] if self.track is not None else [])
+
+
 class SessionManager:
     def __init__(
         self, db: Database, volumes: Volumes, bitmaps: Path, save: Path, config: ServerConfig
@@ -51,8 +68,7 @@ class SessionManager:
         self.save = save
         self.config = config
         self._sessions: dict[str, Session] = {}
-        self._gates: dict[str, WriteGate] = {}
-        self._commits: dict[str, GroupCommit] = {}  # one group commit per source (see Session.track)
+        self._wiring: dict[str, _SourceWiring] = {}  # by source volume name
         self._scheduler: asyncio.Task[None] | None = None
 
     # --- lookup -------------------------------------------------------------------------------
@@ -76,39 +92,37 @@ class SessionManager:
         return f"used by session(s) {', '.join(users)}" if users else None
 
     # --- wiring -----------------------------------------------------------------------------
-    def _gate_for(self, source: Volume) -> WriteGate:
-        return self._gates.setdefault(source.name, WriteGate())
+    def _wiring_for(self, source: Volume) -> _SourceWiring:
+        return self._wiring.setdefault(source.name, _SourceWiring())
 
     def _attach(self, session: Session) -> None:
         source = session.source
+        wiring = self._wiring_for(source)
+        wiring.sessions.append(session)
         if not source.filters:
-            gate = self._gate_for(source)
-            name = source.name
+            sessions = wiring.sessions  # live: sessions come and go under the same filters
 
             async def track(offset: int, length: int) -> None:
                 rounds = set()
-                for s in self.of_source(name):
+                for s in sessions:
                     rounds.update(s.track(offset, length))
                 for r in rounds:
                     await asyncio.shield(r)
 
             def tracked(offset: int, length: int) -> bool:
-                return all(s.tracked(offset, length) for s in self.of_source(name))
+                return all(s.tracked(offset, length) for s in sessions)
 
-            track_hook = Hook(track, tracked)
-
-            def hooks() -> list[Hook]:
-                sessions = self.of_source(name)
-                return [s.protect_hook for s in sessions if s.update is not None] + [track_hook]
+            wiring.track = Hook(track, tracked)
 
             def before_change(b: Backend) -> Backend:
-                return BeforeChange(b, hooks)
+                return BeforeChange(b, wiring.hooks)
 
             def gated(b: Backend) -> Backend:
-                return GateLayer(b, gate)
+                return GateLayer(b, wiring.gate)
 
             source.filters = [before_change, gated]
             source.restack()
+        wiring.rehook()
         target = self.volumes.find(session.target_spec)
         if target is not None:
             target.write_guard = lambda: f"it is the target of session {session.name!r}"
@@ -120,11 +134,14 @@ class SessionManager:
 
     def _detach(self, session: Session) -> None:
         source = session.source
-        if not self.of_source(source.name):
+        wiring = self._wiring_for(source)
+        if session in wiring.sessions:
+            wiring.sessions.remove(session)
+        wiring.rehook()
+        if not wiring.sessions:
             source.filters = []
             source.restack()
-            self._gates.pop(source.name, None)
-            self._commits.pop(source.name, None)
+            del self._wiring[source.name]
         target = self.volumes.find(session.target_spec)
         if target is not None:
             target.write_guard = lambda: None
@@ -169,8 +186,8 @@ class SessionManager:
             granularity=granularity,
             files=self.bitmaps,
             save_dir=self.save,
-            gate=self._gate_for(source),
-            commit=self._commits.setdefault(source.name, GroupCommit()),
+            gate=self._wiring_for(source).gate,
+            commit=self._wiring_for(source).commit,
             open_target=self._open_target,
             persist_row=self._persist,
             save_limit=self.config.save_limit,

@@ -334,8 +334,10 @@ class Session:
 
     def tracked(self, offset: int, length: int) -> bool:
         """True if ``track`` would have nothing to do: every bit set and durable."""
-        test, unsynced = self.tracking.test, self._unsynced
-        return all(test(c) and c not in unsynced for c in self.tracking.chunk_range(offset, length))
+        tracking, unsynced = self.tracking, self._unsynced
+        if not tracking.all_set(offset, length):
+            return False
+        return not unsynced or not any(c in unsynced for c in tracking.chunk_range(offset, length))
 
     def _round_done(self, fut: asyncio.Future[None]) -> None:
         failed = fut.cancelled() or fut.exception() is not None

@@ -229,3 +229,14 @@ def test_a_big_sparse_bitmap_is_scanned_without_looping_over_bits() -> None:
     assert bm.count() == 2 and bm.first_clear(0) == 0
     bm.or_(bm.copy())
     assert bm.clear_run(0, bm.nbits) == 2 * 64 * 1024
+
+
+@given(st.data(), NBITS, TAILS)
+def test_all_set_agrees_with_testing_each_chunk(data: st.DataObject, nbits: int, tail: int) -> None:
+    size = nbits * G - (tail if nbits > 1 or tail == 0 else 0)
+    bm = Bitmap(size, G)
+    for c in data.draw(st.sets(st.integers(0, bm.nbits - 1))):
+        bm.set(c)
+    offset = data.draw(st.integers(0, size - 1))
+    length = data.draw(st.integers(0, size - offset))
+    assert bm.all_set(offset, length) == all(bm.test(c) for c in bm.chunk_range(offset, length))
