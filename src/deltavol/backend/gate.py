@@ -2,6 +2,9 @@
 
 Writes pass the gate shared; ``closed()`` waits for writes in flight to finish and holds
 new ones back while a session marks (tracking -> transfer) or resets its tracking bitmap.
+
+``epoch`` counts the moments when what the write path may skip could have changed (every
+closing, and ``changed()`` for the rest): ``BeforeChange`` forgets what it cached then.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ class WriteGate:
         self._idle = asyncio.Event()
         self._idle.set()
         self._reopened: asyncio.Event | None = None
+        self.epoch = 0
+
+    def changed(self) -> None:
+        """Hooks may have work again where they had none (a session came, a bitmap was reset)."""
+        self.epoch += 1
 
     @property
     def open(self) -> bool:
@@ -42,8 +50,10 @@ class WriteGate:
         reopened = self._reopened = asyncio.Event()
         try:
             await self._idle.wait()
+            self.epoch += 1
             yield
         finally:
+            self.epoch += 1
             self._reopened = None
             reopened.set()
 

@@ -7,6 +7,13 @@ sessions'; the layer only runs it. The hooks do not depend on one another — ea
 only to be done before the change goes down — so they run concurrently, and a first write
 under copy-on-first-write, or with several sessions, waits for one fsync's time, not one
 per hook.
+
+Asking every hook on every write costs more than the write itself once several sessions
+track a volume, and almost always the answer is "nothing to do". So the layer keeps a
+coarse bitmap of cells (64 KiB or more) for which every hook said so, asked over the whole
+cell, and tests one bit. Hooks only ever run out of work on their own (a bit made durable,
+a chunk copied); whatever gives them work again (a mark, a new session, a reset bitmap)
+goes through the write gate, whose ``epoch`` then moves, and the cache is dropped.
 """
 
 from __future__ import annotations
@@ -16,6 +23,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from deltavol.backend.base import Backend, Layer
+from deltavol.backend.gate import WriteGate
+from deltavol.bitmap.bitmap import MAX_GRANULARITY, Bitmap
+
+MIN_CELL = 64 * 1024
+MAX_CELLS = 1 << 24  # 2 MiB of cache bits at most, below MAX_CELL
 
 
 @dataclass(frozen=True)
@@ -25,9 +37,15 @@ class Hook:
 
 
 class BeforeChange(Layer):
-    def __init__(self, next: Backend, hooks: Sequence[Hook]) -> None:
+    def __init__(self, next: Backend, hooks: Sequence[Hook], gate: WriteGate) -> None:
         super().__init__(next)
         self.hooks = hooks  # live: its owner changes it as hooks come and go
+        self.gate = gate
+        cell = MIN_CELL
+        while cell < MAX_GRANULARITY and cell * MAX_CELLS < next.size:
+            cell *= 2
+        self._idle = Bitmap(max(next.size, 1), cell)  # cells where no hook has work
+        self._epoch = gate.epoch
 
     async def _before(self, offset: int, length: int) -> None:
         todo = [hook.before for hook in self.hooks if not hook.ready(offset, length)]
@@ -37,8 +55,23 @@ class BeforeChange(Layer):
             await asyncio.gather(*(before(offset, length) for before in todo))
 
     def pwrite_now(self, offset: int, data: bytes) -> bool:
-        n = len(data)
-        return all(hook.ready(offset, n) for hook in self.hooks) and self.next.pwrite_now(offset, data)
+        n, idle = len(data), self._idle
+        if self._epoch != self.gate.epoch:
+            idle.clear_all()
+            self._epoch = self.gate.epoch
+        if not idle.all_set(offset, n):
+            if not all(hook.ready(offset, n) for hook in self.hooks):
+                return False
+            self._learn(offset, n)
+        return self.next.pwrite_now(offset, data)
+
+    def _learn(self, offset: int, length: int) -> None:
+        idle, cell = self._idle, self._idle.granularity
+        for c in idle.chunk_range(offset, length):
+            start = c * cell
+            span = min(cell, self.next.size - start)
+            if all(hook.ready(start, span) for hook in self.hooks):
+                idle.set(c)
 
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
         await self._before(offset, len(data))

@@ -56,6 +56,7 @@ class _SourceWiring:
     def rehook(self) -> None:
         protect = [s.protect_hook for s in self.sessions]
         self.hooks[:] = protect + ([self.track] if self.track is not None else [])
+        self.gate.changed()  # a new session has all to track
 
 
 class SessionManager:
@@ -115,7 +116,7 @@ class SessionManager:
             wiring.track = Hook(track, tracked)
 
             def before_change(b: Backend) -> Backend:
-                return BeforeChange(b, wiring.hooks)
+                return BeforeChange(b, wiring.hooks, wiring.gate)
 
             def gated(b: Backend) -> Backend:
                 return GateLayer(b, wiring.gate)

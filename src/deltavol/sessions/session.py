@@ -215,6 +215,7 @@ class Session:
             self.save = save.open()
         else:
             save.path.unlink(missing_ok=True)
+        self._gate.changed()  # bitmaps replaced: what the write path cached is void
 
     def set_aside_files(self, why: str) -> None:
         """Corrupt files: keep them for inspection, fail the session, track afresh.
@@ -229,6 +230,7 @@ class Session:
         self._durable_transfer = None
         self.save = None
         self.tracking = Bitmap(self.source.size, self.granularity)
+        self._gate.changed()  # every chunk is to be tracked again
         self.create_files()
         self.state = State.FAILED
         self.consistent = False

@@ -1,0 +1,99 @@
+"""BeforeChange: hooks run before a change goes down; the cache of idle cells never hides work."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deltavol.backend.gate import WriteGate
+from deltavol.backend.hooks import MIN_CELL, BeforeChange, Hook
+from deltavol.bitmap.bitmap import Bitmap
+
+G = 4096
+SIZE = 8 * MIN_CELL + 3 * G  # a short last cell
+
+
+class Disk:
+    """The backend under the filter: records what went down."""
+
+    size = SIZE
+
+    def __init__(self) -> None:
+        self.written: list[tuple[int, int]] = []
+
+    def pwrite_now(self, offset: int, data: bytes) -> bool:
+        self.written.append((offset, len(data)))
+        return True
+
+
+class Tracker:
+    """A hook with work wherever its bitmap is clear; ``before`` does the work."""
+
+    def __init__(self) -> None:
+        self.done = Bitmap(SIZE, G)
+        self.hook = Hook(self.before, self.ready)
+
+    async def before(self, offset: int, length: int) -> None:
+        self.done.set_range(offset, length)
+
+    def ready(self, offset: int, length: int) -> bool:
+        return self.done.all_set(offset, length)
+
+
+def layer() -> tuple[BeforeChange, Tracker, WriteGate, Disk]:
+    disk, tracker, gate = Disk(), Tracker(), WriteGate()
+    return BeforeChange(disk, [tracker.hook], gate), tracker, gate, disk  # type: ignore[arg-type]
+
+
+def test_a_write_with_work_to_do_is_not_done_inline() -> None:
+    f, tracker, _, disk = layer()
+    assert not f.pwrite_now(0, bytes(G))
+    assert disk.written == []
+    tracker.done.set_range(0, G)
+    assert f.pwrite_now(0, bytes(G))
+    assert disk.written == [(0, G)]
+
+
+def test_the_cache_is_dropped_when_the_gate_says_work_came_back() -> None:
+    f, tracker, gate, _ = layer()
+    tracker.done.set_range(0, SIZE)
+    assert f.pwrite_now(0, bytes(G))  # learns cell 0
+    tracker.done.clear_all()  # a mark, say: every chunk has work again
+    gate.changed()
+    assert not f.pwrite_now(G, bytes(G)), "the cached idle cell hid the hook's work"
+
+
+async def test_closing_the_gate_drops_the_cache() -> None:
+    f, tracker, gate, _ = layer()
+    tracker.done.set_range(0, SIZE)
+    assert f.pwrite_now(0, bytes(G))
+    async with gate.closed():
+        tracker.done.clear_all()
+    assert not f.pwrite_now(0, bytes(G))
+
+
+def test_a_cell_is_cached_only_if_the_hook_is_idle_on_all_of_it() -> None:
+    f, tracker, _, _ = layer()
+    tracker.done.set_range(0, G)  # only the first chunk of cell 0
+    assert f.pwrite_now(0, bytes(G))
+    assert not f.pwrite_now(G, bytes(G)), "cell 0 was cached from one idle chunk"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["write", "work", "idle", "changed"]), st.integers(0, SIZE - 1))))
+def test_inline_writes_only_where_the_hook_is_idle(ops: list[tuple[str, int]]) -> None:
+    """Against a model: whatever the order of writes, new work and learning, a write goes
+    down inline only if the hook has nothing to do on it at that moment."""
+    f, tracker, gate, _ = layer()
+    for op, pos in ops:
+        offset, length = pos - pos % G, min(2 * G, SIZE - (pos - pos % G))
+        if op == "write":
+            expected = tracker.ready(offset, length)
+            assert f.pwrite_now(offset, bytes(length)) == expected
+        elif op == "idle":
+            tracker.done.set_range(offset, length)
+        else:  # new work is always announced through the gate
+            if op == "work":
+                for c in tracker.done.chunk_range(offset, length):
+                    tracker.done.clear(c)
+            gate.changed()
