@@ -36,7 +36,8 @@ BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 ZERO_CHUNK = 1 << 20
 PAGE = os.sysconf("SC_PAGE_SIZE")
-INLINE_WRITE_MAX = 1 << 20
+INLINE_WRITE_MAX = 128 << 10  # larger writes go to the pool: copying MiBs into the page cache
+# on several threads beats one loop (seq 1 MiB writes 0.65x -> 1.1x of qemu-nbd here)
 INLINE_STALL = 0.002  # seconds
 INLINE_BACKOFF = 1.0  # seconds
 
