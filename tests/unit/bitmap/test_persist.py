@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.errors import CorruptFile, NoSpace
+from deltavol.store.group_commit import GroupCommit
 
 G = 4096
 SIZE = 100 * G - 512  # 100 bits: the last byte is partly padding, the last chunk short
@@ -314,3 +315,33 @@ async def test_rewrite_clears_bits_and_persist_goes_on_in_the_new_file(tmp_path:
         assert list(load(path).runs()) == [(5, 2)]
     finally:
         tf.close()
+
+
+async def test_two_tracking_files_sharing_a_group_commit_are_synced_by_one_round(
+    tmp_path: Path, syncs: list[int]
+) -> None:
+    commit = GroupCommit()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    paths = [saved(tmp_path / "a", bits=()), saved(tmp_path / "b", bits=())]
+    files = [persist.TrackingFile(p, commit) for p in paths]
+    try:
+        assert all(tf.commit is commit for tf in files)
+        bms = [Bitmap(SIZE, G), Bitmap(SIZE, G)]
+        news = [bms[0].set_range(3 * G, 2 * G), bms[1].set_range(70 * G, G)]
+        for tf, bm, new in zip(files, bms, news, strict=True):
+            tf.write_bits(bm, new)
+        r0, r1 = files[0].round(), files[1].round()
+        assert r0 is r1, "two files of one group commit got different rounds"
+        assert not syncs
+        await asyncio.shield(r0)
+        assert sorted(syncs) == sorted(tf._fd for tf in files), "one fdatasync per file, in one round"
+        assert [list(load(p).runs()) for p in paths] == [[(3, 2)], [(70, 1)]]
+        # persist of both in one turn: one more round, again one sync per file
+        news = [bms[0].set_range(10 * G, G), bms[1].set_range(11 * G, G)]
+        await asyncio.gather(*(tf.persist(bm, new) for tf, bm, new in zip(files, bms, news, strict=True)))
+        assert len(syncs) == 4 and sorted(syncs[2:]) == sorted(tf._fd for tf in files)
+        assert [load(p).to_bytes() for p in paths] == [bm.to_bytes() for bm in bms]
+    finally:
+        for tf in files:
+            tf.close()

@@ -1,0 +1,213 @@
+"""Group commit: one round per burst, newcomers wait for the next round, one sync per file
+per round, a failed round fails all its waiters, rounds one after another."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from deltavol.store.group_commit import GroupCommit
+
+WAIT = 10.0  # seconds a test waits on a thread before calling it hung
+
+
+@dataclass
+class Call:
+    file: str
+    thread: int
+    start: float
+    end: float = 0.0
+
+
+@dataclass
+class Journal:
+    """What every fake file's sync did, in order of start; and how many ran at once."""
+
+    calls: list[Call] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    running: int = 0
+    most: int = 0
+
+
+class Fake:
+    """A Syncable that records its syncs; ``hold`` keeps a sync open until set, ``fail`` makes it raise."""
+
+    def __init__(self, name: str, journal: Journal, hold: threading.Event | None = None) -> None:
+        self.name = name
+        self.journal = journal
+        self.hold = hold
+        self.started = threading.Event()
+        self.fail: BaseException | None = None
+        self.pause = 0.0
+
+    def sync(self) -> None:
+        j = self.journal
+        call = Call(self.name, threading.get_ident(), time.monotonic())
+        with j.lock:
+            j.calls.append(call)
+            j.running += 1
+            j.most = max(j.most, j.running)
+        self.started.set()
+        try:
+            if self.hold is not None:
+                assert self.hold.wait(WAIT), f"{self.name}: never released"
+            if self.pause:
+                time.sleep(self.pause)
+            if self.fail is not None:
+                raise self.fail
+        finally:
+            call.end = time.monotonic()
+            with j.lock:
+                j.running -= 1
+
+    def syncs(self) -> int:
+        return sum(c.file == self.name for c in self.journal.calls)
+
+
+async def started(fake: Fake) -> None:
+    assert await asyncio.to_thread(fake.started.wait, WAIT), f"{fake.name}: its sync never started"
+
+
+async def test_the_writers_of_one_loop_turn_share_one_round() -> None:
+    journal = Journal()
+    gc = GroupCommit()
+    files = [Fake(f"f{i}", journal) for i in range(20)]
+    futs = [gc.round(f) for f in files]
+    assert all(f is futs[0] for f in futs)
+    assert not journal.calls  # the round starts on the next turn, not in round()
+    await asyncio.shield(futs[0])
+    assert sorted(c.file for c in journal.calls) == sorted(f.name for f in files)
+    threads = {c.thread for c in journal.calls}
+    assert len(threads) == 1, "one round, one thread hop"
+    assert threads != {threading.get_ident()}, "sync ran on the event loop's thread"
+
+
+async def test_writer_tasks_started_together_share_one_round() -> None:
+    journal = Journal()
+    gc = GroupCommit()
+    files = [Fake(f"f{i}", journal) for i in range(10)]
+    got: list[asyncio.Future[None]] = []
+
+    async def writer(f: Fake) -> None:
+        fut = gc.round(f)
+        got.append(fut)
+        await asyncio.shield(fut)
+
+    await asyncio.gather(*(writer(f) for f in files))
+    assert len(got) == 10 and all(f is got[0] for f in got)
+    assert len(journal.calls) == 10 and all(f.syncs() == 1 for f in files)
+
+
+async def test_one_round_syncs_each_registered_file_once() -> None:
+    journal = Journal()
+    gc = GroupCommit()
+    a, b, c = (Fake(n, journal) for n in "abc")
+    futs = [gc.round(f) for f in (a, b, a, c, b, a)]
+    assert len({id(f) for f in futs}) == 1
+    await asyncio.shield(futs[0])
+    assert (a.syncs(), b.syncs(), c.syncs()) == (1, 1, 1)
+    assert len(journal.calls) == 3
+
+
+async def test_files_registered_during_a_round_wait_for_the_next_one() -> None:
+    journal = Journal()
+    gc = GroupCommit()
+    first, second = threading.Event(), threading.Event()
+    a = Fake("a", journal, hold=first)
+    b = Fake("b", journal)
+    try:
+        r1 = gc.round(a)
+        await started(a)  # round 1 is running, held open in a.sync
+
+        b.hold = second  # round 2 will be held too, to look at it while it runs
+        r2 = gc.round(b)
+        r2_again = gc.round(a)  # a written again after round 1 began: round 1 does not cover it
+        assert r2 is not r1 and r2_again is r2
+        assert not r1.done() and not r2.done()
+        assert b.syncs() == 0, "b synced by a round that began before b registered"
+
+        first.set()
+        await asyncio.shield(r1)
+        assert not r2.done(), "a writer of round 2 released by round 1"
+        await started(b)  # round 2 began by itself once round 1 finished
+        assert not r2.done()
+        second.set()
+        await asyncio.shield(r2)
+        assert [c.file for c in journal.calls[:1]] == ["a"]
+        assert sorted(c.file for c in journal.calls[1:]) == ["a", "b"]
+        b_call = next(c for c in journal.calls if c.file == "b")
+        assert b_call.start >= journal.calls[0].end, "round 2 overlapped round 1"
+    finally:  # no sync left blocked in a worker thread if an assertion failed
+        first.set()
+        second.set()
+
+
+async def test_a_failed_round_fails_every_waiter_and_the_next_round_works() -> None:
+    journal = Journal()
+    gc = GroupCommit()
+    a, b = Fake("a", journal), Fake("b", journal)
+    boom = OSError(5, "Input/output error")
+    a.fail = boom
+
+    async def writer(f: Fake) -> None:
+        await asyncio.shield(gc.round(f))
+
+    results = await asyncio.gather(*(writer(f) for f in (b, a, b, a)), return_exceptions=True)
+    assert results == [boom] * 4 and all(r is boom for r in results)
+
+    a.fail = None
+    before = len(journal.calls)
+    fut = gc.round(a)
+    fut_b = gc.round(b)
+    assert fut is fut_b and not fut.done()
+    await asyncio.wait_for(asyncio.shield(fut), WAIT)
+    assert fut.exception() is None
+    assert sorted(c.file for c in journal.calls[before:]) == ["a", "b"]
+
+
+async def test_a_failure_while_others_wait_for_the_next_round_fails_only_its_own_round() -> None:
+    journal = Journal()
+    gc = GroupCommit()
+    hold = threading.Event()
+    a, b = Fake("a", journal, hold=hold), Fake("b", journal)
+    a.fail = OSError(28, "No space left on device")
+    r1 = gc.round(a)
+    try:
+        await started(a)
+        r2 = gc.round(b)
+    finally:
+        hold.set()
+    with pytest.raises(OSError) as ei:
+        await asyncio.shield(r1)
+    assert ei.value is a.fail
+    await asyncio.wait_for(asyncio.shield(r2), WAIT)  # round 2 still runs, and succeeds
+    assert b.syncs() == 1
+
+
+async def test_rounds_never_overlap() -> None:
+    journal = Journal()
+    gc = GroupCommit()
+    files = [Fake(f"f{i}", journal) for i in range(8)]
+    for f in files:
+        f.pause = 0.002  # long enough for writers to pile up behind a running round
+    rounds: list[asyncio.Future[None]] = []
+
+    async def writer(i: int) -> None:
+        for n in range(6):
+            await asyncio.sleep(0.001 * ((i * 7 + n * 3) % 5))
+            fut = gc.round(files[(i + n) % len(files)])
+            if not any(r is fut for r in rounds):
+                rounds.append(fut)
+            await asyncio.shield(fut)
+
+    await asyncio.wait_for(asyncio.gather(*(writer(i) for i in range(16))), 60)
+    assert journal.most == 1, f"{journal.most} syncs ran at once"
+    calls = sorted(journal.calls, key=lambda c: c.start)
+    for prev, nxt in itertools.pairwise(calls):
+        assert nxt.start >= prev.end, f"{nxt.file} began before {prev.file} ended"
+    assert len(rounds) > 1  # the test did see several rounds
