@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -134,6 +135,7 @@ class TrackingFile:
         self.path = path
         self.commit = commit or GroupCommit()  # shared by the sessions of one source
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._fd_lock = threading.Lock()
 
     def write_bits(self, bitmap: Bitmap, chunks: list[int]) -> None:
         """Put the bit bytes of ``chunks`` (already set in ``bitmap``) in the file; not yet durable."""
@@ -144,12 +146,13 @@ class TrackingFile:
             raise os_error(exc, f"tracking bitmap {self.path}") from exc
 
     def sync(self) -> None:
-        if self._fd < 0:  # closed (its session is gone): nothing left to make durable
-            return
-        try:
-            os.fdatasync(self._fd)
-        except OSError as exc:
-            raise os_error(exc, f"tracking bitmap {self.path}") from exc
+        with self._fd_lock:  # close() and rewrite() must not swap the fd under a round's thread
+            if self._fd < 0:  # closed (its session is gone): nothing left to make durable
+                return
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                raise os_error(exc, f"tracking bitmap {self.path}") from exc
 
     def round(self) -> asyncio.Future[None]:
         """The group-commit round that makes the bits written so far durable."""
@@ -163,10 +166,13 @@ class TrackingFile:
     def rewrite(self, bitmap: Bitmap, generation: int) -> None:
         """Replace the file atomically with ``bitmap`` (this is where cleared bits land)."""
         save_atomic(self.path, bitmap, generation, KIND_TRACKING)
-        old, self._fd = self._fd, os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        os.close(old)
+        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        with self._fd_lock:
+            old, self._fd = self._fd, fd
+            os.close(old)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._fd_lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1

@@ -43,12 +43,17 @@ class GroupCommit:
         fut, files = self._next, list(self._files.values())
         assert fut is not None
         self._next, self._files, self._running = None, {}, True
-        done = asyncio.get_running_loop().run_in_executor(None, _sync_all, files)
+        try:
+            done = asyncio.get_running_loop().run_in_executor(None, _sync_all, files)
+        except RuntimeError as exc:  # the executor is shut down: fail the round, do not hang it
+            self._running = False
+            fut.set_exception(exc)
+            return
         done.add_done_callback(lambda d: self._finish(d, fut))
 
     def _finish(self, done: asyncio.Future[None], fut: asyncio.Future[None]) -> None:
         self._running = False
-        exc = done.exception()
+        exc = asyncio.CancelledError() if done.cancelled() else done.exception()
         if not fut.done():
             if exc is None:
                 fut.set_result(None)
