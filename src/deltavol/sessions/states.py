@@ -30,8 +30,10 @@ _TRANSITIONS: dict[tuple[State, str], State] = {
     (State.COPYING, "cancel"): State.IDLE,
     (State.PAUSED, "cancel"): State.IDLE,
     (State.FAILED, "cancel"): State.IDLE,
-    (State.FAILED, "update"): State.COPYING,  # a full update is the way back from corruption
-    (State.PAUSED, "update"): State.COPYING,  # only with --full: starts over
+    # a new mark ORs what changed since into the unfinished transfer (DESIGN: mark), or --full
+    # starts over (the way back from a corrupt bitmap or save area)
+    (State.FAILED, "update"): State.COPYING,
+    (State.PAUSED, "update"): State.COPYING,
 }
 
 
