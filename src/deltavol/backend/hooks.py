@@ -27,7 +27,7 @@ from deltavol.backend.gate import WriteGate
 from deltavol.bitmap.bitmap import MAX_GRANULARITY, Bitmap
 
 MIN_CELL = 64 * 1024
-MAX_CELLS = 1 << 24  # 2 MiB of cache bits at most, below MAX_CELL
+MAX_CELLS = 1 << 24  # 2 MiB of cache bits at most, unless cells would exceed MAX_GRANULARITY
 
 
 @dataclass(frozen=True)

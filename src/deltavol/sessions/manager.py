@@ -50,13 +50,23 @@ class _SourceWiring:
     gate: WriteGate = field(default_factory=WriteGate)
     commit: GroupCommit = field(default_factory=GroupCommit)
     sessions: list[Session] = field(default_factory=list)
-    track: Hook | None = None
     hooks: list[Hook] = field(default_factory=list)
+
+    async def track(self, offset: int, length: int) -> None:
+        """Every session's tracking of one change; the rounds they share are awaited once."""
+        rounds = set()
+        for s in self.sessions:
+            rounds.update(s.track(offset, length))
+        for r in rounds:
+            await asyncio.shield(r)
+
+    def tracked(self, offset: int, length: int) -> bool:
+        return all(s.tracked(offset, length) for s in self.sessions)
 
     def rehook(self) -> None:
         protect = [s.protect_hook for s in self.sessions]
-        self.hooks[:] = protect + ([self.track] if self.track is not None else [])
-        self.gate.changed()  # a new session has all to track
+        self.hooks[:] = [*protect, Hook(self.track, self.tracked)]
+        self.gate.changed()  # a session came or went: what BeforeChange cached is void
 
 
 class SessionManager:
@@ -101,19 +111,6 @@ class SessionManager:
         wiring = self._wiring_for(source)
         wiring.sessions.append(session)
         if not source.filters:
-            sessions = wiring.sessions  # live: sessions come and go under the same filters
-
-            async def track(offset: int, length: int) -> None:
-                rounds = set()
-                for s in sessions:
-                    rounds.update(s.track(offset, length))
-                for r in rounds:
-                    await asyncio.shield(r)
-
-            def tracked(offset: int, length: int) -> bool:
-                return all(s.tracked(offset, length) for s in sessions)
-
-            wiring.track = Hook(track, tracked)
 
             def before_change(b: Backend) -> Backend:
                 return BeforeChange(b, wiring.hooks, wiring.gate)
