@@ -268,7 +268,9 @@ def cofw_latency(s: Settings) -> Iterator[Row]:
         dv.update("s", full=True)
         dv.wait("s")
         _write_chunks(dv.uri("bench"), list(range(s.fio_size // CHUNK)))  # every chunk changed
+        os.sync()  # neither run inherits the other's writeback (a GiB was just written)
         idle = fio(dv.uri("bench"), "randwrite", "4k", 1, s.runtime).p99_us
+        os.sync()
         dv.update("s", max_rate="8MiB/s")  # keeps most chunks waiting, so most writes save first
         during = fio(dv.uri("bench"), "randwrite", "4k", 1, s.runtime)
         saved = dv.call("GET", "/v1/sessions/s")["update"]["cofw_saved_bytes"]

@@ -8,14 +8,20 @@ Design notes
 * **Mark** (``_mark``): with the source's write gate closed (no change half-way through
   the stack), ``transfer |= tracking`` is saved atomically, then tracking is reset on disk.
   A crash between the two leaves the bits in both files: a superset, never a miss.
+* **A save implies its tracking bit**: a change that copy-on-first-write saves first has
+  its chunk's bit made durable by the save record, not by a tracking fsync of its own
+  (one fsync per such write, not two competing for the disk). Reopening ORs the save
+  area's chunks into tracking, and the save area is dropped only after a mark or a
+  tracking fsync has made those bits durable in a bitmap file.
 * **Protect** (``protect``, a hook above tracking): while an incremental pass runs, the
-  first change to a chunk still in transfer saves the chunk's old contents durably to the
-  save area first; if the save area is full, the old chunk is copied to the target at
-  once (copy-before-write) and its transfer bit cleared.
-* **Copy** (``_copy_run``): under the chunks' locks, read the source (or the saved copy),
-  write it to the target zero-aware, clear the bits. A full pass reads by extents, writes
-  holes as zeroes, and has no protection: what changes under it is tracked and copied by
-  the catch-up incremental pass that ends every full update.
+  first change to a block (4 KiB) of a chunk still in transfer saves the block's old
+  contents durably to the save area first; if the save area is full, the chunk's old
+  contents are copied to the target at once (copy-before-write) and its transfer bit
+  cleared.
+* **Copy** (``_copy_run``): under the chunks' locks, read the source and lay the saved
+  blocks over it, write it to the target zero-aware, clear the bits. A full pass reads by
+  extents, writes holes as zeroes, and has no protection: what changes under it is
+  tracked and copied by the catch-up incremental pass that ends every full update.
 * **Unmark**: transfer empty -> flush target, drop the save area, consistent as of the mark.
 """
 
@@ -55,6 +61,9 @@ from deltavol.store.group_commit import GroupCommit
 from deltavol.volumes import Volume
 
 log = logging.getLogger("deltavol.session")
+
+# In ``Session._unsynced``: the bit becomes durable with the chunk's save record
+_BY_SAVE: Any = object()
 
 TRACKING, TRANSFER = persist.KIND_TRACKING, persist.KIND_TRANSFER
 CHECKPOINT_SECONDS = 2.0
@@ -170,11 +179,13 @@ class Session:
         self._durable_transfer: Bitmap | None = None  # transfer as of the last checkpoint
         self.save: SaveArea | None = None
         self.locks = ChunkLocks()
+        self._checkpointing = asyncio.Lock()
         self.progress: Progress | None = None
         self.target: CopyTarget | None = None
         self._task: asyncio.Task[None] | None = None
         self._commit = commit
-        self._unsynced: dict[int, asyncio.Future[None] | None] = {}  # chunk -> its round
+        # chunk -> the round making its bit durable, _BY_SAVE, or None (failed: write it again)
+        self._unsynced: dict[int, Any] = {}
         self._round_chunks: dict[asyncio.Future[None], list[int]] = {}
         self.protect_hook = Hook(self.protect, self.protected)
         self.retry = retry or RetryPolicy()
@@ -213,7 +224,12 @@ class Session:
         save = self._save_area(self.update.id if self.update else 0)
         if owned and self.update is not None and self.update.protecting:
             self.save = save.open()
-        else:
+            unmarked = [c for c in self.save.index if not self.tracking.test(c)]
+            if unmarked:  # saved, so changed after the mark: their bits came with the saves
+                for c in unmarked:
+                    self.tracking.set(c)
+                self._rewrite_tracking()
+        else:  # no update owns it: a mark or the end of its update made its bits durable
             save.path.unlink(missing_ok=True)
         self._gate.changed()  # bitmaps replaced: what the write path cached is void
 
@@ -268,9 +284,10 @@ class Session:
         if self.transfer is not None and self.update is not None:
             if self.target is not None:
                 await self.target.flush()
-            durable = self.transfer.copy()
-            persist.write_bits_in_place(self._transfer_path, durable)
-            self._durable_transfer = durable
+            async with self._checkpointing:  # in order: an older copy must not land last
+                durable = self.transfer.copy()
+                await asyncio.to_thread(persist.write_bits_in_place, self._transfer_path, durable)
+                self._durable_transfer = durable
 
     async def _try_checkpoint(self) -> None:
         try:
@@ -308,7 +325,10 @@ class Session:
             for c in tracking.chunk_range(offset, length):
                 if c in unsynced:
                     fut = unsynced[c]
-                    if fut is None:
+                    if fut is _BY_SAVE:
+                        if not self._saving(c):  # the save failed, then the chunk was copied
+                            retry.append(c)
+                    elif fut is None:
                         retry.append(c)
                     elif fut not in waits:
                         waits.append(fut)
@@ -322,6 +342,14 @@ class Session:
                 for c in new:
                     unsynced[c] = None
                 raise
+            if self.save is not None:  # what this change's protect saves needs no round
+                saved = {c for c in new if self._saving(c)}
+                if saved:
+                    for c in saved:
+                        unsynced[c] = _BY_SAVE
+                    new = [c for c in new if c not in saved]
+                if not new:
+                    return waits
             fut = self.tracking_file.round()
             for c in new:
                 unsynced[c] = fut
@@ -333,6 +361,18 @@ class Session:
             if fut not in waits:
                 waits.append(fut)
         return waits
+
+    def _saving(self, chunk: int) -> bool:
+        """True if a change of ``chunk`` now must first save it (``protect`` saves it)."""
+        update, save = self.update, self.save
+        return (
+            save is not None
+            and update is not None
+            and update.protecting
+            and self.transfer is not None
+            and chunk not in save
+            and self._owed(chunk)
+        )
 
     def tracked(self, offset: int, length: int) -> bool:
         """True if ``track`` would have nothing to do: every bit set and durable."""
@@ -352,7 +392,8 @@ class Session:
                     del unsynced[c]
 
     async def protect(self, offset: int, length: int) -> None:
-        """Save the old contents of chunks the update still owes, before they change.
+        """Save the old contents of the blocks a change overwrites in chunks the update
+        still owes, before they change.
 
         A chunk is owed while its bit is set in memory *or* in the last durable
         checkpoint: a chunk copied since that checkpoint would be copied again after a
@@ -362,35 +403,73 @@ class Session:
         update, transfer, save = self.update, self.transfer, self.save
         if update is None or transfer is None or save is None or not update.protecting:
             return
-        owed = self._owed
-        todo = [c for c in self.tracking.chunk_range(offset, length) if owed(c) and c not in save]
-        if not todo:
+        owed, part = self._owed, self._part
+        chunks = self.tracking.chunk_range(offset, length)
+        todo = [c for c in chunks if owed(c) and save.missing(c, *part(c, offset, length))]
+        unsynced = self._unsynced
+        if todo:
+            async with self.locks.hold(todo):
+                for c in todo:
+                    runs = save.missing(c, *part(c, offset, length)) if owed(c) else []
+                    if runs:
+                        await self._save_or_copy(c, runs, update, transfer, save)
+                    if c in save and c in unsynced and unsynced[c] in (_BY_SAVE, None):
+                        del unsynced[c]  # the save record makes the bit durable
+        # what the bits of this change still wait for: a save that did not happen (the chunk
+        # was copied meanwhile, or went to the target with the save area full), or the round
+        # another change's protect started for them
+        for r in self.track(offset, length):
+            await asyncio.shield(r)
+
+    async def _save_or_copy(
+        self, c: int, runs: list[tuple[int, int]], update: UpdateRecord, transfer: Bitmap, save: SaveArea
+    ) -> None:
+        """Save these runs of chunk ``c`` before they change; with the save area full, copy
+        the chunk's old contents to the target instead (copy-before-write)."""
+        base = c * self.granularity
+        for start, end in runs:
+            old = await self.source.backend.pread(base + start, end - start)
+            if not await save.save(c, start, old):
+                break
+            update.cofw_saved_bytes += end - start
+        else:
             return
-        async with self.locks.hold(todo):
-            for c in todo:
-                if not owed(c) or c in save:
-                    continue
-                off, n = self._chunk_span(c)
-                old = await self.source.backend.pread(off, n)
-                if await save.save(c, old):
-                    update.cofw_saved_bytes += n
-                elif transfer.test(c):  # save area full: copy-before-write
-                    sent = await write_piece(await self.ensure_target(), off, old, n)
-                    if transfer.test(c):
-                        transfer.clear(c)
-                        if self.progress is not None:
-                            self.progress.done(n)
-                            self.progress.bytes_sent += sent
-                if not transfer.test(c) and c not in save:
-                    await self._checkpoint()  # make "c is done" durable before c changes
+        if transfer.test(c):
+            off, n = self._chunk_span(c)
+            data = bytearray(await self.source.backend.pread(off, n))
+            await self._lay_saved(data, off, [c])
+            sent = await write_piece(await self.ensure_target(), off, bytes(data), n)
+            if transfer.test(c):
+                transfer.clear(c)
+                if self.progress is not None:
+                    self.progress.done(n)
+                    self.progress.bytes_sent += sent
+        await self._checkpoint()  # make "c is done" durable before c changes
+
+    async def _lay_saved(self, data: bytearray, offset: int, chunks: list[int]) -> None:
+        """Turn ``data`` (the source from ``offset``) back into its contents as of the mark."""
+        assert self.save is not None
+        for c in chunks:
+            if c in self.save:
+                base = c * self.granularity - offset
+                for start, old in await self.save.pieces(c):
+                    data[base + start : base + start + len(old)] = old
 
     def protected(self, offset: int, length: int) -> bool:
-        """True if ``protect`` would have nothing to do: no chunk here still owed and unsaved."""
+        """True if ``protect`` would have nothing to do: no block here owed and unsaved."""
         update, save = self.update, self.save
         if update is None or self.transfer is None or save is None or not update.protecting:
             return True
-        owed = self._owed
-        return not any(owed(c) and c not in save for c in self.tracking.chunk_range(offset, length))
+        owed, part = self._owed, self._part
+        return not any(
+            owed(c) and save.missing(c, *part(c, offset, length))
+            for c in self.tracking.chunk_range(offset, length)
+        )
+
+    def _part(self, chunk: int, offset: int, length: int) -> tuple[int, int]:
+        """What [offset, offset+length) covers of ``chunk``, as offsets within the chunk."""
+        base = chunk * self.granularity
+        return max(offset, base) - base, min(offset + length, base + self.granularity) - base
 
     def _owed(self, chunk: int) -> bool:
         assert self.transfer is not None
@@ -496,8 +575,11 @@ class Session:
             self._rewrite_tracking()
 
     def _rewrite_tracking(self) -> None:
+        """Replace the tracking file durably with the bitmap in memory (the write gate is
+        closed, or nothing writes yet): every bit set is durable now."""
         assert self.tracking_file is not None
         self.tracking_file.rewrite(self.tracking, self.next_update_id)
+        self._unsynced.clear()
 
     def transfer_bytes(self, bitmap: Bitmap | None = None) -> int:
         bitmap = bitmap if bitmap is not None else self.transfer
@@ -524,7 +606,12 @@ class Session:
                 await self._mark()  # the catch-up pass of a full update
             await self._copy_pass(target)
             await target.flush()
-            self._finish()
+            async with self._gate.closed():
+                # the save area goes: the bits its records made durable must be in the file
+                assert self.tracking_file is not None
+                await asyncio.shield(self.tracking_file.round())
+                self._unsynced.clear()  # every bit set is durable now
+                self._finish()
         except asyncio.CancelledError:
             raise
         except TargetError as exc:
@@ -580,11 +667,7 @@ class Session:
                     return
                 data = bytearray(await self.source.backend.pread(offset, length))
                 if self.save is not None:
-                    for c in live:
-                        if c in self.save:
-                            at = c * self.granularity - offset
-                            old = await self.save.load(c)
-                            data[at : at + len(old)] = old
+                    await self._lay_saved(data, offset, live)
             pieces = _live_pieces(data, offset, live, self._chunk_span)
         for off, piece in pieces:
             n = piece if isinstance(piece, int) else len(piece)

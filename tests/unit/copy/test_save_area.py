@@ -1,5 +1,5 @@
-"""The save area keeps old chunk contents durably, refuses past its limit, survives a
-reopen, drops a torn tail, and names the file when it is corrupt."""
+"""The save area keeps the old contents of blocks durably, each block once, refuses past
+its limit, survives a reopen, drops a torn tail, and names the file when it is corrupt."""
 
 from __future__ import annotations
 
@@ -8,54 +8,74 @@ from pathlib import Path
 
 import pytest
 
-from deltavol.copy.save_area import HEADER_SIZE, RECORD, SaveArea
+from deltavol.copy.save_area import BLOCK, HEADER_SIZE, RECORD, SaveArea
 from deltavol.errors import CorruptFile
 
-G = 4096
+G = 4 * BLOCK  # chunks of four blocks
+SIZE = 64 * G - BLOCK // 2  # the last chunk ends half-way through a block
 
 
 def area(tmp_path: Path, limit: int = 1 << 20, update_id: int = 7) -> SaveArea:
-    return SaveArea(tmp_path / "s.save", G, 64 * G, update_id, limit)
+    return SaveArea(tmp_path / "s.save", G, SIZE, update_id, limit)
 
 
-async def test_save_and_load(tmp_path: Path) -> None:
+async def test_save_and_read_back_pieces(tmp_path: Path) -> None:
     sa = area(tmp_path).create()
-    assert await sa.save(3, b"a" * G)
-    assert await sa.save(5, b"b" * 100)
+    assert await sa.save(3, 0, b"a" * G)
+    assert await sa.save(5, BLOCK, b"b" * BLOCK)
     assert 3 in sa and 5 in sa and 4 not in sa
-    assert await sa.load(3) == b"a" * G
-    assert await sa.load(5) == b"b" * 100
+    assert await sa.pieces(3) == [(0, b"a" * G)]
+    assert await sa.pieces(5) == [(BLOCK, b"b" * BLOCK)]
+    assert await sa.pieces(4) == []
 
 
-async def test_first_save_wins(tmp_path: Path) -> None:
+async def test_missing_is_what_is_not_saved_in_whole_blocks(tmp_path: Path) -> None:
     sa = area(tmp_path).create()
-    await sa.save(1, b"old" * 10)
-    await sa.save(1, b"new" * 10)
-    assert await sa.load(1) == b"old" * 10
+    assert sa.missing(1, 100, 200) == [(0, BLOCK)]  # widened to its block
+    assert sa.missing(1, 0, G) == [(0, G)]
+    await sa.save(1, BLOCK, b"x" * BLOCK)
+    assert sa.missing(1, 0, G) == [(0, BLOCK), (2 * BLOCK, G)]
+    assert sa.missing(1, BLOCK + 5, 2 * BLOCK) == []
+    last = SIZE // G
+    tail = SIZE - last * G
+    assert sa.missing(last, 0, tail) == [(0, tail)]  # clipped to the volume
+    assert await sa.save(last, 0, b"e" * tail)
+    assert sa.missing(last, 0, tail) == []
+
+
+async def test_a_block_is_saved_once(tmp_path: Path) -> None:
+    sa = area(tmp_path).create()
+    await sa.save(1, 0, b"old" * (BLOCK // 3) + b"o")
+    with pytest.raises(ValueError, match="whole blocks"):
+        await sa.save(1, 0, b"n" * BLOCK)  # it changed since: saving it again would lose the old one
+    with pytest.raises(ValueError, match="whole blocks"):
+        await sa.save(2, 10, b"n" * BLOCK)  # not on a block boundary
+    assert (await sa.pieces(1))[0][1].startswith(b"oldold")
 
 
 async def test_limit_refuses(tmp_path: Path) -> None:
     sa = area(tmp_path, limit=RECORD.size * 2 + 2 * G).create()
-    assert await sa.save(0, bytes(G))
-    assert await sa.save(1, bytes(G))
-    assert not await sa.save(2, bytes(G))
-    assert 2 not in sa
+    assert await sa.save(0, 0, bytes(G))
+    assert await sa.save(1, 0, bytes(G))
+    assert not await sa.save(2, 0, bytes(G))
+    assert 2 not in sa and sa.missing(2, 0, G) == [(0, G)]
 
 
 async def test_reopen_keeps_records(tmp_path: Path) -> None:
     sa = area(tmp_path).create()
-    await sa.save(2, b"x" * G)
-    await sa.save(9, b"y" * G)
+    await sa.save(2, 0, b"x" * G)
+    await sa.save(9, 2 * BLOCK, b"y" * BLOCK)
     sa.close()
     again = area(tmp_path).open()
     assert sorted(again.index) == [2, 9]
-    assert await again.load(9) == b"y" * G
+    assert await again.pieces(9) == [(2 * BLOCK, b"y" * BLOCK)]
+    assert again.missing(9, 0, G) == [(0, 2 * BLOCK), (3 * BLOCK, G)]
 
 
 async def test_torn_tail_is_dropped(tmp_path: Path) -> None:
     sa = area(tmp_path).create()
-    await sa.save(2, b"x" * G)
-    await sa.save(3, b"z" * G)
+    await sa.save(2, 0, b"x" * G)
+    await sa.save(3, 0, b"z" * G)
     sa.close()
     path = tmp_path / "s.save"
     size = path.stat().st_size
@@ -63,17 +83,18 @@ async def test_torn_tail_is_dropped(tmp_path: Path) -> None:
     again = area(tmp_path).open()
     assert sorted(again.index) == [2]
     assert path.stat().st_size == HEADER_SIZE + RECORD.size + G
-    assert await again.save(3, b"w" * G)  # and it can append again after the cut
-    assert await again.load(3) == b"w" * G
+    assert await again.save(3, 0, b"w" * G)  # and it can append again after the cut
+    assert await again.pieces(3) == [(0, b"w" * G)]
 
 
-async def test_flipped_data_byte_ends_the_valid_records(tmp_path: Path) -> None:
+@pytest.mark.parametrize("at", [RECORD.size + 10, 15])  # a data byte; the record's start field
+async def test_a_flipped_byte_ends_the_valid_records(tmp_path: Path, at: int) -> None:
     sa = area(tmp_path).create()
-    await sa.save(1, b"a" * G)
+    await sa.save(1, 0, b"a" * G)
     sa.close()
     path = tmp_path / "s.save"
     with open(path, "r+b") as f:
-        f.seek(HEADER_SIZE + RECORD.size + 10)
+        f.seek(HEADER_SIZE + at)
         f.write(b"!")
     assert area(tmp_path).open().index == {}
 

@@ -1,0 +1,525 @@
+"""A save implies its tracking bit: while an incremental update protects (copy-on-first-write),
+the first change to a chunk the update still owes is made safe by the chunk's save record,
+not by a tracking-file fdatasync of its own.
+
+What this covers, and why:
+
+* the write path (``BeforeChange`` running every session's ``protect`` and the wiring's
+  ``track`` concurrently) pays one fdatasync -- the save area's -- for such a change, and
+  none on the tracking file; a change to a chunk not owed still waits for a tracking round;
+* a bit left to a save that does not happen (the chunk was copied and checkpointed while
+  ``protect`` waited for its lock, or the save area is full and copy-before-write ran)
+  still becomes durable in the tracking file before the change goes down;
+* a failed save leaves the chunk to be saved (or tracked) by its next change;
+* after a crash that lost the tracking bits of saved chunks, ``load_files`` puts them
+  back from the save area, in memory and on disk;
+* the end of an update makes those bits durable in the tracking file before it drops the
+  save area.
+
+The invariant behind all of it (DESIGN section 3): a change reaches the disk only after its
+chunk's bit is durable -- in the tracking file as of an fdatasync, or as a save record.
+``Disk`` checks it for every change that lands, against ``SyncLog.durable``: the tracking
+file's bits as they were when an fdatasync of that file (or the fsync of a rewrite) began,
+recorded once the sync returned.
+
+Chunks are one 4 KiB block (``G``) or several (``G4``): the save area may keep only the
+blocks a change overwrites, and a chunk with any block saved has its bit implied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from deltavol.backend.gate import WriteGate
+from deltavol.backend.hooks import BeforeChange
+from deltavol.bitmap import persist
+from deltavol.bitmap.bitmap import Bitmap
+from deltavol.copy.save_area import SaveArea
+from deltavol.errors import DeltavolError
+from deltavol.sessions.manager import _SourceWiring
+from deltavol.sessions.session import _BY_SAVE, Session, UpdateRecord
+from deltavol.sessions.states import State
+from deltavol.store.group_commit import GroupCommit
+
+BLOCK = 4096
+G = BLOCK  # a chunk of one block
+G4 = 4 * BLOCK  # a chunk of four blocks
+SIZE = 128 * BLOCK
+NAME = "s"
+OWED = range(8, 16)  # the chunks the update marks: changed before the mark
+UNOWED = 20  # a chunk the update does not owe
+
+# the source at the mark: every block different, none all zeroes
+OLD = b"".join(bytes([b % 250 + 1]) * BLOCK for b in range(SIZE // BLOCK))
+
+
+# --- durability, as the disk would see it after a power loss -------------------------------
+class SyncLog:
+    """Records every fdatasync by the kind of file it syncs, and the tracking bits it made durable.
+
+    ``hold`` cleared makes tracking-file syncs wait (in their worker thread) until it is set.
+    """
+
+    def __init__(self, tracking_path: Path) -> None:
+        self.tracking_path = str(tracking_path)
+        self.granularity = G
+        self.calls: list[str] = []
+        self.durable = Bitmap(SIZE, G)
+        self.hold = threading.Event()
+        self.hold.set()
+
+    def count(self, kind: str) -> int:
+        return self.calls.count(kind)
+
+    def _bits(self, raw: bytes) -> Bitmap:
+        return Bitmap.from_bytes(SIZE, self.granularity, raw[persist.HEADER_SIZE :])
+
+    @staticmethod
+    def _path(fd: int) -> str:
+        return os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)")
+
+    def fdatasync(self, real: Callable[[int], None], fd: int) -> None:
+        path = self._path(fd)
+        self.calls.append(Path(path).suffix.lstrip("."))  # tracking, save, transfer
+        if path != self.tracking_path:
+            real(fd)
+            return
+        self.hold.wait(timeout=30)
+        nbytes = (Bitmap(SIZE, self.granularity).nbits + 7) // 8
+        bits = self._bits(os.pread(fd, persist.HEADER_SIZE + nbytes, 0))  # a subset of what it syncs
+        real(fd)
+        self.durable = bits
+
+    def fsync(self, real: Callable[[int], None], fd: int) -> None:
+        path = self._path(fd)
+        rewrite = path == self.tracking_path + ".tmp"  # opened write-only: read it by its name
+        bits = self._bits(Path(path).read_bytes()) if rewrite else None
+        real(fd)
+        if bits is not None:
+            self.durable = bits
+
+
+@pytest.fixture
+def syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SyncLog]:
+    log = SyncLog(tmp_path / f"{NAME}.tracking")
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: log.fdatasync(real_fdatasync, fd))
+    monkeypatch.setattr(os, "fsync", lambda fd: log.fsync(real_fsync, fd))
+    yield log
+    log.hold.set()  # never leave a worker thread waiting
+
+
+# --- the source's bottom backend and the copy target ---------------------------------------
+class Disk:
+    """The source volume under the write path; checks each change lands only once it is safe."""
+
+    name = "src"
+    size = SIZE
+
+    def __init__(self, granularity: int) -> None:
+        self.granularity = granularity
+        self.data = bytearray(OLD)
+        self.landed: list[tuple[int, int]] = []
+        self.violations: list[str] = []
+        self.is_safe: Callable[[int], bool] = lambda c: True
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        await asyncio.sleep(0)  # I/O: other tasks run meanwhile
+        return bytes(self.data[offset : offset + length])
+
+    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
+        g = self.granularity
+        for c in range(offset // g, (offset + len(data) - 1) // g + 1):
+            if not self.is_safe(c):
+                self.violations.append(f"chunk {c} changed before its bit was durable")
+        self.data[offset : offset + len(data)] = data
+        self.landed.append((offset, len(data)))
+
+
+class Target:
+    """The copy target; ``go`` cleared holds its writes back (a slow or stalled peer)."""
+
+    description = "fake target"
+    size = SIZE
+
+    def __init__(self) -> None:
+        self.data = bytearray(SIZE)
+        self.go = asyncio.Event()
+        self.go.set()
+        self.waiting = 0
+
+    async def pwrite(self, offset: int, data: bytes) -> None:
+        self.waiting += 1
+        await asyncio.sleep(0)  # I/O: other tasks run meanwhile
+        await self.go.wait()
+        self.waiting -= 1
+        self.data[offset : offset + len(data)] = data
+
+    async def zero(self, offset: int, length: int) -> bool:
+        self.data[offset : offset + length] = bytes(length)
+        return True
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        return bytes(self.data[offset : offset + length])
+
+    async def flush(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+# --- a session wired into a write path, in an incremental update ---------------------------
+@dataclass
+class Rig:
+    session: Session
+    disk: Disk
+    target: Target
+    layer: BeforeChange
+    log: SyncLog
+    g: int
+    sessions: list[Session] = field(default_factory=list)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        """One change from a client, down the real filter (protect and track concurrently)."""
+        await self.layer.pwrite(offset, data)
+
+    def chunk(self, c: int, fill: bytes = b"N") -> tuple[int, bytes]:
+        """A change covering all of chunk ``c``."""
+        return c * self.g, fill * self.g
+
+    def old(self, c: int) -> bytes:
+        return OLD[c * self.g : (c + 1) * self.g]
+
+    def on_disk(self) -> list[int]:
+        """The chunks set in the tracking file (what a reopen reads, page cache included)."""
+        bm, _ = persist.load(self.session._tracking_path, persist.KIND_TRACKING, self.g, SIZE)
+        return chunks_of(bm)
+
+
+MakeRig = Callable[..., Awaitable[Rig]]
+
+
+def chunks_of(bm: Bitmap) -> list[int]:
+    return [c for first, n in bm.runs() for c in range(first, first + n)]
+
+
+def new_session(tmp_path: Path, source: Any, target: Target, granularity: int, save_limit: int) -> Session:
+    async def open_target(_s: Session) -> Target:
+        return target
+
+    return Session(
+        name=NAME,
+        source=source,
+        target_spec="dst",
+        granularity=granularity,
+        files=tmp_path,
+        save_dir=tmp_path,
+        gate=WriteGate(),
+        commit=GroupCommit(),
+        open_target=open_target,
+        persist_row=lambda s: None,
+        save_limit=save_limit,
+    )
+
+
+def wire(s: Session, disk: Disk) -> BeforeChange:
+    """The source's filter as the session manager builds it: every protect hook, then tracking."""
+    wiring = _SourceWiring(gate=s._gate, commit=s._commit, sessions=[s])
+    wiring.rehook()
+    return BeforeChange(disk, wiring.hooks, wiring.gate)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def rigs(tmp_path: Path, syncs: SyncLog) -> Iterator[MakeRig]:
+    """Builds a Rig: a session whose incremental update 1 is marked (real ``_mark``) with the
+    ``OWED`` chunks to copy, and protecting; fdatasync counts start at zero after the mark."""
+    made: list[Rig] = []
+
+    async def make(save_limit: int = 1 << 20, granularity: int = G) -> Rig:
+        syncs.granularity = granularity
+        disk, target = Disk(granularity), Target()
+        source: Any = SimpleNamespace(name="src", size=SIZE, backend=disk)
+        s = new_session(tmp_path, source, target, granularity, save_limit)
+        s.create_files()
+        s.tracking.set_range(OWED.start * granularity, len(OWED) * granularity)  # changed before the mark
+        s.state = State.COPYING
+        s.update = UpdateRecord(id=1, kind="incremental", started_at="x")
+        s.next_update_id = 2
+        await s._mark()
+        assert s.update.protecting and s.save is not None and s.tracking.is_empty()
+        rig = Rig(s, disk, target, wire(s, disk), syncs, granularity, [s])
+
+        def is_safe(c: int) -> bool:
+            save = rig.session.save
+            return syncs.durable.test(c) or (save is not None and c in save)
+
+        disk.is_safe = is_safe
+        syncs.calls.clear()
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        for s in rig.sessions:
+            if s.tracking_file is not None:
+                s.tracking_file.close()
+            if s.save is not None:
+                s.save.close()
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.001)
+
+
+# --- 1, 2: one fsync per change ------------------------------------------------------------
+@pytest.mark.parametrize("granularity", [G, G4])
+async def test_a_first_change_to_an_owed_chunk_costs_one_save_fsync_and_no_tracking_fsync(
+    rigs: MakeRig, granularity: int
+) -> None:
+    rig = await rigs(granularity=granularity)
+    s, c, g = rig.session, OWED.start + 2, granularity
+    await rig.write(*rig.chunk(c))
+    assert rig.log.count("save") == 1
+    assert rig.log.count("tracking") == 0, "the saved chunk's bit waited for a tracking round too"
+    assert s.tracked(c * g, g) and s._unsynced == {}
+    assert s.save is not None and sorted(s.save.index) == [c]
+    assert rig.disk.violations == [] and rig.disk.landed == [(c * g, g)]
+    before = rig.log.calls.copy()
+    await rig.write(c * g + 10, b"x" * 10)  # saved and tracked: nothing to wait for
+    assert rig.log.calls == before and rig.disk.violations == []
+
+
+async def test_changes_to_blocks_of_an_owed_chunk_each_cost_one_save_fsync(rigs: MakeRig) -> None:
+    rig = await rigs(granularity=G4)
+    s, c = rig.session, OWED.start
+    await rig.write(c * G4 + BLOCK, b"1" * BLOCK)
+    assert rig.log.calls == ["save"]
+    assert s.tracked(c * G4, G4) and s._unsynced == {}
+    await rig.write(c * G4 + 2 * BLOCK, b"2" * 100)  # another block: saved, the bit already durable
+    assert rig.log.calls == ["save", "save"]
+    assert s.tracked(c * G4, G4) and s._unsynced == {}
+    assert rig.disk.violations == []
+
+
+async def test_a_change_to_a_chunk_not_owed_waits_for_a_tracking_round(rigs: MakeRig) -> None:
+    rig = await rigs()
+    s = rig.session
+    await rig.write(*rig.chunk(UNOWED))
+    assert rig.log.count("tracking") == 1 and rig.log.count("save") == 0
+    assert rig.on_disk() == [UNOWED] and rig.log.durable.test(UNOWED)
+    assert s.tracked(UNOWED * G, G) and s._unsynced == {}
+    assert rig.disk.violations == []
+
+
+async def test_a_change_over_owed_and_unowed_chunks_saves_one_and_tracks_the_other(rigs: MakeRig) -> None:
+    rig = await rigs()
+    s, last = rig.session, OWED.stop - 1  # the last owed chunk, then one not owed
+    await rig.write(last * G, b"M" * 2 * G)
+    assert rig.log.count("save") == 1 and rig.log.count("tracking") == 1
+    assert s.save is not None and sorted(s.save.index) == [last]
+    assert rig.log.durable.test(last + 1)
+    assert s.tracked(last * G, 2 * G) and s._unsynced == {}
+    assert rig.disk.violations == []
+
+
+# --- 3: bits left to a save that did not happen --------------------------------------------
+async def test_a_chunk_copied_while_protect_waited_gets_its_bit_from_a_round(rigs: MakeRig) -> None:
+    rig = await rigs()
+    s, c = rig.session, OWED.start
+    assert s.transfer is not None
+    async with s.locks.hold([c]):  # as the copy of c holds it
+        write = asyncio.create_task(rig.write(*rig.chunk(c)))
+        await until(lambda: s._unsynced.get(c) is _BY_SAVE)  # tracked: left to the save
+        s.transfer.clear(c)  # copied ...
+        await s._checkpoint()  # ... and checkpointed: protect will not save it
+        assert not write.done()
+    await write
+    assert s.save is not None and c not in s.save
+    assert rig.log.count("tracking") == 1 and rig.log.count("save") == 0
+    assert rig.log.durable.test(c) and rig.on_disk() == [c]
+    assert s.tracked(c * G, G) and s._unsynced == {}
+    assert rig.disk.violations == []
+
+
+async def test_protect_called_after_its_chunk_was_checkpointed_makes_the_bit_durable(rigs: MakeRig) -> None:
+    rig = await rigs()
+    s, c = rig.session, OWED.start + 6
+    assert s.transfer is not None
+    assert s.track(c * G, G) == [] and s._unsynced[c] is _BY_SAVE
+    s.transfer.clear(c)
+    await s._checkpoint()
+    await s.protect(c * G, G)
+    assert rig.log.durable.test(c), "protect returned, but c's bit is not durable anywhere"
+    assert s.tracked(c * G, G) and s._unsynced == {}
+
+
+async def test_with_the_save_area_full_copy_before_write_then_a_round_makes_the_bit_durable(
+    rigs: MakeRig,
+) -> None:
+    rig = await rigs(save_limit=0)
+    s, c = rig.session, OWED.start + 1
+    await rig.write(*rig.chunk(c))
+    assert s.save is not None and c not in s.save
+    assert rig.target.data[c * G : (c + 1) * G] == rig.old(c), "not copied before the write"
+    transfer, _ = persist.load(s._transfer_path, persist.KIND_TRANSFER, G, SIZE)
+    assert not transfer.test(c), "copy-before-write not checkpointed"
+    assert rig.log.count("tracking") == 1 and rig.log.durable.test(c)
+    assert s.tracked(c * G, G) and s._unsynced == {}
+    assert rig.disk.violations == []
+
+
+async def test_a_second_change_during_copy_before_write_waits_for_the_bit_too(rigs: MakeRig) -> None:
+    rig = await rigs(save_limit=0)
+    c = OWED.start + 3
+    rig.target.go.clear()  # the target is slow
+    first = asyncio.create_task(rig.write(*rig.chunk(c, b"A")))
+    await until(lambda: rig.target.waiting == 1)  # first's protect: copying c to the target
+    second = asyncio.create_task(rig.write(c * G + 100, b"B" * 100))
+    await asyncio.sleep(0.01)  # second: tracked (c is left to the save), protect waits for c's lock
+    rig.log.hold.clear()  # tracking rounds take their time
+    rig.target.go.set()
+    try:
+        await asyncio.wait([second], timeout=0.3)  # the first change's round cannot end meanwhile
+    finally:
+        rig.log.hold.set()
+    await asyncio.gather(first, second)
+    assert rig.disk.violations == [], "the second change went down before c's bit was durable"
+
+
+# --- 4: a failed save ----------------------------------------------------------------------
+@pytest.fixture
+def failing_saves(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """While ``on``, the save area's record writes fail with EIO."""
+    state = {"on": False}
+    real = SaveArea._write
+
+    def write(self: SaveArea, record: bytes, pos: int) -> None:
+        if state["on"]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(self, record, pos)
+
+    monkeypatch.setattr(SaveArea, "_write", write)
+    return state
+
+
+async def test_after_a_failed_save_the_next_change_saves_the_chunk(
+    rigs: MakeRig, failing_saves: dict[str, bool]
+) -> None:
+    rig = await rigs()
+    s, c = rig.session, OWED.start + 4
+    failing_saves["on"] = True
+    with pytest.raises(DeltavolError, match="save area"):
+        await rig.write(*rig.chunk(c, b"A"))
+    assert rig.disk.landed == [], "a change whose save failed went down"
+    assert s.save is not None and c not in s.save
+    assert not s.tracked(c * G, G), "a chunk whose save failed counts as tracked"
+
+    failing_saves["on"] = False
+    await rig.write(*rig.chunk(c, b"B"))
+    assert c in s.save
+    assert s._unsynced == {} and s.tracked(c * G, G)
+    assert rig.disk.violations == [] and rig.disk.landed == [(c * G, G)]
+
+
+async def test_after_a_failed_save_and_the_chunk_copied_the_next_change_waits_for_a_round(
+    rigs: MakeRig, failing_saves: dict[str, bool]
+) -> None:
+    rig = await rigs()
+    s, c = rig.session, OWED.start + 5
+    assert s.transfer is not None
+    failing_saves["on"] = True
+    with pytest.raises(DeltavolError):
+        await rig.write(*rig.chunk(c, b"A"))
+    failing_saves["on"] = False
+    s.transfer.clear(c)  # the copy pass gets to c ...
+    await s._checkpoint()  # ... and checkpoints it: c is not owed any more
+    await rig.write(*rig.chunk(c, b"B"))
+    assert rig.disk.violations == []
+    assert rig.log.durable.test(c) and s.tracked(c * G, G)
+
+
+async def test_after_a_failed_save_cancel_leaves_the_chunk_tracked_and_durable(
+    rigs: MakeRig, failing_saves: dict[str, bool]
+) -> None:
+    rig = await rigs()
+    s, c = rig.session, OWED.start + 2
+    failing_saves["on"] = True
+    with pytest.raises(DeltavolError):
+        await rig.write(*rig.chunk(c, b"A"))
+    failing_saves["on"] = False
+    await s.cancel()  # tracking |= transfer, rewritten: every bit in memory is durable
+    assert s.save is None and rig.on_disk() == list(OWED)
+    assert rig.log.durable.test(c)
+    assert s._unsynced == {} and s.tracked(c * G, G), "a rewritten bit still waits for a save"
+
+
+# --- 5: recovery ---------------------------------------------------------------------------
+@pytest.mark.parametrize("state", [State.COPYING, State.PAUSED, State.FAILED])
+@pytest.mark.parametrize("granularity", [G, G4])
+async def test_reopening_puts_the_bits_of_saved_chunks_back_into_tracking(
+    rigs: MakeRig, tmp_path: Path, state: State, granularity: int
+) -> None:
+    rig = await rigs(granularity=granularity)
+    s, g, saved = rig.session, granularity, [OWED.start, OWED.start + 7]
+    await rig.write(*rig.chunk(UNOWED))  # tracked by a round (first: a later one would sync the rest)
+    for c in saved:
+        await rig.write(c * g + g - BLOCK, b"S" * BLOCK)  # the chunk's last block
+    assert rig.log.count("save") == 2 and rig.log.count("tracking") == 1
+    # power loss: the tracking file keeps only what an fdatasync made durable
+    assert s.tracking_file is not None and s.save is not None
+    s.tracking_file.close()
+    s.save.close()
+    persist.save_atomic(s._tracking_path, rig.log.durable, 2, persist.KIND_TRACKING)
+    assert rig.on_disk() == [UNOWED], "the crash did not lose the saved chunks' bits"
+
+    again = new_session(tmp_path, s.source, rig.target, g, s.save_limit)
+    rig.sessions.append(again)
+    again.state = state
+    again.update = UpdateRecord(id=1, kind="incremental", started_at="x", protecting=True)
+    again.next_update_id = 2
+    again.load_files()
+    assert again.save is not None and sorted(again.save.index) == saved
+    assert chunks_of(again.tracking) == [*saved, UNOWED]
+    assert rig.on_disk() == [*saved, UNOWED]
+    assert again._unsynced == {} and again.tracked(OWED.start * g, g)
+
+
+# --- 6: the end of the update --------------------------------------------------------------
+@pytest.mark.parametrize("granularity", [G, G4])
+async def test_the_end_of_an_update_makes_saved_bits_durable_before_dropping_the_save_area(
+    rigs: MakeRig, monkeypatch: pytest.MonkeyPatch, granularity: int
+) -> None:
+    rig = await rigs(granularity=granularity)
+    s, c, g = rig.session, OWED.start + 1, granularity
+    await rig.write(c * g, b"E" * BLOCK)  # the chunk's first block
+    assert rig.log.count("tracking") == 0 and not rig.log.durable.test(c)
+    at_delete: list[bool] = []
+    real_delete = SaveArea.delete
+
+    def delete(self: SaveArea) -> None:
+        at_delete.append(rig.log.durable.test(c))
+        real_delete(self)
+
+    monkeypatch.setattr(SaveArea, "delete", delete)
+    await s._run()
+    assert s.state is State.IDLE and s.consistent and s.last_error is None
+    assert at_delete == [True], "the save area went while c's bit was durable only there"
+    assert not (s._save_dir / f"{NAME}.save").exists()
+    assert rig.on_disk() == [c]
+    for o in OWED:  # the copy is the image at the mark: c's old contents came from the save area
+        assert rig.target.data[o * g : (o + 1) * g] == rig.old(o)
