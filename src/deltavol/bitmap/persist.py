@@ -12,10 +12,11 @@ Two ways of writing:
 * ``save_atomic``: the whole bitmap to a tmp file in the same directory, fsync,
   ``os.replace``, fsync of the directory. A crash leaves either the old or the new file.
 * ``TrackingFile.write_bits`` + ``round``: the write-ahead path under every acknowledged
-  NBD write. Only the bit bytes that cover the newly set chunks are written in place, then
-  fdatasync — by group commit (``store/group_commit.py``): writers whose bytes were in the
-  file before a round started share it, so many concurrent first-writes, on every
-  session of a source, cost one round. Bits are never cleared in place; clearing
+  NBD write. Only the bit bytes that cover newly set chunks are written in place, then
+  fdatasync — by group commit (``store/group_commit.py``): the writers of one burst share
+  a round, which writes the span of bytes they changed once and syncs it, so many
+  concurrent first-writes, on every session of a source, cost one write and one
+  fdatasync per file. Bits are never cleared in place; clearing
   happens in memory and reaches the disk with ``rewrite`` (atomic) at a checkpoint, so
   the file is always a superset of the acknowledged changes.
 """
@@ -37,6 +38,8 @@ from deltavol.store.group_commit import GroupCommit
 MAGIC = b"DVBITMAP"
 VERSION = 1
 HEADER_SIZE = 4096
+_PAGE = 4096  # bytes of bits a round writes for a chunk: the page that holds its bit
+_PAGE_BITS = 15  # log2 of the bits in a page
 _HEADER = struct.Struct(">8sIIQQQB")  # magic, version, granularity, size, nbits, generation, kind
 KIND_TRACKING = 1
 KIND_TRANSFER = 2
@@ -136,12 +139,33 @@ class TrackingFile:
         self.commit = commit or GroupCommit()  # shared by the sessions of one source
         self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         self._fd_lock = threading.Lock()
+        self._bitmap: Bitmap | None = None
+        self._pending: set[int] = set()  # pages of bit bytes to write at the next round
 
     def write_bits(self, bitmap: Bitmap, chunks: list[int]) -> None:
-        """Put the bit bytes of ``chunks`` (already set in ``bitmap``) in the file; not yet durable."""
-        lo, data = bitmap.byte_span(chunks)
+        """Have the next round write the bit bytes of ``chunks`` (sorted, already set in
+        ``bitmap``) to the file."""
+        self._bitmap = bitmap
+        pending = self._pending
+        for page in range(chunks[0] >> _PAGE_BITS, (chunks[-1] >> _PAGE_BITS) + 1):
+            pending.add(page)
+
+    def write_out(self) -> None:
+        """Write the pending pages of bit bytes as they are now (a round begins: on the loop)."""
+        pages, self._pending = sorted(self._pending), set()
+        if not pages or self._fd < 0 or self._bitmap is None:
+            return
+        runs: list[list[int]] = []
+        for page in pages:  # adjacent pages in one write
+            if runs and runs[-1][1] == page:
+                runs[-1][1] = page + 1
+            else:
+                runs.append([page, page + 1])
         try:
-            os.pwrite(self._fd, data, HEADER_SIZE + lo)  # page cache: no need for a thread
+            with self._bitmap.view() as bits:
+                for first, end in runs:
+                    lo = first * _PAGE
+                    os.pwrite(self._fd, bits[lo : end * _PAGE], HEADER_SIZE + lo)  # page cache
         except OSError as exc:
             raise os_error(exc, f"tracking bitmap {self.path}") from exc
 
@@ -166,6 +190,7 @@ class TrackingFile:
     def rewrite(self, bitmap: Bitmap, generation: int) -> None:
         """Replace the file atomically with ``bitmap`` (this is where cleared bits land)."""
         save_atomic(self.path, bitmap, generation, KIND_TRACKING)
+        self._pending.clear()  # every bit is in the new file
         fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         with self._fd_lock:
             old, self._fd = self._fd, fd

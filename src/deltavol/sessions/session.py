@@ -336,12 +336,7 @@ class Session:
                 new = sorted(set(new).union(retry))
         if new:
             assert self.tracking_file is not None
-            try:
-                self.tracking_file.write_bits(tracking, new)
-            except DeltavolError:
-                for c in new:
-                    unsynced[c] = None
-                raise
+            self.tracking_file.write_bits(tracking, new)
             if self.save is not None:  # what this change's protect saves needs no round
                 saved = {c for c in new if self._saving(c)}
                 if saved:

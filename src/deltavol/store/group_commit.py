@@ -1,10 +1,12 @@
 """Group commit: many writers, one round of fdatasync for all of them.
 
-Writers put their bytes in the page cache themselves and then ask for the round that
-will make them durable. A round starts on the next turn of the event loop, so every
-writer of one burst joins it; while it runs, newcomers gather for the next one. A round
-syncs every file written since the previous round began, in one thread hop: the tracking
-files of all sessions on one source cost one round per burst, not one per session.
+Writers change their file's contents in memory and ask for the round that will make
+them durable. A round starts on the next turn of the event loop, so every writer of one
+burst joins it; while it runs, newcomers gather for the next one. A round first has each
+file write out what its writers changed (on the loop: a page-cache write, one per file
+and round rather than one per writer), then syncs them all in one thread hop: the
+tracking files of all sessions on one source cost one round per burst, not one per
+session.
 
 Rounds run one after another, so a round that succeeds covers only what was written
 before it began; a failed round fails every writer waiting for it and leaves the next
@@ -18,6 +20,9 @@ from typing import Protocol
 
 
 class Syncable(Protocol):
+    def write_out(self) -> None:
+        """Put what changed since the last round into the file (on the loop; may raise)."""
+
     def sync(self) -> None:
         """Make everything written so far durable (blocking; runs in a worker thread)."""
 
@@ -44,8 +49,10 @@ class GroupCommit:
         assert fut is not None
         self._next, self._files, self._running = None, {}, True
         try:
+            for file in files:
+                file.write_out()
             done = asyncio.get_running_loop().run_in_executor(None, _sync_all, files)
-        except RuntimeError as exc:  # the executor is shut down: fail the round, do not hang it
+        except Exception as exc:  # a write failed, or the executor is shut down: fail the round
             self._running = False
             fut.set_exception(exc)
             return

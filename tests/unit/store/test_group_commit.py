@@ -44,6 +44,13 @@ class Fake:
         self.started = threading.Event()
         self.fail: BaseException | None = None
         self.pause = 0.0
+        self.writes: list[int] = []  # the thread of each write_out
+        self.write_fail: BaseException | None = None
+
+    def write_out(self) -> None:
+        self.writes.append(threading.get_ident())
+        if self.write_fail is not None:
+            raise self.write_fail
 
     def sync(self) -> None:
         j = self.journal
@@ -168,6 +175,30 @@ async def test_a_failed_round_fails_every_waiter_and_the_next_round_works() -> N
     await asyncio.wait_for(asyncio.shield(fut), WAIT)
     assert fut.exception() is None
     assert sorted(c.file for c in journal.calls[before:]) == ["a", "b"]
+
+
+async def test_a_round_writes_each_file_out_once_on_the_loop_before_its_sync() -> None:
+    journal = Journal()
+    gc = GroupCommit()
+    a, b = Fake("a", journal), Fake("b", journal)
+    futs = [gc.round(f) for f in (a, b, a, a)]
+    assert not a.writes, "written out in round(), not when the round begins"
+    await asyncio.shield(futs[0])
+    assert a.writes == [threading.get_ident()] and b.writes == [threading.get_ident()]
+    assert (a.syncs(), b.syncs()) == (1, 1)
+
+
+async def test_a_failed_write_out_fails_its_round_unsynced_and_the_next_round_works() -> None:
+    journal = Journal()
+    gc = GroupCommit()
+    a, b = Fake("a", journal), Fake("b", journal)
+    full = OSError(28, "No space left on device")
+    b.write_fail = full
+    results = await asyncio.gather(*(asyncio.shield(gc.round(f)) for f in (a, b)), return_exceptions=True)
+    assert results == [full, full] and not journal.calls, "a round whose write failed synced"
+    b.write_fail = None
+    await asyncio.wait_for(asyncio.shield(gc.round(b)), WAIT)
+    assert b.syncs() == 1 and len(b.writes) == 2
 
 
 async def test_a_failure_while_others_wait_for_the_next_round_fails_only_its_own_round() -> None:
