@@ -208,8 +208,3 @@ class Bitmap:
             raise ValueError(f"bitmap data is {len(data)} bytes, expected {len(bm._bits)}")
         bm._bits[:] = data
         return bm
-
-    def byte_span(self, chunks: list[int]) -> tuple[int, bytes]:
-        """The bit bytes covering ``chunks`` (sorted): (byte offset, bytes) for in-place writes."""
-        lo, hi = chunks[0] >> 3, (chunks[-1] >> 3) + 1
-        return lo, bytes(self._bits[lo:hi])

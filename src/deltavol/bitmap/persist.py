@@ -14,7 +14,7 @@ Two ways of writing:
 * ``TrackingFile.write_bits`` + ``round``: the write-ahead path under every acknowledged
   NBD write. Only the bit bytes that cover newly set chunks are written in place, then
   fdatasync — by group commit (``store/group_commit.py``): the writers of one burst share
-  a round, which writes the span of bytes they changed once and syncs it, so many
+  a round, which writes the pages of bit bytes they changed once and syncs them, so many
   concurrent first-writes, on every session of a source, cost one write and one
   fdatasync per file. Bits are never cleared in place; clearing
   happens in memory and reaches the disk with ``rewrite`` (atomic) at a checkpoint, so
@@ -39,7 +39,7 @@ MAGIC = b"DVBITMAP"
 VERSION = 1
 HEADER_SIZE = 4096
 _PAGE = 4096  # bytes of bits a round writes for a chunk: the page that holds its bit
-_PAGE_BITS = 15  # log2 of the bits in a page
+_PAGE_BITS = (_PAGE * 8).bit_length() - 1  # chunk >> _PAGE_BITS: its page
 _HEADER = struct.Struct(">8sIIQQQB")  # magic, version, granularity, size, nbits, generation, kind
 KIND_TRACKING = 1
 KIND_TRANSFER = 2

@@ -142,18 +142,6 @@ def test_copy_and_bytes_round_trip_and_are_independent(size: int, bits: set[int]
     check(bm, set())
 
 
-@settings(max_examples=60, deadline=None)
-@given(size=sizes(), bits=st.sets(chunk(), min_size=1, max_size=40))
-def test_byte_span_covers_the_chunks(size: int, bits: set[int]) -> None:
-    bm = Bitmap(size, G)
-    chunks = sorted({c % bm.nbits for c in bits})
-    for c in chunks:
-        bm.set(c)
-    lo, data = bm.byte_span(chunks)
-    assert lo == chunks[0] // 8 and lo + len(data) == chunks[-1] // 8 + 1
-    assert data == bm.to_bytes()[lo : lo + len(data)]
-
-
 def test_runs_see_bits_cleared_while_iterating() -> None:
     bm = Bitmap(300 * G, G)
     for first, count in [(0, 3), (63, 3), (128, 1), (200, 100)]:
