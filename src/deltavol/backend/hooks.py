@@ -6,7 +6,8 @@ tracking: a change goes down only after its tracking bits are durable). The work
 sessions'; the layer only runs it. The hooks do not depend on one another — each needs
 only to be done before the change goes down — so they run concurrently, and a first write
 under copy-on-first-write, or with several sessions, waits for one fsync's time, not one
-per hook.
+per hook. Work that needs no waiting (a first write where tracking only has to put a bit
+in its file) a hook may do at once (``now``), and the write stays on the inline path.
 
 Asking every hook on every write costs more than the write itself once several sessions
 track a volume, and almost always the answer is "nothing to do". So the layer keeps a
@@ -34,6 +35,8 @@ MAX_CELLS = 1 << 24  # 2 MiB of cache bits at most, unless cells would exceed MA
 class Hook:
     before: Callable[[int, int], Awaitable[None]]  # the work to do before a change goes down
     ready: Callable[[int, int], bool]  # True when ``before`` would have nothing to do
+    # does the work at once if it needs no waiting, and says whether it did
+    now: Callable[[int, int], bool] | None = None
 
 
 class BeforeChange(Layer):
@@ -60,7 +63,7 @@ class BeforeChange(Layer):
             idle.clear_all()
             self._epoch = self.gate.epoch
         if not idle.all_set(offset, n):
-            if not all(hook.ready(offset, n) for hook in self.hooks):
+            if not all(hook.ready(offset, n) or (hook.now and hook.now(offset, n)) for hook in self.hooks):
                 return False
             self._learn(offset, n)
         return self.next.pwrite_now(offset, data)

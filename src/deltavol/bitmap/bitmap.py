@@ -73,6 +73,19 @@ class Bitmap:
                 new.append(c)
         return new
 
+    def set_run(self, first: int, count: int) -> None:
+        """Set chunks [first, first+count), a byte at a time where it can."""
+        end = min(first + count, self.nbits)
+        c = first
+        while c < end and (c & 7 or end - c < 8):
+            self.set(c)
+            c += 1
+        lo, hi = c >> 3, end >> 3
+        if hi > lo:
+            self._bits[lo:hi] = b"\xff" * (hi - lo)
+        for tail in range(max(c, hi * 8), end):
+            self.set(tail)
+
     def clear_run(self, first: int, count: int) -> int:
         """Clear chunks [first, first+count); returns the bytes of those that were set."""
         end = min(first + count, self.nbits)

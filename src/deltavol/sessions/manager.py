@@ -63,9 +63,12 @@ class _SourceWiring:
     def tracked(self, offset: int, length: int) -> bool:
         return all(s.tracked(offset, length) for s in self.sessions)
 
+    def track_now(self, offset: int, length: int) -> bool:
+        return all(s.track_now(offset, length) for s in self.sessions)
+
     def rehook(self) -> None:
         protect = [s.protect_hook for s in self.sessions]
-        self.hooks[:] = [*protect, Hook(self.track, self.tracked)]
+        self.hooks[:] = [*protect, Hook(self.track, self.tracked, self.track_now)]
         self.gate.changed()  # a session came or went: what BeforeChange cached is void
 
 

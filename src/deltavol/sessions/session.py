@@ -151,6 +151,7 @@ class Session:
         every: int | None = None,
         save_limit: int = 1 << 30,
         retry: RetryPolicy | None = None,
+        hot_region: int = persist.HOT_REGION,
     ) -> None:
         self.name = name
         self.source = source
@@ -184,6 +185,7 @@ class Session:
         self.target: CopyTarget | None = None
         self._task: asyncio.Task[None] | None = None
         self._commit = commit
+        self._hot_region = hot_region
         # chunk -> the round making its bit durable, _BY_SAVE, or None (failed: write it again)
         self._unsynced: dict[int, Any] = {}
         self._round_chunks: dict[asyncio.Future[None], list[int]] = {}
@@ -193,18 +195,27 @@ class Session:
 
     # --- files ----------------------------------------------------------------------------
     def create_files(self) -> None:
-        persist.save_atomic(self._tracking_path, self.tracking, 0, TRACKING)
-        self.tracking_file = persist.TrackingFile(self._tracking_path, self._commit)
+        self._open_tracking_file()
+        self._rewrite_tracking()
+
+    def _open_tracking_file(self) -> None:
+        if self.tracking_file is not None:
+            self.tracking_file.close()
+        self.tracking_file = persist.TrackingFile(
+            self._tracking_path, self.source.size, self.granularity, self._commit, self._hot_region
+        )
 
     def load_files(self) -> None:
         """Reopen bitmaps and the save area after a restart; corrupt files raise.
 
         A transfer file that the session row does not own (an update that never
         committed, or one that finished just before the crash) goes back into tracking:
-        a superset of the changes is safe, a lost bit is not.
+        a superset of the changes is safe, a lost bit is not. Tracking is rewritten at the
+        end, so what a reboot may have cost (the hot regions ``load`` added) is durable
+        and the file is of this boot.
         """
         self.tracking, _ = persist.load(self._tracking_path, TRACKING, self.granularity, self.source.size)
-        self.tracking_file = persist.TrackingFile(self._tracking_path, self._commit)
+        self._open_tracking_file()
         owned = self.update is not None and self.state in (State.COPYING, State.PAUSED, State.FAILED)
         transfer = None
         if self._transfer_path.exists():
@@ -225,12 +236,11 @@ class Session:
         if owned and self.update is not None and self.update.protecting:
             self.save = save.open()
             unmarked = [c for c in self.save.index if not self.tracking.test(c)]
-            if unmarked:  # saved, so changed after the mark: their bits came with the saves
-                for c in unmarked:
-                    self.tracking.set(c)
-                self._rewrite_tracking()
+            for c in unmarked:  # saved, so changed after the mark: their bits came with the saves
+                self.tracking.set(c)
         else:  # no update owns it: a mark or the end of its update made its bits durable
             save.path.unlink(missing_ok=True)
+        self._rewrite_tracking()
         self._gate.changed()  # bitmaps replaced: what the write path cached is void
 
     def set_aside_files(self, why: str) -> None:
@@ -311,7 +321,8 @@ class Session:
         """Set the tracking bits of a change; returns the group-commit rounds the change
         must wait for before it goes down (none when its bits are already durable).
 
-        A bit set in memory is in ``_unsynced`` until a round made it durable; if that
+        New bits go into the file at once; a chunk is in ``_unsynced`` until the round
+        that makes its hot region durable is done (see ``bitmap/persist.py``). If that
         round failed, it stays there with no round, and the next change of the chunk
         writes it and asks for a round again.
         """
@@ -334,28 +345,52 @@ class Session:
                         waits.append(fut)
             if retry:
                 new = sorted(set(new).union(retry))
-        if new:
-            assert self.tracking_file is not None
-            self.tracking_file.write_bits(tracking, new)
-            if self.save is not None:  # what this change's protect saves needs no round
-                saved = {c for c in new if self._saving(c)}
-                if saved:
-                    for c in saved:
-                        unsynced[c] = _BY_SAVE
-                    new = [c for c in new if c not in saved]
-                if not new:
-                    return waits
-            fut = self.tracking_file.round()
-            for c in new:
-                unsynced[c] = fut
+        if not new:
+            return waits
+        self._write_bits(new)
+        assert self.tracking_file is not None
+        cover, saving = self.tracking_file.cover, self._saving if self.save is not None else None
+        for c in new:
+            if saving is not None and saving(c):  # this change's protect saves it: no round
+                unsynced[c] = _BY_SAVE
+                continue
+            fut = cover(c)
+            if fut is None:  # its region is durably hot: the bit in the file is enough
+                unsynced.pop(c, None)
+                continue
+            unsynced[c] = fut
             chunks = self._round_chunks.get(fut)
             if chunks is None:
                 chunks = self._round_chunks[fut] = []
                 fut.add_done_callback(self._round_done)
-            chunks.extend(new)
+            chunks.append(c)
             if fut not in waits:
                 waits.append(fut)
         return waits
+
+    def track_now(self, offset: int, length: int) -> bool:
+        """Track a change at once if that needs no waiting: its chunks' hot regions are
+        durable, so new bits only go into the file. False leaves it all to ``track``."""
+        tracking, tf = self.tracking, self.tracking_file
+        chunks = tracking.chunk_range(offset, length)
+        unsynced = self._unsynced
+        if tf is None or not tf.covered(chunks) or (unsynced and any(c in unsynced for c in chunks)):
+            return False
+        if self.save is not None and any(self._saving(c) for c in chunks):
+            return False  # protect saves them first
+        new = tracking.set_range(offset, length)
+        if new:
+            self._write_bits(new)
+        return True
+
+    def _write_bits(self, new: list[int]) -> None:
+        assert self.tracking_file is not None
+        try:
+            self.tracking_file.write_bits(self.tracking, new)
+        except DeltavolError:
+            for c in new:  # set in memory, maybe not in the file: the next change writes them
+                self._unsynced[c] = None
+            raise
 
     def _saving(self, chunk: int) -> bool:
         """True if a change of ``chunk`` now must first save it (``protect`` saves it)."""
@@ -797,6 +832,10 @@ class Session:
             await self._try_checkpoint()
         await self._drop_target()
         if self.tracking_file is not None:
+            try:  # a clean stop leaves no hot region: a reboot then costs no extra copy
+                await self.tracking_file.settle(everything=True)
+            except DeltavolError as exc:
+                log.warning("session %s: %s", self.name, exc.message)
             self.tracking_file.close()
 
     # --- verify ----------------------------------------------------------------------------

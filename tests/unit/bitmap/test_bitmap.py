@@ -33,6 +33,7 @@ OPS = st.lists(
         st.tuples(st.just("clear"), chunk()),
         st.tuples(st.just("set_range"), chunk(), st.sampled_from([0, 1, 511, G - 1]), st.integers(0, 70 * G)),
         st.tuples(st.just("clear_run"), chunk(), st.integers(0, 130)),
+        st.tuples(st.just("set_run"), chunk(), st.integers(0, 130)),
         st.tuples(st.just("or"), st.sets(chunk(), max_size=20)),
         st.tuples(st.just("set_all")),
         st.tuples(st.just("clear_all")),
@@ -75,6 +76,10 @@ def apply(bm: Bitmap, model: set[int], op: tuple) -> None:  # type: ignore[type-
         gone = {c for c in model if first <= c < first + count}
         assert bm.clear_run(first, count) == sum(chunk_bytes(bm.size, c) for c in gone)
         model -= gone
+    elif name == "set_run":
+        first, count = op[1] % n, op[2]
+        bm.set_run(first, count)
+        model |= set(range(first, min(first + count, n)))
     elif name == "or":
         other = Bitmap(bm.size, G)
         extra = {c % n for c in op[1]}

@@ -82,7 +82,15 @@ class SyncLog:
         return self.calls.count(kind)
 
     def _bits(self, raw: bytes) -> Bitmap:
-        return Bitmap.from_bytes(SIZE, self.granularity, raw[persist.HEADER_SIZE :])
+        """What a file's bits cover after a power loss: its chunk bits and its hot regions
+        (one chunk each here: the sessions run with ``hot_region`` = the granularity)."""
+        nbytes = (Bitmap(SIZE, self.granularity).nbits + 7) // 8
+        bits = Bitmap.from_bytes(
+            SIZE, self.granularity, raw[persist.HEADER_SIZE : persist.HEADER_SIZE + nbytes]
+        )
+        hot_at = persist._hot_at(bits.nbits)
+        bits.or_(Bitmap.from_bytes(SIZE, self.granularity, raw[hot_at : hot_at + nbytes]))
+        return bits
 
     @staticmethod
     def _path(fd: int) -> str:
@@ -95,8 +103,7 @@ class SyncLog:
             real(fd)
             return
         self.hold.wait(timeout=30)
-        nbytes = (Bitmap(SIZE, self.granularity).nbits + 7) // 8
-        bits = self._bits(os.pread(fd, persist.HEADER_SIZE + nbytes, 0))  # a subset of what it syncs
+        bits = self._bits(os.pread(fd, 1 << 20, 0))  # a subset of what it syncs
         real(fd)
         self.durable = bits
 
@@ -229,6 +236,7 @@ def new_session(tmp_path: Path, source: Any, target: Target, granularity: int, s
         commit=GroupCommit(),
         open_target=open_target,
         persist_row=lambda s: None,
+        hot_region=G,  # one chunk per hot region: every first change waits for a round
         save_limit=save_limit,
     )
 
@@ -484,7 +492,7 @@ async def test_reopening_puts_the_bits_of_saved_chunks_back_into_tracking(
     assert s.tracking_file is not None and s.save is not None
     s.tracking_file.close()
     s.save.close()
-    persist.save_atomic(s._tracking_path, rig.log.durable, 2, persist.KIND_TRACKING)
+    persist.save_atomic(s._tracking_path, rig.log.durable, 2, persist.KIND_TRACKING, Bitmap(SIZE, g))
     assert rig.on_disk() == [UNOWED], "the crash did not lose the saved chunks' bits"
 
     again = new_session(tmp_path, s.source, rig.target, g, s.save_limit)

@@ -1,6 +1,7 @@
 """Session.track over a group commit: a change waits for the round that makes its bits
 durable; a failed round leaves the chunk untracked, and the next change of the chunk
-writes its bits again and gets a new round."""
+writes its bits again and gets a new round. With hot regions of several chunks, only the
+first change of a region waits; the others are tracked at once (``track_now``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 
 from deltavol.backend.gate import WriteGate
 from deltavol.bitmap import persist
-from deltavol.errors import NoSpace
+from deltavol.errors import DeltavolError, NoSpace
 from deltavol.sessions.session import Session
 from deltavol.store.group_commit import GroupCommit
 
@@ -24,8 +25,12 @@ G = 4096
 SIZE = 64 * G
 
 
-def make_session(tmp_path: Path, name: str, commit: GroupCommit) -> Session:
-    """A session with only what tracking needs: the source is a stand-in with a name and a size."""
+def make_session(
+    tmp_path: Path, name: str, commit: GroupCommit, hot_region: int = G, load: bool = False
+) -> Session:
+    """A session with only what tracking needs: the source is a stand-in with a name and a size.
+
+    By default one chunk per hot region: every first change waits for a round."""
     source: Any = SimpleNamespace(name="src", size=SIZE)
     s = Session(
         name=name,
@@ -38,8 +43,12 @@ def make_session(tmp_path: Path, name: str, commit: GroupCommit) -> Session:
         commit=commit,
         open_target=None,
         persist_row=lambda s: None,
+        hot_region=hot_region,
     )
-    s.create_files()
+    if load:
+        s.load_files()
+    else:
+        s.create_files()
     return s
 
 
@@ -144,3 +153,75 @@ async def test_a_failed_round_is_retried_with_the_new_chunks_of_the_next_change(
     (last,) = s.track(20 * G, G)
     await asyncio.shield(last)
     assert s.tracked(20 * G, 4 * G)
+
+
+# --- hot regions of several chunks ---------------------------------------------------------
+REGION = 4 * G
+
+
+@pytest.fixture
+def hot(tmp_path: Path) -> Iterator[Session]:
+    s = make_session(tmp_path, "h", GroupCommit(), hot_region=REGION)
+    yield s
+    assert s.tracking_file is not None
+    s.tracking_file.close()
+
+
+async def test_only_the_first_change_of_a_region_waits_for_a_round(
+    hot: Session, fdatasync: dict[str, Any]
+) -> None:
+    s = hot
+    assert not s.track_now(0, G), "a region not yet hot needs a round"
+    assert not s.tracking.test(0), "a refused track_now changed the bitmap"
+    (first,) = s.track(0, G)
+    assert not s.track_now(G, G), "tracked at once while its region's round still runs"
+    assert s.track(G, G) == [first]
+    await asyncio.shield(first)
+    assert fdatasync["calls"] == 1
+    assert s.track_now(2 * G, 2 * G) and s.tracked(0, REGION)
+    assert s.track(3 * G, G) == []
+    assert fdatasync["calls"] == 1, "a change in a durable hot region paid an fsync"
+    assert on_disk(s) == [(0, 4)], "the bits of changes tracked at once are not in the file"
+    assert not s.track_now(REGION, G) and len(s.track(REGION, G)) == 1  # the next region: a round
+
+
+async def test_a_failed_bit_write_fails_the_change_and_the_next_change_writes_it(
+    hot: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = hot
+    await asyncio.shield(s.track(0, G)[0])
+    real = os.pwrite
+
+    def failing(fd: int, data: Any, offset: int) -> int:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    with pytest.raises(DeltavolError):
+        s.track_now(G, G)
+    assert not s.tracked(G, G), "a bit that did not reach the file counts as tracked"
+    assert not s.track_now(G, G)
+    monkeypatch.setattr(os, "pwrite", real)
+    assert s.track(G, G) == [] and s.tracked(G, G)
+    assert on_disk(s) == [(0, 2)]
+
+
+@pytest.mark.parametrize("rebooted", [False, True])
+async def test_reopening_after_a_reboot_adds_every_chunk_of_the_hot_regions(
+    hot: Session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rebooted: bool
+) -> None:
+    s = hot
+    await asyncio.shield(s.track(REGION + G, G)[0])  # region 1 turns hot
+    assert s.track_now(REGION + 3 * G, G)
+    assert s.tracking_file is not None
+    s.tracking_file.close()  # the server dies; the page cache keeps the file as it is
+    if rebooted:  # ... or the machine went down too: chunk bits without an fsync may be gone
+        monkeypatch.setattr(persist, "boot_id", lambda: b"another boot....")
+    again = make_session(tmp_path, "h", GroupCommit(), hot_region=REGION, load=True)
+    try:
+        expect = [(4, 4)] if rebooted else [(5, 1), (7, 1)]
+        assert list(again.tracking.runs()) == expect
+        assert on_disk(again) == expect, "what reopening found is not durable in the file"
+        assert again.tracking_file is not None and again.tracking_file.hot.is_empty()
+    finally:
+        assert again.tracking_file is not None
+        again.tracking_file.close()
