@@ -3,14 +3,23 @@ copy them (copy-on-first-write).
 
 Design notes
 ------------
-One append-only file per session update: a 4096-byte header (magic, version, granularity,
-volume size, update id, CRC32) and then records, each a 28-byte record header (magic,
-chunk number, start within the chunk, length, CRC32 of those fields and the data)
-followed by the data. ``save`` returns only when its record is durable (pwrite +
-fdatasync), and the caller issues the overwrite only after that: so after a crash every
-block whose source was overwritten has a complete record. A torn record at the tail
-belongs to a save that never returned, whose overwrite never happened; ``open`` drops it
-and truncates the file there.
+One file per session: a 4096-byte header (magic, version, granularity, volume size,
+update id, nonce, CRC32) and then the current update's records, one after the other, each
+a 32-byte record header (magic, the update's nonce, chunk number, start within the chunk,
+length, CRC32 of those fields and the data) followed by the data. ``save`` returns only
+when its record is durable (pwrite + fdatasync), and the caller issues the overwrite only
+after that: so after a crash every block whose source was overwritten has a complete
+record. ``open`` reads records up to the first one that is torn, damaged or of another
+nonce: a torn record belongs to a save that never returned, whose overwrite never happened.
+
+The fdatasync is most of a protected write's latency, and it costs half as much when the
+record overwrites blocks already written as when it appends (an append changes the file
+size: a journal commit). So ``prepare`` writes ``SPACE_AHEAD`` bytes of record space
+ahead (zeroes, before the mark, off the write path), and the file stays from one update to
+the next: ``create`` gives it a new header and nonce, which void every older record, and
+the new records overwrite them in place. Past the space written ahead, records append.
+A nonce, not the update id, marks the records: a source block that happens to look like
+a record of this update cannot be forged without knowing it.
 
 A record holds only the 4 KiB blocks a change overwrites, not its whole chunk: a 4 KiB
 write under copy-on-first-write costs a 4 KiB durable append, not a chunk's (the fsync is
@@ -18,8 +27,10 @@ most of a protected write's latency), and the area holds sixteen times as many o
 Each block is saved at most once per update (the first write to it); ``pieces`` gives a
 chunk's saved blocks, which the copy lays over the source's current contents.
 
-Records are appended one at a time, so a failed append (a full disk) never leaves a gap
-before a good record. The file is deleted when the update finishes or is cancelled.
+Records are written one at a time, so a failed write (a full disk) never leaves a gap
+before a good record. The file is deleted when its session goes. Rewriting the header in
+place relies on its 48 bytes being written whole (one sector); the header only changes
+before the session row commits a mark, and a restart drops a save area no update owns.
 ``limit`` bounds the file; past it ``save`` returns False and the caller falls back to
 copy-before-write.
 """
@@ -28,7 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
+import secrets
 import struct
 import zlib
 from pathlib import Path
@@ -36,13 +49,16 @@ from pathlib import Path
 from deltavol.errors import CorruptFile, os_error
 from deltavol.store.fsio import sync_dir
 
+log = logging.getLogger("deltavol.save_area")
+
 MAGIC = b"DVSAVEAR"
-VERSION = 2
-HEADER = struct.Struct(">8sIIQQQ")  # magic, version, granularity, size, update id, reserved
+VERSION = 3
+HEADER = struct.Struct(">8sIIQQQ")  # magic, version, granularity, size, update id, nonce
 HEADER_SIZE = 4096
-RECORD = struct.Struct(">IQIII")  # magic, chunk, start in chunk, length, crc32(fields, data)
+RECORD = struct.Struct(">IQQIII")  # magic, nonce, chunk, start in chunk, length, crc32(fields, data)
 RECORD_MAGIC = 0x44565352  # "DVSR"
 BLOCK = 4096  # what a record holds is whole blocks (or the end of the volume)
+SPACE_AHEAD = 32 * 1024 * 1024  # record space written before an update (at most its limit)
 
 
 class SaveArea:
@@ -54,18 +70,61 @@ class SaveArea:
         self.limit = limit
         self.index: dict[int, list[tuple[int, int, int]]] = {}  # chunk -> [(start, at, length)]
         self._saved: dict[int, int] = {}  # chunk -> bit mask of its saved blocks
+        self.nonce = 0
         self._end = HEADER_SIZE
         self._fd = -1
         self._append = asyncio.Lock()
 
     # --- lifecycle -----------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Write the record space ahead, so that saves overwrite blocks in place (blocking:
+        run it off the event loop, before the mark). Only for a file no update uses. A
+        full disk is no error here: the saves then append."""
+        want = HEADER_SIZE + min(self.limit, SPACE_AHEAD)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                have = start = os.fstat(fd).st_size
+                fs = os.fstatvfs(fd)
+                if have >= want or fs.f_bavail * fs.f_frsize < 4 * want:
+                    return  # done before, or the disk is nearly full: leave the room to others
+                zeroes = bytes(1 << 20)
+                try:
+                    while have < want:
+                        have += os.pwrite(fd, zeroes[: want - have], have)
+                    os.fsync(fd)
+                except OSError:
+                    os.ftruncate(fd, start)  # give back what it took
+                    raise
+            finally:
+                os.close(fd)
+            sync_dir(self.path.parent)
+        except OSError as exc:
+            log.warning("save area %s: no space written ahead: %s", self.path, exc.strerror or exc)
+
     def create(self) -> SaveArea:
-        head = HEADER.pack(MAGIC, VERSION, self.granularity, self.size, self.update_id, 0)
-        head += struct.pack(">I", zlib.crc32(head))
+        """Begin this update's area: a header with a new nonce, durable. A file left by an
+        earlier update (and ``prepare``) is kept, its old records void; else a new one."""
+        self.nonce = secrets.randbits(64)
+        head = HEADER.pack(MAGIC, VERSION, self.granularity, self.size, self.update_id, self.nonce)
+        head = (head + struct.pack(">I", zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
+        if self.path.exists():  # one sector of header, overwritten in place
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise os_error(exc, f"opening save area {self.path}") from exc
+            try:
+                os.pwrite(fd, head, 0)
+                os.fdatasync(fd)
+            except OSError as exc:
+                os.close(fd)
+                raise os_error(exc, f"creating save area {self.path}") from exc
+            self._fd = fd
+            return self
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.pwrite(fd, head.ljust(HEADER_SIZE, b"\0"), 0)
+            os.pwrite(fd, head, 0)
             os.fsync(fd)
         except OSError as exc:
             os.close(fd)
@@ -87,7 +146,7 @@ class SaveArea:
             raise CorruptFile(path=self.path, why="header is truncated")
         head = raw[: HEADER.size]
         (crc,) = struct.unpack_from(">I", raw, HEADER.size)
-        magic, version, gran, size, update_id, _ = HEADER.unpack(head)
+        magic, version, gran, size, update_id, self.nonce = HEADER.unpack(head)
         if magic != MAGIC:
             raise CorruptFile(path=self.path, why="not a deltavol save area (bad magic)")
         if zlib.crc32(head) != crc:
@@ -103,17 +162,15 @@ class SaveArea:
         pos = HEADER_SIZE
         while pos + RECORD.size <= end:
             head = os.pread(fd, RECORD.size, pos)
-            magic2, chunk, start, length, crc = RECORD.unpack(head)
-            if magic2 != RECORD_MAGIC or pos + RECORD.size + length > end:
+            magic2, nonce, chunk, start, length, crc = RECORD.unpack(head)
+            if magic2 != RECORD_MAGIC or nonce != self.nonce or pos + RECORD.size + length > end:
                 break
             data = os.pread(fd, length, pos + RECORD.size)
             if _crc(head, data) != crc or not self._fits(chunk, start, length):
                 break
             self._add(chunk, start, pos + RECORD.size, length)
             pos += RECORD.size + length
-        if pos != end:
-            os.ftruncate(fd, pos)  # a torn tail: its save never returned
-        self._end = pos
+        self._end = pos  # what follows is torn, void or space written ahead: the next save's
         return self
 
     def close(self) -> None:
@@ -159,7 +216,7 @@ class SaveArea:
             if self.used + need > self.limit:
                 return False
             pos = self._end
-            fields = RECORD.pack(RECORD_MAGIC, chunk, start, len(data), 0)[:-4]
+            fields = RECORD.pack(RECORD_MAGIC, self.nonce, chunk, start, len(data), 0)[:-4]
             record = fields + struct.pack(">I", _crc(fields, data)) + bytes(data)
             try:
                 await asyncio.to_thread(self._write, record, pos)

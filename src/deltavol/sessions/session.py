@@ -268,6 +268,7 @@ class Session:
         if self.tracking_file is not None:
             self.tracking_file.close()
         self._drop_save_area()
+        self._save_area(0).delete()
         for path in (self._tracking_path, self._transfer_path):
             path.unlink(missing_ok=True)
 
@@ -281,8 +282,10 @@ class Session:
         )
 
     def _drop_save_area(self) -> None:
+        """Done with this update's records; the file stays, its space written ahead for the
+        next update's (a new header voids them)."""
         if self.save is not None:
-            self.save.delete()
+            self.save.close()
             self.save = None
 
     async def _checkpoint(self) -> None:
@@ -583,6 +586,8 @@ class Session:
         before the session row commits the mark; tracking is reset only after that.
         """
         assert self.update is not None
+        if self.save is None:  # no update writes to the save area: write its space ahead
+            await asyncio.to_thread(self._save_area(self.update.id).prepare)
         async with self._gate.closed():
             transfer = self.transfer or Bitmap(self.source.size, self.granularity)
             before = self.transfer_bytes(transfer)

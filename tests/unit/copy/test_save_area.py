@@ -1,13 +1,17 @@
 """The save area keeps the old contents of blocks durably, each block once, refuses past
-its limit, survives a reopen, drops a torn tail, and names the file when it is corrupt."""
+its limit, survives a reopen, drops a torn tail, names the file when it is corrupt, and
+reuses its space from one update to the next with none of the old records."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from deltavol.copy import save_area
 from deltavol.copy.save_area import BLOCK, HEADER_SIZE, RECORD, SaveArea
 from deltavol.errors import CorruptFile
 
@@ -82,9 +86,12 @@ async def test_torn_tail_is_dropped(tmp_path: Path) -> None:
     os.truncate(path, size - 10)  # the second record was being written when power went
     again = area(tmp_path).open()
     assert sorted(again.index) == [2]
-    assert path.stat().st_size == HEADER_SIZE + RECORD.size + G
     assert await again.save(3, 0, b"w" * G)  # and it can append again after the cut
     assert await again.pieces(3) == [(0, b"w" * G)]
+    again.close()
+    third = area(tmp_path).open()  # the new record went where the torn one began
+    assert sorted(third.index) == [2, 3] and await third.pieces(3) == [(0, b"w" * G)]
+    assert third.used == 2 * (RECORD.size + G)
 
 
 @pytest.mark.parametrize("at", [RECORD.size + 10, 15])  # a data byte; the record's start field
@@ -123,3 +130,77 @@ def test_other_update_is_refused(tmp_path: Path) -> None:
 def test_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(CorruptFile, match="missing"):
         area(tmp_path).open()
+
+
+async def test_a_new_update_keeps_the_file_and_none_of_the_old_records(tmp_path: Path) -> None:
+    path = tmp_path / "s.save"
+    old = area(tmp_path, update_id=7)
+    old.prepare()
+    old.create()
+    for c in range(6):
+        assert await old.save(c, 0, bytes([c + 1]) * G)
+    old.close()
+    inode, size = path.stat().st_ino, path.stat().st_size
+    new = area(tmp_path, update_id=8)
+    new.prepare()
+    new.create()
+    assert new.index == {} and new.used == 0
+    assert await new.save(9, BLOCK, b"n" * BLOCK)
+    new.close()
+    assert (path.stat().st_ino, path.stat().st_size) == (inode, size), "the space was not reused in place"
+    again = area(tmp_path, update_id=8).open()
+    assert sorted(again.index) == [9], "a record of the previous update came back"
+    assert await again.pieces(9) == [(BLOCK, b"n" * BLOCK)]
+
+
+async def test_space_written_ahead_is_overwritten_not_appended(tmp_path: Path) -> None:
+    path = tmp_path / "s.save"
+    sa = area(tmp_path, limit=64 * G)
+    sa.prepare()
+    assert path.stat().st_size == HEADER_SIZE + 64 * G  # the limit, below SPACE_AHEAD
+    sa.create()
+    before = os.stat(path).st_blocks
+    for c in range(8):
+        assert await sa.save(c, 0, b"s" * G)
+    assert path.stat().st_size == HEADER_SIZE + 64 * G and os.stat(path).st_blocks == before
+    sa.close()
+    assert sorted(area(tmp_path, limit=64 * G).open().index) == list(range(8))
+
+
+async def test_a_record_of_another_nonce_ends_the_valid_records(tmp_path: Path) -> None:
+    sa = area(tmp_path).create()
+    assert await sa.save(1, 0, b"a" * G)
+    sa.nonce ^= 1  # what a block of source data that looks like a record would carry
+    assert await sa.save(2, 0, b"b" * G)
+    sa.close()
+    assert sorted(area(tmp_path).open().index) == [1]
+
+
+def test_a_full_disk_while_writing_space_ahead_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*args: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(save_area.os, "pwrite", full)
+    area(tmp_path).prepare()  # logs, and the saves will append
+    monkeypatch.undo()
+    assert (tmp_path / "s.save").stat().st_size == 0, "space taken on a full disk was kept"
+    sa = area(tmp_path).create()
+    assert sa.used == 0 and sa.index == {}
+
+
+def test_no_space_is_written_ahead_on_a_nearly_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.fstatvfs
+
+    def nearly_full(fd: int) -> Any:
+        fs = real(fd)
+        return type(
+            "Fs", (), {"f_bavail": 3 * (HEADER_SIZE + (1 << 20)) // fs.f_frsize, "f_frsize": fs.f_frsize}
+        )
+
+    monkeypatch.setattr(save_area.os, "fstatvfs", nearly_full)
+    area(tmp_path).prepare()
+    assert (tmp_path / "s.save").stat().st_size == 0

@@ -516,18 +516,18 @@ async def test_the_end_of_an_update_makes_saved_bits_durable_before_dropping_the
     s, c, g = rig.session, OWED.start + 1, granularity
     await rig.write(c * g, b"E" * BLOCK)  # the chunk's first block
     assert rig.log.count("tracking") == 0 and not rig.log.durable.test(c)
-    at_delete: list[bool] = []
-    real_delete = SaveArea.delete
+    at_close: list[bool] = []
+    real_close = SaveArea.close
 
-    def delete(self: SaveArea) -> None:
-        at_delete.append(rig.log.durable.test(c))
-        real_delete(self)
+    def close(self: SaveArea) -> None:
+        at_close.append(rig.log.durable.test(c))
+        real_close(self)
 
-    monkeypatch.setattr(SaveArea, "delete", delete)
+    monkeypatch.setattr(SaveArea, "close", close)
     await s._run()
     assert s.state is State.IDLE and s.consistent and s.last_error is None
-    assert at_delete == [True], "the save area went while c's bit was durable only there"
-    assert not (s._save_dir / f"{NAME}.save").exists()
+    assert at_close == [True], "the save area went while c's bit was durable only there"
+    assert s.save is None and (s._save_dir / f"{NAME}.save").exists()  # its space kept for the next
     assert rig.on_disk() == [c]
     for o in OWED:  # the copy is the image at the mark: c's old contents came from the save area
         assert rig.target.data[o * g : (o + 1) * g] == rig.old(o)
