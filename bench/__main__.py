@@ -57,7 +57,7 @@ def markdown(rows: list[Row], settings: Settings, elapsed: float) -> str:
         f"fio runs {settings.runtime:g} s each (after 1 s ramp) on a {settings.fio_size // GiB} GiB raw file "
         "over unix sockets; deltavol and the peer serve the same file, one after the other",
         "(page-cache figures: the better of two runs each, in the order deltavol, peer, peer, deltavol).",
-        "Tracking figures: the tracked volume and a twin without sessions in alternation, each run after "
+        "Tracking figures: one volume with and without sessions in alternation, each run after "
         "`sync`, the better of two each.",
         "Ratios are deltavol / peer in the figure's unit (for seconds and latency lower is better).",
         "",
