@@ -14,10 +14,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from deltavol.copy.targets import CopyTarget
 from deltavol.copy.throttle import Throttle
 from deltavol.nbd.constants import STATE_HOLE
+
+if TYPE_CHECKING:
+    from deltavol.copy.targets import CopyTarget
 
 MAX_REQUEST = 4 * 1024 * 1024
 INFLIGHT = 16

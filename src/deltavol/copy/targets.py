@@ -13,6 +13,7 @@ import itertools
 from typing import Any, Protocol
 
 from deltavol.backend.file import FileBackend
+from deltavol.copy.engine import INFLIGHT, MAX_REQUEST
 from deltavol.errors import Error
 
 
@@ -23,6 +24,8 @@ class TargetError(Error):
 class CopyTarget(Protocol):
     description: str
     size: int
+    request_size: int  # the most bytes one copy request carries
+    inflight: int  # requests the copy keeps in flight
 
     async def pwrite(self, offset: int, data: bytes) -> None: ...
     async def zero(self, offset: int, length: int) -> bool: ...
@@ -37,6 +40,9 @@ def is_uri(target: str) -> bool:
 
 class LocalTarget:
     """A local volume, written beneath its export (which refuses clients' writes)."""
+
+    request_size = MAX_REQUEST
+    inflight = INFLIGHT
 
     def __init__(self, backend: FileBackend) -> None:
         self.backend = backend
@@ -66,9 +72,16 @@ class NbdTarget:
     A server that promises CAN_MULTI_CONN gets ``CONNECTIONS`` connections, used in turn
     (as nbdcopy does): one connection is one queue on the server, several keep more of
     it busy. A flush on any of them then covers writes completed on all.
+
+    Requests are nbdcopy's size, 256 KiB, with 64 in flight: a server reads a request's
+    whole payload before it writes any of it, so small requests keep its writer busy while
+    the socket delivers the next. A full update of 4 GiB (half holes) to qemu-nbd took
+    0.87-1.07x nbdcopy's time this way, 1.19-1.35x with 4 MiB requests, 16 in flight.
     """
 
     CONNECTIONS = 4
+    request_size = 256 * 1024
+    inflight = 64
 
     def __init__(self, uri: str) -> None:
         self.uri = uri

@@ -43,8 +43,6 @@ from deltavol.backend.hooks import Hook
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.engine import (
-    INFLIGHT,
-    MAX_REQUEST,
     Progress,
     requests,
     run_pipeline,
@@ -668,7 +666,9 @@ class Session:
         assert self.transfer is not None and self.update is not None
         rate = self.update.max_rate
         # throttled: requests of about a quarter second each, so progress stays smooth
-        request = MAX_REQUEST if not rate else min(MAX_REQUEST, max(self.granularity, rate // 4))
+        request = target.request_size
+        if rate:
+            request = min(request, max(self.granularity, rate // 4))
         max_chunks = max(1, request // self.granularity)
         runs, g = self.transfer.runs(), self.granularity
         # a full pass is cut at the source's holes, so it goes as fast as its data
@@ -682,7 +682,7 @@ class Session:
             lambda first, count, hole=False: self._copy_run(target, first, count, hole),
             throttle=Throttle(rate),
             request_bytes=lambda first, count, hole=False: g if hole else count * g,  # a hole costs a request
-            inflight=INFLIGHT if not rate else 2,
+            inflight=target.inflight if not rate else 2,
         )
 
     async def _copy_run(self, target: CopyTarget, first: int, count: int, hole: bool = False) -> None:

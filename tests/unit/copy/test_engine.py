@@ -20,6 +20,8 @@ class RecordingTarget:
     def __init__(self, size: int, can_zero: bool = True) -> None:
         self.description = "recording"
         self.size = size
+        self.request_size = 4 * 1024 * 1024
+        self.inflight = 16
         self.can_zero = can_zero
         self.ops: list[tuple[str, int, int]] = []
         self.data = bytearray(size)

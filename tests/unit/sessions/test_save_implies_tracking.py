@@ -158,6 +158,8 @@ class Target:
 
     description = "fake target"
     size = SIZE
+    request_size = 4 * 1024 * 1024
+    inflight = 16
 
     def __init__(self) -> None:
         self.data = bytearray(SIZE)
