@@ -27,12 +27,16 @@ most of a protected write's latency), and the area holds sixteen times as many o
 Each block is saved at most once per update (the first write to it); ``pieces`` gives a
 chunk's saved blocks, which the copy lays over the source's current contents.
 
-Records are written one at a time, so a failed write (a full disk) never leaves a gap
-before a good record. The file is deleted when its session goes. Rewriting the header in
+Records go into the page cache one after another, on the event loop, so a failed write (a
+full disk) never leaves a gap before a good record; the saves of a burst then share one
+fdatasync (group commit: with 32 writes in flight they would otherwise queue behind each
+other's). A failed fdatasync ends saving for the update: the kernel may have dropped the
+pages it could not write, and a later fdatasync would make records durable behind that
+gap. The file is deleted when its session goes. Rewriting the header in
 place relies on its 48 bytes being written whole (one sector); the header only changes
 before the session row commits a mark, and a restart drops a save area no update owns.
-``limit`` bounds the file; past it ``save`` returns False and the caller falls back to
-copy-before-write.
+``limit`` bounds the file; past it (or after a failed fdatasync) ``save`` returns False
+and the caller falls back to copy-before-write.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from pathlib import Path
 
 from deltavol.errors import CorruptFile, os_error
 from deltavol.store.fsio import sync_dir
+from deltavol.store.group_commit import GroupCommit
 
 log = logging.getLogger("deltavol.save_area")
 
@@ -73,7 +78,8 @@ class SaveArea:
         self.nonce = 0
         self._end = HEADER_SIZE
         self._fd = -1
-        self._append = asyncio.Lock()
+        self._commit = GroupCommit()
+        self._failed = False  # a sync failed: saves return False (copy-before-write)
 
     # --- lifecycle -----------------------------------------------------------------------
     def prepare(self) -> None:
@@ -208,30 +214,48 @@ class SaveArea:
 
     async def save(self, chunk: int, start: int, data: bytes) -> bool:
         """Durably keep ``data`` as the old contents of ``chunk`` from ``start`` (whole
-        blocks, none saved yet: see ``missing``); False if the area is full."""
+        blocks, none saved yet: see ``missing``); False if the area is full or failed.
+
+        The record goes into the page cache at once, at the end of the records (on the
+        loop: one after another, so a failed write leaves no gap before a later record);
+        the saves of a burst then share one fdatasync (``GroupCommit``).
+        """
         if not self._fits(chunk, start, len(data)):
             raise ValueError(f"save of chunk {chunk} at {start}+{len(data)}: not whole blocks")
-        async with self._append:  # one record at a time: a failed one never leaves a gap
-            need = RECORD.size + len(data)
-            if self.used + need > self.limit:
-                return False
-            pos = self._end
-            fields = RECORD.pack(RECORD_MAGIC, self.nonce, chunk, start, len(data), 0)[:-4]
-            record = fields + struct.pack(">I", _crc(fields, data)) + bytes(data)
-            try:
-                await asyncio.to_thread(self._write, record, pos)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise os_error(exc, f"save area {self.path}") from exc
-                self.limit = self.used  # the data dir is full: as good as a full save area
-                return False
-            self._end = pos + need
-            self._add(chunk, start, pos + RECORD.size, len(data))
-            return True
+        need = RECORD.size + len(data)
+        if self._failed or self.used + need > self.limit:
+            return False
+        pos = self._end
+        fields = RECORD.pack(RECORD_MAGIC, self.nonce, chunk, start, len(data), 0)[:-4]
+        record = fields + struct.pack(">I", _crc(fields, data)) + bytes(data)
+        try:
+            self._put(record, pos)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise os_error(exc, f"save area {self.path}") from exc
+            self.limit = self.used  # the data dir is full: as good as a full save area
+            return False
+        self._end = pos + need
+        try:
+            await asyncio.shield(self._commit.round(self))
+        except OSError as exc:
+            # after a failed fdatasync the kernel may drop what it could not write: a later
+            # round could make records durable behind a gap, so none is trusted any more
+            log.error("save area %s: sync failed, copy-before-write from now: %s", self.path, exc)
+            self._failed = True
+        if self._failed:
+            return False
+        self._add(chunk, start, pos + RECORD.size, len(data))
+        return True
 
-    def _write(self, record: bytes, pos: int) -> None:
+    def _put(self, record: bytes, pos: int) -> None:
         if os.pwrite(self._fd, record, pos) != len(record):  # a full disk can write short
             raise OSError(errno.ENOSPC, "short write to the save area")
+
+    def write_out(self) -> None:
+        """For ``GroupCommit``: records are written as they are saved."""
+
+    def sync(self) -> None:
         os.fdatasync(self._fd)
 
     async def pieces(self, chunk: int) -> list[tuple[int, bytes]]:

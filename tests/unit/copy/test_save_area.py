@@ -4,6 +4,7 @@ reuses its space from one update to the next with none of the old records."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from pathlib import Path
@@ -204,3 +205,51 @@ def test_no_space_is_written_ahead_on_a_nearly_full_disk(
     monkeypatch.setattr(save_area.os, "fstatvfs", nearly_full)
     area(tmp_path).prepare()
     assert (tmp_path / "s.save").stat().st_size == 0
+
+
+async def test_concurrent_saves_share_an_fdatasync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sa = area(tmp_path).create()
+    syncs = []
+    real = os.fdatasync
+    monkeypatch.setattr(save_area.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+    blocks = {c: os.urandom(BLOCK) for c in range(20)}
+    assert all(await asyncio.gather(*(sa.save(c, 0, b) for c, b in blocks.items())))
+    assert 1 <= len(syncs) <= 2, f"{len(syncs)} fdatasyncs for one burst of 20 saves"
+    sa.close()
+    again = area(tmp_path).open()
+    for c, b in blocks.items():
+        assert await again.pieces(c) == [(0, b)]
+
+
+async def test_a_failed_sync_fails_its_saves_and_every_later_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sa = area(tmp_path).create()
+    assert await sa.save(1, 0, b"a" * BLOCK)
+
+    def eio(self: SaveArea) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(SaveArea, "sync", eio)
+    assert await asyncio.gather(sa.save(2, 0, b"b" * BLOCK), sa.save(3, 0, b"c" * BLOCK)) == [False, False]
+    monkeypatch.undo()
+    # the kernel may have dropped those records: nothing after them is trusted
+    assert not await sa.save(4, 0, b"d" * BLOCK)
+    assert set(sa.index) == {1} and sa.missing(2, 0, BLOCK) == [(0, BLOCK)]
+    assert await sa.pieces(1) == [(0, b"a" * BLOCK)]
+
+
+async def test_a_full_disk_on_a_record_write_fills_the_area(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sa = area(tmp_path).create()
+    assert await sa.save(1, 0, b"a" * BLOCK)
+
+    def full(self: SaveArea, record: bytes, pos: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(SaveArea, "_put", full)
+    assert not await sa.save(2, 0, b"b" * BLOCK)
+    monkeypatch.undo()
+    assert not await sa.save(3, 0, b"c" * BLOCK), "a save after a full disk went on"
+    assert sa.limit == sa.used == RECORD.size + BLOCK

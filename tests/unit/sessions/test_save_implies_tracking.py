@@ -416,14 +416,14 @@ async def test_a_second_change_during_copy_before_write_waits_for_the_bit_too(ri
 def failing_saves(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
     """While ``on``, the save area's record writes fail with EIO."""
     state = {"on": False}
-    real = SaveArea._write
+    real = SaveArea._put
 
     def write(self: SaveArea, record: bytes, pos: int) -> None:
         if state["on"]:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real(self, record, pos)
 
-    monkeypatch.setattr(SaveArea, "_write", write)
+    monkeypatch.setattr(SaveArea, "_put", write)
     return state
 
 
