@@ -42,6 +42,7 @@ and the caller falls back to copy-before-write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -122,6 +123,7 @@ class SaveArea:
             try:
                 os.pwrite(fd, head, 0)
                 os.fdatasync(fd)
+                sync_dir(self.path.parent)  # prepare may have created it and not got that far
             except OSError as exc:
                 os.close(fd)
                 raise os_error(exc, f"creating save area {self.path}") from exc
@@ -172,9 +174,12 @@ class SaveArea:
             if magic2 != RECORD_MAGIC or nonce != self.nonce or pos + RECORD.size + length > end:
                 break
             data = os.pread(fd, length, pos + RECORD.size)
-            if _crc(head, data) != crc or not self._fits(chunk, start, length):
+            if _crc(head, data) != crc or not self._whole_blocks(chunk, start, length):
                 break
-            self._add(chunk, start, pos + RECORD.size, length)
+            # a block saved twice: the first save never returned (its overwrite never
+            # happened), so both hold the same contents; the first one counts
+            for lo, hi in self.missing(chunk, start, start + length):
+                self._add(chunk, lo, pos + RECORD.size + lo - start, hi - lo)
             pos += RECORD.size + length
         self._end = pos  # what follows is torn, void or space written ahead: the next save's
         return self
@@ -236,17 +241,23 @@ class SaveArea:
             self.limit = self.used  # the data dir is full: as good as a full save area
             return False
         self._end = pos + need
-        try:
-            await asyncio.shield(self._commit.round(self))
-        except OSError as exc:
+        done = self._commit.round(self)
+        # settled by the round itself, so a waiter cancelled meanwhile leaves no record
+        # that is durable but unknown, and no failed round unnoticed
+        done.add_done_callback(lambda f: self._settle(f, chunk, start, pos + RECORD.size, len(data)))
+        with contextlib.suppress(Exception):  # _settle has seen it
+            await asyncio.shield(done)
+        return not self._failed  # never turns back: not failed now, so the record is indexed
+
+    def _settle(self, done: asyncio.Future[None], chunk: int, start: int, at: int, length: int) -> None:
+        if not self._failed and not done.cancelled() and done.exception() is None:
+            self._add(chunk, start, at, length)
+        elif not self._failed:
             # after a failed fdatasync the kernel may drop what it could not write: a later
             # round could make records durable behind a gap, so none is trusted any more
-            log.error("save area %s: sync failed, copy-before-write from now: %s", self.path, exc)
+            why = "cancelled" if done.cancelled() else done.exception()
+            log.error("save area %s: sync failed, copy-before-write from now: %s", self.path, why)
             self._failed = True
-        if self._failed:
-            return False
-        self._add(chunk, start, pos + RECORD.size, len(data))
-        return True
 
     def _put(self, record: bytes, pos: int) -> None:
         if os.pwrite(self._fd, record, pos) != len(record):  # a full disk can write short
@@ -276,12 +287,15 @@ class SaveArea:
 
     def _fits(self, chunk: int, start: int, length: int) -> bool:
         """Whole blocks inside the chunk, none saved before."""
+        return self._whole_blocks(chunk, start, length) and not self._saved.get(chunk, 0) & _blocks(
+            start, start + length
+        )
+
+    def _whole_blocks(self, chunk: int, start: int, length: int) -> bool:
         end = start + length
-        if start % BLOCK or length <= 0 or end > self._chunk_end(chunk) or chunk < 0:
+        if start % BLOCK or length <= 0 or chunk < 0 or end > self._chunk_end(chunk):
             return False
-        if end % BLOCK and end != self._chunk_end(chunk):
-            return False
-        return not self._saved.get(chunk, 0) & _blocks(start, end)
+        return not end % BLOCK or end == self._chunk_end(chunk)
 
     def _add(self, chunk: int, start: int, at: int, length: int) -> None:
         self._saved[chunk] = self._saved.get(chunk, 0) | _blocks(start, start + length)

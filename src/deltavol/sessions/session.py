@@ -177,6 +177,7 @@ class Session:
         self.transfer: Bitmap | None = None
         self._durable_transfer: Bitmap | None = None  # transfer as of the last checkpoint
         self.save: SaveArea | None = None
+        self._preparing: asyncio.Future[None] | None = None  # see _prepare_save_area
         self.locks = ChunkLocks()
         self._checkpointing = asyncio.Lock()
         self.progress: Progress | None = None
@@ -278,6 +279,14 @@ class Session:
             update_id,
             self.save_limit,
         )
+
+    async def _prepare_save_area(self) -> None:
+        """Write the save area's space ahead in a thread. A cancelled mark leaves that
+        thread running, and it writes at fixed offsets: so the next mark waits for it
+        before its ``create``, else it would zero the new update's records."""
+        if self._preparing is None or self._preparing.done():
+            self._preparing = asyncio.ensure_future(asyncio.to_thread(self._save_area(0).prepare))
+        await asyncio.shield(self._preparing)
 
     def _drop_save_area(self) -> None:
         """Done with this update's records; the file stays, its space written ahead for the
@@ -585,7 +594,7 @@ class Session:
         """
         assert self.update is not None
         if self.save is None:  # no update writes to the save area: write its space ahead
-            await asyncio.to_thread(self._save_area(self.update.id).prepare)
+            await self._prepare_save_area()
         async with self._gate.closed():
             transfer = self.transfer or Bitmap(self.source.size, self.granularity)
             before = self.transfer_bytes(transfer)

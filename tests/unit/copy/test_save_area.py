@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +254,85 @@ async def test_a_full_disk_on_a_record_write_fills_the_area(
     monkeypatch.undo()
     assert not await sa.save(3, 0, b"c" * BLOCK), "a save after a full disk went on"
     assert sa.limit == sa.used == RECORD.size + BLOCK
+
+
+def held_sync(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> threading.Event:
+    """The save area's fdatasync waits for the event (a slow disk), then succeeds or fails."""
+    go = threading.Event()
+    real = SaveArea.sync
+
+    def sync(self: SaveArea) -> None:
+        go.wait(5)
+        if fail:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(self)
+
+    monkeypatch.setattr(SaveArea, "sync", sync)
+    return go
+
+
+async def test_a_save_cancelled_while_its_round_runs_still_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sa = area(tmp_path).create()
+    go = held_sync(monkeypatch)
+    first = asyncio.ensure_future(sa.save(1, 0, b"a" * BLOCK))
+    await asyncio.sleep(0.01)  # its record is in the file, its round waits
+    first.cancel()  # the client's write is abandoned: it never overwrites the block
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    go.set()
+    await asyncio.sleep(0.05)
+    monkeypatch.undo()
+    assert 1 in sa and sa.missing(1, 0, BLOCK) == [], "a durable record left out of the index"
+    assert await sa.save(2, 0, b"b" * BLOCK)
+    sa.close()
+    again = area(tmp_path).open()
+    assert await again.pieces(1) == [(0, b"a" * BLOCK)] and await again.pieces(2) == [(0, b"b" * BLOCK)]
+
+
+async def test_open_reads_on_past_a_block_saved_twice(tmp_path: Path) -> None:
+    """Two records of one block (the first save's waiter went away before its round
+    ended): the first counts, and the records after the second are still found."""
+    sa = area(tmp_path).create()
+    assert await sa.save(1, 0, b"a" * BLOCK)
+    sa._saved.clear()  # as if the first save were unknown: its block is saved again
+    sa.index.clear()
+    assert await sa.save(1, 0, b"a" * (2 * BLOCK))
+    assert await sa.save(2, 0, b"b" * BLOCK)
+    sa.close()
+    again = area(tmp_path).open()
+    assert sorted(again.index) == [1, 2]
+    assert b"".join(d for _, d in sorted(await again.pieces(1))) == b"a" * (2 * BLOCK)
+    assert await again.pieces(2) == [(0, b"b" * BLOCK)]
+
+
+async def test_a_failed_round_whose_saves_were_all_cancelled_still_ends_saving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sa = area(tmp_path).create()
+    go = held_sync(monkeypatch, fail=True)
+    first = asyncio.ensure_future(sa.save(1, 0, b"a" * BLOCK))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    go.set()
+    await asyncio.sleep(0.05)  # the round failed: the kernel may have dropped chunk 1's record
+    monkeypatch.undo()
+    assert not await sa.save(2, 0, b"b" * BLOCK), "a record made durable behind a possible gap"
+
+
+def test_create_in_place_makes_the_directory_entry_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Full:
+        f_bavail, f_frsize = 1, 4096
+
+    monkeypatch.setattr(save_area.os, "fstatvfs", lambda fd: Full())
+    synced: list[Path] = []
+    monkeypatch.setattr(save_area, "sync_dir", lambda p: synced.append(p))
+    sa = area(tmp_path)
+    sa.prepare()  # a nearly full disk: creates the file, writes nothing ahead, no sync_dir
+    sa.create()  # in place, since the file exists
+    assert synced == [tmp_path], "a new save area's directory entry was never made durable"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ import pytest
 
 from deltavol.backend.gate import WriteGate
 from deltavol.bitmap import persist
+from deltavol.copy.save_area import SaveArea
 from deltavol.errors import DeltavolError, NoSpace
 from deltavol.sessions.session import Session
 from deltavol.store.group_commit import GroupCommit
@@ -225,3 +227,31 @@ async def test_reopening_after_a_reboot_adds_every_chunk_of_the_hot_regions(
     finally:
         assert again.tracking_file is not None
         again.tracking_file.close()
+
+
+async def test_a_mark_waits_for_the_prepare_a_cancelled_mark_left_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread writing a save area's space ahead outlives a cancelled mark; it writes at
+    fixed offsets, so the next mark must not create the area (and save) before it ends."""
+    s = make_session(tmp_path, "s", GroupCommit())
+    go, ran = threading.Event(), []
+
+    def prepare(self: SaveArea) -> None:
+        go.wait(5)
+        ran.append(self.path)
+
+    monkeypatch.setattr(SaveArea, "prepare", prepare)
+    first = asyncio.ensure_future(s._prepare_save_area())
+    await asyncio.sleep(0.01)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    second = asyncio.ensure_future(s._prepare_save_area())
+    await asyncio.sleep(0.05)
+    assert not second.done(), "the next mark went on while the first prepare still wrote"
+    go.set()
+    await second
+    assert len(ran) == 1, "the space was written ahead twice, at once"
+    assert s.tracking_file is not None
+    s.tracking_file.close()
