@@ -596,7 +596,9 @@ class Session:
         if self.save is None:  # no update writes to the save area: write its space ahead
             await self._prepare_save_area()
         async with self._gate.closed():
-            transfer = self.transfer or Bitmap(self.source.size, self.granularity)
+            # a copy: if this mark fails, start_update puts back the unfinished update's
+            # transfer, which must not have gained the chunks changed since its own mark
+            transfer = self.transfer.copy() if self.transfer else Bitmap(self.source.size, self.granularity)
             before = self.transfer_bytes(transfer)
             transfer.or_(self.tracking)
             persist.save_atomic(self._transfer_path, transfer, self.update.id, TRANSFER)

@@ -533,3 +533,26 @@ async def test_the_end_of_an_update_makes_saved_bits_durable_before_dropping_the
     assert rig.on_disk() == [c]
     for o in OWED:  # the copy is the image at the mark: c's old contents came from the save area
         assert rig.target.data[o * g : (o + 1) * g] == rig.old(o)
+
+
+# --- 6: a re-mark that fails --------------------------------------------------------------
+async def test_a_failed_re_mark_leaves_the_unfinished_transfer_as_it_was(
+    rigs: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """start_update puts the unfinished update back when a new mark fails; its transfer must
+    not have gained the chunks changed since its mark (copied now, they would carry
+    contents newer than its point in time)."""
+    rig = await rigs()
+    s, c = rig.session, OWED.stop + 3  # not owed: changed after the mark, tracked only
+    await rig.write(*rig.chunk(c, b"A"))
+    old = s.transfer
+    assert old is not None and s.tracking.test(c) and not old.test(c)
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(persist, "save_atomic", full)
+    s.update = UpdateRecord(id=2, kind="incremental", started_at="y")
+    with pytest.raises(OSError):
+        await s._mark()
+    assert chunks_of(old) == list(OWED), "the unfinished update's transfer changed"
