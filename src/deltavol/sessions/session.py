@@ -577,12 +577,12 @@ class Session:
         transfer.set_all()
         async with self._gate.closed():
             persist.save_atomic(self._transfer_path, transfer, self.update.id, TRANSFER)
-            self._drop_save_area()
             self.transfer = transfer
             self.consistent = False
             self.state = new_state
             self.progress = Progress(bytes_total=self.transfer_bytes())
             self._save_row()  # the commit point
+            self._drop_save_area()  # not before: if the commit fails, an unfinished update goes on
             self.tracking.clear_all()
             self._rewrite_tracking()
 
@@ -602,19 +602,26 @@ class Session:
             before = self.transfer_bytes(transfer)
             transfer.or_(self.tracking)
             persist.save_atomic(self._transfer_path, transfer, self.update.id, TRANSFER)
-            self._durable_transfer = transfer.copy()
+            save = self._save_area(self.update.id).create()
+            try:
+                self.update.marked_at = now_iso()
+                self.update.protecting = True
+                total = self.transfer_bytes(transfer)
+                if self.progress is None:
+                    self.progress = Progress(bytes_total=total)
+                else:  # the catch-up pass of a full update
+                    self.update.catchup_bytes = total - before
+                    self.progress.bytes_total = self.progress.bytes_done + total
+                self._save_row()  # the commit point
+            except BaseException:
+                # the unfinished update keeps its save area: its records are void on disk
+                # now, but so is it (the transfer file is this update's): a restart
+                # ends it, and until then its records in memory still protect its copy
+                save.close()
+                raise
             self._drop_save_area()
-            self.save = self._save_area(self.update.id).create()
-            self.transfer = transfer
-            self.update.marked_at = now_iso()
-            self.update.protecting = True
-            total = self.transfer_bytes()
-            if self.progress is None:
-                self.progress = Progress(bytes_total=total)
-            else:  # the catch-up pass of a full update
-                self.update.catchup_bytes = total - before
-                self.progress.bytes_total = self.progress.bytes_done + total
-            self._save_row()  # the commit point
+            self.save, self.transfer = save, transfer
+            self._durable_transfer = transfer.copy()
             self.tracking.clear_all()
             self._rewrite_tracking()
 

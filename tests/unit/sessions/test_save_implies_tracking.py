@@ -556,3 +556,49 @@ async def test_a_failed_re_mark_leaves_the_unfinished_transfer_as_it_was(
     with pytest.raises(OSError):
         await s._mark()
     assert chunks_of(old) == list(OWED), "the unfinished update's transfer changed"
+
+
+async def test_after_a_re_mark_whose_commit_failed_the_unfinished_update_still_protects(
+    rigs: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = await rigs()
+    s, c1, c2 = rig.session, OWED.start, OWED.start + 1
+    rig.disk.data[c1 * G : (c1 + 1) * G] = b"1" * G  # the contents as of the mark
+    rig.disk.data[c2 * G : (c2 + 1) * G] = b"2" * G
+    await rig.write(*rig.chunk(c1, b"A"))
+    old_save, old_update, old_transfer = s.save, s.update, s.transfer
+    assert old_save is not None and c1 in old_save
+
+    def db_down(_: Session) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(s, "_persist_row", db_down)
+    s.update = UpdateRecord(id=2, kind="incremental", started_at="y")
+    with pytest.raises(OSError):
+        await s._mark()
+    monkeypatch.undo()
+    s.update, s.transfer = old_update, old_transfer  # what start_update puts back
+    assert s.save is old_save, "the unfinished update lost its save area"
+    assert await old_save.pieces(c1) == [(0, b"1" * G)]
+    await rig.write(*rig.chunk(c2, b"B"))  # still protected: saved before it lands
+    assert c2 in old_save and await old_save.pieces(c2) == [(0, b"2" * G)]
+    assert rig.disk.violations == []
+
+
+async def test_a_full_update_whose_commit_failed_leaves_the_unfinished_save_area(
+    rigs: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = await rigs()
+    s, c = rig.session, OWED.start
+    await rig.write(*rig.chunk(c, b"A"))
+    old_save = s.save
+    assert old_save is not None and c in old_save
+
+    def db_down(_: Session) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(s, "_persist_row", db_down)
+    s.update = UpdateRecord(id=2, kind="full", started_at="y")
+    with pytest.raises(OSError):
+        await s._start_full(State.COPYING)
+    assert s.save is old_save and c in old_save, "the unfinished update lost its save area"
