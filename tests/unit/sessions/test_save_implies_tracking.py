@@ -536,6 +536,11 @@ async def test_the_end_of_an_update_makes_saved_bits_durable_before_dropping_the
 
 
 # --- 6: a re-mark that fails --------------------------------------------------------------
+def db_down(_: Session) -> None:
+    """The session row cannot be committed."""
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
 async def test_a_failed_re_mark_leaves_the_unfinished_transfer_as_it_was(
     rigs: MakeRig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -568,10 +573,6 @@ async def test_after_a_re_mark_whose_commit_failed_the_unfinished_update_still_p
     await rig.write(*rig.chunk(c1, b"A"))
     old_save, old_update, old_transfer = s.save, s.update, s.transfer
     assert old_save is not None and c1 in old_save
-
-    def db_down(_: Session) -> None:
-        raise OSError(errno.EIO, os.strerror(errno.EIO))
-
     monkeypatch.setattr(s, "_persist_row", db_down)
     s.update = UpdateRecord(id=2, kind="incremental", started_at="y")
     with pytest.raises(OSError):
@@ -593,10 +594,6 @@ async def test_a_full_update_whose_commit_failed_leaves_the_unfinished_save_area
     await rig.write(*rig.chunk(c, b"A"))
     old_save = s.save
     assert old_save is not None and c in old_save
-
-    def db_down(_: Session) -> None:
-        raise OSError(errno.EIO, os.strerror(errno.EIO))
-
     monkeypatch.setattr(s, "_persist_row", db_down)
     s.update = UpdateRecord(id=2, kind="full", started_at="y")
     with pytest.raises(OSError):
