@@ -38,13 +38,26 @@ def assert_target(server: Server, want: bytes, g: int = 64 * KiB) -> None:
     )
 
 
+def test_a_zeroed_chunk_between_changed_chunks_goes_as_zeroes(server: Server) -> None:
+    """Adjacent changed chunks are one request; a zeroed one among them is cut out of its
+    data and sent as a zero write, not as a chunk of zero bytes."""
+    g = 64 * KiB
+    model = setup(server, g)
+    zeroed = [model.zero(21 * g, g), model.discard(23 * g, g)]
+    apply(server, "src", *model.chunks(0xC1, [20, 22, 24], g), *zeroed)
+    start_update(server)
+    st = wait_for(server, lambda s: s["state"] == "idle", "idle")
+    assert st["update"]["bytes_total"] == 5 * g
+    assert st["update"]["bytes_sent"] == 3 * g, "zeroed chunks were sent as data"
+    assert_target(server, model.snapshot(), g)
+
+
 @pytest.mark.parametrize("granularity", [4 * KiB, 64 * KiB, 1 * MiB])
 def test_incremental_sends_only_the_changed_chunks(server: Server, granularity: int) -> None:
     g = granularity
     model = setup(server, g)
     nchunks = SIZE // g
-    # zeroed and trimmed chunks stand alone: a run of adjacent changed chunks is one request,
-    # and only a request that is all zeroes goes as a zero write
+    # zeroed and trimmed chunks go as zero writes (the ones next to data: see below)
     commands = [
         *model.chunks(0xB1, [0, 4, 5, 6, nchunks - 1], g),  # whole chunks
         model.zero(2 * g, g),  # zeroes and trims are changes too

@@ -183,6 +183,27 @@ def is_zero(data: bytes | memoryview) -> bool:
     )
 
 
+def split_zeroes(offset: int, data: bytes, granularity: int) -> list[tuple[int, bytes | int]]:
+    """``data`` (read at ``offset``) as runs of data (bytes) and of zeroes (their length),
+    cut at ``granularity`` boundaries: a zeroed chunk among data chunks goes as one zero
+    request, not as a chunk of zero bytes. All data comes back as the one piece it was."""
+    runs: list[list[int]] = []  # [start, end, zero] in data
+    end = len(data)
+    pos = 0
+    while pos < end:
+        nxt = min(end, (offset + pos) // granularity * granularity + granularity - offset)
+        # most data chunks differ from zeroes in their first bytes: no slice of the whole
+        zero = data[pos : pos + 8] == _ZEROES[: min(8, nxt - pos)] and is_zero(data[pos:nxt])
+        if runs and runs[-1][2] == zero:
+            runs[-1][1] = nxt
+        else:
+            runs.append([pos, nxt, zero])
+        pos = nxt
+    if len(runs) == 1 and not runs[0][2]:
+        return [(offset, data)]
+    return [(offset + a, b - a if z else bytes(data[a:b])) for a, b, z in runs]
+
+
 async def write_piece(target: CopyTarget, offset: int, data: bytes | None, length: int) -> int:
     """Write one piece (None = known zeroes) zero-aware; returns the bytes sent as data."""
     if data is None or is_zero(data):

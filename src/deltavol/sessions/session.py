@@ -47,6 +47,7 @@ from deltavol.copy.engine import (
     requests,
     run_pipeline,
     split_at_holes,
+    split_zeroes,
     write_piece,
 )
 from deltavol.copy.save_area import SaveArea
@@ -706,8 +707,9 @@ class Session:
     async def _copy_run(self, target: CopyTarget, first: int, count: int, hole: bool = False) -> None:
         transfer, update, progress = self.transfer, self.update, self.progress
         assert transfer is not None and update is not None and progress is not None
-        offset = first * self.granularity
-        length = min(count * self.granularity, self.source.size - offset)
+        g = self.granularity
+        offset = first * g
+        length = min(count * g, self.source.size - offset)
         chunks = range(first, first + count)
         if hole:
             pieces: list[tuple[int, bytes | int]] = [(offset, length)]
@@ -723,9 +725,10 @@ class Session:
                     await self._lay_saved(data, offset, live)
             pieces = _live_pieces(data, offset, live, self._chunk_span)
         for off, piece in pieces:
-            n = piece if isinstance(piece, int) else len(piece)
-            sent = await write_piece(target, off, None if isinstance(piece, int) else piece, n)
-            progress.bytes_sent += sent  # not `+= await`: that would read a stale total
+            for at, part in [(off, piece)] if isinstance(piece, int) else split_zeroes(off, piece, g):
+                n = part if isinstance(part, int) else len(part)
+                sent = await write_piece(target, at, None if isinstance(part, int) else part, n)
+                progress.bytes_sent += sent  # not `+= await`: that would read a stale total
         progress.done(transfer.clear_run(first, count))
 
     async def _read_by_extents(self, offset: int, length: int) -> list[tuple[int, bytes | int]]:

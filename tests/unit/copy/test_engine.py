@@ -11,7 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deltavol.bitmap.bitmap import Bitmap
-from deltavol.copy.engine import Progress, is_zero, requests, run_pipeline, split_at_holes, write_piece
+from deltavol.copy.engine import (
+    Progress,
+    is_zero,
+    requests,
+    run_pipeline,
+    split_at_holes,
+    split_zeroes,
+    write_piece,
+)
 from deltavol.copy.throttle import Throttle
 from deltavol.nbd.constants import STATE_HOLE
 
@@ -192,3 +200,31 @@ async def test_split_at_holes_covers_the_runs_and_sends_whole_holes(
     # no two hole requests that touch: they would have been one
     ends = {(first + n) for first, n, hole in out if hole}
     assert not any(hole and first in ends for first, n, hole in out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(0, 5),  # the piece starts this many chunks in
+    st.lists(st.sampled_from(["zero", "data", "late"]), min_size=1, max_size=12),
+    st.integers(1, 4096),  # the last chunk's length (the volume's end)
+)
+def test_split_zeroes_cuts_zeroed_chunks_out_of_data(first: int, kinds: list[str], tail: int) -> None:
+    g = 4096
+    blocks = {"zero": bytes(g), "data": b"\x01" + bytes(g - 1), "late": bytes(g - 1) + b"\x02"}
+    data = b"".join(blocks[k] for k in kinds)[: (len(kinds) - 1) * g + tail]
+    offset = first * g
+    pieces = split_zeroes(offset, data, g)
+    # the pieces tile the data, alternate between zeroes and data, and say what is there
+    pos, last_zero = offset, None
+    for at, piece in pieces:
+        assert at == pos
+        zero = isinstance(piece, int)
+        n = piece if zero else len(piece)
+        assert last_zero is None or zero != last_zero, "two runs of one kind side by side"
+        assert data[at - offset : at - offset + n] == (bytes(n) if zero else piece)
+        if not zero:  # no zeroed chunk left inside a data run
+            assert not any(is_zero(piece[i : i + g]) for i in range(0, n, g)), "a zeroed chunk sent as data"
+        pos, last_zero = at + n, zero
+    assert pos == offset + len(data)
+    if "zero" not in kinds[:-1] and not is_zero(data[-tail:]) and set(kinds) != {"zero"}:
+        assert pieces == [(offset, data)], "all data came back cut up"
