@@ -51,17 +51,20 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _ZEROES = bytes(ZERO_CHUNK)
 
 
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
+def _checked(rc: int) -> None:
+    """A libc call's result: -1 raises OSError from errno."""
+    if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    _checked(_libc.fallocate(fd, mode, offset, length))
 
 
 def start_writeback(fd: int) -> None:
     """sync_file_range(SYNC_FILE_RANGE_WRITE) over the whole file (not in Python's os)."""
-    if _libc.sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    _checked(_libc.sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE))
 
 
 def device_size(fd: int) -> int:
