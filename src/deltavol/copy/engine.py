@@ -204,13 +204,27 @@ def split_zeroes(offset: int, data: bytes, granularity: int) -> list[tuple[int, 
     return [(offset + a, b - a if z else bytes(data[a:b])) for a, b, z in runs]
 
 
-async def write_piece(target: CopyTarget, offset: int, data: bytes | None, length: int) -> int:
-    """Write one piece (None = known zeroes) zero-aware; returns the bytes sent as data."""
-    if data is None or is_zero(data):
-        if await target.zero(offset, length):
-            return 0
-        for at in range(offset, offset + length, MAX_REQUEST):
-            await target.pwrite(at, _ZEROES[: min(MAX_REQUEST, offset + length - at)])
-        return length
-    await target.pwrite(offset, data)
+async def write_piece(
+    target: CopyTarget, offset: int, data: bytes | None, length: int, granularity: int
+) -> int:
+    """Write one piece (None = known zeroes) zero-aware, its zeroed chunks as zero writes
+    (``split_zeroes``); returns the bytes sent as data."""
+    if data is None:
+        return await _write_zeroes(target, offset, length)
+    sent = 0
+    for at, part in split_zeroes(offset, data, granularity):
+        if isinstance(part, int):
+            sent += await _write_zeroes(target, at, part)
+        else:
+            await target.pwrite(at, part)
+            sent += len(part)
+    return sent
+
+
+async def _write_zeroes(target: CopyTarget, offset: int, length: int) -> int:
+    """A zero request, or zero buffers where the target has none; the bytes sent as data."""
+    if await target.zero(offset, length):
+        return 0
+    for at in range(offset, offset + length, MAX_REQUEST):
+        await target.pwrite(at, _ZEROES[: min(MAX_REQUEST, offset + length - at)])
     return length

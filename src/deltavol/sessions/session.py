@@ -47,7 +47,6 @@ from deltavol.copy.engine import (
     requests,
     run_pipeline,
     split_at_holes,
-    split_zeroes,
     write_piece,
 )
 from deltavol.copy.save_area import SaveArea
@@ -479,7 +478,7 @@ class Session:
             off, n = self._chunk_span(c)
             data = bytearray(await self.source.backend.pread(off, n))
             await self._lay_saved(data, off, [c])
-            sent = await write_piece(await self.ensure_target(), off, bytes(data), n)
+            sent = await write_piece(await self.ensure_target(), off, bytes(data), n, self.granularity)
             if transfer.test(c):
                 transfer.clear(c)
                 if self.progress is not None:
@@ -725,10 +724,9 @@ class Session:
                     await self._lay_saved(data, offset, live)
             pieces = _live_pieces(data, offset, live, self._chunk_span)
         for off, piece in pieces:
-            for at, part in [(off, piece)] if isinstance(piece, int) else split_zeroes(off, piece, g):
-                n = part if isinstance(part, int) else len(part)
-                sent = await write_piece(target, at, None if isinstance(part, int) else part, n)
-                progress.bytes_sent += sent  # not `+= await`: that would read a stale total
+            n = piece if isinstance(piece, int) else len(piece)
+            sent = await write_piece(target, off, None if isinstance(piece, int) else piece, n, g)
+            progress.bytes_sent += sent  # not `+= await`: that would read a stale total
         progress.done(transfer.clear_run(first, count))
 
     async def _read_by_extents(self, offset: int, length: int) -> list[tuple[int, bytes | int]]:

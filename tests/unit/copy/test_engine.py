@@ -73,22 +73,22 @@ def test_is_zero(n: int) -> None:
 
 async def test_write_piece_sends_zeroes_as_zero_requests() -> None:
     t = RecordingTarget(1 << 20)
-    assert await write_piece(t, 4096, bytes(8192), 8192) == 0
-    assert await write_piece(t, 65536, None, 4096) == 0
+    assert await write_piece(t, 4096, bytes(8192), 8192, 4096) == 0
+    assert await write_piece(t, 65536, None, 4096, 4096) == 0
     assert t.ops == [("zero", 4096, 8192), ("zero", 65536, 4096)]
 
 
 async def test_write_piece_falls_back_to_zero_buffers() -> None:
     t = RecordingTarget(1 << 20, can_zero=False)
     t.data[:] = b"\xff" * (1 << 20)
-    assert await write_piece(t, 0, None, 8192) == 8192
+    assert await write_piece(t, 0, None, 8192, 4096) == 8192
     assert t.ops == [("write", 0, 8192)]
     assert t.data[:8192] == bytes(8192)
 
 
 async def test_write_piece_writes_data() -> None:
     t = RecordingTarget(1 << 20)
-    assert await write_piece(t, 512, b"x" * 1000, 1000) == 1000
+    assert await write_piece(t, 512, b"x" * 1000, 1000, 4096) == 1000
     assert t.data[512:1512] == b"x" * 1000
 
 
