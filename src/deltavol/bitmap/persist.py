@@ -290,6 +290,10 @@ class TrackingFile:
         """The group-commit round that makes the bits written so far durable."""
         return self.commit.round(self)
 
+    async def durable(self) -> None:
+        """Wait for that round."""
+        await self.commit.wait(self.round())
+
     def _start_settle(self) -> None:
         self._settle = asyncio.get_running_loop().create_task(self._settle_later())
 
@@ -309,14 +313,14 @@ class TrackingFile:
         stops, so a clean reboot costs no copy)."""
         async with self._settling:
             touched, self._touched = self._touched, set()
-            await asyncio.shield(self.round())  # every chunk bit written so far is durable
+            await self.durable()  # every chunk bit written so far
             keep = self._touched | self._covering.keys() | (set() if everything else touched)
             idle = [r for first, n in self.hot.runs() for r in range(first, first + n) if r not in keep]
             for r in idle:
                 self.hot.clear(r)
             self._pending.update(r >> _PAGE_BITS for r in idle)
             if everything:
-                await asyncio.shield(self.round())
+                await self.durable()
             else:
                 self.write_out()  # lazily: a hot bit left on disk only costs a copy after a power loss
 

@@ -246,7 +246,7 @@ class SaveArea:
         # that is durable but unknown, and no failed round unnoticed
         done.add_done_callback(lambda f: self._settle(f, chunk, start, pos + RECORD.size, len(data)))
         with contextlib.suppress(Exception):  # _settle has seen it
-            await asyncio.shield(done)
+            await self._commit.wait(done)
         return not self._failed  # never turns back: not failed now, so the record is indexed
 
     def _settle(self, done: asyncio.Future[None], chunk: int, start: int, at: int, length: int) -> None:

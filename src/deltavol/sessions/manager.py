@@ -58,7 +58,7 @@ class _SourceWiring:
         for s in self.sessions:
             rounds.update(s.track(offset, length))
         for r in rounds:
-            await asyncio.shield(r)
+            await self.commit.wait(r)
 
     def tracked(self, offset: int, length: int) -> bool:
         return all(s.tracked(offset, length) for s in self.sessions)

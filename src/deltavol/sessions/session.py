@@ -459,7 +459,7 @@ class Session:
         # was copied meanwhile, or went to the target with the save area full), or the round
         # another change's protect started for them
         for r in self.track(offset, length):
-            await asyncio.shield(r)
+            await self._commit.wait(r)
 
     async def _save_or_copy(
         self, c: int, runs: list[tuple[int, int]], update: UpdateRecord, transfer: Bitmap, save: SaveArea
@@ -660,7 +660,7 @@ class Session:
             async with self._gate.closed():
                 # the save area goes: the bits its records made durable must be in the file
                 assert self.tracking_file is not None
-                await asyncio.shield(self.tracking_file.round())
+                await self.tracking_file.durable()
                 self._unsynced.clear()  # every bit set is durable now
                 self._finish()
         except asyncio.CancelledError:

@@ -242,3 +242,49 @@ async def test_rounds_never_overlap() -> None:
     for prev, nxt in itertools.pairwise(calls):
         assert nxt.start >= prev.end, f"{nxt.file} began before {prev.file} ended"
     assert len(rounds) > 1  # the test did see several rounds
+
+
+async def test_a_writer_cancelled_while_it_waits_cancels_no_other_writer_nor_the_round() -> None:
+    gc, hold = GroupCommit(), threading.Event()
+    a = Fake("a", Journal(), hold=hold)
+    r = gc.round(a)
+    mine, other = gc.wait(r), gc.wait(r)
+    try:
+        await started(a)
+        mine.cancel()
+    finally:
+        hold.set()
+    await asyncio.wait_for(other, WAIT)
+    assert mine.cancelled() and not r.cancelled() and r.exception() is None
+
+
+async def test_a_writer_resumes_in_the_turn_its_rounds_callbacks_run_and_after_them() -> None:
+    """A protected write waits for this: ``asyncio.shield`` would cost a turn more."""
+    loop, gc = asyncio.get_running_loop(), GroupCommit()
+    turns = 0
+
+    def tick() -> None:
+        nonlocal turns, ticker
+        turns += 1
+        ticker = loop.call_soon(tick)
+
+    ticker = loop.call_soon(tick)
+    r = gc.round(Fake("a", Journal()))
+    seen: list[int] = []
+    r.add_done_callback(lambda _f: seen.append(turns))
+    try:
+        await gc.wait(r)  # no wait_for: it would add turns of its own
+        resumed = turns
+    finally:
+        ticker.cancel()
+    assert seen, "the writer resumed before the round's callbacks ran"
+    assert resumed == seen[0], f"the writer resumed {resumed - seen[0]} turn(s) after the round's callbacks"
+
+
+async def test_waiting_for_a_round_of_another_group_commit_is_refused() -> None:
+    mine, other = GroupCommit(), GroupCommit()
+    r = other.round(Fake("a", Journal()))
+    with pytest.raises(ValueError):
+        mine.wait(r)
+    await asyncio.wait_for(other.wait(r), WAIT)
+    assert mine.wait(r).done(), "a round that is over: its outcome at once"
