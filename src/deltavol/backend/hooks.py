@@ -51,7 +51,11 @@ class BeforeChange(Layer):
         self._epoch = gate.epoch
 
     async def _before(self, offset: int, length: int) -> None:
-        todo = [hook.before for hook in self.hooks if not hook.ready(offset, length)]
+        todo = [
+            hook.before
+            for hook in self.hooks
+            if not hook.ready(offset, length) and not (hook.now and hook.now(offset, length))
+        ]
         if len(todo) == 1:
             await todo[0](offset, length)
         elif todo:

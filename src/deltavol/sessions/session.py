@@ -380,18 +380,14 @@ class Session:
 
     def track_now(self, offset: int, length: int) -> bool:
         """Track a change at once if that needs no waiting: its chunks' hot regions are
-        durable, so new bits only go into the file. False leaves it all to ``track``."""
-        tracking, tf = self.tracking, self.tracking_file
-        chunks = tracking.chunk_range(offset, length)
-        unsynced = self._unsynced
-        if tf is None or not tf.covered(chunks) or (unsynced and any(c in unsynced for c in chunks)):
+        durable, or this change's ``protect`` saves them all (a save record makes the bit
+        durable). False leaves it all to ``track`` and changes nothing."""
+        tf, chunks, unsynced = self.tracking_file, self.tracking.chunk_range(offset, length), self._unsynced
+        if tf is None or (unsynced and any(c in unsynced for c in chunks)):
             return False
-        if self.save is not None and any(self._saving(c) for c in chunks):
-            return False  # protect saves them first
-        new = tracking.set_range(offset, length)
-        if new:
-            self._write_bits(new)
-        return True
+        if not tf.covered(chunks) and not (self.save is not None and all(map(self._saving, chunks))):
+            return False
+        return not self.track(offset, length)  # each new bit is covered or saved: no round
 
     def _write_bits(self, new: list[int]) -> None:
         assert self.tracking_file is not None
