@@ -314,6 +314,22 @@ async def test_a_first_change_to_an_owed_chunk_costs_one_save_fsync_and_no_track
     assert rig.log.calls == before and rig.disk.violations == []
 
 
+async def test_tracking_a_chunk_its_protect_will_save_needs_no_wait(rigs: MakeRig) -> None:
+    """So a protected write awaits its protect alone (no second task for tracking)."""
+    rig = await rigs()
+    s, c = rig.session, OWED.start + 3
+    assert s.track_now(c * G, G), "an owed, unsaved chunk: the save makes its bit durable"
+    assert s._unsynced == {c: _BY_SAVE} and s.tracking.test(c)
+    assert not s.track_now(UNOWED * G, G), "a chunk not owed in a cold region needs a round"
+    assert not s.tracking.test(UNOWED), "a refused track_now changed the bitmap"
+    last = OWED.stop - 1
+    assert not s.track_now(last * G, 2 * G), "all or nothing: a change half owed, half cold waits"
+    assert not s.tracking.test(last)
+    await rig.write(*rig.chunk(c))
+    assert rig.log.calls == ["save"] and s._unsynced == {} and s.tracked(c * G, G)
+    assert rig.disk.violations == []
+
+
 async def test_changes_to_blocks_of_an_owed_chunk_each_cost_one_save_fsync(rigs: MakeRig) -> None:
     rig = await rigs(granularity=G4)
     s, c = rig.session, OWED.start
