@@ -219,17 +219,41 @@ class SaveArea:
 
     async def save(self, chunk: int, start: int, data: bytes) -> bool:
         """Durably keep ``data`` as the old contents of ``chunk`` from ``start`` (whole
-        blocks, none saved yet: see ``missing``); False if the area is full or failed.
+        blocks: see ``missing``; a block saved before keeps its first record); False if
+        the area is full or failed."""
+        done = self.put(chunk, start, data)
+        if done is None:
+            return False
+        with contextlib.suppress(Exception):  # _settle has seen it
+            await self.wait(done)
+        return not self._failed  # never turns back: not failed now, so the record is indexed
 
-        The record goes into the page cache at once, at the end of the records (on the
-        loop: one after another, so a failed write leaves no gap before a later record);
-        the saves of a burst then share one fdatasync (``GroupCommit``).
+    def wait(self, done: asyncio.Future[None]) -> asyncio.Future[None]:
+        """Await this for a round ``put`` returned (see ``GroupCommit.wait``)."""
+        return self._commit.wait(done)
+
+    @property
+    def failed(self) -> bool:
+        return self._failed
+
+    def room(self, need: int) -> bool:
+        """True if records of ``need`` bytes (headers included) fit and saving goes on."""
+        return not self._failed and self.used + need <= self.limit
+
+    def put(self, chunk: int, start: int, data: bytes) -> asyncio.Future[None] | None:
+        """The first half of ``save``: the record goes into the page cache at once, at the
+        end of the records (on the loop: one after another, so a failed write leaves no
+        gap before a later record). Returns the round that makes it durable (shared by the
+        saves of a burst: ``GroupCommit``), or None if the area is full or failed.
+
+        The round itself settles the record, so a waiter cancelled meanwhile leaves no
+        record that is durable but unknown, and no failed round unnoticed.
         """
-        if not self._fits(chunk, start, len(data)):
+        if not self._whole_blocks(chunk, start, len(data)):
             raise ValueError(f"save of chunk {chunk} at {start}+{len(data)}: not whole blocks")
         need = RECORD.size + len(data)
-        if self._failed or self.used + need > self.limit:
-            return False
+        if not self.room(need):
+            return None
         pos = self._end
         fields = RECORD.pack(RECORD_MAGIC, self.nonce, chunk, start, len(data), 0)[:-4]
         record = fields + struct.pack(">I", _crc(fields, data)) + bytes(data)
@@ -239,19 +263,18 @@ class SaveArea:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise os_error(exc, f"save area {self.path}") from exc
             self.limit = self.used  # the data dir is full: as good as a full save area
-            return False
+            return None
         self._end = pos + need
         done = self._commit.round(self)
-        # settled by the round itself, so a waiter cancelled meanwhile leaves no record
-        # that is durable but unknown, and no failed round unnoticed
         done.add_done_callback(lambda f: self._settle(f, chunk, start, pos + RECORD.size, len(data)))
-        with contextlib.suppress(Exception):  # _settle has seen it
-            await self._commit.wait(done)
-        return not self._failed  # never turns back: not failed now, so the record is indexed
+        return done
 
     def _settle(self, done: asyncio.Future[None], chunk: int, start: int, at: int, length: int) -> None:
         if not self._failed and not done.cancelled() and done.exception() is None:
-            self._add(chunk, start, at, length)
+            # a block saved twice (two changes raced to it, see Session.protect): the first
+            # record holds the contents as of the mark, as ``open`` finds it too
+            for lo, hi in self.missing(chunk, start, start + length):
+                self._add(chunk, lo, at + lo - start, hi - lo)
         elif not self._failed:
             # after a failed fdatasync the kernel may drop what it could not write: a later
             # round could make records durable behind a gap, so none is trusted any more
@@ -284,12 +307,6 @@ class SaveArea:
 
     def _chunk_end(self, chunk: int) -> int:
         return min(self.granularity, self.size - chunk * self.granularity)
-
-    def _fits(self, chunk: int, start: int, length: int) -> bool:
-        """Whole blocks inside the chunk, none saved before."""
-        return self._whole_blocks(chunk, start, length) and not self._saved.get(chunk, 0) & _blocks(
-            start, start + length
-        )
 
     def _whole_blocks(self, chunk: int, start: int, length: int) -> bool:
         end = start + length

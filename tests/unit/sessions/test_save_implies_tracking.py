@@ -40,7 +40,7 @@ from typing import Any
 
 import pytest
 
-from deltavol.backend.gate import WriteGate
+from deltavol.backend.gate import GateLayer, WriteGate
 from deltavol.backend.hooks import BeforeChange
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
@@ -133,8 +133,9 @@ class Disk:
     name = "src"
     size = SIZE
 
-    def __init__(self, granularity: int) -> None:
+    def __init__(self, granularity: int, cached: bool = False) -> None:
         self.granularity = granularity
+        self.cached = cached  # reads come from the page cache: protect saves without locks
         self.data = bytearray(OLD)
         self.landed: list[tuple[int, int]] = []
         self.violations: list[str] = []
@@ -143,6 +144,9 @@ class Disk:
     async def pread(self, offset: int, length: int) -> bytes:
         await asyncio.sleep(0)  # I/O: other tasks run meanwhile
         return bytes(self.data[offset : offset + length])
+
+    def pread_cached(self, offset: int, length: int) -> bytes | None:
+        return bytes(self.data[offset : offset + length]) if self.cached else None
 
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
         g = self.granularity
@@ -250,15 +254,17 @@ def wire(s: Session, disk: Disk) -> BeforeChange:
     return BeforeChange(disk, wiring.hooks, wiring.gate)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def rigs(tmp_path: Path, syncs: SyncLog) -> Iterator[MakeRig]:
+@pytest.fixture(params=["locked", "at once"])
+def rigs(tmp_path: Path, syncs: SyncLog, request: pytest.FixtureRequest) -> Iterator[MakeRig]:
     """Builds a Rig: a session whose incremental update 1 is marked (real ``_mark``) with the
-    ``OWED`` chunks to copy, and protecting; fdatasync counts start at zero after the mark."""
+    ``OWED`` chunks to copy, and protecting; fdatasync counts start at zero after the mark.
+    Every test runs twice: with the source's reads from disk (protect takes the chunk locks)
+    and from the page cache (protect saves at once, ``Session._save_at_once``)."""
     made: list[Rig] = []
 
     async def make(save_limit: int = 1 << 20, granularity: int = G) -> Rig:
         syncs.granularity = granularity
-        disk, target = Disk(granularity), Target()
+        disk, target = Disk(granularity, cached=request.param == "at once"), Target()
         source: Any = SimpleNamespace(name="src", size=SIZE, backend=disk)
         s = new_session(tmp_path, source, target, granularity, save_limit)
         s.create_files()
@@ -425,6 +431,97 @@ async def test_a_second_change_during_copy_before_write_waits_for_the_bit_too(ri
         rig.log.hold.set()
     await asyncio.gather(first, second)
     assert rig.disk.violations == [], "the second change went down before c's bit was durable"
+
+
+# --- 3b: saves without the chunk locks (Session._save_at_once) -----------------------------
+def held_saves(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """The save area's rounds wait in their thread until the event is set (a slow disk)."""
+    go, real = threading.Event(), SaveArea.sync
+
+    def sync(self: SaveArea) -> None:
+        assert go.wait(WAIT_S), "a held save round was never released"
+        real(self)
+
+    monkeypatch.setattr(SaveArea, "sync", sync)
+    return go
+
+
+WAIT_S = 10.0
+
+
+async def test_a_change_whose_old_blocks_are_cached_saves_without_taking_a_lock(
+    rigs: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = await rigs(granularity=G4)
+    s, c = rig.session, OWED.start
+    taken: list[list[int]] = []
+    real = s.locks.hold
+    monkeypatch.setattr(s.locks, "hold", lambda chunks: (taken.append(list(chunks)), real(chunks))[1])
+    await rig.write(c * G4 + BLOCK, b"1" * 2 * BLOCK)
+    assert (taken == []) is rig.disk.cached, f"chunk locks taken: {taken}"
+    assert s.save is not None and await s.save.pieces(c) == [(BLOCK, rig.old(c)[BLOCK : 3 * BLOCK])]
+    assert s.update is not None and s.update.cofw_saved_bytes == 2 * BLOCK
+    assert rig.log.calls == ["save"] and s._unsynced == {} and rig.disk.violations == []
+
+
+async def test_two_changes_racing_to_one_block_keep_its_contents_as_of_the_mark(
+    rigs: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second change reads the block after the first one went down (a read from disk,
+    while the first was saved from the page cache): its record holds the new contents, and
+    only the first record may count, at once as after a reopen."""
+    rig = await rigs(granularity=G4)
+    s, c = rig.session, OWED.start + 1
+    go = held_saves(monkeypatch)
+    first = asyncio.ensure_future(rig.write(c * G4, b"A" * BLOCK))
+    try:
+        await until(lambda: s.save is not None and s.save.used > 0)  # its record waits for its round
+    finally:
+        go.set()
+    if not rig.disk.cached:  # the locked path: the second change waits for the first's lock
+        await first
+    rig.disk.cached = False  # the second reads from disk ...
+    read_go = asyncio.Event()
+    real_pread = rig.disk.pread
+
+    async def slow_pread(offset: int, length: int) -> bytes:
+        await read_go.wait()  # ... and only once the first change has gone down
+        return await real_pread(offset, length)
+
+    monkeypatch.setattr(rig.disk, "pread", slow_pread)
+    second = asyncio.ensure_future(rig.write(c * G4, b"B" * BLOCK))
+    await first
+    assert rig.disk.data[c * G4 : c * G4 + BLOCK] == b"A" * BLOCK
+    read_go.set()
+    await second
+    assert s.save is not None
+    assert await s.save.pieces(c) == [(0, rig.old(c)[:BLOCK])], "a later record replaced the first"
+    s.save.close()
+    again = SaveArea(s.save.path, G4, SIZE, s.save.update_id, s.save.limit).open()
+    assert await again.pieces(c) == [(0, rig.old(c)[:BLOCK])]
+    again.close()
+    assert rig.disk.violations == []
+
+
+async def test_a_copy_of_a_chunk_during_a_save_without_locks_sends_its_contents_as_of_the_mark(
+    rigs: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = await rigs(granularity=G4)
+    s, c = rig.session, OWED.start + 2
+    go = held_saves(monkeypatch)
+    gated = GateLayer(rig.layer, s._gate)  # as the source's stack has it: the update ends after the write
+    write = asyncio.ensure_future(gated.pwrite(c * G4 + BLOCK, b"W" * BLOCK))
+    try:
+        await until(lambda: s.save is not None and s.save.used > 0)
+        copy = asyncio.ensure_future(s._run())  # the whole update, c among its chunks
+        await asyncio.sleep(0.01)
+    finally:
+        go.set()
+    await asyncio.gather(write, copy)
+    assert s.state is State.IDLE and s.consistent
+    for o in OWED:
+        assert rig.target.data[o * G4 : (o + 1) * G4] == rig.old(o), f"chunk {o} is not as of the mark"
+    assert rig.disk.violations == []
 
 
 # --- 4: a failed save ----------------------------------------------------------------------
