@@ -267,7 +267,8 @@ def copies(s: Settings) -> Iterator[Row]:
 def cofw_latency(s: Settings) -> Iterator[Row]:
     """p99 of 4 KiB random writes while copy-on-first-write protects every chunk, vs no
     update, at iodepth 1 (the latency of one protected write) and 32 (protected writes
-    queued behind each other)."""
+    queued behind each other). Each is the better of two runs, in the order idle, during,
+    during, idle: one 5 s run's p99 moves 1.5-5 ms with the disk's writeback alone."""
     image = fio_image(s)
     with deltavol(s.work / "dv-cofw") as dv:
         dv.volume("bench", path=image)
@@ -276,17 +277,24 @@ def cofw_latency(s: Settings) -> Iterator[Row]:
         dv.update("s", full=True)
         dv.wait("s")
         _write_chunks(dv.uri("bench"), list(range(s.fio_size // CHUNK)))  # every chunk changed
-        for depth in (1, 32):
-            os.sync()  # neither run inherits the other's writeback (a GiB was just written)
-            idle = fio(dv.uri("bench"), "randwrite", "4k", depth, s.runtime).p99_us
+
+        def idle(depth: int) -> float:
+            os.sync()  # no run inherits another's writeback
+            return fio(dv.uri("bench"), "randwrite", "4k", depth, s.runtime).p99_us
+
+        def during(depth: int) -> float:
             os.sync()
             dv.update("s", max_rate="8MiB/s")  # keeps most chunks waiting, so most writes save first
-            during = fio(dv.uri("bench"), "randwrite", "4k", depth, s.runtime)
+            p99 = fio(dv.uri("bench"), "randwrite", "4k", depth, s.runtime).p99_us
             saved = dv.call("GET", "/v1/sessions/s")["update"]["cofw_saved_bytes"]
             dv.call("POST", "/v1/sessions/s/cancel")  # its chunks go back to tracking: the next owes them
             assert saved > 0, "no copy-on-first-write happened"
+            return p99
+
+        for depth in (1, 32):
+            a, b, c, d = idle(depth), during(depth), during(depth), idle(depth)
             yield Row("copy-on-first-write", f"4 KiB random write p99 latency, iodepth {depth}", "p99 µs",
-                      during.p99_us, "no update", idle, ("<=", 3.0))  # fmt: skip
+                      min(b, c), "no update", min(a, d), ("<=", 3.0))  # fmt: skip
 
 
 def memory(s: Settings) -> Iterator[Row]:
