@@ -1,0 +1,91 @@
+"""``python -m bench.ab SRC_A SRC_B``: the copy-on-first-write figure of two source trees
+(each a ``src`` directory, e.g. ``git archive REV src | tar -x -C /tmp/a``), in alternation.
+
+For a change to the protected write path, whose effect is smaller than the noise between
+two full ``make bench`` runs here. What made earlier A/B runs lie: each tree had its own
+image file, and an image's page-cache state (large folios from readahead or from the
+fill, small ones from random writes) moved a 4 KiB write's kernel cost as much as the
+change did. So every server imports one shared image, and before every run the image's
+pages are dropped and read back, the same for both trees.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+from pathlib import Path
+
+import click
+
+from bench.figures import CHUNK, GiB, _write_chunks, fill
+from bench.fio import fio
+from bench.peers import Deltavol
+
+HERE = Path(__file__).parent
+
+
+def reset_cache(image: Path) -> None:
+    """Drop the image's pages and read it back: every run starts from the same page cache."""
+    os.sync()
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        while os.read(fd, 1 << 20):
+            pass
+    finally:
+        os.close(fd)
+
+
+def start(tree: Path, root: Path, image: Path, size: int) -> Deltavol:
+    """A server running ``tree``'s code, with every chunk of its volume owed by the next mark."""
+    shutil.rmtree(root, ignore_errors=True)
+    os.environ["PYTHONPATH"] = str(tree)  # ahead of the editable install
+    try:
+        dv = Deltavol(root)
+        dv.start()
+    finally:
+        del os.environ["PYTHONPATH"]
+    dv.volume("bench", path=image)
+    dv.volume("copy", size=size)
+    dv.session("s", "bench", "copy")
+    dv.update("s", full=True)
+    dv.wait("s")
+    _write_chunks(dv.uri("bench"), list(range(size // CHUNK)))
+    return dv
+
+
+@click.command()
+@click.argument("trees", nargs=2, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--depth", default=32, show_default=True, help="fio iodepth.")
+@click.option("--runs", default=3, show_default=True, help="Runs of each tree (ABBA order).")
+@click.option("--runtime", default=5.0, show_default=True, help="Seconds per fio run.")
+def main(trees: tuple[Path, Path], depth: int, runs: int, runtime: float) -> None:
+    work = HERE / "work"
+    work.mkdir(exist_ok=True)
+    image, size = work / "ab.img", 1 * GiB
+    if not image.exists():
+        fill(image, size)
+    servers = [start(tree.resolve(), work / f"dv-ab{i}", image, size) for i, tree in enumerate(trees)]
+    results: list[list[tuple[float, float]]] = [[], []]
+    try:
+        for r in range(runs):
+            for i in (0, 1) if r % 2 == 0 else (1, 0):
+                dv = servers[i]
+                reset_cache(image)
+                dv.update("s", max_rate="8MiB/s")  # keeps most chunks owed: most writes save first
+                got = fio(dv.uri("bench"), "randwrite", "4k", depth, runtime)
+                dv.call("POST", "/v1/sessions/s/cancel")
+                results[i].append((got.p99_us, got.iops))
+                click.echo(f"{trees[i]}: p99 {got.p99_us:,.0f} us, {got.iops:,.0f} IOPS")
+    finally:
+        for dv in servers:
+            dv.stop()
+    for tree, got in zip(trees, results, strict=True):
+        p99 = statistics.median(p for p, _ in got)
+        iops = statistics.median(n for _, n in got)
+        click.echo(f"{tree}: median p99 {p99:,.0f} us, median {iops:,.0f} IOPS over {len(got)} runs")
+
+
+if __name__ == "__main__":
+    main()
