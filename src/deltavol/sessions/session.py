@@ -65,6 +65,7 @@ _BY_SAVE: Any = object()
 
 TRACKING, TRANSFER = persist.KIND_TRACKING, persist.KIND_TRANSFER
 CHECKPOINT_SECONDS = 2.0
+SAVE_AT_ONCE_MAX = 128 * 1024  # bytes of old blocks a change may save without the locks
 
 
 def now_iso() -> str:
@@ -481,17 +482,17 @@ class Session:
         """
         if self.locks.any_held(todo):
             return False
-        g, part, cached = self.granularity, self._part, self.source.backend.pread_cached
-        reads: list[tuple[int, int, bytes]] = []
-        for c in todo:
-            for start, end in save.missing(c, *part(c, offset, length)):
-                old = cached(c * g + start, end - start)
-                if old is None:
-                    return False
-                reads.append((c, start, old))
-        size = sum(len(old) for _, _, old in reads)
-        if not save.room(size + RECORD.size * len(reads)):
-            return False
+        g, part = self.granularity, self._part
+        runs = [(c, start, end) for c in todo for start, end in save.missing(c, *part(c, offset, length))]
+        size = sum(end - start for _, start, end in runs)
+        if size > SAVE_AT_ONCE_MAX or not save.room(size + RECORD.size * len(runs)):
+            return False  # a large zero or trim reads and saves under the locks, off the loop
+        cached, reads = self.source.backend.pread_cached, []
+        for c, start, end in runs:
+            old = cached(c * g + start, end - start)
+            if old is None:
+                return False
+            reads.append((c, start, old))
         puts = [(len(old), save.put(c, start, old)) for c, start, old in reads]
         for r in {id(r): r for _, r in puts if r is not None}.values():  # one, but for a full disk
             with contextlib.suppress(Exception):  # the save area has seen it

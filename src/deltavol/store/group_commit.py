@@ -27,8 +27,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-# rounds of different files (each save area has its own) sync in parallel
-_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="deltavol-sync")
+# rounds of different group commits (each save area has its own, each source one for its
+# tracking files) sync in parallel; as many as the file pool, so no disk's slow fdatasync
+# holds up the others' rounds before there are that many sessions
+_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="deltavol-sync")
 
 
 class Syncable(Protocol):

@@ -46,6 +46,7 @@ from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.save_area import SaveArea
 from deltavol.errors import DeltavolError
+from deltavol.sessions import session as session_module
 from deltavol.sessions.manager import _SourceWiring
 from deltavol.sessions.session import _BY_SAVE, Session, UpdateRecord
 from deltavol.sessions.states import State
@@ -462,6 +463,33 @@ async def test_a_change_whose_old_blocks_are_cached_saves_without_taking_a_lock(
     assert s.save is not None and await s.save.pieces(c) == [(BLOCK, rig.old(c)[BLOCK : 3 * BLOCK])]
     assert s.update is not None and s.update.cofw_saved_bytes == 2 * BLOCK
     assert rig.log.calls == ["save"] and s._unsynced == {} and rig.disk.violations == []
+
+
+async def test_a_large_change_saves_under_the_locks_and_reads_nothing_on_the_loop(
+    rigs: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A zero or trim may span GiBs: reading its old blocks from the cache on the loop, and
+    maybe finding no room for them after, would stall every other client."""
+    rig = await rigs(granularity=G4)
+    s = rig.session
+    monkeypatch.setattr(session_module, "SAVE_AT_ONCE_MAX", 2 * G4)
+    inline: list[int] = []
+    real = rig.disk.pread_cached
+
+    def pread_cached(offset: int, length: int) -> bytes | None:
+        got = real(offset, length)
+        if got is not None:
+            inline.append(length)
+        return got
+
+    monkeypatch.setattr(rig.disk, "pread_cached", pread_cached)
+    first = OWED.start
+    await rig.write(first * G4, b"Z" * 3 * G4)  # three owed chunks: over the bound
+    assert inline == [], "old blocks of a large change were read on the loop"
+    assert s.save is not None and sorted(s.save.index) == [first, first + 1, first + 2]
+    await rig.write((first + 3) * G4, b"z" * BLOCK)  # a small one still saves at once
+    assert inline == ([BLOCK] if rig.disk.cached else [])
+    assert rig.disk.violations == []
 
 
 async def test_two_changes_racing_to_one_block_keep_its_contents_as_of_the_mark(
