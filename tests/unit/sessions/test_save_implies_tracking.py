@@ -619,6 +619,32 @@ async def test_after_a_failed_save_cancel_leaves_the_chunk_tracked_and_durable(
     assert s._unsynced == {} and s.tracked(c * G, G), "a rewritten bit still waits for a save"
 
 
+async def test_a_bit_whose_file_write_failed_reaches_the_file_before_the_save_area_goes(
+    rigs: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change whose tracking bit could not be written fails; the next change of the chunk
+    is saved, and its record makes the bit durable only while the save area lives. The bit
+    must be in the file by the time the update ends and drops the save area."""
+    rig = await rigs()
+    s, c = rig.session, OWED.start + 3
+    real = persist.TrackingFile.write_bits
+
+    def eio(self: persist.TrackingFile, bitmap: Bitmap, chunks: list[int]) -> None:
+        raise DeltavolError(msg="tracking bitmap: Input/output error")
+
+    monkeypatch.setattr(persist.TrackingFile, "write_bits", eio)
+    with pytest.raises(DeltavolError):
+        await rig.write(*rig.chunk(c, b"A"))
+    monkeypatch.setattr(persist.TrackingFile, "write_bits", real)
+    assert rig.disk.landed == [] and s.tracking.test(c) and c not in rig.on_disk()
+    await rig.write(*rig.chunk(c, b"B"))
+    assert s.save is not None and c in s.save
+    await s._run()  # the update ends: the save area goes
+    assert s.state is State.IDLE and s.save is None
+    assert c in rig.on_disk() and rig.log.durable.test(c), "the changed chunk's bit is only in memory"
+    assert rig.disk.violations == []
+
+
 # --- 5: recovery ---------------------------------------------------------------------------
 @pytest.mark.parametrize("state", [State.COPYING, State.PAUSED, State.FAILED])
 @pytest.mark.parametrize("granularity", [G, G4])
