@@ -24,8 +24,8 @@ a record of this update cannot be forged without knowing it.
 A record holds only the 4 KiB blocks a change overwrites, not its whole chunk: a 4 KiB
 write under copy-on-first-write costs a 4 KiB durable append, not a chunk's (the fsync is
 most of a protected write's latency), and the area holds sixteen times as many of them.
-Each block is saved at most once per update (the first write to it); ``pieces`` gives a
-chunk's saved blocks, which the copy lays over the source's current contents.
+A block's first record counts (``_index``); ``pieces`` gives a chunk's saved blocks, which
+the copy lays over the source's current contents.
 
 Records go into the page cache one after another, on the event loop, so a failed write (a
 full disk) never leaves a gap before a good record; the saves of a burst then share one
@@ -176,10 +176,7 @@ class SaveArea:
             data = os.pread(fd, length, pos + RECORD.size)
             if _crc(head, data) != crc or not self._whole_blocks(chunk, start, length):
                 break
-            # a block saved twice: the first save never returned (its overwrite never
-            # happened), so both hold the same contents; the first one counts
-            for lo, hi in self.missing(chunk, start, start + length):
-                self._add(chunk, lo, pos + RECORD.size + lo - start, hi - lo)
+            self._index(chunk, start, pos + RECORD.size, length)
             pos += RECORD.size + length
         self._end = pos  # what follows is torn, void or space written ahead: the next save's
         return self
@@ -271,10 +268,7 @@ class SaveArea:
 
     def _settle(self, done: asyncio.Future[None], chunk: int, start: int, at: int, length: int) -> None:
         if not self._failed and not done.cancelled() and done.exception() is None:
-            # a block saved twice (two changes raced to it, see Session.protect): the first
-            # record holds the contents as of the mark, as ``open`` finds it too
-            for lo, hi in self.missing(chunk, start, start + length):
-                self._add(chunk, lo, at + lo - start, hi - lo)
+            self._index(chunk, start, at, length)
         elif not self._failed:
             # after a failed fdatasync the kernel may drop what it could not write: a later
             # round could make records durable behind a gap, so none is trusted any more
@@ -313,6 +307,14 @@ class SaveArea:
         if start % BLOCK or length <= 0 or chunk < 0 or end > self._chunk_end(chunk):
             return False
         return not end % BLOCK or end == self._chunk_end(chunk)
+
+    def _index(self, chunk: int, start: int, at: int, length: int) -> None:
+        """Index a record, for its blocks no earlier record holds. A block saved twice: two
+        changes raced to it (see ``Session._save_at_once``), and the later one may have read
+        it after the first change went down; or a save never returned, its overwrite never
+        happened. Either way the first record holds the contents as of the mark."""
+        for lo, hi in self.missing(chunk, start, start + length):
+            self._add(chunk, lo, at + lo - start, hi - lo)
 
     def _add(self, chunk: int, start: int, at: int, length: int) -> None:
         self._saved[chunk] = self._saved.get(chunk, 0) | _blocks(start, start + length)

@@ -435,6 +435,9 @@ async def test_a_second_change_during_copy_before_write_waits_for_the_bit_too(ri
 
 
 # --- 3b: saves without the chunk locks (Session._save_at_once) -----------------------------
+WAIT_S = 10.0
+
+
 def held_saves(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """The save area's rounds wait in their thread until the event is set (a slow disk)."""
     go, real = threading.Event(), SaveArea.sync
@@ -446,8 +449,6 @@ def held_saves(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     monkeypatch.setattr(SaveArea, "sync", sync)
     return go
 
-
-WAIT_S = 10.0
 
 
 async def test_a_change_whose_old_blocks_are_cached_saves_without_taking_a_lock(
