@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from bench.figures import CHUNK, GiB, _write_chunks, fill
+from bench.figures import GiB, drop_cache, fill, owe_every_chunk
 from bench.fio import fio
 from bench.peers import Deltavol
 
@@ -27,14 +27,11 @@ HERE = Path(__file__).parent
 
 def reset_cache(image: Path) -> None:
     """Drop the image's pages and read it back: every run starts from the same page cache."""
-    os.sync()
-    fd = os.open(image, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        while os.read(fd, 1 << 20):
+    os.sync()  # nor does it inherit the other server's writeback
+    drop_cache(image)
+    with open(image, "rb") as f:
+        while f.read(1 << 20):
             pass
-    finally:
-        os.close(fd)
 
 
 def start(tree: Path, root: Path, image: Path, size: int) -> Deltavol:
@@ -46,12 +43,7 @@ def start(tree: Path, root: Path, image: Path, size: int) -> Deltavol:
         dv.start()
     finally:
         del os.environ["PYTHONPATH"]
-    dv.volume("bench", path=image)
-    dv.volume("copy", size=size)
-    dv.session("s", "bench", "copy")
-    dv.update("s", full=True)
-    dv.wait("s")
-    _write_chunks(dv.uri("bench"), list(range(size // CHUNK)))
+    owe_every_chunk(dv, image, size)
     return dv
 
 

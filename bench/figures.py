@@ -264,19 +264,24 @@ def copies(s: Settings) -> Iterator[Row]:
                   "s", min(a, d), "nbdcopy", min(b, c), ("<=", 1.0))  # fmt: skip
 
 
+def owe_every_chunk(dv: Deltavol, image: Path, size: int) -> None:
+    """Volume "bench" on ``image`` and session "s" to a local volume, its full update done
+    and every chunk changed since: the next mark owes them all."""
+    dv.volume("bench", path=image)
+    dv.volume("copy", size=size)
+    dv.session("s", "bench", "copy")
+    dv.update("s", full=True)
+    dv.wait("s")
+    _write_chunks(dv.uri("bench"), list(range(size // CHUNK)))
+
+
 def cofw_latency(s: Settings) -> Iterator[Row]:
     """p99 of 4 KiB random writes while copy-on-first-write protects every chunk, vs no
     update, at iodepth 1 (the latency of one protected write) and 32 (protected writes
     queued behind each other). Each is the better of two runs, in the order idle, during,
     during, idle: one 5 s run's p99 moves 1.5-5 ms with the disk's writeback alone."""
-    image = fio_image(s)
     with deltavol(s.work / "dv-cofw") as dv:
-        dv.volume("bench", path=image)
-        dv.volume("copy", size=s.fio_size)
-        dv.session("s", "bench", "copy")
-        dv.update("s", full=True)
-        dv.wait("s")
-        _write_chunks(dv.uri("bench"), list(range(s.fio_size // CHUNK)))  # every chunk changed
+        owe_every_chunk(dv, fio_image(s), s.fio_size)
 
         def idle(depth: int) -> float:
             os.sync()  # no run inherits another's writeback
