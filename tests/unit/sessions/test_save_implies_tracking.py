@@ -450,7 +450,6 @@ def held_saves(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     return go
 
 
-
 async def test_a_change_whose_old_blocks_are_cached_saves_without_taking_a_lock(
     rigs: MakeRig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
