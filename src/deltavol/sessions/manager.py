@@ -159,6 +159,9 @@ class SessionManager:
 
     # --- persistence ------------------------------------------------------------------------
     def _persist(self, s: Session) -> None:
+        if s.removed:  # INSERT OR REPLACE would bring the deleted row back
+            log.warning("session %s: removed, its row is not written again", s.name)
+            return
         with self.db.transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -311,11 +314,28 @@ class SessionManager:
         return s
 
     async def remove(self, name: str) -> None:
+        """Delete the session and release its target.
+
+        An operation (``Session.operation``): an update half-way through its mark commits
+        and starts its copy first, then this goes on. In this order: the row is deleted (the
+        commit point); the session is flagged removed, so every later operation is refused
+        and nothing writes its row again; its copy task and retries stop; the writes in
+        flight through its hooks (a copy-before-write may write to the target) finish
+        before the hooks go; then the target is released and the files deleted.
+        """
         s = self.get(name)
-        await s.shutdown()
-        with self.db.transaction() as conn:
-            conn.execute("DELETE FROM sessions WHERE name = ?", (name,))
-        del self._sessions[name]
-        self._detach(s)
-        s.delete_files()
+        s.interrupt_verify()
+        async with s.operation():
+            with self.db.transaction() as conn:
+                conn.execute("DELETE FROM sessions WHERE name = ?", (name,))
+            s.removed = s.closed = True
+            del self._sessions[name]
+            try:
+                await s._stop_task()
+            except Exception:  # the row is gone: the removal goes on
+                log.exception("session %s: stopping its update", name)
+            async with s._gate.closed():  # a copy-before-write in flight ends before its hook goes
+                self._detach(s)
+            await s._drop_target()
+            s.delete_files()
         log.info("session %s: removed", name)

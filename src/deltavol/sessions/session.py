@@ -30,13 +30,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from deltavol.backend.gate import WriteGate
 from deltavol.backend.hooks import Hook
@@ -52,7 +53,7 @@ from deltavol.copy.engine import (
 from deltavol.copy.save_area import RECORD, SaveArea
 from deltavol.copy.targets import CopyTarget, TargetError
 from deltavol.copy.throttle import Throttle
-from deltavol.errors import CorruptFile, DeltavolError, Error
+from deltavol.errors import CorruptFile, DeltavolError, Error, NotFound
 from deltavol.nbd.constants import STATE_HOLE
 from deltavol.sessions.states import State, next_state
 from deltavol.store.group_commit import GroupCommit
@@ -136,6 +137,25 @@ class ChunkLocks:
                 self._held.pop(c).set()
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def one_at_a_time(
+    op: Callable[Concatenate[Session, _P], Awaitable[_R]],
+) -> Callable[Concatenate[Session, _P], Awaitable[_R]]:
+    """An operation on a session (update, pause, resume, cancel, verify): it runs alone,
+    under the session's operation lock, and is refused once the session is removed or shut
+    down. See ``Session.operation``."""
+
+    @functools.wraps(op)
+    async def run(session: Session, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        async with session.operation():
+            return await op(session, *args, **kwargs)
+
+    return run
+
+
 class Session:
     def __init__(
         self,
@@ -196,6 +216,39 @@ class Session:
         self.protect_hook = Hook(self.protect, self.protected)
         self.retry = retry or RetryPolicy()
         self._retry_task: asyncio.Task[None] | None = None
+        self._ops = asyncio.Lock()  # see operation()
+        self.closed = False  # shut down or removed: no operation any more
+        self.removed = False  # its row is deleted: nothing may write it again
+        self._verifying: asyncio.Future[None] | None = None  # a verify's comparison
+
+    # --- operations ------------------------------------------------------------------------
+    @asynccontextmanager
+    async def operation(self) -> AsyncIterator[None]:
+        """Hold the session for one operation's own steps (DESIGN 3: operations on one
+        session are serialized). Every operation takes it -- the user's, the scheduler's,
+        the retry policy's, ``remove`` and ``shutdown`` -- and checks the state only once it
+        holds it, so no operation acts on a state that another one is half-way through
+        changing: an update's mark awaits the save area and the write gate, and until it has
+        committed and started its copy task, no pause, cancel, second update or removal
+        comes between. The copy task itself runs outside the lock; pause, cancel, remove and
+        shutdown stop it while holding it.
+        """
+        async with self._ops:
+            if self.removed:
+                raise NotFound(kind="session", name=self.name)
+            if self.closed:
+                raise Error(msg=f"session {self.name!r} is shut down: the server is stopping")
+            yield
+
+    @property
+    def operating(self) -> bool:
+        """True while an operation holds the session (the scheduler skips it then)."""
+        return self._ops.locked()
+
+    def interrupt_verify(self) -> None:
+        """Stop a running verify (it fails): removal and shutdown do not wait for one."""
+        if self._verifying is not None:
+            self._verifying.cancel()
 
     # --- files ----------------------------------------------------------------------------
     def create_files(self) -> None:
@@ -567,6 +620,7 @@ class Session:
     def busy(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    @one_at_a_time
     async def start_update(self, full: bool, max_rate: int | None = None) -> dict[str, Any]:
         """Begin an update; returns once it is committed (marked, or for --full started)."""
         full = full or self.state is State.NEW or self._needs_full()
@@ -679,6 +733,8 @@ class Session:
         return 0 if bitmap is None else bitmap.bytes_set()
 
     def _spawn(self) -> None:
+        if self.busy:  # never two copy tasks: each would stop only as far as it is known
+            raise Error(msg=f"session {self.name!r} is already copying")
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"session-{self.name}")
 
     async def ensure_target(self) -> CopyTarget:
@@ -822,9 +878,16 @@ class Session:
     async def _retry_later(self, delay: float) -> None:
         await asyncio.sleep(delay)
         self.retry.next_at = None
-        if self.state is State.FAILED and self.transfer is not None:
+        async with self._ops:  # an operation, as a user's resume
+            if self.closed or self.busy or self.state is not State.FAILED or self.transfer is None:
+                return
             log.info("session %s: retrying (attempt %d)", self.name, self.retry.attempts)
-            self._resume()
+            try:
+                self._resume()
+            except Exception as exc:  # nobody awaits this task: the session stays failed, resumable
+                why = exc.message if isinstance(exc, DeltavolError) else repr(exc)
+                log.error("session %s: retry failed: %s", self.name, why)
+                self.last_error = f"retry failed: {why}"
 
     async def _drop_target(self) -> None:
         target, self.target = self.target, None
@@ -838,15 +901,30 @@ class Session:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            self._cancel_retry()  # one its failure may have scheduled before it stopped
 
+    @one_at_a_time
     async def pause(self) -> dict[str, Any]:
         self.state = next_state(self.name, self.state, "pause")
         await self._stop_task()
         await self._try_checkpoint()
+        # paused must be durable even when that checkpoint failed (its row is not written
+        # then): with the row still copying, the next start would resume the update
+        self._save_row()
         return self.status()
 
+    @one_at_a_time
     async def resume(self) -> dict[str, Any]:
-        if self.state is State.COPYING:  # already going (the retry policy got there first)
+        if self.state is State.COPYING:
+            if self.busy or self.transfer is None:  # already going (the retry policy got there first)
+                return self.status()
+            # copying with no task: a step between the state and the spawn failed
+            log.warning("session %s: copying with no copy task: starting it again", self.name)
+            self._cancel_retry()
+            await self._drop_target()
+            self.last_error = None
+            self._save_row()
+            self._spawn()
             return self.status()
         next_state(self.name, self.state, "resume")
         if self.transfer is None:
@@ -858,9 +936,14 @@ class Session:
         return self.status()
 
     def _resume(self) -> None:
+        before = self.state, self.last_error
         self.state = next_state(self.name, self.state, "resume")
         self.last_error = None
-        self._save_row()
+        try:
+            self._save_row()
+        except BaseException:  # not committed: still paused or failed, so resume can retry
+            self.state, self.last_error = before
+            raise
         self._spawn()
 
     def _cancel_retry(self) -> None:
@@ -869,6 +952,7 @@ class Session:
             task.cancel()
         self.retry.next_at = None
 
+    @one_at_a_time
     async def cancel(self) -> dict[str, Any]:
         new_state = next_state(self.name, self.state, "cancel")
         await self._stop_task()
@@ -892,7 +976,16 @@ class Session:
                 await asyncio.shield(self._task)
 
     async def shutdown(self) -> None:
-        """Server stopping: stop copying but keep every state for the next start."""
+        """Server stopping: stop copying but keep every state for the next start. An
+        operation under way ends first (a verify is interrupted); none runs after."""
+        self.interrupt_verify()
+        async with self._ops:
+            if self.closed:
+                return
+            self.closed = True
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
         await self._stop_task()
         if self.state is State.COPYING:
             await self._try_checkpoint()
