@@ -319,9 +319,10 @@ class SessionManager:
         An operation (``Session.operation``): an update half-way through its mark commits
         and starts its copy first, then this goes on. In this order: the row is deleted (the
         commit point); the session is flagged removed, so every later operation is refused
-        and nothing writes its row again; its copy task and retries stop; the writes in
-        flight through its hooks (a copy-before-write may write to the target) finish
-        before the hooks go; then the target is released and the files deleted.
+        and nothing writes its row again; its copy task and retries stop, and the writes
+        they left under way land; the writes in flight through its hooks (a
+        copy-before-write may write to the target) finish before the hooks go; then the
+        target is released and the files deleted.
         """
         s = self.get(name)
         s.interrupt_verify()
@@ -332,10 +333,11 @@ class SessionManager:
             del self._sessions[name]
             try:
                 await s._stop_task()
+                await s._drop_target()  # waits for the copy's writes its cancel left in a thread
             except Exception:  # the row is gone: the removal goes on
                 log.exception("session %s: stopping its update", name)
             async with s._gate.closed():  # a copy-before-write in flight ends before its hook goes
                 self._detach(s)
-            await s._drop_target()
+            await s._drop_target()  # such a write may have opened it again
             s.delete_files()
         log.info("session %s: removed", name)

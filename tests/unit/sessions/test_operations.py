@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from deltavol.backend.file import FileBackend
 from deltavol.bitmap import persist
 from deltavol.config import ServerConfig
 from deltavol.copy.targets import LocalTarget, TargetError
@@ -138,6 +140,40 @@ async def test_remove_during_a_mark_waits_for_it_then_leaves_no_row_no_copy_and_
     again = await server.restart()
     assert again.sessions.all() == []
     assert not again.volumes.get("dst").export.read_only
+
+
+async def test_remove_returns_only_once_the_copy_write_its_stop_left_in_a_thread_has_landed(
+    svc: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = await consistent_session(svc)
+    dst = svc.volumes.get("dst")
+    await svc.volumes.get("src").export.pwrite(MiB, b"B" * MiB)
+    writing, release = threading.Event(), threading.Event()
+    landed: list[int] = []
+    pwrite_full = FileBackend._pwrite_full
+
+    def first_write_slow(self: FileBackend, offset: int, data: bytes, fua: bool) -> None:
+        if self.name == "dst" and not writing.is_set():  # the copy's first write to dst
+            writing.set()
+            release.wait(timeout=30)
+        pwrite_full(self, offset, data, fua)
+        if self.name == "dst" and data[:1] == b"B":
+            landed.append(offset)
+
+    monkeypatch.setattr(FileBackend, "_pwrite_full", first_write_slow)
+    await s.start_update(False)
+    await until(writing.is_set)
+
+    async def remove_then_use_the_target() -> None:
+        await svc.remove_session("s")
+        await dst.export.pwrite(MiB, b"U" * MiB)  # the volume is the user's again
+
+    user = asyncio.create_task(remove_then_use_the_target())
+    await asyncio.wait({user}, timeout=0.5)
+    release.set()
+    await user
+    await until(lambda: bool(landed))
+    assert await dst.backend.pread(MiB, MiB) == b"U" * MiB
 
 
 async def test_a_second_full_update_during_the_first_ones_start_is_refused(svc: Service) -> None:
