@@ -331,7 +331,10 @@ class TrackingFile:
         self._pending.clear()
         self._touched.clear()
         save_atomic(self.path, bitmap, generation, KIND_TRACKING, self.hot)
-        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise os_error(exc, f"bitmap {self.path}") from exc
         with self._fd_lock:
             old, self._fd = self._fd, fd
             if old >= 0:

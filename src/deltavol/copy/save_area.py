@@ -130,15 +130,18 @@ class SaveArea:
             self._fd = fd
             return self
         tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise os_error(exc, f"creating save area {self.path}") from exc
         try:
             os.pwrite(fd, head, 0)
             os.fsync(fd)
+            os.replace(tmp, self.path)
+            sync_dir(self.path.parent)
         except OSError as exc:
             os.close(fd)
             raise os_error(exc, f"creating save area {self.path}") from exc
-        os.replace(tmp, self.path)
-        sync_dir(self.path.parent)
         self._fd = fd
         return self
 

@@ -985,6 +985,19 @@ class Session:
             self.closed = True
             await self._shutdown()
 
+    async def note_error(self, why: str) -> None:
+        """An error nobody awaits (a scheduled update's) goes to ``last_error``; into the
+        row too when no update runs (a running one commits its own row)."""
+        async with self._ops:
+            if self.closed:
+                return
+            self.last_error = why
+            if not self.busy and self.state in (State.NEW, State.IDLE):
+                try:
+                    self._persist_row(self)
+                except DeltavolError as exc:
+                    log.warning("session %s: cannot record %r: %s", self.name, why, exc.message)
+
     async def _shutdown(self) -> None:
         await self._stop_task()
         if self.state is State.COPYING:
