@@ -358,19 +358,19 @@ class SessionManager:
         target is released and the files deleted.
         """
         s = self.get(name)
-        s.interrupt_verify()
-        async with s.operation():
-            with self.db.transaction() as conn:
-                conn.execute("DELETE FROM sessions WHERE name = ?", (name,))
-            s.removed = s.closed = True
-            del self._sessions[name]
-            try:
-                await s._stop_task()
-                await s._drop_target()  # waits for the copy's writes its cancel left in a thread
-            except Exception:  # the row is gone: the removal goes on
-                log.exception("session %s: stopping its update", name)
-            async with s._gate.closed():  # a copy-before-write in flight ends before its hook goes
-                self._detach(s)
-            await s._drop_target()  # such a write may have opened it again
-            s.delete_files()
+        with s.closing():  # a verify does not hold the removal up: it is interrupted
+            async with s.operation():
+                with self.db.transaction() as conn:
+                    conn.execute("DELETE FROM sessions WHERE name = ?", (name,))
+                s.removed = s.closed = True
+                del self._sessions[name]
+                try:
+                    await s._stop_task()
+                    await s._drop_target()  # waits for the copy's writes its cancel left in a thread
+                except Exception:  # the row is gone: the removal goes on
+                    log.exception("session %s: stopping its update", name)
+                async with s._gate.closed():  # a copy-before-write in flight ends before its hook goes
+                    self._detach(s)
+                await s._drop_target()  # such a write may have opened it again
+                s.delete_files()
         log.info("session %s: removed", name)

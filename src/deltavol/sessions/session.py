@@ -33,7 +33,7 @@ import datetime as dt
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -220,6 +220,7 @@ class Session:
         self.closed = False  # shut down or removed: no operation any more
         self.removed = False  # its row is deleted: nothing may write it again
         self._verifying: asyncio.Future[None] | None = None  # a verify's comparison
+        self._closing = 0  # removals and shutdowns waiting for the session (see closing())
 
     # --- operations ------------------------------------------------------------------------
     @asynccontextmanager
@@ -245,10 +246,21 @@ class Session:
         """True while an operation holds the session (the scheduler skips it then)."""
         return self._ops.locked()
 
-    def interrupt_verify(self) -> None:
-        """Stop a running verify (it fails): removal and shutdown do not wait for one."""
-        if self._verifying is not None:
-            self._verifying.cancel()
+    @contextlib.contextmanager
+    def closing(self) -> Iterator[None]:
+        """Around removal and shutdown, which do not wait for a verify: a running one is
+        interrupted (it fails), and one that has not begun its comparison yet does not."""
+        self._closing += 1
+        try:
+            if self._verifying is not None:
+                self._verifying.cancel()
+            yield
+        finally:
+            self._closing -= 1
+
+    @property
+    def verify_interrupted(self) -> bool:
+        return self._closing > 0
 
     # --- files ----------------------------------------------------------------------------
     def create_files(self) -> None:
@@ -978,12 +990,12 @@ class Session:
     async def shutdown(self) -> None:
         """Server stopping: stop copying but keep every state for the next start. An
         operation under way ends first (a verify is interrupted); none runs after."""
-        self.interrupt_verify()
-        async with self._ops:
-            if self.closed:
-                return
-            self.closed = True
-            await self._shutdown()
+        with self.closing():
+            async with self._ops:
+                if self.closed:
+                    return
+                self.closed = True
+                await self._shutdown()
 
     async def note_error(self, why: str) -> None:
         """An error nobody awaits (a scheduled update's) goes to ``last_error``; into the

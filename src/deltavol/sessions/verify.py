@@ -27,6 +27,7 @@ from deltavol.sessions.states import State
 log = logging.getLogger("deltavol.session")
 
 INFLIGHT = 4
+_INTERRUPTED = "the session is being removed or the server is stopping"
 MAX_REPORTED = 100
 
 
@@ -64,6 +65,8 @@ async def verify(session: Session) -> dict[str, Any]:
             if ours[a : a + g] != theirs[a : a + g]:
                 mismatches.append(c * g)
 
+    if s.verify_interrupted:  # a removal or shutdown came while the target opened
+        raise Error(msg=f"verify of session {s.name!r} interrupted: {_INTERRUPTED}")
     work = s._verifying = asyncio.ensure_future(
         run_pipeline(
             requests(iter([(0, tracking.nbits)]), max(1, MAX_REQUEST // g)),
@@ -77,11 +80,8 @@ async def verify(session: Session) -> dict[str, Any]:
         await work
     except asyncio.CancelledError:
         this = asyncio.current_task()
-        if work.cancelled() and (this is None or not this.cancelling()):  # interrupt_verify
-            raise Error(
-                msg=f"verify of session {s.name!r} interrupted: the session is being removed"
-                " or the server is stopping"
-            ) from None
+        if work.cancelled() and (this is None or not this.cancelling()):  # Session.closing
+            raise Error(msg=f"verify of session {s.name!r} interrupted: {_INTERRUPTED}") from None
         raise
     finally:
         s._verifying = None

@@ -291,6 +291,36 @@ async def test_remove_interrupts_a_verify_instead_of_waiting_for_it(
     assert rows(svc) == [] and s._verifying is None
 
 
+async def test_remove_while_verify_opens_its_target_stops_the_verify_before_it_compares(
+    svc: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = await consistent_session(svc)
+    opening, opened, never = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    open_target = s._open_target
+
+    async def slow_open(session: Session) -> Any:
+        opening.set()
+        await opened.wait()
+        return await open_target(session)
+
+    async def hung_pread(self: LocalTarget, offset: int, length: int) -> bytes:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    s._open_target = slow_open
+    monkeypatch.setattr(LocalTarget, "pread", hung_pread)
+    verify = asyncio.create_task(svc.verify_session("s"))
+    await opening.wait()
+    remove = asyncio.create_task(svc.remove_session("s"))
+    await asyncio.wait({remove}, timeout=0.2)
+    opened.set()
+
+    await asyncio.wait_for(remove, timeout=5)
+    with pytest.raises(Error, match="interrupted"):
+        await asyncio.wait_for(verify, timeout=5)
+    assert rows(svc) == []
+
+
 async def test_pause_is_durable_when_its_checkpoint_fails(
     server: Server, svc: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:

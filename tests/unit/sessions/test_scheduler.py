@@ -63,7 +63,7 @@ async def test_a_scheduled_update_that_raises_stops_no_other_session_nor_the_nex
         svc.create_volume(vol, 4 * MiB)
     sessions: list[Session] = []
     for name, dst in (("a", "dst"), ("b", "dst2")):
-        await svc.create_session(name=name, source="src", target=dst, every=1)
+        await svc.create_session(name=name, source="src", target=dst, every=60)
         s = svc.sessions.get(name)
         await s.start_update(True)
         await s.wait()
@@ -80,11 +80,11 @@ async def test_a_scheduled_update_that_raises_stops_no_other_session_nor_the_nex
 
     a._persist_row = commit_of_the_mark_fails_once
     await svc.volumes.get("src").export.pwrite(0, b"C" * G)
-    a.last_started = b.last_started = time.monotonic() - 10  # both due at the first tick
+    a.last_started = b.last_started = time.monotonic() - 1000  # both due at the first tick
     await svc.start()
 
     await until(lambda: bool(failures) and b.update is not None and b.update.id == 2, timeout=5)
-    await b.wait()
+    await until(lambda: b.state is State.IDLE)
     assert b.state is State.IDLE and b.consistent and b.last_error is None
     assert a.state is State.IDLE and a.update is not None and a.update.id == 1  # rolled back
     assert a.last_error is not None and "malformed" in a.last_error
@@ -92,9 +92,9 @@ async def test_a_scheduled_update_that_raises_stops_no_other_session_nor_the_nex
     scheduler = svc.sessions._scheduler
     assert scheduler is not None and not scheduler.done()
 
-    a.last_started = time.monotonic() - 10  # due again: the scheduler still runs a's updates
+    a.last_started = time.monotonic() - 1000  # due again: the scheduler still runs a's updates
     await until(lambda: a.update is not None and a.update.id > 1, timeout=5)
-    await a.wait()
+    await until(lambda: a.state is State.IDLE)
     assert a.state is State.IDLE and a.consistent and a.last_error is None
     assert await svc.volumes.get("dst").backend.pread(0, G) == b"C" * G
 
