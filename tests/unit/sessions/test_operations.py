@@ -384,6 +384,20 @@ async def test_a_retry_whose_row_commit_fails_leaves_a_failed_session_that_resum
         dd.close()
 
 
+async def test_resume_restarts_an_update_left_copying_with_no_copy_task(svc: Service) -> None:
+    s = await consistent_session(svc)
+    await svc.volumes.get("src").export.pwrite(0, b"B" * MiB)
+    await s.start_update(False)
+    await s._stop_task()  # as a step that failed after stopping the copy leaves it (a cancel)
+    assert s.state is State.COPYING and not s.busy
+
+    await s.resume()
+    assert s.busy
+    await s.wait()
+    assert s.state is State.IDLE and s.consistent
+    assert await svc.volumes.get("dst").backend.pread(0, MiB) == b"B" * MiB
+
+
 async def test_no_operation_runs_on_a_session_once_the_server_shut_it_down(svc: Service) -> None:
     s = await consistent_session(svc)
     await s.shutdown()
