@@ -225,14 +225,14 @@ class Session:
     # --- operations ------------------------------------------------------------------------
     @asynccontextmanager
     async def operation(self) -> AsyncIterator[None]:
-        """Hold the session for one operation's own steps (DESIGN 3: operations on one
-        session are serialized). Every operation takes it -- the user's, the scheduler's,
-        the retry policy's, ``remove`` and ``shutdown`` -- and checks the state only once it
-        holds it, so no operation acts on a state that another one is half-way through
-        changing: an update's mark awaits the save area and the write gate, and until it has
-        committed and started its copy task, no pause, cancel, second update or removal
-        comes between. The copy task itself runs outside the lock; pause, cancel, remove and
-        shutdown stop it while holding it.
+        """Hold the session for one operation's own steps: operations on one session are
+        serialized. Every operation takes it -- the user's, the scheduler's, the retry
+        policy's, ``remove`` and ``shutdown`` -- and checks the state only once it holds it,
+        so no operation acts on a state that another one is half-way through changing: an
+        update's mark awaits the save area and the write gate, and until it has committed
+        and started its copy task, no pause, cancel, second update or removal comes between.
+        The copy task itself runs outside the lock; pause, cancel, remove and shutdown stop
+        it while holding it.
         """
         async with self._ops:
             if self.removed:

@@ -1,8 +1,8 @@
-"""Operations on one session are serialized (DESIGN section 3): never two copy tasks, never a
-copy that outlives a pause, a cancel or a removal, never a removed session's row written back.
+"""Operations on one session are serialized: never two copy tasks, never a copy that outlives
+a pause, a cancel or a removal, never a removed session's row written back.
 
 The races come from an update's mark: it awaits the save area's preparation and the source's
-write gate (a write in flight), and before the fix any other operation could run in between.
+write gate (a write in flight), and any other operation must wait for it to commit.
 Here a test holds the write gate (``WriteGate.enter``, as a write half-way down the stack) so
 the mark is stopped exactly there, then asks for the other operation.
 
