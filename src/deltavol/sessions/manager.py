@@ -193,6 +193,7 @@ class SessionManager:
             persist_row=self._persist,
             save_limit=self.config.save_limit,
             retry=RetryPolicy(limit=self.config.retry_limit, backoff=self.config.retry_backoff),
+            target_timeout=self.config.target_timeout,
             **kw,
         )
 
