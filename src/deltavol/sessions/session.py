@@ -72,6 +72,28 @@ def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait until it is over (the checkpointer: see _checkpoint)."""
+    task.cancel()
+    await _over(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("checkpointer failed", exc_info=task.exception())
+
+
+async def _over(fut: asyncio.Future[Any]) -> None:
+    """Wait until ``fut`` (a thread's) is over, even if cancelled meanwhile: a thread
+    cannot be stopped, so what waits for it must not go on as if it had. A cancellation
+    is raised once it is over; ``fut``'s outcome is left to the caller."""
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.wait([fut])  # unlike awaiting it, does not cancel it
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 @dataclass
 class UpdateRecord:
     """The running (or last) update, as persisted and as shown in status."""
@@ -184,7 +206,9 @@ class Session:
         self.save: SaveArea | None = None
         self._preparing: asyncio.Future[None] | None = None  # see _prepare_save_area
         self.locks = ChunkLocks()
-        self._checkpointing = asyncio.Lock()
+        self._checkpointing = asyncio.Lock()  # see _checkpoint
+        self._checkpoints = 0  # checkpoints taken (a snapshot's number)
+        self._landed = 0  # the number of the last checkpoint written
         self.progress: Progress | None = None
         self.target: CopyTarget | None = None
         self._task: asyncio.Task[None] | None = None
@@ -301,18 +325,45 @@ class Session:
             self.save = None
 
     async def _checkpoint(self) -> None:
-        """Make copy progress durable: flush the target, then clear the done bits on disk.
+        """Make copy progress durable: snapshot the transfer, flush the target, then write
+        the snapshot's bits over the file.
+
+        A chunk's bit is cleared once its write to the target has completed, and a flush
+        covers the writes completed when it is sent: so every chunk done in a snapshot
+        taken *before* the flush is durable on the target after it. A chunk copied while
+        the flush runs stays owed (and protected) until the next checkpoint. With no
+        target there is no flush, so nothing new is known to be durable: nothing is
+        written.
+
+        A checkpoint lands only on the transfer it was taken of and only if no newer one
+        landed: a mark, a cancel or the end of the update replaces the transfer under
+        ``_checkpointing``, which a checkpoint holds from its staleness check until its
+        write is over (even when cancelled: the thread cannot be stopped).
 
         Bits only go from set to clear here, so they are written in place (no new space
         needed on a full disk; a torn write leaves each byte old or new, both safe).
         """
-        if self.transfer is not None and self.update is not None:
-            if self.target is not None:
-                await self.target.flush()
-            async with self._checkpointing:  # in order: an older copy must not land last
-                durable = self.transfer.copy()
-                await asyncio.to_thread(persist.write_bits_in_place, self._transfer_path, durable)
-                self._durable_transfer = durable
+        transfer, target = self.transfer, self.target
+        if transfer is None or self.update is None or target is None:
+            return
+        self._checkpoints += 1
+        seq, snapshot = self._checkpoints, transfer.copy()  # before the flush: see above
+        await target.flush()
+        async with self._checkpointing:
+            if self.transfer is not transfer or seq < self._landed:
+                return  # a mark replaced the transfer, or a newer checkpoint landed
+            write = asyncio.ensure_future(
+                asyncio.to_thread(persist.write_bits_in_place, self._transfer_path, snapshot)
+            )
+            try:
+                await _over(write)
+            finally:  # the thread is over: the file holds the snapshot, or bytes of each
+                if write.exception() is None:
+                    self._durable_transfer, self._landed = snapshot, seq
+                elif self._durable_transfer is not None:
+                    self._durable_transfer = self._durable_transfer.copy()
+                    self._durable_transfer.or_(snapshot)
+            write.result()  # a failed write raises
 
     async def _try_checkpoint(self) -> None:
         try:
@@ -617,7 +668,7 @@ class Session:
         assert self.update is not None
         transfer = Bitmap(self.source.size, self.granularity)
         transfer.set_all()
-        async with self._gate.closed():
+        async with self._gate.closed(), self._checkpointing:
             persist.save_atomic(self._transfer_path, transfer, self.update.id, TRANSFER)
             self.transfer = transfer
             self.consistent = False
@@ -637,7 +688,7 @@ class Session:
         assert self.update is not None
         if self.save is None:  # no update writes to the save area: write its space ahead
             await self._prepare_save_area()
-        async with self._gate.closed():
+        async with self._gate.closed(), self._checkpointing:
             # a copy: if this mark fails, start_update puts back the unfinished update's
             # transfer, which must not have gained the chunks changed since its own mark
             transfer = self.transfer.copy() if self.transfer else Bitmap(self.source.size, self.granularity)
@@ -689,6 +740,7 @@ class Session:
     async def _run(self) -> None:
         assert self.update is not None and self.transfer is not None
         checkpointer = asyncio.get_running_loop().create_task(self._checkpoint_loop())
+        failure: tuple[str, bool] | None = None
         try:
             target = await self.ensure_target()
             if self.progress is None:
@@ -698,8 +750,9 @@ class Session:
                 await self._copy_pass(target)
                 await self._mark()  # the catch-up pass of a full update
             await self._copy_pass(target)
+            await _stop(checkpointer)  # none may land after the end
             await target.flush()
-            async with self._gate.closed():
+            async with self._gate.closed(), self._checkpointing:
                 # the save area goes: the bits its records made durable must be in the file
                 assert self.tracking_file is not None
                 await self.tracking_file.durable()
@@ -708,14 +761,16 @@ class Session:
         except asyncio.CancelledError:
             raise
         except TargetError as exc:
-            await self._fail(exc.message, retryable=True)
+            failure = exc.message, True
         except (DeltavolError, OSError) as exc:
-            await self._fail(exc.message if isinstance(exc, DeltavolError) else str(exc), retryable=False)
+            failure = exc.message if isinstance(exc, DeltavolError) else str(exc), False
         except Exception as exc:  # a bug: the session fails, the server stays up
             log.exception("session %s: update crashed", self.name)
-            await self._fail(f"internal error: {exc!r}", retryable=False)
+            failure = f"internal error: {exc!r}", False
         finally:
-            checkpointer.cancel()
+            await _stop(checkpointer)  # its write must not outlive the update's task
+        if failure is not None:
+            await self._fail(*failure)
 
     async def _checkpoint_loop(self) -> None:
         while True:

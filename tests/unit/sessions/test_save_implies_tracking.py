@@ -275,6 +275,7 @@ def rigs(tmp_path: Path, syncs: SyncLog, request: pytest.FixtureRequest) -> Iter
         s.next_update_id = 2
         await s._mark()
         assert s.update.protecting and s.save is not None and s.tracking.is_empty()
+        await s.ensure_target()  # connected, as the copy is: a checkpoint flushes it
         rig = Rig(s, disk, target, wire(s, disk), syncs, granularity, [s])
 
         def is_safe(c: int) -> bool:

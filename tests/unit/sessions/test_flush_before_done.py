@@ -1,0 +1,367 @@
+"""A chunk is recorded as copied only once a target flush issued after its copy write
+completed has succeeded (DESIGN section 3).
+
+The oracle is a target with a volatile write cache (``CacheTarget``): a write lands in its
+cache, a FLUSH makes durable what had completed when the FLUSH was sent, and ``crash()``
+loses the rest, as a remote server's host losing power does. After each scenario, what a crash of the
+target would leave is compared with the source as of the mark, or every chunk where they
+may differ must be owed in a bitmap file (invariant 2).
+
+Covers: a checkpoint snapshots the transfer before its flush; a checkpoint never lands on a
+transfer a mark replaced, nor after a newer one, even when cancelled mid-write; a
+checkpoint with no target writes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from deltavol.bitmap import persist
+from deltavol.bitmap.bitmap import Bitmap
+from deltavol.copy.targets import TargetError
+from deltavol.sessions import session as session_module
+from deltavol.sessions.session import RetryPolicy, Session, UpdateRecord
+from deltavol.sessions.states import State
+from tests.unit.sessions.test_save_implies_tracking import (
+    OLD,
+    SIZE,
+    Disk,
+    G,
+    Target,
+    chunks_of,
+    new_session,
+    until,
+)
+
+N = SIZE // G
+OWED = range(0, 16)  # changed since the last update: the next mark owes them
+NEW = b"".join(bytes([(c * 7) % 250 + 3]) * G for c in range(N))  # the source at the mark
+
+
+class CacheTarget(Target):
+    """A target with a volatile write cache. ``completed`` lists the chunks whose writes
+    completed, in order; ``covered`` what each FLUSH covered (the writes completed when it
+    was sent). ``flush_go`` cleared holds FLUSHes; ``fail_after`` n: the n+1-th write finds
+    the target dead (it crashes: the cache is lost). One chunk per request, one at a time."""
+
+    request_size = G
+    inflight = 1
+
+    def __init__(self, image: bytes) -> None:
+        super().__init__()
+        self.data[:] = image
+        self.durable = bytearray(image)
+        self.completed: list[int] = []
+        self.covered: list[list[int]] = []
+        self.flush_go = asyncio.Event()
+        self.flush_go.set()
+        self.fail_after: int | None = None
+        self.dead = False
+
+    def _check(self) -> None:
+        if self.dead:
+            raise TargetError(msg="target: connection lost")
+
+    async def pwrite(self, offset: int, data: bytes) -> None:
+        self._check()
+        if self.fail_after is not None and len(self.completed) >= self.fail_after:
+            self.crash()
+            self._check()
+        await super().pwrite(offset, data)
+        self._check()  # crashed while the write was in flight: never acknowledged
+        self.completed.extend(range(offset // G, (offset + len(data) + G - 1) // G))
+
+    async def zero(self, offset: int, length: int) -> bool:
+        await self.pwrite(offset, bytes(length))
+        return True
+
+    async def flush(self) -> None:
+        self._check()
+        image, covered = bytes(self.data), list(self.completed)  # what it covers: as sent
+        self.covered.append(covered)
+        await asyncio.sleep(0)
+        await self.flush_go.wait()
+        self._check()
+        self.durable[:] = image
+
+    def crash(self) -> None:
+        """The target's host loses power: what no flush covered is gone."""
+        self.data[:] = self.durable
+        self.dead = True
+
+    def restart(self) -> None:
+        self.dead, self.fail_after = False, None
+
+
+class CachedDisk(Disk):
+    """The source with a page cache: ``flush`` makes changes durable, ``power_loss`` loses
+    the others."""
+
+    def __init__(self, image: bytes) -> None:
+        super().__init__(G)
+        self.data[:] = image
+        self.durable = bytearray(image)
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return [(length, 0)]
+
+    async def flush(self) -> None:
+        await asyncio.sleep(0)
+        self.durable[:] = self.data
+
+    def power_loss(self) -> None:
+        self.data[:] = self.durable
+
+
+def differ(a: bytes | bytearray, b: bytes | bytearray) -> list[int]:
+    return [c for c in range(N) if a[c * G : (c + 1) * G] != b[c * G : (c + 1) * G]]
+
+
+def file_bits(path: Path, kind: int) -> set[int]:
+    if not path.exists():
+        return set()
+    bm, _ = persist.load(path, kind, G, SIZE)
+    return set(chunks_of(bm))
+
+
+def owed_on_disk(s: Session) -> set[int]:
+    """What a restart would copy: the tracking file's bits and the transfer file's."""
+    return file_bits(s._tracking_path, persist.KIND_TRACKING) | file_bits(
+        s._transfer_path, persist.KIND_TRANSFER
+    )
+
+
+Made = tuple[Session, CachedDisk, CacheTarget]
+
+
+@pytest.fixture
+def made(tmp_path: Path) -> Iterator[Callable[[], Made]]:
+    """Builds an idle session, consistent with the target (``OLD``) as of an earlier
+    update, with the ``OWED`` chunks changed since (the source is ``NEW`` there)."""
+    sessions: list[Session] = []
+
+    def make() -> Made:
+        disk = CachedDisk(NEW[: OWED.stop * G] + OLD[OWED.stop * G :])
+        target = CacheTarget(OLD)
+        source: Any = SimpleNamespace(name="src", size=SIZE, backend=disk)
+        s = new_session(tmp_path, source, target, G, 1 << 20)
+        s.retry = RetryPolicy(limit=0)
+        s.create_files()
+        s.state, s.consistent, s.point_in_time, s.next_update_id = State.IDLE, True, "t0", 2
+        s.tracking.set_range(OWED.start * G, len(OWED) * G)
+        s._rewrite_tracking()
+        sessions.append(s)
+        return s, disk, target
+
+    yield make
+    for s in sessions:
+        if s._task is not None:
+            s._task.cancel()
+        if s.tracking_file is not None:
+            s.tracking_file.close()
+        if s.save is not None:
+            s.save.close()
+
+
+@pytest.fixture
+def slow_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No periodic checkpoint during a test: each is driven by hand."""
+    monkeypatch.setattr(session_module, "CHECKPOINT_SECONDS", 3600.0)
+
+
+async def marked(s: Session) -> None:
+    """An incremental update marked by the real ``_mark``, its target connected, no copy task."""
+    s.state = State.COPYING
+    s.update = UpdateRecord(id=s.next_update_id, kind="incremental", started_at="x")
+    s.next_update_id += 1
+    await s._mark()
+    await s.ensure_target()
+
+
+class HeldWrites:
+    """``persist.write_bits_in_place`` whose first ``n`` calls wait in their thread (as a
+    write stalled in the kernel) until ``release`` is set; ``done`` once they wrote."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, n: int = 1) -> None:
+        self.entered, self.release, self.done = threading.Event(), threading.Event(), threading.Event()
+        self.n, self.calls = n, 0
+        real = persist.write_bits_in_place
+
+        def write(path: Path, bm: Bitmap) -> None:
+            self.calls += 1
+            held = self.calls <= self.n
+            if held:
+                self.entered.set()
+                self.release.wait(10)
+            real(path, bm)
+            if held:
+                self.done.set()
+
+        monkeypatch.setattr(persist, "write_bits_in_place", write)
+
+
+class SeenLock(asyncio.Lock):
+    """A lock that counts who waits for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = 0
+
+    async def acquire(self) -> bool:
+        self.waiting += 1
+        try:
+            return await super().acquire()
+        finally:
+            self.waiting -= 1
+
+
+# --- the checkpoint -----------------------------------------------------------------------
+async def test_a_chunk_whose_write_completes_during_the_flush_stays_owed(
+    made: Callable[[], Made], slow_period: None
+) -> None:
+    s, _, t = made()
+    await marked(s)
+    c = OWED.start
+    t.go.clear()
+    copy = asyncio.create_task(s._copy_run(t, c, 1))
+    await until(lambda: t.waiting == 1)  # c's write is in flight
+    t.flush_go.clear()
+    checkpoint = asyncio.create_task(s._checkpoint())
+    await until(lambda: len(t.covered) == 1)  # FLUSH sent: it does not cover c
+    t.go.set()
+    await copy  # c's write completes after the FLUSH was sent
+    t.flush_go.set()
+    await checkpoint
+    assert t.covered == [[]]
+    assert c in file_bits(s._transfer_path, persist.KIND_TRANSFER), "c recorded done unflushed"
+    assert s._owed(c) and not s.protected(c * G, G), "c is no longer protected"
+    await s._checkpoint()  # the next one covers it
+    assert c not in file_bits(s._transfer_path, persist.KIND_TRANSFER) and not s._owed(c)
+
+
+async def test_a_checkpoint_with_no_target_records_nothing(
+    made: Callable[[], Made], slow_period: None
+) -> None:
+    """No target, no flush: a chunk copied on a connection since dropped is not durable."""
+    s, _, _ = made()
+    await marked(s)
+    assert s.transfer is not None
+    s.transfer.clear(OWED.start)  # copied on a connection that is gone
+    s.target = None
+    await s._checkpoint()
+    assert OWED.start in file_bits(s._transfer_path, persist.KIND_TRANSFER)
+    assert s._owed(OWED.start)
+
+
+async def test_a_checkpoint_in_its_write_when_the_catch_up_mark_comes_does_not_undo_it(
+    made: Callable[[], Made], slow_period: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The full pass is done and checkpointing; chunks changed during it are marked."""
+    s, _, _ = made()
+    await marked(s)
+    assert s.update is not None and s.transfer is not None
+    s.update.kind, s.update.protecting = "full", False  # in its unprotected pass ...
+    s.transfer.clear_all()  # ... which is over
+    lock = s._checkpointing = SeenLock()
+    held = HeldWrites(monkeypatch)
+    checkpoint = asyncio.create_task(s._checkpoint())
+    await until(held.entered.is_set)  # its thread has not opened the file yet
+    c = 40
+    s.tracking.set(c)  # changed during the full pass
+    mark = asyncio.create_task(s._mark())  # the catch-up mark
+    await until(lambda: mark.done() or lock.waiting > 0)
+    held.release.set()
+    await checkpoint
+    await mark
+    await until(held.done.is_set)
+    assert s.transfer is not None and s.transfer.test(c)
+    assert s._durable_transfer is not None and s._durable_transfer.test(c), "a stale checkpoint reset it"
+    assert c in file_bits(s._transfer_path, persist.KIND_TRANSFER), "old bits over the new transfer file"
+
+
+async def test_a_checkpoint_whose_flush_ends_after_a_mark_is_dropped(
+    made: Callable[[], Made], slow_period: None
+) -> None:
+    s, _, t = made()
+    await marked(s)
+    assert s.update is not None and s.transfer is not None
+    s.update.kind, s.update.protecting = "full", False
+    s.transfer.clear_all()
+    t.flush_go.clear()
+    checkpoint = asyncio.create_task(s._checkpoint())  # snapshot of the full pass's transfer
+    await until(lambda: len(t.covered) == 1)
+    c = 40
+    s.tracking.set(c)
+    await s._mark()
+    t.flush_go.set()
+    await checkpoint
+    assert s._durable_transfer is not None and s._durable_transfer.test(c)
+    assert c in file_bits(s._transfer_path, persist.KIND_TRANSFER)
+
+
+async def test_a_cancelled_checkpoint_holds_the_lock_until_its_write_is_over(
+    made: Callable[[], Made], slow_period: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its thread cannot be stopped: a newer checkpoint must not land before it."""
+    s, _, _ = made()
+    await marked(s)
+    assert s.transfer is not None
+    lock = s._checkpointing = SeenLock()
+    held = HeldWrites(monkeypatch)
+    s.transfer.clear_run(0, 2)
+    old = asyncio.create_task(s._checkpoint())
+    await until(held.entered.is_set)
+    old.cancel()
+    await asyncio.sleep(0)
+    s.transfer.clear_run(2, 8)  # copied meanwhile
+    new = asyncio.create_task(s._checkpoint())
+    await until(lambda: new.done() or lock.waiting > 0)
+    held.release.set()
+    await new
+    with pytest.raises(asyncio.CancelledError):
+        await old
+    await until(held.done.is_set)
+    on_file = file_bits(s._transfer_path, persist.KIND_TRANSFER)
+    assert on_file == set(range(10, OWED.stop)), "the older checkpoint landed last"
+    assert s._durable_transfer is not None and set(chunks_of(s._durable_transfer)) == on_file
+
+
+async def test_pause_during_a_stalled_checkpoint_leaves_file_and_memory_alike(
+    made: Callable[[], Made], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The update's task is cancelled while its periodic checkpoint's thread still writes;
+    pause's own checkpoint comes after it."""
+    monkeypatch.setattr(session_module, "CHECKPOINT_SECONDS", 0.01)
+    s, _, t = made()
+    go, later = asyncio.Event(), asyncio.Event()
+    real = t.pwrite
+
+    async def slow(offset: int, data: bytes) -> None:
+        if len(t.completed) >= 10:
+            await later.wait()
+        elif len(t.completed) >= 2:
+            await go.wait()
+        await real(offset, data)
+
+    t.pwrite = slow  # type: ignore[method-assign]
+    held = HeldWrites(monkeypatch)
+    await s.start_update(False)
+    await until(held.entered.is_set)  # a periodic checkpoint is in its thread, 2 chunks copied
+    go.set()
+    await until(lambda: len(t.completed) >= 10)  # 8 more copied meanwhile
+    pause = asyncio.create_task(s.pause())
+    await asyncio.wait([pause], timeout=0.5)  # pause may wait for that thread: let it go later
+    held.release.set()
+    await pause
+    await until(held.done.is_set)
+    on_file = file_bits(s._transfer_path, persist.KIND_TRANSFER)
+    assert s._durable_transfer is not None and set(chunks_of(s._durable_transfer)) == on_file
+    assert all(s._owed(c) for c in on_file), "a chunk the file owes is not protected"
+    later.set()
