@@ -209,6 +209,7 @@ class Session:
         self._checkpointing = asyncio.Lock()  # see _checkpoint
         self._checkpoints = 0  # checkpoints taken (a snapshot's number)
         self._landed = 0  # the number of the last checkpoint written
+        self._flush_failed: CopyTarget | None = None  # see _flush
         self.progress: Progress | None = None
         self.target: CopyTarget | None = None
         self._task: asyncio.Task[None] | None = None
@@ -348,7 +349,7 @@ class Session:
             return
         self._checkpoints += 1
         seq, snapshot = self._checkpoints, transfer.copy()  # before the flush: see above
-        await target.flush()
+        await self._flush(target)
         async with self._checkpointing:
             if self.transfer is not transfer or seq < self._landed:
                 return  # a mark replaced the transfer, or a newer checkpoint landed
@@ -364,6 +365,30 @@ class Session:
                     self._durable_transfer = self._durable_transfer.copy()
                     self._durable_transfer.or_(snapshot)
             write.result()  # a failed write raises
+
+    async def _flush(self, target: CopyTarget) -> None:
+        """Flush the target. Once a flush of it failed, it is not trusted again: what it
+        acknowledged before may be lost for good (a failed fsync drops the dirty pages, and
+        the next one succeeds without them), so only a new connection and a copy again of
+        what the last checkpoint owes can make those chunks durable."""
+        if target is self._flush_failed:
+            raise TargetError(msg=f"target {target.description}: an earlier flush failed")
+        try:
+            await target.flush()
+        except Exception:
+            self._flush_failed = target
+            raise
+
+    def _forget_unflushed(self) -> None:
+        """Owe again what the last checkpoint owes: the chunks copied since were acknowledged
+        by the target, never flushed, and it may have lost them (it failed, or the
+        connection goes). Only while no copy runs."""
+        transfer, durable = self.transfer, self._durable_transfer
+        if transfer is None or durable is None:
+            return
+        transfer.or_(durable)
+        if self.progress is not None:
+            self.progress.bytes_done = self.progress.bytes_total - self.transfer_bytes()
 
     async def _try_checkpoint(self) -> None:
         try:
@@ -571,13 +596,18 @@ class Session:
             off, n = self._chunk_span(c)
             data = bytearray(await self.source.backend.pread(off, n))
             await self._lay_saved(data, off, [c])
-            sent = await write_piece(await self.ensure_target(), off, bytes(data), n, self.granularity)
+            target = await self.ensure_target()
+            sent = await write_piece(target, off, bytes(data), n, self.granularity)
+            if self.target is not target:  # dropped meanwhile: no flush of it will come
+                raise TargetError(msg=f"target {target.description}: connection closed during a copy")
             if transfer.test(c):
                 transfer.clear(c)
                 if self.progress is not None:
                     self.progress.done(n)
                     self.progress.bytes_sent += sent
         await self._checkpoint()  # make "c is done" durable before c changes
+        if self._owed(c):  # no flush covered it (the target went): c must not change
+            raise TargetError(msg=f"session {self.name}: the copy of chunk {c} is not durable")
 
     async def _lay_saved(self, data: bytearray, offset: int, chunks: list[int]) -> None:
         """Turn ``data`` (the source from ``offset``) back into its contents as of the mark."""
@@ -675,6 +705,7 @@ class Session:
             self.state = new_state
             self.progress = Progress(bytes_total=self.transfer_bytes())
             self._save_row()  # the commit point
+            self._durable_transfer = transfer.copy()
             self._drop_save_area()  # not before: if the commit fails, an unfinished update goes on
             self.tracking.clear_all()
             self._rewrite_tracking()
@@ -683,15 +714,20 @@ class Session:
         """tracking -> transfer (OR-ed into any unfinished transfer), fresh tracking.
 
         Order for crash safety: the new transfer file and a new save area are durable
-        before the session row commits the mark; tracking is reset only after that.
+        before the session row commits the mark; tracking is reset only after that. An
+        unfinished transfer counts with what its last checkpoint still owes: chunks copied
+        since were never flushed on the target.
         """
         assert self.update is not None
         if self.save is None:  # no update writes to the save area: write its space ahead
             await self._prepare_save_area()
         async with self._gate.closed(), self._checkpointing:
-            # a copy: if this mark fails, start_update puts back the unfinished update's
-            # transfer, which must not have gained the chunks changed since its own mark
-            transfer = self.transfer.copy() if self.transfer else Bitmap(self.source.size, self.granularity)
+            # a new bitmap: if this mark fails, start_update puts back the unfinished
+            # update's transfer, which must not have gained the chunks changed since its mark
+            transfer = Bitmap(self.source.size, self.granularity)
+            for owed in (self.transfer, self._durable_transfer):
+                if owed is not None:
+                    transfer.or_(owed)
             before = self.transfer_bytes(transfer)
             transfer.or_(self.tracking)
             persist.save_atomic(self._transfer_path, transfer, self.update.id, TRANSFER)
@@ -742,16 +778,21 @@ class Session:
         checkpointer = asyncio.get_running_loop().create_task(self._checkpoint_loop())
         failure: tuple[str, bool] | None = None
         try:
+            if self.target is not None and self.target is self._flush_failed:
+                await self._drop_target()  # a new connection: see _flush
             target = await self.ensure_target()
             if self.progress is None:
                 self.progress = Progress(bytes_total=self.transfer_bytes())
             self.progress.bytes_done = self.progress.bytes_total - self.transfer_bytes()
             if not self.update.protecting:
                 await self._copy_pass(target)
+                # the catch-up mark starts from the durable transfer: make the pass's
+                # chunks durable first, or it would copy them all again
+                await self._checkpoint()
                 await self._mark()  # the catch-up pass of a full update
             await self._copy_pass(target)
             await _stop(checkpointer)  # none may land after the end
-            await target.flush()
+            await self._flush(target)
             async with self._gate.closed(), self._checkpointing:
                 # the save area goes: the bits its records made durable must be in the file
                 assert self.tracking_file is not None
@@ -859,6 +900,7 @@ class Session:
     async def _fail(self, why: str, retryable: bool) -> None:
         self.last_error = why
         self.state = next_state(self.name, self.state, "fail")
+        self._forget_unflushed()  # the target may have lost what it did not flush
         try:
             self._save_row()  # the transfer file keeps its last durable checkpoint
         except DeltavolError as exc:
@@ -882,7 +924,11 @@ class Session:
             self._resume()
 
     async def _drop_target(self) -> None:
+        """Close the target; a next one is a new connection, whose flushes cover none of
+        this one's writes."""
+        self._forget_unflushed()
         target, self.target = self.target, None
+        self._flush_failed = None
         if target is not None:
             await target.close()
 
@@ -927,17 +973,25 @@ class Session:
     async def cancel(self) -> dict[str, Any]:
         new_state = next_state(self.name, self.state, "cancel")
         await self._stop_task()
-        if self.transfer is not None:
-            async with self._gate.closed():
+        async with self._gate.closed(), self._checkpointing:
+            if self.transfer is not None:
+                # back into tracking: what the update still owes, and what its last
+                # checkpoint does (copied since, never flushed: the target may lose it)
+                self._forget_unflushed()
                 self.tracking.or_(self.transfer)
                 self._rewrite_tracking()
-        self.transfer = None
-        self._durable_transfer = None
-        self._transfer_path.unlink(missing_ok=True)
-        self._drop_save_area()
-        self.consistent = False
-        self.state = new_state
-        self._persist_row(self)
+            was = self.transfer, self._durable_transfer, self.consistent, self.state
+            self.transfer = None
+            self._durable_transfer = None
+            self.consistent = False
+            self.state = new_state
+            try:
+                self._persist_row(self)  # the commit point; the files below are garbage after it
+            except BaseException:
+                self.transfer, self._durable_transfer, self.consistent, self.state = was
+                raise
+            self._drop_save_area()
+            self._transfer_path.unlink(missing_ok=True)
         await self._drop_target()
         return self.status()
 

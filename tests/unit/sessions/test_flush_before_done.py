@@ -9,7 +9,10 @@ may differ must be owed in a bitmap file (invariant 2).
 
 Covers: a checkpoint snapshots the transfer before its flush; a checkpoint never lands on a
 transfer a mark replaced, nor after a newer one, even when cancelled mid-write; a
-checkpoint with no target writes nothing.
+checkpoint with no target writes nothing; a failed update, a pause whose checkpoint failed,
+a re-mark and a cancel all owe again what the last checkpoint owes; the catch-up mark of a
+full update starts from a flushed pass; cancel commits before it removes the transfer file;
+copy-before-write fails the change when no flush can cover its copy.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from tests.unit.sessions.test_save_implies_tracking import (
     chunks_of,
     new_session,
     until,
+    wire,
 )
 
 N = SIZE // G
@@ -365,3 +369,137 @@ async def test_pause_during_a_stalled_checkpoint_leaves_file_and_memory_alike(
     assert s._durable_transfer is not None and set(chunks_of(s._durable_transfer)) == on_file
     assert all(s._owed(c) for c in on_file), "a chunk the file owes is not protected"
     later.set()
+
+
+# --- what the target never flushed is owed again -----------------------------------------
+async def test_a_failed_update_retried_copies_again_what_the_dead_target_never_flushed(
+    made: Callable[[], Made], slow_period: None
+) -> None:
+    s, disk, t = made()
+    s.retry = RetryPolicy(limit=1, backoff=3600.0)
+    t.fail_after = 8  # 8 chunks acknowledged, then its host dies before any FLUSH
+    await s.start_update(False)
+    await until(lambda: s.state is State.FAILED and not s.busy)
+    assert s.transfer is not None and set(chunks_of(s.transfer)) == set(OWED)
+    t.restart()  # it comes back: the retry policy's timer goes off
+    assert s._retry_task is not None
+    s._retry_task.cancel()
+    await s._retry_later(0)
+    await s.wait()
+    assert s.state is State.IDLE
+    assert s.consistent
+    t.crash()
+    assert differ(t.durable, disk.data) == [], "the target is not the image of the mark"
+
+
+@pytest.mark.parametrize("then", ["resume", "update"])
+async def test_after_a_pause_whose_checkpoint_failed_nothing_unflushed_is_taken_as_done(
+    made: Callable[[], Made], slow_period: None, then: str
+) -> None:
+    s, disk, t = made()
+    gate = asyncio.Event()
+    real = t.pwrite
+
+    async def slow(offset: int, data: bytes) -> None:
+        if len(t.completed) >= 8:
+            await gate.wait()
+        await real(offset, data)
+
+    t.pwrite = slow  # type: ignore[method-assign]
+    await s.start_update(False)
+    await until(lambda: len(t.completed) >= 8)
+    t.crash()  # the 8 copied chunks were never flushed
+    await s.pause()  # its checkpoint's flush fails
+    assert s.state is State.PAUSED
+    t.restart()
+    gate.set()
+    if then == "resume":
+        await s.resume()
+    else:
+        await s.start_update(False)  # a re-mark of the unfinished update
+    await s.wait()
+    assert s.state is State.IDLE and s.consistent
+    t.crash()
+    assert differ(t.durable, disk.data) == [], "a chunk the target lost was taken as copied"
+
+
+async def test_a_cancel_puts_back_what_the_target_never_flushed(
+    made: Callable[[], Made], slow_period: None
+) -> None:
+    s, disk, t = made()
+    gate = asyncio.Event()
+    real = t.pwrite
+
+    async def slow(offset: int, data: bytes) -> None:
+        if len(t.completed) >= 8:
+            await gate.wait()
+        await real(offset, data)
+
+    t.pwrite = slow  # type: ignore[method-assign]
+    await s.start_update(False)
+    await until(lambda: len(t.completed) >= 8)
+    await s.cancel()
+    gate.set()
+    t.crash()  # later, the target loses what it never flushed
+    lost = differ(t.durable, disk.data)
+    assert lost == list(OWED)
+    assert set(chunks_of(s.tracking)) >= set(lost), "a chunk the target may differ in is not tracked"
+    assert owed_on_disk(s) >= set(lost)
+
+
+async def test_a_cancel_commits_before_it_removes_the_transfer_file(
+    made: Callable[[], Made], slow_period: None
+) -> None:
+    s, _, _ = made()
+    await marked(s)
+    at_commit: list[bool] = []
+    s._persist_row = lambda s: at_commit.append(s._transfer_path.exists())
+    await s.cancel()
+    assert at_commit == [True], "a crash before the commit finds the transfer of a running update gone"
+    assert not s._transfer_path.exists()
+
+
+async def test_the_catch_up_mark_of_a_full_update_starts_from_a_flushed_pass(
+    made: Callable[[], Made], slow_period: None
+) -> None:
+    """Right after the catch-up mark, a crash of the target must leave no chunk that differs
+    from the source and is owed in no bitmap file."""
+    s, disk, t = made()
+    seen: dict[str, Any] = {}
+    real_mark = s._mark
+
+    async def mark() -> None:
+        await real_mark()
+        if s.update is not None and s.update.kind == "full" and not seen:
+            seen["lost"] = differ(t.durable, disk.data)  # what a crash of the target leaves
+            seen["owed"] = owed_on_disk(s)
+            seen["flushes"] = len(t.covered)
+
+    s._mark = mark  # type: ignore[method-assign]
+    await s.start_update(True)
+    await s.wait()
+    assert s.state is State.IDLE and s.consistent
+    assert seen["flushes"] >= 1, "no target flush before the catch-up mark"
+    assert set(seen["lost"]) <= seen["owed"], "the end of the full pass is recorded unflushed"
+
+
+async def test_copy_before_write_whose_connection_goes_fails_the_change(
+    made: Callable[[], Made], slow_period: None
+) -> None:
+    """The save area is full: a change to an owed chunk copies it to the target first. If the
+    connection is dropped while that write is in flight, no flush of it will come: the chunk
+    stays owed and the change must not land."""
+    s, disk, t = made()
+    s.save_limit = 0
+    await marked(s)
+    layer = wire(s, disk)
+    c = OWED.start + 4
+    t.go.clear()
+    change = asyncio.create_task(layer.pwrite(c * G, b"w" * G))
+    await until(lambda: t.waiting == 1)  # copying c's old contents
+    await s._drop_target()  # a resume reconnects, say
+    t.go.set()
+    with pytest.raises(TargetError):
+        await change
+    assert disk.data[c * G : (c + 1) * G] == NEW[c * G : (c + 1) * G], "the change landed"
+    assert s._owed(c) and c in file_bits(s._transfer_path, persist.KIND_TRANSFER)
