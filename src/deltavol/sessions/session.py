@@ -698,30 +698,34 @@ class Session:
         assert self.update is not None
         transfer = Bitmap(self.source.size, self.granularity)
         transfer.set_all()
+        await self._flush_source()
         async with self._gate.closed(), self._checkpointing:
+            await self._flush_source()
             persist.save_atomic(self._transfer_path, transfer, self.update.id, TRANSFER)
             self.transfer = transfer
             self.consistent = False
             self.state = new_state
             self.progress = Progress(bytes_total=self.transfer_bytes())
-            self._save_row()  # the commit point
+            self._save_row()  # the commit point: nothing below may raise (see _after_commit)
             self._durable_transfer = transfer.copy()
-            self._drop_save_area()  # not before: if the commit fails, an unfinished update goes on
+            self._after_commit("dropping the save area", self._drop_save_area)
             self.tracking.clear_all()
-            self._rewrite_tracking()
+            self._after_commit("resetting tracking", self._rewrite_tracking)
 
     async def _mark(self) -> None:
         """tracking -> transfer (OR-ed into any unfinished transfer), fresh tracking.
 
-        Order for crash safety: the new transfer file and a new save area are durable
-        before the session row commits the mark; tracking is reset only after that. An
-        unfinished transfer counts with what its last checkpoint still owes: chunks copied
-        since were never flushed on the target.
+        Order for crash safety: the source is flushed, then the new transfer file and a new
+        save area are durable before the session row commits the mark; tracking is reset
+        only after that. An unfinished transfer counts with what its last checkpoint still
+        owes: chunks copied since were never flushed on the target.
         """
         assert self.update is not None
         if self.save is None:  # no update writes to the save area: write its space ahead
             await self._prepare_save_area()
+        await self._flush_source()
         async with self._gate.closed(), self._checkpointing:
+            await self._flush_source()
             # a new bitmap: if this mark fails, start_update puts back the unfinished
             # update's transfer, which must not have gained the chunks changed since its mark
             transfer = Bitmap(self.source.size, self.granularity)
@@ -732,27 +736,53 @@ class Session:
             transfer.or_(self.tracking)
             persist.save_atomic(self._transfer_path, transfer, self.update.id, TRANSFER)
             save = self._save_area(self.update.id).create()
+            update, progress = self.update, self.progress
+            was = (update.marked_at, update.protecting, update.catchup_bytes)
+            total_was = progress.bytes_total if progress is not None else 0
             try:
-                self.update.marked_at = now_iso()
-                self.update.protecting = True
+                update.marked_at = now_iso()
+                update.protecting = True
                 total = self.transfer_bytes(transfer)
-                if self.progress is None:
+                if progress is None:
                     self.progress = Progress(bytes_total=total)
                 else:  # the catch-up pass of a full update
-                    self.update.catchup_bytes = total - before
-                    self.progress.bytes_total = self.progress.bytes_done + total
-                self._save_row()  # the commit point
+                    update.catchup_bytes = total - before
+                    progress.bytes_total = progress.bytes_done + total
+                self._save_row()  # the commit point: nothing below may raise (see _after_commit)
             except BaseException:
                 # the unfinished update keeps its save area: its records are void on disk
                 # now, but so is it (the transfer file is this update's): a restart
                 # ends it, and until then its records in memory still protect its copy
                 save.close()
+                update.marked_at, update.protecting, update.catchup_bytes = was
+                if progress is not None:
+                    progress.bytes_total = total_was
+                self.progress = progress
                 raise
-            self._drop_save_area()
+            self._after_commit("dropping the old save area", self._drop_save_area)
             self.save, self.transfer = save, transfer
             self._durable_transfer = transfer.copy()
             self.tracking.clear_all()
-            self._rewrite_tracking()
+            self._after_commit("resetting tracking", self._rewrite_tracking)
+
+    async def _flush_source(self) -> None:
+        """What a mark copies must be durable on the source: a change acknowledged but not
+        flushed may be lost by a power loss, and copied it would stay on the target with
+        no bit left to say so. A mark flushes before the write gate closes (most of the
+        dirty data, while writes go on) and again inside it (what came meanwhile)."""
+        await self.source.backend.flush()
+
+    def _unlink_transfer(self) -> None:
+        self._transfer_path.unlink(missing_ok=True)
+
+    def _after_commit(self, what: str, step: Any) -> None:
+        """A step after a commit point must not undo it (start_update would roll back in
+        memory a mark the row has). Each leaves a superset on disk if it fails: old bits in
+        the tracking file (all in the transfer now), a save area file no update owns."""
+        try:
+            step()
+        except (DeltavolError, OSError) as exc:
+            log.warning("session %s: %s failed: %s", self.name, what, exc)
 
     def _rewrite_tracking(self) -> None:
         """Replace the tracking file durably with the bitmap in memory (the write gate is
@@ -887,8 +917,8 @@ class Session:
         self.update.finished_at = now_iso()
         self.state = next_state(self.name, self.state, "done")
         self._persist_row(self)  # the commit point; the files below are garbage after it
-        self._drop_save_area()
-        self._transfer_path.unlink(missing_ok=True)
+        self._after_commit("dropping the save area", self._drop_save_area)
+        self._after_commit("removing the transfer file", self._unlink_transfer)
         log.info(
             "session %s: update %d done, consistent as of %s (%d bytes sent)",
             self.name,
@@ -990,8 +1020,8 @@ class Session:
             except BaseException:
                 self.transfer, self._durable_transfer, self.consistent, self.state = was
                 raise
-            self._drop_save_area()
-            self._transfer_path.unlink(missing_ok=True)
+            self._after_commit("dropping the save area", self._drop_save_area)
+            self._after_commit("removing the transfer file", self._unlink_transfer)
         await self._drop_target()
         return self.status()
 

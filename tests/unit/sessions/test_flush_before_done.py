@@ -1,9 +1,10 @@
 """A chunk is recorded as copied only once a target flush issued after its copy write
-completed has succeeded (DESIGN section 3).
+completed has succeeded (DESIGN section 3), and a mark flushes the source first.
 
 The oracle is a target with a volatile write cache (``CacheTarget``): a write lands in its
 cache, a FLUSH makes durable what had completed when the FLUSH was sent, and ``crash()``
-loses the rest, as a remote server's host losing power does. After each scenario, what a crash of the
+loses the rest, as a remote server's host losing power does. A source with a page cache
+(``CachedDisk``) does the same for the source. After each scenario, what a crash of the
 target would leave is compared with the source as of the mark, or every chunk where they
 may differ must be owed in a bitmap file (invariant 2).
 
@@ -12,12 +13,15 @@ transfer a mark replaced, nor after a newer one, even when cancelled mid-write; 
 checkpoint with no target writes nothing; a failed update, a pause whose checkpoint failed,
 a re-mark and a cancel all owe again what the last checkpoint owes; the catch-up mark of a
 full update starts from a flushed pass; cancel commits before it removes the transfer file;
-copy-before-write fails the change when no flush can cover its copy.
+copy-before-write fails the change when no flush can cover its copy; a mark flushes the
+source before it commits; nothing after a mark's commit point undoes the mark.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +33,7 @@ import pytest
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.targets import TargetError
+from deltavol.errors import os_error
 from deltavol.sessions import session as session_module
 from deltavol.sessions.session import RetryPolicy, Session, UpdateRecord
 from deltavol.sessions.states import State
@@ -503,3 +508,82 @@ async def test_copy_before_write_whose_connection_goes_fails_the_change(
         await change
     assert disk.data[c * G : (c + 1) * G] == NEW[c * G : (c + 1) * G], "the change landed"
     assert s._owed(c) and c in file_bits(s._transfer_path, persist.KIND_TRANSFER)
+
+
+# --- the source is flushed by a mark ----------------------------------------------------------
+@pytest.mark.parametrize("full", [False, True])
+async def test_a_mark_flushes_the_source_before_it_commits(
+    made: Callable[[], Made], slow_period: None, full: bool
+) -> None:
+    s, disk, t = made()
+    layer = wire(s, disk)
+    c = OWED.stop + 3
+    await layer.pwrite(c * G, b"w" * G)  # acknowledged, not flushed by its client
+    at_commit: list[list[int]] = []
+    s._persist_row = lambda s: at_commit.append(differ(disk.durable, disk.data))
+    await s.start_update(full)
+    assert at_commit and at_commit[0] == [], "a mark committed over changes the source may lose"
+    await s.wait()
+    assert s.state is State.IDLE
+    disk.power_loss()
+    t.crash()
+    lost = set(differ(t.durable, disk.data))
+    assert lost <= owed_on_disk(s), "the target differs from the source where no bit says so"
+
+
+# --- nothing after a mark's commit point undoes it ---------------------------------------------
+@pytest.mark.parametrize("full", [False, True])
+async def test_a_mark_whose_tracking_reset_fails_after_the_commit_still_copies_its_chunks(
+    made: Callable[[], Made], slow_period: None, monkeypatch: pytest.MonkeyPatch, full: bool
+) -> None:
+    s, disk, t = made()
+    real = persist.save_atomic
+    full_disk = {"on": True}
+
+    def save_atomic(path: Path, *args: Any, **kwargs: Any) -> None:
+        if full_disk["on"] and path.name.endswith(".tracking"):
+            raise os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), f"bitmap {path}")
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(persist, "save_atomic", save_atomic)
+    await s.start_update(full)  # committed: it must not come back as refused
+    assert s.state is State.COPYING and s.transfer is not None
+    full_disk["on"] = False
+    await s.wait()
+    assert s.state is State.IDLE and s.consistent
+    t.crash()
+    assert differ(t.durable, disk.data) == []
+    await s.start_update(False)  # the next update finds nothing lost either
+    await s.wait()
+    t.crash()
+    assert differ(t.durable, disk.data) == []
+
+
+async def test_a_full_update_whose_catch_up_mark_failed_marks_again_when_resumed(
+    made: Callable[[], Made], slow_period: None
+) -> None:
+    """The catch-up mark's commit fails: the update must still be in its unprotected pass,
+    else a resume ends it as consistent without the chunks changed during the full pass."""
+    s, disk, t = made()
+    layer = wire(s, disk)
+    refused: list[bool] = []
+
+    def persist_row(s: Session) -> None:
+        if s.update is not None and s.update.protecting and not refused:
+            refused.append(True)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))  # the catch-up mark's commit
+
+    s._persist_row = persist_row  # type: ignore[method-assign]
+    t.go.clear()
+    await s.start_update(True)
+    await until(lambda: t.waiting == 1)  # the full pass is copying
+    c = N - 1
+    await layer.pwrite(c * G, b"c" * G)  # changed during it: the catch-up pass owes it
+    t.go.set()
+    await s.wait()
+    assert s.state is State.FAILED and s.update is not None and not s.update.protecting
+    await s.resume()
+    await s.wait()
+    assert s.state is State.IDLE and s.consistent
+    t.crash()
+    assert differ(t.durable, disk.data) == [], "consistent, but a chunk changed during the pass is old"

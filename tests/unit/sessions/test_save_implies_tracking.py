@@ -157,6 +157,9 @@ class Disk:
         self.data[offset : offset + len(data)] = data
         self.landed.append((offset, len(data)))
 
+    async def flush(self) -> None:
+        """Every change here has landed (no page cache in this model): nothing to do."""
+
 
 class Target:
     """The copy target; ``go`` cleared holds its writes back (a slow or stalled peer)."""
