@@ -1003,6 +1003,7 @@ class Session:
     async def cancel(self) -> dict[str, Any]:
         new_state = next_state(self.name, self.state, "cancel")
         await self._stop_task()
+        await self._try_checkpoint()  # what a flush covers now need not be copied again
         async with self._gate.closed(), self._checkpointing:
             if self.transfer is not None:
                 # back into tracking: what the update still owes, and what its last

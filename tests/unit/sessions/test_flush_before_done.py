@@ -428,9 +428,12 @@ async def test_after_a_pause_whose_checkpoint_failed_nothing_unflushed_is_taken_
     assert differ(t.durable, disk.data) == [], "a chunk the target lost was taken as copied"
 
 
+@pytest.mark.parametrize("target", ["dead", "alive"])
 async def test_a_cancel_puts_back_what_the_target_never_flushed(
-    made: Callable[[], Made], slow_period: None
+    made: Callable[[], Made], slow_period: None, target: str
 ) -> None:
+    """8 chunks copied, never flushed, then cancel. A live target is flushed first: only what
+    is left goes back into tracking. A dead one lost the 8: they go back too."""
     s, disk, t = made()
     gate = asyncio.Event()
     real = t.pwrite
@@ -443,13 +446,15 @@ async def test_a_cancel_puts_back_what_the_target_never_flushed(
     t.pwrite = slow  # type: ignore[method-assign]
     await s.start_update(False)
     await until(lambda: len(t.completed) >= 8)
+    if target == "dead":
+        t.crash()
     await s.cancel()
     gate.set()
     t.crash()  # later, the target loses what it never flushed
     lost = differ(t.durable, disk.data)
-    assert lost == list(OWED)
-    assert set(chunks_of(s.tracking)) >= set(lost), "a chunk the target may differ in is not tracked"
-    assert owed_on_disk(s) >= set(lost)
+    assert lost == (list(OWED) if target == "dead" else list(OWED)[8:])
+    assert chunks_of(s.tracking) == lost, "tracked: not what the target may differ in"
+    assert owed_on_disk(s) == set(lost)
 
 
 async def test_a_cancel_commits_before_it_removes_the_transfer_file(
@@ -457,10 +462,10 @@ async def test_a_cancel_commits_before_it_removes_the_transfer_file(
 ) -> None:
     s, _, _ = made()
     await marked(s)
-    at_commit: list[bool] = []
-    s._persist_row = lambda s: at_commit.append(s._transfer_path.exists())
+    at_commit: list[tuple[State, bool]] = []
+    s._persist_row = lambda s: at_commit.append((s.state, s._transfer_path.exists()))
     await s.cancel()
-    assert at_commit == [True], "a crash before the commit finds the transfer of a running update gone"
+    assert at_commit[-1] == (State.IDLE, True), "a crash before the commit finds the transfer gone"
     assert not s._transfer_path.exists()
 
 
