@@ -5,9 +5,10 @@ Design notes
 * **Tracking** (``track``, a hook under every change to the source): the chunk's bit is
   set in memory and made durable in the tracking file before the change goes down. A
   change to a chunk whose bit is set but not yet durable waits for that same fsync.
-* **Mark** (``_mark``): with the source's write gate closed (no change half-way through
-  the stack), ``transfer |= tracking`` is saved atomically, then tracking is reset on disk.
-  A crash between the two leaves the bits in both files: a superset, never a miss.
+* **Mark** (``_mark``): with the source flushed and its write gate closed (no change
+  half-way through the stack), ``transfer |= tracking`` is saved atomically, then tracking
+  is reset on disk. A crash between the two leaves the bits in both files: a superset,
+  never a miss.
 * **A save implies its tracking bit**: a change that copy-on-first-write saves first has
   its chunk's bit made durable by the save record, not by a tracking fsync of its own
   (one fsync per such write, not two competing for the disk). Reopening ORs the save
@@ -22,6 +23,10 @@ Design notes
   blocks over it, write it to the target zero-aware, clear the bits. A full pass reads by
   extents, writes holes as zeroes, and has no protection: what changes under it is
   tracked and copied by the catch-up incremental pass that ends every full update.
+* **Checkpoint** (``_checkpoint``): a chunk is done for good only once a target flush
+  sent after its copy completed has succeeded: the transfer is snapshotted, the target
+  flushed, the snapshot written. Until then the chunk stays owed (and protected), and a
+  failed target, a new connection, a re-mark or a cancel owe it again.
 * **Unmark**: transfer empty -> flush target, drop the save area, consistent as of the mark.
 """
 
