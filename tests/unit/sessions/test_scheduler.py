@@ -15,8 +15,6 @@ from typing import Any
 
 import pytest
 
-from deltavol.bitmap import persist
-from deltavol.bitmap.bitmap import Bitmap
 from deltavol.config import ServerConfig
 from deltavol.copy.save_area import SaveArea
 from deltavol.errors import DeltavolError
@@ -25,7 +23,6 @@ from deltavol.sessions import manager as manager_module
 from deltavol.sessions.session import Session
 from deltavol.sessions.states import State
 from deltavol.store.datadir import DataDir
-from deltavol.store.group_commit import GroupCommit
 
 MiB = 1 << 20
 G = 64 * 1024
@@ -113,21 +110,3 @@ def test_an_os_error_creating_a_save_area_is_an_error_naming_it(
     monkeypatch.setattr(os, "open", no_more_files)
     with pytest.raises(DeltavolError, match=r"s\.save.*Too many open files"):
         area.create()
-
-
-async def test_an_os_error_reopening_a_rewritten_tracking_file_is_an_error_naming_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "s.tracking"
-    tracking = persist.TrackingFile(path, 4 * MiB, G, GroupCommit())
-    real_open = os.open
-
-    def no_more_files(p: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
-        if str(p) == str(path):
-            raise OSError(errno.EMFILE, "Too many open files")
-        return real_open(p, flags, mode, **kw)
-
-    monkeypatch.setattr(os, "open", no_more_files)
-    with pytest.raises(DeltavolError, match=r"s\.tracking.*Too many open files"):
-        tracking.rewrite(Bitmap(4 * MiB, G), 1)
-    tracking.close()
