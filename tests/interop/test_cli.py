@@ -7,15 +7,21 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.harness import DELTAVOL, Server, require
+from tests.harness import DELTAVOL, SYSTEM_PYTHON, Server, require
 from tests.interop.peers import qemu_io
 
 pytestmark = pytest.mark.interop
+AIO_WRITER = Path(__file__).with_name("aio_writer.py")
+DEAD = {"0", "ENOTCONN", "ESHUTDOWN", "ECONNRESET", "EPIPE"}  # libnbd: the connection went away
+
+
+def pattern(tag: int, length: int) -> bytes:
+    head = tag.to_bytes(8, "little")
+    return (head * (length // 8 + 1))[:length]
 
 
 def refused(server: Server, code: int, *args: str) -> str:
@@ -91,24 +97,44 @@ def test_a_second_server_on_the_same_data_dir_is_refused(server: Server) -> None
 
 
 def test_sigterm_drains_writes_in_flight_and_exits_0(server: Server) -> None:
-    require("fio")
-    server.cli("volume", "create", "w", "--size", "64MiB")
-    fio = subprocess.Popen(
-        ["fio", "--name=w", "--ioengine=nbd", f"--uri={server.uri('w')}", "--rw=write", "--bs=64k",
-         "--iodepth=16", "--size=64M", "--loops=1000", "--time_based", "--runtime=30"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    require(SYSTEM_PYTHON)
+    g, count = 64 * 1024, 256
+    server.cli("volume", "create", "w", "--size", str(g * count))
+    path = Path(json.loads(server.cli("volume", "info", "w", "--json"))["path"])
+    writer = subprocess.Popen(
+        [SYSTEM_PYTHON, str(AIO_WRITER), server.uri("w"), str(count), str(g)],
+        stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        time.sleep(1.5)
+        assert writer.stdout is not None
+        head = []
+        while not head or head[-1] != "sent\n":  # 16 MiB of writes queued at once
+            head.append(writer.stdout.readline())
+            assert head[-1], "the writer failed"
         assert server.proc is not None
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(30) == 0
+        out = writer.stdout.read()  # what readline() read ahead is in its buffer
+        assert writer.wait(30) == 0
     finally:
-        fio.kill()
-        fio.wait()
+        writer.kill()
     log = server.log_path.read_text()
     assert "stopping" in log and "stopped" in log
     assert all(line[:4].isdigit() for line in log.splitlines() if line.strip())  # structured lines
+    events = [line.split() for line in "".join(head).splitlines() + out.splitlines()]
+    acked = {int(e[1]) for e in events if e[0] == "ack"}
+    failed = [e for e in events if e[0] == "err"]
+    assert len(acked) + len(failed) == count, (len(acked), len(failed))
+    # the server failed no write: those it had not taken fail with the connection
+    assert not [e for e in failed if e[3] not in DEAD], failed[:5]
+    # every acknowledged write is in the volume; one not acknowledged holds all old or all
+    # new bytes (the server may have answered it after the client, still sending, saw the
+    # socket close: libnbd then drops the replies it has not read)
+    data = path.read_bytes()
+    lost = [c for c in sorted(acked) if data[c * g : (c + 1) * g] != pattern(c + 1, g)]
+    assert not lost, f"acknowledged writes lost: {lost[:20]}"
+    torn = [c for c in range(count) if data[c * g : (c + 1) * g] not in (pattern(c + 1, g), bytes(g))]
+    assert not torn, torn[:20]
 
 
 def test_sigterm_keeps_every_acknowledged_write(server: Server) -> None:
