@@ -9,8 +9,9 @@ Each kill is checked to have landed during the update: the server said ``copying
 before it, and the restarted server resumed that update. The trials are seeded; the count
 comes from DELTAVOL_CRASH_TRIALS (at least 1) and is printed.
 
-kill -9 keeps the page cache: these trials check what the server does before it acks or
-records progress, not whether it fdatasyncs (the unit tests model that).
+kill -9 keeps the page cache: these trials check the order in which the server acks writes
+and records progress, not that what it relies on was fdatasynced. A missing or misplaced
+fdatasync passes them; only the unit tests that model power loss can catch one.
 """
 
 from __future__ import annotations
