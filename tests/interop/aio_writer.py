@@ -24,12 +24,12 @@ def main() -> None:
     uri, count, gran = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     h = nbd.NBD()
     h.connect_uri(uri)
-    pending = {}  # cookie -> (chunk, tag, buffer kept alive until done)
+    pending: dict[int, tuple[int, int, nbd.Buffer]] = {}  # cookie -> (chunk, tag, buffer kept alive)
 
-    def log(*fields):
+    def log(*fields: object) -> None:
         print(*fields, f"{time.monotonic():.6f}", flush=True)
 
-    def reap():
+    def reap() -> None:
         for cookie in list(pending):
             chunk, tag, _ = pending[cookie]
             try:
