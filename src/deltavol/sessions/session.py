@@ -540,8 +540,8 @@ class Session:
         if todo and not await self._save_at_once(todo, offset, length, update, save):
             async with self.locks.hold(todo):
                 for c in todo:
-                    if not update.protecting:
-                        break  # the mark was given up meanwhile (``_give_up_mark``)
+                    if not update.protecting or update is not self.update:
+                        break  # the mark was given up meanwhile (``_give_up_mark``), or replaced
                     runs = save.missing(c, *part(c, offset, length)) if owed(c) else []
                     if runs:
                         await self._save_or_copy(c, runs, update, transfer, save)
@@ -731,27 +731,27 @@ class Session:
             # nothing uses the target between updates (no transfer: no copy-before-write), and
             # a connection kept since the last update or verify may have died with its server
             await self._drop_target()
-        before = (self.state, self.update, self.transfer, self.progress, self.consistent)
+        before = (self.state, self.update, self.transfer, self.progress, self.consistent, self.last_error)
         self._cancel_retry()
         self.retry.attempts = 0
-        self.update = UpdateRecord(
+        # built aside, it becomes ``self.update`` only inside the closed write gate: a write
+        # waiting in copy-before-write for the unfinished update must give up that update's
+        # mark, not find a new one that is not marked yet (and may never be)
+        update = UpdateRecord(
             id=self.next_update_id,
             kind="full" if full else "incremental",
             started_at=now_iso(),
             max_rate=max_rate if max_rate is not None else self.max_rate,
         )
         self.next_update_id += 1
-        self.last_error = None
         self.last_started = time.monotonic()
         try:
             if full:
-                await self._start_full(new_state)
+                await self._start_full(new_state, update)
             else:
-                self.state = new_state
-                self.progress = None
-                await self._mark()
+                await self._mark((update, new_state))
         except BaseException:
-            self.state, self.update, self.transfer, self.progress, self.consistent = before
+            self.state, self.update, self.transfer, self.progress, self.consistent, self.last_error = before
             raise
         log.info(
             "session %s: %s update %d started (%d bytes to copy)",
@@ -766,15 +766,18 @@ class Session:
     def _needs_full(self) -> bool:
         return not self.consistent and self.transfer is None and self.point_in_time is None
 
-    async def _start_full(self, new_state: State) -> None:
-        """Commit 'inconsistent, copying everything' before the first byte goes out."""
-        assert self.update is not None
+    async def _start_full(self, new_state: State, update: UpdateRecord | None = None) -> None:
+        """Commit 'inconsistent, copying everything' before the first byte goes out;
+        ``update``, a new one, replaces the unfinished one under the closed gate."""
+        update = update if update is not None else self.update
+        assert update is not None
         transfer = Bitmap(self.source.size, self.granularity)
         transfer.set_all()
         await self._flush_source()
         async with self._gate.closed(), self._checkpointing:
             await self._flush_source()
-            persist.save_atomic(self._transfer_path, transfer, self.update.id, TRANSFER)
+            persist.save_atomic(self._transfer_path, transfer, update.id, TRANSFER)
+            self.update, self.last_error = update, None
             self.transfer = transfer
             self.consistent = False
             self.state = new_state
@@ -785,15 +788,19 @@ class Session:
             self.tracking.clear_all()
             self._after_commit("resetting tracking", self._rewrite_tracking)
 
-    async def _mark(self) -> None:
+    async def _mark(self, new: tuple[UpdateRecord, State] | None = None) -> None:
         """tracking -> transfer (OR-ed into any unfinished transfer), fresh tracking.
 
         Order for crash safety: the source is flushed, then the new transfer file and a new
         save area are durable before the session row commits the mark; tracking is reset
         only after that. An unfinished transfer counts with what its last checkpoint still
         owes: chunks copied since were never flushed on the target.
+
+        ``new`` is a new update (and its state) that replaces the unfinished one at the
+        commit, under the closed gate; without it, the update marks (again).
         """
-        assert self.update is not None
+        update = new[0] if new is not None else self.update
+        assert update is not None
         if self.save is None:  # no update writes to the save area: write its space ahead
             await self._prepare_save_area()
         await self._flush_source()
@@ -807,12 +814,15 @@ class Session:
                     transfer.or_(owed)
             before = self.transfer_bytes(transfer)
             transfer.or_(self.tracking)
-            persist.save_atomic(self._transfer_path, transfer, self.update.id, TRANSFER)
-            save = self._save_area(self.update.id).create()
-            update, progress = self.update, self.progress
+            persist.save_atomic(self._transfer_path, transfer, update.id, TRANSFER)
+            save = self._save_area(update.id).create()
+            kept = self.update, self.state, self.progress, self.last_error
+            progress = self.progress if new is None else None
             was = (update.marked_at, update.protecting, update.catchup_bytes)
             total_was = progress.bytes_total if progress is not None else 0
             try:
+                if new is not None:
+                    self.update, self.state, self.last_error = update, new[1], None
                 update.marked_at = now_iso()
                 update.protecting = True
                 total = self.transfer_bytes(transfer)
@@ -830,7 +840,7 @@ class Session:
                 update.marked_at, update.protecting, update.catchup_bytes = was
                 if progress is not None:
                     progress.bytes_total = total_was
-                self.progress = progress
+                self.update, self.state, self.progress, self.last_error = kept
                 raise
             self._after_commit("dropping the old save area", self._drop_save_area)
             self.save, self.transfer = save, transfer

@@ -1,0 +1,111 @@
+"""A mark that copy-before-write gives up, in the company of what else may happen meanwhile.
+
+A client's write waiting in copy-before-write holds the source's write gate; when the
+target does not answer in time, the update gives up its point in time instead of the
+write (see ``test_silent_target.py``). These tests cover what runs at the same time:
+
+* ``session update`` of a paused update: the write gives up the unfinished update's mark,
+  never one not committed yet; if the new mark then fails, the unfinished update re-marks
+  (it never finishes its old mark, whose old contents the write overwrote);
+* the connection that did not answer is aborted, so that what it still queues cannot land
+  on the target after the re-mark copied newer contents; the re-mark copies over a new one.
+
+Real Session, save area, tracking file, write gate and filters; fakes for the source's disk
+and the target (those of ``test_silent_target.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deltavol.errors import Error
+from deltavol.sessions import session as session_module
+from deltavol.sessions.states import State
+from tests.unit.sessions.test_silent_target import (
+    CHANGED,
+    TIMEOUT,
+    WAIT,
+    G,
+    Rig,
+    Rows,
+    Target,
+    fill,
+    finished,
+)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    yield r
+    r.crash()
+
+
+async def test_update_of_a_paused_update_while_a_write_waits_gives_up_the_unfinished_mark(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target, rows = Target(), Rows()
+    s = rig.session("s", target, rows)  # no room in its save area: copy-before-write
+    rig.change_before_mark(s, CHANGED, 0xA1)  # chunks 0..7 hold 0xA1 as of the mark
+    rig.disk.row_at = rows.remark
+    target.go.clear()
+    await s.start_update(False)
+    assert s.update is not None
+    old, old_mark = s.update, s.update.marked_at
+    await s.pause()
+    target.silent = True
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    write = asyncio.create_task(rig.stack.pwrite(0, fill(0xEE) * 4))  # four owed chunks
+    await asyncio.sleep(0.01)  # it waits for the target, holding the gate
+
+    def no_space(*_a: object, **_k: object) -> None:
+        raise Error(msg="bitmap: No space left on device")
+
+    monkeypatch.setattr(session_module.persist, "save_atomic", no_space)
+    with pytest.raises(Error, match="No space"):
+        await s.start_update(False)  # its mark waits for the write, then fails
+    monkeypatch.undo()
+    async with asyncio.timeout(WAIT):
+        await write
+    assert loop.time() - began < 2 * TIMEOUT + 0.5, "the write waited for the target once per chunk"
+    assert rig.disk.data[0 : 4 * G] == fill(0xEE) * 4
+    # the unfinished update is back, its mark given up durably before the write went down
+    assert s.update is old and s.state is State.PAUSED
+    assert not old.protecting and old.remark is not None and "did not answer" in old.remark
+    assert rows.remark() == old.remark
+    assert rig.disk.landed[0] == (0, old.remark)
+    target.silent = False
+    target.go.set()
+    await s.resume()
+    await finished(s)
+    assert s.point_in_time == s.update.marked_at and s.point_in_time != old_mark
+    assert target.data == rig.disk.data, "the target is not the source as of the new mark"
+
+
+async def test_update_of_a_paused_update_while_a_write_waits_marks_after_the_give_up(rig: Rig) -> None:
+    target, rows = Target(), Rows()
+    s = rig.session("s", target, rows)
+    rig.change_before_mark(s, CHANGED, 0xA1)
+    target.go.clear()
+    await s.start_update(False)
+    assert s.update is not None
+    old = s.update
+    await s.pause()
+    target.silent = True
+    write = asyncio.create_task(rig.write(2, 0xE2))
+    await asyncio.sleep(0.01)
+    async with asyncio.timeout(WAIT):
+        await s.start_update(False)
+        await write
+    assert old.remark is not None and not old.protecting  # given up before the new mark
+    assert s.update is not old and s.update.protecting and s.update.remark is None
+    assert s.last_error is None and rows.row["update"]["id"] == s.update.id
+    target.silent = False
+    target.go.set()
+    await finished(s)
+    assert target.data == rig.disk.data and target.data[2 * G : 3 * G] == fill(0xE2)
