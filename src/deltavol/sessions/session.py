@@ -533,6 +533,9 @@ class Session:
         """
         update, transfer, save = self.update, self.transfer, self.save
         if update is None or transfer is None or save is None or not update.protecting:
+            # the mark was given up since this change's tracking left its bits to a save
+            # here (``track_now``): a round makes them durable instead
+            await self._track_rest(offset, length)
             return
         owed, part = self._owed, self._part
         chunks = self.tracking.chunk_range(offset, length)
@@ -552,6 +555,9 @@ class Session:
         # what the bits of this change still wait for: a save that did not happen (the chunk
         # was copied meanwhile, or went to the target with the save area full), or the round
         # another change's protect started for them
+        await self._track_rest(offset, length)
+
+    async def _track_rest(self, offset: int, length: int) -> None:
         for r in self.track(offset, length):
             await self._commit.wait(r)
 
@@ -656,6 +662,10 @@ class Session:
             return  # given up already
         before = (update.protecting, update.remark, self.last_error)
         update.protecting, update.remark = False, why
+        save, unsynced = self.save, self._unsynced
+        for c, fut in unsynced.items():  # bits left to saves that will not happen now
+            if fut is _BY_SAVE and (save is None or c not in save):
+                unsynced[c] = None  # the next change of the chunk writes its bit again
         self.last_error = f"{why}; the update gives up its point in time and will copy as of a new mark"
         try:
             self._save_row()

@@ -109,3 +109,29 @@ async def test_update_of_a_paused_update_while_a_write_waits_marks_after_the_giv
     target.go.set()
     await finished(s)
     assert target.data == rig.disk.data and target.data[2 * G : 3 * G] == fill(0xE2)
+
+
+async def test_a_mark_given_up_before_a_change_s_protect_runs_leaves_its_bit_to_a_round(rig: Rig) -> None:
+    """Two sessions on one source: a change's tracking leaves the chunk's bit to the save
+    its protect will make, then the mark is given up before that protect runs (another
+    write's copy-before-write timed out in the same turn of the loop)."""
+    t1, t2 = Target(), Target()
+    t1.go.clear()  # copies wait: chunks stay owed
+    t2.go.clear()
+    s1 = rig.session("s1", t1, Rows(), save_limit=1 << 20)
+    s2 = rig.session("s2", t2, Rows(), save_limit=1 << 20)
+    for s in (s1, s2):
+        rig.change_before_mark(s, CHANGED, 0xA1)
+        await s.start_update(False)
+    assert s1.tracking_file is not None and s1.update is not None
+    tf = s1.tracking_file
+    rig.disk.row_at = lambda: (3 not in s1._unsynced and tf.covered(range(3, 4)), s1.save and 3 in s1.save)
+    write = asyncio.create_task(rig.write(3, 0xEE))
+    await asyncio.sleep(0)  # its tracking ran, its protects are tasks not started yet
+    assert s1._unsynced.get(3) is session_module._BY_SAVE
+    s1._give_up_mark(s1.update, "copy-before-write of chunk 5: no answer")
+    await write
+    assert rig.disk.data[3 * G : 4 * G] == fill(0xEE)
+    durable, saved = rig.disk.landed[-1][1]
+    assert not saved
+    assert durable, "the change went down with its tracking bit neither saved nor durable"
