@@ -34,6 +34,9 @@ class CopyTarget(Protocol):
     async def pread(self, offset: int, length: int) -> bytes: ...
     async def flush(self) -> None: ...
     async def close(self) -> None: ...
+    # fail what is in flight and drop what is not yet sent, so that nothing sent so far
+    # lands later than what is written next (over a new connection)
+    def abort(self) -> None: ...
 
 
 def is_uri(target: str) -> bool:
@@ -77,6 +80,10 @@ class LocalTarget:
 
     async def close(self) -> None:
         """The backend belongs to the volume; nothing to close."""
+
+    def abort(self) -> None:
+        """Nothing queued here to discard; a write already in a worker thread cannot be
+        stopped and lands when the disk takes it (a local disk that hangs that long)."""
 
 
 # Why a server without NBD_FLAG_SEND_FLUSH is refused rather than written with FUA: progress
@@ -167,6 +174,10 @@ class NbdTarget:
     async def flush(self) -> None:
         client = self._clients[0]  # multi-conn: it covers what the others completed
         await self._do("flush", client.flush())
+
+    def abort(self) -> None:
+        for client in self._clients:  # kept: their requests fail (TargetError) until close
+            client.abort()
 
     async def close(self) -> None:
         clients, self._clients = self._clients, []

@@ -11,11 +11,20 @@ requests wait. The clock of requests is the connection's, not each request's: it
 whenever the server sends anything, so a slow link that keeps replying (64 requests in
 flight take a while to drain) is never taken for a dead one, while a server silent for
 ``timeout`` with requests pending fails the connection and every request on it.
+
+A failed connection is aborted, not closed: a close still sends what the socket queues,
+and the kernel retransmits it, so a write the caller gave up on could land on the target
+long after, over what was written since on another connection. An abort (SO_LINGER 0:
+a TCP reset) discards the queue. A request the server has already read cannot be
+recalled: its caller must treat it as possibly landing (see ``Session._give_up_mark``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -195,14 +204,28 @@ class NbdClient:
             if not fut.done():
                 fut.set_exception(exc)
         self._waiting.clear()
-        self._close_transport()
+        self._close_transport(abort=True)
 
-    def _close_transport(self) -> None:
+    def abort(self, why: str = "aborted") -> None:
+        """Fail every request now and reset the connection: what it still queues is
+        discarded, not delivered late."""
+        self._fail_all(why)
+
+    def _close_transport(self, abort: bool = False) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        if self._transport is not None:
-            self._transport.close()
+        transport = self._transport
+        if transport is None:
+            return
+        if not abort:
+            transport.close()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):  # a reset: the kernel drops its send queue
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
 
     def _watch(self) -> None:
         """A request begins to wait: the server has ``timeout`` seconds to send anything."""

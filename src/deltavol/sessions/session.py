@@ -662,6 +662,7 @@ class Session:
             return  # given up already
         before = (update.protecting, update.remark, self.last_error)
         update.protecting, update.remark = False, why
+        self._abort_target()
         save, unsynced = self.save, self._unsynced
         for c, fut in unsynced.items():  # bits left to saves that will not happen now
             if fut is _BY_SAVE and (save is None or c not in save):
@@ -673,6 +674,17 @@ class Session:
             update.protecting, update.remark, self.last_error = before
             raise
         log.error("session %s: %s", self.name, self.last_error)
+
+    def _abort_target(self) -> None:
+        """Drop the target at once and reset its connections: a copy-before-write it did
+        not answer in time must not land after what the re-mark copies over a new one.
+        (What its server has already read cannot be recalled: a request read but not yet
+        executed may still land, as with any NBD client that gives up on a request.)"""
+        self._forget_unflushed()
+        target, self.target = self.target, None
+        self._flush_failed = None
+        if target is not None:
+            target.abort()
 
     async def _remark(self) -> None:
         """Take a new mark for an update whose mark was given up: what it still owes, what no
@@ -910,14 +922,22 @@ class Session:
             while True:
                 if not self.update.protecting and self.update.remark is not None:
                     await self._remark()
+                    # the give-up dropped the connection (``_abort_target``): a new one,
+                    # once the mark has voided what a checkpoint of the old one could say
+                    target = await self.ensure_target()
                 elif not self.update.protecting:
                     await self._copy_pass(target)
                     # the catch-up mark starts from the durable transfer: make the pass's
                     # chunks durable first, or it would copy them all again
                     await self._checkpoint()
                     await self._mark()  # the catch-up pass of a full update
-                await self._copy_pass(target)
-                await self._flush(target)
+                try:
+                    await self._copy_pass(target)
+                    await self._flush(target)
+                except TargetError:
+                    if self.target is target or self.update.protecting or self.update.remark is None:
+                        raise
+                    continue  # a give-up reset this connection under the copy: re-mark
                 async with self._gate.closed(), self._checkpointing:
                     if not self.update.protecting:
                         continue  # copy-before-write gave the mark up meanwhile

@@ -159,3 +159,47 @@ async def test_connecting_to_a_host_that_does_not_answer_times_out() -> None:
         for s in fill:
             s.close()
         listener.close()
+
+
+async def test_a_connection_that_timed_out_is_reset_not_closed(tmp_path: Path) -> None:
+    """What the socket still queues must not reach the server after the caller gave up on
+    it (it could land over what is written since on a new connection): the connection is
+    reset (SO_LINGER 0), which discards the queue, not closed, which delivers it."""
+    sock = tmp_path / "s.sock"
+    frozen = asyncio.Event()  # the server's answers stop reaching the client
+    ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def proxy(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_unix_connection(str(sock))
+
+        async def answers() -> None:
+            while data := await server_r.read(65536):
+                if not frozen.is_set():
+                    client_w.write(data)
+
+        pump = asyncio.create_task(answers())
+        try:
+            while data := await client_r.read(65536):
+                server_w.write(data)
+            ended.set_result("closed")
+        except ConnectionResetError:
+            ended.set_result("reset")
+        finally:
+            pump.cancel()
+            server_w.close()
+            client_w.close()
+
+    with serving(nbdkit_memory_cmd(MiB, sock), sock):
+        listener = await asyncio.start_server(proxy, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        try:
+            client = await NbdClient.connect(f"nbd://127.0.0.1:{port}/", timeout=0.5)
+            await client.pwrite(0, b"x" * 4096)
+            frozen.set()
+            with pytest.raises(NbdConnectionError, match="no reply"):
+                await asyncio.wait_for(client.pwrite(4096, b"y" * 4096), 10)
+            assert await asyncio.wait_for(ended, 10) == "reset"
+            await client.close()
+        finally:
+            listener.close()
+            await listener.wait_closed()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from deltavol.copy.targets import TargetError
 from deltavol.errors import Error
 from deltavol.sessions import session as session_module
 from deltavol.sessions.states import State
@@ -135,3 +136,67 @@ async def test_a_mark_given_up_before_a_change_s_protect_runs_leaves_its_bit_to_
     durable, saved = rig.disk.landed[-1][1]
     assert not saved
     assert durable, "the change went down with its tracking bit neither saved nor durable"
+
+
+class Stalling(Target):
+    """Its first copy-before-write of chunk 3 goes out on a connection that stops answering
+    (a partition, a stuck I/O): sent, it is in the socket's queue and will land when the
+    connection comes back, unless the connection is reset first (``abort``). A reset fails
+    the requests waiting for an answer (the copy's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued: list[tuple[int, bytes]] = []
+        self.stalled = False
+        self.aborts = 0
+
+    async def pwrite(self, offset: int, data: bytes) -> None:
+        if not self.stalled and offset == 3 * G:
+            self.stalled = True
+            self.queued.append((offset, bytes(data)))
+            await asyncio.Event().wait()  # never answered
+        aborts = self.aborts
+        await self._answer()
+        if self.aborts != aborts:
+            raise TargetError(msg="target: connection reset")
+        self.data[offset : offset + len(data)] = data
+        self.writes += 1
+
+    def abort(self) -> None:
+        self.aborts += 1
+        self.queued.clear()  # a reset: what the socket queued is discarded
+
+    def come_back(self) -> None:
+        for offset, data in self.queued:
+            self.data[offset : offset + len(data)] = data
+        self.queued.clear()
+
+
+async def test_a_timed_out_copy_before_write_cannot_land_after_the_re_mark(rig: Rig) -> None:
+    target, rows = Stalling(), Rows()
+    s = rig.session("s", target, rows)  # no room in its save area: copy-before-write
+    opened = 0
+    open_target = s._open_target
+
+    async def counting(session: object) -> Target:
+        nonlocal opened
+        opened += 1
+        return await open_target(session)
+
+    s._open_target = counting
+    rig.change_before_mark(s, CHANGED, 0xA1)
+    rig.disk.row_at = lambda: target.aborts
+    target.go.clear()  # the copy waits: chunk 3 stays owed
+    await s.start_update(False)
+    assert s.update is not None
+    marked_at = s.update.marked_at
+    await rig.write(3, 0xEE)  # its copy-before-write does not answer: the mark is given up
+    assert s.update.remark is not None and rig.disk.landed[-1] == (3, 1), "not reset before the write"
+    assert target.asked > 1  # the copy's requests wait: the reset fails them
+    target.go.set()
+    await finished(s)
+    assert s.update.marked_at != marked_at and s.consistent
+    assert opened >= 2, "the re-mark copied over the connection that did not answer"
+    target.come_back()
+    assert target.data[3 * G : 4 * G] == fill(0xEE), "the old contents landed over the re-mark's copy"
+    assert target.data == rig.disk.data
