@@ -22,6 +22,11 @@ Design notes
   the update its point in time, not the client its write (``_give_up_mark``): protection
   stops, the session row records it before the write goes down, and the update goes on
   as of a new mark (``_remark``: what it still owes and what changed since its mark).
+  The target's connections are reset then, so that a write it did not answer cannot
+  land after the re-mark's copies, which go over a new connection. The residue: a
+  request its server has already read cannot be recalled and may still land late (as
+  after any NBD client gives up on a request); so may a local target's write already
+  in a worker thread.
 * **Copy** (``_copy_run``): under the chunks' locks, read the source and lay the saved
   blocks over it, write it to the target zero-aware, clear the bits. A full pass reads by
   extents, writes holes as zeroes, and has no protection: what changes under it is
