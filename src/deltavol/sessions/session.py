@@ -547,12 +547,14 @@ class Session:
         todo = [c for c in chunks if owed(c) and save.missing(c, *part(c, offset, length))]
         if todo and not await self._save_at_once(todo, offset, length, update, save):
             async with self.locks.hold(todo):
+                # one deadline for the change, not one per chunk: it holds the write gate
+                deadline = asyncio.get_running_loop().time() + self.target_timeout
                 for c in todo:
                     if not update.protecting or update is not self.update:
                         break  # the mark was given up meanwhile (``_give_up_mark``), or replaced
                     runs = save.missing(c, *part(c, offset, length)) if owed(c) else []
                     if runs:
-                        await self._save_or_copy(c, runs, update, transfer, save)
+                        await self._save_or_copy(c, runs, update, transfer, save, deadline)
         unsynced = self._unsynced
         for c in todo:
             if c in save and c in unsynced and unsynced[c] in (_BY_SAVE, None):
@@ -607,14 +609,21 @@ class Session:
         return all(r is not None for _, r in puts)  # else the data dir is full: the locks take the rest
 
     async def _save_or_copy(
-        self, c: int, runs: list[tuple[int, int]], update: UpdateRecord, transfer: Bitmap, save: SaveArea
+        self,
+        c: int,
+        runs: list[tuple[int, int]],
+        update: UpdateRecord,
+        transfer: Bitmap,
+        save: SaveArea,
+        deadline: float | None = None,
     ) -> None:
         """Save these runs of chunk ``c`` before they change; with the save area full, copy
         the chunk's old contents to the target instead (copy-before-write).
 
-        The client's write waits for that at most ``target_timeout`` (it holds the source's
-        write gate, so a mark, and every write after it, would wait too): a target that
-        fails or stays silent makes the update give up its point in time instead.
+        The client's write waits for that at most ``target_timeout`` in all, until
+        ``deadline`` (it holds the source's write gate, so a mark, and every write after it,
+        would wait too): a target that fails or stays silent makes the update give up its
+        point in time instead.
         """
         base = c * self.granularity
         for start, end in runs:
@@ -624,7 +633,8 @@ class Session:
             update.cofw_saved_bytes += end - start
         else:
             return
-        deadline = asyncio.get_running_loop().time() + self.target_timeout
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self.target_timeout
         try:
             if transfer.test(c):
                 off, n = self._chunk_span(c)

@@ -200,3 +200,29 @@ async def test_a_timed_out_copy_before_write_cannot_land_after_the_re_mark(rig: 
     target.come_back()
     assert target.data[3 * G : 4 * G] == fill(0xEE), "the old contents landed over the re-mark's copy"
     assert target.data == rig.disk.data
+
+
+class Slow(Target):
+    """Answers each write just inside the sessions' target_timeout."""
+
+    async def pwrite(self, offset: int, data: bytes) -> None:
+        await asyncio.sleep(TIMEOUT * 0.8)
+        await super().pwrite(offset, data)
+
+    async def flush(self) -> None:
+        self.durable[:] = self.data
+
+
+async def test_a_write_over_many_owed_chunks_waits_for_the_target_once_not_per_chunk(rig: Rig) -> None:
+    s = rig.session("s", Slow(), Rows())  # no room in its save area: copy-before-write
+    rig.change_before_mark(s, CHANGED, 0xA1)
+    await s.start_update(False)
+    assert s._task is not None
+    s._task.cancel()  # no copy meanwhile: every chunk stays owed
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    async with asyncio.timeout(WAIT):
+        await rig.stack.pwrite(0, fill(0xEE) * 8)  # eight owed chunks
+    assert loop.time() - began < 2.5 * TIMEOUT, "the write waited target_timeout once per chunk"
+    assert s.update is not None and s.update.remark is not None and "did not answer" in s.update.remark
+    assert rig.disk.data[0 : 8 * G] == fill(0xEE) * 8
