@@ -132,14 +132,24 @@ class NbdTarget:
             if not first.can_flush:
                 raise TargetError(msg=f"target {self.uri} does not support FLUSH: {NO_FLUSH}")
             if first.can_multi_conn:
-                more = await asyncio.gather(
-                    *(NbdClient.connect(self.uri, timeout=self.timeout) for _ in range(self.CONNECTIONS - 1)),
-                    return_exceptions=True,
-                )
-                self._clients.extend(c for c in more if isinstance(c, NbdClient))  # closed if one failed
-                for c in more:
-                    if isinstance(c, BaseException):
-                        raise c
+                more = [
+                    asyncio.ensure_future(NbdClient.connect(self.uri, timeout=self.timeout))
+                    for _ in range(self.CONNECTIONS - 1)
+                ]
+                try:
+                    await asyncio.wait(more)
+                finally:  # cancelled too: the connections made are closed below, the rest stopped
+                    for task in more:
+                        task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait(more)
+                    self._clients.extend(
+                        t.result() for t in more if t.done() and not t.cancelled() and t.exception() is None
+                    )
+                for task in more:
+                    exc = task.exception()
+                    if exc is not None:
+                        raise exc
         except (OSError, ValueError) as exc:
             await self.close()
             raise TargetError(msg=f"target {self.uri}: {exc}") from exc
