@@ -714,6 +714,14 @@ class Session:
             await self._mark()
         except BaseException:
             update.protecting, update.marked_at = False, marked_at  # still given up
+            # the failed mark may have voided the save records on disk (a new header), and
+            # with them what made the bits of saved chunks durable: they are owed now, so
+            # that the transfer file keeps them whatever a checkpoint writes (no point in
+            # time is promised: copied early, they are copied again if they change)
+            owed = transfer.bytes_set()
+            transfer.or_(self.tracking)
+            if self.progress is not None:
+                self.progress.bytes_total += transfer.bytes_set() - owed
             raise
         update.catchup_bytes = catchup  # the new mark is no catch-up pass
         self.last_error = None  # what it said is done: ``remark`` keeps why

@@ -22,12 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from deltavol.bitmap import persist
 from deltavol.copy.targets import TargetError
 from deltavol.errors import Error
 from deltavol.sessions import session as session_module
 from deltavol.sessions.states import State
 from tests.unit.sessions.test_silent_target import (
     CHANGED,
+    SIZE,
     TIMEOUT,
     WAIT,
     G,
@@ -226,3 +228,43 @@ async def test_a_write_over_many_owed_chunks_waits_for_the_target_once_not_per_c
     assert loop.time() - began < 2.5 * TIMEOUT, "the write waited target_timeout once per chunk"
     assert s.update is not None and s.update.remark is not None and "did not answer" in s.update.remark
     assert rig.disk.data[0 : 8 * G] == fill(0xEE) * 8
+
+
+async def test_a_failed_re_mark_keeps_on_disk_the_bits_its_save_area_voided(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-mark writes a new save area header (the given-up mark's records are void on disk
+    from then on) before its commit; if the commit fails, the chunks whose bits only those
+    records made durable must stay owed in the transfer file, whatever a checkpoint writes."""
+    target, rows = Target(), Rows()
+    s = rig.session("s", target, rows, save_limit=2 * G)  # room for one saved chunk
+    rig.change_before_mark(s, CHANGED, 0xA1)
+    await s.start_update(False)
+    assert s._task is not None and s.save is not None and s.transfer is not None
+    s._task.cancel()  # the copy is driven by hand
+    await rig.write(4, 0xB4)  # saved: its tracking bit is durable by the save record alone
+    assert 4 in s.save and s.tracking_file is not None and not s.tracking_file.covered(range(4, 5))
+    target.data[4 * G : 5 * G] = fill(0xA1)  # the copy of chunk 4 as of the mark, checkpointed
+    s.transfer.clear(4)
+    s.target = target
+    await s._checkpoint()
+    target.go.clear()
+    await rig.write(5, 0xB5)  # save area full, no answer: the mark is given up
+    assert s.update is not None and s.update.remark is not None
+
+    def db_down(_s: object) -> None:
+        raise OSError("database is locked")
+
+    monkeypatch.setattr(s, "_persist_row", db_down)
+    with pytest.raises(OSError):
+        await s._remark()
+    monkeypatch.undo()
+    target.go.set()
+    s.target = target
+    await s._checkpoint()
+    on_disk = persist.load(s._transfer_path, persist.KIND_TRANSFER, G, SIZE)[0]
+    saved = s._save_area(s.update.id).open()
+    try:
+        assert on_disk.test(4) or 4 in saved, "chunk 4's change is recorded nowhere durable"
+    finally:
+        saved.close()
