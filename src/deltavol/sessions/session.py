@@ -239,6 +239,9 @@ class Session:
         self.retry = retry or RetryPolicy()
         self._retry_task: asyncio.Task[None] | None = None
         self.target_timeout = target_timeout  # what a client's write or a pause waits for the target
+        # its row is deleted (``SessionManager.remove``): a change still in its hooks must not
+        # write the row back, nor touch its closed files
+        self.removed = False
 
     # --- files ----------------------------------------------------------------------------
     def create_files(self) -> None:
@@ -436,7 +439,7 @@ class Session:
         round failed, it stays there with no round, and the next change of the chunk
         writes it and asks for a round again.
         """
-        if length == 0:
+        if length == 0 or self.removed:
             return []
         tracking, unsynced = self.tracking, self._unsynced
         new = tracking.set_range(offset, length)
@@ -550,7 +553,7 @@ class Session:
                 # one deadline for the change, not one per chunk: it holds the write gate
                 deadline = asyncio.get_running_loop().time() + self.target_timeout
                 for c in todo:
-                    if not update.protecting or update is not self.update:
+                    if not update.protecting or update is not self.update or self.removed:
                         break  # the mark was given up meanwhile (``_give_up_mark``), or replaced
                     runs = save.missing(c, *part(c, offset, length)) if owed(c) else []
                     if runs:
@@ -673,8 +676,8 @@ class Session:
         instead of finishing a mark whose old contents are gone. Tracking goes on: what
         changes from now on is copied as of the new mark.
         """
-        if update is not self.update or not update.protecting:
-            return  # given up already
+        if update is not self.update or not update.protecting or self.removed:
+            return  # given up already, or the session is gone
         before = (update.protecting, update.remark, self.last_error)
         update.protecting, update.remark = False, why
         self._abort_target()

@@ -268,3 +268,27 @@ async def test_a_failed_re_mark_keeps_on_disk_the_bits_its_save_area_voided(
         assert on_disk.test(4) or 4 in saved, "chunk 4's change is recorded nowhere durable"
     finally:
         saved.close()
+
+
+async def test_a_copy_before_write_that_outlives_a_remove_does_not_bring_the_row_back(rig: Rig) -> None:
+    """``session remove`` stops the session and deletes its row and files while a client's
+    write waits in copy-before-write (as SessionManager.remove does)."""
+    target, rows = Target(), Rows()
+    s = rig.session("s", target, rows)  # no room in its save area: copy-before-write
+    rig.change_before_mark(s, CHANGED, 0xA1)
+    target.go.clear()  # a target that does not answer in time
+    await s.start_update(False)
+    stopping = asyncio.create_task(s.shutdown())  # its flush waits for the target
+    await asyncio.sleep(TIMEOUT / 3)  # so the write's wait ends after the remove
+    write = asyncio.create_task(rig.write(3, 0xEE))  # an owed chunk: copy-before-write
+    await stopping
+    rows.row.clear()  # DELETE FROM sessions
+    s.removed = True
+    rig.wiring.sessions.remove(s)
+    rig.wiring.rehook()
+    s.delete_files()
+    async with asyncio.timeout(WAIT):
+        await asyncio.wait([write])
+    assert rows.row == {}, "the removed session's row is back"
+    write.result()  # nor does the write fail on the session's closed files
+    assert rig.disk.data[3 * G : 4 * G] == fill(0xEE)
