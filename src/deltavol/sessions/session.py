@@ -1145,7 +1145,10 @@ class Session:
             raise Error(msg=f"session {self.name!r} has no update to resume")
         self._cancel_retry()
         self.retry.attempts = 0
-        await self._drop_target()  # reconnect: the old connection may be dead
+        # reconnect: the old connection may be dead; once a copy-before-write on it is over
+        # (it would take a connection dropped under it for a failed copy: the mark's end)
+        async with self._gate.closed():
+            await self._drop_target()
         self._resume()
         return self.status()
 

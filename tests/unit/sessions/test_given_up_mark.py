@@ -38,6 +38,7 @@ from tests.unit.sessions.test_silent_target import (
     Target,
     fill,
     finished,
+    until,
 )
 
 
@@ -292,3 +293,42 @@ async def test_a_copy_before_write_that_outlives_a_remove_does_not_bring_the_row
     assert rows.row == {}, "the removed session's row is back"
     write.result()  # nor does the write fail on the session's closed files
     assert rig.disk.data[3 * G : 4 * G] == fill(0xEE)
+
+
+class Connection:
+    """One connection to a shared ``Target``: each open makes a new one."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.target, name)
+
+
+async def test_resume_while_a_copy_before_write_is_in_flight_keeps_the_mark(rig: Rig) -> None:
+    target, rows = Target(), Rows()
+    s = rig.session("s", target, rows)  # no room in its save area: copy-before-write
+
+    async def connect(_s: object) -> Connection:
+        return Connection(target)
+
+    s._open_target = connect
+    rig.change_before_mark(s, CHANGED, 0xA1)
+    target.go.clear()
+    await s.start_update(False)
+    assert s.update is not None
+    marked_at = s.update.marked_at
+    await s.pause()
+    write = asyncio.create_task(rig.write(3, 0xEE))  # its old contents go to the target first
+    await until(lambda: s.locks.any_held([3]) and target.asked > 0)
+    resuming = asyncio.create_task(s.resume())
+    await asyncio.sleep(0.01)
+    target.go.set()  # the target answers in time
+    async with asyncio.timeout(WAIT):
+        await resuming
+        await write
+    assert s.update.remark is None and s.update.protecting, "resume cost the update its mark"
+    await finished(s)
+    assert s.point_in_time == marked_at
+    assert target.data[3 * G : 4 * G] == fill(0xA1)  # as of the mark
+    assert target.data[: 3 * G] == rig.disk.data[: 3 * G]
