@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from deltavol.nbd.client import NbdClient, NbdConnectionError, NbdError, parse_uri
+from tests.harness import require
 from tests.sessions.targets import nbdkit_memory_cmd, qemu_nbd_cmd, serving, uri
 
 MiB = 1 << 20
@@ -203,3 +204,36 @@ async def test_a_connection_that_timed_out_is_reset_not_closed(tmp_path: Path) -
         finally:
             listener.close()
             await listener.wait_closed()
+
+
+async def test_a_request_the_server_never_answers_fails_while_others_are_answered(tmp_path: Path) -> None:
+    """A stuck request behind a server that keeps answering the others: the connection is
+    never silent for ``timeout``, yet that request must not wait for ever."""
+    sock = tmp_path / "s.sock"
+    require("nbdkit")
+    cmd = [
+        "nbdkit", "-f", "-t", "4", "-U", str(sock), "-e", "t", "eval",
+        "thread_model=echo parallel",
+        "get_size=echo 1048576",
+        "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
+        "pwrite=if [ $4 = 4096 ]; then sleep 10; fi; cat >/dev/null",
+        "can_write=exit 0",
+        "can_flush=exit 0",
+        "flush=exit 0",
+    ]  # fmt: skip
+    with serving(cmd, sock):
+        client = await NbdClient.connect(uri(sock), timeout=0.5, age=1.0)
+        try:
+            stuck = asyncio.ensure_future(client.pwrite(4096, b"s" * 4096))
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            while not stuck.done() and loop.time() - began < 5:
+                with contextlib.suppress(NbdConnectionError):
+                    await client.pwrite(0, b"x" * 4096)  # answered: the connection is alive
+                await asyncio.sleep(0.1)
+            assert stuck.done(), "a request the server never answers waited for ever"
+            with pytest.raises(NbdConnectionError, match="unanswered for 1 s"):
+                stuck.result()
+        finally:
+            stuck.cancel()
+            await client.close()
