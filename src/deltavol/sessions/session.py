@@ -779,7 +779,8 @@ class Session:
             # nothing uses the target between updates (no transfer: no copy-before-write), and
             # a connection kept since the last update or verify may have died with its server
             await self._drop_target()
-        before = (self.state, self.update, self.transfer, self.progress, self.consistent, self.last_error)
+        before = (self.state, self.update, self.transfer, self.progress, self.consistent)
+        remark = self.update.remark if self.update is not None else None
         self._cancel_retry()
         self.retry.attempts = 0
         # built aside, it becomes ``self.update`` only inside the closed write gate: a write
@@ -797,9 +798,15 @@ class Session:
             if full:
                 await self._start_full(new_state, update)
             else:
+                self.state = new_state  # meanwhile, another update or a resume is refused
                 await self._mark((update, new_state))
         except BaseException:
-            self.state, self.update, self.transfer, self.progress, self.consistent, self.last_error = before
+            self.state, self.update, self.transfer, self.progress, self.consistent = before
+            if self.update is not None and self.update.remark != remark:
+                # a write gave up the unfinished update's mark meanwhile, and its row says
+                # so with the state of this start: put the state back in the row too
+                with contextlib.suppress(DeltavolError, OSError):
+                    self._persist_row(self)
             raise
         log.info(
             "session %s: %s update %d started (%d bytes to copy)",
@@ -825,12 +832,16 @@ class Session:
         async with self._gate.closed(), self._checkpointing:
             await self._flush_source()
             persist.save_atomic(self._transfer_path, transfer, update.id, TRANSFER)
-            self.update, self.last_error = update, None
+            last_error, self.update, self.last_error = self.last_error, update, None
             self.transfer = transfer
             self.consistent = False
             self.state = new_state
             self.progress = Progress(bytes_total=self.transfer_bytes())
-            self._save_row()  # the commit point: nothing below may raise (see _after_commit)
+            try:
+                self._save_row()  # the commit point: nothing below may raise (see _after_commit)
+            except BaseException:
+                self.last_error = last_error  # the rest start_update puts back
+                raise
             self._durable_transfer = transfer.copy()
             self._after_commit("dropping the save area", self._drop_save_area)
             self.tracking.clear_all()

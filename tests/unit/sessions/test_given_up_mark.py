@@ -81,7 +81,8 @@ async def test_update_of_a_paused_update_while_a_write_waits_gives_up_the_unfini
     # the unfinished update is back, its mark given up durably before the write went down
     assert s.update is old and s.state is State.PAUSED
     assert not old.protecting and old.remark is not None and "did not answer" in old.remark
-    assert rows.remark() == old.remark
+    assert rows.remark() == old.remark and rows.row["state"] is State.PAUSED
+    assert s.last_error is not None and "new mark" in s.last_error
     assert rig.disk.landed[0] == (0, old.remark)
     target.silent = False
     target.go.set()
