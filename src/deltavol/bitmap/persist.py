@@ -7,7 +7,8 @@ of bits, generation, kind (tracking or transfer), for a tracking file the size o
 regions and the boot it was written in, CRC32 of all that -- then the bit bytes. A
 tracking file then has, from the next page on, one bit per hot region. ``load`` checks
 every field and the length and names the file and the exact problem: a damaged bitmap is
-never read as an empty one.
+never read as an empty one, and a file that cannot be read (EIO, EACCES) is an I/O error,
+never a corrupt file.
 
 Two ways of writing:
 
@@ -139,8 +140,8 @@ def load(path: Path, kind: int, granularity: int, size: int) -> tuple[Bitmap, in
         raw = path.read_bytes()
     except FileNotFoundError:
         raise CorruptFile(path=path, why=f"{_KINDS.get(kind, 'bitmap')} bitmap file is missing") from None
-    except OSError as exc:
-        raise CorruptFile(path=path, why=exc.strerror or str(exc)) from exc
+    except OSError as exc:  # EIO, EACCES, ...: the file may well be fine, it is not corrupt
+        raise os_error(exc, f"reading bitmap {path}") from exc
     if len(raw) < HEADER_SIZE:
         raise CorruptFile(path=path, why=f"header truncated ({len(raw)} bytes)")
     head = raw[: _HEADER.size]

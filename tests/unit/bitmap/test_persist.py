@@ -312,10 +312,27 @@ def test_set_padding_bits_of_the_hot_section_are_refused(
     refused(path, "past the end", words)
 
 
-def test_missing_and_unreadable_files_are_refused(tmp_path: Path) -> None:
+def test_a_missing_file_is_refused(tmp_path: Path) -> None:
     refused(tmp_path / "absent", "missing")
-    (tmp_path / "dir").mkdir()
-    refused(tmp_path / "dir")
+
+
+@pytest.mark.parametrize("err", [errno.EIO, errno.EACCES, errno.EISDIR], ids=["EIO", "EACCES", "EISDIR"])
+def test_a_file_that_cannot_be_read_is_an_io_error_not_a_corrupt_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    """The start-up sets a corrupt file aside and asks for a full copy: a bad sector, a
+    permission or a directory in the way is an error to fix, and the file may be fine."""
+    path = tmp_path / "s.tracking"
+    persist.save_atomic(path, Bitmap(SIZE, G), 1, persist.KIND_TRACKING)
+
+    def unreadable(self: Path) -> bytes:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    with pytest.raises(DeltavolError) as info:
+        persist.load(path, persist.KIND_TRACKING, G, SIZE)
+    assert not isinstance(info.value, CorruptFile)
+    assert str(path) in info.value.message and os.strerror(err) in info.value.message
 
 
 @pytest.mark.parametrize(
