@@ -200,6 +200,16 @@ class Session:
 
     # --- files ----------------------------------------------------------------------------
     def create_files(self) -> None:
+        """A fresh tracking file, and no transfer bitmap or save area: a removed session of
+        the same name may have left its own (a crash before their unlinks were durable),
+        and they must be gone, durably, before a row that would adopt them commits."""
+        try:
+            for path in (self._transfer_path, self._save_area(0).path):
+                path.unlink(missing_ok=True)
+            sync_dir(self._transfer_path.parent)
+            sync_dir(self._save_dir)
+        except OSError as exc:
+            raise os_error(exc, f"removing old files of session {self.name}") from exc
         self._open_tracking_file()
         self._rewrite_tracking()
 
@@ -301,12 +311,19 @@ class Session:
         self.create_files()
 
     def delete_files(self) -> None:
+        """The session is gone: so are its files, durably (a new session of the same name
+        must not find them after a power loss; ``create_files`` removes such leftovers)."""
         if self.tracking_file is not None:
             self.tracking_file.close()
         self._drop_save_area()
-        self._save_area(0).delete()
-        for path in (self._tracking_path, self._transfer_path):
-            path.unlink(missing_ok=True)
+        try:
+            self._save_area(0).delete()
+            for path in (self._tracking_path, self._transfer_path):
+                path.unlink(missing_ok=True)
+            sync_dir(self._tracking_path.parent)
+            sync_dir(self._save_dir)
+        except OSError as exc:  # the row is gone: a later session of this name removes them
+            log.warning("session %s: files not removed: %s", self.name, exc.strerror or exc)
 
     def _save_area(self, update_id: int) -> SaveArea:
         return SaveArea(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from deltavol.bitmap import persist
+from deltavol.bitmap.bitmap import Bitmap
 from deltavol.config import ServerConfig
 from deltavol.copy import save_area
 from deltavol.errors import CorruptFile, DeltavolError
@@ -233,3 +234,50 @@ async def test_setting_aside_on_a_full_disk_fails_the_start_and_keeps_the_cause(
         assert st["state"] == "failed" and "not a deltavol bitmap" in st["last_error"]
         assert (idle / "bitmaps" / "s.tracking").exists()
     assert len(aside(idle)) == 1
+
+
+async def create_session(svc: Service, granularity: int = G) -> None:
+    await svc.create_session(name="s", source="src", target="dst", granularity=granularity)
+
+
+async def test_a_new_session_never_adopts_the_files_of_a_removed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "data"
+    async with started(root) as svc:
+        svc.create_volume("src", 4 * MiB)
+        svc.create_volume("dst", 4 * MiB)
+    # what a removed session s left (its unlinks never became durable)
+    persist.save_atomic(root / "bitmaps" / "s.transfer", Bitmap(4 * MiB, G), 3, persist.KIND_TRANSFER)
+    old = save_area.SaveArea(root / "save" / "s.save", G, 4 * MiB, 3, MiB).create()
+    old.close()
+    synced: list[tuple[Path, set[str]]] = []
+    real = session_module.sync_dir
+
+    def sync_dir(path: Path) -> None:
+        synced.append((path, {p.name for p in path.iterdir()}))
+        real(path)
+
+    monkeypatch.setattr(session_module, "sync_dir", sync_dir)
+    async with started(root) as svc:
+        await create_session(svc, granularity=2 * G)
+    monkeypatch.undo()
+    gone = [(p, names) for p, names in synced if not names & {"s.transfer", "s.save"}]
+    assert {p.name for p, _ in gone} >= {"bitmaps", "save"}, "the unlinks were not made durable"
+    async with started(root) as svc:  # a restart before its first update
+        st = status(svc)
+        assert (st["state"], st["last_error"], st["tracked_bytes"]) == ("new", None, 0)
+
+
+async def test_remove_makes_the_unlinks_durable(idle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[tuple[str, set[str]]] = []
+    real: Callable[[Path], None] = session_module.sync_dir
+
+    def sync_dir(path: Path) -> None:
+        synced.append((path.name, {p.name for p in path.iterdir()}))
+        real(path)
+
+    async with started(idle) as svc:
+        monkeypatch.setattr(session_module, "sync_dir", sync_dir)
+        await svc.sessions.remove("s")
+    assert ("bitmaps", set()) in synced and ("save", set()) in synced
