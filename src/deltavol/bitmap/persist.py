@@ -326,10 +326,13 @@ class TrackingFile:
 
     def rewrite(self, bitmap: Bitmap, generation: int) -> None:
         """Replace the file atomically with ``bitmap`` and no hot region (every bit set is
-        durable in it); this is where cleared bits land."""
+        durable in it); this is where cleared bits land. A round begun before makes
+        nothing durable in the new file (it may have synced the old one only): the
+        regions it was making durable are forgotten, and come in again with a new round."""
         self.hot.clear_all()
         self._pending.clear()
         self._touched.clear()
+        self._covering.clear()
         save_atomic(self.path, bitmap, generation, KIND_TRACKING, self.hot)
         fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         with self._fd_lock:

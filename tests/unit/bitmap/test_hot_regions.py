@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,6 +344,32 @@ async def test_rewrite_empties_the_hot_section_on_disk_and_in_memory(
     assert fut is not None, "after a rewrite a region must be covered again"
     await asyncio.shield(fut)
     assert len(disk.syncs()) == n + 1 and ones(hot_of(disk.on_disk())) == [0]
+
+
+async def test_a_round_of_the_replaced_file_does_not_cover_a_change_after_a_rewrite(
+    tf: persist.TrackingFile, disk: Disk, bm: Bitmap
+) -> None:
+    """A round that synced the old file before a rewrite, and whose end the loop has not
+    seen yet, must not be what a change to the new file waits for."""
+    fut = write(tf, bm, 5)  # region 1 comes in
+    assert fut is not None
+    await asyncio.sleep(0)  # the round begins: its hot bit written out, its sync in a thread
+    deadline = time.monotonic() + WAIT
+    while not (disk.durable and chunks_of(disk.durable).test(5)):  # the loop does not run meanwhile
+        assert time.monotonic() < deadline, "the round's sync never returned"
+        time.sleep(0.001)
+    assert not fut.done()
+    tf.rewrite(bm, 2)  # as a mark does: a new file, no region hot in it
+    again = write(tf, bm, 6)  # region 1 again, in the new file
+    assert again is not None and again is not fut, "a round of the replaced file covers the new one"
+    await asyncio.shield(again)
+    assert generation_of(disk.durable) == 2, "no sync of the new file before the change's ack"
+    assert chunks_of(disk.durable).test(6) and hot_of(disk.durable).test(1)
+    assert fut.done() and tf.covered(range(4, 8))
+
+
+def generation_of(data: bytes) -> int:
+    return int(struct.unpack_from(">Q", data, 32)[0])
 
 
 # --- settle --------------------------------------------------------------------------------
