@@ -155,6 +155,7 @@ class Session:
         save_limit: int = 1 << 30,
         retry: RetryPolicy | None = None,
         hot_region: int = persist.HOT_REGION,
+        hot_set: int = persist.HOT_SET,
     ) -> None:
         self.name = name
         self.source = source
@@ -190,6 +191,9 @@ class Session:
         self._task: asyncio.Task[None] | None = None
         self._commit = commit
         self._hot_region = hot_region
+        self._hot_set = hot_set
+        # what the last start added to tracking because the hot set's bits may be lost
+        self.recopy: persist.Recopy | None = None
         # chunk -> the round making its bit durable, _BY_SAVE, or None (failed: write it again)
         self._unsynced: dict[int, Any] = {}
         self._round_chunks: dict[asyncio.Future[None], list[int]] = {}
@@ -206,7 +210,12 @@ class Session:
         if self.tracking_file is not None:
             self.tracking_file.close()
         self.tracking_file = persist.TrackingFile(
-            self._tracking_path, self.source.size, self.granularity, self._commit, self._hot_region
+            self._tracking_path,
+            self.source.size,
+            self.granularity,
+            self._commit,
+            self._hot_region,
+            self._hot_set,
         )
 
     def load_files(self) -> None:
@@ -218,7 +227,16 @@ class Session:
         end, so what a reboot may have cost (the hot regions ``load`` added) is durable
         and the file is of this boot.
         """
-        self.tracking, _ = persist.load(self._tracking_path, TRACKING, self.granularity, self.source.size)
+        self.tracking, _, self.recopy = persist.load_tracking(
+            self._tracking_path, self.granularity, self.source.size
+        )
+        if self.recopy is not None:
+            log.warning(
+                "session %s: %s: the hot set's %d bytes are copied again",
+                self.name,
+                self.recopy.reason,
+                self.recopy.bytes,
+            )
         self._open_tracking_file()
         owned = self.update is not None and self.state in (State.COPYING, State.PAUSED, State.FAILED)
         transfer = None
@@ -925,12 +943,22 @@ class Session:
             "consistent": self.consistent,
             "point_in_time": self.point_in_time,
             "tracked_bytes": self.transfer_bytes(self.tracking),
+            "recopy_bytes": self.recopy.bytes if self.recopy else 0,
+            "recopy_reason": self._recopy_reason(),
             "update": update,
             "last_error": self.last_error,
             "retry": self.retry.status(),
             "max_rate": self.max_rate,
             "every": self.every,
         }
+
+    def _recopy_reason(self) -> str | None:
+        """Why chunks nobody wrote are copied again (``recopy_bytes``), or would be
+        after a power loss beyond the hot set now."""
+        tf = self.tracking_file
+        if tf is not None and tf.lost is not None:
+            return tf.lost
+        return self.recopy.reason if self.recopy else None
 
 
 def _live_pieces(data: bytearray, offset: int, live: list[int], span: Any) -> list[tuple[int, bytes | int]]:

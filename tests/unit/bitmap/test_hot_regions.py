@@ -268,7 +268,9 @@ async def test_a_failed_fdatasync_fails_the_waiters_and_the_next_cover_works(
     fut = tf.cover(5)
     assert fut is not None, "the next change in a region whose round failed asks again"
     await asyncio.shield(fut)
-    assert tf.covered(range(4, 8)) and disk.durable_hot() == [0, 1]
+    assert tf.covered(range(4, 8)) and not tf.covered(range(8, 12))
+    # the failed sync may have dropped pages: region 2 keeps its bit too (a superset)
+    assert disk.durable_hot() == [0, 1, 2]
     assert disk.durable_chunks() == [1, 5, 6, 9]  # the chunk bits were in the file all along
 
 
@@ -370,6 +372,103 @@ async def test_a_round_of_the_replaced_file_does_not_cover_a_change_after_a_rewr
 
 def generation_of(data: bytes) -> int:
     return int(struct.unpack_from(">Q", data, 32)[0])
+
+
+# --- the bounded hot set -------------------------------------------------------------------
+@pytest.fixture
+def two(disk: Disk) -> Iterator[persist.TrackingFile]:
+    """A tracking file whose hot set holds two regions."""
+    tf = persist.TrackingFile(disk.path, SIZE, G, GroupCommit(), region=R, hot_set=2 * R + G)
+    tf.rewrite(Bitmap(SIZE, G), 1)
+    try:
+        yield tf
+    finally:
+        tf.close()
+
+
+async def test_the_hot_set_keeps_to_its_size_and_the_least_recently_used_region_leaves(
+    two: persist.TrackingFile, disk: Disk, bm: Bitmap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert two.capacity == 2
+    await written(two, bm, 1)  # region 0
+    await written(two, bm, 5)  # region 1
+    assert write(two, bm, 2) is None  # a new chunk bit in region 0: region 1 is the oldest now
+    await written(two, bm, 9)  # region 2 comes in, region 1 leaves
+    assert disk.durable_hot() == [0, 2] and ones(two.hot) == [0, 2]
+    assert len(disk.syncs()) == 3, "its chunk bits were durable: it left with the round that came in"
+    assert two.covered(range(0, 4)) and two.covered(range(8, 12)) and not two.covered(range(4, 8))
+    assert write(two, bm, 1) is None and write(two, bm, 10) is None  # a set bit is no use
+    fut = write(two, bm, 6)  # region 1 again: in with a round, region 0 (last used at 2) out
+    assert fut is not None
+    await asyncio.shield(fut)
+    assert disk.durable_hot() == [1, 2] and ones(two.hot) == [1, 2]
+    assert disk.violations == []
+    monkeypatch.setattr(persist, "boot_id", lambda: bytes(range(16)))
+    back, _, recopy = persist.load_tracking(disk.path, G, SIZE)
+    assert ones(back) == [1, 2, 4, 5, 6, 7, 8, 9, 10, 11], "after a reboot: the chunks of two regions"
+    assert recopy is not None and recopy.bytes == 4 * G and "restarted" in recopy.reason
+
+
+async def test_a_region_written_since_the_last_sync_leaves_only_after_a_sync_of_its_bits(
+    two: persist.TrackingFile, disk: Disk, bm: Bitmap
+) -> None:
+    await written(two, bm, 1)  # region 0
+    await written(two, bm, 5)  # region 1
+    assert write(two, bm, 2) is None  # region 0: chunk 2's bit only in the page cache
+    fut = write(two, bm, 9)  # region 2 comes in; region 1 leaves at once
+    assert write(two, bm, 13) is fut  # region 3 too: region 0 leaves, but not before chunk 2 is durable
+    await asyncio.shield(fut)
+    first = disk.syncs()[2]
+    assert chunks_of(first).test(2) and ones(hot_of(first)) == [0, 2, 3], "region 0 stays through that sync"
+    await until(lambda: disk.durable_hot() == [2, 3], "region 0's clearing made durable")
+    assert ones(two.hot) == [2, 3] and not two.covered(range(0, 4))
+    assert disk.violations == []
+
+
+async def test_a_region_on_its_way_out_comes_back_without_a_round(
+    two: persist.TrackingFile, disk: Disk, bm: Bitmap
+) -> None:
+    await written(two, bm, 1)
+    await written(two, bm, 5)
+    assert write(two, bm, 6) is None and write(two, bm, 2) is None  # region 0 used last; not synced
+    fut = write(two, bm, 9)  # region 2 comes in: region 1 leaves once its bit 6 is durable
+    assert ones(two.hot) == [0, 1, 2] and not two.covered(range(4, 8))
+    assert write(two, bm, 7) is None, "back in: its bit never left the file, no round"
+    assert two.covered(range(4, 8)) and not two.covered(range(0, 4)), "region 0 leaves instead"
+    await asyncio.shield(fut)
+    await until(lambda: disk.durable_hot() == [1, 2], "region 0's clearing made durable")
+    assert ones(two.hot) == [1, 2] and two.covered(range(4, 8))
+    assert disk.violations == []
+
+
+# --- a failed fdatasync --------------------------------------------------------------------
+async def test_after_a_failed_fdatasync_hot_regions_stay_and_load_adds_them_in_this_boot(
+    two: persist.TrackingFile, disk: Disk, bm: Bitmap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel may drop the pages a failed writeback held and report it once: the
+    next fdatasync succeeds without them. Chunk 2's bit may be gone from the file for good."""
+    await written(two, bm, 1)  # region 0
+    assert write(two, bm, 2) is None  # only in the page cache
+    disk.fail = True
+    with pytest.raises(DeltavolError, match="Input/output error"):
+        await two.settle()
+    disk.fail = False
+    assert two.lost is not None
+    await written(two, bm, 5)  # region 1
+    await written(two, bm, 9)  # region 2: the set holds two, region 0 keeps its bit all the same
+    await until(lambda: disk.durable[45:61] == b"\xff" * 16, "the header saying so, durable")
+    assert disk.durable_hot() == [0, 1, 2] and disk.violations == []
+    back, _, recopy = persist.load_tracking(disk.path, G, SIZE)  # in this boot
+    assert ones(back) == list(range(12)) and recopy is not None and "fdatasync" in recopy.reason
+
+    await two.settle()  # writes the file again, from memory
+    assert two.lost is None and hot_of(disk.on_disk()).is_empty()
+    assert persist.load_tracking(disk.path, G, SIZE)[2] is None
+    monkeypatch.setattr(persist, "boot_id", lambda: bytes(range(16)))
+    assert ones(persist.load(disk.path, persist.KIND_TRACKING, G, SIZE)[0]) == [1, 2, 5, 9]
+    await written(two, bm, 13)  # the set works as before
+    await written(two, bm, 17)
+    assert ones(two.hot) == [3, 4]
 
 
 # --- settle --------------------------------------------------------------------------------
