@@ -29,9 +29,10 @@ Two ways of writing:
   region. A region leaves it only once its chunk bits are durable: when every bit of it
   was written before a round that has synced (the usual case: the oldest region was
   last written many rounds ago), its bit is cleared in the round that brings the new
-  region in, so the file never holds more hot bits than the set; else the new region
-  comes in at once and the old one leaves after the round that syncs its bits, with a
-  round of its own that makes the clearing durable.
+  region in; else (more regions than the set holds were first written to since the
+  last sync) the new region comes in at once and the old one's bit is cleared in the
+  round after the one that syncs its chunk bits. A synced file thus holds at most the
+  set plus the regions that came in during one round (at most the writes in flight).
 
   ``load`` trusts the chunk bits of a file written in this boot (the server died, the
   page cache did not). After a reboot it adds every chunk of every hot region: a power
@@ -43,8 +44,9 @@ Two ways of writing:
   A failed fdatasync may have dropped dirty pages for good (the kernel marks them clean
   and reports the error once: a later fdatasync succeeds without writing them). From then
   on the file is *lost*: no hot bit is cleared any more, and its header's boot becomes
-  ``_LOST_BOOT`` (written and synced with the next round), so that a load even in this
-  boot adds the hot regions. The next ``settle`` (or a mark) replaces the file from the
+  ``_LOST_BOOT`` (written in place and synced with the next round: only the boot and the
+  CRC change, both in the first sector), so that a load even in this boot adds the hot
+  regions. The next ``settle`` (or a mark) replaces the file from the
   bitmap in memory with ``rewrite``, which ends it. Until then the re-copy a power loss
   costs may exceed the hot set; ``lost`` says why.
 
@@ -380,6 +382,11 @@ class TrackingFile:
             regions.append(v)
 
     def _evicted(self, fut: asyncio.Future[None]) -> None:
+        if self._clear_evicted(fut) and self._fd >= 0:
+            self.round()  # the clearing durable soon, so the file keeps to the bound
+
+    def _clear_evicted(self, fut: asyncio.Future[None]) -> bool:
+        """Clear the regions that left with round ``fut`` (done); True if any was."""
         failed = fut.cancelled() or fut.exception() is not None
         cleared = False
         for v in self._evictions.pop(fut, ()):
@@ -390,8 +397,7 @@ class TrackingFile:
                     self._pending.add(v >> _PAGE_BITS)
                     cleared = True
                 # else its bit stays: a superset, that ``settle`` or a rewrite clears
-        if cleared and self._fd >= 0:
-            self.round()  # the clearing durable soon, so the file keeps to the bound
+        return cleared
 
     def _round_done(self, fut: asyncio.Future[None]) -> None:
         failed = fut.cancelled() or fut.exception() is not None
@@ -408,6 +414,8 @@ class TrackingFile:
         """Write the pending pages of hot bits as they are now (a round begins: on the loop)."""
         if self._round is not None:
             self._round_seq[self._round] = self._seq  # the round that begins: it syncs these
+        for fut in [f for f in self._evictions if f.done()]:  # the last round's: the group
+            self._clear_evicted(fut)  # commit begins this one before the loop runs its callbacks
         self._write_pending()
 
     def _write_pending(self) -> None:

@@ -425,6 +425,34 @@ async def test_a_region_written_since_the_last_sync_leaves_only_after_a_sync_of_
     assert disk.violations == []
 
 
+async def test_a_region_that_left_with_a_round_is_cleared_in_the_round_right_after(
+    disk: Disk, bm: Bitmap
+) -> None:
+    """The group commit begins the next round before the loop runs the last one's
+    callbacks: the clearing must go into that round all the same, or a synced file
+    holds the regions that came in during two rounds beyond the set."""
+    tf = persist.TrackingFile(disk.path, SIZE, G, GroupCommit(), region=R, hot_set=R)  # one region
+    tf.rewrite(Bitmap(SIZE, G), 1)
+    try:
+        await written(tf, bm, 1)  # region 0
+        assert write(tf, bm, 2) is None  # chunk 2: not durable yet
+        gate = threading.Event()
+        disk.gates.append(gate)
+        first = write(tf, bm, 5)  # region 1 in; region 0 out once chunk 2 is synced
+        assert first is not None
+        await until(lambda: len(disk.syncs()) == 2, "that round's sync")
+        second = write(tf, bm, 9)  # region 2 in, with the next round; region 1 out after it
+        assert second is not None and second is not first
+        gate.set()
+        await asyncio.shield(second)
+        assert ones(hot_of(disk.syncs()[1])) == [0, 1] and chunks_of(disk.syncs()[1]).test(2)
+        assert ones(hot_of(disk.syncs()[2])) == [1, 2], "region 0 cleared in the round right after"
+        await until(lambda: disk.durable_hot() == [2], "region 1's clearing made durable")
+        assert disk.violations == []
+    finally:
+        tf.close()
+
+
 async def test_a_region_on_its_way_out_comes_back_without_a_round(
     two: persist.TrackingFile, disk: Disk, bm: Bitmap
 ) -> None:
