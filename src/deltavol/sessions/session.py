@@ -944,7 +944,7 @@ class Session:
             "point_in_time": self.point_in_time,
             "tracked_bytes": self.transfer_bytes(self.tracking),
             "recopy_bytes": self.recopy.bytes if self.recopy else 0,
-            "recopy_reason": self._recopy_reason(),
+            "full_reason": self._full_reason(),
             "update": update,
             "last_error": self.last_error,
             "retry": self.retry.status(),
@@ -952,7 +952,7 @@ class Session:
             "every": self.every,
         }
 
-    def _recopy_reason(self) -> str | None:
+    def _full_reason(self) -> str | None:
         """Why chunks nobody wrote are copied again (``recopy_bytes``), or would be
         after a power loss beyond the hot set now."""
         tf = self.tracking_file

@@ -190,7 +190,7 @@ async def test_a_power_loss_after_random_writes_recopies_at_most_the_hot_set(
         assert recopy <= bound + slack * REGION, f"re-copies {recopy / MIB:.0f} MiB beyond what was written"
         assert again.recopy is not None and again.recopy.bytes == recopy
         st = again.status()
-        assert st["recopy_bytes"] == recopy and "restarted" in st["recopy_reason"]
+        assert st["recopy_bytes"] == recopy and "restarted" in st["full_reason"]
     finally:
         assert again.tracking_file is not None
         again.tracking_file.close()
@@ -214,7 +214,7 @@ async def test_a_failed_fdatasync_of_the_tracking_file_shows_in_status_until_it_
         (first,) = s.track(0, BLOCK)
         with pytest.raises(DeltavolError, match="Input/output error"):
             await asyncio.shield(first)
-        assert "fdatasync" in s.status()["recopy_reason"]
+        assert "fdatasync" in s.status()["full_reason"]
         failing[0] = False
         (retry,) = s.track(0, BLOCK)
         await asyncio.shield(retry)
@@ -222,7 +222,7 @@ async def test_a_failed_fdatasync_of_the_tracking_file_shows_in_status_until_it_
         recopy = persist.load_tracking(s._tracking_path, G, SIZE)[2]
         assert recopy is not None and recopy.bytes == REGION - G and "fdatasync" in recopy.reason
         await s.tracking_file.settle()  # the file written again from memory
-        assert s.status()["recopy_reason"] is None
+        assert s.status()["full_reason"] is None
         back, _, recopy = persist.load_tracking(s._tracking_path, G, SIZE)
         assert recopy is None and list(back.runs()) == [(0, 1)]
     finally:
