@@ -475,6 +475,8 @@ class TrackingFile:
             )
             if self._fd >= 0:  # the header says so as soon as a sync succeeds (one round, not
                 self.round()  # a loop of them on a disk that keeps failing)
+                if self._settle is None:  # which writes the file again
+                    self._settle = asyncio.get_running_loop().call_later(SETTLE_SECONDS, self._start_settle)
 
     async def durable(self) -> None:
         """Wait for that round."""

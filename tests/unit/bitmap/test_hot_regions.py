@@ -499,6 +499,21 @@ async def test_after_a_failed_fdatasync_hot_regions_stay_and_load_adds_them_in_t
     assert ones(two.hot) == [3, 4]
 
 
+async def test_after_a_failed_fdatasync_the_settle_timer_writes_the_file_again(
+    tf: persist.TrackingFile, disk: Disk, bm: Bitmap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(persist, "SETTLE_SECONDS", 0.05)
+    tf.write_bits(bm, bm.set_range(5 * G, G))  # no region comes in: no settle timer yet
+    disk.fail = True
+    with pytest.raises(DeltavolError, match="Input/output error"):
+        await tf.durable()
+    disk.fail = False
+    assert tf.lost is not None
+    await until(lambda: tf.lost is None, "the settle timer writing the file again")
+    back, _, recopy = persist.load_tracking(disk.path, G, SIZE)
+    assert recopy is None and ones(back) == [5] and hot_of(disk.on_disk()).is_empty()
+
+
 # --- settle --------------------------------------------------------------------------------
 async def test_settle_clears_a_region_idle_for_a_period_and_keeps_one_with_a_new_chunk_bit(
     tf: persist.TrackingFile, disk: Disk, bm: Bitmap
