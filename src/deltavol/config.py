@@ -32,3 +32,4 @@ class ServerConfig:
     hot_set: int = 1 << 30  # bytes of a source a power loss may copy again per session (its hot regions)
     retry_limit: int = 5  # automatic resumes of an update whose target failed
     retry_backoff: float = 2.0  # seconds before the first retry; doubles each time
+    target_timeout: float = 30.0  # seconds a remote target may take to connect, or stay silent

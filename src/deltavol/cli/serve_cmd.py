@@ -66,6 +66,13 @@ def parse_hot_set(text: str) -> int:
 @click.option(
     "--retry-backoff", default=2.0, show_default=True, help="Seconds before the first retry (doubles)."
 )
+@click.option(
+    "--target-timeout",
+    default=30.0,
+    type=click.FloatRange(min=0, min_open=True),
+    show_default=True,
+    help="Seconds a remote target may take to connect, or stay silent while requests wait.",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_context
 def serve(
@@ -79,6 +86,7 @@ def serve(
     hot_set: str,
     retry_limit: int,
     retry_backoff: float,
+    target_timeout: float,
     log_level: str,
 ) -> None:
     """Run the server: NBD exports and the control API for one data dir."""
@@ -95,6 +103,7 @@ def serve(
         hot_set=parse_hot_set(hot_set),
         retry_limit=retry_limit,
         retry_backoff=retry_backoff,
+        target_timeout=target_timeout,
     )
     from deltavol.server.main import serve as run
 
