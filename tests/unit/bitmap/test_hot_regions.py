@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import random
 import struct
 import threading
 import time
@@ -467,6 +468,50 @@ async def test_a_region_on_its_way_out_comes_back_without_a_round(
     await until(lambda: disk.durable_hot() == [1, 2], "region 0's clearing made durable")
     assert ones(two.hot) == [1, 2] and two.covered(range(4, 8))
     assert disk.violations == []
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_random_first_writes_keep_every_acknowledged_chunk_covered_and_the_set_bounded(
+    disk: Disk, bm: Bitmap, seed: int
+) -> None:
+    """Bursts of first writes at random (some in a few favourite regions, so that regions
+    of the set keep getting new chunk bits), settles in between: each write, when it is
+    acknowledged, has its chunk bit or its region's bit in the file as of a sync that
+    returned; no write of hot bits clears a region before its chunk bits are durable; and
+    a synced file holds at most the set plus the regions that came in during one round."""
+    rng = random.Random(seed)
+    tf = persist.TrackingFile(disk.path, SIZE, G, GroupCommit(), region=R, hot_set=3 * R)
+    tf.rewrite(Bitmap(SIZE, G), 1)
+    missed: list[int] = []
+    largest_burst = 0
+
+    async def first_write(c: int) -> None:
+        await asyncio.sleep(0.001 * rng.random())
+        if bm.test(c):
+            return
+        fut = write(tf, bm, c)
+        if fut is not None:
+            await asyncio.shield(fut)
+        durable = chunks_of(disk.durable)
+        if not durable.test(c) and not hot_of(disk.durable).test(c * G // R):
+            missed.append(c)
+
+    try:
+        for step in range(40):
+            if step % 10 == 9:
+                bm.clear_all()  # as a mark does: the file replaced, every chunk new again
+                tf.rewrite(bm, step)
+            burst = [rng.randrange(12) if rng.random() < 0.3 else rng.randrange(NBITS) for _ in range(6)]
+            largest_burst = max(largest_burst, len(set(burst)))
+            await asyncio.gather(*(first_write(c) for c in burst))
+            if rng.random() < 0.2:
+                await tf.settle()
+        await tf.durable()
+    finally:
+        tf.close()
+    assert not missed, missed
+    assert disk.violations == []
+    assert max(hot_of(data).count() for data in disk.syncs()) <= 3 + largest_burst
 
 
 # --- a failed fdatasync --------------------------------------------------------------------
