@@ -67,6 +67,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,14 +108,24 @@ def _header(bitmap: Bitmap, generation: int, kind: int, region: int, boot: bytes
     return (head + struct.pack(">I", zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
 
 
-def save_atomic(path: Path, bitmap: Bitmap, generation: int, kind: int, hot: Bitmap | None = None) -> None:
+def save_atomic(
+    path: Path,
+    bitmap: Bitmap,
+    generation: int,
+    kind: int,
+    hot: Bitmap | None = None,
+    adopt: Callable[[int], None] | None = None,
+) -> None:
     """Replace ``path`` with ``bitmap`` (and for a tracking file its hot regions, ``hot``,
-    by default none)."""
+    by default none). ``adopt``, if given, gets a read-write fd of the new file as it
+    replaces the old one: one opened before, so that a caller keeping the file open
+    never keeps a replaced inode (an ``open`` after the replace may fail: EMFILE)."""
     if kind == KIND_TRACKING and hot is None:
         hot = Bitmap(bitmap.size, max(HOT_REGION, bitmap.granularity))
     tmp = path.with_name(path.name + ".tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        mode = os.O_RDWR if adopt is not None else os.O_WRONLY
+        fd = os.open(tmp, mode | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             _write_all(fd, _header(bitmap, generation, kind, hot.granularity if hot else 0), 0)
             with bitmap.view() as bits:  # no copy: a 16 TiB volume's bitmap is 32 MiB
@@ -123,9 +134,13 @@ def save_atomic(path: Path, bitmap: Bitmap, generation: int, kind: int, hot: Bit
                 with hot.view() as bits:
                     _write_all(fd, bits, _hot_at(bitmap.nbits))
             os.fsync(fd)
+            os.replace(tmp, path)
+            if adopt is not None:
+                fd, new = -1, fd
+                adopt(new)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            if fd >= 0:
+                os.close(fd)
         sync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -532,9 +547,20 @@ class TrackingFile:
 
     def rewrite(self, bitmap: Bitmap, generation: int) -> None:
         """Replace the file atomically with ``bitmap`` and no hot region (every bit set is
-        durable in it); this is where cleared bits land."""
-        save_atomic(self.path, bitmap, generation, KIND_TRACKING, Bitmap(self.hot.size, self.hot.granularity))
-        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        durable in it); this is where cleared bits land. If it fails, the fd stays on the
+        file in place (the old one, or the new one once it has replaced it), and so does
+        the hot set that goes with it."""
+        empty = Bitmap(self.hot.size, self.hot.granularity)
+        save_atomic(
+            self.path,
+            bitmap,
+            generation,
+            KIND_TRACKING,
+            empty,
+            adopt=lambda fd: self._adopt(fd, bitmap, generation),
+        )
+
+    def _adopt(self, fd: int, bitmap: Bitmap, generation: int) -> None:
         with self._fd_lock:
             old, self._fd = self._fd, fd
             if old >= 0:
