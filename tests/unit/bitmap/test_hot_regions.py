@@ -349,6 +349,24 @@ async def test_rewrite_empties_the_hot_section_on_disk_and_in_memory(
     assert len(disk.syncs()) == n + 1 and ones(hot_of(disk.on_disk())) == [0]
 
 
+async def test_a_rewrite_that_fails_before_the_replace_keeps_the_hot_set_of_the_file_in_place(
+    tf: persist.TrackingFile, disk: Disk, bm: Bitmap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await written(tf, bm, 1)  # region 0, durably hot
+    assert write(tf, bm, 2) is None  # its chunk 2: only in the page cache
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", fsync)
+        with pytest.raises(DeltavolError, match="Input/output error"):
+            tf.rewrite(bm, 2)
+    assert tf.covered(range(0, 4)), "the old file is still the file, region 0 still hot in it"
+    await written(tf, bm, 9)  # another region: the hot page is written again
+    assert disk.durable_hot() == [0, 2] and disk.violations == []
+
+
 async def test_a_round_of_the_replaced_file_does_not_cover_a_change_after_a_rewrite(
     tf: persist.TrackingFile, disk: Disk, bm: Bitmap
 ) -> None:
