@@ -192,6 +192,7 @@ class SessionManager:
             open_target=self._open_target,
             persist_row=self._persist,
             save_limit=self.config.save_limit,
+            hot_set=self.config.hot_set,
             retry=RetryPolicy(limit=self.config.retry_limit, backoff=self.config.retry_backoff),
             target_timeout=self.config.target_timeout,
             **kw,

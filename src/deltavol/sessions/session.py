@@ -189,6 +189,7 @@ class Session:
         save_limit: int = 1 << 30,
         retry: RetryPolicy | None = None,
         hot_region: int = persist.HOT_REGION,
+        hot_set: int = persist.HOT_SET,
         target_timeout: float = TARGET_TIMEOUT,
     ) -> None:
         self.name = name
@@ -228,6 +229,9 @@ class Session:
         self._task: asyncio.Task[None] | None = None
         self._commit = commit
         self._hot_region = hot_region
+        self._hot_set = hot_set
+        # what the last start added to tracking because the hot set's bits may be lost
+        self.recopy: persist.Recopy | None = None
         # chunk -> the round making its bit durable, _BY_SAVE, or None (failed: write it again)
         self._unsynced: dict[int, Any] = {}
         self._round_chunks: dict[asyncio.Future[None], list[int]] = {}
@@ -255,7 +259,12 @@ class Session:
         if self.tracking_file is not None:
             self.tracking_file.close()
         self.tracking_file = persist.TrackingFile(
-            self._tracking_path, self.source.size, self.granularity, self._commit, self._hot_region
+            self._tracking_path,
+            self.source.size,
+            self.granularity,
+            self._commit,
+            self._hot_region,
+            self._hot_set,
         )
 
     def load_files(self) -> None:
@@ -273,7 +282,9 @@ class Session:
         """
         save: SaveArea | None = None
         try:
-            tracking, _ = persist.load(self._tracking_path, TRACKING, self.granularity, self.source.size)
+            tracking, _, recopy = persist.load_tracking(
+                self._tracking_path, self.granularity, self.source.size
+            )
             owned = self.update is not None and self.state in (State.COPYING, State.PAUSED, State.FAILED)
             transfer, orphan = None, False
             if self._transfer_path.exists():
@@ -293,7 +304,7 @@ class Session:
                 save = area.open()
                 for c in save.index:  # saved, so changed after the mark: their bits came with the saves
                     tracking.set(c)
-            self.tracking = tracking
+            self.tracking, self.recopy = tracking, recopy
             self._open_tracking_file()
             self._rewrite_tracking()
             if orphan:
@@ -312,6 +323,13 @@ class Session:
         self.transfer = transfer
         self._durable_transfer = transfer.copy() if transfer is not None else None
         self.save = save
+        if recopy is not None:
+            log.warning(
+                "session %s: %s: the hot set's %d bytes are copied again",
+                self.name,
+                recopy.reason,
+                recopy.bytes,
+            )
         self._gate.changed()  # bitmaps replaced: what the write path cached is void
 
     def set_aside_files(self, why: str) -> None:
@@ -1210,12 +1228,22 @@ class Session:
             "consistent": self.consistent,
             "point_in_time": self.point_in_time,
             "tracked_bytes": self.transfer_bytes(self.tracking),
+            "recopy_bytes": self.recopy.bytes if self.recopy else 0,
+            "full_reason": self._full_reason(),
             "update": update,
             "last_error": self.last_error,
             "retry": self.retry.status(),
             "max_rate": self.max_rate,
             "every": self.every,
         }
+
+    def _full_reason(self) -> str | None:
+        """Why chunks nobody wrote are copied again (``recopy_bytes``), or would be
+        after a power loss beyond the hot set now."""
+        tf = self.tracking_file
+        if tf is not None and tf.lost is not None:
+            return tf.lost
+        return self.recopy.reason if self.recopy else None
 
 
 def _aside(path: Path, stamp: str) -> Path:

@@ -482,7 +482,10 @@ async def test_a_failed_sync_fails_every_waiter_and_the_next_write_works(
         assert not tf.covered(range(8, 12))
         await first_write(tf, bm, bm.set_range(11 * G, G))  # a region whose round failed asks again
         assert tf.covered(range(8, 12)) and tf.covered(range(48, 52))
-        assert load(path).count() == 12
+        # the failed sync may have dropped pages: even in this boot, the hot regions come back
+        assert load(path).count() == 16
+        await tf.settle()  # writes the file again from memory
+        assert tf.lost is None and load(path).count() == 12
     finally:
         tf.close()
 
