@@ -1302,7 +1302,8 @@ class Session:
             # copying with no task: a step between the state and the spawn failed
             log.warning("session %s: copying with no copy task: starting it again", self.name)
             self._cancel_retry()
-            await self._drop_target()
+            async with self._gate.closed():  # as below: once a copy-before-write on it is over
+                await self._drop_target()
             self.last_error = None
             self._save_row()
             self._spawn()
