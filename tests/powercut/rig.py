@@ -61,12 +61,11 @@ class Layer:
 
     def mount(self) -> None:
         self.proc = subprocess.Popen([self.binary, self.backing, self.mnt], stdout=self.log, stderr=self.log)
-        for _ in range(200):
-            if os.path.ismount(self.mnt):
-                return
+        deadline = time.monotonic() + 20
+        while not os.path.ismount(self.mnt):
             assert self.proc.poll() is None, f"cutfs exited with {self.proc.returncode}"
+            assert time.monotonic() < deadline, "cutfs did not mount"
             time.sleep(0.01)
-        raise AssertionError("cutfs did not mount")
 
     def control(self, command: str) -> None:
         fd = os.open(self.mnt / ".cutfs", os.O_WRONLY)
@@ -201,7 +200,8 @@ class Rig:
             self.target.stop()
             self.a.unmount(clean=True)
             self.b.unmount(clean=True)
-            self.server.log.close()
+            for log in (self.server.log, self.target.log, self.a.log, self.b.log):
+                log.close()
 
 
 def run_writer(

@@ -30,6 +30,7 @@ import pytest
 
 from deltavol.bitmap.persist import HOT_REGION
 from deltavol.cli.api_client import ApiTarget, call
+from deltavol.sessions.session import CHECKPOINT_SECONDS
 from tests.powercut.rig import Rig, SourceModel, run_writer
 from tests.sessions.common import differing_chunks, volume_path
 
@@ -129,11 +130,13 @@ def tag(data: bytes, chunk: int) -> int:
 def one_cut(rig: Rig, model: SourceModel, seed: int) -> None:
     rng = random.Random(seed)
     srv = rig.server
+    # one trial in four copies for longer than a checkpoint's period before the cut
+    long = rng.random() < 0.25
     # writes before the mark: all acknowledged, some flushed or FUA, some neither
     w = run_writer(
         srv.uri("src"),
         4 * seed + 1,
-        rng.randint(4, 40),
+        rng.randint(48, 64) if long else rng.randint(4, 40),
         G,
         CHUNKS,
         flush_every=rng.choice([0, 3, 10]),
@@ -146,7 +149,7 @@ def one_cut(rig: Rig, model: SourceModel, seed: int) -> None:
     full = rng.random() < 0.2
     marks = {}
     for s in SESSIONS:
-        u = start_update(rig, s, full, "16MiB/s" if full else "2MiB/s")
+        u = start_update(rig, s, full, "16MiB/s" if full else "1MiB/s" if long else "2MiB/s")
         marks[s] = (u["id"], u["marked_at"])
     model.flush_all()  # a mark flushes the source first (DESIGN §3)
     mark_image = model.image()
@@ -162,7 +165,7 @@ def one_cut(rig: Rig, model: SourceModel, seed: int) -> None:
         flush_every=rng.choice([1, 4, 16]),
         fua_percent=rng.choice([0, 10, 50]),
     )
-    time.sleep(rng.uniform(0.02, 1.5))
+    time.sleep(rng.uniform(CHECKPOINT_SECONDS, 2 * CHECKPOINT_SECONDS) if long else rng.uniform(0.02, 1.5))
     tear = rng.random() < 0.5
     rig.power_cut(tear_seed=seed if tear else None)
     out, _ = w.communicate(timeout=60)
@@ -189,6 +192,7 @@ def one_cut(rig: Rig, model: SourceModel, seed: int) -> None:
         assert sent <= BOUND, f"{s}: the update after the power cut sent {sent} bytes, more than {BOUND}"
 
 
+@pytest.mark.timeout(120 + 30 * TRIALS)
 def test_power_cuts_during_updates_to_local_and_remote_targets(rig: Rig) -> None:
     srv = rig.server
     srv.cli("volume", "create", "src", "--size", str(SIZE))
