@@ -235,14 +235,16 @@ class SourceModel:
         self.unsynced: list[tuple[int, int]] = []  # acknowledged, not yet covered by a FLUSH
         self.sent: dict[int, int] = {}  # tag -> its place in the order writes were sent
         self.durable_tag: dict[int, int] = {}  # chunk -> tag of its durable contents
+        self.durable_by: dict[int, str] = {}  # chunk -> what made them durable (FUA, FLUSH, mark)
 
-    def _make_durable(self, chunk: int, tag: int) -> None:
+    def _make_durable(self, chunk: int, tag: int, by: str) -> None:
         """``tag`` is durable on ``chunk``, unless a write sent later already is (a FLUSH
         after an older write's ack comes after a newer FUA write)."""
         newest = self.durable_tag.get(chunk)
         if newest is not None and self.sent[newest] > self.sent[tag]:
             return
         self.durable_tag[chunk] = tag
+        self.durable_by[chunk] = by
         g = self.gran
         self.durable[chunk * g : (chunk + 1) * g] = pattern(tag, g)
         tags = self.pending.get(chunk, [])
@@ -262,21 +264,21 @@ class SourceModel:
                 write = (int(args[0]), int(args[1]))
                 acked.append(write)
                 if kind == "fua":
-                    self._make_durable(*write)
+                    self._make_durable(*write, "FUA")
                 else:
                     self.unsynced.append(write)
             elif kind == "flush":
                 covered = list(self.unsynced)
             elif kind == "flushed":
                 for write in covered:
-                    self._make_durable(*write)
+                    self._make_durable(*write, "FLUSH")
                 self.unsynced = [w for w in self.unsynced if w not in covered]
         return acked
 
-    def flush_all(self) -> None:
-        """Every acknowledged write durable (a FLUSH with no writer running, or a mark)."""
+    def flush_all(self, by: str = "mark") -> None:
+        """Every acknowledged write durable (a mark flushes the source first)."""
         for write in self.unsynced:
-            self._make_durable(*write)
+            self._make_durable(*write, by)
         self.unsynced = []
 
     def image(self) -> bytes:
@@ -299,7 +301,8 @@ class SourceModel:
                     head = int.from_bytes(got[s : s + 8], "little")
                     bad.append(
                         f"chunk {c} sector {s // SECTOR}: tag {head}, durable tag "
-                        f"{int.from_bytes(want[s : s + 8], 'little')}, pending {self.pending.get(c, [])}"
+                        f"{int.from_bytes(want[s : s + 8], 'little')} (by {self.durable_by.get(c, '-')}), "
+                        f"pending {self.pending.get(c, [])}"
                     )
                     break
         return bad
@@ -310,3 +313,4 @@ class SourceModel:
         self.pending = {}
         self.unsynced = []
         self.durable_tag = {}
+        self.durable_by = {}
