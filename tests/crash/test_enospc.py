@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,14 +83,27 @@ def test_full_data_dir_falls_back_to_copy_before_write(small_fs: Path, tmp_path:
         filler = small_fs / "filler"
         with open(filler, "wb") as f:
             f.write(b"\xff" * max(0, free - 256 * 1024))
-        srv.cli("session", "update", "s", "--max-rate", "4MiB/s")
+        rate = 512 * 1024  # the throttled copy of the 8 MiB owed takes 16 s
+        marked = time.monotonic()
+        srv.cli("session", "update", "s", "--max-rate", f"{rate}B/s")
+        before = srv.status()
+        assert before["state"] == "copying" and before["update"]["bytes_done"] < 2 * MiB, before
         out = qemu_io(src, "write -P 0xc3 0 8M")  # overwrites chunks the update still owes
         assert out.returncode == 0 and "wrote" in out.stdout, out
+        after = srv.status()["update"]
+        # at most this much can have gone through the throttle since the mark (two requests
+        # of a quarter second each may be in debt)
+        throttled = rate * (time.monotonic() - marked) + rate // 2
         filler.unlink()
+        # every owed chunk the overwrite found was saved first or copied at once; the save
+        # area could not hold half of them, so copy-before-write copied them, outside the
+        # throttle
+        assert after["bytes_done"] + after["cofw_saved_bytes"] >= 8 * MiB, after
+        assert after["cofw_saved_bytes"] < 4 * MiB, after
+        assert after["bytes_done"] - throttled >= 4 * MiB, (throttled, after)
         st = srv.wait_idle(2, timeout=60)
         assert st["consistent"], st
         out = qemu_io(dst, "read -P 0xb2 0 8M", "read -P 0xa1 8M 24M", read_only=True)
         assert out.returncode == 0 and "Pattern verification failed" not in out.stdout, out.stdout
-        assert st["update"]["cofw_saved_bytes"] < 8 * MiB  # the save area could not hold it all
     finally:
         srv.stop()

@@ -44,6 +44,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from deltavol.bitmap.bitmap import MAX_GRANULARITY, Bitmap
@@ -80,14 +81,24 @@ def _header(bitmap: Bitmap, generation: int, kind: int, region: int) -> bytes:
     return (head + struct.pack(">I", zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
 
 
-def save_atomic(path: Path, bitmap: Bitmap, generation: int, kind: int, hot: Bitmap | None = None) -> None:
+def save_atomic(
+    path: Path,
+    bitmap: Bitmap,
+    generation: int,
+    kind: int,
+    hot: Bitmap | None = None,
+    adopt: Callable[[int], None] | None = None,
+) -> None:
     """Replace ``path`` with ``bitmap`` (and for a tracking file its hot regions, ``hot``,
-    by default none)."""
+    by default none). ``adopt``, if given, gets a read-write fd of the new file as it
+    replaces the old one: one opened before, so that a caller keeping the file open
+    never keeps a replaced inode (an ``open`` after the replace may fail: EMFILE)."""
     if kind == KIND_TRACKING and hot is None:
         hot = Bitmap(bitmap.size, max(HOT_REGION, bitmap.granularity))
     tmp = path.with_name(path.name + ".tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        mode = os.O_RDWR if adopt is not None else os.O_WRONLY
+        fd = os.open(tmp, mode | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             _write_all(fd, _header(bitmap, generation, kind, hot.granularity if hot else 0), 0)
             with bitmap.view() as bits:  # no copy: a 16 TiB volume's bitmap is 32 MiB
@@ -96,9 +107,13 @@ def save_atomic(path: Path, bitmap: Bitmap, generation: int, kind: int, hot: Bit
                 with hot.view() as bits:
                     _write_all(fd, bits, _hot_at(bitmap.nbits))
             os.fsync(fd)
+            os.replace(tmp, path)
+            if adopt is not None:
+                fd, new = -1, fd
+                adopt(new)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            if fd >= 0:
+                os.close(fd)
         sync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -326,12 +341,14 @@ class TrackingFile:
 
     def rewrite(self, bitmap: Bitmap, generation: int) -> None:
         """Replace the file atomically with ``bitmap`` and no hot region (every bit set is
-        durable in it); this is where cleared bits land."""
+        durable in it); this is where cleared bits land. If it fails, the fd stays on the
+        file in place (the old one, or the new one once it has replaced it)."""
         self.hot.clear_all()
         self._pending.clear()
         self._touched.clear()
-        save_atomic(self.path, bitmap, generation, KIND_TRACKING, self.hot)
-        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        save_atomic(self.path, bitmap, generation, KIND_TRACKING, self.hot, adopt=self._adopt)
+
+    def _adopt(self, fd: int) -> None:
         with self._fd_lock:
             old, self._fd = self._fd, fd
             if old >= 0:
