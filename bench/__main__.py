@@ -74,7 +74,9 @@ def markdown(rows: list[Row], settings: Settings, elapsed: float, commit: str) -
         "over unix sockets; deltavol and the peer serve the same file, one after the other",
         "(page-cache figures: the better of two runs each, in the order deltavol, peer, peer, deltavol).",
         "Tracking figures: one volume with and without sessions in alternation, each run after "
-        "`sync`, the better of two each. Copy-on-first-write: the better of two runs each, in the "
+        "`sync`, the better of two each; their first-writes figures time each job's first "
+        "8 writes per 4 MiB region of the file, with no ramp. Copy-on-first-write: the better "
+        "of two runs each, in the "
         "order no update, update, update, no update.",
         "Ratios are deltavol / peer in the figure's unit (for seconds and latency lower is better).",
         "",
