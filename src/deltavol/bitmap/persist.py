@@ -48,7 +48,8 @@ from pathlib import Path
 
 from deltavol.bitmap.bitmap import MAX_GRANULARITY, Bitmap
 from deltavol.errors import CorruptFile, DeltavolError, os_error
-from deltavol.store.fsio import boot_id, sync_dir
+from deltavol.store import fs
+from deltavol.store.fs import boot_id, sync_dir
 from deltavol.store.group_commit import GroupCommit
 
 log = logging.getLogger("deltavol.bitmap")
@@ -87,7 +88,7 @@ def save_atomic(path: Path, bitmap: Bitmap, generation: int, kind: int, hot: Bit
         hot = Bitmap(bitmap.size, max(HOT_REGION, bitmap.granularity))
     tmp = path.with_name(path.name + ".tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             _write_all(fd, _header(bitmap, generation, kind, hot.granularity if hot else 0), 0)
             with bitmap.view() as bits:  # no copy: a 16 TiB volume's bitmap is 32 MiB
@@ -95,20 +96,20 @@ def save_atomic(path: Path, bitmap: Bitmap, generation: int, kind: int, hot: Bit
             if hot is not None:
                 with hot.view() as bits:
                     _write_all(fd, bits, _hot_at(bitmap.nbits))
-            os.fsync(fd)
+            fs.fsync(fd)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            fs.close(fd)
+        fs.replace(tmp, path)
         sync_dir(path.parent)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        fs.unlink(tmp, missing_ok=True)
         raise os_error(exc, f"bitmap {path}") from exc
 
 
 def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
-        n = os.pwrite(fd, view, offset)
+        n = fs.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
 
 
@@ -119,13 +120,13 @@ def write_bits_in_place(path: Path, bitmap: Bitmap) -> None:
     no new space, and a torn write leaves every byte either old (a superset) or new.
     """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = fs.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             with bitmap.view() as bits:
                 _write_all(fd, bits, HEADER_SIZE)
-            os.fdatasync(fd)
+            fs.fdatasync(fd)
         finally:
-            os.close(fd)
+            fs.close(fd)
     except OSError as exc:
         raise os_error(exc, f"bitmap {path}") from exc
 
@@ -136,7 +137,7 @@ def load(path: Path, kind: int, granularity: int, size: int) -> tuple[Bitmap, in
     A tracking file written before this boot comes back with its hot regions added.
     """
     try:
-        raw = path.read_bytes()
+        raw = fs.read_bytes(path)
     except FileNotFoundError:
         raise CorruptFile(path=path, why=f"{_KINDS.get(kind, 'bitmap')} bitmap file is missing") from None
     except OSError as exc:
@@ -282,7 +283,7 @@ class TrackingFile:
             if self._fd < 0:  # closed (its session is gone): nothing left to make durable
                 return
             try:
-                os.fdatasync(self._fd)
+                fs.fdatasync(self._fd)
             except OSError as exc:
                 raise os_error(exc, f"tracking bitmap {self.path}") from exc
 
@@ -331,11 +332,11 @@ class TrackingFile:
         self._pending.clear()
         self._touched.clear()
         save_atomic(self.path, bitmap, generation, KIND_TRACKING, self.hot)
-        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        fd = fs.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         with self._fd_lock:
             old, self._fd = self._fd, fd
             if old >= 0:
-                os.close(old)
+                fs.close(old)
 
     def close(self) -> None:
         if self._settle is not None:
@@ -343,5 +344,5 @@ class TrackingFile:
             self._settle = None
         with self._fd_lock:
             if self._fd >= 0:
-                os.close(self._fd)
+                fs.close(self._fd)
                 self._fd = -1

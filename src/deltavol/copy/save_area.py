@@ -52,7 +52,8 @@ import zlib
 from pathlib import Path
 
 from deltavol.errors import CorruptFile, os_error
-from deltavol.store.fsio import sync_dir
+from deltavol.store import fs
+from deltavol.store.fs import sync_dir
 from deltavol.store.group_commit import GroupCommit
 
 log = logging.getLogger("deltavol.save_area")
@@ -89,22 +90,22 @@ class SaveArea:
         full disk is no error here: the saves then append."""
         want = HEADER_SIZE + min(self.limit, SPACE_AHEAD)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = fs.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                have = start = os.fstat(fd).st_size
-                fs = os.fstatvfs(fd)
-                if have >= want or fs.f_bavail * fs.f_frsize < 4 * want:
+                have = start = fs.fstat(fd).st_size
+                vfs = fs.fstatvfs(fd)
+                if have >= want or vfs.f_bavail * vfs.f_frsize < 4 * want:
                     return  # done before, or the disk is nearly full: leave the room to others
                 zeroes = bytes(1 << 20)
                 try:
                     while have < want:
-                        have += os.pwrite(fd, zeroes[: want - have], have)
-                    os.fsync(fd)
+                        have += fs.pwrite(fd, zeroes[: want - have], have)
+                    fs.fsync(fd)
                 except OSError:
-                    os.ftruncate(fd, start)  # give back what it took
+                    fs.ftruncate(fd, start)  # give back what it took
                     raise
             finally:
-                os.close(fd)
+                fs.close(fd)
             sync_dir(self.path.parent)
         except OSError as exc:
             log.warning("save area %s: no space written ahead: %s", self.path, exc.strerror or exc)
@@ -115,29 +116,29 @@ class SaveArea:
         self.nonce = secrets.randbits(64)
         head = HEADER.pack(MAGIC, VERSION, self.granularity, self.size, self.update_id, self.nonce)
         head = (head + struct.pack(">I", zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
-        if self.path.exists():  # one sector of header, overwritten in place
+        if fs.exists(self.path):  # one sector of header, overwritten in place
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+                fd = fs.open(self.path, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
                 raise os_error(exc, f"opening save area {self.path}") from exc
             try:
-                os.pwrite(fd, head, 0)
-                os.fdatasync(fd)
+                fs.pwrite(fd, head, 0)
+                fs.fdatasync(fd)
                 sync_dir(self.path.parent)  # prepare may have created it and not got that far
             except OSError as exc:
-                os.close(fd)
+                fs.close(fd)
                 raise os_error(exc, f"creating save area {self.path}") from exc
             self._fd = fd
             return self
         tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = fs.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.pwrite(fd, head, 0)
-            os.fsync(fd)
+            fs.pwrite(fd, head, 0)
+            fs.fsync(fd)
         except OSError as exc:
-            os.close(fd)
+            fs.close(fd)
             raise os_error(exc, f"creating save area {self.path}") from exc
-        os.replace(tmp, self.path)
+        fs.replace(tmp, self.path)
         sync_dir(self.path.parent)
         self._fd = fd
         return self
@@ -145,11 +146,11 @@ class SaveArea:
     def open(self) -> SaveArea:
         """Reopen after a restart, validating the header and every record."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            fd = fs.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             raise CorruptFile(path=self.path, why="save area is missing") from None
         self._fd = fd
-        raw = os.pread(fd, HEADER_SIZE, 0)
+        raw = fs.pread(fd, HEADER_SIZE, 0)
         if len(raw) < HEADER.size + 4:
             raise CorruptFile(path=self.path, why="header is truncated")
         head = raw[: HEADER.size]
@@ -166,14 +167,14 @@ class SaveArea:
                 path=self.path,
                 why=f"belongs to another update (granularity {gran}, size {size}, update {update_id})",
             )
-        end = os.fstat(fd).st_size
+        end = fs.fstat(fd).st_size
         pos = HEADER_SIZE
         while pos + RECORD.size <= end:
-            head = os.pread(fd, RECORD.size, pos)
+            head = fs.pread(fd, RECORD.size, pos)
             magic2, nonce, chunk, start, length, crc = RECORD.unpack(head)
             if magic2 != RECORD_MAGIC or nonce != self.nonce or pos + RECORD.size + length > end:
                 break
-            data = os.pread(fd, length, pos + RECORD.size)
+            data = fs.pread(fd, length, pos + RECORD.size)
             if _crc(head, data) != crc or not self._whole_blocks(chunk, start, length):
                 break
             self._index(chunk, start, pos + RECORD.size, length)
@@ -183,12 +184,12 @@ class SaveArea:
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            fs.close(self._fd)
             self._fd = -1
 
     def delete(self) -> None:
         self.close()
-        self.path.unlink(missing_ok=True)
+        fs.unlink(self.path, missing_ok=True)
 
     # --- data ---------------------------------------------------------------------------------
     @property
@@ -277,23 +278,23 @@ class SaveArea:
             self._failed = True
 
     def _put(self, record: bytes, pos: int) -> None:
-        if os.pwrite(self._fd, record, pos) != len(record):  # a full disk can write short
+        if fs.pwrite(self._fd, record, pos) != len(record):  # a full disk can write short
             raise OSError(errno.ENOSPC, "short write to the save area")
 
     def write_out(self) -> None:
         """For ``GroupCommit``: records are written as they are saved."""
 
     def sync(self) -> None:
-        os.fdatasync(self._fd)
+        fs.fdatasync(self._fd)
 
     async def pieces(self, chunk: int) -> list[tuple[int, bytes]]:
         """The saved old contents of ``chunk``: ``(start in chunk, data)`` pieces."""
-        return await asyncio.to_thread(self._read_pieces, self.index.get(chunk, []), chunk)
+        return await fs.to_thread(self._read_pieces, self.index.get(chunk, []), chunk)
 
     def _read_pieces(self, where: list[tuple[int, int, int]], chunk: int) -> list[tuple[int, bytes]]:
         pieces = []
         for start, at, length in where:
-            data = os.pread(self._fd, length, at)
+            data = fs.pread(self._fd, length, at)
             if len(data) != length:
                 raise CorruptFile(path=self.path, why=f"record of chunk {chunk} is short")
             pieces.append((start, data))

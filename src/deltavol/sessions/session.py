@@ -55,6 +55,7 @@ from deltavol.copy.throttle import Throttle
 from deltavol.errors import CorruptFile, DeltavolError, Error
 from deltavol.nbd.constants import STATE_HOLE
 from deltavol.sessions.states import State, next_state
+from deltavol.store import fs
 from deltavol.store.group_commit import GroupCommit
 from deltavol.volumes import Volume
 
@@ -222,14 +223,14 @@ class Session:
         self._open_tracking_file()
         owned = self.update is not None and self.state in (State.COPYING, State.PAUSED, State.FAILED)
         transfer = None
-        if self._transfer_path.exists():
+        if fs.exists(self._transfer_path):
             transfer, generation = persist.load(
                 self._transfer_path, TRANSFER, self.granularity, self.source.size
             )
             if not owned or self.update is None or generation != self.update.id:
                 self.tracking.or_(transfer)
                 self._rewrite_tracking()
-                self._transfer_path.unlink()
+                fs.unlink(self._transfer_path)
                 transfer = None
                 owned = False
         elif owned:
@@ -243,7 +244,7 @@ class Session:
             for c in unmarked:  # saved, so changed after the mark: their bits came with the saves
                 self.tracking.set(c)
         else:  # no update owns it: a mark or the end of its update made its bits durable
-            save.path.unlink(missing_ok=True)
+            fs.unlink(save.path, missing_ok=True)
         self._rewrite_tracking()
         self._gate.changed()  # bitmaps replaced: what the write path cached is void
 
@@ -254,8 +255,8 @@ class Session:
         """
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
         for path in (self._tracking_path, self._transfer_path, self._save_area(0).path):
-            if path.exists():
-                path.rename(path.with_name(f"{path.name}.corrupt-{stamp}"))
+            if fs.exists(path):
+                fs.rename(path, path.with_name(f"{path.name}.corrupt-{stamp}"))
         self.transfer = None
         self._durable_transfer = None
         self.save = None
@@ -274,7 +275,7 @@ class Session:
         self._drop_save_area()
         self._save_area(0).delete()
         for path in (self._tracking_path, self._transfer_path):
-            path.unlink(missing_ok=True)
+            fs.unlink(path, missing_ok=True)
 
     def _save_area(self, update_id: int) -> SaveArea:
         return SaveArea(
@@ -290,7 +291,7 @@ class Session:
         thread running, and it writes at fixed offsets: so the next mark waits for it
         before its ``create``, else it would zero the new update's records."""
         if self._preparing is None or self._preparing.done():
-            self._preparing = asyncio.ensure_future(asyncio.to_thread(self._save_area(0).prepare))
+            self._preparing = asyncio.ensure_future(fs.to_thread(self._save_area(0).prepare))
         await asyncio.shield(self._preparing)
 
     def _drop_save_area(self) -> None:
@@ -311,7 +312,7 @@ class Session:
                 await self.target.flush()
             async with self._checkpointing:  # in order: an older copy must not land last
                 durable = self.transfer.copy()
-                await asyncio.to_thread(persist.write_bits_in_place, self._transfer_path, durable)
+                await fs.to_thread(persist.write_bits_in_place, self._transfer_path, durable)
                 self._durable_transfer = durable
 
     async def _try_checkpoint(self) -> None:
@@ -792,7 +793,7 @@ class Session:
         self.state = next_state(self.name, self.state, "done")
         self._persist_row(self)  # the commit point; the files below are garbage after it
         self._drop_save_area()
-        self._transfer_path.unlink(missing_ok=True)
+        fs.unlink(self._transfer_path, missing_ok=True)
         log.info(
             "session %s: update %d done, consistent as of %s (%d bytes sent)",
             self.name,
@@ -878,7 +879,7 @@ class Session:
                 self._rewrite_tracking()
         self.transfer = None
         self._durable_transfer = None
-        self._transfer_path.unlink(missing_ok=True)
+        fs.unlink(self._transfer_path, missing_ok=True)
         self._drop_save_area()
         self.consistent = False
         self.state = new_state
