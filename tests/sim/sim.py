@@ -201,6 +201,7 @@ class Sim:
         self.op_running: dict[str, int] = {}
         self.locks: dict[str, asyncio.Lock] = {}
         self.quiet = {v: 0 for v in SOURCES}
+        self.removed: set[str] = set()
 
     # --- bookkeeping ---------------------------------------------------------------------
     def event(self, what: str) -> None:
@@ -418,6 +419,8 @@ class Sim:
                 self.models[v].reset(data)  # (after a kill -9 every value written may still land)
         self._power_checked = True
         for s in service.sessions.all():
+            if s.name in self.removed:
+                raise Violation(f"remove: session {s.name} is back after a restart")
             if self._exempt(s):
                 continue
             owed = _chunks(s.tracking) | (_chunks(s.transfer) if s.transfer is not None else set())
@@ -679,6 +682,7 @@ class Sim:
             raise Violation(f"serialization: {what} of {name} returned while its copy still runs")
         if what == "remove":
             self.hosts.pop(s.target_spec, None)
+            self.removed.add(name)
 
     def _check_not_full(self, s: Session, full: bool, before: tuple[Any, ...], st: dict[str, Any]) -> None:
         state, consistent, pit, had_transfer = before
@@ -701,6 +705,8 @@ class Sim:
                 await self._settle(service, s)
             self.check_live(service)
         for s in service.sessions.all():
+            if s.name in self.removed or s.target_spec not in self.hosts:
+                raise Violation(f"remove: session {s.name} was removed, and is back")
             if s.state is not State.IDLE or not s.consistent:
                 raise Violation(
                     f"liveness: session {s.name} is {s.state.value}, consistent {s.consistent}, "
@@ -713,6 +719,8 @@ class Sim:
                 raise Violation(f"invariant 4: {s.name}: the last update left the target != source at {bad}")
 
     async def _settle(self, service: Any, s: Session) -> None:
+        if s.target_spec not in self.hosts:
+            return  # a removed session that came back: reported after
         deadline = self.clock.now + 3600
         while self.clock.now < deadline:
             await s.wait()

@@ -126,7 +126,12 @@ class Inode:
         self.log.append(("t", size, b""))
 
     def sync(self) -> None:
-        self.durable[:] = self.data
+        """Write back what the log holds (after a failed sync it holds less than ``data``)."""
+        for kind, offset, data in self.log:
+            if kind == "t":
+                _truncate(self.durable, offset)
+            else:
+                _put(self.durable, offset, data)
         self.log.clear()
 
     def lose_power(self, rng: Random) -> None:
@@ -136,10 +141,7 @@ class Inode:
             if roll < 0.35:
                 continue  # never reached the disk
             if kind == "t":
-                if offset < len(out):
-                    del out[offset:]
-                else:
-                    out.extend(bytes(offset - len(out)))
+                _truncate(out, offset)
                 continue
             if roll < 0.55:  # torn: some of its sectors only
                 for lo in range((offset // SECTOR) * SECTOR, offset + len(data), SECTOR):
@@ -151,6 +153,13 @@ class Inode:
         self.durable = out
         self.data = bytearray(out)
         self.log.clear()
+
+
+def _truncate(buf: bytearray, size: int) -> None:
+    if size < len(buf):
+        del buf[size:]
+    else:
+        buf.extend(bytes(size - len(buf)))
 
 
 def _put(buf: bytearray, offset: int, data: bytes) -> None:
