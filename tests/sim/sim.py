@@ -166,6 +166,8 @@ class Sim:
             raise ValueError(f"unknown knobs {sorted(unknown)}: the knobs are {KNOBS}")
         self.on = set(KNOBS) - off
         self.seed = seed
+        # how often a thread hand-off stalls (a slow disk); more finds races around them sooner
+        self.stalls = float(os.environ.get("DELTAVOL_SIM_STALLS", "0.03"))
         self.rng = Random(seed)
         self.lives = lives
         self.clock = Clock()
@@ -215,7 +217,7 @@ class Sim:
         r = self.rng.random()
         if r < 0.4:
             return 0.0
-        if r < 0.97:
+        if r < 1.0 - self.stalls:
             return self.rng.choice((0.00005, 0.0005, 0.002, 0.01))
         return self.rng.uniform(0.2, 2.5)  # a stalled disk
 
@@ -772,6 +774,8 @@ def off_from_env() -> frozenset[str]:
 
 def report(r: Result, off: frozenset[str] = frozenset(), tail: int = 30) -> str:
     env = f"DELTAVOL_SIM_OFF={','.join(sorted(off))} " if off else ""
+    if os.environ.get("DELTAVOL_SIM_STALLS"):
+        env += f"DELTAVOL_SIM_STALLS={os.environ['DELTAVOL_SIM_STALLS']} "
     lines = [f"SIM seed {r.seed}: {r.message}"]
     lines += ["  " + e for e in r.events[-tail:]]
     lines.append(

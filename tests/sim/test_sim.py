@@ -31,6 +31,7 @@ def test_replay() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a loaded machine: the budget is a count of seeds, not a time
 def test_seeds() -> None:
     count = int(os.environ.get("DELTAVOL_SIM_SEEDS", str(CI_SEEDS)))
     first = int(os.environ.get("DELTAVOL_SIM_FIRST", "1"))
