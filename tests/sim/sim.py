@@ -670,7 +670,12 @@ class Sim:
             else:
                 self.event(f"{name}: {what} ({s.state.value})")
                 st = await calls[what]()
-            self.event(f"{name}: {what} -> {st.get('state') if isinstance(st, dict) else 'done'}")
+            if isinstance(st, dict):
+                same = "same" if st.get("ok") else f"{st.get('mismatches')} mismatches"
+                outcome = st.get("state") or same
+            else:
+                outcome = "done"
+            self.event(f"{name}: {what} -> {outcome}")
         except DeltavolError as exc:
             self.event(f"{name}: {what} refused: {exc.message}")
             return
