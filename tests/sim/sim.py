@@ -687,6 +687,7 @@ class Sim:
             self.op_running[name] -= 1
         if what in ("pause", "cancel") and s.busy:
             raise Violation(f"serialization: {what} of {name} returned while its copy still runs")
+        self.check_live(service)  # right after the operation, before anything else runs
         if what == "remove":
             self.hosts.pop(s.target_spec, None)
             self.removed.add(name)
