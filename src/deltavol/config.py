@@ -31,3 +31,4 @@ class ServerConfig:
     save_limit: int = 1 << 30  # bytes of copy-on-first-write save area per session update
     retry_limit: int = 5  # automatic resumes of an update whose target failed
     retry_backoff: float = 2.0  # seconds before the first retry; doubles each time
+    target_timeout: float = 30.0  # seconds a remote target may take to connect, or stay silent

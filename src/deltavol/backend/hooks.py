@@ -6,7 +6,9 @@ tracking: a change goes down only after its tracking bits are durable). The work
 sessions'; the layer only runs it. The hooks do not depend on one another — each needs
 only to be done before the change goes down — so they run concurrently, and a first write
 under copy-on-first-write, or with several sessions, waits for one fsync's time, not one
-per hook. Work that needs no waiting (a first write where tracking only has to put a bit
+per hook. If one fails, the others are cancelled and awaited before the change fails: no
+hook goes on working once its change has left the write gate (a mark could run then).
+Work that needs no waiting (a first write where tracking only has to put a bit
 in its file) a hook may do at once (``now``), and the write stays on the inline path.
 
 Asking every hook on every write costs more than the write itself once several sessions
@@ -59,7 +61,7 @@ class BeforeChange(Layer):
         if len(todo) == 1:
             await todo[0](offset, length)
         elif todo:
-            await asyncio.gather(*(before(offset, length) for before in todo))
+            await _all([asyncio.ensure_future(before(offset, length)) for before in todo])
 
     def pwrite_now(self, offset: int, data: bytes) -> bool:
         n, idle = len(data), self._idle
@@ -91,3 +93,25 @@ class BeforeChange(Layer):
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         await self._before(offset, length)
         await self.next.trim(offset, length, fua)
+
+
+async def _all(tasks: list[asyncio.Future[None]]) -> None:
+    """Await every task; if one fails (or this is cancelled), cancel the others and wait
+    until all are done before the error goes up."""
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        interrupted = False
+        while not all(task.done() for task in tasks):
+            try:
+                await asyncio.wait(tasks)
+            except asyncio.CancelledError:
+                interrupted = True  # cancelled again: still wait, then say so
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()  # one error goes up; the others are seen
+        if interrupted:
+            raise asyncio.CancelledError from None
+        raise

@@ -50,6 +50,13 @@ def setup_logging(level: str) -> None:
 @click.option(
     "--retry-backoff", default=2.0, show_default=True, help="Seconds before the first retry (doubles)."
 )
+@click.option(
+    "--target-timeout",
+    default=30.0,
+    type=click.FloatRange(min=0, min_open=True),
+    show_default=True,
+    help="Seconds a remote target may take to connect, or stay silent while requests wait.",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_context
 def serve(
@@ -62,6 +69,7 @@ def serve(
     save_limit: str,
     retry_limit: int,
     retry_backoff: float,
+    target_timeout: float,
     log_level: str,
 ) -> None:
     """Run the server: NBD exports and the control API for one data dir."""
@@ -77,6 +85,7 @@ def serve(
         save_limit=parse_size(save_limit),
         retry_limit=retry_limit,
         retry_backoff=retry_backoff,
+        target_timeout=target_timeout,
     )
     from deltavol.server.main import serve as run
 

@@ -33,6 +33,7 @@ UPDATE_FIELDS = (
     "bytes_done",
     "bytes_sent",
     "cofw_saved_bytes",
+    "remark",
     "rate",
     "eta",
 )

@@ -3,6 +3,14 @@
 Each call submits its request(s) to the sans-I/O ``ClientConnection`` and awaits a future
 keyed by cookie; ``data_received`` completes them. Requests larger than the server's
 maximum block size are split. A connection that drops fails every pending request.
+
+A server that stops answering without closing the connection (hung, stopped, or behind a
+network that drops packets: TCP may keep such a connection for a quarter of an hour) is
+given ``timeout`` seconds: to connect and finish the handshake, and then to answer while
+requests wait. The clock of requests is the connection's, not each request's: it restarts
+whenever the server sends anything, so a slow link that keeps replying (64 requests in
+flight take a while to drain) is never taken for a dead one, while a server silent for
+``timeout`` with requests pending fails the connection and every request on it.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from deltavol.nbd.constants import TransmissionFlag as TF
 from deltavol.nbd.events import NEED_DATA, Closed
 
 DEFAULT_PORT = 10809
+TIMEOUT = 30.0  # seconds to connect, and without any reply while requests wait
 
 
 class NbdError(OSError):
@@ -74,9 +83,12 @@ class _Protocol(asyncio.Protocol):
 
 
 class NbdClient:
-    def __init__(self, uri: str, conn: ClientConnection) -> None:
+    def __init__(self, uri: str, conn: ClientConnection, timeout: float = TIMEOUT) -> None:
         self.uri = uri
         self.conn = conn
+        self.timeout = timeout
+        self._heard = 0.0  # loop time the server last sent anything (or requests began waiting)
+        self._watchdog: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         self._ready: asyncio.Future[Ready] = asyncio.get_running_loop().create_future()
         self._waiting: dict[int, asyncio.Future[Reply]] = {}
@@ -86,21 +98,30 @@ class NbdClient:
         self.max_block = 32 * 1024 * 1024
 
     @classmethod
-    async def connect(cls, uri: str, *, block_status: bool = False, timeout: float = 30.0) -> NbdClient:
+    async def connect(cls, uri: str, *, block_status: bool = False, timeout: float = TIMEOUT) -> NbdClient:
+        """Connect and negotiate within ``timeout`` seconds (a blackholed host's SYNs are
+        otherwise retried for minutes); ``timeout`` then bounds the wait for replies."""
         where = parse_uri(uri)
-        client = cls(uri, ClientConnection(where.export, block_status=block_status))
+        client = cls(uri, ClientConnection(where.export, block_status=block_status), timeout)
         loop = asyncio.get_running_loop()
         try:
-            if where.socket is not None:
-                await loop.create_unix_connection(lambda: _Protocol(client), where.socket)
-            else:
-                await loop.create_connection(lambda: _Protocol(client), where.host, where.port)
-            ready = await asyncio.wait_for(asyncio.shield(client._ready), timeout)
-        except (OSError, TimeoutError) as exc:
+            async with asyncio.timeout(timeout):
+                if where.socket is not None:
+                    await loop.create_unix_connection(lambda: _Protocol(client), where.socket)
+                else:
+                    await loop.create_connection(lambda: _Protocol(client), where.host, where.port)
+                ready = await asyncio.shield(client._ready)
+        except TimeoutError as exc:
+            client._close_transport()
+            raise NbdConnectionError(f"{uri}: no answer in {timeout:g} s") from exc
+        except OSError as exc:
             client._close_transport()
             if isinstance(exc, NbdConnectionError):
                 raise
-            raise NbdConnectionError(f"{uri}: {exc.strerror or exc or 'timed out'}") from exc
+            raise NbdConnectionError(f"{uri}: {exc.strerror or exc}") from exc
+        except BaseException:  # cancelled: leave no connection behind
+            client._close_transport()
+            raise
         client.size, client.flags = ready.size, ready.flags
         client.max_block = ready.max_block
         return client
@@ -144,6 +165,7 @@ class NbdClient:
             self._transport.writelines(out)
 
     def _feed(self, data: bytes) -> None:
+        self._heard = asyncio.get_running_loop().time()
         self.conn.receive_data(data)
         while True:
             event = self.conn.next_event()
@@ -176,8 +198,29 @@ class NbdClient:
         self._close_transport()
 
     def _close_transport(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._transport is not None:
             self._transport.close()
+
+    def _watch(self) -> None:
+        """A request begins to wait: the server has ``timeout`` seconds to send anything."""
+        loop = asyncio.get_running_loop()
+        if not self._waiting:  # the connection was idle: its clock starts now
+            self._heard = loop.time()
+        if self._watchdog is None and self.timeout > 0:
+            self._watchdog = loop.call_at(self._heard + self.timeout, self._check)
+
+    def _check(self) -> None:
+        self._watchdog = None
+        if not self._waiting or self._error is not None:
+            return
+        due = self._heard + self.timeout
+        if asyncio.get_running_loop().time() >= due:
+            self._fail_all(f"no reply in {self.timeout:g} s")
+        else:
+            self._watchdog = asyncio.get_running_loop().call_at(due, self._check)
 
     async def _call(
         self, what: str, cmd: Cmd, offset: int, length: int, flags: int = 0, data: bytes = b""
@@ -186,6 +229,7 @@ class NbdClient:
             raise NbdConnectionError(f"{self.uri}: {self._error}")
         cookie = self.conn.request(cmd, offset, length, flags, data)
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._watch()
         self._waiting[cookie] = fut
         self._flush()
         reply = await fut

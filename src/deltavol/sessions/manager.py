@@ -151,7 +151,7 @@ class SessionManager:
     async def _open_target(self, session: Session) -> CopyTarget:
         spec = session.target_spec
         if is_uri(spec):
-            return await NbdTarget(spec).open()
+            return await NbdTarget(spec, self.config.target_timeout).open()
         vol = self.volumes.find(spec)
         if vol is None:
             raise TargetError(msg=f"target volume {spec!r} does not exist")
@@ -193,6 +193,7 @@ class SessionManager:
             persist_row=self._persist,
             save_limit=self.config.save_limit,
             retry=RetryPolicy(limit=self.config.retry_limit, backoff=self.config.retry_backoff),
+            target_timeout=self.config.target_timeout,
             **kw,
         )
 
@@ -284,7 +285,7 @@ class SessionManager:
         if self.of_target(source):
             raise InUse(kind="volume", name=source, why="it is the target of a session")
         if is_uri(target):
-            probe: CopyTarget = await NbdTarget(target).open()
+            probe: CopyTarget = await NbdTarget(target, self.config.target_timeout).open()
             size = probe.size
             await probe.close()
         else:

@@ -17,7 +17,10 @@ Design notes
   first change to a block (4 KiB) of a chunk still in transfer saves the block's old
   contents durably to the save area first; if the save area is full, the chunk's old
   contents are copied to the target at once (copy-before-write) and its transfer bit
-  cleared.
+  cleared. A target that fails that, or does not answer within ``target_timeout``, costs
+  the update its point in time, not the client its write (``_give_up_mark``): protection
+  stops, the session row records it before the write goes down, and the update goes on
+  as of a new mark (``_remark``: what it still owes and what changed since its mark).
 * **Copy** (``_copy_run``): under the chunks' locks, read the source and lay the saved
   blocks over it, write it to the target zero-aware, clear the bits. A full pass reads by
   extents, writes holes as zeroes, and has no protection: what changes under it is
@@ -50,7 +53,7 @@ from deltavol.copy.engine import (
     write_piece,
 )
 from deltavol.copy.save_area import RECORD, SaveArea
-from deltavol.copy.targets import CopyTarget, TargetError
+from deltavol.copy.targets import TARGET_TIMEOUT, CopyTarget, TargetError
 from deltavol.copy.throttle import Throttle
 from deltavol.errors import CorruptFile, DeltavolError, Error
 from deltavol.nbd.constants import STATE_HOLE
@@ -79,7 +82,8 @@ class UpdateRecord:
 
     id: int
     kind: str  # "full" | "incremental"
-    protecting: bool = False  # False during a full update's unprotected pass
+    # False during a full update's unprotected pass, and once its mark is given up (remark)
+    protecting: bool = False
     marked_at: str | None = None
     bytes_total: int = 0
     bytes_done: int = 0
@@ -89,6 +93,8 @@ class UpdateRecord:
     started_at: str | None = None
     finished_at: str | None = None
     max_rate: int | None = None  # bytes/s for this update (--max-rate, else the session's)
+    # why copy-before-write gave up this update's point in time; it goes on as of a new mark
+    remark: str | None = None
 
 
 @dataclass
@@ -156,6 +162,7 @@ class Session:
         save_limit: int = 1 << 30,
         retry: RetryPolicy | None = None,
         hot_region: int = persist.HOT_REGION,
+        target_timeout: float = TARGET_TIMEOUT,
     ) -> None:
         self.name = name
         self.source = source
@@ -197,6 +204,7 @@ class Session:
         self.protect_hook = Hook(self.protect, self.protected)
         self.retry = retry or RetryPolicy()
         self._retry_task: asyncio.Task[None] | None = None
+        self.target_timeout = target_timeout  # what a client's write or a pause waits for the target
 
     # --- files ----------------------------------------------------------------------------
     def create_files(self) -> None:
@@ -238,7 +246,8 @@ class Session:
         self.transfer = transfer
         self._durable_transfer = transfer.copy() if transfer is not None else None
         save = self._save_area(self.update.id if self.update else 0)
-        if owned and self.update is not None and self.update.protecting:
+        # a given-up mark keeps its records until the re-mark: they tell which chunks changed
+        if owned and self.update is not None and (self.update.protecting or self.update.remark):
             self.save = save.open()
             unmarked = [c for c in self.save.index if not self.tracking.test(c)]
             for c in unmarked:  # saved, so changed after the mark: their bits came with the saves
@@ -451,6 +460,8 @@ class Session:
         if todo and not await self._save_at_once(todo, offset, length, update, save):
             async with self.locks.hold(todo):
                 for c in todo:
+                    if not update.protecting:
+                        break  # the mark was given up meanwhile (``_give_up_mark``)
                     runs = save.missing(c, *part(c, offset, length)) if owed(c) else []
                     if runs:
                         await self._save_or_copy(c, runs, update, transfer, save)
@@ -508,7 +519,12 @@ class Session:
         self, c: int, runs: list[tuple[int, int]], update: UpdateRecord, transfer: Bitmap, save: SaveArea
     ) -> None:
         """Save these runs of chunk ``c`` before they change; with the save area full, copy
-        the chunk's old contents to the target instead (copy-before-write)."""
+        the chunk's old contents to the target instead (copy-before-write).
+
+        The client's write waits for that at most ``target_timeout`` (it holds the source's
+        write gate, so a mark, and every write after it, would wait too): a target that
+        fails or stays silent makes the update give up its point in time instead.
+        """
         base = c * self.granularity
         for start, end in runs:
             old = await self.source.backend.pread(base + start, end - start)
@@ -517,17 +533,70 @@ class Session:
             update.cofw_saved_bytes += end - start
         else:
             return
-        if transfer.test(c):
-            off, n = self._chunk_span(c)
-            data = bytearray(await self.source.backend.pread(off, n))
-            await self._lay_saved(data, off, [c])
-            sent = await write_piece(await self.ensure_target(), off, bytes(data), n, self.granularity)
+        deadline = asyncio.get_running_loop().time() + self.target_timeout
+        try:
             if transfer.test(c):
-                transfer.clear(c)
-                if self.progress is not None:
-                    self.progress.done(n)
-                    self.progress.bytes_sent += sent
-        await self._checkpoint()  # make "c is done" durable before c changes
+                off, n = self._chunk_span(c)
+                data = bytearray(await self.source.backend.pread(off, n))
+                await self._lay_saved(data, off, [c])
+                async with asyncio.timeout_at(deadline):
+                    target = await self.ensure_target()
+                    sent = await write_piece(target, off, bytes(data), n, self.granularity)
+                if transfer.test(c):
+                    transfer.clear(c)
+                    if self.progress is not None:
+                        self.progress.done(n)
+                        self.progress.bytes_sent += sent
+            # make "c is done" durable before c changes; shielded, so that a checkpoint is
+            # never cut between its snapshot and its file (it ends by itself if given up)
+            checkpoint = asyncio.ensure_future(self._checkpoint())
+            checkpoint.add_done_callback(_seen)
+            async with asyncio.timeout_at(deadline):
+                await asyncio.shield(checkpoint)
+        except TimeoutError:
+            why = f"target {self.target_spec} did not answer in {self.target_timeout:g} s"
+            self._give_up_mark(update, f"copy-before-write of chunk {c}: {why}")
+        except (DeltavolError, OSError) as exc:
+            why = exc.message if isinstance(exc, DeltavolError) else str(exc)
+            self._give_up_mark(update, f"copy-before-write of chunk {c}: {why}")
+
+    def _give_up_mark(self, update: UpdateRecord, why: str) -> None:
+        """Copy-before-write could not make a chunk's old contents safe: give up the update's
+        point in time rather than the client's write (DESIGN: re-mark). Protection stops (a
+        chunk changed from now on is not saved), and the session row says so durably before
+        the write goes down, so that resume, a retry or a restart re-marks (``_remark``)
+        instead of finishing a mark whose old contents are gone. Tracking goes on: what
+        changes from now on is copied as of the new mark.
+        """
+        if update is not self.update or not update.protecting:
+            return  # given up already
+        before = (update.protecting, update.remark, self.last_error)
+        update.protecting, update.remark = False, why
+        self.last_error = f"{why}; the update gives up its point in time and will copy as of a new mark"
+        try:
+            self._save_row()
+        except BaseException:  # not durable: the write must not go down (it fails instead)
+            update.protecting, update.remark, self.last_error = before
+            raise
+        log.error("session %s: %s", self.name, self.last_error)
+
+    async def _remark(self) -> None:
+        """Take a new mark for an update whose mark was given up: what it still owes, what no
+        checkpoint recorded as copied, and what changed since its mark are copied as of now.
+        Protection starts again with the new mark's save area, in the mark's commit."""
+        update, transfer = self.update, self.transfer
+        assert update is not None and transfer is not None and update.remark is not None
+        if self._durable_transfer is not None:
+            transfer.or_(self._durable_transfer)  # copied, maybe not flushed: owed again
+        marked_at, catchup = update.marked_at, update.catchup_bytes
+        try:
+            await self._mark()
+        except BaseException:
+            update.protecting, update.marked_at = False, marked_at  # still given up
+            raise
+        update.catchup_bytes = catchup  # the new mark is no catch-up pass
+        self.last_error = None  # what it said is done: ``remark`` keeps why
+        log.info("session %s: update %d re-marked at %s", self.name, update.id, update.marked_at)
 
     async def _lay_saved(self, data: bytearray, offset: int, chunks: list[int]) -> None:
         """Turn ``data`` (the source from ``offset``) back into its contents as of the mark."""
@@ -695,17 +764,23 @@ class Session:
             if self.progress is None:
                 self.progress = Progress(bytes_total=self.transfer_bytes())
             self.progress.bytes_done = self.progress.bytes_total - self.transfer_bytes()
-            if not self.update.protecting:
+            while True:
+                if not self.update.protecting and self.update.remark is not None:
+                    await self._remark()
+                elif not self.update.protecting:
+                    await self._copy_pass(target)
+                    await self._mark()  # the catch-up pass of a full update
                 await self._copy_pass(target)
-                await self._mark()  # the catch-up pass of a full update
-            await self._copy_pass(target)
-            await target.flush()
-            async with self._gate.closed():
-                # the save area goes: the bits its records made durable must be in the file
-                assert self.tracking_file is not None
-                await self.tracking_file.durable()
-                self._unsynced.clear()  # every bit set is durable now
-                self._finish()
+                await target.flush()
+                async with self._gate.closed():
+                    if not self.update.protecting:
+                        continue  # copy-before-write gave the mark up meanwhile
+                    # the save area goes: the bits its records made durable must be in the file
+                    assert self.tracking_file is not None
+                    await self.tracking_file.durable()
+                    self._unsynced.clear()  # every bit set is durable now
+                    self._finish()
+                break
         except asyncio.CancelledError:
             raise
         except TargetError as exc:
@@ -843,8 +918,24 @@ class Session:
     async def pause(self) -> dict[str, Any]:
         self.state = next_state(self.name, self.state, "pause")
         await self._stop_task()
-        await self._try_checkpoint()
+        if await self._target_answers():
+            await self._try_checkpoint()
         return self.status()
+
+    async def _target_answers(self) -> bool:
+        """Flush the target, waiting at most ``target_timeout``: a pause or a stop must not
+        hang on a silent target. False if it failed: the last durable checkpoint stands."""
+        target = self.target
+        if target is None:
+            return True
+        try:
+            async with asyncio.timeout(self.target_timeout):
+                await target.flush()
+        except (TimeoutError, DeltavolError, OSError) as exc:
+            why = "no answer" if isinstance(exc, TimeoutError) else exc
+            log.warning("session %s: checkpoint skipped: target flush: %s", self.name, why)
+            return False
+        return True
 
     async def resume(self) -> dict[str, Any]:
         if self.state is State.COPYING:  # already going (the retry policy got there first)
@@ -895,7 +986,7 @@ class Session:
     async def shutdown(self) -> None:
         """Server stopping: stop copying but keep every state for the next start."""
         await self._stop_task()
-        if self.state is State.COPYING:
+        if self.state is State.COPYING and await self._target_answers():
             await self._try_checkpoint()
         await self._drop_target()
         if self.tracking_file is not None:
@@ -932,6 +1023,12 @@ class Session:
             "max_rate": self.max_rate,
             "every": self.every,
         }
+
+
+def _seen(task: asyncio.Future[None]) -> None:
+    """A checkpoint a write stopped waiting for: its failure was reported to that write."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _live_pieces(data: bytearray, offset: int, live: list[int], span: Any) -> list[tuple[int, bytes | int]]:

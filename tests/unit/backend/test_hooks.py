@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deltavol.backend.gate import WriteGate
+from deltavol.backend.gate import GateLayer, WriteGate
 from deltavol.backend.hooks import MIN_CELL, BeforeChange, Hook
 from deltavol.bitmap.bitmap import Bitmap
 
@@ -97,3 +101,40 @@ def test_inline_writes_only_where_the_hook_is_idle(ops: list[tuple[str, int]]) -
                 for c in tracker.done.chunk_range(offset, length):
                     tracker.done.clear(c)
             gate.changed()
+
+
+class Volume(Disk):
+    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
+        self.written.append((offset, len(data)))
+
+
+async def test_a_failed_hook_cancels_its_sibling_and_awaits_it_before_the_write_fails() -> None:
+    """Hooks run concurrently; when one fails, the change fails, and it leaves the write gate
+    then: a sibling still running would work outside the gate (after a mark, say)."""
+    events: list[str] = []
+    saving = asyncio.Event()
+
+    async def failing(offset: int, length: int) -> None:
+        await saving.wait()
+        raise OSError(errno.EIO, "tracking file")
+
+    async def slow(offset: int, length: int) -> None:
+        saving.set()
+        try:
+            await asyncio.Event().wait()  # copy-before-write to a slow target
+            events.append("slow finished its work")
+        except asyncio.CancelledError:
+            await asyncio.sleep(0)  # its clean-up takes a step of the loop
+            events.append("slow cancelled")
+            raise
+
+    disk, gate = Volume(), WriteGate()
+    busy = Hook(slow, lambda o, n: False)
+    f = GateLayer(BeforeChange(disk, [Hook(failing, lambda o, n: False), busy], gate), gate)  # type: ignore[arg-type]
+    with pytest.raises(OSError, match="tracking file"):
+        await f.pwrite(0, bytes(G))
+    assert events == ["slow cancelled"], "the write failed while a hook still ran"
+    assert disk.written == []
+    async with asyncio.timeout(1):
+        async with gate.closed():  # nothing is left inside the gate
+            pass

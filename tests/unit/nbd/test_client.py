@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import signal
+import socket
+import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -86,3 +91,71 @@ async def test_a_server_that_dies_fails_pending_requests(tmp_path: Path) -> None
 async def test_connecting_to_nothing_is_a_connection_error(tmp_path: Path) -> None:
     with pytest.raises(NbdConnectionError):
         await NbdClient.connect(f"nbd+unix:///x?socket={tmp_path}/none.sock", timeout=5)
+
+
+@contextmanager
+def stopped(proc: subprocess.Popen[bytes]) -> Iterator[None]:
+    """The server hangs (SIGSTOP): its connections stay open, nothing is answered."""
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGCONT)
+
+
+async def test_a_server_that_stops_answering_fails_the_connection(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    with serving(nbdkit_memory_cmd(64 * MiB, sock), sock) as proc:
+        client = await NbdClient.connect(uri(sock), timeout=0.5)
+        try:
+            await client.pwrite(0, b"x" * 4096)
+            with stopped(proc):
+                loop = asyncio.get_running_loop()
+                began = loop.time()
+                with pytest.raises(NbdConnectionError, match=r"no reply in 0\.5 s"):
+                    await asyncio.wait_for(client.pwrite(4096, b"y" * 4096), 10)
+                assert loop.time() - began < 5
+                with pytest.raises(NbdConnectionError, match="no reply"):  # the connection is done
+                    await asyncio.wait_for(client.flush(), 1)
+        finally:
+            await client.close()
+
+
+async def test_a_slow_server_that_keeps_answering_is_not_timed_out(tmp_path: Path) -> None:
+    """The deadline runs from the server's last reply, not from each request's start: eight
+    writes, one at a time, 0.2 s each, all sent at once, outlast a 0.5 s timeout."""
+    sock = tmp_path / "s.sock"
+    cmd = ["nbdkit", "-f", "-t", "1", "-U", str(sock), "-e", "t", "--filter=delay", "memory", "1M"]
+    with serving([*cmd, "wdelay=200ms"], sock):
+        client = await NbdClient.connect(uri(sock), timeout=0.5)
+        try:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            await asyncio.gather(*(client.pwrite(i * 4096, bytes([i + 1]) * 4096) for i in range(8)))
+            assert loop.time() - began > 1.0  # they did queue behind each other
+            assert await client.pread(0, 8 * 4096) == b"".join(bytes([i + 1]) * 4096 for i in range(8))
+        finally:
+            await client.close()
+
+
+async def test_connecting_to_a_host_that_does_not_answer_times_out() -> None:
+    """A TCP listener whose accept queue is full drops SYNs, as a blackholed host does: the
+    connect itself, not only the handshake, has the deadline."""
+    listener = socket.socket()
+    fill: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            fill.append(s)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", port))
+        with pytest.raises(NbdConnectionError, match=r"no answer in 0\.5 s"):
+            await asyncio.wait_for(NbdClient.connect(f"nbd://127.0.0.1:{port}/x", timeout=0.5), 10)
+    finally:
+        for s in fill:
+            s.close()
+        listener.close()
