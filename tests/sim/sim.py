@@ -296,8 +296,8 @@ class Sim:
 
         return transaction
 
-    def _nbd_target(self, uri: str) -> SimTarget:
-        return SimTarget(self.hosts[uri], self.clock, self.rng.choice((G, 4 * G, 16 * G)))
+    def _nbd_target(self, uri: str, timeout: float = 30.0) -> SimTarget:
+        return SimTarget(self.hosts[uri], self.clock, self.rng.choice((G, 4 * G, 16 * G)), timeout)
 
     def _bury(self) -> None:
         """Close the coroutines of a dead process now, while the disk refuses its I/O."""
@@ -647,7 +647,7 @@ class Sim:
         elif kind == "slow":
             host.slow_until = now + rng.uniform(1.0, 20.0)
         else:
-            host.silent_until = now + rng.uniform(1.0, 20.0)
+            host.silent_until = now + rng.uniform(1.0, 60.0)  # past the client's deadline, sometimes
         self.event(f"target of {s.name}: {kind}")
 
     async def _op_session(self, service: Any, s: Session, what: str) -> None:

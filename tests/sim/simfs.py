@@ -27,7 +27,8 @@ Design notes
   durable the writes that completed before it was sent; a crash keeps of the others any
   subset, torn at sector size. ``SimTarget`` is one connection to it: requests complete
   after random delays (so out of order), fail while the host is down or after it crashed
-  under them, and stall while it is silent.
+  under them, and stall while it is silent, until the NBD client's deadline (``timeout``)
+  fails the request.
 """
 
 from __future__ import annotations
@@ -467,8 +468,9 @@ class TargetHost:
 class SimTarget:
     """One connection to a ``TargetHost`` (a ``CopyTarget``)."""
 
-    def __init__(self, host: TargetHost, clock: Clock, request_size: int) -> None:
+    def __init__(self, host: TargetHost, clock: Clock, request_size: int, timeout: float = 30.0) -> None:
         self.host = host
+        self.timeout = timeout  # as the NBD client's deadline: silent this long, the request fails
         self.clock = clock
         self.description = f"sim target {host.name}"
         self.size = host.size
@@ -492,8 +494,11 @@ class SimTarget:
     async def _delay(self, what: str) -> None:
         self._check(what)
         h, rng = self.host, self.host.rng
+        deadline = self.clock.now + self.timeout
         while self.clock.now < h.silent_until:  # no answer, the connection stays up
-            await asyncio.sleep(h.silent_until - self.clock.now)
+            if self.clock.now >= deadline:
+                raise TargetError(msg=f"target {h.name}: no reply to {what} in {self.timeout:.0f}s")
+            await asyncio.sleep(min(h.silent_until, deadline) - self.clock.now)
         delay = rng.choice((0.0, 0.0001, 0.001, 0.003, 0.02))
         if self.clock.now < h.slow_until:
             delay += rng.uniform(0.1, 3.0)
