@@ -61,6 +61,7 @@ from random import Random
 from typing import Any
 
 from deltavol.backend import file as file_module
+from deltavol.bitmap import persist
 from deltavol.config import ServerConfig
 from deltavol.copy import throttle as throttle_module
 from deltavol.errors import DeltavolError
@@ -464,8 +465,18 @@ class Sim:
                 if s.consistent:
                     self._check_image(s)
             elif s.state in (State.PAUSED, State.FAILED) and s.transfer is not None:
-                owed = _chunks(s.tracking) | _chunks(s.transfer)
+                # a stopped update may keep what it still owes in its transfer file until it
+                # goes on (a resume then has to copy it): memory or file, either will do
+                owed = _chunks(s.tracking) | _chunks(s.transfer) | self._transfer_file(s)
                 self._check_covered(s, owed, f"{s.state.value}, in tracking or transfer")
+
+    def _transfer_file(self, s: Session) -> set[int]:
+        try:
+            path = self.root / "bitmaps" / f"{s.name}.transfer"
+            bits, _ = persist.load(path, persist.KIND_TRANSFER, G, SIZE)
+        except DeltavolError:
+            return set()
+        return _chunks(bits)
 
     def _check_image(self, s: Session) -> None:
         host = self.hosts[s.target_spec]
