@@ -556,7 +556,7 @@ class Sim:
         except DeltavolError as exc:
             self.event(f"client {kind} {vol} {offset}+{length} failed: {exc.message}")
             return
-        except (Halt, asyncio.CancelledError):
+        except (Halt, asyncio.CancelledError, Violation):
             raise
         except Exception as exc:
             raise Violation(f"typed errors: a client {kind} raised {exc!r}") from exc
@@ -690,7 +690,7 @@ class Sim:
         except DeltavolError as exc:
             self.event(f"{name}: {what} refused: {exc.message}")
             return
-        except (Halt, asyncio.CancelledError):
+        except (Halt, asyncio.CancelledError, Violation):
             raise
         except Exception as exc:
             raise Violation(f"typed errors: {what} of {name} raised {exc!r}") from exc
@@ -704,12 +704,12 @@ class Sim:
             self.removed.add(name)
 
     def _check_not_full(self, s: Session, full: bool, before: tuple[Any, ...], st: dict[str, Any]) -> None:
-        state, consistent, pit, had_transfer = before
+        state, consistent, pit, _ = before
         kind = (st.get("update") or {}).get("kind")
         if full or kind != "full" or state is State.NEW:
             return
-        if pit is None and not consistent and not had_transfer:
-            return  # never consistent: a full copy is the only way
+        if pit is None and not consistent:
+            return  # never consistent: a full copy is a fair way
         if "corrupt" in (s.last_error or ""):
             return
         raise Violation(f"invariant 5: an incremental update of {s.name} ({state.value}) became a full copy")
