@@ -40,7 +40,15 @@ The checks use an independent model, never the server's own view:
 
 A violation raises ``Violation``; ``run_seed`` prints the seed, the check, and the last
 events, and the same seed replays the same run (everything random comes from one
-``Random(seed)``, time is virtual, and I/O completes when the simulation says).
+``Random(seed)``, time is virtual, and I/O completes when the simulation says). A seed
+names a run of this code: a change of the server or of the simulation makes it another.
+
+Running it: ``python -m tests.sim 1-50`` (or ``pytest tests/sim``, see ``test_sim.py``).
+``DELTAVOL_SIM_OFF`` takes a comma-separated subset of ``KNOBS`` to leave out (concurrent
+operations on one session and the scheduler, sessions created while writes are in flight
+on their source, data-dir faults, target trouble, power cuts, crashes at an I/O, full
+updates), to look at one class of defect at a time; ``DELTAVOL_SIM_STALLS`` sets how often
+a thread hand-off stalls (default 0.03).
 """
 
 from __future__ import annotations
