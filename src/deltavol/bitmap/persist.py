@@ -39,6 +39,7 @@ Two ways of writing:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import struct
@@ -49,7 +50,7 @@ from pathlib import Path
 from deltavol.bitmap.bitmap import MAX_GRANULARITY, Bitmap
 from deltavol.errors import CorruptFile, DeltavolError, os_error
 from deltavol.store import fs
-from deltavol.store.fs import boot_id, sync_dir
+from deltavol.store.fs import boot_id
 from deltavol.store.group_commit import GroupCommit
 
 log = logging.getLogger("deltavol.bitmap")
@@ -86,23 +87,14 @@ def save_atomic(path: Path, bitmap: Bitmap, generation: int, kind: int, hot: Bit
     by default none)."""
     if kind == KIND_TRACKING and hot is None:
         hot = Bitmap(bitmap.size, max(HOT_REGION, bitmap.granularity))
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            _write_all(fd, _header(bitmap, generation, kind, hot.granularity if hot else 0), 0)
-            with bitmap.view() as bits:  # no copy: a 16 TiB volume's bitmap is 32 MiB
-                _write_all(fd, bits, HEADER_SIZE)
+        with contextlib.ExitStack() as views:  # no copy: a 16 TiB volume's bitmap is 32 MiB
+            parts = [(0, _header(bitmap, generation, kind, hot.granularity if hot else 0))]
+            parts.append((HEADER_SIZE, views.enter_context(bitmap.view())))
             if hot is not None:
-                with hot.view() as bits:
-                    _write_all(fd, bits, _hot_at(bitmap.nbits))
-            fs.fsync(fd)
-        finally:
-            fs.close(fd)
-        fs.replace(tmp, path)
-        sync_dir(path.parent)
+                parts.append((_hot_at(bitmap.nbits), views.enter_context(hot.view())))
+            fs.replace_atomic(path, parts)
     except OSError as exc:
-        fs.unlink(tmp, missing_ok=True)
         raise os_error(exc, f"bitmap {path}") from exc
 
 

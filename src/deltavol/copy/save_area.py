@@ -130,17 +130,12 @@ class SaveArea:
                 raise os_error(exc, f"creating save area {self.path}") from exc
             self._fd = fd
             return self
-        tmp = self.path.with_suffix(".tmp")
-        fd = fs.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            fs.pwrite(fd, head, 0)
-            fs.fsync(fd)
+            self._fd = fs.replace_atomic(
+                self.path, [(0, head)], tmp=self.path.with_suffix(".tmp"), keep_open=True
+            )
         except OSError as exc:
-            fs.close(fd)
             raise os_error(exc, f"creating save area {self.path}") from exc
-        fs.replace(tmp, self.path)
-        sync_dir(self.path.parent)
-        self._fd = fd
         return self
 
     def open(self) -> SaveArea:

@@ -23,10 +23,11 @@ server never does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -251,6 +252,43 @@ def sync_dir(path: Path) -> None:
 def boot_id() -> bytes:
     """This boot of the machine (see ``fsio.boot_id``)."""
     return _current.boot_id()
+
+
+def replace_atomic(
+    path: Path,
+    parts: Iterable[tuple[int, bytes | memoryview]],
+    *,
+    tmp: Path | None = None,
+    keep_open: bool = False,
+) -> int:
+    """Replace ``path`` durably with a file of ``parts`` (offset, data): a tmp file in the
+    same directory is written and fsynced, renamed over ``path``, and the directory is
+    fsynced. A crash leaves the old file or the new one, whole. On failure the tmp file
+    is removed and the ``OSError`` raised. Returns the new file's descriptor (read-write)
+    with ``keep_open``, else -1."""
+    tmp = tmp if tmp is not None else path.with_name(path.name + ".tmp")
+    try:
+        fd = open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            for offset, data in parts:
+                view = memoryview(data)
+                while view:
+                    n = pwrite(fd, view, offset)
+                    view, offset = view[n:], offset + n
+            fsync(fd)
+            replace(tmp, path)
+            sync_dir(path.parent)
+        except BaseException:
+            close(fd)
+            raise
+    except OSError:
+        with contextlib.suppress(OSError):
+            unlink(tmp, missing_ok=True)
+        raise
+    if keep_open:
+        return fd
+    close(fd)
+    return -1
 
 
 async def to_thread(fn: Callable[..., T], *args: Any) -> T:
