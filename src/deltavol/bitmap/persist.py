@@ -45,6 +45,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from deltavol.bitmap.bitmap import MAX_GRANULARITY, Bitmap
@@ -82,9 +83,18 @@ def _header(bitmap: Bitmap, generation: int, kind: int, region: int) -> bytes:
     return (head + struct.pack(">I", zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
 
 
-def save_atomic(path: Path, bitmap: Bitmap, generation: int, kind: int, hot: Bitmap | None = None) -> None:
+def save_atomic(
+    path: Path,
+    bitmap: Bitmap,
+    generation: int,
+    kind: int,
+    hot: Bitmap | None = None,
+    adopt: Callable[[int], None] | None = None,
+) -> None:
     """Replace ``path`` with ``bitmap`` (and for a tracking file its hot regions, ``hot``,
-    by default none)."""
+    by default none). ``adopt``, if given, gets a read-write fd of the new file as it
+    replaces the old one: one opened before, so that a caller keeping the file open
+    never keeps a replaced inode (an ``open`` after the replace may fail: EMFILE)."""
     if kind == KIND_TRACKING and hot is None:
         hot = Bitmap(bitmap.size, max(HOT_REGION, bitmap.granularity))
     try:
@@ -93,7 +103,7 @@ def save_atomic(path: Path, bitmap: Bitmap, generation: int, kind: int, hot: Bit
             parts.append((HEADER_SIZE, views.enter_context(bitmap.view())))
             if hot is not None:
                 parts.append((_hot_at(bitmap.nbits), views.enter_context(hot.view())))
-            fs.replace_atomic(path, parts)
+            fs.replace_atomic(path, parts, adopt=adopt)
     except OSError as exc:
         raise os_error(exc, f"bitmap {path}") from exc
 
@@ -319,12 +329,14 @@ class TrackingFile:
 
     def rewrite(self, bitmap: Bitmap, generation: int) -> None:
         """Replace the file atomically with ``bitmap`` and no hot region (every bit set is
-        durable in it); this is where cleared bits land."""
+        durable in it); this is where cleared bits land. If it fails, the fd stays on the
+        file in place (the old one, or the new one once it has replaced it)."""
         self.hot.clear_all()
         self._pending.clear()
         self._touched.clear()
-        save_atomic(self.path, bitmap, generation, KIND_TRACKING, self.hot)
-        fd = fs.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        save_atomic(self.path, bitmap, generation, KIND_TRACKING, self.hot, adopt=self._adopt)
+
+    def _adopt(self, fd: int) -> None:
         with self._fd_lock:
             old, self._fd = self._fd, fd
             if old >= 0:

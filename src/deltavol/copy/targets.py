@@ -79,6 +79,13 @@ class LocalTarget:
         """The backend belongs to the volume; nothing to close."""
 
 
+# Why a server without NBD_FLAG_SEND_FLUSH is refused rather than written with FUA: progress
+# is recorded only once a flush covers it (a flush per checkpoint is cheap; FUA on every
+# write makes the server sync each one), and a server that offers FUA but not FLUSH is
+# not one met in practice (nbdkit emulates FUA with its plugin's flush; qemu-nbd has both).
+NO_FLUSH = "its writes could never be known to be durable, so no copy to it could be trusted"
+
+
 class NbdTarget:
     """An export on a remote NBD server, reached with deltavol's own NBD client.
 
@@ -115,6 +122,8 @@ class NbdTarget:
             self._clients = [first]
             if first.read_only:
                 raise TargetError(msg=f"target {self.uri} is read-only")
+            if not first.can_flush:
+                raise TargetError(msg=f"target {self.uri} does not support FLUSH: {NO_FLUSH}")
             if first.can_multi_conn:
                 more = await asyncio.gather(
                     *(NbdClient.connect(self.uri, timeout=self.timeout) for _ in range(self.CONNECTIONS - 1)),
@@ -157,8 +166,7 @@ class NbdTarget:
 
     async def flush(self) -> None:
         client = self._clients[0]  # multi-conn: it covers what the others completed
-        if client.can_flush:
-            await self._do("flush", client.flush())
+        await self._do("flush", client.flush())
 
     async def close(self) -> None:
         clients, self._clients = self._clients, []

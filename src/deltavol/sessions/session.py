@@ -5,9 +5,10 @@ Design notes
 * **Tracking** (``track``, a hook under every change to the source): the chunk's bit is
   set in memory and made durable in the tracking file before the change goes down. A
   change to a chunk whose bit is set but not yet durable waits for that same fsync.
-* **Mark** (``_mark``): with the source's write gate closed (no change half-way through
-  the stack), ``transfer |= tracking`` is saved atomically, then tracking is reset on disk.
-  A crash between the two leaves the bits in both files: a superset, never a miss.
+* **Mark** (``_mark``): with the source flushed and its write gate closed (no change
+  half-way through the stack), ``transfer |= tracking`` is saved atomically, then tracking
+  is reset on disk. A crash between the two leaves the bits in both files: a superset,
+  never a miss.
 * **A save implies its tracking bit**: a change that copy-on-first-write saves first has
   its chunk's bit made durable by the save record, not by a tracking fsync of its own
   (one fsync per such write, not two competing for the disk). Reopening ORs the save
@@ -25,6 +26,10 @@ Design notes
   blocks over it, write it to the target zero-aware, clear the bits. A full pass reads by
   extents, writes holes as zeroes, and has no protection: what changes under it is
   tracked and copied by the catch-up incremental pass that ends every full update.
+* **Checkpoint** (``_checkpoint``): a chunk is done for good only once a target flush
+  sent after its copy completed has succeeded: the transfer is snapshotted, the target
+  flushed, the snapshot written. Until then the chunk stays owed (and protected), and a
+  failed target, a new connection, a re-mark or a cancel owe it again.
 * **Unmark**: transfer empty -> flush target, drop the save area, consistent as of the mark.
 """
 
@@ -74,6 +79,28 @@ SAVE_AT_ONCE_MAX = 128 * 1024  # bytes of old blocks a change may save without t
 
 def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait until it is over (the checkpointer: see _checkpoint)."""
+    task.cancel()
+    await _over(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("checkpointer failed", exc_info=task.exception())
+
+
+async def _over(fut: asyncio.Future[Any]) -> None:
+    """Wait until ``fut`` (a thread's) is over, even if cancelled meanwhile: a thread
+    cannot be stopped, so what waits for it must not go on as if it had. A cancellation
+    is raised once it is over; ``fut``'s outcome is left to the caller."""
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.wait([fut])  # unlike awaiting it, does not cancel it
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 @dataclass
@@ -192,7 +219,10 @@ class Session:
         self.save: SaveArea | None = None
         self._preparing: asyncio.Future[None] | None = None  # see _prepare_save_area
         self.locks = ChunkLocks()
-        self._checkpointing = asyncio.Lock()
+        self._checkpointing = asyncio.Lock()  # see _checkpoint
+        self._checkpoints = 0  # checkpoints taken (a snapshot's number)
+        self._landed = 0  # the number of the last checkpoint written
+        self._flush_failed: CopyTarget | None = None  # see _flush
         self.progress: Progress | None = None
         self.target: CopyTarget | None = None
         self._task: asyncio.Task[None] | None = None
@@ -311,18 +341,69 @@ class Session:
             self.save = None
 
     async def _checkpoint(self) -> None:
-        """Make copy progress durable: flush the target, then clear the done bits on disk.
+        """Make copy progress durable: snapshot the transfer, flush the target, then write
+        the snapshot's bits over the file.
+
+        A chunk's bit is cleared once its write to the target has completed, and a flush
+        covers the writes completed when it is sent: so every chunk done in a snapshot
+        taken *before* the flush is durable on the target after it. A chunk copied while
+        the flush runs stays owed (and protected) until the next checkpoint. With no
+        target there is no flush, so nothing new is known to be durable: nothing is
+        written.
+
+        A checkpoint lands only on the transfer it was taken of and only if no newer one
+        landed: a mark, a cancel or the end of the update replaces the transfer under
+        ``_checkpointing``, which a checkpoint holds from its staleness check until its
+        write is over (even when cancelled: the thread cannot be stopped).
 
         Bits only go from set to clear here, so they are written in place (no new space
         needed on a full disk; a torn write leaves each byte old or new, both safe).
         """
-        if self.transfer is not None and self.update is not None:
-            if self.target is not None:
-                await self.target.flush()
-            async with self._checkpointing:  # in order: an older copy must not land last
-                durable = self.transfer.copy()
-                await fs.to_thread(persist.write_bits_in_place, self._transfer_path, durable)
-                self._durable_transfer = durable
+        transfer, target = self.transfer, self.target
+        if transfer is None or self.update is None or target is None:
+            return
+        self._checkpoints += 1
+        seq, snapshot = self._checkpoints, transfer.copy()  # before the flush: see above
+        await self._flush(target)
+        async with self._checkpointing:
+            if self.transfer is not transfer or seq < self._landed:
+                return  # a mark replaced the transfer, or a newer checkpoint landed
+            write = asyncio.ensure_future(
+                fs.to_thread(persist.write_bits_in_place, self._transfer_path, snapshot)
+            )
+            try:
+                await _over(write)
+            finally:  # the thread is over: the file holds the snapshot, or bytes of each
+                if write.exception() is None:
+                    self._durable_transfer, self._landed = snapshot, seq
+                elif self._durable_transfer is not None:
+                    self._durable_transfer = self._durable_transfer.copy()
+                    self._durable_transfer.or_(snapshot)
+            write.result()  # a failed write raises
+
+    async def _flush(self, target: CopyTarget) -> None:
+        """Flush the target. Once a flush of it failed, it is not trusted again: what it
+        acknowledged before may be lost for good (a failed fsync drops the dirty pages, and
+        the next one succeeds without them), so only a new connection and a copy again of
+        what the last checkpoint owes can make those chunks durable."""
+        if target is self._flush_failed:
+            raise TargetError(msg=f"target {target.description}: an earlier flush failed")
+        try:
+            await target.flush()
+        except Exception:
+            self._flush_failed = target
+            raise
+
+    def _forget_unflushed(self) -> None:
+        """Owe again what the last checkpoint owes: the chunks copied since were acknowledged
+        by the target, never flushed, and it may have lost them (it failed, or the
+        connection goes). Only while no copy runs."""
+        transfer, durable = self.transfer, self._durable_transfer
+        if transfer is None or durable is None:
+            return
+        transfer.or_(durable)
+        if self.progress is not None:
+            self.progress.bytes_done = self.progress.bytes_total - self.transfer_bytes()
 
     async def _try_checkpoint(self) -> None:
         try:
@@ -542,6 +623,8 @@ class Session:
                 async with asyncio.timeout_at(deadline):
                     target = await self.ensure_target()
                     sent = await write_piece(target, off, bytes(data), n, self.granularity)
+                if self.target is not target:  # dropped meanwhile: no flush of it will come
+                    raise TargetError(msg=f"target {target.description}: connection closed during a copy")
                 if transfer.test(c):
                     transfer.clear(c)
                     if self.progress is not None:
@@ -553,6 +636,8 @@ class Session:
             checkpoint.add_done_callback(_seen)
             async with asyncio.timeout_at(deadline):
                 await asyncio.shield(checkpoint)
+            if self._owed(c):  # no flush covered it (the target went): c must not change as is
+                raise TargetError(msg=f"session {self.name}: the copy of chunk {c} is not durable")
         except TimeoutError:
             why = f"target {self.target_spec} did not answer in {self.target_timeout:g} s"
             self._give_up_mark(update, f"copy-before-write of chunk {c}: {why}")
@@ -687,55 +772,91 @@ class Session:
         assert self.update is not None
         transfer = Bitmap(self.source.size, self.granularity)
         transfer.set_all()
-        async with self._gate.closed():
+        await self._flush_source()
+        async with self._gate.closed(), self._checkpointing:
+            await self._flush_source()
             persist.save_atomic(self._transfer_path, transfer, self.update.id, TRANSFER)
             self.transfer = transfer
             self.consistent = False
             self.state = new_state
             self.progress = Progress(bytes_total=self.transfer_bytes())
-            self._save_row()  # the commit point
-            self._drop_save_area()  # not before: if the commit fails, an unfinished update goes on
+            self._save_row()  # the commit point: nothing below may raise (see _after_commit)
+            self._durable_transfer = transfer.copy()
+            self._after_commit("dropping the save area", self._drop_save_area)
             self.tracking.clear_all()
-            self._rewrite_tracking()
+            self._after_commit("resetting tracking", self._rewrite_tracking)
 
     async def _mark(self) -> None:
         """tracking -> transfer (OR-ed into any unfinished transfer), fresh tracking.
 
-        Order for crash safety: the new transfer file and a new save area are durable
-        before the session row commits the mark; tracking is reset only after that.
+        Order for crash safety: the source is flushed, then the new transfer file and a new
+        save area are durable before the session row commits the mark; tracking is reset
+        only after that. An unfinished transfer counts with what its last checkpoint still
+        owes: chunks copied since were never flushed on the target.
         """
         assert self.update is not None
         if self.save is None:  # no update writes to the save area: write its space ahead
             await self._prepare_save_area()
-        async with self._gate.closed():
-            # a copy: if this mark fails, start_update puts back the unfinished update's
-            # transfer, which must not have gained the chunks changed since its own mark
-            transfer = self.transfer.copy() if self.transfer else Bitmap(self.source.size, self.granularity)
+        await self._flush_source()
+        async with self._gate.closed(), self._checkpointing:
+            await self._flush_source()
+            # a new bitmap: if this mark fails, start_update puts back the unfinished
+            # update's transfer, which must not have gained the chunks changed since its mark
+            transfer = Bitmap(self.source.size, self.granularity)
+            for owed in (self.transfer, self._durable_transfer):
+                if owed is not None:
+                    transfer.or_(owed)
             before = self.transfer_bytes(transfer)
             transfer.or_(self.tracking)
             persist.save_atomic(self._transfer_path, transfer, self.update.id, TRANSFER)
             save = self._save_area(self.update.id).create()
+            update, progress = self.update, self.progress
+            was = (update.marked_at, update.protecting, update.catchup_bytes)
+            total_was = progress.bytes_total if progress is not None else 0
             try:
-                self.update.marked_at = now_iso()
-                self.update.protecting = True
+                update.marked_at = now_iso()
+                update.protecting = True
                 total = self.transfer_bytes(transfer)
-                if self.progress is None:
+                if progress is None:
                     self.progress = Progress(bytes_total=total)
                 else:  # the catch-up pass of a full update
-                    self.update.catchup_bytes = total - before
-                    self.progress.bytes_total = self.progress.bytes_done + total
-                self._save_row()  # the commit point
+                    update.catchup_bytes = total - before
+                    progress.bytes_total = progress.bytes_done + total
+                self._save_row()  # the commit point: nothing below may raise (see _after_commit)
             except BaseException:
                 # the unfinished update keeps its save area: its records are void on disk
                 # now, but so is it (the transfer file is this update's): a restart
                 # ends it, and until then its records in memory still protect its copy
                 save.close()
+                update.marked_at, update.protecting, update.catchup_bytes = was
+                if progress is not None:
+                    progress.bytes_total = total_was
+                self.progress = progress
                 raise
-            self._drop_save_area()
+            self._after_commit("dropping the old save area", self._drop_save_area)
             self.save, self.transfer = save, transfer
             self._durable_transfer = transfer.copy()
             self.tracking.clear_all()
-            self._rewrite_tracking()
+            self._after_commit("resetting tracking", self._rewrite_tracking)
+
+    async def _flush_source(self) -> None:
+        """What a mark copies must be durable on the source: a change acknowledged but not
+        flushed may be lost by a power loss, and copied it would stay on the target with
+        no bit left to say so. A mark flushes before the write gate closes (most of the
+        dirty data, while writes go on) and again inside it (what came meanwhile)."""
+        await self.source.backend.flush()
+
+    def _unlink_transfer(self) -> None:
+        fs.unlink(self._transfer_path, missing_ok=True)
+
+    def _after_commit(self, what: str, step: Any) -> None:
+        """A step after a commit point must not undo it (start_update would roll back in
+        memory a mark the row has). Each leaves a superset on disk if it fails: old bits in
+        the tracking file (all in the transfer now), a save area file no update owns."""
+        try:
+            step()
+        except (DeltavolError, OSError) as exc:
+            log.warning("session %s: %s failed: %s", self.name, what, exc)
 
     def _rewrite_tracking(self) -> None:
         """Replace the tracking file durably with the bitmap in memory (the write gate is
@@ -759,7 +880,10 @@ class Session:
     async def _run(self) -> None:
         assert self.update is not None and self.transfer is not None
         checkpointer = asyncio.get_running_loop().create_task(self._checkpoint_loop())
+        failure: tuple[str, bool] | None = None
         try:
+            if self.target is not None and self.target is self._flush_failed:
+                await self._drop_target()  # a new connection: see _flush
             target = await self.ensure_target()
             if self.progress is None:
                 self.progress = Progress(bytes_total=self.transfer_bytes())
@@ -769,10 +893,13 @@ class Session:
                     await self._remark()
                 elif not self.update.protecting:
                     await self._copy_pass(target)
+                    # the catch-up mark starts from the durable transfer: make the pass's
+                    # chunks durable first, or it would copy them all again
+                    await self._checkpoint()
                     await self._mark()  # the catch-up pass of a full update
                 await self._copy_pass(target)
-                await target.flush()
-                async with self._gate.closed():
+                await self._flush(target)
+                async with self._gate.closed(), self._checkpointing:
                     if not self.update.protecting:
                         continue  # copy-before-write gave the mark up meanwhile
                     # the save area goes: the bits its records made durable must be in the file
@@ -784,14 +911,16 @@ class Session:
         except asyncio.CancelledError:
             raise
         except TargetError as exc:
-            await self._fail(exc.message, retryable=True)
+            failure = exc.message, True
         except (DeltavolError, OSError) as exc:
-            await self._fail(exc.message if isinstance(exc, DeltavolError) else str(exc), retryable=False)
+            failure = exc.message if isinstance(exc, DeltavolError) else str(exc), False
         except Exception as exc:  # a bug: the session fails, the server stays up
             log.exception("session %s: update crashed", self.name)
-            await self._fail(f"internal error: {exc!r}", retryable=False)
+            failure = f"internal error: {exc!r}", False
         finally:
-            checkpointer.cancel()
+            await _stop(checkpointer)  # its write must not outlive the update's task
+        if failure is not None:
+            await self._fail(*failure)
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -867,8 +996,8 @@ class Session:
         self.update.finished_at = now_iso()
         self.state = next_state(self.name, self.state, "done")
         self._persist_row(self)  # the commit point; the files below are garbage after it
-        self._drop_save_area()
-        fs.unlink(self._transfer_path, missing_ok=True)
+        self._after_commit("dropping the save area", self._drop_save_area)
+        self._after_commit("removing the transfer file", self._unlink_transfer)
         log.info(
             "session %s: update %d done, consistent as of %s (%d bytes sent)",
             self.name,
@@ -880,6 +1009,7 @@ class Session:
     async def _fail(self, why: str, retryable: bool) -> None:
         self.last_error = why
         self.state = next_state(self.name, self.state, "fail")
+        self._forget_unflushed()  # the target may have lost what it did not flush
         try:
             self._save_row()  # the transfer file keeps its last durable checkpoint
         except DeltavolError as exc:
@@ -903,7 +1033,11 @@ class Session:
             self._resume()
 
     async def _drop_target(self) -> None:
+        """Close the target; a next one is a new connection, whose flushes cover none of
+        this one's writes."""
+        self._forget_unflushed()
         target, self.target = self.target, None
+        self._flush_failed = None
         if target is not None:
             await target.close()
 
@@ -934,6 +1068,7 @@ class Session:
         except (TimeoutError, DeltavolError, OSError) as exc:
             why = "no answer" if isinstance(exc, TimeoutError) else exc
             log.warning("session %s: checkpoint skipped: target flush: %s", self.name, why)
+            self._flush_failed = target  # see _flush
             return False
         return True
 
@@ -964,17 +1099,27 @@ class Session:
     async def cancel(self) -> dict[str, Any]:
         new_state = next_state(self.name, self.state, "cancel")
         await self._stop_task()
-        if self.transfer is not None:
-            async with self._gate.closed():
+        if await self._target_answers():  # what a flush covers now need not be copied again
+            await self._try_checkpoint()
+        async with self._gate.closed(), self._checkpointing:
+            if self.transfer is not None:
+                # back into tracking: what the update still owes, and what its last
+                # checkpoint does (copied since, never flushed: the target may lose it)
+                self._forget_unflushed()
                 self.tracking.or_(self.transfer)
                 self._rewrite_tracking()
-        self.transfer = None
-        self._durable_transfer = None
-        fs.unlink(self._transfer_path, missing_ok=True)
-        self._drop_save_area()
-        self.consistent = False
-        self.state = new_state
-        self._persist_row(self)
+            was = self.transfer, self._durable_transfer, self.consistent, self.state
+            self.transfer = None
+            self._durable_transfer = None
+            self.consistent = False
+            self.state = new_state
+            try:
+                self._persist_row(self)  # the commit point; the files below are garbage after it
+            except BaseException:
+                self.transfer, self._durable_transfer, self.consistent, self.state = was
+                raise
+            self._after_commit("dropping the save area", self._drop_save_area)
+            self._after_commit("removing the transfer file", self._unlink_transfer)
         await self._drop_target()
         return self.status()
 

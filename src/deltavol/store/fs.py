@@ -260,12 +260,15 @@ def replace_atomic(
     *,
     tmp: Path | None = None,
     keep_open: bool = False,
+    adopt: Callable[[int], None] | None = None,
 ) -> int:
     """Replace ``path`` durably with a file of ``parts`` (offset, data): a tmp file in the
     same directory is written and fsynced, renamed over ``path``, and the directory is
     fsynced. A crash leaves the old file or the new one, whole. On failure the tmp file
     is removed and the ``OSError`` raised. Returns the new file's descriptor (read-write)
-    with ``keep_open``, else -1."""
+    with ``keep_open``, else -1. ``adopt``, if given, takes that descriptor as the new
+    file replaces the old one, even if the directory sync then fails: a caller keeping
+    the file open never keeps a replaced inode (an ``open`` after the replace may fail)."""
     tmp = tmp if tmp is not None else path.with_name(path.name + ".tmp")
     try:
         fd = open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -277,15 +280,19 @@ def replace_atomic(
                     view, offset = view[n:], offset + n
             fsync(fd)
             replace(tmp, path)
+            if adopt is not None:
+                fd, new = -1, fd
+                adopt(new)
             sync_dir(path.parent)
         except BaseException:
-            close(fd)
+            if fd >= 0:
+                close(fd)
             raise
     except OSError:
         with contextlib.suppress(OSError):
             unlink(tmp, missing_ok=True)
         raise
-    if keep_open:
+    if keep_open or fd < 0:  # kept, or adopted
         return fd
     close(fd)
     return -1

@@ -157,6 +157,9 @@ class Disk:
         self.data[offset : offset + len(data)] = data
         self.landed.append((offset, len(data)))
 
+    async def flush(self) -> None:
+        """Every change here has landed (no page cache in this model): nothing to do."""
+
 
 class Target:
     """The copy target; ``go`` cleared holds its writes back (a slow or stalled peer)."""
@@ -275,6 +278,7 @@ def rigs(tmp_path: Path, syncs: SyncLog, request: pytest.FixtureRequest) -> Iter
         s.next_update_id = 2
         await s._mark()
         assert s.update.protecting and s.save is not None and s.tracking.is_empty()
+        await s.ensure_target()  # connected, as the copy is: a checkpoint flushes it
         rig = Rig(s, disk, target, wire(s, disk), syncs, granularity, [s])
 
         def is_safe(c: int) -> bool:

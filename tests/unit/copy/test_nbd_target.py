@@ -1,0 +1,59 @@
+"""A remote NBD export as a copy target: copy progress is recorded only once a FLUSH covers
+it, so a server that cannot flush is refused, with an error that says why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deltavol.copy.targets import NbdTarget, TargetError
+from tests.harness import require
+from tests.sessions.targets import nbdkit_memory_cmd, serving, uri
+
+SIZE = 1 << 20
+
+
+def nbdkit_without_flush_cmd(sock: Path) -> list[str]:
+    """A writable export whose server does not advertise NBD_FLAG_SEND_FLUSH (nor FUA)."""
+    require("nbdkit")
+    return [
+        "nbdkit", "-f", "-U", str(sock), "-e", "t", "eval",
+        f"get_size=echo {SIZE}",
+        "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
+        "pwrite=cat >/dev/null",
+        "can_write=exit 0",
+        "can_flush=exit 3",  # the sh/eval plugins' "false"
+    ]  # fmt: skip
+
+
+async def test_a_server_that_cannot_flush_is_refused(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    with (
+        serving(nbdkit_without_flush_cmd(sock), sock),
+        pytest.raises(TargetError, match="does not support FLUSH") as ei,
+    ):
+        await NbdTarget(uri(sock)).open()
+    assert uri(sock) in ei.value.message
+
+
+async def test_a_server_that_can_flush_is_flushed(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    with serving(nbdkit_memory_cmd(SIZE, sock), sock):
+        target = await NbdTarget(uri(sock)).open()
+        try:
+            await target.pwrite(0, b"x" * 4096)
+            flushes = []
+            client = target._clients[0]
+            real = client.flush
+
+            async def counted() -> None:
+                flushes.append(1)
+                await real()
+
+            client.flush = counted
+            await target.flush()
+            assert flushes == [1]
+            assert await target.pread(0, 4096) == b"x" * 4096
+        finally:
+            await target.close()
