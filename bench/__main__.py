@@ -33,6 +33,21 @@ def machine() -> str:
     )
 
 
+def source_commit() -> str:
+    """The commit the figures come from, and whether src/ or bench/ differed from it."""
+    git = ["git", "-C", str(HERE.parent)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        return "an unknown commit (not a git checkout)"
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--", "src", "bench"], capture_output=True, text=True
+    )
+    changed = [line for line in dirty.stdout.splitlines() if not line.endswith("bench/RESULTS.md")]
+    return f"commit {head.stdout.strip()}" + (
+        " with uncommitted changes to src/ or bench/" if changed else ""
+    )
+
+
 def fmt(value: float | None) -> str:
     if value is None:
         return ""
@@ -49,16 +64,19 @@ def cells(row: Row) -> list[str]:
 HEADERS = ["figure", "unit", "deltavol", "peer", "peer figure", "ratio", "aim", "met"]
 
 
-def markdown(rows: list[Row], settings: Settings, elapsed: float) -> str:
+def markdown(rows: list[Row], settings: Settings, elapsed: float, commit: str) -> str:
     lines = [
         "# Benchmark results",
         "",
-        f"Run {datetime.date.today().isoformat()} by `make bench` ({elapsed:.0f} s), on {machine()}.",
+        f"Run {datetime.date.today().isoformat()} by `make bench` ({elapsed:.0f} s) from {commit},",
+        f"on {machine()}.",
         f"fio runs {settings.runtime:g} s each (after 1 s ramp) on a {settings.fio_size // GiB} GiB raw file "
         "over unix sockets; deltavol and the peer serve the same file, one after the other",
         "(page-cache figures: the better of two runs each, in the order deltavol, peer, peer, deltavol).",
         "Tracking figures: one volume with and without sessions in alternation, each run after "
-        "`sync`, the better of two each. Copy-on-first-write: the better of two runs each, in the "
+        "`sync`, the better of two each; their first-writes figures time each job's first "
+        "8 writes per 4 MiB region of the file, with no ramp. Copy-on-first-write: the better "
+        "of two runs each, in the "
         "order no update, update, update, no update.",
         "Ratios are deltavol / peer in the figure's unit (for seconds and latency lower is better).",
         "",
@@ -93,6 +111,8 @@ def main(only: tuple[str, ...], runtime: float, copy_size: int, quick: bool, out
     table = Table(*HEADERS, title="deltavol benchmarks")
     rows: list[Row] = []
     start = datetime.datetime.now()
+    commit = source_commit()  # before the run: what was measured
+    console.log(f"figures of {commit}")
     try:
         for name in only or SECTIONS:
             console.log(f"section {name}")
@@ -104,7 +124,7 @@ def main(only: tuple[str, ...], runtime: float, copy_size: int, quick: bool, out
         shutil.rmtree(work, ignore_errors=True)
     console.print(table)
     if not quick:
-        out.write_text(markdown(rows, settings, (datetime.datetime.now() - start).total_seconds()))
+        out.write_text(markdown(rows, settings, (datetime.datetime.now() - start).total_seconds(), commit))
         console.print(f"written {out}")
 
 

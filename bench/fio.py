@@ -17,12 +17,17 @@ class FioResult:
         return {"MiB/s": self.bw / 2**20, "IOPS": self.iops, "p99 µs": self.p99_us}[unit]
 
 
-def fio(uri: str, rw: str, bs: str, iodepth: int, runtime: float, numjobs: int = 1) -> FioResult:
+def fio(
+    uri: str, rw: str, bs: str, iodepth: int, runtime: float, numjobs: int = 1, ios: int = 0
+) -> FioResult:
+    """``runtime`` seconds after a 1 s ramp; with ``ios``, each job's first ``ios`` requests
+    instead, no ramp (``runtime`` only bounds it): what the first writes after a mark cost."""
     cmd = [
         "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
-        f"--iodepth={iodepth}", f"--numjobs={numjobs}", "--group_reporting", "--time_based",
-        f"--runtime={runtime}", "--ramp_time=1", "--output-format=json", "--randrepeat=0",
+        f"--iodepth={iodepth}", f"--numjobs={numjobs}", "--group_reporting", f"--runtime={runtime}",
+        "--output-format=json", "--randrepeat=0",
     ]  # fmt: skip
+    cmd += [f"--number_ios={ios}"] if ios else ["--time_based", "--ramp_time=1"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"fio {rw} {bs} on {uri}: {out.stderr.strip() or out.stdout[-500:]}")

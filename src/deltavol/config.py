@@ -29,6 +29,7 @@ class ServerConfig:
     api_tcp: tuple[str, int] | None = None
     drain_timeout: float = 30.0
     save_limit: int = 1 << 30  # bytes of copy-on-first-write save area per session update
+    hot_set: int = 1 << 30  # bytes of a source a power loss may copy again per session (its hot regions)
     retry_limit: int = 5  # automatic resumes of an update whose target failed
     retry_backoff: float = 2.0  # seconds before the first retry; doubles each time
     target_timeout: float = 30.0  # seconds a remote target may take to connect, or stay silent

@@ -102,6 +102,33 @@ def test_corrupt_save_area(srv: Server) -> None:
     assert srv.image("src") == srv.image("dst")
 
 
+def test_an_unreadable_bitmap_stops_the_start_up_and_keeps_the_files(srv: Server) -> None:
+    """An I/O error is no corruption: nothing is set aside and no full copy is asked for;
+    the server says what and why, and starts as before once the cause is gone."""
+    before = srv.status()
+    srv.stop()
+    tracking = srv.root / "bitmaps" / "s.tracking"
+    kept = tracking.with_name("kept")
+    tracking.rename(kept)
+    tracking.mkdir()  # reading it fails with EISDIR, as a bad sector fails with EIO
+    out = subprocess.run(
+        [DELTAVOL, "serve", "--nbd-socket", str(srv.sock)],
+        env=srv.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stderr
+    assert "session s" in out.stderr and str(tracking) in out.stderr and "Traceback" not in out.stderr
+    assert not list(tracking.parent.glob("*.corrupt-*"))
+    tracking.rmdir()
+    kept.rename(tracking)
+    srv.start()
+    st = srv.status()
+    assert (st["state"], st["consistent"], st["point_in_time"]) == ("idle", True, before["point_in_time"])
+    assert st["tracked_bytes"] == before["tracked_bytes"] > 0
+
+
 def test_corrupt_database_is_refused_by_name(tmp_path: Path) -> None:
     root = tmp_path / "data"
     server = Server(root)

@@ -4,10 +4,13 @@ serving everyone else."""
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -153,10 +156,21 @@ def test_unknown_command_and_flags_are_refused(server: Server, vol: bytes) -> No
 
 
 def test_client_vanishing_mid_payload_writes_nothing(server: Server, vol: bytes) -> None:
+    gone = "closing: peer closed the connection"
+    before = server.log_path.read_text().count(gone)
+    path = Path(json.loads(server.cli("volume", "info", "v", "--json"))["path"])
     with handshake(server) as w:
         whole = request(CMD_WRITE, cookie=1, offset=4096, data=b"\xee" * 65536)
         w.sock.sendall(whole[: 28 + 30000])
+    deadline = time.monotonic() + 10
+    while server.log_path.read_text().count(gone) == before:  # it saw the payload cut short
+        assert time.monotonic() < deadline, "the server never saw the client go"
+        time.sleep(0.05)
     still_serving(server, vol)
+    # and once it has stopped, nothing it might still have been doing can land: the volume
+    # holds no byte of the cut write
+    server.stop()
+    assert path.read_bytes() == vol
 
 
 def test_a_bad_request_magic_closes_the_connection(server: Server, vol: bytes) -> None:

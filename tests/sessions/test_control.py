@@ -48,10 +48,13 @@ def test_pause_resume_cancel_an_incremental_update(server: Server) -> None:
     assert paused["state"] == "paused" and paused["consistent"]  # the last point in time still holds
     done = paused["update"]["bytes_done"]
     assert 0 < done < total
-    # while paused the chunks still owed stay protected: C over the last ones is not copied
+    # while paused the chunks still owed stay protected: C over the last ones is saved first
+    # (test_a_paused_update_keeps_its_point_in_time follows such writes to the target)
     apply(server, "src", *model.chunks(0xCC, [60, 61, 62, 63]))
     time.sleep(0.5)  # nothing to poll for: the absence of progress
-    assert server.status()["update"]["bytes_done"] == done, "pause did not stop the copy"
+    u = server.status()["update"]
+    assert u["bytes_done"] == done, "pause did not stop the copy"
+    assert u["cofw_saved_bytes"] == 4 * G, u
     server.cli("session", "resume", "s")
     assert server.status()["state"] == "copying"
     wait_for(server, lambda s: s["update"]["bytes_done"] > done, "copying again")
@@ -68,6 +71,32 @@ def test_pause_resume_cancel_an_incremental_update(server: Server) -> None:
     assert st["consistent"] and st["update"]["kind"] == "incremental"
     assert st["update"]["bytes_total"] == remaining  # only what was left
     assert_same(server, "dst", model.snapshot())
+
+
+def test_a_paused_update_keeps_its_point_in_time(server: Server) -> None:
+    model = session_with_copy(server, SIZE)
+    owed = list(range(16))
+    apply(server, "src", *model.chunks(0xBB, owed))
+    at_mark = model.snapshot()
+    start_update(server, "--max-rate", "256KiB/s")  # about 4 s
+    wait_for(server, lambda s: s["update"]["bytes_done"] > 0, "copying anything")
+    server.cli("session", "pause", "s")
+    paused = server.status()
+    assert paused["state"] == "paused", paused
+    done = paused["update"]["bytes_done"]
+    assert 0 < done <= 12 * G, paused  # chunks 12-15 are still owed
+    # C over the owed chunks while paused: each must be saved before it goes down
+    apply(server, "src", *model.chunks(0xCC, [15, 14, 13, 12]), model.write(0xC1, 13 * G + 100, 1000))
+    u = server.status()["update"]
+    assert u["bytes_done"] == done, "pause did not stop the copy"
+    assert u["cofw_saved_bytes"] == 4 * G, u
+    server.cli("session", "resume", "s")
+    st = wait_for(server, idle, "idle", timeout=120)
+    u = st["update"]
+    assert st["consistent"] and u["bytes_total"] == u["bytes_done"] == len(owed) * G, st
+    assert u["cofw_saved_bytes"] == 4 * G, u
+    assert_same(server, "dst", at_mark)  # B, not C: the point in time of the mark
+    assert st["tracked_bytes"] == 4 * G
 
 
 def test_pause_resume_a_full_update(server: Server) -> None:

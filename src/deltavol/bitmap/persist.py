@@ -7,7 +7,8 @@ of bits, generation, kind (tracking or transfer), for a tracking file the size o
 regions and the boot it was written in, CRC32 of all that -- then the bit bytes. A
 tracking file then has, from the next page on, one bit per hot region. ``load`` checks
 every field and the length and names the file and the exact problem: a damaged bitmap is
-never read as an empty one.
+never read as an empty one, and a file that cannot be read (EIO, EACCES) is an I/O error,
+never a corrupt file.
 
 Two ways of writing:
 
@@ -24,16 +25,39 @@ Two ways of writing:
     one burst, on every session of a source, share a round; later first changes in the
     region need no fsync at all.
 
+  The hot regions are a bounded set (``hot_set`` bytes of volume, ``serve --hot-set``,
+  default ``HOT_SET``), least recently used first out; "used" is a new chunk bit in the
+  region. A region leaves it only once its chunk bits are durable: when every bit of it
+  was written before a round that has synced (the usual case: the oldest region was
+  last written many rounds ago), its bit is cleared in the round that brings the new
+  region in; else (more regions than the set holds were first written to since the
+  last sync) the new region comes in at once and the old one's bit is cleared in the
+  round after the one that syncs its chunk bits. A synced file thus holds at most the
+  set plus the regions that came in during one round (at most the writes in flight).
+
   ``load`` trusts the chunk bits of a file written in this boot (the server died, the
   page cache did not). After a reboot it adds every chunk of every hot region: a power
-  loss may have taken chunk bits, never a hot one. So that this costs little, hot bits
-  are cleared lazily: ``settle``, some seconds after a region turns hot, makes the chunk
-  bits durable and clears the regions that got no new chunk bit meanwhile. A power loss
-  thus copies again at most the regions first-written to in the last seconds.
+  loss may have taken chunk bits, never a hot one. That re-copy is bounded by the hot
+  set, and ``load_tracking`` reports it (bytes added, and why). Besides the bound,
+  ``settle``, some seconds after a region turns hot, makes the chunk bits durable and
+  clears the regions that got no new chunk bit meanwhile: an idle volume costs no re-copy.
+
+  A failed fdatasync may have dropped dirty pages for good (the kernel marks them clean
+  and reports the error once: a later fdatasync succeeds without writing them). From then
+  on the file is *lost*: no hot bit is cleared any more, and its header's boot becomes
+  ``_LOST_BOOT`` (written in place and synced with the next round: only the boot and the
+  CRC change, both in the first sector), so that a load even in this boot adds the hot
+  regions. The next ``settle`` (or a mark) replaces the file from the
+  bitmap in memory with ``rewrite``, which ends it. Until then the re-copy a power loss
+  costs may exceed the hot set; ``lost`` says why.
 
   Chunk bits are never cleared in place; clearing happens in memory and reaches the disk
   with ``rewrite`` (atomic) at a mark or a reset, which also empties the hot regions: the
-  file is always a superset of the acknowledged changes.
+  file is always a superset of the acknowledged changes. ``rewrite`` also forgets every
+  round started for the replaced file: such a round makes nothing durable in the new one.
+
+  The layout is the same as version 2 wrote it; ``_LOST_BOOT`` is new, and a version 2
+  reader takes it for another boot, which is safe.
 """
 
 from __future__ import annotations
@@ -46,6 +70,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from deltavol.bitmap.bitmap import MAX_GRANULARITY, Bitmap
@@ -61,6 +86,8 @@ VERSION = 2
 HEADER_SIZE = 4096
 HOT_REGION = 4 * 1024 * 1024  # bytes of volume behind one hot bit (as DRBD's activity-log extent)
 SETTLE_SECONDS = 10.0  # a hot region with no new chunk bit for this long is cleared
+HOT_SET = 1 << 30  # bytes of volume the hot regions of one tracking file cover at most
+_LOST_BOOT = b"\xff" * 16  # the boot of a file that may have lost pages (no real boot id is all ones)
 _PAGE = 4096  # bytes of bits written for a chunk or region: the page that holds its bit
 _PAGE_BITS = (_PAGE * 8).bit_length() - 1  # bit >> _PAGE_BITS: its page
 # magic, version, granularity, size, nbits, generation, kind, hot region bytes, boot
@@ -75,8 +102,9 @@ def _hot_at(nbits: int) -> int:
     return HEADER_SIZE + -(-((nbits + 7) // 8) // _PAGE) * _PAGE
 
 
-def _header(bitmap: Bitmap, generation: int, kind: int, region: int) -> bytes:
-    boot = boot_id() if region else b""
+def _header(bitmap: Bitmap, generation: int, kind: int, region: int, boot: bytes | None = None) -> bytes:
+    if boot is None:
+        boot = boot_id() if region else b""
     head = _HEADER.pack(
         MAGIC, VERSION, bitmap.granularity, bitmap.size, bitmap.nbits, generation, kind, region, boot
     )
@@ -103,7 +131,8 @@ def save_atomic(
             parts.append((HEADER_SIZE, views.enter_context(bitmap.view())))
             if hot is not None:
                 parts.append((_hot_at(bitmap.nbits), views.enter_context(hot.view())))
-            fs.replace_atomic(path, parts, adopt=adopt)
+            # _write_all looked up at each call: tests put a full disk there
+            fs.replace_atomic(path, parts, adopt=adopt, write=lambda *a: _write_all(*a))
     except OSError as exc:
         raise os_error(exc, f"bitmap {path}") from exc
 
@@ -133,17 +162,50 @@ def write_bits_in_place(path: Path, bitmap: Bitmap) -> None:
         raise os_error(exc, f"bitmap {path}") from exc
 
 
+@dataclass(frozen=True)
+class Recopy:
+    """What ``load_tracking`` added to a tracking file's bits: every chunk of its hot
+    regions, because the file's unsynced pages may be lost."""
+
+    bytes: int  # of volume behind the chunks added (set in no chunk bit of the file)
+    reason: str
+
+
+def _lost_why(boot: bytes) -> str | None:
+    """Why the unsynced pages of a tracking file written in ``boot`` may be lost; None
+    if they cannot be."""
+    now = boot_id()
+    if boot == _LOST_BOOT:
+        return "an fdatasync of the tracking file failed: pages it had not written may be lost"
+    if not now:
+        return "this boot's id is unknown: the machine may have restarted since the last sync"
+    if boot != now:
+        return "the machine restarted since the tracking file was last synced"
+    return None
+
+
 def load(path: Path, kind: int, granularity: int, size: int) -> tuple[Bitmap, int]:
     """Read and validate a bitmap file; returns (bitmap, generation).
 
-    A tracking file written before this boot comes back with its hot regions added.
+    A tracking file that may have lost pages (written before this boot) comes back with
+    its hot regions added.
     """
+    bitmap, generation, _ = _load(path, kind, granularity, size)
+    return bitmap, generation
+
+
+def load_tracking(path: Path, granularity: int, size: int) -> tuple[Bitmap, int, Recopy | None]:
+    """``load`` of a tracking file; also returns what the hot regions added, if any."""
+    return _load(path, KIND_TRACKING, granularity, size)
+
+
+def _load(path: Path, kind: int, granularity: int, size: int) -> tuple[Bitmap, int, Recopy | None]:
     try:
         raw = fs.read_bytes(path)
     except FileNotFoundError:
         raise CorruptFile(path=path, why=f"{_KINDS.get(kind, 'bitmap')} bitmap file is missing") from None
-    except OSError as exc:
-        raise CorruptFile(path=path, why=exc.strerror or str(exc)) from exc
+    except OSError as exc:  # EIO, EACCES, ...: the file may well be fine, it is not corrupt
+        raise os_error(exc, f"reading bitmap {path}") from exc
     if len(raw) < HEADER_SIZE:
         raise CorruptFile(path=path, why=f"header truncated ({len(raw)} bytes)")
     head = raw[: _HEADER.size]
@@ -177,12 +239,17 @@ def load(path: Path, kind: int, granularity: int, size: int) -> tuple[Bitmap, in
         if n % 8 and raw[last] >> (n % 8):
             raise CorruptFile(path=path, why=f"bits set past the end of the volume ({what} {n} or later)")
     bitmap = Bitmap.from_bytes(size, granularity, memoryview(raw)[HEADER_SIZE:end])
-    if hot is not None and (not boot_id() or boot != boot_id()):
+    why = _lost_why(boot) if hot is not None else None
+    recopy = None
+    if why is not None:
         hot = Bitmap.from_bytes(size, region, memoryview(raw)[_hot_at(nbits) :])
-        per = region // granularity
-        for first, count in hot.runs():  # the chunk bits of these may be lost: all of them
-            bitmap.set_run(first * per, count * per)
-    return bitmap, generation
+        if not hot.is_empty():
+            tracked = bitmap.bytes_set()
+            per = region // granularity
+            for first, count in hot.runs():  # the chunk bits of these may be lost: all of them
+                bitmap.set_run(first * per, count * per)
+            recopy = Recopy(bitmap.bytes_set() - tracked, why)
+    return bitmap, generation, recopy
 
 
 def _write_pages(fd: int, bits: memoryview, at: int, pages: list[int]) -> None:
@@ -201,22 +268,42 @@ def _write_pages(fd: int, bits: memoryview, at: int, pages: list[int]) -> None:
 class TrackingFile:
     """The tracking bitmap's file, written ahead of every change (see the module notes).
 
-    Owns the hot regions: in memory a region is hot from its first change on, and
-    durable once no round for it is running (``_covering``)."""
+    Owns the hot set: in memory a region is in it (``_lru``) from its first change on,
+    and durably so once no round for it is running (``_covering``). ``hot`` is the hot
+    section as the next round writes it: the set, and the regions on their way out."""
 
     def __init__(
-        self, path: Path, size: int, granularity: int, commit: GroupCommit, region: int = HOT_REGION
+        self,
+        path: Path,
+        size: int,
+        granularity: int,
+        commit: GroupCommit,
+        region: int = HOT_REGION,
+        hot_set: int = HOT_SET,
     ) -> None:
         self.path = path
         self.commit = commit  # shared by the sessions of one source
         self.hot = Bitmap(size, max(region, granularity))
+        self.capacity = max(1, hot_set // self.hot.granularity)  # regions in the hot set at most
         self._shift = (self.hot.granularity // granularity).bit_length() - 1  # chunk >> _shift: region
         self._hot_at = _hot_at(Bitmap(size, granularity).nbits)
         self._fd = -1  # until ``rewrite`` writes the file
         self._fd_lock = threading.Lock()
         self._pending: set[int] = set()  # pages of hot bits to write at the next round
+        self._lru: dict[int, int] = {}  # the hot set, least recently used first: region -> its last _seq
         self._covering: dict[int, asyncio.Future[None]] = {}  # region -> round making it durable
         self._rounds: dict[asyncio.Future[None], list[int]] = {}  # the same, by round
+        self._evicting: dict[int, asyncio.Future[None]] = {}  # left the set: region -> round syncing it
+        self._evictions: dict[asyncio.Future[None], list[int]] = {}  # the same, by round
+        self._seq = 0  # write_bits calls so far
+        self._durable_seq = 0  # the bits of write_bits calls up to this one are durable
+        self._round: asyncio.Future[None] | None = None  # the last round asked for
+        self._round_seq: dict[asyncio.Future[None], int] = {}  # a round -> _seq when it wrote out
+        self._sync_failed = False  # set by ``sync`` in its thread, seen by ``_round_end``
+        self.lost: str | None = None  # why the file may have lost pages (see the module notes)
+        self._lost_header = b""  # the header that says so, to write at the next round
+        self._bitmap: Bitmap | None = None  # the bitmap written last (its bits are all set in it)
+        self._generation = 0
         self._touched: set[int] = set()  # regions with a new chunk bit since settling began
         self._settle: asyncio.TimerHandle | asyncio.Task[None] | None = None
         self._settling = asyncio.Lock()  # one settle at a time: each owns the regions touched meanwhile
@@ -224,8 +311,16 @@ class TrackingFile:
     def write_bits(self, bitmap: Bitmap, chunks: list[int]) -> None:
         """Write the bit bytes of ``chunks`` (sorted, already set in ``bitmap``) into the
         file now: into the page cache, which outlives the server, not a power loss."""
+        self._bitmap = bitmap  # what a file that lost pages is written again from
         shift = self._shift
-        self._touched.update(c >> shift for c in chunks)
+        regions = {c >> shift for c in chunks}
+        self._touched.update(regions)
+        self._seq = seq = self._seq + 1
+        lru = self._lru
+        for r in regions:  # used: last out of the hot set
+            if r in lru:
+                del lru[r]
+                lru[r] = seq
         pages = sorted({c >> _PAGE_BITS for c in chunks})
         try:
             with bitmap.view() as bits:
@@ -237,29 +332,77 @@ class TrackingFile:
         """True if the hot regions of ``chunks`` are durable: their first changes need no round."""
         if not chunks:
             return True
-        shift, hot, covering = self._shift, self.hot, self._covering
+        shift, lru, covering = self._shift, self._lru, self._covering
         for r in range(chunks.start >> shift, ((chunks.stop - 1) >> shift) + 1):
-            if not hot.test(r) or r in covering:
+            if r not in lru or r in covering:
                 return False
         return True
 
     def cover(self, chunk: int) -> asyncio.Future[None] | None:
         """The round that makes ``chunk``'s hot region durable; None if it already is."""
         r = chunk >> self._shift
-        fut = self._covering.get(r)
-        if fut is not None or self.hot.test(r):
-            return fut
+        lru = self._lru
+        if r in lru:
+            return self._covering.get(r)
+        if r in self._evicting:  # on its way out, its bit still set: back in
+            del self._evicting[r]
+            lru[r] = self._seq
+            self._make_room()
+            return self._covering.get(r)
         self.hot.set(r)
         self._pending.add(r >> _PAGE_BITS)
+        lru[r] = self._seq
         fut = self._covering[r] = self.round()
         regions = self._rounds.get(fut)
         if regions is None:
             regions = self._rounds[fut] = []
             fut.add_done_callback(self._round_done)
         regions.append(r)
+        self._make_room()
         if self._settle is None:
             self._settle = asyncio.get_running_loop().call_later(SETTLE_SECONDS, self._start_settle)
         return fut
+
+    def _make_room(self) -> None:
+        """Take the least recently used regions out of a hot set grown past its bound.
+
+        A region whose chunk bits are all durable (written before a round that synced)
+        is cleared at once: in the round about to begin, with the region that came in.
+        Another one keeps its bit until the next round has synced its chunk bits."""
+        lru = self._lru
+        while len(lru) > self.capacity:
+            v = next(iter(lru))
+            seq = lru.pop(v)
+            if self.lost is not None:
+                continue  # the file may lack chunk bits of it: its bit stays until a rewrite
+            if seq <= self._durable_seq and v not in self._covering:
+                self.hot.clear(v)
+                self._pending.add(v >> _PAGE_BITS)
+                continue
+            fut = self._evicting[v] = self.round()
+            regions = self._evictions.get(fut)
+            if regions is None:
+                regions = self._evictions[fut] = []
+                fut.add_done_callback(self._evicted)
+            regions.append(v)
+
+    def _evicted(self, fut: asyncio.Future[None]) -> None:
+        if self._clear_evicted(fut) and self._fd >= 0:
+            self.round()  # the clearing durable soon, so the file keeps to the bound
+
+    def _clear_evicted(self, fut: asyncio.Future[None]) -> bool:
+        """Clear the regions that left with round ``fut`` (done); True if any was."""
+        failed = fut.cancelled() or fut.exception() is not None
+        cleared = False
+        for v in self._evictions.pop(fut, ()):
+            if self._evicting.get(v) is fut:
+                del self._evicting[v]
+                if not failed and self.lost is None:  # its chunk bits are durable now
+                    self.hot.clear(v)
+                    self._pending.add(v >> _PAGE_BITS)
+                    cleared = True
+                # else its bit stays: a superset, that ``settle`` or a rewrite clears
+        return cleared
 
     def _round_done(self, fut: asyncio.Future[None]) -> None:
         failed = fut.cancelled() or fut.exception() is not None
@@ -267,16 +410,30 @@ class TrackingFile:
             if self._covering.get(r) is fut:
                 del self._covering[r]
                 if failed:  # not known to be durable: the next change in it asks again
-                    self.hot.clear(r)
+                    self._lru.pop(r, None)
+                    self._evicting.pop(r, None)
+                    if self.lost is None:
+                        self.hot.clear(r)
 
     def write_out(self) -> None:
         """Write the pending pages of hot bits as they are now (a round begins: on the loop)."""
+        if self._round is not None:
+            self._round_seq[self._round] = self._seq  # the round that begins: it syncs these
+        for fut in [f for f in self._evictions if f.done()]:  # the last round's: the group
+            self._clear_evicted(fut)  # commit begins this one before the loop runs its callbacks
+        self._write_pending()
+
+    def _write_pending(self) -> None:
         pages, self._pending = sorted(self._pending), set()
-        if not pages or self._fd < 0:
+        if self._fd < 0:
             return
         try:
-            with self.hot.view() as bits:
-                _write_pages(self._fd, bits, self._hot_at, pages)
+            if self._lost_header:
+                _write_all(self._fd, self._lost_header, 0)
+                self._lost_header = b""
+            if pages:
+                with self.hot.view() as bits:
+                    _write_pages(self._fd, bits, self._hot_at, pages)
         except OSError as exc:
             raise os_error(exc, f"tracking bitmap {self.path}") from exc
 
@@ -287,11 +444,44 @@ class TrackingFile:
             try:
                 fs.fdatasync(self._fd)
             except OSError as exc:
+                self._sync_failed = True
                 raise os_error(exc, f"tracking bitmap {self.path}") from exc
 
     def round(self) -> asyncio.Future[None]:
         """The group-commit round that makes the bits written so far durable."""
-        return self.commit.round(self)
+        fut = self.commit.round(self)
+        if fut is not self._round:
+            self._round = fut
+            fut.add_done_callback(self._round_end)  # first: before the callbacks of its regions
+        return fut
+
+    def _round_end(self, fut: asyncio.Future[None]) -> None:
+        seq = self._round_seq.pop(fut, None)
+        if not fut.cancelled() and fut.exception() is None:
+            if seq is not None:
+                self._durable_seq = max(self._durable_seq, seq)
+        elif self._sync_failed:
+            self._sync_failed = False
+            self._pages_lost(fut.exception())
+
+    def _pages_lost(self, exc: BaseException | None) -> None:
+        """An fdatasync failed: the kernel may have dropped pages of the file for good."""
+        first = self.lost is None
+        self.lost = "an fdatasync of the tracking file failed: pages it had not written may be lost"
+        if self._bitmap is not None:  # (again: its page may be one of those dropped)
+            self._lost_header = _header(
+                self._bitmap, self._generation, KIND_TRACKING, self.hot.granularity, _LOST_BOOT
+            )
+        if first:
+            log.error(
+                "%s: an fdatasync failed (%s): its hot regions stay until it is written again",
+                self.path,
+                exc.message if isinstance(exc, DeltavolError) else exc,
+            )
+            if self._fd >= 0:  # the header says so as soon as a sync succeeds (one round, not
+                self.round()  # a loop of them on a disk that keeps failing)
+                if self._settle is None:  # which writes the file again
+                    self._settle = asyncio.get_running_loop().call_later(SETTLE_SECONDS, self._start_settle)
 
     async def durable(self) -> None:
         """Wait for that round."""
@@ -307,40 +497,75 @@ class TrackingFile:
             log.warning("%s", exc.message)
         finally:
             self._settle = None
-            if not self.hot.is_empty() and self._fd >= 0:
+            if (not self.hot.is_empty() or self.lost is not None) and self._fd >= 0:
                 self._settle = asyncio.get_running_loop().call_later(SETTLE_SECONDS, self._start_settle)
 
     async def settle(self, everything: bool = False) -> None:
         """Make the chunk bits durable, then clear the hot regions that got no new chunk
         bit since the last settle (with ``everything``, all of them, durably: the server
-        stops, so a clean reboot costs no copy)."""
+        stops, so a clean reboot costs no copy). A file that may have lost pages is
+        written again from the bitmap in memory instead."""
         async with self._settling:
             touched, self._touched = self._touched, set()
             await self.durable()  # every chunk bit written so far
+            if self.lost is not None:
+                self._write_again()
+                return
             keep = self._touched | self._covering.keys() | (set() if everything else touched)
             idle = [r for first, n in self.hot.runs() for r in range(first, first + n) if r not in keep]
+            lru, evicting = self._lru, self._evicting
             for r in idle:
                 self.hot.clear(r)
+                lru.pop(r, None)
+                evicting.pop(r, None)
             self._pending.update(r >> _PAGE_BITS for r in idle)
             if everything:
                 await self.durable()
             else:
-                self.write_out()  # lazily: a hot bit left on disk only costs a copy after a power loss
+                self._write_pending()  # lazily: a hot bit left on disk only costs a copy after a power loss
+
+    def _write_again(self) -> None:
+        """``rewrite`` with what it last wrote and every bit set since: the file's lost
+        pages are in none of its inodes' page caches any more, only in memory."""
+        if self._bitmap is None:
+            return
+        try:
+            self.rewrite(self._bitmap, self._generation)
+        except OSError as exc:
+            raise os_error(exc, f"tracking bitmap {self.path}") from exc
+        log.info("%s: written again after the failed fdatasync", self.path)
 
     def rewrite(self, bitmap: Bitmap, generation: int) -> None:
         """Replace the file atomically with ``bitmap`` and no hot region (every bit set is
         durable in it); this is where cleared bits land. If it fails, the fd stays on the
-        file in place (the old one, or the new one once it has replaced it)."""
-        self.hot.clear_all()
-        self._pending.clear()
-        self._touched.clear()
-        save_atomic(self.path, bitmap, generation, KIND_TRACKING, self.hot, adopt=self._adopt)
+        file in place (the old one, or the new one once it has replaced it), and so does
+        the hot set that goes with it."""
+        empty = Bitmap(self.hot.size, self.hot.granularity)
+        save_atomic(
+            self.path,
+            bitmap,
+            generation,
+            KIND_TRACKING,
+            empty,
+            adopt=lambda fd: self._adopt(fd, bitmap, generation),
+        )
 
-    def _adopt(self, fd: int) -> None:
+    def _adopt(self, fd: int, bitmap: Bitmap, generation: int) -> None:
         with self._fd_lock:
             old, self._fd = self._fd, fd
             if old >= 0:
                 fs.close(old)
+        # the new file holds every bit set, durably, and no hot region; a round begun
+        # before makes nothing durable in it (it may have synced the old file only)
+        self.hot.clear_all()
+        self._pending.clear()
+        self._touched.clear()
+        self._lru.clear()
+        self._covering.clear()
+        self._evicting.clear()
+        self._durable_seq = self._seq
+        self.lost, self._lost_header = None, b""
+        self._bitmap, self._generation = bitmap, generation
 
     def close(self) -> None:
         if self._settle is not None:

@@ -23,6 +23,8 @@ STATUS_FIELDS = (
     "consistent",
     "point_in_time",
     "tracked_bytes",
+    "recopy_bytes",
+    "full_reason",
     "last_error",
 )
 UPDATE_FIELDS = (

@@ -5,12 +5,27 @@ Design notes
 ------------
 One file per session: a 4096-byte header (magic, version, granularity, volume size,
 update id, nonce, CRC32) and then the current update's records, one after the other, each
-a 32-byte record header (magic, the update's nonce, chunk number, start within the chunk,
-length, CRC32 of those fields and the data) followed by the data. ``save`` returns only
-when its record is durable (pwrite + fdatasync), and the caller issues the overwrite only
-after that: so after a crash every block whose source was overwritten has a complete
-record. ``open`` reads records up to the first one that is torn, damaged or of another
-nonce: a torn record belongs to a save that never returned, whose overwrite never happened.
+a 40-byte record header (magic, the update's nonce, chunk number, start within the chunk,
+length, synced, CRC32 of those fields and the data) followed by the data. ``save`` returns
+only when its record is durable (pwrite + fdatasync), and the caller issues the overwrite
+only after that: so after a crash every block whose source was overwritten has a complete
+record. ``synced`` is where the records known durable ended when the record was written
+(the end of the last record whose round succeeded): it costs no write and no fsync.
+
+``open`` reads records up to the first one that is torn, damaged or of another nonce: a
+torn record belongs to a save that never returned, whose overwrite never happened, and so
+does every record after it -- a torn tail. Damage inside a round that completed (bit rot,
+a disk that lied about a flush, a stray write) looks the same and would silently void that
+round's records and every later one; so ``open`` searches the rest of the file for records
+of the nonce, and one whose ``synced`` lies past the first bad record proves that record
+was durable once: the file is corrupt (``CorruptFile``, naming it). What this cannot tell:
+damage in the last round that completed when no later record was written. The search
+reads the rest of the file, only at a start-up that finds an update under protection.
+``open`` then fdatasyncs the file: after a killed server, the records it
+read may still be only in the page cache, and later saves of the same blocks trust them.
+Version 3 (records of 32 bytes, without ``synced``) is still read, the old way (the first
+bad record ends them), and such an area keeps writing version-3 records until its update
+ends; the next update's ``create`` writes version 4.
 
 The fdatasync is most of a protected write's latency, and it costs half as much when the
 record overwrites blocks already written as when it appends (an append changes the file
@@ -59,10 +74,12 @@ from deltavol.store.group_commit import GroupCommit
 log = logging.getLogger("deltavol.save_area")
 
 MAGIC = b"DVSAVEAR"
-VERSION = 3
+VERSION = 4
 HEADER = struct.Struct(">8sIIQQQ")  # magic, version, granularity, size, update id, nonce
 HEADER_SIZE = 4096
-RECORD = struct.Struct(">IQQIII")  # magic, nonce, chunk, start in chunk, length, crc32(fields, data)
+# magic, nonce, chunk, start in chunk, length, synced (see the notes), crc32(fields, data)
+RECORD = struct.Struct(">IQQIIQI")
+RECORD_V3 = struct.Struct(">IQQIII")  # version 3: no synced
 RECORD_MAGIC = 0x44565352  # "DVSR"
 BLOCK = 4096  # what a record holds is whole blocks (or the end of the volume)
 SPACE_AHEAD = 32 * 1024 * 1024  # record space written before an update (at most its limit)
@@ -79,6 +96,8 @@ class SaveArea:
         self._saved: dict[int, int] = {}  # chunk -> bit mask of its saved blocks
         self.nonce = 0
         self._end = HEADER_SIZE
+        self._synced = HEADER_SIZE  # the records before this are durable (see the notes)
+        self._record = RECORD  # RECORD_V3 for an area of version 3 (``open``)
         self._fd = -1
         self._commit = GroupCommit()
         self._failed = False  # a sync failed: saves return False (copy-before-write)
@@ -139,12 +158,28 @@ class SaveArea:
         return self
 
     def open(self) -> SaveArea:
-        """Reopen after a restart, validating the header and every record."""
+        """Reopen after a restart, validating the header and every record; damage before
+        the records' durable end is ``CorruptFile``, an I/O error is no corruption."""
         try:
             fd = fs.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             raise CorruptFile(path=self.path, why="save area is missing") from None
+        except OSError as exc:
+            raise os_error(exc, f"opening save area {self.path}") from exc
+        try:
+            self._replay(fd)
+            fs.fdatasync(fd)  # what was read from the page cache is trusted from now on
+        except OSError as exc:
+            fs.close(fd)
+            raise os_error(exc, f"reading save area {self.path}") from exc
+        except BaseException:
+            fs.close(fd)
+            raise
+        self._synced = self._end
         self._fd = fd
+        return self
+
+    def _replay(self, fd: int) -> None:
         raw = fs.pread(fd, HEADER_SIZE, 0)
         if len(raw) < HEADER.size + 4:
             raise CorruptFile(path=self.path, why="header is truncated")
@@ -155,8 +190,9 @@ class SaveArea:
             raise CorruptFile(path=self.path, why="not a deltavol save area (bad magic)")
         if zlib.crc32(head) != crc:
             raise CorruptFile(path=self.path, why="header checksum mismatch")
-        if version != VERSION:
+        if version not in (3, VERSION):
             raise CorruptFile(path=self.path, why=f"unsupported version {version}")
+        self._record = RECORD if version == VERSION else RECORD_V3
         if (gran, size, update_id) != (self.granularity, self.size, self.update_id):
             raise CorruptFile(
                 path=self.path,
@@ -164,18 +200,59 @@ class SaveArea:
             )
         end = fs.fstat(fd).st_size
         pos = HEADER_SIZE
-        while pos + RECORD.size <= end:
-            head = fs.pread(fd, RECORD.size, pos)
-            magic2, nonce, chunk, start, length, crc = RECORD.unpack(head)
-            if magic2 != RECORD_MAGIC or nonce != self.nonce or pos + RECORD.size + length > end:
-                break
-            data = fs.pread(fd, length, pos + RECORD.size)
-            if _crc(head, data) != crc or not self._whole_blocks(chunk, start, length):
-                break
-            self._index(chunk, start, pos + RECORD.size, length)
-            pos += RECORD.size + length
+        while (record := self._read_record(fd, pos, end)) is not None:
+            chunk, start, length, _ = record
+            self._index(chunk, start, pos + self._record.size, length)
+            pos += self._record.size + length
         self._end = pos  # what follows is torn, void or space written ahead: the next save's
-        return self
+        if self._record is RECORD:
+            self._check_torn(fd, pos, end)
+
+    def _check_torn(self, fd: int, bad: int, end: int) -> None:
+        """Raise ``CorruptFile`` if a record of this update after the first bad one, at
+        ``bad``, says that the records up to past ``bad`` were durable when it was written."""
+        key = struct.pack(">IQ", RECORD_MAGIC, self.nonce)
+        at = bad + 1
+        while (at := _find(fd, key, at, end)) >= 0:
+            record = self._read_record(fd, at, end)
+            if record is None:
+                at += 1
+                continue
+            _, _, length, synced = record
+            if synced > bad:
+                raise CorruptFile(
+                    path=self.path,
+                    why=f"record at byte {bad} is damaged, but the record at byte {at} was written "
+                    f"after every record up to byte {synced} was durable",
+                )
+            at += self._record.size + length
+
+    def _read_record(self, fd: int, pos: int, end: int) -> tuple[int, int, int, int] | None:
+        """The record at ``pos`` as (chunk, start, length, synced), or None if there is
+        none: torn, damaged, of another nonce, or zeroes."""
+        rec = self._record
+        if pos + rec.size > end:
+            return None
+        head = fs.pread(fd, rec.size, pos)
+        if len(head) < rec.size:
+            return None
+        if rec is RECORD:
+            magic, nonce, chunk, start, length, synced, crc = RECORD.unpack(head)
+        else:
+            magic, nonce, chunk, start, length, crc = RECORD_V3.unpack(head)
+            synced = HEADER_SIZE
+        if (
+            magic != RECORD_MAGIC
+            or nonce != self.nonce
+            or synced > pos
+            or pos + rec.size + length > end
+            or not self._whole_blocks(chunk, start, length)
+        ):
+            return None
+        data = fs.pread(fd, length, pos + rec.size)
+        if _crc(head[:-4], data) != crc:
+            return None
+        return chunk, start, length, synced
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -244,11 +321,14 @@ class SaveArea:
         """
         if not self._whole_blocks(chunk, start, len(data)):
             raise ValueError(f"save of chunk {chunk} at {start}+{len(data)}: not whole blocks")
-        need = RECORD.size + len(data)
+        need = self._record.size + len(data)
         if not self.room(need):
             return None
         pos = self._end
-        fields = RECORD.pack(RECORD_MAGIC, self.nonce, chunk, start, len(data), 0)[:-4]
+        if self._record is RECORD:
+            fields = RECORD.pack(RECORD_MAGIC, self.nonce, chunk, start, len(data), self._synced, 0)[:-4]
+        else:  # an area of version 3, reopened (see the notes)
+            fields = RECORD_V3.pack(RECORD_MAGIC, self.nonce, chunk, start, len(data), 0)[:-4]
         record = fields + struct.pack(">I", _crc(fields, data)) + bytes(data)
         try:
             self._put(record, pos)
@@ -259,12 +339,14 @@ class SaveArea:
             return None
         self._end = pos + need
         done = self._commit.round(self)
-        done.add_done_callback(lambda f: self._settle(f, chunk, start, pos + RECORD.size, len(data)))
+        at = pos + self._record.size
+        done.add_done_callback(lambda f: self._settle(f, chunk, start, at, len(data)))
         return done
 
     def _settle(self, done: asyncio.Future[None], chunk: int, start: int, at: int, length: int) -> None:
         if not self._failed and not done.cancelled() and done.exception() is None:
             self._index(chunk, start, at, length)
+            self._synced = max(self._synced, at + length)  # rounds succeed in order
         elif not self._failed:
             # after a failed fdatasync the kernel may drop what it could not write: a later
             # round could make records durable behind a gap, so none is trusted any more
@@ -323,4 +405,19 @@ def _blocks(start: int, end: int) -> int:
 
 
 def _crc(fields: bytes, data: bytes) -> int:
-    return zlib.crc32(data, zlib.crc32(fields[: RECORD.size - 4]))
+    """CRC32 of a record's fields (all but the CRC) and its data."""
+    return zlib.crc32(data, zlib.crc32(fields))
+
+
+def _find(fd: int, key: bytes, start: int, end: int) -> int:
+    """The offset of the first ``key`` in the file at or after ``start`` (before ``end``), or -1."""
+    step = 1 << 20
+    while start + len(key) <= end:
+        buf = fs.pread(fd, min(step, end - start), start)
+        if len(buf) < len(key):
+            return -1
+        i = buf.find(key)
+        if i >= 0:
+            return start + i
+        start += len(buf) - len(key) + 1
+    return -1

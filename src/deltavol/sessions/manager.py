@@ -21,7 +21,7 @@ from deltavol.backend.gate import GateLayer, WriteGate
 from deltavol.backend.hooks import BeforeChange, Hook
 from deltavol.config import ServerConfig
 from deltavol.copy.targets import CopyTarget, LocalTarget, NbdTarget, TargetError, is_uri
-from deltavol.errors import AlreadyExists, DeltavolError, InUse, NotFound, UsageError
+from deltavol.errors import AlreadyExists, CorruptFile, DeltavolError, Error, InUse, NotFound, UsageError
 from deltavol.sessions.session import RetryPolicy, Session, UpdateRecord
 from deltavol.sessions.states import State
 from deltavol.store.db import Database
@@ -192,13 +192,17 @@ class SessionManager:
             open_target=self._open_target,
             persist_row=self._persist,
             save_limit=self.config.save_limit,
+            hot_set=self.config.hot_set,
             retry=RetryPolicy(limit=self.config.retry_limit, backoff=self.config.retry_backoff),
             target_timeout=self.config.target_timeout,
             **kw,
         )
 
     def load(self) -> None:
-        """Reopen every session; one whose files are corrupt comes back ``failed``."""
+        """Reopen every session; one whose files are corrupt comes back ``failed``, its
+        files set aside. Any other error loading them (a full disk, EIO) is no corruption:
+        the files stay as they are and the start-up fails, naming the session and the cause.
+        """
         for row in self.db.conn.execute("SELECT * FROM sessions ORDER BY name").fetchall():
             source = self.volumes.find(row["source"])
             if source is None:
@@ -224,9 +228,27 @@ class SessionManager:
             self._sessions[s.name] = s
             try:
                 s.load_files()
-            except DeltavolError as exc:
-                s.set_aside_files(f"{exc.message}; run 'deltavol session update {s.name} --full'")
+            except CorruptFile as exc:
+                try:
+                    s.set_aside_files(f"{exc.message}; run 'deltavol session update {s.name} --full'")
+                except DeltavolError as err:
+                    self._unload(s)
+                    raise Error(
+                        msg=f"session {s.name}: {exc.message}; setting its files aside failed: {err.message}"
+                    ) from err
                 log.error("session %s: %s", s.name, s.last_error)
+            except DeltavolError as exc:
+                self._unload(s)
+                raise Error(
+                    msg=f"session {s.name}: cannot load its files, they are kept as they are: {exc.message}"
+                ) from exc
+
+    def _unload(self, s: Session) -> None:
+        """Forget a session whose files could not be loaded (they stay on disk)."""
+        del self._sessions[s.name]
+        self._detach(s)
+        if s.tracking_file is not None:
+            s.tracking_file.close()
 
     async def start(self) -> None:
         """Resume updates interrupted by a stop or crash, then run the scheduler."""

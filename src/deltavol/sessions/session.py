@@ -60,10 +60,11 @@ from deltavol.copy.engine import (
 from deltavol.copy.save_area import RECORD, SaveArea
 from deltavol.copy.targets import TARGET_TIMEOUT, CopyTarget, TargetError
 from deltavol.copy.throttle import Throttle
-from deltavol.errors import CorruptFile, DeltavolError, Error
+from deltavol.errors import CorruptFile, DeltavolError, Error, os_error
 from deltavol.nbd.constants import STATE_HOLE
 from deltavol.sessions.states import State, next_state
 from deltavol.store import fs
+from deltavol.store.fs import sync_dir
 from deltavol.store.group_commit import GroupCommit
 from deltavol.volumes import Volume
 
@@ -189,6 +190,7 @@ class Session:
         save_limit: int = 1 << 30,
         retry: RetryPolicy | None = None,
         hot_region: int = persist.HOT_REGION,
+        hot_set: int = persist.HOT_SET,
         target_timeout: float = TARGET_TIMEOUT,
     ) -> None:
         self.name = name
@@ -228,6 +230,9 @@ class Session:
         self._task: asyncio.Task[None] | None = None
         self._commit = commit
         self._hot_region = hot_region
+        self._hot_set = hot_set
+        # what the last start added to tracking because the hot set's bits may be lost
+        self.recopy: persist.Recopy | None = None
         # chunk -> the round making its bit durable, _BY_SAVE, or None (failed: write it again)
         self._unsynced: dict[int, Any] = {}
         self._round_chunks: dict[asyncio.Future[None], list[int]] = {}
@@ -238,6 +243,16 @@ class Session:
 
     # --- files ----------------------------------------------------------------------------
     def create_files(self) -> None:
+        """A fresh tracking file, and no transfer bitmap or save area: a removed session of
+        the same name may have left its own (a crash before their unlinks were durable),
+        and they must be gone, durably, before a row that would adopt them commits."""
+        try:
+            for path in (self._transfer_path, self._save_area(0).path):
+                fs.unlink(path, missing_ok=True)
+            sync_dir(self._transfer_path.parent)
+            sync_dir(self._save_dir)
+        except OSError as exc:
+            raise os_error(exc, f"removing old files of session {self.name}") from exc
         self._open_tracking_file()
         self._rewrite_tracking()
 
@@ -245,76 +260,128 @@ class Session:
         if self.tracking_file is not None:
             self.tracking_file.close()
         self.tracking_file = persist.TrackingFile(
-            self._tracking_path, self.source.size, self.granularity, self._commit, self._hot_region
+            self._tracking_path,
+            self.source.size,
+            self.granularity,
+            self._commit,
+            self._hot_region,
+            self._hot_set,
         )
 
     def load_files(self) -> None:
-        """Reopen bitmaps and the save area after a restart; corrupt files raise.
+        """Reopen bitmaps and the save area after a restart. A corrupt file raises
+        ``CorruptFile``; any other error (a full disk, EIO) raises as it is: no file is
+        taken for corrupt, and none is lost.
 
         A transfer file that the session row does not own (an update that never
         committed, or one that finished just before the crash) goes back into tracking:
-        a superset of the changes is safe, a lost bit is not. Tracking is rewritten at the
-        end, so what a reboot may have cost (the hot regions ``load`` added) is durable
-        and the file is of this boot.
+        a superset of the changes is safe, a lost bit is not. Every file is read first;
+        then tracking is rewritten (the one step that needs space), so what a reboot may
+        have cost (the hot regions ``load`` added) is durable and the file is of this
+        boot; only then do the files no update owns go. A failure at any step leaves the
+        files as they were, or their bits in tracking as well: loading again is safe.
         """
-        self.tracking, _ = persist.load(self._tracking_path, TRACKING, self.granularity, self.source.size)
-        self._open_tracking_file()
-        owned = self.update is not None and self.state in (State.COPYING, State.PAUSED, State.FAILED)
-        transfer = None
-        if fs.exists(self._transfer_path):
-            transfer, generation = persist.load(
-                self._transfer_path, TRANSFER, self.granularity, self.source.size
+        save: SaveArea | None = None
+        try:
+            tracking, _, recopy = persist.load_tracking(
+                self._tracking_path, self.granularity, self.source.size
             )
-            if not owned or self.update is None or generation != self.update.id:
-                self.tracking.or_(transfer)
-                self._rewrite_tracking()
+            owned = self.update is not None and self.state in (State.COPYING, State.PAUSED, State.FAILED)
+            transfer, orphan = None, False
+            if fs.exists(self._transfer_path):
+                transfer, generation = persist.load(
+                    self._transfer_path, TRANSFER, self.granularity, self.source.size
+                )
+                if not owned or self.update is None or generation != self.update.id:
+                    tracking.or_(transfer)
+                    transfer, orphan, owned = None, True, False
+            elif owned:
+                raise CorruptFile(
+                    path=self._transfer_path, why="transfer bitmap of a running update is missing"
+                )
+            area = self._save_area(self.update.id if self.update else 0)
+            # a given-up mark keeps its records until the re-mark: they tell which chunks changed
+            if owned and self.update is not None and (self.update.protecting or self.update.remark):
+                save = area.open()
+                for c in save.index:  # saved, so changed after the mark: their bits came with the saves
+                    tracking.set(c)
+            self.tracking, self.recopy = tracking, recopy
+            self._open_tracking_file()
+            self._rewrite_tracking()
+            if orphan:
                 fs.unlink(self._transfer_path)
-                transfer = None
-                owned = False
-        elif owned:
-            raise CorruptFile(path=self._transfer_path, why="transfer bitmap of a running update is missing")
+            if save is None:  # no update owns it: a mark or the end of its update made its bits durable
+                fs.unlink(area.path, missing_ok=True)
+        except BaseException as exc:
+            if save is not None:
+                save.close()
+            if self.tracking_file is not None:
+                self.tracking_file.close()
+                self.tracking_file = None
+            if isinstance(exc, OSError):
+                raise os_error(exc, f"files of session {self.name}") from exc
+            raise
         self.transfer = transfer
         self._durable_transfer = transfer.copy() if transfer is not None else None
-        save = self._save_area(self.update.id if self.update else 0)
-        # a given-up mark keeps its records until the re-mark: they tell which chunks changed
-        if owned and self.update is not None and (self.update.protecting or self.update.remark):
-            self.save = save.open()
-            unmarked = [c for c in self.save.index if not self.tracking.test(c)]
-            for c in unmarked:  # saved, so changed after the mark: their bits came with the saves
-                self.tracking.set(c)
-        else:  # no update owns it: a mark or the end of its update made its bits durable
-            fs.unlink(save.path, missing_ok=True)
-        self._rewrite_tracking()
+        self.save = save
+        if recopy is not None:
+            log.warning(
+                "session %s: %s: the hot set's %d bytes are copied again",
+                self.name,
+                recopy.reason,
+                recopy.bytes,
+            )
         self._gate.changed()  # bitmaps replaced: what the write path cached is void
 
     def set_aside_files(self, why: str) -> None:
         """Corrupt files: keep them for inspection, fail the session, track afresh.
 
-        Nothing is known of what changed, so the next update must be a full one.
+        Nothing is known of what changed, so the next update must be a full one. The row
+        says so first: failed, not consistent, and no update (so the next start does not
+        miss the transfer file of one). Then the files get names of their own (two starts
+        in one second must not replace the earlier evidence) and a fresh tracking file is
+        written; if that fails, the next start finds them missing and comes here again.
+        The first cause stays in ``last_error`` until an update starts.
         """
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-        for path in (self._tracking_path, self._transfer_path, self._save_area(0).path):
-            if fs.exists(path):
-                fs.rename(path, path.with_name(f"{path.name}.corrupt-{stamp}"))
+        if self.state is State.FAILED and self.update is None and self.last_error:
+            log.error("session %s: %s", self.name, why)  # set aside before: the first cause stays
+            why = self.last_error
         self.transfer = None
         self._durable_transfer = None
-        self.save = None
-        self.tracking = Bitmap(self.source.size, self.granularity)
-        self._gate.changed()  # every chunk is to be tracked again
-        self.create_files()
+        self._drop_save_area()
+        self.update = None
         self.state = State.FAILED
         self.consistent = False
         self.point_in_time = None
         self.last_error = why
-        self._persist_row(self)
+        self._persist_row(self)  # the commit point
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+        try:
+            for path in (self._tracking_path, self._transfer_path, self._save_area(0).path):
+                if fs.exists(path):
+                    fs.rename(path, _aside(path, stamp))
+            sync_dir(self._tracking_path.parent)
+            sync_dir(self._save_dir)
+        except OSError as exc:
+            raise os_error(exc, f"setting aside files of session {self.name}") from exc
+        self.tracking = Bitmap(self.source.size, self.granularity)
+        self._gate.changed()  # every chunk is to be tracked again
+        self.create_files()
 
     def delete_files(self) -> None:
+        """The session is gone: so are its files, durably (a new session of the same name
+        must not find them after a power loss; ``create_files`` removes such leftovers)."""
         if self.tracking_file is not None:
             self.tracking_file.close()
         self._drop_save_area()
-        self._save_area(0).delete()
-        for path in (self._tracking_path, self._transfer_path):
-            fs.unlink(path, missing_ok=True)
+        try:
+            self._save_area(0).delete()
+            for path in (self._tracking_path, self._transfer_path):
+                fs.unlink(path, missing_ok=True)
+            sync_dir(self._tracking_path.parent)
+            sync_dir(self._save_dir)
+        except OSError as exc:  # the row is gone: a later session of this name removes them
+            log.warning("session %s: files not removed: %s", self.name, exc.strerror or exc)
 
     def _save_area(self, update_id: int) -> SaveArea:
         return SaveArea(
@@ -1162,12 +1229,31 @@ class Session:
             "consistent": self.consistent,
             "point_in_time": self.point_in_time,
             "tracked_bytes": self.transfer_bytes(self.tracking),
+            "recopy_bytes": self.recopy.bytes if self.recopy else 0,
+            "full_reason": self._full_reason(),
             "update": update,
             "last_error": self.last_error,
             "retry": self.retry.status(),
             "max_rate": self.max_rate,
             "every": self.every,
         }
+
+    def _full_reason(self) -> str | None:
+        """Why chunks nobody wrote are copied again (``recopy_bytes``), or would be
+        after a power loss beyond the hot set now."""
+        tf = self.tracking_file
+        if tf is not None and tf.lost is not None:
+            return tf.lost
+        return self.recopy.reason if self.recopy else None
+
+
+def _aside(path: Path, stamp: str) -> Path:
+    """A name of its own for a corrupt file kept for inspection."""
+    aside, n = path.with_name(f"{path.name}.corrupt-{stamp}"), 1
+    while fs.exists(aside):
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    return aside
 
 
 def _seen(task: asyncio.Future[None]) -> None:

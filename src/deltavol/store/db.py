@@ -1,7 +1,8 @@
 """Metadata in SQLite (WAL): the schema, its version, and a transaction helper.
 
 A database whose ``format_version`` is newer than this code, or that SQLite cannot
-read, is refused with an error naming the file: never silently recreated.
+read, is refused with an error naming the file: never silently recreated. An I/O error
+or a full disk is said as such, never as a corrupt database.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class Database:
                     raise CorruptFile(
                         path=path, why=f"format version {row[0]} is newer than {FORMAT_VERSION}"
                     )
+        except sqlite3.OperationalError as exc:  # I/O error, full disk, cannot open: not corrupt
+            if "full" in str(exc):
+                raise NoSpace(what=f"metadata {path}") from exc
+            raise Error(msg=f"metadata {path}: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             raise CorruptFile(path=path, why=str(exc)) from exc
 

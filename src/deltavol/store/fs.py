@@ -261,6 +261,7 @@ def replace_atomic(
     tmp: Path | None = None,
     keep_open: bool = False,
     adopt: Callable[[int], None] | None = None,
+    write: Callable[[int, bytes | memoryview, int], None] | None = None,
 ) -> int:
     """Replace ``path`` durably with a file of ``parts`` (offset, data): a tmp file in the
     same directory is written and fsynced, renamed over ``path``, and the directory is
@@ -268,16 +269,14 @@ def replace_atomic(
     is removed and the ``OSError`` raised. Returns the new file's descriptor (read-write)
     with ``keep_open``, else -1. ``adopt``, if given, takes that descriptor as the new
     file replaces the old one, even if the directory sync then fails: a caller keeping
-    the file open never keeps a replaced inode (an ``open`` after the replace may fail)."""
+    the file open never keeps a replaced inode (an ``open`` after the replace may fail).
+    ``write(fd, data, offset)`` writes a part whole (default: ``pwrite`` until done)."""
     tmp = tmp if tmp is not None else path.with_name(path.name + ".tmp")
     try:
         fd = open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             for offset, data in parts:
-                view = memoryview(data)
-                while view:
-                    n = pwrite(fd, view, offset)
-                    view, offset = view[n:], offset + n
+                (write or _write_whole)(fd, data, offset)
             fsync(fd)
             replace(tmp, path)
             if adopt is not None:
@@ -296,6 +295,13 @@ def replace_atomic(
         return fd
     close(fd)
     return -1
+
+
+def _write_whole(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 async def to_thread(fn: Callable[..., T], *args: Any) -> T:

@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import random
+import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +269,9 @@ async def test_a_failed_fdatasync_fails_the_waiters_and_the_next_cover_works(
     fut = tf.cover(5)
     assert fut is not None, "the next change in a region whose round failed asks again"
     await asyncio.shield(fut)
-    assert tf.covered(range(4, 8)) and disk.durable_hot() == [0, 1]
+    assert tf.covered(range(4, 8)) and not tf.covered(range(8, 12))
+    # the failed sync may have dropped pages: region 2 keeps its bit too (a superset)
+    assert disk.durable_hot() == [0, 1, 2]
     assert disk.durable_chunks() == [1, 5, 6, 9]  # the chunk bits were in the file all along
 
 
@@ -342,6 +347,234 @@ async def test_rewrite_empties_the_hot_section_on_disk_and_in_memory(
     assert fut is not None, "after a rewrite a region must be covered again"
     await asyncio.shield(fut)
     assert len(disk.syncs()) == n + 1 and ones(hot_of(disk.on_disk())) == [0]
+
+
+async def test_a_rewrite_that_fails_before_the_replace_keeps_the_hot_set_of_the_file_in_place(
+    tf: persist.TrackingFile, disk: Disk, bm: Bitmap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await written(tf, bm, 1)  # region 0, durably hot
+    assert write(tf, bm, 2) is None  # its chunk 2: only in the page cache
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", fsync)
+        with pytest.raises(DeltavolError, match="Input/output error"):
+            tf.rewrite(bm, 2)
+    assert tf.covered(range(0, 4)), "the old file is still the file, region 0 still hot in it"
+    await written(tf, bm, 9)  # another region: the hot page is written again
+    assert disk.durable_hot() == [0, 2] and disk.violations == []
+
+
+async def test_a_round_of_the_replaced_file_does_not_cover_a_change_after_a_rewrite(
+    tf: persist.TrackingFile, disk: Disk, bm: Bitmap
+) -> None:
+    """A round that synced the old file before a rewrite, and whose end the loop has not
+    seen yet, must not be what a change to the new file waits for."""
+    fut = write(tf, bm, 5)  # region 1 comes in
+    assert fut is not None
+    await asyncio.sleep(0)  # the round begins: its hot bit written out, its sync in a thread
+    deadline = time.monotonic() + WAIT
+    while not (disk.durable and chunks_of(disk.durable).test(5)):  # the loop does not run meanwhile
+        assert time.monotonic() < deadline, "the round's sync never returned"
+        time.sleep(0.001)
+    assert not fut.done()
+    tf.rewrite(bm, 2)  # as a mark does: a new file, no region hot in it
+    again = write(tf, bm, 6)  # region 1 again, in the new file
+    assert again is not None and again is not fut, "a round of the replaced file covers the new one"
+    await asyncio.shield(again)
+    assert generation_of(disk.durable) == 2, "no sync of the new file before the change's ack"
+    assert chunks_of(disk.durable).test(6) and hot_of(disk.durable).test(1)
+    assert fut.done() and tf.covered(range(4, 8))
+
+
+def generation_of(data: bytes) -> int:
+    return int(struct.unpack_from(">Q", data, 32)[0])
+
+
+# --- the bounded hot set -------------------------------------------------------------------
+@pytest.fixture
+def two(disk: Disk) -> Iterator[persist.TrackingFile]:
+    """A tracking file whose hot set holds two regions."""
+    tf = persist.TrackingFile(disk.path, SIZE, G, GroupCommit(), region=R, hot_set=2 * R + G)
+    tf.rewrite(Bitmap(SIZE, G), 1)
+    try:
+        yield tf
+    finally:
+        tf.close()
+
+
+async def test_the_hot_set_keeps_to_its_size_and_the_least_recently_used_region_leaves(
+    two: persist.TrackingFile, disk: Disk, bm: Bitmap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert two.capacity == 2
+    await written(two, bm, 1)  # region 0
+    await written(two, bm, 5)  # region 1
+    assert write(two, bm, 2) is None  # a new chunk bit in region 0: region 1 is the oldest now
+    await written(two, bm, 9)  # region 2 comes in, region 1 leaves
+    assert disk.durable_hot() == [0, 2] and ones(two.hot) == [0, 2]
+    assert len(disk.syncs()) == 3, "its chunk bits were durable: it left with the round that came in"
+    assert two.covered(range(0, 4)) and two.covered(range(8, 12)) and not two.covered(range(4, 8))
+    assert write(two, bm, 1) is None and write(two, bm, 10) is None  # a set bit is no use
+    fut = write(two, bm, 6)  # region 1 again: in with a round, region 0 (last used at 2) out
+    assert fut is not None
+    await asyncio.shield(fut)
+    assert disk.durable_hot() == [1, 2] and ones(two.hot) == [1, 2]
+    assert disk.violations == []
+    monkeypatch.setattr(persist, "boot_id", lambda: bytes(range(16)))
+    back, _, recopy = persist.load_tracking(disk.path, G, SIZE)
+    assert ones(back) == [1, 2, 4, 5, 6, 7, 8, 9, 10, 11], "after a reboot: the chunks of two regions"
+    assert recopy is not None and recopy.bytes == 4 * G and "restarted" in recopy.reason
+
+
+async def test_a_region_written_since_the_last_sync_leaves_only_after_a_sync_of_its_bits(
+    two: persist.TrackingFile, disk: Disk, bm: Bitmap
+) -> None:
+    await written(two, bm, 1)  # region 0
+    await written(two, bm, 5)  # region 1
+    assert write(two, bm, 2) is None  # region 0: chunk 2's bit only in the page cache
+    fut = write(two, bm, 9)  # region 2 comes in; region 1 leaves at once
+    assert write(two, bm, 13) is fut  # region 3 too: region 0 leaves, but not before chunk 2 is durable
+    await asyncio.shield(fut)
+    first = disk.syncs()[2]
+    assert chunks_of(first).test(2) and ones(hot_of(first)) == [0, 2, 3], "region 0 stays through that sync"
+    await until(lambda: disk.durable_hot() == [2, 3], "region 0's clearing made durable")
+    assert ones(two.hot) == [2, 3] and not two.covered(range(0, 4))
+    assert disk.violations == []
+
+
+async def test_a_region_that_left_with_a_round_is_cleared_in_the_round_right_after(
+    disk: Disk, bm: Bitmap
+) -> None:
+    """The group commit begins the next round before the loop runs the last one's
+    callbacks: the clearing must go into that round all the same, or a synced file
+    holds the regions that came in during two rounds beyond the set."""
+    tf = persist.TrackingFile(disk.path, SIZE, G, GroupCommit(), region=R, hot_set=R)  # one region
+    tf.rewrite(Bitmap(SIZE, G), 1)
+    try:
+        await written(tf, bm, 1)  # region 0
+        assert write(tf, bm, 2) is None  # chunk 2: not durable yet
+        gate = threading.Event()
+        disk.gates.append(gate)
+        first = write(tf, bm, 5)  # region 1 in; region 0 out once chunk 2 is synced
+        assert first is not None
+        await until(lambda: len(disk.syncs()) == 2, "that round's sync")
+        second = write(tf, bm, 9)  # region 2 in, with the next round; region 1 out after it
+        assert second is not None and second is not first
+        gate.set()
+        await asyncio.shield(second)
+        assert ones(hot_of(disk.syncs()[1])) == [0, 1] and chunks_of(disk.syncs()[1]).test(2)
+        assert ones(hot_of(disk.syncs()[2])) == [1, 2], "region 0 cleared in the round right after"
+        await until(lambda: disk.durable_hot() == [2], "region 1's clearing made durable")
+        assert disk.violations == []
+    finally:
+        tf.close()
+
+
+async def test_a_region_on_its_way_out_comes_back_without_a_round(
+    two: persist.TrackingFile, disk: Disk, bm: Bitmap
+) -> None:
+    await written(two, bm, 1)
+    await written(two, bm, 5)
+    assert write(two, bm, 6) is None and write(two, bm, 2) is None  # region 0 used last; not synced
+    fut = write(two, bm, 9)  # region 2 comes in: region 1 leaves once its bit 6 is durable
+    assert ones(two.hot) == [0, 1, 2] and not two.covered(range(4, 8))
+    assert write(two, bm, 7) is None, "back in: its bit never left the file, no round"
+    assert two.covered(range(4, 8)) and not two.covered(range(0, 4)), "region 0 leaves instead"
+    await asyncio.shield(fut)
+    await until(lambda: disk.durable_hot() == [1, 2], "region 0's clearing made durable")
+    assert ones(two.hot) == [1, 2] and two.covered(range(4, 8))
+    assert disk.violations == []
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_random_first_writes_keep_every_acknowledged_chunk_covered_and_the_set_bounded(
+    disk: Disk, bm: Bitmap, seed: int
+) -> None:
+    """Bursts of first writes at random (some in a few favourite regions, so that regions
+    of the set keep getting new chunk bits), settles in between: each write, when it is
+    acknowledged, has its chunk bit or its region's bit in the file as of a sync that
+    returned; no write of hot bits clears a region before its chunk bits are durable; and
+    a synced file holds at most the set plus the regions that came in during one round."""
+    rng = random.Random(seed)
+    tf = persist.TrackingFile(disk.path, SIZE, G, GroupCommit(), region=R, hot_set=3 * R)
+    tf.rewrite(Bitmap(SIZE, G), 1)
+    missed: list[int] = []
+    largest_burst = 0
+
+    async def first_write(c: int) -> None:
+        await asyncio.sleep(0.001 * rng.random())
+        if bm.test(c):
+            return
+        fut = write(tf, bm, c)
+        if fut is not None:
+            await asyncio.shield(fut)
+        durable = chunks_of(disk.durable)
+        if not durable.test(c) and not hot_of(disk.durable).test(c * G // R):
+            missed.append(c)
+
+    try:
+        for step in range(40):
+            if step % 10 == 9:
+                bm.clear_all()  # as a mark does: the file replaced, every chunk new again
+                tf.rewrite(bm, step)
+            burst = [rng.randrange(12) if rng.random() < 0.3 else rng.randrange(NBITS) for _ in range(6)]
+            largest_burst = max(largest_burst, len(set(burst)))
+            await asyncio.gather(*(first_write(c) for c in burst))
+            if rng.random() < 0.2:
+                await tf.settle()
+        await tf.durable()
+    finally:
+        tf.close()
+    assert not missed, missed
+    assert disk.violations == []
+    assert max(hot_of(data).count() for data in disk.syncs()) <= 3 + largest_burst
+
+
+# --- a failed fdatasync --------------------------------------------------------------------
+async def test_after_a_failed_fdatasync_hot_regions_stay_and_load_adds_them_in_this_boot(
+    two: persist.TrackingFile, disk: Disk, bm: Bitmap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel may drop the pages a failed writeback held and report it once: the
+    next fdatasync succeeds without them. Chunk 2's bit may be gone from the file for good."""
+    await written(two, bm, 1)  # region 0
+    assert write(two, bm, 2) is None  # only in the page cache
+    disk.fail = True
+    with pytest.raises(DeltavolError, match="Input/output error"):
+        await two.settle()
+    disk.fail = False
+    assert two.lost is not None
+    await written(two, bm, 5)  # region 1
+    await written(two, bm, 9)  # region 2: the set holds two, region 0 keeps its bit all the same
+    await until(lambda: disk.durable[45:61] == b"\xff" * 16, "the header saying so, durable")
+    assert disk.durable_hot() == [0, 1, 2] and disk.violations == []
+    back, _, recopy = persist.load_tracking(disk.path, G, SIZE)  # in this boot
+    assert ones(back) == list(range(12)) and recopy is not None and "fdatasync" in recopy.reason
+
+    await two.settle()  # writes the file again, from memory
+    assert two.lost is None and hot_of(disk.on_disk()).is_empty()
+    assert persist.load_tracking(disk.path, G, SIZE)[2] is None
+    monkeypatch.setattr(persist, "boot_id", lambda: bytes(range(16)))
+    assert ones(persist.load(disk.path, persist.KIND_TRACKING, G, SIZE)[0]) == [1, 2, 5, 9]
+    await written(two, bm, 13)  # the set works as before
+    await written(two, bm, 17)
+    assert ones(two.hot) == [3, 4]
+
+
+async def test_after_a_failed_fdatasync_the_settle_timer_writes_the_file_again(
+    tf: persist.TrackingFile, disk: Disk, bm: Bitmap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(persist, "SETTLE_SECONDS", 0.05)
+    tf.write_bits(bm, bm.set_range(5 * G, G))  # no region comes in: no settle timer yet
+    disk.fail = True
+    with pytest.raises(DeltavolError, match="Input/output error"):
+        await tf.durable()
+    disk.fail = False
+    assert tf.lost is not None
+    await until(lambda: tf.lost is None, "the settle timer writing the file again")
+    back, _, recopy = persist.load_tracking(disk.path, G, SIZE)
+    assert recopy is None and ones(back) == [5] and hot_of(disk.on_disk()).is_empty()
 
 
 # --- settle --------------------------------------------------------------------------------

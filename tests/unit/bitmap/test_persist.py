@@ -312,10 +312,27 @@ def test_set_padding_bits_of_the_hot_section_are_refused(
     refused(path, "past the end", words)
 
 
-def test_missing_and_unreadable_files_are_refused(tmp_path: Path) -> None:
+def test_a_missing_file_is_refused(tmp_path: Path) -> None:
     refused(tmp_path / "absent", "missing")
-    (tmp_path / "dir").mkdir()
-    refused(tmp_path / "dir")
+
+
+@pytest.mark.parametrize("err", [errno.EIO, errno.EACCES, errno.EISDIR], ids=["EIO", "EACCES", "EISDIR"])
+def test_a_file_that_cannot_be_read_is_an_io_error_not_a_corrupt_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    """The start-up sets a corrupt file aside and asks for a full copy: a bad sector, a
+    permission or a directory in the way is an error to fix, and the file may be fine."""
+    path = tmp_path / "s.tracking"
+    persist.save_atomic(path, Bitmap(SIZE, G), 1, persist.KIND_TRACKING)
+
+    def unreadable(self: Path) -> bytes:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    with pytest.raises(DeltavolError) as info:
+        persist.load(path, persist.KIND_TRACKING, G, SIZE)
+    assert not isinstance(info.value, CorruptFile)
+    assert str(path) in info.value.message and os.strerror(err) in info.value.message
 
 
 @pytest.mark.parametrize(
@@ -465,7 +482,10 @@ async def test_a_failed_sync_fails_every_waiter_and_the_next_write_works(
         assert not tf.covered(range(8, 12))
         await first_write(tf, bm, bm.set_range(11 * G, G))  # a region whose round failed asks again
         assert tf.covered(range(8, 12)) and tf.covered(range(48, 52))
-        assert load(path).count() == 12
+        # the failed sync may have dropped pages: even in this boot, the hot regions come back
+        assert load(path).count() == 16
+        await tf.settle()  # writes the file again from memory
+        assert tf.lost is None and load(path).count() == 12
     finally:
         tf.close()
 

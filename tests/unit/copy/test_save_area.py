@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import struct
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import pytest
 
 from deltavol.copy import save_area
 from deltavol.copy.save_area import BLOCK, HEADER_SIZE, RECORD, SaveArea
-from deltavol.errors import CorruptFile
+from deltavol.errors import CorruptFile, DeltavolError
 
 G = 4 * BLOCK  # chunks of four blocks
 SIZE = 64 * G - BLOCK // 2  # the last chunk ends half-way through a block
@@ -341,3 +343,100 @@ def test_create_in_place_makes_the_directory_entry_durable(
     sa.prepare()  # a nearly full disk: creates the file, writes nothing ahead, no sync_dir
     sa.create()  # in place, since the file exists
     assert synced == [tmp_path], "a new save area's directory entry was never made durable"
+
+
+def flip(path: Path, at: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+async def test_damage_in_a_round_that_completed_is_corrupt(tmp_path: Path) -> None:
+    """One bad byte in a record whose round was synced (bit rot, a disk that lied about a
+    flush) must not silently void it and every later record: the copy would read those
+    blocks from the overwritten source. A later record says that it was durable."""
+    sa = area(tmp_path).create()
+    for c in range(4):  # four saves, each its own completed round
+        assert await sa.save(c, 0, bytes([c + 1]) * G)
+    sa.close()
+    flip(tmp_path / "s.save", HEADER_SIZE + (RECORD.size + G) + RECORD.size + 100)  # record 1's data
+    with pytest.raises(CorruptFile, match="damaged") as info:
+        area(tmp_path).open()
+    assert str(tmp_path / "s.save") in info.value.message
+
+
+async def test_a_bad_record_no_later_round_vouches_for_is_a_torn_tail(tmp_path: Path) -> None:
+    """The records of the last round were written together: a later one of them does not
+    say the first was durable (its round may never have ended, its overwrite never
+    happened), so a bad first one ends the records as a torn write would."""
+    sa = area(tmp_path).create()
+    assert await sa.save(1, 0, b"a" * G)
+    last = [sa.put(2, 0, b"b" * G), sa.put(3, 0, b"c" * G)]  # one round
+    for done in last:
+        assert done is not None
+        await sa.wait(done)
+    sa.close()
+    bad = HEADER_SIZE + RECORD.size + G
+    flip(tmp_path / "s.save", bad + RECORD.size + 7)
+    again = area(tmp_path).open()
+    assert sorted(again.index) == [1] and again.used == bad - HEADER_SIZE
+    assert await again.save(4, 0, b"d" * BLOCK)  # over the bad record
+    again.close()
+    third = area(tmp_path).open()  # chunk 3's record is still there, and vouches for nothing new
+    assert sorted(third.index) == [1, 4] and await third.pieces(4) == [(0, b"d" * BLOCK)]
+
+
+async def test_records_written_after_a_reopen_vouch_for_the_ones_before(tmp_path: Path) -> None:
+    """A reopen syncs what it read (after a killed server it may be only in the page
+    cache), so the records of the next round say that it was durable."""
+    sa = area(tmp_path).create()
+    assert await sa.save(1, 0, b"a" * G)
+    sa.close()
+    again = area(tmp_path).open()
+    assert await again.save(2, 0, b"b" * G)
+    again.close()
+    flip(tmp_path / "s.save", HEADER_SIZE + RECORD.size + 5)
+    with pytest.raises(CorruptFile, match="damaged"):
+        area(tmp_path).open()
+
+
+async def test_a_version_3_area_is_read_and_goes_on_in_version_3(tmp_path: Path) -> None:
+    """An update interrupted before an upgrade: its records (without the synced field)
+    still count, and its later saves keep the file in one format."""
+    path = tmp_path / "s.save"
+    nonce = 0x1234_5678_9ABC_DEF0
+    head = save_area.HEADER.pack(save_area.MAGIC, 3, G, SIZE, 7, nonce)
+    head = (head + struct.pack(">I", zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
+    fields = save_area.RECORD_V3.pack(save_area.RECORD_MAGIC, nonce, 5, BLOCK, BLOCK, 0)[:-4]
+    data = b"v" * BLOCK
+    record = fields + struct.pack(">I", zlib.crc32(data, zlib.crc32(fields))) + data
+    path.write_bytes(head + record)
+    old = area(tmp_path).open()
+    assert await old.pieces(5) == [(BLOCK, data)]
+    assert await old.save(6, 0, b"w" * G)
+    old.close()
+    assert path.stat().st_size == HEADER_SIZE + 2 * save_area.RECORD_V3.size + BLOCK + G
+    again = area(tmp_path).open()
+    assert sorted(again.index) == [5, 6] and await again.pieces(6) == [(0, b"w" * G)]
+
+
+@pytest.mark.parametrize("call", ["open", "pread"])
+async def test_a_save_area_that_cannot_be_read_is_an_io_error_not_a_corrupt_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    sa = area(tmp_path).create()
+    assert await sa.save(1, 0, b"a" * G)
+    sa.close()
+
+    def eio(*args: Any) -> Any:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(save_area.os, call, eio)
+    with pytest.raises(DeltavolError) as info:
+        area(tmp_path).open()
+    monkeypatch.undo()
+    assert not isinstance(info.value, CorruptFile)
+    assert str(tmp_path / "s.save") in info.value.message and "Input/output error" in info.value.message
+    assert sorted(area(tmp_path).open().index) == [1]
