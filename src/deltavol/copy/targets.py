@@ -34,6 +34,9 @@ class CopyTarget(Protocol):
     async def pread(self, offset: int, length: int) -> bytes: ...
     async def flush(self) -> None: ...
     async def close(self) -> None: ...
+    # fail what is in flight and drop what is not yet sent, so that nothing sent so far
+    # lands later than what is written next (over a new connection)
+    def abort(self) -> None: ...
 
 
 def is_uri(target: str) -> bool:
@@ -77,6 +80,10 @@ class LocalTarget:
 
     async def close(self) -> None:
         """The backend belongs to the volume; nothing to close."""
+
+    def abort(self) -> None:
+        """Nothing queued here to discard; a write already in a worker thread cannot be
+        stopped and lands when the disk takes it (a local disk that hangs that long)."""
 
 
 # Why a server without NBD_FLAG_SEND_FLUSH is refused rather than written with FUA: progress
@@ -125,14 +132,24 @@ class NbdTarget:
             if not first.can_flush:
                 raise TargetError(msg=f"target {self.uri} does not support FLUSH: {NO_FLUSH}")
             if first.can_multi_conn:
-                more = await asyncio.gather(
-                    *(NbdClient.connect(self.uri, timeout=self.timeout) for _ in range(self.CONNECTIONS - 1)),
-                    return_exceptions=True,
-                )
-                self._clients.extend(c for c in more if isinstance(c, NbdClient))  # closed if one failed
-                for c in more:
-                    if isinstance(c, BaseException):
-                        raise c
+                more = [
+                    asyncio.ensure_future(NbdClient.connect(self.uri, timeout=self.timeout))
+                    for _ in range(self.CONNECTIONS - 1)
+                ]
+                try:
+                    await asyncio.wait(more)
+                finally:  # cancelled too: the connections made are closed below, the rest stopped
+                    for task in more:
+                        task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait(more)
+                    self._clients.extend(
+                        t.result() for t in more if t.done() and not t.cancelled() and t.exception() is None
+                    )
+                for task in more:
+                    exc = task.exception()
+                    if exc is not None:
+                        raise exc
         except (OSError, ValueError) as exc:
             await self.close()
             raise TargetError(msg=f"target {self.uri}: {exc}") from exc
@@ -167,6 +184,10 @@ class NbdTarget:
     async def flush(self) -> None:
         client = self._clients[0]  # multi-conn: it covers what the others completed
         await self._do("flush", client.flush())
+
+    def abort(self) -> None:
+        for client in self._clients:  # kept: their requests fail (TargetError) until close
+            client.abort()
 
     async def close(self) -> None:
         clients, self._clients = self._clients, []

@@ -10,12 +10,24 @@ given ``timeout`` seconds: to connect and finish the handshake, and then to answ
 requests wait. The clock of requests is the connection's, not each request's: it restarts
 whenever the server sends anything, so a slow link that keeps replying (64 requests in
 flight take a while to drain) is never taken for a dead one, while a server silent for
-``timeout`` with requests pending fails the connection and every request on it.
+``timeout`` with requests pending fails the connection and every request on it. A server
+that keeps answering others but never one request (a stuck I/O behind it) fails the
+connection too, once that request has waited ``request_age`` seconds (by default the larger
+of four timeouts and two minutes: generous, as a slow link's queue takes a while to drain).
+
+A failed connection is aborted, not closed: a close still sends what the socket queues,
+and the kernel retransmits it, so a write the caller gave up on could land on the target
+long after, over what was written since on another connection. An abort (SO_LINGER 0:
+a TCP reset) discards the queue. A request the server has already read cannot be
+recalled: its caller must treat it as possibly landing (see ``Session._give_up_mark``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -26,6 +38,11 @@ from deltavol.nbd.events import NEED_DATA, Closed
 
 DEFAULT_PORT = 10809
 TIMEOUT = 30.0  # seconds to connect, and without any reply while requests wait
+
+
+def request_age(timeout: float) -> float:
+    """How long one request may wait for its reply while the connection is otherwise alive."""
+    return max(4 * timeout, 120.0)
 
 
 class NbdError(OSError):
@@ -83,10 +100,14 @@ class _Protocol(asyncio.Protocol):
 
 
 class NbdClient:
-    def __init__(self, uri: str, conn: ClientConnection, timeout: float = TIMEOUT) -> None:
+    def __init__(
+        self, uri: str, conn: ClientConnection, timeout: float = TIMEOUT, age: float | None = None
+    ) -> None:
         self.uri = uri
         self.conn = conn
         self.timeout = timeout
+        self.age = age if age is not None else request_age(timeout)  # see the module's notes
+        self._asked: dict[int, float] = {}  # cookie -> loop time its request was sent, oldest first
         self._heard = 0.0  # loop time the server last sent anything (or requests began waiting)
         self._watchdog: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
@@ -98,11 +119,14 @@ class NbdClient:
         self.max_block = 32 * 1024 * 1024
 
     @classmethod
-    async def connect(cls, uri: str, *, block_status: bool = False, timeout: float = TIMEOUT) -> NbdClient:
+    async def connect(
+        cls, uri: str, *, block_status: bool = False, timeout: float = TIMEOUT, age: float | None = None
+    ) -> NbdClient:
         """Connect and negotiate within ``timeout`` seconds (a blackholed host's SYNs are
-        otherwise retried for minutes); ``timeout`` then bounds the wait for replies."""
+        otherwise retried for minutes); ``timeout`` then bounds the wait for replies, and
+        ``age`` that of each request."""
         where = parse_uri(uri)
-        client = cls(uri, ClientConnection(where.export, block_status=block_status), timeout)
+        client = cls(uri, ClientConnection(where.export, block_status=block_status), timeout, age)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
@@ -172,6 +196,7 @@ class NbdClient:
             if event is NEED_DATA:
                 break
             if isinstance(event, Reply):
+                self._asked.pop(event.cookie, None)
                 fut = self._waiting.pop(event.cookie, None)
                 if fut is not None and not fut.done():
                     fut.set_result(event)
@@ -195,14 +220,29 @@ class NbdClient:
             if not fut.done():
                 fut.set_exception(exc)
         self._waiting.clear()
-        self._close_transport()
+        self._asked.clear()
+        self._close_transport(abort=True)
 
-    def _close_transport(self) -> None:
+    def abort(self, why: str = "aborted") -> None:
+        """Fail every request now and reset the connection: what it still queues is
+        discarded, not delivered late."""
+        self._fail_all(why)
+
+    def _close_transport(self, abort: bool = False) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        if self._transport is not None:
-            self._transport.close()
+        transport = self._transport
+        if transport is None:
+            return
+        if not abort:
+            transport.close()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):  # a reset: the kernel drops its send queue
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
 
     def _watch(self) -> None:
         """A request begins to wait: the server has ``timeout`` seconds to send anything."""
@@ -216,11 +256,17 @@ class NbdClient:
         self._watchdog = None
         if not self._waiting or self._error is not None:
             return
-        due = self._heard + self.timeout
-        if asyncio.get_running_loop().time() >= due:
+        loop = asyncio.get_running_loop()
+        due, now = self._heard + self.timeout, loop.time()
+        oldest = next(iter(self._asked.values()), None)
+        if now >= due:
             self._fail_all(f"no reply in {self.timeout:g} s")
+        elif oldest is not None and now >= oldest + self.age:
+            self._fail_all(f"a request unanswered for {self.age:g} s")
         else:
-            self._watchdog = asyncio.get_running_loop().call_at(due, self._check)
+            if oldest is not None:
+                due = min(due, oldest + self.age)
+            self._watchdog = loop.call_at(due, self._check)
 
     async def _call(
         self, what: str, cmd: Cmd, offset: int, length: int, flags: int = 0, data: bytes = b""
@@ -231,6 +277,7 @@ class NbdClient:
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._watch()
         self._waiting[cookie] = fut
+        self._asked[cookie] = asyncio.get_running_loop().time()
         self._flush()
         reply = await fut
         if reply.error:

@@ -338,6 +338,7 @@ class SessionManager:
         await s.shutdown()
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM sessions WHERE name = ?", (name,))
+        s.removed = True  # a change still in its hooks (copy-before-write) must not write the row back
         del self._sessions[name]
         self._detach(s)
         s.delete_files()

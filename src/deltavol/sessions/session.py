@@ -22,6 +22,11 @@ Design notes
   the update its point in time, not the client its write (``_give_up_mark``): protection
   stops, the session row records it before the write goes down, and the update goes on
   as of a new mark (``_remark``: what it still owes and what changed since its mark).
+  The target's connections are reset then, so that a write it did not answer cannot
+  land after the re-mark's copies, which go over a new connection. The residue: a
+  request its server has already read cannot be recalled and may still land late (as
+  after any NBD client gives up on a request); so may a local target's write already
+  in a worker thread.
 * **Copy** (``_copy_run``): under the chunks' locks, read the source and lay the saved
   blocks over it, write it to the target zero-aware, clear the bits. A full pass reads by
   extents, writes holes as zeroes, and has no protection: what changes under it is
@@ -240,6 +245,9 @@ class Session:
         self.retry = retry or RetryPolicy()
         self._retry_task: asyncio.Task[None] | None = None
         self.target_timeout = target_timeout  # what a client's write or a pause waits for the target
+        # its row is deleted (``SessionManager.remove``): a change still in its hooks must not
+        # write the row back, nor touch its closed files
+        self.removed = False
 
     # --- files ----------------------------------------------------------------------------
     def create_files(self) -> None:
@@ -499,7 +507,7 @@ class Session:
         round failed, it stays there with no round, and the next change of the chunk
         writes it and asks for a round again.
         """
-        if length == 0:
+        if length == 0 or self.removed:
             return []
         tracking, unsynced = self.tracking, self._unsynced
         new = tracking.set_range(offset, length)
@@ -601,18 +609,23 @@ class Session:
         """
         update, transfer, save = self.update, self.transfer, self.save
         if update is None or transfer is None or save is None or not update.protecting:
+            # the mark was given up since this change's tracking left its bits to a save
+            # here (``track_now``): a round makes them durable instead
+            await self._track_rest(offset, length)
             return
         owed, part = self._owed, self._part
         chunks = self.tracking.chunk_range(offset, length)
         todo = [c for c in chunks if owed(c) and save.missing(c, *part(c, offset, length))]
         if todo and not await self._save_at_once(todo, offset, length, update, save):
             async with self.locks.hold(todo):
+                # one deadline for the change, not one per chunk: it holds the write gate
+                deadline = asyncio.get_running_loop().time() + self.target_timeout
                 for c in todo:
-                    if not update.protecting:
-                        break  # the mark was given up meanwhile (``_give_up_mark``)
+                    if not update.protecting or update is not self.update or self.removed:
+                        break  # the mark was given up meanwhile (``_give_up_mark``), or replaced
                     runs = save.missing(c, *part(c, offset, length)) if owed(c) else []
                     if runs:
-                        await self._save_or_copy(c, runs, update, transfer, save)
+                        await self._save_or_copy(c, runs, update, transfer, save, deadline)
         unsynced = self._unsynced
         for c in todo:
             if c in save and c in unsynced and unsynced[c] in (_BY_SAVE, None):
@@ -620,6 +633,9 @@ class Session:
         # what the bits of this change still wait for: a save that did not happen (the chunk
         # was copied meanwhile, or went to the target with the save area full), or the round
         # another change's protect started for them
+        await self._track_rest(offset, length)
+
+    async def _track_rest(self, offset: int, length: int) -> None:
         for r in self.track(offset, length):
             await self._commit.wait(r)
 
@@ -664,14 +680,21 @@ class Session:
         return all(r is not None for _, r in puts)  # else the data dir is full: the locks take the rest
 
     async def _save_or_copy(
-        self, c: int, runs: list[tuple[int, int]], update: UpdateRecord, transfer: Bitmap, save: SaveArea
+        self,
+        c: int,
+        runs: list[tuple[int, int]],
+        update: UpdateRecord,
+        transfer: Bitmap,
+        save: SaveArea,
+        deadline: float | None = None,
     ) -> None:
         """Save these runs of chunk ``c`` before they change; with the save area full, copy
         the chunk's old contents to the target instead (copy-before-write).
 
-        The client's write waits for that at most ``target_timeout`` (it holds the source's
-        write gate, so a mark, and every write after it, would wait too): a target that
-        fails or stays silent makes the update give up its point in time instead.
+        The client's write waits for that at most ``target_timeout`` in all, until
+        ``deadline`` (it holds the source's write gate, so a mark, and every write after it,
+        would wait too): a target that fails or stays silent makes the update give up its
+        point in time instead.
         """
         base = c * self.granularity
         for start, end in runs:
@@ -681,7 +704,8 @@ class Session:
             update.cofw_saved_bytes += end - start
         else:
             return
-        deadline = asyncio.get_running_loop().time() + self.target_timeout
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self.target_timeout
         try:
             if transfer.test(c):
                 off, n = self._chunk_span(c)
@@ -720,10 +744,15 @@ class Session:
         instead of finishing a mark whose old contents are gone. Tracking goes on: what
         changes from now on is copied as of the new mark.
         """
-        if update is not self.update or not update.protecting:
-            return  # given up already
+        if update is not self.update or not update.protecting or self.removed:
+            return  # given up already, or the session is gone
         before = (update.protecting, update.remark, self.last_error)
         update.protecting, update.remark = False, why
+        self._abort_target()
+        save, unsynced = self.save, self._unsynced
+        for c, fut in unsynced.items():  # bits left to saves that will not happen now
+            if fut is _BY_SAVE and (save is None or c not in save):
+                unsynced[c] = None  # the next change of the chunk writes its bit again
         self.last_error = f"{why}; the update gives up its point in time and will copy as of a new mark"
         try:
             self._save_row()
@@ -731,6 +760,17 @@ class Session:
             update.protecting, update.remark, self.last_error = before
             raise
         log.error("session %s: %s", self.name, self.last_error)
+
+    def _abort_target(self) -> None:
+        """Drop the target at once and reset its connections: a copy-before-write it did
+        not answer in time must not land after what the re-mark copies over a new one.
+        (What its server has already read cannot be recalled: a request read but not yet
+        executed may still land, as with any NBD client that gives up on a request.)"""
+        self._forget_unflushed()
+        target, self.target = self.target, None
+        self._flush_failed = None
+        if target is not None:
+            target.abort()
 
     async def _remark(self) -> None:
         """Take a new mark for an update whose mark was given up: what it still owes, what no
@@ -745,6 +785,14 @@ class Session:
             await self._mark()
         except BaseException:
             update.protecting, update.marked_at = False, marked_at  # still given up
+            # the failed mark may have voided the save records on disk (a new header), and
+            # with them what made the bits of saved chunks durable: they are owed now, so
+            # that the transfer file keeps them whatever a checkpoint writes (no point in
+            # time is promised: copied early, they are copied again if they change)
+            owed = transfer.bytes_set()
+            transfer.or_(self.tracking)
+            if self.progress is not None:
+                self.progress.bytes_total += transfer.bytes_set() - owed
             raise
         update.catchup_bytes = catchup  # the new mark is no catch-up pass
         self.last_error = None  # what it said is done: ``remark`` keeps why
@@ -800,26 +848,33 @@ class Session:
             # a connection kept since the last update or verify may have died with its server
             await self._drop_target()
         before = (self.state, self.update, self.transfer, self.progress, self.consistent)
+        remark = self.update.remark if self.update is not None else None
         self._cancel_retry()
         self.retry.attempts = 0
-        self.update = UpdateRecord(
+        # built aside, it becomes ``self.update`` only inside the closed write gate: a write
+        # waiting in copy-before-write for the unfinished update must give up that update's
+        # mark, not find a new one that is not marked yet (and may never be)
+        update = UpdateRecord(
             id=self.next_update_id,
             kind="full" if full else "incremental",
             started_at=now_iso(),
             max_rate=max_rate if max_rate is not None else self.max_rate,
         )
         self.next_update_id += 1
-        self.last_error = None
         self.last_started = time.monotonic()
         try:
             if full:
-                await self._start_full(new_state)
+                await self._start_full(new_state, update)
             else:
-                self.state = new_state
-                self.progress = None
-                await self._mark()
+                self.state = new_state  # meanwhile, another update or a resume is refused
+                await self._mark((update, new_state))
         except BaseException:
             self.state, self.update, self.transfer, self.progress, self.consistent = before
+            if self.update is not None and self.update.remark != remark:
+                # a write gave up the unfinished update's mark meanwhile, and its row says
+                # so with the state of this start: put the state back in the row too
+                with contextlib.suppress(DeltavolError, OSError):
+                    self._persist_row(self)
             raise
         log.info(
             "session %s: %s update %d started (%d bytes to copy)",
@@ -834,34 +889,45 @@ class Session:
     def _needs_full(self) -> bool:
         return not self.consistent and self.transfer is None and self.point_in_time is None
 
-    async def _start_full(self, new_state: State) -> None:
-        """Commit 'inconsistent, copying everything' before the first byte goes out."""
-        assert self.update is not None
+    async def _start_full(self, new_state: State, update: UpdateRecord | None = None) -> None:
+        """Commit 'inconsistent, copying everything' before the first byte goes out;
+        ``update``, a new one, replaces the unfinished one under the closed gate."""
+        update = update if update is not None else self.update
+        assert update is not None
         transfer = Bitmap(self.source.size, self.granularity)
         transfer.set_all()
         await self._flush_source()
         async with self._gate.closed(), self._checkpointing:
             await self._flush_source()
-            persist.save_atomic(self._transfer_path, transfer, self.update.id, TRANSFER)
+            persist.save_atomic(self._transfer_path, transfer, update.id, TRANSFER)
+            last_error, self.update, self.last_error = self.last_error, update, None
             self.transfer = transfer
             self.consistent = False
             self.state = new_state
             self.progress = Progress(bytes_total=self.transfer_bytes())
-            self._save_row()  # the commit point: nothing below may raise (see _after_commit)
+            try:
+                self._save_row()  # the commit point: nothing below may raise (see _after_commit)
+            except BaseException:
+                self.last_error = last_error  # the rest start_update puts back
+                raise
             self._durable_transfer = transfer.copy()
             self._after_commit("dropping the save area", self._drop_save_area)
             self.tracking.clear_all()
             self._after_commit("resetting tracking", self._rewrite_tracking)
 
-    async def _mark(self) -> None:
+    async def _mark(self, new: tuple[UpdateRecord, State] | None = None) -> None:
         """tracking -> transfer (OR-ed into any unfinished transfer), fresh tracking.
 
         Order for crash safety: the source is flushed, then the new transfer file and a new
         save area are durable before the session row commits the mark; tracking is reset
         only after that. An unfinished transfer counts with what its last checkpoint still
         owes: chunks copied since were never flushed on the target.
+
+        ``new`` is a new update (and its state) that replaces the unfinished one at the
+        commit, under the closed gate; without it, the update marks (again).
         """
-        assert self.update is not None
+        update = new[0] if new is not None else self.update
+        assert update is not None
         if self.save is None:  # no update writes to the save area: write its space ahead
             await self._prepare_save_area()
         await self._flush_source()
@@ -875,12 +941,15 @@ class Session:
                     transfer.or_(owed)
             before = self.transfer_bytes(transfer)
             transfer.or_(self.tracking)
-            persist.save_atomic(self._transfer_path, transfer, self.update.id, TRANSFER)
-            save = self._save_area(self.update.id).create()
-            update, progress = self.update, self.progress
+            persist.save_atomic(self._transfer_path, transfer, update.id, TRANSFER)
+            save = self._save_area(update.id).create()
+            kept = self.update, self.state, self.progress, self.last_error
+            progress = self.progress if new is None else None
             was = (update.marked_at, update.protecting, update.catchup_bytes)
             total_was = progress.bytes_total if progress is not None else 0
             try:
+                if new is not None:
+                    self.update, self.state, self.last_error = update, new[1], None
                 update.marked_at = now_iso()
                 update.protecting = True
                 total = self.transfer_bytes(transfer)
@@ -898,7 +967,7 @@ class Session:
                 update.marked_at, update.protecting, update.catchup_bytes = was
                 if progress is not None:
                     progress.bytes_total = total_was
-                self.progress = progress
+                self.update, self.state, self.progress, self.last_error = kept
                 raise
             self._after_commit("dropping the old save area", self._drop_save_area)
             self.save, self.transfer = save, transfer
@@ -958,14 +1027,22 @@ class Session:
             while True:
                 if not self.update.protecting and self.update.remark is not None:
                     await self._remark()
+                    # the give-up dropped the connection (``_abort_target``): a new one,
+                    # once the mark has voided what a checkpoint of the old one could say
+                    target = await self.ensure_target()
                 elif not self.update.protecting:
                     await self._copy_pass(target)
                     # the catch-up mark starts from the durable transfer: make the pass's
                     # chunks durable first, or it would copy them all again
                     await self._checkpoint()
                     await self._mark()  # the catch-up pass of a full update
-                await self._copy_pass(target)
-                await self._flush(target)
+                try:
+                    await self._copy_pass(target)
+                    await self._flush(target)
+                except TargetError:
+                    if self.target is target or self.update.protecting or self.update.remark is None:
+                        raise
+                    continue  # a give-up reset this connection under the copy: re-mark
                 async with self._gate.closed(), self._checkpointing:
                     if not self.update.protecting:
                         continue  # copy-before-write gave the mark up meanwhile
@@ -1147,7 +1224,10 @@ class Session:
             raise Error(msg=f"session {self.name!r} has no update to resume")
         self._cancel_retry()
         self.retry.attempts = 0
-        await self._drop_target()  # reconnect: the old connection may be dead
+        # reconnect: the old connection may be dead; once a copy-before-write on it is over
+        # (it would take a connection dropped under it for a failed copy: the mark's end)
+        async with self._gate.closed():
+            await self._drop_target()
         self._resume()
         return self.status()
 

@@ -3,11 +3,13 @@ it, so a server that cannot flush is refused, with an error that says why."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from deltavol.copy.targets import NbdTarget, TargetError
+from deltavol.nbd.client import NbdClient
 from tests.harness import require
 from tests.sessions.targets import nbdkit_memory_cmd, serving, uri
 
@@ -57,3 +59,45 @@ async def test_a_server_that_can_flush_is_flushed(tmp_path: Path) -> None:
             assert await target.pread(0, 4096) == b"x" * 4096
         finally:
             await target.close()
+
+
+class FakeClient:
+    """A connection as NbdTarget.open sees it."""
+
+    read_only = False
+    can_flush = True
+    can_multi_conn = True
+    size = SIZE
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_an_open_cancelled_half_way_closes_the_connections_it_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[FakeClient] = []
+    calls = 0
+
+    async def connect(uri: str, *, timeout: float) -> FakeClient:
+        nonlocal calls
+        calls += 1
+        if calls == NbdTarget.CONNECTIONS:
+            await asyncio.Event().wait()  # the last one never connects
+        client = FakeClient()
+        made.append(client)
+        return client
+
+    monkeypatch.setattr(NbdClient, "connect", connect)
+    opening = asyncio.create_task(NbdTarget("nbd://dr/x").open())
+    async with asyncio.timeout(5):
+        while len(made) < NbdTarget.CONNECTIONS - 1:
+            await asyncio.sleep(0.001)
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    assert len(made) == NbdTarget.CONNECTIONS - 1
+    assert all(c.closed for c in made), "a connection made before the cancel stays open"

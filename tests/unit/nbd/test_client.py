@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from deltavol.nbd.client import NbdClient, NbdConnectionError, NbdError, parse_uri
+from tests.harness import require
 from tests.sessions.targets import nbdkit_memory_cmd, qemu_nbd_cmd, serving, uri
 
 MiB = 1 << 20
@@ -159,3 +160,80 @@ async def test_connecting_to_a_host_that_does_not_answer_times_out() -> None:
         for s in fill:
             s.close()
         listener.close()
+
+
+async def test_a_connection_that_timed_out_is_reset_not_closed(tmp_path: Path) -> None:
+    """What the socket still queues must not reach the server after the caller gave up on
+    it (it could land over what is written since on a new connection): the connection is
+    reset (SO_LINGER 0), which discards the queue, not closed, which delivers it."""
+    sock = tmp_path / "s.sock"
+    frozen = asyncio.Event()  # the server's answers stop reaching the client
+    ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def proxy(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_unix_connection(str(sock))
+
+        async def answers() -> None:
+            while data := await server_r.read(65536):
+                if not frozen.is_set():
+                    client_w.write(data)
+
+        pump = asyncio.create_task(answers())
+        try:
+            while data := await client_r.read(65536):
+                server_w.write(data)
+            ended.set_result("closed")
+        except ConnectionResetError:
+            ended.set_result("reset")
+        finally:
+            pump.cancel()
+            server_w.close()
+            client_w.close()
+
+    with serving(nbdkit_memory_cmd(MiB, sock), sock):
+        listener = await asyncio.start_server(proxy, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        try:
+            client = await NbdClient.connect(f"nbd://127.0.0.1:{port}/", timeout=0.5)
+            await client.pwrite(0, b"x" * 4096)
+            frozen.set()
+            with pytest.raises(NbdConnectionError, match="no reply"):
+                await asyncio.wait_for(client.pwrite(4096, b"y" * 4096), 10)
+            assert await asyncio.wait_for(ended, 10) == "reset"
+            await client.close()
+        finally:
+            listener.close()
+            await listener.wait_closed()
+
+
+async def test_a_request_the_server_never_answers_fails_while_others_are_answered(tmp_path: Path) -> None:
+    """A stuck request behind a server that keeps answering the others: the connection is
+    never silent for ``timeout``, yet that request must not wait for ever."""
+    sock = tmp_path / "s.sock"
+    require("nbdkit")
+    cmd = [
+        "nbdkit", "-f", "-t", "4", "-U", str(sock), "-e", "t", "eval",
+        "thread_model=echo parallel",
+        "get_size=echo 1048576",
+        "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
+        "pwrite=if [ $4 = 4096 ]; then sleep 10; fi; cat >/dev/null",
+        "can_write=exit 0",
+        "can_flush=exit 0",
+        "flush=exit 0",
+    ]  # fmt: skip
+    with serving(cmd, sock):
+        client = await NbdClient.connect(uri(sock), timeout=0.5, age=1.0)
+        try:
+            stuck = asyncio.ensure_future(client.pwrite(4096, b"s" * 4096))
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            while not stuck.done() and loop.time() - began < 5:
+                with contextlib.suppress(NbdConnectionError):
+                    await client.pwrite(0, b"x" * 4096)  # answered: the connection is alive
+                await asyncio.sleep(0.1)
+            assert stuck.done(), "a request the server never answers waited for ever"
+            with pytest.raises(NbdConnectionError, match="unanswered for 1 s"):
+                stuck.result()
+        finally:
+            stuck.cancel()
+            await client.close()

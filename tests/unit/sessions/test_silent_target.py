@@ -136,6 +136,9 @@ class Target:
     async def close(self) -> None:
         pass
 
+    def abort(self) -> None:
+        pass
+
 
 class Rows:
     """The session row as SQLite holds it once committed."""
