@@ -478,6 +478,7 @@ class SimTarget:
         self.inflight = 4
         self.epoch = host.epoch
         self.closed = False
+        self.aborted = False
 
     async def open(self) -> SimTarget:
         if not self.host.up(self.clock.now):
@@ -486,6 +487,8 @@ class SimTarget:
         return self
 
     def _check(self, what: str) -> None:
+        if self.aborted:
+            raise TargetError(msg=f"target {self.host.name}: {what} on an aborted connection")
         if self.closed:
             raise TargetError(msg=f"target {self.host.name}: {what} on a closed connection")
         if self.epoch != self.host.epoch or not self.host.up(self.clock.now):
@@ -539,6 +542,10 @@ class SimTarget:
             else:
                 keep.append((seq, offset, data))
         h.unflushed = keep
+
+    def abort(self) -> None:
+        """What is in flight fails and never lands (requests land whole when they complete)."""
+        self.aborted = True
 
     async def close(self) -> None:
         self.closed = True
