@@ -29,6 +29,7 @@ from deltavol.errors import (
     NotFound,
     os_error,
 )
+from deltavol.store import fs
 from deltavol.store.db import Database
 
 log = logging.getLogger("deltavol.volumes")
@@ -153,18 +154,18 @@ class Volumes:
         check_size(size)
         path = self.images / f"{name}.img"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = fs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileExistsError:
-            path.unlink()  # an uncommitted leftover of a crashed create
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fs.unlink(path)  # an uncommitted leftover of a crashed create
+            fd = fs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, size)
-            os.fsync(fd)
+            fs.ftruncate(fd, size)
+            fs.fsync(fd)
         except OSError as exc:
-            os.close(fd)
-            path.unlink(missing_ok=True)
+            fs.close(fd)
+            fs.unlink(path, missing_ok=True)
             raise os_error(exc, f"creating {path}") from exc
-        os.close(fd)
+        fs.close(fd)
         return self._commit(name, str(path), imported=False)
 
     def import_(self, name: str, path: str) -> Volume:
@@ -223,7 +224,7 @@ class Volumes:
         del self._by_name[name]
         await vol.backend.close()
         if not vol.imported:
-            Path(vol.path).unlink(missing_ok=True)
+            fs.unlink(vol.path, missing_ok=True)
         log.info("volume %s: removed", name)
 
     async def close(self) -> None:

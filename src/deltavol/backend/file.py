@@ -13,9 +13,6 @@ file system refuses; ``extents`` comes from SEEK_DATA / SEEK_HOLE.
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -27,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from deltavol.backend.base import Extent
 from deltavol.errors import os_error
 from deltavol.nbd.constants import STATE_HOLE, STATE_ZERO
+from deltavol.store import fs
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -41,34 +39,22 @@ INLINE_WRITE_MAX = 128 << 10  # larger writes go to the pool: copying MiBs into 
 INLINE_STALL = 0.002  # seconds
 INLINE_BACKOFF = 1.0  # seconds
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-SYNC_FILE_RANGE_WRITE = 2
-
 _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="deltavol-io")
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _ZEROES = bytes(ZERO_CHUNK)
 
 
-def _checked(rc: int) -> None:
-    """A libc call's result: -1 raises OSError from errno."""
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    _checked(_libc.fallocate(fd, mode, offset, length))
+    fs.fallocate(fd, mode, offset, length)
 
 
 def start_writeback(fd: int) -> None:
     """sync_file_range(SYNC_FILE_RANGE_WRITE) over the whole file (not in Python's os)."""
-    _checked(_libc.sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE))
+    fs.start_writeback(fd)
 
 
 def device_size(fd: int) -> int:
-    st = os.fstat(fd)
+    st = fs.fstat(fd)
     if stat.S_ISBLK(st.st_mode):
         buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
         return int(struct.unpack("Q", buf)[0])
@@ -79,8 +65,8 @@ class FileBackend:
     def __init__(self, name: str, path: str, *, read_only: bool = False) -> None:
         self.name = name
         self.path = path
-        self._fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        self.is_block = stat.S_ISBLK(os.fstat(self._fd).st_mode)
+        self._fd = fs.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self.is_block = stat.S_ISBLK(fs.fstat(self._fd).st_mode)
         self.size = device_size(self._fd)
         self._punch = not self.is_block
         self._zero_range = not self.is_block
@@ -102,7 +88,7 @@ class FileBackend:
 
     async def _run(self, what: str, fn, *args):  # type: ignore[no-untyped-def]
         try:
-            return await asyncio.get_running_loop().run_in_executor(_pool, fn, *args)
+            return await fs.run_in_pool(_pool, fn, *args)
         except OSError as exc:
             raise os_error(exc, f"{what} on volume {self.name!r}") from exc
 
@@ -111,7 +97,7 @@ class FileBackend:
             return None
         buf = bytearray(length)
         try:
-            n = os.preadv(self._fd, [buf], offset, _NOWAIT)
+            n = fs.preadv(self._fd, [buf], offset, _NOWAIT)
         except BlockingIOError:
             return None
         except OSError as exc:
@@ -128,12 +114,12 @@ class FileBackend:
         return await self._run("read", self._pread_full, offset, length)
 
     def _pread_full(self, offset: int, length: int) -> bytes:
-        data = os.pread(self._fd, length, offset)
+        data = fs.pread(self._fd, length, offset)
         if len(data) < length:  # short read: past EOF of an imported file or EINTR
             parts = [data]
             got = len(data)
             while got < length:
-                more = os.pread(self._fd, length - got, offset + got)
+                more = fs.pread(self._fd, length - got, offset + got)
                 if not more:
                     parts.append(bytes(length - got))
                     break
@@ -177,7 +163,7 @@ class FileBackend:
         if not self._nowait:
             return False
         try:
-            os.preadv(self._fd, [bytearray(1)], offset, _NOWAIT)
+            fs.preadv(self._fd, [bytearray(1)], offset, _NOWAIT)
         except OSError:  # EAGAIN: not in the page cache
             return False
         return True
@@ -185,11 +171,11 @@ class FileBackend:
     def _pwrite_full(self, offset: int, data: bytes, fua: bool) -> None:
         view = memoryview(data)
         while view:
-            n = os.pwrite(self._fd, view, offset)
+            n = fs.pwrite(self._fd, view, offset)
             view = view[n:]
             offset += n
         if fua:
-            os.fdatasync(self._fd)
+            fs.fdatasync(self._fd)
 
     async def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
         await self._run("write zeroes", self._zero, offset, length, may_trim, fua)
@@ -216,7 +202,7 @@ class FileBackend:
                 self._pwrite_full(offset, _ZEROES[:n], False)
                 offset += n
         if fua:
-            os.fdatasync(self._fd)
+            fs.fdatasync(self._fd)
 
     def _try_fallocate(self, attr: str, mode: int, offset: int, length: int) -> bool:
         try:
@@ -242,7 +228,7 @@ class FileBackend:
         await self.zero(offset, length, may_trim=True, fua=fua)
 
     async def flush(self) -> None:
-        await self._run("flush", os.fsync, self._fd)
+        await self._run("flush", fs.fsync, self._fd)
 
     async def start_writeback(self) -> None:
         """Start writing what is dirty to the device, without waiting for it: a flush
@@ -250,7 +236,7 @@ class FileBackend:
         await self._run("writeback", start_writeback, self._fd)
 
     async def cache(self, offset: int, length: int) -> None:
-        await self._run("cache", os.posix_fadvise, self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+        await self._run("cache", fs.posix_fadvise, self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
         if not self._seek:
@@ -266,7 +252,7 @@ class FileBackend:
     async def close(self) -> None:
         fd, self._fd = self._fd, -1
         if fd >= 0:
-            os.close(fd)
+            fs.close(fd)
 
 
 def scan_extents(fd: int, offset: int, length: int) -> list[Extent]:
@@ -276,7 +262,7 @@ def scan_extents(fd: int, offset: int, length: int) -> list[Extent]:
     pos = offset
     while pos < end:
         try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
+            data = fs.lseek(fd, pos, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno != errno.ENXIO:
                 raise
@@ -287,7 +273,7 @@ def scan_extents(fd: int, offset: int, length: int) -> list[Extent]:
             pos = hole_end
             if pos >= end:
                 break
-        hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        hole = min(fs.lseek(fd, pos, os.SEEK_HOLE), end)
         out.append((hole - pos, 0))
         pos = hole
     return _merge(out)

@@ -63,6 +63,7 @@ Two ways of writing:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import struct
@@ -74,7 +75,8 @@ from pathlib import Path
 
 from deltavol.bitmap.bitmap import MAX_GRANULARITY, Bitmap
 from deltavol.errors import CorruptFile, DeltavolError, os_error
-from deltavol.store.fsio import boot_id, sync_dir
+from deltavol.store import fs
+from deltavol.store.fs import boot_id
 from deltavol.store.group_commit import GroupCommit
 
 log = logging.getLogger("deltavol.bitmap")
@@ -123,35 +125,22 @@ def save_atomic(
     never keeps a replaced inode (an ``open`` after the replace may fail: EMFILE)."""
     if kind == KIND_TRACKING and hot is None:
         hot = Bitmap(bitmap.size, max(HOT_REGION, bitmap.granularity))
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        mode = os.O_RDWR if adopt is not None else os.O_WRONLY
-        fd = os.open(tmp, mode | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            _write_all(fd, _header(bitmap, generation, kind, hot.granularity if hot else 0), 0)
-            with bitmap.view() as bits:  # no copy: a 16 TiB volume's bitmap is 32 MiB
-                _write_all(fd, bits, HEADER_SIZE)
+        with contextlib.ExitStack() as views:  # no copy: a 16 TiB volume's bitmap is 32 MiB
+            parts = [(0, _header(bitmap, generation, kind, hot.granularity if hot else 0))]
+            parts.append((HEADER_SIZE, views.enter_context(bitmap.view())))
             if hot is not None:
-                with hot.view() as bits:
-                    _write_all(fd, bits, _hot_at(bitmap.nbits))
-            os.fsync(fd)
-            os.replace(tmp, path)
-            if adopt is not None:
-                fd, new = -1, fd
-                adopt(new)
-        finally:
-            if fd >= 0:
-                os.close(fd)
-        sync_dir(path.parent)
+                parts.append((_hot_at(bitmap.nbits), views.enter_context(hot.view())))
+            # _write_all looked up at each call: tests put a full disk there
+            fs.replace_atomic(path, parts, adopt=adopt, write=lambda *a: _write_all(*a))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise os_error(exc, f"bitmap {path}") from exc
 
 
 def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
-        n = os.pwrite(fd, view, offset)
+        n = fs.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
 
 
@@ -162,13 +151,13 @@ def write_bits_in_place(path: Path, bitmap: Bitmap) -> None:
     no new space, and a torn write leaves every byte either old (a superset) or new.
     """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = fs.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             with bitmap.view() as bits:
                 _write_all(fd, bits, HEADER_SIZE)
-            os.fdatasync(fd)
+            fs.fdatasync(fd)
         finally:
-            os.close(fd)
+            fs.close(fd)
     except OSError as exc:
         raise os_error(exc, f"bitmap {path}") from exc
 
@@ -212,7 +201,7 @@ def load_tracking(path: Path, granularity: int, size: int) -> tuple[Bitmap, int,
 
 def _load(path: Path, kind: int, granularity: int, size: int) -> tuple[Bitmap, int, Recopy | None]:
     try:
-        raw = path.read_bytes()
+        raw = fs.read_bytes(path)
     except FileNotFoundError:
         raise CorruptFile(path=path, why=f"{_KINDS.get(kind, 'bitmap')} bitmap file is missing") from None
     except OSError as exc:  # EIO, EACCES, ...: the file may well be fine, it is not corrupt
@@ -453,7 +442,7 @@ class TrackingFile:
             if self._fd < 0:  # closed (its session is gone): nothing left to make durable
                 return
             try:
-                os.fdatasync(self._fd)
+                fs.fdatasync(self._fd)
             except OSError as exc:
                 self._sync_failed = True
                 raise os_error(exc, f"tracking bitmap {self.path}") from exc
@@ -565,7 +554,7 @@ class TrackingFile:
         with self._fd_lock:
             old, self._fd = self._fd, fd
             if old >= 0:
-                os.close(old)
+                fs.close(old)
         # the new file holds every bit set, durably, and no hot region; a round begun
         # before makes nothing durable in it (it may have synced the old file only)
         self.hot.clear_all()
@@ -584,5 +573,5 @@ class TrackingFile:
             self._settle = None
         with self._fd_lock:
             if self._fd >= 0:
-                os.close(self._fd)
+                fs.close(self._fd)
                 self._fd = -1

@@ -67,7 +67,8 @@ import zlib
 from pathlib import Path
 
 from deltavol.errors import CorruptFile, os_error
-from deltavol.store.fsio import sync_dir
+from deltavol.store import fs
+from deltavol.store.fs import sync_dir
 from deltavol.store.group_commit import GroupCommit
 
 log = logging.getLogger("deltavol.save_area")
@@ -108,22 +109,22 @@ class SaveArea:
         full disk is no error here: the saves then append."""
         want = HEADER_SIZE + min(self.limit, SPACE_AHEAD)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = fs.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                have = start = os.fstat(fd).st_size
-                fs = os.fstatvfs(fd)
-                if have >= want or fs.f_bavail * fs.f_frsize < 4 * want:
+                have = start = fs.fstat(fd).st_size
+                vfs = fs.fstatvfs(fd)
+                if have >= want or vfs.f_bavail * vfs.f_frsize < 4 * want:
                     return  # done before, or the disk is nearly full: leave the room to others
                 zeroes = bytes(1 << 20)
                 try:
                     while have < want:
-                        have += os.pwrite(fd, zeroes[: want - have], have)
-                    os.fsync(fd)
+                        have += fs.pwrite(fd, zeroes[: want - have], have)
+                    fs.fsync(fd)
                 except OSError:
-                    os.ftruncate(fd, start)  # give back what it took
+                    fs.ftruncate(fd, start)  # give back what it took
                     raise
             finally:
-                os.close(fd)
+                fs.close(fd)
             sync_dir(self.path.parent)
         except OSError as exc:
             log.warning("save area %s: no space written ahead: %s", self.path, exc.strerror or exc)
@@ -134,60 +135,52 @@ class SaveArea:
         self.nonce = secrets.randbits(64)
         head = HEADER.pack(MAGIC, VERSION, self.granularity, self.size, self.update_id, self.nonce)
         head = (head + struct.pack(">I", zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
-        if self.path.exists():  # one sector of header, overwritten in place
+        if fs.exists(self.path):  # one sector of header, overwritten in place
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+                fd = fs.open(self.path, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
                 raise os_error(exc, f"opening save area {self.path}") from exc
             try:
-                os.pwrite(fd, head, 0)
-                os.fdatasync(fd)
+                fs.pwrite(fd, head, 0)
+                fs.fdatasync(fd)
                 sync_dir(self.path.parent)  # prepare may have created it and not got that far
             except OSError as exc:
-                os.close(fd)
+                fs.close(fd)
                 raise os_error(exc, f"creating save area {self.path}") from exc
             self._fd = fd
             return self
-        tmp = self.path.with_suffix(".tmp")
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            self._fd = fs.replace_atomic(
+                self.path, [(0, head)], tmp=self.path.with_suffix(".tmp"), keep_open=True
+            )
         except OSError as exc:
             raise os_error(exc, f"creating save area {self.path}") from exc
-        try:
-            os.pwrite(fd, head, 0)
-            os.fsync(fd)
-            os.replace(tmp, self.path)
-            sync_dir(self.path.parent)
-        except OSError as exc:
-            os.close(fd)
-            raise os_error(exc, f"creating save area {self.path}") from exc
-        self._fd = fd
         return self
 
     def open(self) -> SaveArea:
         """Reopen after a restart, validating the header and every record; damage before
         the records' durable end is ``CorruptFile``, an I/O error is no corruption."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            fd = fs.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             raise CorruptFile(path=self.path, why="save area is missing") from None
         except OSError as exc:
             raise os_error(exc, f"opening save area {self.path}") from exc
         try:
             self._replay(fd)
-            os.fdatasync(fd)  # what was read from the page cache is trusted from now on
+            fs.fdatasync(fd)  # what was read from the page cache is trusted from now on
         except OSError as exc:
-            os.close(fd)
+            fs.close(fd)
             raise os_error(exc, f"reading save area {self.path}") from exc
         except BaseException:
-            os.close(fd)
+            fs.close(fd)
             raise
         self._synced = self._end
         self._fd = fd
         return self
 
     def _replay(self, fd: int) -> None:
-        raw = os.pread(fd, HEADER_SIZE, 0)
+        raw = fs.pread(fd, HEADER_SIZE, 0)
         if len(raw) < HEADER.size + 4:
             raise CorruptFile(path=self.path, why="header is truncated")
         head = raw[: HEADER.size]
@@ -205,7 +198,7 @@ class SaveArea:
                 path=self.path,
                 why=f"belongs to another update (granularity {gran}, size {size}, update {update_id})",
             )
-        end = os.fstat(fd).st_size
+        end = fs.fstat(fd).st_size
         pos = HEADER_SIZE
         while (record := self._read_record(fd, pos, end)) is not None:
             chunk, start, length, _ = record
@@ -240,7 +233,7 @@ class SaveArea:
         rec = self._record
         if pos + rec.size > end:
             return None
-        head = os.pread(fd, rec.size, pos)
+        head = fs.pread(fd, rec.size, pos)
         if len(head) < rec.size:
             return None
         if rec is RECORD:
@@ -256,19 +249,19 @@ class SaveArea:
             or not self._whole_blocks(chunk, start, length)
         ):
             return None
-        data = os.pread(fd, length, pos + rec.size)
+        data = fs.pread(fd, length, pos + rec.size)
         if _crc(head[:-4], data) != crc:
             return None
         return chunk, start, length, synced
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            fs.close(self._fd)
             self._fd = -1
 
     def delete(self) -> None:
         self.close()
-        self.path.unlink(missing_ok=True)
+        fs.unlink(self.path, missing_ok=True)
 
     # --- data ---------------------------------------------------------------------------------
     @property
@@ -362,23 +355,23 @@ class SaveArea:
             self._failed = True
 
     def _put(self, record: bytes, pos: int) -> None:
-        if os.pwrite(self._fd, record, pos) != len(record):  # a full disk can write short
+        if fs.pwrite(self._fd, record, pos) != len(record):  # a full disk can write short
             raise OSError(errno.ENOSPC, "short write to the save area")
 
     def write_out(self) -> None:
         """For ``GroupCommit``: records are written as they are saved."""
 
     def sync(self) -> None:
-        os.fdatasync(self._fd)
+        fs.fdatasync(self._fd)
 
     async def pieces(self, chunk: int) -> list[tuple[int, bytes]]:
         """The saved old contents of ``chunk``: ``(start in chunk, data)`` pieces."""
-        return await asyncio.to_thread(self._read_pieces, self.index.get(chunk, []), chunk)
+        return await fs.to_thread(self._read_pieces, self.index.get(chunk, []), chunk)
 
     def _read_pieces(self, where: list[tuple[int, int, int]], chunk: int) -> list[tuple[int, bytes]]:
         pieces = []
         for start, at, length in where:
-            data = os.pread(self._fd, length, at)
+            data = fs.pread(self._fd, length, at)
             if len(data) != length:
                 raise CorruptFile(path=self.path, why=f"record of chunk {chunk} is short")
             pieces.append((start, data))
@@ -420,7 +413,7 @@ def _find(fd: int, key: bytes, start: int, end: int) -> int:
     """The offset of the first ``key`` in the file at or after ``start`` (before ``end``), or -1."""
     step = 1 << 20
     while start + len(key) <= end:
-        buf = os.pread(fd, min(step, end - start), start)
+        buf = fs.pread(fd, min(step, end - start), start)
         if len(buf) < len(key):
             return -1
         i = buf.find(key)

@@ -69,7 +69,8 @@ from deltavol.copy.throttle import Throttle
 from deltavol.errors import CorruptFile, DeltavolError, Error, NotFound, os_error
 from deltavol.nbd.constants import STATE_HOLE
 from deltavol.sessions.states import State, next_state
-from deltavol.store.fsio import sync_dir
+from deltavol.store import fs
+from deltavol.store.fs import sync_dir
 from deltavol.store.group_commit import GroupCommit
 from deltavol.volumes import Volume
 
@@ -319,7 +320,7 @@ class Session:
         and they must be gone, durably, before a row that would adopt them commits."""
         try:
             for path in (self._transfer_path, self._save_area(0).path):
-                path.unlink(missing_ok=True)
+                fs.unlink(path, missing_ok=True)
             sync_dir(self._transfer_path.parent)
             sync_dir(self._save_dir)
         except OSError as exc:
@@ -359,7 +360,7 @@ class Session:
             )
             owned = self.update is not None and self.state in (State.COPYING, State.PAUSED, State.FAILED)
             transfer, orphan = None, False
-            if self._transfer_path.exists():
+            if fs.exists(self._transfer_path):
                 transfer, generation = persist.load(
                     self._transfer_path, TRANSFER, self.granularity, self.source.size
                 )
@@ -380,9 +381,9 @@ class Session:
             self._open_tracking_file()
             self._rewrite_tracking()
             if orphan:
-                self._transfer_path.unlink()
+                fs.unlink(self._transfer_path)
             if save is None:  # no update owns it: a mark or the end of its update made its bits durable
-                area.path.unlink(missing_ok=True)
+                fs.unlink(area.path, missing_ok=True)
         except BaseException as exc:
             if save is not None:
                 save.close()
@@ -429,8 +430,8 @@ class Session:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
         try:
             for path in (self._tracking_path, self._transfer_path, self._save_area(0).path):
-                if path.exists():
-                    path.rename(_aside(path, stamp))
+                if fs.exists(path):
+                    fs.rename(path, _aside(path, stamp))
             sync_dir(self._tracking_path.parent)
             sync_dir(self._save_dir)
         except OSError as exc:
@@ -448,7 +449,7 @@ class Session:
         try:
             self._save_area(0).delete()
             for path in (self._tracking_path, self._transfer_path):
-                path.unlink(missing_ok=True)
+                fs.unlink(path, missing_ok=True)
             sync_dir(self._tracking_path.parent)
             sync_dir(self._save_dir)
         except OSError as exc:  # the row is gone: a later session of this name removes them
@@ -468,7 +469,7 @@ class Session:
         thread running, and it writes at fixed offsets: so the next mark waits for it
         before its ``create``, else it would zero the new update's records."""
         if self._preparing is None or self._preparing.done():
-            self._preparing = asyncio.ensure_future(asyncio.to_thread(self._save_area(0).prepare))
+            self._preparing = asyncio.ensure_future(fs.to_thread(self._save_area(0).prepare))
         await asyncio.shield(self._preparing)
 
     def _drop_save_area(self) -> None:
@@ -507,7 +508,7 @@ class Session:
             if self.transfer is not transfer or seq < self._landed:
                 return  # a mark replaced the transfer, or a newer checkpoint landed
             write = asyncio.ensure_future(
-                asyncio.to_thread(persist.write_bits_in_place, self._transfer_path, snapshot)
+                fs.to_thread(persist.write_bits_in_place, self._transfer_path, snapshot)
             )
             try:
                 await _over(write)
@@ -1047,7 +1048,7 @@ class Session:
         await self.source.backend.flush()
 
     def _unlink_transfer(self) -> None:
-        self._transfer_path.unlink(missing_ok=True)
+        fs.unlink(self._transfer_path, missing_ok=True)
 
     def _after_commit(self, what: str, step: Any) -> None:
         """A step after a commit point must not undo it (start_update would roll back in
@@ -1447,7 +1448,7 @@ class Session:
 def _aside(path: Path, stamp: str) -> Path:
     """A name of its own for a corrupt file kept for inspection."""
     aside, n = path.with_name(f"{path.name}.corrupt-{stamp}"), 1
-    while aside.exists():
+    while fs.exists(aside):
         n += 1
         aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
     return aside

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+from deltavol.store import fs
+
 # rounds of different group commits (each save area has its own, each source one for its
 # tracking files) sync in parallel; as many as the file pool, so no disk's slow fdatasync
 # holds up the others' rounds before there are that many sessions
@@ -80,7 +82,7 @@ class GroupCommit:
         try:
             for file in files:
                 file.write_out()
-            _pool.submit(_sync_all, files, loop, self._finish, fut)
+            fs.submit(_pool, _sync_all, files, loop, self._finish, fut)
         except Exception as exc:  # a write failed, or the pool is shut down: fail the round
             self._finish(fut, exc)
 
