@@ -252,6 +252,8 @@ class Session:
         self._flush_failed: CopyTarget | None = None  # see _flush
         self.progress: Progress | None = None
         self.target: CopyTarget | None = None
+        self._opening: asyncio.Future[CopyTarget] | None = None  # see ensure_target
+        self._closing_targets: set[asyncio.Future[None]] = set()  # superseded connections
         self._task: asyncio.Task[None] | None = None
         self._commit = commit
         self._hot_region = hot_region
@@ -812,17 +814,18 @@ class Session:
             return  # given up already, or the session is gone
         before = (update.protecting, update.remark, self.last_error)
         update.protecting, update.remark = False, why
+        self.last_error = f"{why}; the update gives up its point in time and will copy as of a new mark"
+        try:
+            self._save_row()
+        except BaseException:  # not durable: the write must not go down (it fails instead)
+            # the mark holds, and with it its target and the bits left to saves
+            update.protecting, update.remark, self.last_error = before
+            raise
         self._abort_target()
         save, unsynced = self.save, self._unsynced
         for c, fut in unsynced.items():  # bits left to saves that will not happen now
             if fut is _BY_SAVE and (save is None or c not in save):
                 unsynced[c] = None  # the next change of the chunk writes its bit again
-        self.last_error = f"{why}; the update gives up its point in time and will copy as of a new mark"
-        try:
-            self._save_row()
-        except BaseException:  # not durable: the write must not go down (it fails instead)
-            update.protecting, update.remark, self.last_error = before
-            raise
         log.error("session %s: %s", self.name, self.last_error)
 
     def _abort_target(self) -> None:
@@ -831,6 +834,7 @@ class Session:
         (What its server has already read cannot be recalled: a request read but not yet
         executed may still land, as with any NBD client that gives up on a request.)"""
         self._forget_unflushed()
+        self._supersede_open()
         target, self.target = self.target, None
         self._flush_failed = None
         if target is not None:
@@ -1076,9 +1080,58 @@ class Session:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"session-{self.name}")
 
     async def ensure_target(self) -> CopyTarget:
+        """The target's connection, opened once for all who ask at the same time (the copy
+        and copy-before-writes): two opens would leave two connections, and a checkpoint
+        would flush the one the copy did not write on. A caller that stops waiting does
+        not stop the open; a drop meanwhile supersedes it (it is aborted once open)."""
+        if self.target is not None:
+            return self.target
+        opening = self._opening
+        if opening is None:
+            opening = self._opening = asyncio.ensure_future(self._open_target(self))
+            opening.add_done_callback(self._opened)  # when every caller stopped waiting
+        target = await asyncio.shield(opening)
+        self._opened(opening)  # a future already done is returned before its callbacks ran
+        if self.target is not target:  # dropped while it opened: no copy may go over it
+            raise TargetError(msg=f"target {self.target_spec}: connection dropped while it opened")
+        return target
+
+    def _opened(self, opening: asyncio.Future[CopyTarget]) -> None:
+        """The first to see ``opening`` done makes it the target, unless it was superseded."""
+        if self._opening is not opening:
+            return
+        self._opening = None
+        if opening.cancelled() or opening.exception() is not None:
+            return
         if self.target is None:
-            self.target = await self._open_target(self)
-        return self.target
+            self.target = opening.result()
+        else:  # a connection was set meanwhile by other means: this one is not used
+            self._discard(opening)
+
+    def _supersede_open(self) -> None:
+        """The target is dropped: a connection still opening is not to be used; it is
+        aborted and closed once open (nothing was written on it)."""
+        opening, self._opening = self._opening, None
+        if opening is None:
+            return
+        if opening.done():
+            self._discard(opening)
+        else:
+            opening.add_done_callback(self._discard)
+
+    def _discard(self, opening: asyncio.Future[CopyTarget]) -> None:
+        if opening.cancelled() or opening.exception() is not None:
+            return
+        target = opening.result()
+        target.abort()
+        closing = asyncio.ensure_future(target.close())
+        self._closing_targets.add(closing)
+        closing.add_done_callback(self._closed)
+
+    def _closed(self, closing: asyncio.Future[None]) -> None:
+        self._closing_targets.discard(closing)
+        if not closing.cancelled() and closing.exception() is not None:
+            log.warning("session %s: closing a superseded connection: %r", self.name, closing.exception())
 
     async def _run(self) -> None:
         assert self.update is not None and self.transfer is not None
@@ -1185,6 +1238,8 @@ class Session:
             n = piece if isinstance(piece, int) else len(piece)
             sent = await write_piece(target, off, None if isinstance(piece, int) else piece, n, g)
             progress.bytes_sent += sent  # not `+= await`: that would read a stale total
+        if self.target is not target:  # dropped meanwhile: no flush of it will come
+            raise TargetError(msg=f"target {target.description}: connection closed during a copy")
         progress.done(transfer.clear_run(first, count))
 
     async def _read_by_extents(self, offset: int, length: int) -> list[tuple[int, bytes | int]]:
@@ -1254,6 +1309,7 @@ class Session:
         """Close the target; a next one is a new connection, whose flushes cover none of
         this one's writes."""
         self._forget_unflushed()
+        self._supersede_open()
         target, self.target = self.target, None
         self._flush_failed = None
         if target is not None:
