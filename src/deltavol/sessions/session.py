@@ -1254,6 +1254,15 @@ class Session:
     def _finish(self) -> None:
         assert self.update is not None
         self._sync_progress()
+        was = (
+            self.transfer,
+            self._durable_transfer,
+            self.consistent,
+            self.retry.attempts,
+            self.point_in_time,
+            self.update.finished_at,
+            self.state,
+        )
         self.transfer = None
         self._durable_transfer = None
         self.consistent = True
@@ -1261,7 +1270,21 @@ class Session:
         self.point_in_time = self.update.marked_at
         self.update.finished_at = now_iso()
         self.state = next_state(self.name, self.state, "done")
-        self._persist_row(self)  # the commit point; the files below are garbage after it
+        try:
+            self._persist_row(self)  # the commit point; the files below are garbage after it
+        except BaseException:
+            # the row still has the update: so must memory (it protects and owes on), and
+            # the update fails; resumed, it finishes again
+            (
+                self.transfer,
+                self._durable_transfer,
+                self.consistent,
+                self.retry.attempts,
+                self.point_in_time,
+                self.update.finished_at,
+                self.state,
+            ) = was
+            raise
         self._after_commit("dropping the save area", self._drop_save_area)
         self._after_commit("removing the transfer file", self._unlink_transfer)
         log.info(
