@@ -244,6 +244,9 @@ class Session:
         self.transfer: Bitmap | None = None
         self._durable_transfer: Bitmap | None = None  # transfer as of the last checkpoint
         self.save: SaveArea | None = None
+        # a failed mark voided the save area's records on disk: they keep protecting the
+        # copy in memory, but no longer make a saved chunk's tracking bit durable
+        self._records_void = False
         self._preparing: asyncio.Future[None] | None = None  # see _prepare_save_area
         self.locks = ChunkLocks()
         self._checkpointing = asyncio.Lock()  # see _checkpoint
@@ -480,6 +483,7 @@ class Session:
         if self.save is not None:
             self.save.close()
             self.save = None
+        self._records_void = False
 
     async def _checkpoint(self) -> None:
         """Make copy progress durable: snapshot the transfer, flush the target, then write
@@ -640,6 +644,7 @@ class Session:
         update, save = self.update, self.save
         return (
             save is not None
+            and not self._records_void
             and update is not None
             and update.protecting
             and self.transfer is not None
@@ -694,7 +699,7 @@ class Session:
                         await self._save_or_copy(c, runs, update, transfer, save, deadline)
         unsynced = self._unsynced
         for c in todo:
-            if c in save and c in unsynced and unsynced[c] in (_BY_SAVE, None):
+            if c in save and c in unsynced and unsynced[c] in (_BY_SAVE, None) and not self._records_void:
                 del unsynced[c]  # the save record makes the bit durable
         # what the bits of this change still wait for: a save that did not happen (the chunk
         # was copied meanwhile, or went to the target with the save area full), or the round
@@ -1011,6 +1016,13 @@ class Session:
             before = self.transfer_bytes(transfer)
             transfer.or_(self.tracking)
             persist.save_atomic(self._transfer_path, transfer, update.id, TRANSFER)
+            if self.save is not None:
+                # the new header voids the unfinished update's records, and with them what
+                # made the bits of its saved chunks durable: if this mark does not commit,
+                # that update goes on and only the tracking file can keep those bits
+                assert self.tracking_file is not None
+                await self.tracking_file.durable()
+                self._records_void = True  # until this mark commits, or for good if it fails
             save = self._save_area(update.id).create()
             kept = self.update, self.state, self.progress, self.last_error
             progress = self.progress if new is None else None
@@ -1039,7 +1051,7 @@ class Session:
                 self.update, self.state, self.progress, self.last_error = kept
                 raise
             self._after_commit("dropping the old save area", self._drop_save_area)
-            self.save, self.transfer = save, transfer
+            self.save, self.transfer, self._records_void = save, transfer, False
             self._durable_transfer = transfer.copy()
             self.tracking.clear_all()
             self._after_commit("resetting tracking", self._rewrite_tracking)

@@ -1,9 +1,12 @@
 """A session row that does not commit (SQLite full, a locked database) leaves memory as the
-row says.
+row says, and loses no change after a power cut.
 
 * the end of an update: memory stays the update's (it protects and owes on), and the
   update fails; resumed, or after a restart, it finishes its own mark;
-* a resume: the session stays paused, resumable.
+* a resume: the session stays paused, resumable;
+* ``session update`` over a paused update: the new save area voided the unfinished
+  update's records on disk, which made its saved chunks' tracking bits durable; those bits
+  must be durable in the tracking file before that.
 
 Real Session, save area, tracking file, write gate and filters; fakes for the source's disk
 and the target (those of ``test_silent_target.py``).
@@ -12,16 +15,20 @@ and the target (those of ``test_silent_target.py``).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from deltavol.bitmap import persist
 from deltavol.errors import Error
+from deltavol.sessions import session as session_module
 from deltavol.sessions.session import Session
 from deltavol.sessions.states import State
 from tests.unit.sessions.test_silent_target import (
     CHANGED,
+    SIZE,
     WAIT,
     G,
     Rig,
@@ -29,6 +36,7 @@ from tests.unit.sessions.test_silent_target import (
     Target,
     fill,
     finished,
+    until,
 )
 
 
@@ -89,3 +97,68 @@ async def test_a_resume_that_does_not_commit_leaves_the_session_paused(rig: Rig)
     target.go.set()
     await s.resume()
     await finished(s)
+
+
+async def test_an_update_over_a_paused_one_that_does_not_commit_loses_no_change_on_a_power_cut(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk saved for the paused update had its tracking bit made durable by its save
+    record alone; the new mark's save area voids that record. The paused update goes on,
+    copies the chunk as of its mark and checkpoints it: the change must still be in a
+    durable bitmap."""
+    synced: dict[str, bytes] = {}  # the tracking file as its last sync left it
+    tracking = str(rig.tmp_path / "s.tracking")
+
+    def recording(real: Callable[[int], None]) -> Callable[[int], None]:
+        def sync(fd: int) -> None:
+            path = os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)")
+            raw = Path(path).read_bytes() if path in (tracking, tracking + ".tmp") else None
+            real(fd)
+            if raw is not None:
+                synced["tracking"] = raw
+
+        return sync
+
+    monkeypatch.setattr(os, "fdatasync", recording(os.fdatasync))
+    monkeypatch.setattr(os, "fsync", recording(os.fsync))
+    monkeypatch.setattr(session_module, "CHECKPOINT_SECONDS", 0.05)
+    target, rows = HoldHigh(), FailingRows()
+    s = rig.session("s", target, rows, save_limit=1 << 20)
+    rig.change_before_mark(s, CHANGED, 0xA1)
+    target.go.clear()  # copies wait: the chunks stay owed
+    await s.start_update(False)
+    assert s.update is not None
+    first = s.update.id
+    await s.pause()
+    await rig.write(3, 0xEE)  # owed: saved, its tracking bit durable by the save record
+    assert s.save is not None and 3 in s.save
+    rows.failing = lambda s: s.update is not None and s.update.id != first
+    with pytest.raises(Error):
+        await s.start_update(False)
+    rows.failing = lambda s: False
+    assert s.update is not None and s.update.id == first
+    await rig.write(2, 0xE2)  # saved after the failed mark: its record is void on disk too
+    target.go.set()
+    await s.resume()
+    await until(lambda: s._landed > 0 and not any(s._durable_transfer.test(c) for c in range(4)))  # type: ignore[union-attr]
+    # a power cut: the row has the paused update's, the transfer file is another's (an
+    # orphan: into tracking), the tracking file is what its last sync wrote
+    rig.crash()
+    after_cut = rig.tmp_path / "after-cut.tracking"
+    after_cut.write_bytes(synced["tracking"])
+    monkeypatch.setattr(persist, "boot_id", lambda: b"another boot")
+    known, _, _ = persist.load_tracking(after_cut, G, SIZE)
+    transfer, generation = persist.load(s._transfer_path, persist.KIND_TRANSFER, G, SIZE)
+    assert generation != first
+    known.or_(transfer)
+    assert known.test(3), "chunk 3 changed after the mark, and no durable bitmap says so"
+    assert known.test(2), "chunk 2 changed after the mark, and no durable bitmap says so"
+
+
+class HoldHigh(Target):
+    """Copies of chunks 4 and up never end: the update stays under way."""
+
+    async def pwrite(self, offset: int, data: bytes) -> None:
+        if offset >= 4 * G:
+            await asyncio.Event().wait()
+        await super().pwrite(offset, data)
