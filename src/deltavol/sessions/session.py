@@ -1396,8 +1396,12 @@ class Session:
             self._cancel_retry()
             async with self._gate.closed():  # as below: once a copy-before-write on it is over
                 await self._drop_target()
-            self.last_error = None
-            self._save_row()
+            last_error, self.last_error = self.last_error, None
+            try:
+                self._save_row()
+            except BaseException:  # not committed: what went wrong still stands
+                self.last_error = last_error
+                raise
             self._spawn()
             return self.status()
         next_state(self.name, self.state, "resume")

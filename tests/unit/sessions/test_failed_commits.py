@@ -3,7 +3,8 @@ row says, and loses no change after a power cut.
 
 * the end of an update: memory stays the update's (it protects and owes on), and the
   update fails; resumed, or after a restart, it finishes its own mark;
-* a resume: the session stays paused, resumable;
+* a resume: the session stays paused, resumable; one that restarts a lost copy task keeps
+  ``last_error``;
 * ``session update`` over a paused update: the new save area voided the unfinished
   update's records on disk, which made its saved chunks' tracking bits durable; those bits
   must be durable in the tracking file before that.
@@ -93,6 +94,28 @@ async def test_a_resume_that_does_not_commit_leaves_the_session_paused(rig: Rig)
     with pytest.raises(Error):
         await s.resume()
     assert s.state is State.PAUSED and not s.busy
+    rows.failing = lambda s: False
+    target.go.set()
+    await s.resume()
+    await finished(s)
+
+
+async def test_a_restart_of_a_copy_task_that_does_not_commit_keeps_what_went_wrong(rig: Rig) -> None:
+    target, rows = Target(), FailingRows()
+    s = rig.session("s", target, rows, save_limit=1 << 20)
+    rig.change_before_mark(s, CHANGED, 0xA1)
+    target.go.clear()
+    await s.start_update(False)
+    assert s._task is not None
+    s._task.cancel()  # copying with no copy task: a step between the state and the spawn failed
+    async with asyncio.timeout(WAIT):
+        await s.wait()
+    s.last_error = "the copy task was lost"
+    rows.failing = lambda s: True
+    with pytest.raises(Error):
+        await s.resume()
+    assert s.state is State.COPYING and not s.busy
+    assert s.last_error == "the copy task was lost", "memory says it went well, the row does not"
     rows.failing = lambda s: False
     target.go.set()
     await s.resume()
