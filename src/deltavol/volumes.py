@@ -1,8 +1,8 @@
 """Volumes: named block devices owned by the server, each with its layer stack.
 
-A volume's row in SQLite is the commit point: ``create`` makes the sparse image first and
-inserts the row last (an image with no row is garbage, removed on the next open);
-``remove`` deletes the row first and the image after.
+A volume's row in SQLite is the commit point: ``create`` makes the sparse image first,
+syncs it and its directory, and inserts the row last (an image with no row is garbage,
+removed on the next open); ``remove`` deletes the row first and the image after.
 """
 
 from __future__ import annotations
@@ -161,6 +161,7 @@ class Volumes:
         try:
             fs.ftruncate(fd, size)
             fs.fsync(fd)
+            fs.sync_dir(self.images)  # the image's name too must survive a power cut before the row
         except OSError as exc:
             fs.close(fd)
             fs.unlink(path, missing_ok=True)
