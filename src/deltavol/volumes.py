@@ -20,6 +20,7 @@ from typing import Any
 from deltavol.backend.base import Backend
 from deltavol.backend.export import Export
 from deltavol.backend.file import FileBackend, device_size
+from deltavol.backend.gate import GateLayer, WriteGate
 from deltavol.errors import (
     AlreadyExists,
     Error,
@@ -70,20 +71,26 @@ class Volume:
     export: Export = field(init=False)
     connections: int = 0
     # Filters (guard, cofw, tracker) are stacked on ``backend`` by whoever needs them;
-    # ``restack`` rebuilds ``export.top`` from this list, bottom first.
+    # ``restack`` rebuilds the stack below the write gate from this list, bottom first.
     filters: list[Callable[[Backend], Backend]] = field(default_factory=list)
+    # Every change passes it, filters or not, so whoever adds a filter can close it and
+    # know no change is still on its way down the stack as it was before.
+    gate: WriteGate = field(default_factory=WriteGate)
+    _gated: GateLayer = field(init=False)
     # Why the volume may not be written or opened right now (set by sessions).
     write_guard: Callable[[], str | None] = lambda: None
     open_guard: Callable[[], str | None] = lambda: None
 
     def __post_init__(self) -> None:
-        self.export = Export(self.backend, read_only=lambda: self.write_guard() is not None)
+        self._gated = GateLayer(self.backend, self.gate)
+        self.export = Export(self._gated, read_only=lambda: self.write_guard() is not None)
 
     def restack(self) -> None:
+        """A change waiting at the gate goes down the new stack once it passes."""
         top: Backend = self.backend
         for make in self.filters:
             top = make(top)
-        self.export.top = top
+        self._gated.next = top
 
     def info(self) -> dict[str, Any]:
         return {
