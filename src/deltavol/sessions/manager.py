@@ -326,6 +326,8 @@ class SessionManager:
         async with src.gate.closed():
             if name in self._sessions:  # created by another request while this one waited
                 raise AlreadyExists(kind="session", name=name)
+            if self.volumes.find(source) is not src:  # removed meanwhile
+                raise NotFound(kind="volume", name=source)
             s.create_files()
             self._attach(s)
             self._sessions[name] = s
