@@ -32,6 +32,8 @@ def require(*tools: str) -> None:
 class Server:
     """``deltavol serve`` that can be killed -9 and started again on the same data dir."""
 
+    exe: tuple[str | Path, ...] = (DELTAVOL,)  # what runs ``serve`` (tests/powercut wraps it)
+
     def __init__(self, root: Path, *extra: str, log_path: Path | None = None) -> None:
         self.root = root
         self.extra = extra
@@ -44,7 +46,7 @@ class Server:
     def start(self) -> None:
         (self.root / "api.sock").unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [DELTAVOL, "serve", "--nbd-socket", str(self.sock), "--retry-backoff", "0.2", *self.extra],
+            [*self.exe, "serve", "--nbd-socket", str(self.sock), "--retry-backoff", "0.2", *self.extra],
             env=self.env,
             stderr=self.log,
         )
