@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from deltavol.backend.file import FileBackend
@@ -60,16 +61,26 @@ class LocalTarget:
         self.description = f"volume {backend.name!r}"
         self.size = backend.size
         self._unstarted = 0  # bytes written since writeback was last started
+        self._writing: set[asyncio.Future[None]] = set()
+
+    async def _write(self, op: Coroutine[Any, Any, None]) -> None:
+        """Run a write so that cancelling the copy waiting for it (pause, cancel, remove)
+        leaves it running, as its thread does anyway, and ``close`` waits for it: no write
+        may land after the session has let go of the target."""
+        fut = asyncio.ensure_future(op)
+        self._writing.add(fut)
+        fut.add_done_callback(_forget(self._writing))
+        await asyncio.shield(fut)
 
     async def pwrite(self, offset: int, data: bytes) -> None:
-        await self.backend.pwrite(offset, data)
+        await self._write(self.backend.pwrite(offset, data))
         self._unstarted += len(data)
         if self._unstarted >= self.WRITEBACK_BYTES:
             self._unstarted = 0
             await self.backend.start_writeback()
 
     async def zero(self, offset: int, length: int) -> bool:
-        await self.backend.zero(offset, length, may_trim=True)
+        await self._write(self.backend.zero(offset, length, may_trim=True))
         return True
 
     async def pread(self, offset: int, length: int) -> bytes:
@@ -79,11 +90,22 @@ class LocalTarget:
         await self.backend.flush()
 
     async def close(self) -> None:
-        """The backend belongs to the volume; nothing to close."""
+        """The backend belongs to the volume: only the writes still under way are awaited."""
+        if self._writing:
+            await asyncio.wait(set(self._writing))
 
     def abort(self) -> None:
         """Nothing queued here to discard; a write already in a worker thread cannot be
         stopped and lands when the disk takes it (a local disk that hangs that long)."""
+
+
+def _forget(pending: set[asyncio.Future[None]]) -> Callable[[asyncio.Future[None]], None]:
+    def done(fut: asyncio.Future[None]) -> None:
+        pending.discard(fut)
+        if not fut.cancelled():
+            fut.exception()  # retrieved: a failure nobody waits for any more is no warning
+
+    return done
 
 
 # Why a server without NBD_FLAG_SEND_FLUSH is refused rather than written with FUA: progress

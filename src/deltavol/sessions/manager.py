@@ -23,7 +23,7 @@ from deltavol.config import ServerConfig
 from deltavol.copy.targets import CopyTarget, LocalTarget, NbdTarget, TargetError, is_uri
 from deltavol.errors import AlreadyExists, CorruptFile, DeltavolError, Error, InUse, NotFound, UsageError
 from deltavol.sessions.session import RetryPolicy, Session, UpdateRecord
-from deltavol.sessions.states import State
+from deltavol.sessions.states import IllegalTransition, State
 from deltavol.store.db import Database
 from deltavol.store.group_commit import GroupCommit
 from deltavol.volumes import Volume, Volumes, check_name
@@ -33,6 +33,7 @@ log = logging.getLogger("deltavol.sessions")
 DEFAULT_GRANULARITY = 64 * 1024
 MIN_GRANULARITY = 4 * 1024
 MAX_GRANULARITY = 16 * 1024 * 1024
+SCHEDULER_TICK = 1.0  # seconds between the scheduler's looks at the sessions
 
 
 def check_granularity(value: int) -> int:
@@ -84,6 +85,7 @@ class SessionManager:
         self._sessions: dict[str, Session] = {}
         self._wiring: dict[str, _SourceWiring] = {}  # by source volume name
         self._scheduler: asyncio.Task[None] | None = None
+        self._scheduled: dict[str, asyncio.Task[None]] = {}  # by session name: updates it started
 
     # --- lookup -------------------------------------------------------------------------------
     def get(self, name: str) -> Session:
@@ -159,6 +161,9 @@ class SessionManager:
 
     # --- persistence ------------------------------------------------------------------------
     def _persist(self, s: Session) -> None:
+        if s.removed:  # INSERT OR REPLACE would bring the deleted row back
+            log.warning("session %s: removed, its row is not written again", s.name)
+            return
         with self.db.transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -266,21 +271,52 @@ class SessionManager:
 
     async def _schedule(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for s in self.all():
-                if not s.every or s.busy or s.state not in (State.IDLE, State.NEW):
-                    continue
-                if s.last_started and now - s.last_started < s.every:
-                    continue
-                if not s.last_started:
-                    s.last_started = now  # the first run is one interval after start-up
-                    continue
-                try:
-                    log.info("session %s: scheduled update", s.name)
-                    await s.start_update(full=False)
-                except DeltavolError as exc:
-                    log.error("session %s: scheduled update refused: %s", s.name, exc.message)
+            await asyncio.sleep(SCHEDULER_TICK)
+            try:
+                self._schedule_due(time.monotonic())
+            except Exception:  # a bug: log it, and go on scheduling
+                log.exception("scheduler: tick failed")
+
+    def _schedule_due(self, now: float) -> None:
+        """Start the updates that are due, each in a task of its own, so that one session's
+        slow mark or failure holds back no other. A session that an operation holds (a
+        mark, a verify, a removal) or whose last scheduled update has not returned yet is
+        left for a later tick: scheduled updates never queue behind an operation."""
+        for s in self.all():
+            if not s.every or s.busy or s.operating or s.state not in (State.IDLE, State.NEW):
+                continue
+            pending = self._scheduled.get(s.name)
+            if pending is not None and not pending.done():
+                continue
+            if s.last_started and now - s.last_started < s.every:
+                continue
+            if not s.last_started:
+                s.last_started = now  # the first run is one interval after start-up
+                continue
+            self._scheduled[s.name] = asyncio.get_running_loop().create_task(
+                self._scheduled_update(s), name=f"scheduled-{s.name}"
+            )
+
+    async def _scheduled_update(self, s: Session) -> None:
+        """One scheduled update. Nobody awaits it: every error ends here, in the log and in
+        the session's ``last_error``."""
+        log.info("session %s: scheduled update", s.name)
+        try:
+            await s.start_update(full=False)
+        except IllegalTransition as exc:  # another operation changed the state meanwhile
+            log.info("session %s: scheduled update skipped: %s", s.name, exc.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if s.closed:  # removed, or the server is stopping
+                return
+            if isinstance(exc, DeltavolError):
+                why = exc.message
+                log.error("session %s: scheduled update failed: %s", s.name, why)
+            else:  # an I/O error not turned into ours, or a bug: keep the traceback
+                why = str(exc) if isinstance(exc, OSError) else f"internal error: {exc!r}"
+                log.exception("session %s: scheduled update failed", s.name)
+            await s.note_error(f"scheduled update failed: {why}")
 
     # --- operations ---------------------------------------------------------------------------
     async def create(
@@ -342,12 +378,30 @@ class SessionManager:
         return s
 
     async def remove(self, name: str) -> None:
+        """Delete the session and release its target.
+
+        An operation (``Session.operation``): an update half-way through its mark commits
+        and starts its copy first, then this goes on. In this order: the row is deleted (the
+        commit point); the session is flagged removed, so every later operation is refused
+        and nothing writes its row again; its copy task and retries stop, and the writes
+        they left under way land; the writes in flight through its hooks (a
+        copy-before-write may write to the target) finish before the hooks go; then the
+        target is released and the files deleted.
+        """
         s = self.get(name)
-        await s.shutdown()
-        with self.db.transaction() as conn:
-            conn.execute("DELETE FROM sessions WHERE name = ?", (name,))
-        s.removed = True  # a change still in its hooks (copy-before-write) must not write the row back
-        del self._sessions[name]
-        self._detach(s)
-        s.delete_files()
+        with s.closing():  # a verify does not hold the removal up: it is interrupted
+            async with s.operation():
+                with self.db.transaction() as conn:
+                    conn.execute("DELETE FROM sessions WHERE name = ?", (name,))
+                s.removed = s.closed = True
+                del self._sessions[name]
+                try:
+                    await s._stop_task()
+                    await s._drop_target()  # waits for the copy's writes its cancel left in a thread
+                except Exception:  # the row is gone: the removal goes on
+                    log.exception("session %s: stopping its update", name)
+                async with s._gate.closed():  # a copy-before-write in flight ends before its hook goes
+                    self._detach(s)
+                await s._drop_target()  # such a write may have opened it again
+                s.delete_files()
         log.info("session %s: removed", name)

@@ -43,13 +43,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from deltavol.backend.gate import WriteGate
 from deltavol.backend.hooks import Hook
@@ -65,7 +66,7 @@ from deltavol.copy.engine import (
 from deltavol.copy.save_area import RECORD, SaveArea
 from deltavol.copy.targets import TARGET_TIMEOUT, CopyTarget, TargetError
 from deltavol.copy.throttle import Throttle
-from deltavol.errors import CorruptFile, DeltavolError, Error, os_error
+from deltavol.errors import CorruptFile, DeltavolError, Error, NotFound, os_error
 from deltavol.nbd.constants import STATE_HOLE
 from deltavol.sessions.states import State, next_state
 from deltavol.store import fs
@@ -176,6 +177,25 @@ class ChunkLocks:
                 self._held.pop(c).set()
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def one_at_a_time(
+    op: Callable[Concatenate[Session, _P], Awaitable[_R]],
+) -> Callable[Concatenate[Session, _P], Awaitable[_R]]:
+    """An operation on a session (update, pause, resume, cancel, verify): it runs alone,
+    under the session's operation lock, and is refused once the session is removed or shut
+    down. See ``Session.operation``."""
+
+    @functools.wraps(op)
+    async def run(session: Session, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        async with session.operation():
+            return await op(session, *args, **kwargs)
+
+    return run
+
+
 class Session:
     def __init__(
         self,
@@ -245,9 +265,53 @@ class Session:
         self.retry = retry or RetryPolicy()
         self._retry_task: asyncio.Task[None] | None = None
         self.target_timeout = target_timeout  # what a client's write or a pause waits for the target
-        # its row is deleted (``SessionManager.remove``): a change still in its hooks must not
-        # write the row back, nor touch its closed files
+        self._ops = asyncio.Lock()  # see operation()
+        self.closed = False  # shut down or removed: no operation any more
+        # its row is deleted (``SessionManager.remove``): nothing may write it again, and a
+        # change still in its hooks must not touch its closed files
         self.removed = False
+        self._verifying: asyncio.Future[None] | None = None  # a verify's comparison
+        self._closing = 0  # removals and shutdowns waiting for the session (see closing())
+
+    # --- operations ------------------------------------------------------------------------
+    @asynccontextmanager
+    async def operation(self) -> AsyncIterator[None]:
+        """Hold the session for one operation's own steps: operations on one session are
+        serialized. Every operation takes it -- the user's, the scheduler's, the retry
+        policy's, ``remove`` and ``shutdown`` -- and checks the state only once it holds it,
+        so no operation acts on a state that another one is half-way through changing: an
+        update's mark awaits the save area and the write gate, and until it has committed
+        and started its copy task, no pause, cancel, second update or removal comes between.
+        The copy task itself runs outside the lock; pause, cancel, remove and shutdown stop
+        it while holding it.
+        """
+        async with self._ops:
+            if self.removed:
+                raise NotFound(kind="session", name=self.name)
+            if self.closed:
+                raise Error(msg=f"session {self.name!r} is shut down: the server is stopping")
+            yield
+
+    @property
+    def operating(self) -> bool:
+        """True while an operation holds the session (the scheduler skips it then)."""
+        return self._ops.locked()
+
+    @contextlib.contextmanager
+    def closing(self) -> Iterator[None]:
+        """Around removal and shutdown, which do not wait for a verify: a running one is
+        interrupted (it fails), and one that has not begun its comparison yet does not."""
+        self._closing += 1
+        try:
+            if self._verifying is not None:
+                self._verifying.cancel()
+            yield
+        finally:
+            self._closing -= 1
+
+    @property
+    def verify_interrupted(self) -> bool:
+        return self._closing > 0
 
     # --- files ----------------------------------------------------------------------------
     def create_files(self) -> None:
@@ -851,6 +915,7 @@ class Session:
     def busy(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    @one_at_a_time
     async def start_update(self, full: bool, max_rate: int | None = None) -> dict[str, Any]:
         """Begin an update; returns once it is committed (marked, or for --full started)."""
         full = full or self.state is State.NEW or self._needs_full()
@@ -1020,6 +1085,8 @@ class Session:
         return 0 if bitmap is None else bitmap.bytes_set()
 
     def _spawn(self) -> None:
+        if self.busy:  # never two copy tasks: each would stop only as far as it is known
+            raise Error(msg=f"session {self.name!r} is already copying")
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"session-{self.name}")
 
     async def ensure_target(self) -> CopyTarget:
@@ -1188,9 +1255,16 @@ class Session:
     async def _retry_later(self, delay: float) -> None:
         await asyncio.sleep(delay)
         self.retry.next_at = None
-        if self.state is State.FAILED and self.transfer is not None:
+        async with self._ops:  # an operation, as a user's resume
+            if self.closed or self.busy or self.state is not State.FAILED or self.transfer is None:
+                return
             log.info("session %s: retrying (attempt %d)", self.name, self.retry.attempts)
-            self._resume()
+            try:
+                self._resume()
+            except Exception as exc:  # nobody awaits this task: the session stays failed, resumable
+                why = exc.message if isinstance(exc, DeltavolError) else repr(exc)
+                log.error("session %s: retry failed: %s", self.name, why)
+                self.last_error = f"retry failed: {why}"
 
     async def _drop_target(self) -> None:
         """Close the target; a next one is a new connection, whose flushes cover none of
@@ -1208,12 +1282,17 @@ class Session:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            self._cancel_retry()  # one its failure may have scheduled before it stopped
 
+    @one_at_a_time
     async def pause(self) -> dict[str, Any]:
         self.state = next_state(self.name, self.state, "pause")
         await self._stop_task()
         if await self._target_answers():
             await self._try_checkpoint()
+        # paused must be durable even when that checkpoint failed or was skipped (its row
+        # is not written then): with the row still copying, the next start would resume it
+        self._save_row()
         return self.status()
 
     async def _target_answers(self) -> bool:
@@ -1232,8 +1311,19 @@ class Session:
             return False
         return True
 
+    @one_at_a_time
     async def resume(self) -> dict[str, Any]:
-        if self.state is State.COPYING:  # already going (the retry policy got there first)
+        if self.state is State.COPYING:
+            if self.busy or self.transfer is None:  # already going (the retry policy got there first)
+                return self.status()
+            # copying with no task: a step between the state and the spawn failed
+            log.warning("session %s: copying with no copy task: starting it again", self.name)
+            self._cancel_retry()
+            async with self._gate.closed():  # as below: once a copy-before-write on it is over
+                await self._drop_target()
+            self.last_error = None
+            self._save_row()
+            self._spawn()
             return self.status()
         next_state(self.name, self.state, "resume")
         if self.transfer is None:
@@ -1248,9 +1338,14 @@ class Session:
         return self.status()
 
     def _resume(self) -> None:
+        before = self.state, self.last_error
         self.state = next_state(self.name, self.state, "resume")
         self.last_error = None
-        self._save_row()
+        try:
+            self._save_row()
+        except BaseException:  # not committed: still paused or failed, so resume can retry
+            self.state, self.last_error = before
+            raise
         self._spawn()
 
     def _cancel_retry(self) -> None:
@@ -1259,6 +1354,7 @@ class Session:
             task.cancel()
         self.retry.next_at = None
 
+    @one_at_a_time
     async def cancel(self) -> dict[str, Any]:
         new_state = next_state(self.name, self.state, "cancel")
         await self._stop_task()
@@ -1292,7 +1388,29 @@ class Session:
                 await asyncio.shield(self._task)
 
     async def shutdown(self) -> None:
-        """Server stopping: stop copying but keep every state for the next start."""
+        """Server stopping: stop copying but keep every state for the next start. An
+        operation under way ends first (a verify is interrupted); none runs after."""
+        with self.closing():
+            async with self._ops:
+                if self.closed:
+                    return
+                self.closed = True
+                await self._shutdown()
+
+    async def note_error(self, why: str) -> None:
+        """An error nobody awaits (a scheduled update's) goes to ``last_error``; into the
+        row too when no update runs (a running one commits its own row)."""
+        async with self._ops:
+            if self.closed:
+                return
+            self.last_error = why
+            if not self.busy and self.state in (State.NEW, State.IDLE):
+                try:
+                    self._persist_row(self)
+                except DeltavolError as exc:
+                    log.warning("session %s: cannot record %r: %s", self.name, why, exc.message)
+
+    async def _shutdown(self) -> None:
         await self._stop_task()
         if self.state is State.COPYING and await self._target_answers():
             await self._try_checkpoint()

@@ -4,27 +4,34 @@ A chunk whose tracking bit is set was written after the point in time, so the ta
 not expected to hold it; every other chunk must be equal byte for byte. Reads go in
 requests of up to ``MAX_REQUEST`` with a few in flight on both sides (as the copy does),
 and the comparison is chunk by chunk so a difference is reported by its chunk's offset.
+
+A verify is one operation on the session (``Session.operation``), held from its check to its
+result: no update marks meanwhile -- a mark would reset the tracking bitmap it reads and
+drop its target connection (false mismatches, or a spurious failure). A user's update or
+pause waits for the verify's end; the scheduler skips the session until then. Removing the
+session or stopping the server does not wait: it interrupts the verify, which fails.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from deltavol.copy.engine import MAX_REQUEST, requests, run_pipeline
 from deltavol.copy.throttle import Throttle
 from deltavol.errors import Error
+from deltavol.sessions.session import Session, one_at_a_time
 from deltavol.sessions.states import State
-
-if TYPE_CHECKING:
-    from deltavol.sessions.session import Session
 
 log = logging.getLogger("deltavol.session")
 
 INFLIGHT = 4
+_INTERRUPTED = "the session is being removed or the server is stopping"
 MAX_REPORTED = 100
 
 
+@one_at_a_time
 async def verify(session: Session) -> dict[str, Any]:
     s = session
     if s.busy or s.state is not State.IDLE or not s.consistent:
@@ -58,13 +65,26 @@ async def verify(session: Session) -> dict[str, Any]:
             if ours[a : a + g] != theirs[a : a + g]:
                 mismatches.append(c * g)
 
-    await run_pipeline(
-        requests(iter([(0, tracking.nbits)]), max(1, MAX_REQUEST // g)),
-        compare,
-        throttle=Throttle(None),
-        request_bytes=lambda first, count: count * g,
-        inflight=INFLIGHT,
+    if s.verify_interrupted:  # a removal or shutdown came while the target opened
+        raise Error(msg=f"verify of session {s.name!r} interrupted: {_INTERRUPTED}")
+    work = s._verifying = asyncio.ensure_future(
+        run_pipeline(
+            requests(iter([(0, tracking.nbits)]), max(1, MAX_REQUEST // g)),
+            compare,
+            throttle=Throttle(None),
+            request_bytes=lambda first, count: count * g,
+            inflight=INFLIGHT,
+        )
     )
+    try:
+        await work
+    except asyncio.CancelledError:
+        this = asyncio.current_task()
+        if work.cancelled() and (this is None or not this.cancelling()):  # Session.closing
+            raise Error(msg=f"verify of session {s.name!r} interrupted: {_INTERRUPTED}") from None
+        raise
+    finally:
+        s._verifying = None
     mismatches.sort()
     result = {
         "session": s.name,
