@@ -2,10 +2,10 @@
 
 With the save area full, a client's write to a chunk the update still owes copies the
 chunk's contents as of the mark to the target first: the source as it is, with the save
-area's records laid over it. The session can be removed while that copy reads the
-source; the save area is gone then, and with it the mark: the write must go down (there
-is nothing left to protect), not fail with an internal error, and nothing may be copied
-as the mark's image.
+area's records laid over it. If the save area is dropped while that copy reads the
+source (what the update's end, a cancel, a new mark or a removal do after their commit),
+the mark it protected is over: the write must go down (there is nothing left to
+protect), not fail with an internal error, and nothing may be copied as the mark's image.
 
 These drive the real Service, SessionManager and SQLite in a tmp data dir.
 """
@@ -56,7 +56,7 @@ async def test_a_write_whose_copy_before_write_loses_its_save_area_goes_down(tmp
         backend.pread = held_pread  # type: ignore[method-assign]
         write = asyncio.ensure_future(src.export.pwrite(G, b"C" * G))
         await reading.wait()
-        await svc.remove_session("s")
+        s._drop_save_area()  # as after a commit that ends the mark
         release.set()
         await write  # raised an internal error (AssertionError) before
         backend.pread = real_pread  # type: ignore[method-assign]
