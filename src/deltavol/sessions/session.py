@@ -781,7 +781,8 @@ class Session:
             if transfer.test(c):
                 off, n = self._chunk_span(c)
                 data = bytearray(await self.source.backend.pread(off, n))
-                await self._lay_saved(data, off, [c])
+                if not await self._lay_saved(data, off, [c], save):
+                    return  # its save area was dropped (the session removed): no mark to protect
                 async with asyncio.timeout_at(deadline):
                     target = await self.ensure_target()
                     sent = await write_piece(target, off, bytes(data), n, self.granularity)
@@ -871,14 +872,27 @@ class Session:
         self.last_error = None  # what it said is done: ``remark`` keeps why
         log.info("session %s: update %d re-marked at %s", self.name, update.id, update.marked_at)
 
-    async def _lay_saved(self, data: bytearray, offset: int, chunks: list[int]) -> None:
-        """Turn ``data`` (the source from ``offset``) back into its contents as of the mark."""
-        assert self.save is not None
+    async def _lay_saved(self, data: bytearray, offset: int, chunks: list[int], save: SaveArea) -> bool:
+        """Turn ``data`` (the source from ``offset``) back into its contents as of the mark
+        whose save area is ``save``. False if that save area is the session's no more (a
+        cancel, a new mark, the update's end or a removal dropped it meanwhile): ``data``
+        is then not that mark's image, and must not be copied as such."""
         for c in chunks:
-            if c in self.save:
+            if save is not self.save:
+                return False
+            if c in save:
+                try:
+                    pieces = await save.pieces(c)
+                except OSError:
+                    if save is not self.save:  # closed under the read
+                        return False
+                    raise
+                if save is not self.save:  # dropped meanwhile: what was read may not be its own
+                    return False
                 base = c * self.granularity - offset
-                for start, old in await self.save.pieces(c):
+                for start, old in pieces:
                     data[base + start : base + start + len(old)] = old
+        return True
 
     def protected(self, offset: int, length: int) -> bool:
         """True if ``protect`` would have nothing to do: no block here owed and unsaved."""
@@ -1227,7 +1241,7 @@ class Session:
         )
 
     async def _copy_run(self, target: CopyTarget, first: int, count: int, hole: bool = False) -> None:
-        transfer, update, progress = self.transfer, self.update, self.progress
+        transfer, update, progress, save = self.transfer, self.update, self.progress, self.save
         assert transfer is not None and update is not None and progress is not None
         g = self.granularity
         offset = first * g
@@ -1243,8 +1257,10 @@ class Session:
                 if not live:
                     return
                 data = bytearray(await self.source.backend.pread(offset, length))
-                if self.save is not None:
-                    await self._lay_saved(data, offset, live)
+                if self.save is not save or (
+                    save is not None and not await self._lay_saved(data, offset, live, save)
+                ):
+                    return  # the mark this run copies for is over: nothing copied, its bits stay
             pieces = _live_pieces(data, offset, live, self._chunk_span)
         for off, piece in pieces:
             n = piece if isinstance(piece, int) else len(piece)
