@@ -435,6 +435,7 @@ class TrackingFile:
                 with self.hot.view() as bits:
                     _write_pages(self._fd, bits, self._hot_at, pages)
         except OSError as exc:
+            self._pending.update(pages)  # a round counts on them: the next one writes them
             raise os_error(exc, f"tracking bitmap {self.path}") from exc
 
     def sync(self) -> None:

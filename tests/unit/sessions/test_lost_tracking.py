@@ -72,3 +72,28 @@ async def test_the_end_of_an_update_writes_a_lost_tracking_file_anew(sim: SimFS)
     sim.power_loss()
     bits, _, _ = persist.load_tracking(DIR / "s.tracking", G, SIZE)
     assert bits.test(0)
+
+
+async def test_a_failed_lazy_write_of_hot_pages_leaves_them_to_the_next_round(sim: SimFS) -> None:
+    """``settle`` writes its pending pages lazily; if that write fails, a round already
+    asked for must still write them, or it syncs a region's hot bit that is in no file."""
+    s = new_session()
+    tf = s.tracking_file
+    assert tf is not None
+    path = str(DIR / "s.tracking")
+    failing = [False]
+    sim.fault = lambda op, p: errno.EIO if failing[0] and op == "pwrite" and p == path else None
+    region = persist.HOT_REGION
+    c1 = 5 * region // G  # a first change in region 5: a round for its hot bit
+    rounds = s.track(c1 * G, B)
+    failing[0] = True
+    with pytest.raises(DeltavolError):
+        tf._write_pending()  # the lazy write at the end of ``settle``
+    failing[0] = False
+    for r in rounds:
+        await s._commit.wait(r)
+    c2 = c1 + 1  # another chunk of region 5: tracked with no round, on its hot bit
+    assert s.track_now(c2 * G, B)
+    sim.power_loss()
+    bits, _, _ = persist.load_tracking(DIR / "s.tracking", G, SIZE)
+    assert bits.test(c1) and bits.test(c2)
