@@ -97,3 +97,55 @@ async def test_a_failed_lazy_write_of_hot_pages_leaves_them_to_the_next_round(si
     sim.power_loss()
     bits, _, _ = persist.load_tracking(DIR / "s.tracking", G, SIZE)
     assert bits.test(c1) and bits.test(c2)
+
+
+async def test_no_round_is_durable_until_a_rewritten_files_name_is(sim: SimFS) -> None:
+    """A rewrite whose directory sync failed leaves the fd on the new inode, whose name
+    a power loss may take back: the next round syncs the directory too."""
+    s = new_session()
+    failing = [True]
+    sim.fault = lambda op, p: errno.EIO if failing[0] and op == "sync_dir" else None
+    s._after_commit("resetting tracking", s._rewrite_tracking)  # as at the end of a mark
+    failing[0] = False
+    for r in s.track(100 * G, B):  # a change after the mark: acknowledged after its round
+        await s._commit.wait(r)
+    sim.pending[str(DIR)] = []  # the power loss keeps no name change not synced
+    sim.power_loss()
+    bits, _, _ = persist.load_tracking(DIR / "s.tracking", G, SIZE)
+    assert bits.test(100)
+
+
+async def test_rounds_fail_while_the_directory_of_a_rewritten_file_cannot_be_synced(sim: SimFS) -> None:
+    s = new_session()
+    sim.fault = lambda op, p: errno.EIO if op == "sync_dir" else None
+    s._after_commit("resetting tracking", s._rewrite_tracking)
+    (r,) = s.track(100 * G, B)
+    with pytest.raises(DeltavolError):
+        await s._commit.wait(r)  # not acknowledged: its bit is in a file with no durable name
+    assert not s.tracked(100 * G, B)
+
+
+async def test_a_failed_close_of_the_replaced_fd_still_resets_the_hot_set(
+    sim: SimFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new file has no hot region: a hot set kept from the old one would let a
+    change go down with its bit in no durable page."""
+    s = new_session()
+    region = persist.HOT_REGION // G
+    for r in s.track(5 * region * G, B):  # region 5 durably hot in the old file
+        await s._commit.wait(r)
+    real = sim.close
+
+    def close(fd: int) -> None:
+        real(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(sim, "close", close)
+    s._after_commit("resetting tracking", s._rewrite_tracking)
+    monkeypatch.setattr(sim, "close", real)
+    c = 5 * region + 1  # another chunk of region 5
+    if not s.track_now(c * G, B):
+        for r in s.track(c * G, B):
+            await s._commit.wait(r)
+    durable = bytes(sim.names[str(DIR / "s.tracking")].durable)  # what any power loss keeps
+    assert durable[persist.HEADER_SIZE + c // 8] >> (c % 8) & 1
