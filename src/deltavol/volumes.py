@@ -1,8 +1,8 @@
 """Volumes: named block devices owned by the server, each with its layer stack.
 
-A volume's row in SQLite is the commit point: ``create`` makes the sparse image first and
-inserts the row last (an image with no row is garbage, removed on the next open);
-``remove`` deletes the row first and the image after.
+A volume's row in SQLite is the commit point: ``create`` makes the sparse image first,
+syncs it and its directory, and inserts the row last (an image with no row is garbage,
+removed on the next open); ``remove`` deletes the row first and the image after.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 from deltavol.backend.base import Backend
 from deltavol.backend.export import Export
 from deltavol.backend.file import FileBackend, device_size
+from deltavol.backend.gate import GateLayer, WriteGate
 from deltavol.errors import (
     AlreadyExists,
     Error,
@@ -70,20 +71,26 @@ class Volume:
     export: Export = field(init=False)
     connections: int = 0
     # Filters (guard, cofw, tracker) are stacked on ``backend`` by whoever needs them;
-    # ``restack`` rebuilds ``export.top`` from this list, bottom first.
+    # ``restack`` rebuilds the stack below the write gate from this list, bottom first.
     filters: list[Callable[[Backend], Backend]] = field(default_factory=list)
+    # Every change passes it, filters or not, so whoever adds a filter can close it and
+    # know no change is still on its way down the stack as it was before.
+    gate: WriteGate = field(default_factory=WriteGate)
+    _gated: GateLayer = field(init=False)
     # Why the volume may not be written or opened right now (set by sessions).
     write_guard: Callable[[], str | None] = lambda: None
     open_guard: Callable[[], str | None] = lambda: None
 
     def __post_init__(self) -> None:
-        self.export = Export(self.backend, read_only=lambda: self.write_guard() is not None)
+        self._gated = GateLayer(self.backend, self.gate)
+        self.export = Export(self._gated, read_only=lambda: self.write_guard() is not None)
 
     def restack(self) -> None:
+        """A change waiting at the gate goes down the new stack once it passes."""
         top: Backend = self.backend
         for make in self.filters:
             top = make(top)
-        self.export.top = top
+        self._gated.next = top
 
     def info(self) -> dict[str, Any]:
         return {
@@ -161,6 +168,7 @@ class Volumes:
         try:
             fs.ftruncate(fd, size)
             fs.fsync(fd)
+            fs.sync_dir(self.images)  # the image's name too must survive a power cut before the row
         except OSError as exc:
             fs.close(fd)
             fs.unlink(path, missing_ok=True)

@@ -392,8 +392,6 @@ class Sim:
             for v in SOURCES:
                 service.create_volume(v, SIZE)
                 self.models[v] = SourceModel(bytes(SIZE))
-            # Volumes.create does not sync the directory: a power cut could take the image
-            self.fs.sync_dir(self.root / "volumes")
         try:
             service.load()
         except (Halt, Violation):

@@ -1,8 +1,8 @@
 """All sessions of a server: creating and removing them, wiring them into their source's
 write path and their target's guards, reloading them at start-up, and the scheduler.
 
-A source volume with sessions gets three filters (top first): the write gate, the
-copy-on-first-write hooks, the tracking hooks. A local target volume is exported
+A source volume with sessions gets, below its write gate (every volume has one), one
+filter that runs the copy-on-first-write hooks and the tracking hooks. A local target volume is exported
 read-only while its session exists and cannot be opened while the copy is inconsistent.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from deltavol.backend.base import Backend
-from deltavol.backend.gate import GateLayer, WriteGate
+from deltavol.backend.gate import WriteGate
 from deltavol.backend.hooks import BeforeChange, Hook
 from deltavol.config import ServerConfig
 from deltavol.copy.targets import CopyTarget, LocalTarget, NbdTarget, TargetError, is_uri
@@ -119,7 +119,10 @@ class SessionManager:
 
     # --- wiring -----------------------------------------------------------------------------
     def _wiring_for(self, source: Volume) -> _SourceWiring:
-        return self._wiring.setdefault(source.name, _SourceWiring())
+        wiring = self._wiring.get(source.name)
+        if wiring is None:
+            wiring = self._wiring[source.name] = _SourceWiring(gate=source.gate)
+        return wiring
 
     def _attach(self, session: Session) -> None:
         source = session.source
@@ -130,10 +133,7 @@ class SessionManager:
             def before_change(b: Backend) -> Backend:
                 return BeforeChange(b, wiring.hooks, wiring.gate)
 
-            def gated(b: Backend) -> Backend:
-                return GateLayer(b, wiring.gate)
-
-            source.filters = [before_change, gated]
+            source.filters = [before_change]  # below the volume's own write gate
             source.restack()
         wiring.rehook()
         target = self.volumes.find(session.target_spec)
@@ -396,9 +396,17 @@ class SessionManager:
                 msg=f"target {target} ({size} bytes) is smaller than source {source} ({src.size} bytes)"
             )
         s = self._new(name, src, target, granularity, max_rate=max_rate, every=every)
-        s.create_files()
-        self._attach(s)
-        self._sessions[name] = s
+        # A write in flight on the source may have passed its hooks before this session's
+        # tracking hook existed: wired in with the gate closed, every write either went
+        # down before (and the first update, a full one, copies it) or is tracked.
+        async with src.gate.closed():
+            if name in self._sessions:  # created by another request while this one waited
+                raise AlreadyExists(kind="session", name=name)
+            if self.volumes.find(source) is not src:  # removed meanwhile
+                raise NotFound(kind="volume", name=source)
+            s.create_files()
+            self._attach(s)
+            self._sessions[name] = s
         try:
             self._persist(s)
         except BaseException:

@@ -244,6 +244,9 @@ class Session:
         self.transfer: Bitmap | None = None
         self._durable_transfer: Bitmap | None = None  # transfer as of the last checkpoint
         self.save: SaveArea | None = None
+        # a failed mark voided the save area's records on disk: they keep protecting the
+        # copy in memory, but no longer make a saved chunk's tracking bit durable
+        self._records_void = False
         self._preparing: asyncio.Future[None] | None = None  # see _prepare_save_area
         self.locks = ChunkLocks()
         self._checkpointing = asyncio.Lock()  # see _checkpoint
@@ -252,6 +255,8 @@ class Session:
         self._flush_failed: CopyTarget | None = None  # see _flush
         self.progress: Progress | None = None
         self.target: CopyTarget | None = None
+        self._opening: asyncio.Future[CopyTarget] | None = None  # see ensure_target
+        self._closing_targets: set[asyncio.Future[None]] = set()  # superseded connections
         self._task: asyncio.Task[None] | None = None
         self._commit = commit
         self._hot_region = hot_region
@@ -478,6 +483,7 @@ class Session:
         if self.save is not None:
             self.save.close()
             self.save = None
+        self._records_void = False
 
     async def _checkpoint(self) -> None:
         """Make copy progress durable: snapshot the transfer, flush the target, then write
@@ -638,6 +644,7 @@ class Session:
         update, save = self.update, self.save
         return (
             save is not None
+            and not self._records_void
             and update is not None
             and update.protecting
             and self.transfer is not None
@@ -692,7 +699,7 @@ class Session:
                         await self._save_or_copy(c, runs, update, transfer, save, deadline)
         unsynced = self._unsynced
         for c in todo:
-            if c in save and c in unsynced and unsynced[c] in (_BY_SAVE, None):
+            if c in save and c in unsynced and unsynced[c] in (_BY_SAVE, None) and not self._records_void:
                 del unsynced[c]  # the save record makes the bit durable
         # what the bits of this change still wait for: a save that did not happen (the chunk
         # was copied meanwhile, or went to the target with the save area full), or the round
@@ -774,7 +781,8 @@ class Session:
             if transfer.test(c):
                 off, n = self._chunk_span(c)
                 data = bytearray(await self.source.backend.pread(off, n))
-                await self._lay_saved(data, off, [c])
+                if not await self._lay_saved(data, off, [c], save):
+                    return  # its save area was dropped (the session removed): no mark to protect
                 async with asyncio.timeout_at(deadline):
                     target = await self.ensure_target()
                     sent = await write_piece(target, off, bytes(data), n, self.granularity)
@@ -812,17 +820,18 @@ class Session:
             return  # given up already, or the session is gone
         before = (update.protecting, update.remark, self.last_error)
         update.protecting, update.remark = False, why
+        self.last_error = f"{why}; the update gives up its point in time and will copy as of a new mark"
+        try:
+            self._save_row()
+        except BaseException:  # not durable: the write must not go down (it fails instead)
+            # the mark holds, and with it its target and the bits left to saves
+            update.protecting, update.remark, self.last_error = before
+            raise
         self._abort_target()
         save, unsynced = self.save, self._unsynced
         for c, fut in unsynced.items():  # bits left to saves that will not happen now
             if fut is _BY_SAVE and (save is None or c not in save):
                 unsynced[c] = None  # the next change of the chunk writes its bit again
-        self.last_error = f"{why}; the update gives up its point in time and will copy as of a new mark"
-        try:
-            self._save_row()
-        except BaseException:  # not durable: the write must not go down (it fails instead)
-            update.protecting, update.remark, self.last_error = before
-            raise
         log.error("session %s: %s", self.name, self.last_error)
 
     def _abort_target(self) -> None:
@@ -831,6 +840,7 @@ class Session:
         (What its server has already read cannot be recalled: a request read but not yet
         executed may still land, as with any NBD client that gives up on a request.)"""
         self._forget_unflushed()
+        self._supersede_open()
         target, self.target = self.target, None
         self._flush_failed = None
         if target is not None:
@@ -862,14 +872,27 @@ class Session:
         self.last_error = None  # what it said is done: ``remark`` keeps why
         log.info("session %s: update %d re-marked at %s", self.name, update.id, update.marked_at)
 
-    async def _lay_saved(self, data: bytearray, offset: int, chunks: list[int]) -> None:
-        """Turn ``data`` (the source from ``offset``) back into its contents as of the mark."""
-        assert self.save is not None
+    async def _lay_saved(self, data: bytearray, offset: int, chunks: list[int], save: SaveArea) -> bool:
+        """Turn ``data`` (the source from ``offset``) back into its contents as of the mark
+        whose save area is ``save``. False if that save area is the session's no more (a
+        cancel, a new mark, the update's end or a removal dropped it meanwhile): ``data``
+        is then not that mark's image, and must not be copied as such."""
         for c in chunks:
-            if c in self.save:
+            if save is not self.save:
+                return False
+            if c in save:
+                try:
+                    pieces = await save.pieces(c)
+                except OSError:
+                    if save is not self.save:  # closed under the read
+                        return False
+                    raise
+                if save is not self.save:  # dropped meanwhile: what was read may not be its own
+                    return False
                 base = c * self.granularity - offset
-                for start, old in await self.save.pieces(c):
+                for start, old in pieces:
                     data[base + start : base + start + len(old)] = old
+        return True
 
     def protected(self, offset: int, length: int) -> bool:
         """True if ``protect`` would have nothing to do: no block here owed and unsaved."""
@@ -1007,6 +1030,13 @@ class Session:
             before = self.transfer_bytes(transfer)
             transfer.or_(self.tracking)
             persist.save_atomic(self._transfer_path, transfer, update.id, TRANSFER)
+            if self.save is not None:
+                # the new header voids the unfinished update's records, and with them what
+                # made the bits of its saved chunks durable: if this mark does not commit,
+                # that update goes on and only the tracking file can keep those bits
+                assert self.tracking_file is not None
+                await self.tracking_file.durable()
+                self._records_void = True  # until this mark commits, or for good if it fails
             save = self._save_area(update.id).create()
             kept = self.update, self.state, self.progress, self.last_error
             progress = self.progress if new is None else None
@@ -1035,7 +1065,7 @@ class Session:
                 self.update, self.state, self.progress, self.last_error = kept
                 raise
             self._after_commit("dropping the old save area", self._drop_save_area)
-            self.save, self.transfer = save, transfer
+            self.save, self.transfer, self._records_void = save, transfer, False
             self._durable_transfer = transfer.copy()
             self.tracking.clear_all()
             self._after_commit("resetting tracking", self._rewrite_tracking)
@@ -1086,9 +1116,58 @@ class Session:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"session-{self.name}")
 
     async def ensure_target(self) -> CopyTarget:
+        """The target's connection, opened once for all who ask at the same time (the copy
+        and copy-before-writes): two opens would leave two connections, and a checkpoint
+        would flush the one the copy did not write on. A caller that stops waiting does
+        not stop the open; a drop meanwhile supersedes it (it is aborted once open)."""
+        if self.target is not None:
+            return self.target
+        opening = self._opening
+        if opening is None:
+            opening = self._opening = asyncio.ensure_future(self._open_target(self))
+            opening.add_done_callback(self._opened)  # when every caller stopped waiting
+        target = await asyncio.shield(opening)
+        self._opened(opening)  # a future already done is returned before its callbacks ran
+        if self.target is not target:  # dropped while it opened: no copy may go over it
+            raise TargetError(msg=f"target {self.target_spec}: connection dropped while it opened")
+        return target
+
+    def _opened(self, opening: asyncio.Future[CopyTarget]) -> None:
+        """The first to see ``opening`` done makes it the target, unless it was superseded."""
+        if self._opening is not opening:
+            return
+        self._opening = None
+        if opening.cancelled() or opening.exception() is not None:
+            return
         if self.target is None:
-            self.target = await self._open_target(self)
-        return self.target
+            self.target = opening.result()
+        else:  # a connection was set meanwhile by other means: this one is not used
+            self._discard(opening)
+
+    def _supersede_open(self) -> None:
+        """The target is dropped: a connection still opening is not to be used; it is
+        aborted and closed once open (nothing was written on it)."""
+        opening, self._opening = self._opening, None
+        if opening is None:
+            return
+        if opening.done():
+            self._discard(opening)
+        else:
+            opening.add_done_callback(self._discard)
+
+    def _discard(self, opening: asyncio.Future[CopyTarget]) -> None:
+        if opening.cancelled() or opening.exception() is not None:
+            return
+        target = opening.result()
+        target.abort()
+        closing = asyncio.ensure_future(target.close())
+        self._closing_targets.add(closing)
+        closing.add_done_callback(self._closed)
+
+    def _closed(self, closing: asyncio.Future[None]) -> None:
+        self._closing_targets.discard(closing)
+        if not closing.cancelled() and closing.exception() is not None:
+            log.warning("session %s: closing a superseded connection: %r", self.name, closing.exception())
 
     async def _run(self) -> None:
         assert self.update is not None and self.transfer is not None
@@ -1170,7 +1249,7 @@ class Session:
         )
 
     async def _copy_run(self, target: CopyTarget, first: int, count: int, hole: bool = False) -> None:
-        transfer, update, progress = self.transfer, self.update, self.progress
+        transfer, update, progress, save = self.transfer, self.update, self.progress, self.save
         assert transfer is not None and update is not None and progress is not None
         g = self.granularity
         offset = first * g
@@ -1186,13 +1265,17 @@ class Session:
                 if not live:
                     return
                 data = bytearray(await self.source.backend.pread(offset, length))
-                if self.save is not None:
-                    await self._lay_saved(data, offset, live)
+                if self.save is not save or (
+                    save is not None and not await self._lay_saved(data, offset, live, save)
+                ):
+                    return  # the mark this run copies for is over: nothing copied, its bits stay
             pieces = _live_pieces(data, offset, live, self._chunk_span)
         for off, piece in pieces:
             n = piece if isinstance(piece, int) else len(piece)
             sent = await write_piece(target, off, None if isinstance(piece, int) else piece, n, g)
             progress.bytes_sent += sent  # not `+= await`: that would read a stale total
+        if self.target is not target:  # dropped meanwhile: no flush of it will come
+            raise TargetError(msg=f"target {target.description}: connection closed during a copy")
         progress.done(transfer.clear_run(first, count))
 
     async def _read_by_extents(self, offset: int, length: int) -> list[tuple[int, bytes | int]]:
@@ -1207,6 +1290,15 @@ class Session:
     def _finish(self) -> None:
         assert self.update is not None
         self._sync_progress()
+        was = (
+            self.transfer,
+            self._durable_transfer,
+            self.consistent,
+            self.retry.attempts,
+            self.point_in_time,
+            self.update.finished_at,
+            self.state,
+        )
         self.transfer = None
         self._durable_transfer = None
         self.consistent = True
@@ -1214,7 +1306,21 @@ class Session:
         self.point_in_time = self.update.marked_at
         self.update.finished_at = now_iso()
         self.state = next_state(self.name, self.state, "done")
-        self._persist_row(self)  # the commit point; the files below are garbage after it
+        try:
+            self._persist_row(self)  # the commit point; the files below are garbage after it
+        except BaseException:
+            # the row still has the update: so must memory (it protects and owes on), and
+            # the update fails; resumed, it finishes again
+            (
+                self.transfer,
+                self._durable_transfer,
+                self.consistent,
+                self.retry.attempts,
+                self.point_in_time,
+                self.update.finished_at,
+                self.state,
+            ) = was
+            raise
         self._after_commit("dropping the save area", self._drop_save_area)
         self._after_commit("removing the transfer file", self._unlink_transfer)
         log.info(
@@ -1262,6 +1368,7 @@ class Session:
         """Close the target; a next one is a new connection, whose flushes cover none of
         this one's writes."""
         self._forget_unflushed()
+        self._supersede_open()
         target, self.target = self.target, None
         self._flush_failed = None
         if target is not None:
@@ -1313,8 +1420,12 @@ class Session:
             self._cancel_retry()
             async with self._gate.closed():  # as below: once a copy-before-write on it is over
                 await self._drop_target()
-            self.last_error = None
-            self._save_row()
+            last_error, self.last_error = self.last_error, None
+            try:
+                self._save_row()
+            except BaseException:  # not committed: what went wrong still stands
+                self.last_error = last_error
+                raise
             self._spawn()
             return self.status()
         next_state(self.name, self.state, "resume")

@@ -8,6 +8,7 @@ import random
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,11 +95,29 @@ async def test_connecting_to_nothing_is_a_connection_error(tmp_path: Path) -> No
         await NbdClient.connect(f"nbd+unix:///x?socket={tmp_path}/none.sock", timeout=5)
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
+        if stat.rpartition(")")[2].split()[0] != "T":  # the state follows "(comm)"
+            return False
+    return True
+
+
 @contextmanager
 def stopped(proc: subprocess.Popen[bytes]) -> Iterator[None]:
-    """The server hangs (SIGSTOP): its connections stay open, nothing is answered."""
+    """The server hangs (SIGSTOP): its connections stay open, nothing is answered.
+
+    The signal takes effect asynchronously (each thread stops when it next runs), so a
+    request sent at once could still be answered: wait until every thread shows state T."""
     proc.send_signal(signal.SIGSTOP)
     try:
+        deadline = time.monotonic() + 10
+        while not _all_threads_stopped(proc.pid):
+            assert time.monotonic() < deadline, f"process {proc.pid} did not stop"
+            time.sleep(0.001)
         yield
     finally:
         proc.send_signal(signal.SIGCONT)
