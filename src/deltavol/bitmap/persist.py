@@ -300,6 +300,9 @@ class TrackingFile:
         self._round: asyncio.Future[None] | None = None  # the last round asked for
         self._round_seq: dict[asyncio.Future[None], int] = {}  # a round -> _seq when it wrote out
         self._sync_failed = False  # set by ``sync`` in its thread, seen by ``_round_end``
+        # the fd's inode replaced the file, but the directory sync that makes its name
+        # durable has not succeeded yet: until one does, no round makes anything durable
+        self._dir_unsynced = False
         self.lost: str | None = None  # why the file may have lost pages (see the module notes)
         self._lost_header = b""  # the header that says so, to write at the next round
         self._bitmap: Bitmap | None = None  # the bitmap written last (its bits are all set in it)
@@ -435,6 +438,7 @@ class TrackingFile:
                 with self.hot.view() as bits:
                     _write_pages(self._fd, bits, self._hot_at, pages)
         except OSError as exc:
+            self._pending.update(pages)  # a round counts on them: the next one writes them
             raise os_error(exc, f"tracking bitmap {self.path}") from exc
 
     def sync(self) -> None:
@@ -446,6 +450,12 @@ class TrackingFile:
             except OSError as exc:
                 self._sync_failed = True
                 raise os_error(exc, f"tracking bitmap {self.path}") from exc
+            if self._dir_unsynced:
+                try:
+                    fs.sync_dir(self.path.parent)
+                except OSError as exc:
+                    raise os_error(exc, f"directory of tracking bitmap {self.path}") from exc
+                self._dir_unsynced = False
 
     def round(self) -> asyncio.Future[None]:
         """The group-commit round that makes the bits written so far durable."""
@@ -549,12 +559,12 @@ class TrackingFile:
             empty,
             adopt=lambda fd: self._adopt(fd, bitmap, generation),
         )
+        self._dir_unsynced = False  # (a failed directory sync left it set: see ``sync``)
 
     def _adopt(self, fd: int, bitmap: Bitmap, generation: int) -> None:
         with self._fd_lock:
             old, self._fd = self._fd, fd
-            if old >= 0:
-                fs.close(old)
+            self._dir_unsynced = True
         # the new file holds every bit set, durably, and no hot region; a round begun
         # before makes nothing durable in it (it may have synced the old file only)
         self.hot.clear_all()
@@ -566,6 +576,9 @@ class TrackingFile:
         self._durable_seq = self._seq
         self.lost, self._lost_header = None, b""
         self._bitmap, self._generation = bitmap, generation
+        if old >= 0:  # last: the state above goes with the new fd whatever this does
+            with contextlib.suppress(OSError):
+                fs.close(old)
 
     def close(self) -> None:
         if self._settle is not None:

@@ -135,7 +135,11 @@ class SaveArea:
         self.nonce = secrets.randbits(64)
         head = HEADER.pack(MAGIC, VERSION, self.granularity, self.size, self.update_id, self.nonce)
         head = (head + struct.pack(">I", zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
-        if fs.exists(self.path):  # one sector of header, overwritten in place
+        try:
+            there = fs.exists(self.path)
+        except OSError as exc:  # EIO, EACCES: not known to be missing
+            raise os_error(exc, f"save area {self.path}") from exc
+        if there:  # one sector of header, overwritten in place
             try:
                 fd = fs.open(self.path, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:

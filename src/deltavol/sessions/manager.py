@@ -86,6 +86,13 @@ class SessionManager:
         self._wiring: dict[str, _SourceWiring] = {}  # by source volume name
         self._scheduler: asyncio.Task[None] | None = None
         self._scheduled: dict[str, asyncio.Task[None]] = {}  # by session name: updates it started
+        # sessions being created, by name: (source, target). ``create`` awaits the target's
+        # probe between its checks and the session's coming in: these hold the name and
+        # the target meanwhile, so that no other create passes the same checks
+        self._creating: dict[str, tuple[str, str]] = {}
+        # sessions not loaded because their source volume is missing, by name: (source,
+        # target). Their rows and files stay, so their names and targets stay theirs
+        self._unloaded: dict[str, tuple[str, str]] = {}
 
     # --- lookup -------------------------------------------------------------------------------
     def get(self, name: str) -> Session:
@@ -105,6 +112,9 @@ class SessionManager:
 
     def volume_busy(self, vol: Volume) -> str | None:
         users = [s.name for s in self.all() if vol.name in (s.source.name, s.target_spec)]
+        users += [
+            name for name, pair in (*self._creating.items(), *self._unloaded.items()) if vol.name in pair
+        ]
         return f"used by session(s) {', '.join(users)}" if users else None
 
     # --- wiring -----------------------------------------------------------------------------
@@ -212,6 +222,7 @@ class SessionManager:
             source = self.volumes.find(row["source"])
             if source is None:
                 log.error("session %s: source volume %s is missing", row["name"], row["source"])
+                self._hold_unloaded(row["name"], row["source"], row["target"])
                 continue
             s = self._new(
                 row["name"],
@@ -247,6 +258,16 @@ class SessionManager:
                 raise Error(
                     msg=f"session {s.name}: cannot load its files, they are kept as they are: {exc.message}"
                 ) from exc
+
+    def _hold_unloaded(self, name: str, source: str, target: str) -> None:
+        """Keep what a session not loaded owns: its name, its row and files, and its
+        target, which no one may write or open (its copy may be inconsistent)."""
+        self._unloaded[name] = (source, target)
+        vol = self.volumes.find(target)
+        if vol is not None:
+            why = f"it is the target of session {name!r}, whose source volume {source!r} is missing"
+            vol.write_guard = lambda: why
+            vol.open_guard = lambda: why
 
     def _unload(self, s: Session) -> None:
         """Forget a session whose files could not be loaded (they stay on disk)."""
@@ -329,7 +350,7 @@ class SessionManager:
         every: int | None = None,
     ) -> Session:
         check_name(name, "session")
-        if name in self._sessions:
+        if name in self._sessions or name in self._creating or name in self._unloaded:
             raise AlreadyExists(kind="session", name=name)
         check_granularity(granularity)
         src = self.volumes.get(source)
@@ -342,6 +363,25 @@ class SessionManager:
             raise InUse(kind="volume", name=target, why="it is the source of a session")
         if self.of_target(source):
             raise InUse(kind="volume", name=source, why="it is the target of a session")
+        for pending, (psource, ptarget) in (*self._creating.items(), *self._unloaded.items()):
+            if target == ptarget:
+                raise InUse(kind="target", name=target, why=f"session {pending!r} writes to it")
+            if target == psource:
+                raise InUse(kind="volume", name=target, why=f"session {pending!r} reads it")
+            if source == ptarget:
+                raise InUse(kind="volume", name=source, why=f"session {pending!r} writes to it")
+        # no await above: from here until the session is in (or the create failed), the
+        # name and the target are this create's
+        self._creating[name] = (source, target)
+        try:
+            return await self._create(name, src, target, granularity, max_rate, every)
+        finally:
+            del self._creating[name]
+
+    async def _create(
+        self, name: str, src: Volume, target: str, granularity: int, max_rate: int | None, every: int | None
+    ) -> Session:
+        source = src.name
         if is_uri(target):
             probe: CopyTarget = await NbdTarget(target, self.config.target_timeout).open()
             size = probe.size

@@ -1096,6 +1096,16 @@ class Session:
         self.tracking_file.rewrite(self.tracking, self.next_update_id)
         self._unsynced.clear()
 
+    async def _tracking_durable(self) -> None:
+        """Make every bit set durable in the tracking file (the write gate is closed)."""
+        assert self.tracking_file is not None
+        await self.tracking_file.durable()
+        if self.tracking_file.lost is not None:
+            # a failed sync may have dropped pages that no round writes again: a round
+            # proves nothing, only a file written anew holds every bit set
+            self._rewrite_tracking()
+        self._unsynced.clear()
+
     def transfer_bytes(self, bitmap: Bitmap | None = None) -> int:
         bitmap = bitmap if bitmap is not None else self.transfer
         return 0 if bitmap is None else bitmap.bytes_set()
@@ -1193,9 +1203,7 @@ class Session:
                     if not self.update.protecting:
                         continue  # copy-before-write gave the mark up meanwhile
                     # the save area goes: the bits its records made durable must be in the file
-                    assert self.tracking_file is not None
-                    await self.tracking_file.durable()
-                    self._unsynced.clear()  # every bit set is durable now
+                    await self._tracking_durable()
                     self._finish()
                 break
         except asyncio.CancelledError:

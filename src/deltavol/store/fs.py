@@ -132,7 +132,13 @@ class RealFS:
         Path(path).unlink(missing_ok=missing_ok)
 
     def exists(self, path: str | Path) -> bool:
-        return os.path.exists(path)
+        """False only if there is no such file; any other error of the stat (EIO,
+        EACCES) is raised: it says nothing about the file being there."""
+        try:
+            os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
 
     def read_bytes(self, path: str | Path) -> bytes:
         return Path(path).read_bytes()

@@ -281,3 +281,28 @@ async def test_remove_makes_the_unlinks_durable(idle: Path, monkeypatch: pytest.
         monkeypatch.setattr(session_module, "sync_dir", sync_dir)
         await svc.sessions.remove("s")
     assert ("bitmaps", set()) in synced and ("save", set()) in synced
+
+
+async def test_a_session_whose_source_is_missing_keeps_its_name_files_and_target(
+    idle: Path,
+) -> None:
+    """Not loaded, it still owns its row, its files and its target: a new session of its
+    name is refused, and its target is neither written nor opened."""
+    before = files(idle)
+    img = next(idle.rglob("src.img"))
+    img.rename(img.with_name("src.img.offline"))  # the source cannot be opened at this start
+    async with started(idle) as svc:
+        assert [s.name for s in svc.sessions.all()] == []
+        svc.create_volume("other", 4 * MiB)
+        svc.create_volume("dst2", 4 * MiB)
+        with pytest.raises(DeltavolError):
+            await svc.create_session(name="s", source="other", target="dst2")
+        with pytest.raises(DeltavolError):
+            await svc.create_session(name="t", source="other", target="dst")
+        assert svc.volumes.get("dst").write_guard() is not None
+    assert files(idle) == before
+    img.with_name("src.img.offline").rename(img)
+    async with started(idle) as svc:
+        (s,) = svc.sessions.all()
+        assert (s.name, s.source.name, s.target_spec) == ("s", "src", "dst")
+        assert s.status()["tracked_bytes"] > 0

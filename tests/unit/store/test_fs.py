@@ -55,3 +55,28 @@ def test_use_installs_another_file_system_for_every_call(tmp_path: Path) -> None
         assert isinstance(fs.use(old), Watching)
     assert calls == ["fsync"]
     assert fs.current() is old
+
+
+def test_exists_raises_on_a_stat_error_other_than_no_such_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An EIO or EACCES says nothing about the file being there: taking it for a missing
+    file would set a running update's files aside as corrupt."""
+    there = tmp_path / "s.transfer"
+    there.write_bytes(b"x")
+    real = os.stat
+
+    def stat(path: str | Path, *args: object, **kwargs: object) -> os.stat_result:
+        if str(path) == str(there):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", stat)
+    with pytest.raises(OSError) as info:
+        fs.RealFS().exists(there)
+    assert info.value.errno == errno.EIO
+    assert not fs.RealFS().exists(tmp_path / "absent")
+    assert not fs.RealFS().exists(tmp_path / "absent" / "deeper")
+    (tmp_path / "file").write_bytes(b"")
+    assert not fs.RealFS().exists(tmp_path / "file" / "below")  # ENOTDIR
+    assert fs.RealFS().exists(tmp_path / "file")
