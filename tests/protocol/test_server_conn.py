@@ -567,6 +567,47 @@ def test_flags_not_valid_for_the_command_are_einval(cmd: Cmd, flags: int) -> Non
     assert (event.cookie, event.cmd, event.errno) == (9, cmd, Errno.EINVAL)
 
 
+DISK_DF = ExportInfo(name="disk", size=1 << 20, flags=int(FLAGS | F.SEND_DF), max_block=65536)
+
+
+def advertised_flags(conn: ServerConnection) -> int:
+    """Transmission flags of the NBD_INFO_EXPORT reply to an OPT_GO for ``disk``."""
+    event = one_event(conn, option(Opt.GO, info_data("disk")))
+    assert isinstance(event, OptInfo)
+    conn.reply_info(DISK_DF)
+    info = option_replies(sent(conn))[0].data
+    (flags,) = struct.unpack_from(">H", info, 10)
+    return int(flags)
+
+
+def test_df_is_not_advertised_without_structured_replies() -> None:
+    # "NBD_FLAG_SEND_DF ... MUST NOT be set if structured replies have not been negotiated"
+    assert advertised_flags(in_options()) == int(FLAGS)
+
+
+def test_df_is_not_advertised_after_export_name_without_structured_replies() -> None:
+    conn = in_options()
+    one_event(conn, option(Opt.EXPORT_NAME, b"disk"))
+    conn.accept_export(DISK_DF)
+    assert sent(conn) == struct.pack(">QH", DISK_DF.size, FLAGS)
+
+
+def test_read_with_df_without_structured_replies_is_einval() -> None:
+    conn = in_options()
+    advertised_flags(conn)
+    event = only_event(conn, request(Cmd.READ, cookie=3, flags=CmdFlag.DF, length=512))
+    assert isinstance(event, BadRequest) and (event.cookie, event.errno) == (3, Errno.EINVAL)
+
+
+def test_df_is_advertised_and_accepted_with_structured_replies() -> None:
+    conn = in_options()
+    assert one_event(conn, option(Opt.STRUCTURED_REPLY)) is NEED_DATA
+    sent(conn)
+    assert advertised_flags(conn) == int(FLAGS | F.SEND_DF)
+    event = only_event(conn, request(Cmd.READ, cookie=3, flags=CmdFlag.DF, length=512))
+    assert isinstance(event, Request) and event.df
+
+
 @pytest.mark.parametrize("cmd", [Cmd.READ, Cmd.FLUSH, Cmd.CACHE, Cmd.WRITE_ZEROES])
 def test_fua_is_accepted_on_every_command_when_send_fua_is_advertised(cmd: Cmd) -> None:
     # "provided NBD_FLAG_SEND_FUA has been negotiated, ... the server MUST accept all

@@ -264,6 +264,8 @@ def valid_streams(draw: st.DrawFn) -> tuple[bytes, int]:
         allowed = int(ALLOWED_CMD_FLAGS[cmd])
         if export.flags & F.SEND_FUA:
             allowed |= CmdFlag.FUA
+        if not (structured and export.flags & F.SEND_DF):  # DF only where SEND_DF is advertised
+            allowed &= ~int(CmdFlag.DF)
         flags = draw(st.sampled_from([f for f in range(32) if f & ~allowed == 0]))
         if cmd is Cmd.WRITE:
             data = draw(st.binary(max_size=MAX_BLOCK // 8))

@@ -303,15 +303,24 @@ class ServerConnection:
         fua = int(CmdFlag.FUA) if export.flags & c.TransmissionFlag.SEND_FUA else 0
         # spec: with SEND_FUA advertised, FUA MUST be accepted on every command
         self._allowed = {cmd: int(flags) | fua for cmd, flags in c.ALLOWED_CMD_FLAGS.items()}
+        if not self._wire_flags(export) & c.TransmissionFlag.SEND_DF:
+            self._allowed[Cmd.READ] &= ~int(CmdFlag.DF)  # DF was not advertised: EINVAL
         self.max_payload = min(self.max_payload, export.max_block)
         if name != self._meta_export:  # contexts were selected for another export
             self.meta_contexts = frozenset()
         self._go("go")
 
+    def _wire_flags(self, export: ExportInfo) -> int:
+        """The export's transmission flags as this connection may advertise them: the spec
+        says NBD_FLAG_SEND_DF MUST be clear unless structured replies were negotiated."""
+        if self.structured_replies:
+            return export.flags
+        return export.flags & ~int(c.TransmissionFlag.SEND_DF)
+
     def accept_export(self, export: ExportInfo) -> None:
         """Answer NBD_OPT_EXPORT_NAME: enter transmission with ``export``."""
         event = self._answered(OptExportName)
-        self._out.append(c.EXPORT_NAME_REPLY.pack(export.size, export.flags))
+        self._out.append(c.EXPORT_NAME_REPLY.pack(export.size, self._wire_flags(export)))
         if not self.no_zeroes:
             self._out.append(bytes(124))
         self._enter_transmission(event.name, export)
@@ -338,7 +347,7 @@ class ServerConnection:
             self._go("replied")
             return
         wanted = set(event.requests)
-        info_export = struct.pack(">HQH", Info.EXPORT, export.size, export.flags)
+        info_export = struct.pack(">HQH", Info.EXPORT, export.size, self._wire_flags(export))
         self._option_reply(opt, Rep.INFO, info_export)
         if Info.NAME in wanted:
             self._option_reply(opt, Rep.INFO, struct.pack(">H", Info.NAME) + export.name.encode())
