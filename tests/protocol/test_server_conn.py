@@ -788,6 +788,22 @@ def test_structured_read_without_pieces_is_a_done_none_chunk() -> None:
     assert chunks(sent(conn)) == [Chunk(REPLY_FLAG_DONE, TYPE_NONE, 8, b"")]
 
 
+def test_structured_zero_length_read_is_a_done_none_chunk() -> None:
+    # An OFFSET_DATA chunk is at least 9 bytes (an offset and one byte of data).
+    conn = in_transmission(structured=True)
+    event = only_event(conn, request(Cmd.READ, cookie=8, offset=4096, length=0))
+    assert isinstance(event, Request) and event.length == 0
+    conn.send_read(8, 4096, [(0, b"")])
+    assert chunks(sent(conn)) == [Chunk(REPLY_FLAG_DONE, TYPE_NONE, 8, b"")]
+
+
+def test_structured_read_sends_no_chunk_for_an_empty_piece() -> None:
+    conn = in_transmission(structured=True)
+    conn.send_read(8, 1024, [(3, b"abc"), (0, None), (0, b"")])
+    data = struct.pack(">Q", 1024) + b"abc"
+    assert chunks(sent(conn)) == [Chunk(REPLY_FLAG_DONE, TYPE_OFFSET_DATA, 8, data)]
+
+
 def test_block_status_reply_has_context_id_and_descriptors() -> None:
     conn = in_transmission(meta=True)
     [context_id] = conn.meta_contexts

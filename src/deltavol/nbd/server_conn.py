@@ -431,6 +431,9 @@ class ServerConnection:
             for length, data in pieces:
                 self._out.append(data if data is not None else bytes(length))
             return
+        # A chunk describes at least one byte (OFFSET_DATA is at least 9 bytes long): empty
+        # pieces send nothing, and a read with nothing to send gets a final NONE chunk.
+        pieces = [piece for piece in pieces if piece[0]]
         last = len(pieces) - 1
         for i, (length, data) in enumerate(pieces):
             flags = ReplyFlag.DONE if i == last else 0
