@@ -64,6 +64,7 @@ class NbdConnection(asyncio.Protocol):
         self._reading_paused = False
         self._writing_paused = False
         self._closed = False
+        self._lost = False  # the transport is gone (connection_lost)
         self._flush_soon = False
         self.idle = asyncio.Event()
         self.idle.set()
@@ -94,9 +95,17 @@ class NbdConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        if self.export is not None:
-            self.directory.close_export(self.export.name)
-            self.export = None
+        self._lost = True
+        if not self.tasks:
+            self._release()
+        # else requests still run on the export: the last to finish releases it
+
+    def _release(self) -> None:
+        """The connection is gone and no request runs: give back the export, and leave the
+        listener (which drains only the connections it still holds)."""
+        export, self.export = self.export, None
+        if export is not None:
+            self.directory.close_export(export.name)
         self.on_done(self)
 
     def pause_writing(self) -> None:
@@ -269,6 +278,9 @@ class NbdConnection(asyncio.Protocol):
         self.inflight_bytes -= req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0
         if not self.tasks:
             self.idle.set()
+            if self._lost:
+                self._release()
+                return
         self._update_reading()
 
     async def _run(self, req: Request) -> None:
