@@ -39,7 +39,7 @@ REP_ACK, REP_INFO, REP_META_CONTEXT = 1, 3, 4
 INFO_EXPORT, INFO_BLOCK_SIZE = 0, 3
 TF_HAS_FLAGS, TF_READ_ONLY, TF_SEND_FLUSH, TF_SEND_FUA = 1, 2, 4, 8
 TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, TF_SEND_DF = 32, 64, 128
-TF_SEND_CACHE, TF_SEND_FAST_ZERO = 1024, 2048
+TF_CAN_MULTI_CONN, TF_SEND_CACHE, TF_SEND_FAST_ZERO = 256, 1024, 2048
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES = 0, 1, 2, 3, 4, 5, 6
 CMD_BLOCK_STATUS = 7
 CF_FUA, CF_NO_HOLE, CF_DF, CF_REQ_ONE, CF_FAST_ZERO = 1, 2, 4, 8, 16
@@ -604,6 +604,10 @@ def fuzz(path: str, name: str, size: int, seconds: float, seed: int, connections
     """Drive the export for ``seconds``; raise Mismatch (naming the seed) on any violation."""
     model, stats = Model(size), Stats()
     failures: list[BaseException] = []
+    wire, export = handshake(path, name, structured=False, meta=False)
+    wire.sock.close()
+    if not export.flags & TF_CAN_MULTI_CONN:
+        connections = 1  # without it, one connection need not see another's writes at once
     stop = time.monotonic() + seconds
 
     def valid(i: int) -> None:
