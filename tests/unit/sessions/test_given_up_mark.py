@@ -17,8 +17,6 @@ and the target (those of ``test_silent_target.py``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -40,13 +38,6 @@ from tests.unit.sessions.test_silent_target import (
     finished,
     until,
 )
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
-    yield r
-    r.crash()
 
 
 async def test_update_of_a_paused_update_while_a_write_waits_gives_up_the_unfinished_mark(

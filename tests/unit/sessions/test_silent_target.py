@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-
-import pytest
 
 from deltavol.backend.gate import GateLayer
 from deltavol.backend.hooks import BeforeChange
@@ -236,13 +234,6 @@ class Rig:
         self.sessions.clear()
         self.wiring.sessions.clear()
         self.wiring.rehook()
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
-    yield r
-    r.crash()
 
 
 async def until(cond: Callable[[], bool]) -> None:

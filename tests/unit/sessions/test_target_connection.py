@@ -14,8 +14,6 @@ and the target (those of ``test_silent_target.py``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -32,13 +30,6 @@ from tests.unit.sessions.test_silent_target import (
     fill,
     finished,
 )
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
-    yield r
-    r.crash()
 
 
 class Connection:
