@@ -20,8 +20,17 @@ from deltavol.backend.base import Backend
 from deltavol.backend.gate import WriteGate
 from deltavol.backend.hooks import BeforeChange, Hook
 from deltavol.config import ServerConfig
-from deltavol.copy.targets import CopyTarget, LocalTarget, NbdTarget, TargetError, is_uri
-from deltavol.errors import AlreadyExists, CorruptFile, DeltavolError, Error, InUse, NotFound, UsageError
+from deltavol.copy.targets import CopyTarget, LocalTarget, NbdTarget, is_uri
+from deltavol.errors import (
+    AlreadyExists,
+    CorruptFile,
+    DeltavolError,
+    InUse,
+    NotFound,
+    SessionLoadFailed,
+    TargetError,
+    UsageError,
+)
 from deltavol.sessions.session import RetryPolicy, Session, UpdateRecord
 from deltavol.sessions.states import IllegalTransition, State
 from deltavol.store.db import Database
@@ -249,14 +258,14 @@ class SessionManager:
                     s.set_aside_files(f"{exc.message}; run 'deltavol session update {s.name} --full'")
                 except DeltavolError as err:
                     self._unload(s)
-                    raise Error(
-                        msg=f"session {s.name}: {exc.message}; setting its files aside failed: {err.message}"
+                    raise SessionLoadFailed(
+                        name=s.name, why=f"{exc.message}; setting its files aside failed: {err.message}"
                     ) from err
                 log.error("session %s: %s", s.name, s.last_error)
             except DeltavolError as exc:
                 self._unload(s)
-                raise Error(
-                    msg=f"session {s.name}: cannot load its files, they are kept as they are: {exc.message}"
+                raise SessionLoadFailed(
+                    name=s.name, why=f"cannot load its files, they are kept as they are: {exc.message}"
                 ) from exc
 
     def _hold_unloaded(self, name: str, source: str, target: str) -> None:

@@ -64,9 +64,18 @@ from deltavol.copy.engine import (
     write_piece,
 )
 from deltavol.copy.save_area import RECORD, SaveArea
-from deltavol.copy.targets import TARGET_TIMEOUT, CopyTarget, TargetError
+from deltavol.copy.targets import TARGET_TIMEOUT, CopyTarget
 from deltavol.copy.throttle import Throttle
-from deltavol.errors import CorruptFile, DeltavolError, Error, NotFound, os_error
+from deltavol.errors import (
+    AlreadyCopying,
+    CorruptFile,
+    DeltavolError,
+    NotFound,
+    NothingToResume,
+    ShuttingDown,
+    TargetError,
+    os_error,
+)
 from deltavol.nbd.constants import STATE_HOLE
 from deltavol.sessions.states import State, next_state
 from deltavol.store import fs
@@ -294,7 +303,7 @@ class Session:
             if self.removed:
                 raise NotFound(kind="session", name=self.name)
             if self.closed:
-                raise Error(msg=f"session {self.name!r} is shut down: the server is stopping")
+                raise ShuttingDown(name=self.name)
             yield
 
     @property
@@ -929,7 +938,7 @@ class Session:
         """Begin an update; returns once it is committed (marked, or for --full started)."""
         full = full or self.state is State.NEW or self._needs_full()
         if self.busy:
-            raise Error(msg=f"session {self.name!r} is already copying")
+            raise AlreadyCopying(name=self.name)
         new_state = next_state(self.name, self.state, "update")
         if self.state in (State.NEW, State.IDLE):
             # nothing uses the target between updates (no transfer: no copy-before-write), and
@@ -1112,7 +1121,7 @@ class Session:
 
     def _spawn(self) -> None:
         if self.busy:  # never two copy tasks: each would stop only as far as it is known
-            raise Error(msg=f"session {self.name!r} is already copying")
+            raise AlreadyCopying(name=self.name)
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"session-{self.name}")
 
     async def ensure_target(self) -> CopyTarget:
@@ -1430,7 +1439,7 @@ class Session:
             return self.status()
         next_state(self.name, self.state, "resume")
         if self.transfer is None:
-            raise Error(msg=f"session {self.name!r} has no update to resume")
+            raise NothingToResume(name=self.name)
         self._cancel_retry()
         self.retry.attempts = 0
         # reconnect: the old connection may be dead; once a copy-before-write on it is over
