@@ -31,6 +31,7 @@ from deltavol.errors import (
     TargetError,
     UsageError,
 )
+from deltavol.events import EventBus
 from deltavol.sessions.session import RetryPolicy, Session, UpdateRecord
 from deltavol.sessions.states import IllegalTransition, State
 from deltavol.store.db import Database
@@ -84,9 +85,16 @@ class _SourceWiring:
 
 class SessionManager:
     def __init__(
-        self, db: Database, volumes: Volumes, bitmaps: Path, save: Path, config: ServerConfig
+        self,
+        db: Database,
+        volumes: Volumes,
+        bitmaps: Path,
+        save: Path,
+        config: ServerConfig,
+        events: EventBus | None = None,
     ) -> None:
         self.db = db
+        self.events = events if events is not None else EventBus()
         self.volumes = volumes
         self.bitmaps = bitmaps
         self.save = save
@@ -219,6 +227,7 @@ class SessionManager:
             hot_set=self.config.hot_set,
             retry=RetryPolicy(limit=self.config.retry_limit, backoff=self.config.retry_backoff),
             target_timeout=self.config.target_timeout,
+            events=self.events,
             **kw,
         )
 
@@ -424,6 +433,7 @@ class SessionManager:
             s.delete_files()
             raise
         log.info("session %s: created %s -> %s (granularity %d)", name, source, target, granularity)
+        self.events.publish("session.created", name=name, source=source, target=target)
         return s
 
     async def remove(self, name: str) -> None:

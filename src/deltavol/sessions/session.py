@@ -76,6 +76,7 @@ from deltavol.errors import (
     TargetError,
     os_error,
 )
+from deltavol.events import EventBus
 from deltavol.nbd.constants import STATE_HOLE
 from deltavol.sessions.states import State, next_state
 from deltavol.store import fs
@@ -226,15 +227,17 @@ class Session:
         hot_region: int = persist.HOT_REGION,
         hot_set: int = persist.HOT_SET,
         target_timeout: float = TARGET_TIMEOUT,
+        events: EventBus | None = None,
     ) -> None:
         self.name = name
+        self.events = events if events is not None else EventBus()
+        self._state = State.NEW
         self.source = source
         self.target_spec = target_spec
         self.granularity = granularity
         self.max_rate = max_rate
         self.every = every
         self.save_limit = save_limit
-        self.state = State.NEW
         self.consistent = False
         self.point_in_time: str | None = None
         self.last_error: str | None = None
@@ -288,6 +291,17 @@ class Session:
         self._closing = 0  # removals and shutdowns waiting for the session (see closing())
 
     # --- operations ------------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        """Every change of state, rollbacks included, is an event."""
+        if state is not self._state:
+            self._state = state
+            self.events.publish("session.state", name=self.name, state=state.value)
+
     @asynccontextmanager
     async def operation(self) -> AsyncIterator[None]:
         """Hold the session for one operation's own steps: operations on one session are
@@ -973,6 +987,15 @@ class Session:
                 with contextlib.suppress(DeltavolError, OSError):
                     self._persist_row(self)
             raise
+        assert self.update is not None
+        self.events.publish(
+            "update.marked",
+            name=self.name,
+            id=self.update.id,
+            type=self.update.kind,
+            marked_at=self.update.marked_at,
+            bytes_total=self.progress.bytes_total if self.progress else 0,
+        )
         log.info(
             "session %s: %s update %d started (%d bytes to copy)",
             self.name,
@@ -1286,6 +1309,13 @@ class Session:
         if self.target is not target:  # dropped meanwhile: no flush of it will come
             raise TargetError(msg=f"target {target.description}: connection closed during a copy")
         progress.done(transfer.clear_run(first, count))
+        self.events.progress(
+            self.name,
+            id=update.id,
+            bytes_total=progress.bytes_total,
+            bytes_done=progress.bytes_done,
+            bytes_sent=progress.bytes_sent,
+        )
 
     async def _read_by_extents(self, offset: int, length: int) -> list[tuple[int, bytes | int]]:
         """Pieces of [offset, offset+length): data as bytes, holes as their length."""
@@ -1332,6 +1362,15 @@ class Session:
             raise
         self._after_commit("dropping the save area", self._drop_save_area)
         self._after_commit("removing the transfer file", self._unlink_transfer)
+        self.events.publish(
+            "update.finished",
+            name=self.name,
+            id=self.update.id,
+            type=self.update.kind,
+            point_in_time=self.point_in_time,
+            bytes_sent=self.update.bytes_sent,
+            cofw_saved_bytes=self.update.cofw_saved_bytes,
+        )
         log.info(
             "session %s: update %d done, consistent as of %s (%d bytes sent)",
             self.name,
@@ -1349,11 +1388,17 @@ class Session:
         except DeltavolError as exc:
             log.error("session %s: cannot record the failure: %s", self.name, exc.message)
         log.error("session %s: update failed: %s", self.name, why)
+        self.events.publish(
+            "update.failed", name=self.name, id=self.update.id if self.update else None, error=why
+        )
         await self._drop_target()
         if retryable and self.retry.attempts < self.retry.limit:
             delay = self.retry.delay()
             self.retry.attempts += 1
             self.retry.next_at = time.time() + delay
+            self.events.publish(
+                "update.retry", name=self.name, attempt=self.retry.attempts, at_time=self.retry.next_at
+            )
             log.info(
                 "session %s: retry %d of %d in %.0fs", self.name, self.retry.attempts, self.retry.limit, delay
             )
