@@ -8,6 +8,7 @@ from deltavol.backend.export import Export
 from deltavol.config import ServerConfig
 from deltavol.errors import Protected
 from deltavol.events import EventBus
+from deltavol.sessions import restore, reverse
 from deltavol.sessions.manager import SessionManager
 from deltavol.sessions.verify import verify
 from deltavol.store.datadir import DataDir
@@ -56,6 +57,14 @@ class Service:
         self.events.publish("volume.created", name=name, size=info["size"])
         return info
 
+    async def create_volume_from_session(self, name: str, session: str) -> dict[str, Any]:
+        """A new volume holding the point in time of ``session``'s target (a full copy)."""
+        s = self.sessions.get(session)
+        vol = await restore.new_volume(s, lambda fill: self.volumes.create_from(name, s.source.size, fill))
+        info = vol.info()
+        self.events.publish("volume.created", name=name, size=info["size"], session=session)
+        return info
+
     def import_volume(self, name: str, path: str) -> dict[str, Any]:
         info = self.volumes.import_(name, path).info()
         self.events.publish("volume.created", name=name, size=info["size"], path=info["path"])
@@ -96,6 +105,12 @@ class Service:
     async def remove_session(self, name: str) -> None:
         await self.sessions.remove(name)
         self.events.publish("session.removed", name=name)
+
+    async def restore_session(self, name: str) -> dict[str, Any]:
+        return await restore.restore(self.sessions.get(name))
+
+    async def reverse_session(self, name: str) -> dict[str, Any]:
+        return await reverse.reverse(self.sessions, name)
 
     async def verify_session(self, name: str) -> dict[str, Any]:
         return await verify(self.sessions.get(name))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from deltavol.backend.base import Backend, Extent
-from deltavol.errors import NotSupported, OutOfRange, ReadOnly
+from deltavol.errors import NotSupported, OutOfRange, Protected, ReadOnly
 from deltavol.nbd.constants import TransmissionFlag as TF
 
 
@@ -21,9 +21,11 @@ class Export:
         *,
         read_only: Callable[[], bool] = lambda: False,
         description: str = "",
+        why_read_only: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.top = top
         self._read_only = read_only
+        self._why_read_only = why_read_only  # a refused change says why, when there is a reason
         self.description = description
 
     @property
@@ -59,7 +61,8 @@ class Export:
     def _check_write(self, offset: int, length: int) -> None:
         self._check(offset, length)
         if self.read_only:
-            raise ReadOnly(name=self.name)
+            why = self._why_read_only()
+            raise Protected(name=self.name, why=why) if why else ReadOnly(name=self.name)
 
     def pread_cached(self, offset: int, length: int) -> bytes | None:
         self._check(offset, length)

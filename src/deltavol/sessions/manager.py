@@ -32,6 +32,7 @@ from deltavol.errors import (
     UsageError,
 )
 from deltavol.events import EventBus
+from deltavol.sessions import restore
 from deltavol.sessions.session import RetryPolicy, Session, UpdateRecord
 from deltavol.sessions.states import IllegalTransition, State
 from deltavol.store.db import Database
@@ -110,6 +111,7 @@ class SessionManager:
         # sessions not loaded because their source volume is missing, by name: (source,
         # target). Their rows and files stay, so their names and targets stay theirs
         self._unloaded: dict[str, tuple[str, str]] = {}
+        self._resuming: set[asyncio.Task[None]] = set()  # restores going on after a restart
 
     # --- lookup -------------------------------------------------------------------------------
     def get(self, name: str) -> Session:
@@ -260,6 +262,8 @@ class SessionManager:
                 s.update = UpdateRecord(**json.loads(row["update_json"]))
             self._attach(s)
             self._sessions[s.name] = s
+            if s.state is State.RESTORING:  # restore.py: the source stays guarded until it ends
+                restore.guard_source(s)
             try:
                 s.load_files()
             except CorruptFile as exc:
@@ -300,6 +304,9 @@ class SessionManager:
             if s.state is State.COPYING and s.transfer is not None:
                 log.info("session %s: resuming interrupted update %s", s.name, s.update and s.update.id)
                 s._spawn()
+            elif s.state is State.RESTORING:  # restore.py: an interrupted restore goes on
+                log.info("session %s: resuming interrupted restore", s.name)
+                self._resuming.add(asyncio.get_running_loop().create_task(restore.resume_at_start(s)))
         self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
 
     async def shutdown(self) -> None:
@@ -462,5 +469,6 @@ class SessionManager:
                 async with s._gate.closed():  # a copy-before-write in flight ends before its hook goes
                     self._detach(s)
                 await s._drop_target()  # such a write may have opened it again
+                restore.forget(s)  # a restore's guard on the source and its file
                 s.delete_files()
         log.info("session %s: removed", name)

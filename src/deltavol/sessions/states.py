@@ -17,6 +17,7 @@ class State(enum.StrEnum):
     IDLE = "idle"  # no update running
     PAUSED = "paused"  # an update is stopped by the user, bitmaps kept
     FAILED = "failed"  # an update stopped on an error (last_error), bitmaps kept
+    RESTORING = "restoring"  # the source is being rolled back to the point in time (restore.py)
 
 
 _TRANSITIONS: dict[tuple[State, str], State] = {
@@ -34,6 +35,11 @@ _TRANSITIONS: dict[tuple[State, str], State] = {
     # starts over (the way back from a corrupt bitmap or save area)
     (State.FAILED, "update"): State.COPYING,
     (State.PAUSED, "update"): State.COPYING,
+    # restore (sessions/restore.py): only from a finished update; one that failed is started
+    # again (it goes on with what is left), and it ends idle and consistent
+    (State.IDLE, "restore"): State.RESTORING,
+    (State.RESTORING, "restore"): State.RESTORING,
+    (State.RESTORING, "restored"): State.IDLE,
 }
 
 

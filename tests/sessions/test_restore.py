@@ -1,0 +1,221 @@
+"""``session restore``: the source rolled back to the target's point in time, copying back only
+the chunks changed since; refusals that change nothing; ``volume create --from-session``."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Server, require
+from tests.interop.peers import qemu_io
+from tests.sessions.common import (
+    G,
+    MiB,
+    apply,
+    differing_chunks,
+    session_with_copy,
+    start_update,
+    wait_for,
+)
+from tests.sessions.targets import qemu_nbd_cmd, serving, uri
+
+pytestmark = pytest.mark.interop
+
+SIZE = 8 * MiB
+
+
+def restore_wait(server: Server, session: str = "s") -> dict:
+    out = server.run("session", "restore", session, "--wait", "--json")
+    assert out.returncode == 0, out.stderr
+    st: dict = json.loads(out.stdout)
+    return st
+
+
+def changed_chunks(model_before: bytes, image: bytes) -> list[int]:
+    return differing_chunks(image, model_before)
+
+
+def test_restore_copies_back_only_the_changed_chunks(server: Server) -> None:
+    model = session_with_copy(server, SIZE)
+    pit = server.status()["point_in_time"]
+    at_pit = model.snapshot()
+    chunks = sorted(random.Random(1).sample(range(SIZE // G), 9))
+    apply(server, "src", *model.chunks(0x5C, chunks[:6]), model.zero(chunks[6] * G, G))
+    apply(server, "src", model.write(0x11, chunks[7] * G + 512, 4096), model.discard(chunks[8] * G, G))
+    assert changed_chunks(at_pit, server.image("src")) == chunks
+    assert server.status()["tracked_bytes"] == len(chunks) * G
+
+    st = restore_wait(server)
+    assert st["state"] == "idle" and st["consistent"] and st["last_error"] is None, st
+    assert st["point_in_time"] == pit and st["tracked_bytes"] == 0, st
+    assert st["update"]["kind"] == "restore", st
+    # copied back: the changed chunks, not the volume
+    assert st["update"]["bytes_done"] == st["update"]["bytes_total"] == len(chunks) * G, st
+    assert server.image("src") == at_pit == server.image("dst")
+    assert (Path(server.root) / "bitmaps" / "s.tracking").exists()
+    assert not (Path(server.root) / "bitmaps" / "s.restore").exists()
+    model.data[:] = at_pit
+    # writable again, tracked again: the next update copies just that
+    apply(server, "src", model.write(0x77, 3 * G, G))
+    u = start_update(server)["update"]
+    done = server.wait_idle(u["id"])
+    assert done["update"]["bytes_total"] == G and server.image("dst") == model.snapshot()
+
+
+def test_restore_over_nbd_then_the_source_is_the_point_in_time(server: Server, tmp_path: Path) -> None:
+    """A remote target (qemu-nbd): read back over NBD with many requests in flight."""
+    require("qemu-nbd")
+    image, sock = tmp_path / "t.img", tmp_path / "t.sock"
+    image.write_bytes(bytes(SIZE))
+    with serving(qemu_nbd_cmd(image, sock), sock):
+        server.cli("volume", "create", "src", "--size", str(SIZE))
+        apply(server, "src", f"write -P 0xa1 0 {SIZE}")
+        server.cli("session", "create", "s", "--source", "src", "--target", uri(sock))
+        server.cli("session", "update", "s", "--full", "--wait")
+        at_pit = server.image("src")
+        apply(server, "src", f"write -P 0x66 {G} {40 * G}", f"write -z {48 * G} {G}")
+        st = restore_wait(server)
+        assert st["state"] == "idle" and st["consistent"], st
+        assert st["update"]["bytes_done"] == 41 * G, st
+        assert server.image("src") == at_pit == image.read_bytes()
+
+
+def test_volume_create_from_session_holds_the_point_in_time(server: Server) -> None:
+    model = session_with_copy(server, SIZE)
+    at_pit = model.snapshot()
+    apply(server, "src", *model.chunks(0x42, [1, 5, 9]))
+    server.cli("volume", "create", "copy", "--from-session", "s")
+    assert server.image("copy") == at_pit
+    assert server.image("src") == model.snapshot()  # the source is left alone
+    info = json.loads(server.cli("volume", "info", "copy", "--json"))
+    assert info["size"] == SIZE and not info["read_only"]
+    qemu_io(server.uri("copy"), f"write -P 0x01 0 {G}")  # an independent, writable volume
+    assert server.image("dst") == at_pit
+    # refused, creating nothing: an existing name, an unknown session, an inconsistent one
+    for args, word in (
+        (["copy", "--from-session", "s"], "already exists"),
+        (["copy2", "--from-session", "nope"], "does not exist"),
+    ):
+        out = server.run("volume", "create", *args)
+        assert out.returncode == 1 and word in out.stderr and "Traceback" not in out.stderr, out.stderr
+    server.cli("volume", "create", "x", "--size", str(SIZE))
+    server.cli("volume", "create", "y", "--size", str(SIZE))
+    server.cli("session", "create", "n", "--source", "x", "--target", "y")
+    out = server.run("volume", "create", "copy3", "--from-session", "n")
+    assert out.returncode == 1 and "not consistent" in out.stderr, out.stderr
+    names = {v["name"] for v in json.loads(server.cli("volume", "list", "--json"))}
+    assert names == {"src", "dst", "copy", "x", "y"}
+    assert not list((Path(server.root) / "volumes").glob("copy2*")) + list(
+        (Path(server.root) / "volumes").glob("copy3*")
+    )
+
+
+def _refused(server: Server, args: list[str], code: int, *words: str) -> str:
+    out = server.run(*args)
+    assert out.returncode == code, (args, out.returncode, out.stderr)
+    assert out.stderr.startswith("deltavol: ") and "Traceback" not in out.stderr, out.stderr
+    for w in words:
+        assert w in out.stderr, (w, out.stderr)
+    return out.stderr
+
+
+def test_refusals_change_nothing(server: Server) -> None:
+    model = session_with_copy(server, SIZE)
+    apply(server, "src", *model.chunks(0x33, [2, 3]))
+    images = {v: server.image(v) for v in ("src", "dst")}
+    before = server.status()
+    _refused(server, ["session", "restore", "nope"], 1, "session 'nope' does not exist")
+    # an update under way: its target holds part of the new mark
+    start_update(server, "--max-rate", "64KiB/s")
+    _refused(server, ["session", "restore", "s"], 1, "cannot restore", "copying", "part of its new mark")
+    server.cli("session", "pause", "s")
+    _refused(server, ["session", "restore", "s"], 1, "paused")
+    server.cli("session", "cancel", "s")  # cancelled: the target is no point in time any more
+    _refused(server, ["session", "restore", "s"], 1, "not consistent")
+    assert server.image("src") == images["src"]
+    st = server.status()
+    assert st["state"] == "idle" and st["point_in_time"] == before["point_in_time"]
+    assert st["tracked_bytes"] == 2 * G  # the cancelled update's chunks back in tracking
+    # a new session: never copied
+    server.cli("volume", "create", "a", "--size", str(SIZE))
+    server.cli("volume", "create", "b", "--size", str(SIZE))
+    server.cli("session", "create", "n", "--source", "a", "--target", "b")
+    _refused(server, ["session", "restore", "n"], 1, "not consistent")
+    assert server.status("n")["state"] == "new"
+
+
+def test_target_down_is_refused_and_changes_nothing(server: Server, tmp_path: Path) -> None:
+    require("nbdkit")
+    sock = tmp_path / "t.sock"
+    server.cli("volume", "create", "src", "--size", str(SIZE))
+    with serving(["nbdkit", "-f", "-U", str(sock), "-e", "t", "memory", str(SIZE)], sock):
+        server.cli("session", "create", "s", "--source", "src", "--target", uri(sock))
+        server.cli("session", "update", "s", "--full", "--wait")
+    apply(server, "src", f"write -P 0x66 0 {4 * G}")
+    src, before = server.image("src"), server.status()
+    _refused(server, ["session", "restore", "s"], 1, uri(sock))
+    after = server.status()
+    assert after["state"] == "idle" and after["tracked_bytes"] == before["tracked_bytes"] == 4 * G
+    assert after["update"] == before["update"]
+    assert server.image("src") == src
+    qemu_io(server.uri("src"), f"write -P 0x67 0 {G}")  # still writable
+
+
+def delayed_target(image: Path, sock: Path, rdelay: str) -> list[str]:
+    """nbdkit serving ``image`` with every read delayed: a restore that lasts."""
+    require("nbdkit")
+    delay = ["--filter=delay", "file", str(image), f"rdelay={rdelay}"]
+    return ["nbdkit", "-f", "-U", str(sock), "-e", "t", *delay]
+
+
+def test_the_source_refuses_writes_while_it_is_restored(server: Server, tmp_path: Path) -> None:
+    image, sock = tmp_path / "t.img", tmp_path / "t.sock"
+    image.write_bytes(bytes(SIZE))
+    with serving(delayed_target(image, sock, "1"), sock):
+        server.cli("volume", "create", "src", "--size", str(SIZE))
+        apply(server, "src", f"write -P 0xa1 0 {SIZE}")
+        server.cli("session", "create", "s", "--source", "src", "--target", uri(sock))
+        server.cli("session", "update", "s", "--full", "--wait")
+        at_pit = server.image("src")
+        apply(server, "src", f"write -P 0x66 0 {8 * G}")
+        st = json.loads(server.cli("session", "restore", "s", "--json"))
+        assert st["state"] == "restoring", st
+        text = qemu_io(server.uri("src"), f"write -P 0x99 {G} 4096", ok=False)
+        assert "failed" in text or "can't open" in text or "read-only" in text.lower(), text
+        out = server.run("session", "update", "s")
+        assert out.returncode == 1 and "restoring" in out.stderr, out.stderr
+        st = wait_for(server, lambda s: s["state"] == "idle", "restored")
+        assert st["consistent"] and st["last_error"] is None, st
+        assert server.image("src") == at_pit
+        qemu_io(server.uri("src"), f"write -P 0x99 {G} 4096")  # writable again
+
+
+def test_kill9_during_a_restore_resumes_and_ends_at_the_point_in_time(server: Server, tmp_path: Path) -> None:
+    image, sock = tmp_path / "t.img", tmp_path / "t.sock"
+    image.write_bytes(bytes(SIZE))
+    rng = random.Random(7)
+    with serving(delayed_target(image, sock, "200ms"), sock):
+        server.cli("volume", "create", "src", "--size", str(SIZE))
+        apply(server, "src", f"write -P 0xa1 0 {SIZE}")
+        server.cli("session", "create", "s", "--source", "src", "--target", uri(sock))
+        server.cli("session", "update", "s", "--full", "--wait")
+        at_pit = server.image("src")
+        assert at_pit == image.read_bytes()
+        interrupted = 0
+        for trial in range(3):
+            chunks = sorted(rng.sample(range(SIZE // G), 100))
+            apply(server, "src", *(f"write -P {0x10 + trial} {c * G} {G}" for c in chunks))
+            server.cli("session", "restore", "s")
+            time.sleep(rng.uniform(0.0, 0.8))  # a random moment of the restore, not an ordering
+            server.kill9()
+            resumed = server.log_path.read_text().count("resuming interrupted restore")
+            server.start()
+            st = wait_for(server, lambda s: s["state"] == "idle", "restored", timeout=120)
+            assert st["consistent"] and st["tracked_bytes"] == 0, st
+            assert differing_chunks(server.image("src"), at_pit) == [], trial
+            interrupted += server.log_path.read_text().count("resuming interrupted restore") > resumed
+        assert interrupted, "no kill landed during a restore: the test proved nothing"
