@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bench.fio import fio
 from bench.peers import Deltavol, deltavol, nbd_unix, qemu_nbd
+from bench.restore import restore
 from deltavol.nbd.client import NbdClient
 
 MiB = 2**20
@@ -378,6 +379,7 @@ SECTIONS: dict[str, Callable[[Settings], Iterator[Row]]] = {
     "cofw": cofw_latency,
     "memory": memory,
     "cold": cold_cache,
+    "restore": restore,
 }
 
 __all__ = ["SECTIONS", "Deltavol", "Row", "Settings", "nbd_unix"]

@@ -30,6 +30,7 @@ from deltavol.errors import (
     InvalidName,
     InvalidSize,
     NotFound,
+    Protected,
     os_error,
 )
 from deltavol.store import fs
@@ -84,12 +85,17 @@ class Volume:
     open_guard: Callable[[], str | None] = lambda: None
 
     def __post_init__(self) -> None:
-        self._gated = GateLayer(self.backend, self.gate)
+        self._gated = GateLayer(self.backend, self.gate, check=self._check_guard)
         self.export = Export(
             self._gated,
             read_only=lambda: self.write_guard() is not None,
             why_read_only=lambda: self.write_guard(),
         )
+
+    def _check_guard(self) -> None:
+        why = self.write_guard()
+        if why is not None:
+            raise Protected(name=self.name, why=why)
 
     @property
     def below_gate(self) -> Backend:

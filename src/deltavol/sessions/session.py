@@ -600,8 +600,8 @@ class Session:
         round failed, it stays there with no round, and the next change of the chunk
         writes it and asks for a round again.
         """
-        if length == 0 or self.removed:
-            return []
+        if length == 0 or self.removed or self.state is State.RESTORING:
+            return []  # (restoring: only the restore writes, and its own file keeps its work)
         tracking, unsynced = self.tracking, self._unsynced
         new = tracking.set_range(offset, length)
         waits: list[asyncio.Future[None]] = []
