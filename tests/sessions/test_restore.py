@@ -268,3 +268,63 @@ def test_ransomware_drill_ext4_comes_back_file_for_file(server: Server, tmp_path
             assert not (mnt / "README-ransom.txt").exists()
             for name, data in files.items():
                 assert (mnt / name).read_bytes() == data, name
+
+
+def test_a_target_lost_mid_restore_leaves_it_restoring_and_restore_goes_on(
+    server: Server, tmp_path: Path
+) -> None:
+    image, sock = tmp_path / "t.img", tmp_path / "t.sock"
+    image.write_bytes(bytes(SIZE))
+    with serving(delayed_target(image, sock, "300ms"), sock):
+        server.cli("volume", "create", "src", "--size", str(SIZE))
+        apply(server, "src", f"write -P 0xa1 0 {SIZE}")
+        server.cli("session", "create", "s", "--source", "src", "--target", uri(sock))
+        server.cli("session", "update", "s", "--full", "--wait")
+        at_pit = server.image("src")
+        apply(server, "src", *(f"write -P 0x66 {c * G} {G}" for c in range(0, 128, 2)))
+        server.cli("session", "restore", "s")
+    # the target is gone under the restore
+    st = wait_for(server, lambda s: s["last_error"] is not None, "failed", timeout=120)
+    assert st["state"] == "restoring" and "restore" in st["last_error"], st
+    text = qemu_io(server.uri("src"), f"write -P 0x99 0 {G}", ok=False)  # still protected
+    assert "failed" in text or "can't open" in text, text
+    out = server.run("session", "restore", "s", "--wait")  # target still down: refused, still restoring
+    assert out.returncode == 1 and uri(sock) in out.stderr, out.stderr
+    assert server.status()["state"] == "restoring"
+    with serving(delayed_target(image, sock, "1ms"), sock):
+        st = restore_wait(server)
+    assert st["state"] == "idle" and st["consistent"] and st["last_error"] is None, st
+    assert st["update"]["bytes_done"] == 64 * G, st
+    assert server.image("src") == at_pit
+
+
+def test_removing_a_restoring_session_lifts_the_protection(server: Server, tmp_path: Path) -> None:
+    image, sock = tmp_path / "t.img", tmp_path / "t.sock"
+    image.write_bytes(bytes(SIZE))
+    with serving(delayed_target(image, sock, "2"), sock):
+        server.cli("volume", "create", "src", "--size", str(SIZE))
+        server.cli("session", "create", "s", "--source", "src", "--target", uri(sock))
+        server.cli("session", "update", "s", "--full", "--wait")
+        apply(server, "src", f"write -P 0x66 0 {G}")
+        server.cli("session", "restore", "s")
+        assert json.loads(server.cli("volume", "info", "src", "--json"))["read_only"]
+        server.cli("session", "remove", "s")
+    assert not json.loads(server.cli("volume", "info", "src", "--json"))["read_only"]
+    qemu_io(server.uri("src"), f"write -P 0x99 0 {G}")
+    assert not (Path(server.root) / "bitmaps" / "s.restore").exists()
+
+
+def test_cli_words(server: Server) -> None:
+    model = session_with_copy(server, SIZE)
+    apply(server, "src", *model.chunks(0x21, [4, 5]))
+    out = server.run("session", "restore", "s", "--wait")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("session s: restoring src to "), out.stdout
+    assert "src restored to" in out.stderr and "(128.0 KiB copied back)" in out.stderr, out.stderr
+    for args in ([], ["--size", "1MiB", "--from-session", "s"]):
+        out = server.run("volume", "create", "v", *args)
+        assert out.returncode == 2 and "--from-session" in out.stderr and "Traceback" not in out.stderr, out
+    out = server.run("session", "reverse", "s")
+    assert (
+        out.returncode == 0 and out.stdout == "session s: reversed: dst is the source now, src the target\n"
+    )
