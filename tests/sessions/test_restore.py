@@ -56,6 +56,7 @@ def test_restore_copies_back_only_the_changed_chunks(server: Server) -> None:
     assert st["update"]["kind"] == "restore", st
     # copied back: the changed chunks, not the volume
     assert st["update"]["bytes_done"] == st["update"]["bytes_total"] == len(chunks) * G, st
+    assert st["update"]["bytes_sent"] <= len(chunks) * G, st  # data read back (zeroes are not)
     assert server.image("src") == at_pit == server.image("dst")
     assert (Path(server.root) / "bitmaps" / "s.tracking").exists()
     assert not (Path(server.root) / "bitmaps" / "s.restore").exists()
@@ -81,7 +82,7 @@ def test_restore_over_nbd_then_the_source_is_the_point_in_time(server: Server, t
         apply(server, "src", f"write -P 0x66 {G} {40 * G}", f"write -z {48 * G} {G}")
         st = restore_wait(server)
         assert st["state"] == "idle" and st["consistent"], st
-        assert st["update"]["bytes_done"] == 41 * G, st
+        assert st["update"]["bytes_done"] == st["update"]["bytes_sent"] == 41 * G, st  # the target has data
         assert server.image("src") == at_pit == image.read_bytes()
 
 
@@ -328,3 +329,28 @@ def test_cli_words(server: Server) -> None:
     assert (
         out.returncode == 0 and out.stdout == "session s: reversed: dst is the source now, src the target\n"
     )
+
+
+def test_a_corrupt_restore_file_starts_the_restore_over(server: Server, tmp_path: Path) -> None:
+    image, sock = tmp_path / "t.img", tmp_path / "t.sock"
+    image.write_bytes(bytes(SIZE))
+    with serving(delayed_target(image, sock, "3"), sock):
+        server.cli("volume", "create", "src", "--size", str(SIZE))
+        apply(server, "src", f"write -P 0xa1 0 {SIZE}")
+        server.cli("session", "create", "s", "--source", "src", "--target", uri(sock))
+        server.cli("session", "update", "s", "--full", "--wait")
+        at_pit = server.image("src")
+        apply(server, "src", *(f"write -P 0x66 {c * G} {G}" for c in range(0, 128, 3)))
+        tracked = server.status()["tracked_bytes"]
+        server.cli("session", "restore", "s")
+        path = Path(server.root) / "bitmaps" / "s.restore"
+        wait_for(server, lambda s: path.exists(), "restore file written")
+        server.kill9()
+        raw = bytearray(path.read_bytes())
+        raw[0] ^= 0xFF  # the magic
+        path.write_bytes(bytes(raw))
+        server.start()
+        st = wait_for(server, lambda s: s["state"] == "idle", "restored", timeout=120)
+    assert st["consistent"] and st["update"]["bytes_total"] == tracked, st
+    assert server.image("src") == at_pit
+    assert "s.restore is corrupt" in server.log_path.read_text()

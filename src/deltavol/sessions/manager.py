@@ -262,8 +262,6 @@ class SessionManager:
                 s.update = UpdateRecord(**json.loads(row["update_json"]))
             self._attach(s)
             self._sessions[s.name] = s
-            if s.state is State.RESTORING:  # restore.py: the source stays guarded until it ends
-                restore.guard_source(s)
             try:
                 s.load_files()
             except CorruptFile as exc:
@@ -280,6 +278,8 @@ class SessionManager:
                 raise SessionLoadFailed(
                     name=s.name, why=f"cannot load its files, they are kept as they are: {exc.message}"
                 ) from exc
+            if s.state is State.RESTORING:  # restore.py: the source stays guarded until it ends
+                restore.guard_source(s)
 
     def _hold_unloaded(self, name: str, source: str, target: str) -> None:
         """Keep what a session not loaded owns: its name, its row and files, and its

@@ -28,6 +28,11 @@ Design notes
   the row commits ``idle``, consistent, with the same ``point_in_time``; only then does the
   guard go and the gate open. A crash before the row leaves ``restoring``: the start-up
   resumes it with what the file still owes (nothing, near the end) and ends the same way.
+* **Tracking is left alone until the end.** The restoring session does not track the
+  restore's own writes, and no other change reaches the source: so tracking still holds
+  every chunk the restore set out to copy back, a superset of what its file owes. A
+  restore file found corrupt is replaced from tracking (the restore starts over), never
+  taken for an empty one.
 * **A failure** (the target stops answering, a full disk) leaves the session ``restoring``
   with ``last_error`` and the source guarded; ``session restore`` again (or a restart)
   goes on with what the file owes. Removing the session lifts the guard.
@@ -48,7 +53,7 @@ from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.engine import Progress, requests, run_pipeline, split_zeroes
 from deltavol.copy.targets import CopyTarget
 from deltavol.copy.throttle import Throttle
-from deltavol.errors import DeltavolError, NotRestorable, TargetError, os_error
+from deltavol.errors import CorruptFile, DeltavolError, NotRestorable, TargetError, os_error
 from deltavol.sessions.session import CHECKPOINT_SECONDS, Session, UpdateRecord, now_iso, one_at_a_time
 from deltavol.sessions.states import State, next_state
 from deltavol.store import fs
@@ -117,7 +122,7 @@ async def restore(s: Session) -> dict[str, Any]:
     if target.size < s.source.size:
         await s._drop_target()
         raise TargetError(msg=f"target {s.target_spec} is smaller than the source {s.source.name!r}")
-    before = s.state, s.update, s.last_error, s.next_update_id
+    before = s.state, s.update, s.last_error, s.next_update_id, s.progress
     if not resuming:
         try:  # a file left by an earlier restore that ended (or a removed namesake) is void
             fs.unlink(restore_path(s), missing_ok=True)
@@ -127,10 +132,14 @@ async def restore(s: Session) -> dict[str, Any]:
         s.update = UpdateRecord(id=s.next_update_id, kind=KIND, started_at=now_iso())
         s.next_update_id += 1
     s.state, s.last_error = new_state, None
+    u = s.update
+    assert u is not None
+    # the progress shown (and saved with the row) is the restore's from now on
+    s.progress = Progress(bytes_total=u.bytes_total, bytes_done=u.bytes_done, bytes_sent=u.bytes_sent)
     try:
         s._persist_row(s)  # the commit point
     except BaseException:
-        s.state, s.update, s.last_error, s.next_update_id = before
+        s.state, s.update, s.last_error, s.next_update_id, s.progress = before
         await s._drop_target()
         raise
     guard_source(s)
@@ -195,7 +204,11 @@ class Restorer:
         assert update is not None
         todo: Bitmap | None = None
         if fs.exists(self.path):
-            todo, generation = persist.load(self.path, persist.KIND_RESTORE, s.granularity, s.source.size)
+            try:
+                todo, generation = persist.load(self.path, persist.KIND_RESTORE, s.granularity, s.source.size)
+            except CorruptFile as exc:  # tracking still holds all of it (see the module notes)
+                log.error("session %s: %s: the restore starts over from tracking", s.name, exc.message)
+                todo, generation = None, update.id
             if generation != update.id:
                 todo = None  # not this restore's
         if todo is None:
