@@ -1,13 +1,13 @@
 """Wire constants of the NBD protocol, grouped as in the specification's sections.
 
 Source: NetworkBlockDevice/nbd ``doc/proto.md``. Only the fixed-newstyle handshake is
-spoken; the oldstyle handshake and extended headers are deliberately absent.
+spoken; the oldstyle handshake and extended headers are deliberately absent. The byte
+layouts built from these values are in ``wire``.
 """
 
 from __future__ import annotations
 
 import enum
-import struct
 
 # --- Handshake ----------------------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
@@ -155,13 +155,3 @@ MAX_STRING = 4096  # spec: names and queries up to 4096 bytes
 MIN_BLOCK = 1
 PREFERRED_BLOCK = 4096
 MAX_PAYLOAD = 32 * 1024 * 1024  # largest READ/WRITE this server accepts
-
-# --- Struct layouts ------------------------------------------------------------------------
-GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
-CLIENT_FLAGS = struct.Struct(">I")
-OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length
-OPTION_REPLY_HEADER = struct.Struct(">QIII")  # magic, option, reply type, length
-EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags (+124 zero bytes)
-REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
-SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
-STRUCTURED_REPLY = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
