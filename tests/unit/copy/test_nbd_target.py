@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from deltavol.copy.targets import NbdTarget, TargetError
-from deltavol.nbd.client import NbdClient
+from deltavol.server.nbd_client import NbdClient
 from tests.harness import require
 from tests.sessions.targets import nbdkit_memory_cmd, serving, uri
 

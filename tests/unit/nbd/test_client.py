@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from deltavol.nbd.client import NbdClient, NbdConnectionError, NbdError, parse_uri
+from deltavol.server.nbd_client import NbdClient, NbdConnectionError, NbdError, parse_uri
 from tests.harness import require
 from tests.sessions.targets import nbdkit_memory_cmd, qemu_nbd_cmd, serving, uri
 
