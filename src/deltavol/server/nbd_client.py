@@ -29,6 +29,7 @@ import contextlib
 import socket
 import struct
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from deltavol.nbd.client_conn import ClientConnection, HandshakeFailed, Ready, Reply
@@ -86,7 +87,7 @@ class _Protocol(asyncio.Protocol):
         self.client = client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.client._transport = transport  # type: ignore[assignment]
+        self.client._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
 
     def data_received(self, data: bytes) -> None:
         self.client._feed(data)
@@ -133,6 +134,7 @@ class NbdClient:
                 if where.socket is not None:
                     await loop.create_unix_connection(lambda: _Protocol(client), where.socket)
                 else:
+                    assert where.host is not None  # parse_uri gives nbd:// URIs a host
                     await loop.create_connection(lambda: _Protocol(client), where.host, where.port)
                 ready = await asyncio.shield(client._ready)
         except TimeoutError as exc:
@@ -269,7 +271,7 @@ class NbdClient:
             self._watchdog = loop.call_at(due, self._check)
 
     async def _call(
-        self, what: str, cmd: Cmd, offset: int, length: int, flags: int = 0, data: bytes = b""
+        self, what: str, cmd: Cmd, offset: int, length: int, flags: int = 0, data: bytes | memoryview = b""
     ) -> Reply:
         if self._error is not None:
             raise NbdConnectionError(f"{self.uri}: {self._error}")
@@ -303,7 +305,7 @@ class NbdClient:
         view = memoryview(data)
         await asyncio.gather(
             *(
-                self._call("write", Cmd.WRITE, o, n, flags, view[o - offset : o - offset + n])  # type: ignore[arg-type]
+                self._call("write", Cmd.WRITE, o, n, flags, view[o - offset : o - offset + n])
                 for o, n in self._pieces(offset, len(data))
             )
         )

@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from deltavol.backend.export import Export
 from deltavol.errors import DeltavolError, NotFound
@@ -71,7 +72,7 @@ class NbdConnection(asyncio.Protocol):
 
     # --- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  (uvloop's is not a subclass)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         # Big replies: let the kernel hold several in flight, and pause reading only when
         # many are queued (the default 64 KiB high-water mark would stall on every read).
         sock = transport.get_extra_info("socket")
@@ -79,7 +80,7 @@ class NbdConnection(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-        transport.set_write_buffer_limits(high=MAX_INFLIGHT_BYTES)  # type: ignore[attr-defined]
+        self.transport.set_write_buffer_limits(high=MAX_INFLIGHT_BYTES)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self._flush()
@@ -239,7 +240,7 @@ class NbdConnection(asyncio.Protocol):
         self.tasks.add(task)
         self.idle.clear()
         self.inflight_bytes += req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0
-        task.add_done_callback(lambda t, r=req: self._finished(t, r))
+        task.add_done_callback(functools.partial(self._finished, req=req))
         self._update_reading()
 
     def _read_inline(self, req: Request) -> bool:
@@ -273,7 +274,7 @@ class NbdConnection(asyncio.Protocol):
         self.conn.send_ok(req.cookie)
         return True
 
-    def _finished(self, task: asyncio.Task[None], req: Request) -> None:
+    def _finished(self, task: asyncio.Task[None], *, req: Request) -> None:
         self.tasks.discard(task)
         self.inflight_bytes -= req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0
         if not self.tasks:
