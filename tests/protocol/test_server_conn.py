@@ -401,7 +401,7 @@ def test_meta_context_set_for_the_go_export_is_active() -> None:
 
 
 # --- options the connection answers itself ---------------------------------------------------
-@pytest.mark.parametrize("opt", [99, 0, 0xFFFFFFFF, Opt.STARTTLS, Opt.PEEK_EXPORT, 11])
+@pytest.mark.parametrize("opt", [99, 0, 0xFFFFFFFF, Opt.PEEK_EXPORT, 11])
 def test_unsupported_option_gets_err_unsup_and_the_stream_goes_on(opt: int) -> None:
     conn = in_options()
     event = one_event(conn, option(opt, b"some data") + option(Opt.LIST))

@@ -7,6 +7,12 @@ In transmission, ``request`` queues a request and returns its cookie; replies co
 as one ``Reply`` per request, structured chunks assembled (read data with holes as zeroes,
 block status as (length, flags) pairs). A reply that does not fit what was asked is a
 protocol violation and ends the connection with ``Closed``.
+
+With ``tls=True`` NBD_OPT_STARTTLS goes first, before any option that could be tampered
+with in plain text. Its ACK comes back as ``StartTls``: the application upgrades the
+transport and calls ``tls_started``, and the handshake above runs inside TLS. Any refusal
+is ``HandshakeFailed``: a client that asked for TLS never goes on without it (the spec's
+defence against a downgrade by a man in the middle).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from deltavol.nbd import constants as c
 from deltavol.nbd import wire
 from deltavol.nbd.buffer import ReceiveBuffer
 from deltavol.nbd.constants import Cmd, Info, Opt, Rep, ReplyFlag, ReplyType
-from deltavol.nbd.events import NEED_DATA, Closed
+from deltavol.nbd.events import NEED_DATA, Closed, StartTls
 from deltavol.nbd.state import CLIENT_TRANSITIONS, ProtocolStateError, advance
 from deltavol.nbd.state import ClientPhase as Phase
 
@@ -58,9 +64,13 @@ class _Pending:
 
 
 class ClientConnection:
-    def __init__(self, export: str, *, structured: bool = True, block_status: bool = False) -> None:
+    def __init__(
+        self, export: str, *, structured: bool = True, block_status: bool = False, tls: bool = False
+    ) -> None:
         self.export = export
         self.phase = Phase.AWAIT_GREETING
+        self._want_tls = tls
+        self.tls = False  # the transport is encrypted (``tls_started`` was called)
         self._want_structured = structured
         self._want_meta = block_status
         self.structured = False
@@ -78,6 +88,9 @@ class ClientConnection:
         if not data:
             if self.phase is not Phase.CLOSED:
                 self._close("server closed the connection")
+            return
+        if self.phase is Phase.TLS_HANDSHAKE:
+            self._close("server sent plain data after acknowledging NBD_OPT_STARTTLS")
             return
         self._rx.feed(data)
 
@@ -107,6 +120,8 @@ class ClientConnection:
             return self._greeting()
         if self.phase is Phase.OPTIONS:
             return self._option_reply()
+        if self.phase is Phase.TLS_HANDSHAKE:
+            raise ProtocolStateError("upgrade to TLS and call tls_started before asking for events")
         return self._reply()
 
     def _greeting(self) -> object:
@@ -124,11 +139,23 @@ class ClientConnection:
             client |= c.ClientFlag.C_NO_ZEROES
         self._out.append(wire.CLIENT_FLAGS.pack(client))
         self._go("greeting")
+        if self._want_tls:
+            self._option(Opt.STARTTLS)
+        else:
+            self._negotiate()
+        return self.next_event()
+
+    def _negotiate(self) -> None:
         if self._want_structured:
             self._option(Opt.STRUCTURED_REPLY)
         else:
             self._send_go()
-        return self.next_event()
+
+    def tls_started(self) -> None:
+        """The transport is now encrypted: negotiate the export inside TLS."""
+        self._go("tls-started")
+        self.tls = True
+        self._negotiate()
 
     def _send_meta(self) -> None:
         self._option(Opt.SET_META_CONTEXT, wire.meta_request(self.export, [c.BASE_ALLOCATION]))
@@ -160,8 +187,12 @@ class ClientConnection:
         if rep & c.REP_ERR_BIT:
             self._opts.pop(0)
             message = payload.decode("utf-8", "replace")
+            name = Rep(rep).name if rep in Rep._value2member_map_ else hex(rep)
+            if opt == Opt.STARTTLS:
+                failed = HandshakeFailed(f"server refused TLS: {message or name}")
+                self._close(failed.reason)
+                return failed
             if opt == Opt.GO:
-                name = Rep(rep).name if rep in Rep._value2member_map_ else hex(rep)
                 failed = HandshakeFailed(f"server refused export {self.export!r}: {message or name}")
                 self._close(failed.reason)
                 return failed
@@ -171,6 +202,11 @@ class ClientConnection:
             return None
         if rep == Rep.ACK:
             self._opts.pop(0)
+            if opt == Opt.STARTTLS:
+                if len(self._rx):  # the handshake's bytes must not be read as plain text
+                    return self._close("server sent data after acknowledging NBD_OPT_STARTTLS")
+                self._go("starttls")
+                return StartTls()
             if opt == Opt.STRUCTURED_REPLY:
                 self.structured = True
                 if self._want_meta:

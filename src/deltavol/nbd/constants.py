@@ -65,6 +65,15 @@ class Info(enum.IntEnum):
     BLOCK_SIZE = 3
 
 
+class TlsMode(enum.StrEnum):
+    """A server's TLS policy: the spec's NOTLS, SELECTIVETLS with every export available
+    both ways (ON), and FORCEDTLS (REQUIRE: no option but STARTTLS and ABORT before TLS)."""
+
+    OFF = "off"
+    ON = "on"
+    REQUIRE = "require"
+
+
 # --- Transmission -------------------------------------------------------------------------
 class TransmissionFlag(enum.IntFlag):
     HAS_FLAGS = 1 << 0

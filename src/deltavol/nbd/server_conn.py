@@ -7,7 +7,7 @@ Bytes from the peer go in with ``receive_data``; ``next_event`` turns them into 
 which queue bytes that ``data_to_send`` hands back to whoever owns the socket. Nothing
 here touches a socket, a file or a clock.
 
-The phases and their legal transitions are in ``_TRANSITIONS``; anything else is a bug in
+The phases and their legal transitions are in ``state.py``; anything else is a bug in
 the caller and raises ``ProtocolStateError``. A peer that breaks a MUST of the spec gets a
 ``Closed`` event (a hard disconnect); a peer that sends a request we merely refuse gets a
 ``BadRequest`` the application must answer with an error reply.
@@ -21,6 +21,17 @@ enum defines, so ``flags & ~KnownFlags`` would never see an unknown bit.
 Metadata contexts follow the spec's two rules: every NBD_OPT_SET_META_CONTEXT replaces the
 selection (even one that fails), and the selection only counts if it was made for the
 export name the client finally picks with NBD_OPT_GO / NBD_OPT_EXPORT_NAME.
+
+TLS (``tls_mode``): OFF refuses NBD_OPT_STARTTLS with NBD_REP_ERR_POLICY. ON and REQUIRE
+acknowledge it and hand the application a ``StartTls`` event: it must upgrade the
+transport and call ``tls_started`` before asking for the next event. Bytes the client
+sent after STARTTLS in the same breath (already buffered when the option is parsed, or fed
+before ``tls_started``) would be read as plain text: that is a protocol violation and
+closes the connection. After the upgrade nothing negotiated before it counts (structured
+replies, meta contexts), and a second STARTTLS gets NBD_REP_ERR_INVALID. REQUIRE answers
+every option but STARTTLS and ABORT with NBD_REP_ERR_TLS_REQD until TLS is up, and closes
+on NBD_OPT_EXPORT_NAME (it cannot carry an error). ON is the spec's SELECTIVETLS mode
+with no TLS-only export: plain and TLS clients are both served.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from typing import TypeVar
 from deltavol.nbd import constants as c
 from deltavol.nbd import wire
 from deltavol.nbd.buffer import ReceiveBuffer
-from deltavol.nbd.constants import Cmd, CmdFlag, Errno, Info, Opt, Rep, ReplyFlag, ReplyType
+from deltavol.nbd.constants import Cmd, CmdFlag, Errno, Info, Opt, Rep, ReplyFlag, ReplyType, TlsMode
 from deltavol.nbd.events import (
     NEED_DATA,
     BadRequest,
@@ -42,6 +53,7 @@ from deltavol.nbd.events import (
     OptList,
     OptMetaContext,
     Request,
+    StartTls,
 )
 from deltavol.nbd.state import SERVER_TRANSITIONS, ProtocolStateError, advance
 from deltavol.nbd.state import ServerPhase as Phase
@@ -54,9 +66,12 @@ _Opt = TypeVar("_Opt", OptExportName, OptInfo, OptList, OptMetaContext)
 
 
 class ServerConnection:
-    def __init__(self, *, max_payload: int = c.MAX_PAYLOAD) -> None:
+    def __init__(self, *, max_payload: int = c.MAX_PAYLOAD, tls_mode: TlsMode = TlsMode.OFF) -> None:
         self.phase = Phase.AWAIT_CLIENT_FLAGS
         self.max_payload = max_payload
+        self.tls_mode = tls_mode
+        self.tls = False  # the transport is encrypted (``tls_started`` was called)
+        self.fixed_newstyle = False
         self.structured_replies = False
         self.no_zeroes = False
         self.export: ExportInfo | None = None
@@ -87,6 +102,9 @@ class ServerConnection:
             return
         if self.phase is Phase.CLOSED:
             return  # nothing more will be parsed; do not hold on to it
+        if self.phase is Phase.TLS_HANDSHAKE:
+            self._close("client sent plain data after NBD_OPT_STARTTLS")
+            return
         self._rx.feed(data)
 
     def data_to_send(self) -> list[bytes | memoryview]:
@@ -109,6 +127,8 @@ class ServerConnection:
             return self._closed
         if self.phase is Phase.OPTION_PENDING:
             raise ProtocolStateError("reply to the pending option before asking for events")
+        if self.phase is Phase.TLS_HANDSHAKE:
+            raise ProtocolStateError("upgrade to TLS and call tls_started before asking for events")
         if self.phase is Phase.AWAIT_CLIENT_FLAGS:
             event = self._client_flags()
         elif self.phase is Phase.OPTIONS:
@@ -130,6 +150,9 @@ class ServerConnection:
         if flags & ~known:
             return self._close(f"unknown client flags {flags:#x}")
         self.no_zeroes = bool(flags & c.ClientFlag.C_NO_ZEROES)
+        self.fixed_newstyle = bool(flags & c.ClientFlag.C_FIXED_NEWSTYLE)
+        if self.tls_mode is TlsMode.REQUIRE and not self.fixed_newstyle:
+            return self._close("TLS is required, and the client does not speak fixed newstyle")
         self._go("client-flags")
         return self._option()
 
@@ -147,6 +170,11 @@ class ServerConnection:
                 return NEED_DATA
             self._rx.skip(wire.OPTION_HEADER.size)
             payload = self._rx.take(length) or b""
+            if self.tls_mode is TlsMode.REQUIRE and not self.tls and opt not in (Opt.STARTTLS, Opt.ABORT):
+                if opt == Opt.EXPORT_NAME:  # it cannot carry an error: the spec says disconnect
+                    return self._close("NBD_OPT_EXPORT_NAME before TLS, which this server requires")
+                self._option_reply(opt, Rep.ERR_TLS_REQD, b"TLS is required: send NBD_OPT_STARTTLS first")
+                continue
             event = self._parse_option(opt, payload)
             if event is not None:
                 return event
@@ -167,6 +195,8 @@ class ServerConnection:
             if data:
                 return self._invalid(opt, "NBD_OPT_LIST takes no data")
             return self._ask(OptList())
+        if option is Opt.STARTTLS:
+            return self._starttls(data)
         if option is Opt.STRUCTURED_REPLY:
             if data:
                 return self._invalid(opt, "NBD_OPT_STRUCTURED_REPLY takes no data")
@@ -193,6 +223,30 @@ class ServerConnection:
             return self._ask(OptMetaContext(*parsed_meta, set=option is Opt.SET_META_CONTEXT))
         self._option_reply(opt, Rep.ERR_UNSUP, f"{option.name} is not supported".encode())
         return None
+
+    def _starttls(self, data: bytes) -> Event | None:
+        opt = Opt.STARTTLS
+        if self.tls_mode is TlsMode.OFF or not self.fixed_newstyle:
+            self._option_reply(opt, Rep.ERR_POLICY, b"TLS is not offered by this server")
+            return None
+        if self.tls:
+            return self._invalid(opt, "TLS is already active")
+        if data:
+            return self._invalid(opt, "NBD_OPT_STARTTLS takes no data")
+        if self.buffered:  # sent before our ACK: it would be taken for plain-text options
+            return self._close("client sent data after NBD_OPT_STARTTLS before the TLS handshake")
+        self._option_reply(opt, Rep.ACK)
+        self._go("starttls")
+        return StartTls()
+
+    def tls_started(self) -> None:
+        """The transport is now encrypted: option haggling starts afresh (the spec: nothing
+        negotiated before STARTTLS is kept)."""
+        self._go("tls-started")
+        self.tls = True
+        self.structured_replies = False
+        self.meta_contexts = frozenset()
+        self._meta_export = None
 
     def _ask(self, event: OptExportName | OptInfo | OptList | OptMetaContext) -> Event:
         """Hand an option to the application, which owes an answer before the next event."""
