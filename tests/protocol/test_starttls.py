@@ -10,11 +10,14 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wire import (
     C_FIXED_NEWSTYLE,
     C_NO_ZEROES,
     client_flags,
     events_until_need_data,
+    feed,
     info_data,
     meta_data,
     option,
@@ -228,6 +231,41 @@ def test_block_size_structured_replies_and_meta_contexts_work_inside_tls() -> No
         ">IHHQI", b"".join(map(bytes, conn.data_to_send()))
     )
     assert (magic, rtype, cookie, length) == (0x668E33EF, 5, req.cookie, 12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([*range(12), 99, 0xFFFFFFFF]), st.binary(max_size=40)),
+        max_size=8,
+    ),
+    st.lists(st.integers(1, 64), max_size=20),
+)
+def test_before_tls_require_tells_nothing_whatever_the_options(
+    opts: list[tuple[int, bytes]], pieces: list[int]
+) -> None:
+    """Random options, cut anywhere: until STARTTLS is acknowledged the application sees no
+    event, and every reply is ERR_TLS_REQD, or the answer to ABORT or to STARTTLS."""
+    conn = server(TlsMode.REQUIRE)
+    stream = b"".join(option(opt, data) for opt, data in opts)
+    feed(conn, stream, pieces)
+    events = []
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            break
+        events.append(event)
+        if isinstance(event, (Closed, StartTls)):
+            break
+    assert all(isinstance(e, (Closed, StartTls)) for e in events), events
+    for reply in option_replies(sent(conn)):
+        if reply.opt == STARTTLS:
+            assert reply.rep in (ACK, ERR_INVALID)
+        elif reply.opt == ABORT:
+            assert reply.rep == ACK
+        else:
+            assert reply.rep == ERR_TLS_REQD and b"TLS" in reply.data
+    assert conn.export is None and not conn.structured_replies and not conn.meta_contexts
 
 
 # --- the client against the server ------------------------------------------------------------
