@@ -44,21 +44,24 @@ class ReceiveBuffer:
     def peek(self, layout: struct.Struct) -> tuple[Any, ...] | None:
         """``layout`` unpacked at the read position without consuming it, or None when
         fewer bytes than it needs are buffered."""
-        if len(self._buf) - self._pos < layout.size:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < layout.size:
             return None
-        return layout.unpack_from(self._buf, self._pos)
+        return layout.unpack_from(buf, pos)
 
     def skip(self, n: int) -> None:
         """Consume ``n`` bytes (at most what is buffered)."""
         self._pos += min(n, len(self._buf) - self._pos)
 
-    def take(self, n: int) -> bytes | None:
-        """The next ``n`` bytes, consumed; None (nothing consumed) if fewer are buffered."""
-        if len(self._buf) - self._pos < n:
+    def take(self, n: int, skip: int = 0) -> bytes | None:
+        """The ``n`` bytes after the next ``skip`` (a header already peeked at), all
+        consumed; None (nothing consumed) if fewer than ``skip + n`` are buffered."""
+        start = self._pos + skip
+        if len(self._buf) - start < n:
             return None
         with memoryview(self._buf) as view:  # one copy, not two (a slice, then bytes())
-            chunk = bytes(view[self._pos : self._pos + n])
-        self._pos += n
+            chunk = bytes(view[start : start + n])
+        self._pos = start + n
         return chunk
 
     def take_into(self, target: bytearray, at: int, n: int) -> bool:

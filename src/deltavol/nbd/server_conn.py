@@ -288,10 +288,12 @@ class ServerConnection:
                     cookie, cmd, Errno.EINVAL, f"write of {length} bytes exceeds the maximum"
                 )
                 return self._request()
-            if len(rx) < wire.REQUEST.size + length:
+            data = rx.take(length, skip=wire.REQUEST.size)
+            if data is None:
                 return NEED_DATA
-        rx.skip(wire.REQUEST.size)
-        data = rx.take(length) if cmd == Cmd.WRITE else b""
+        else:
+            rx.skip(wire.REQUEST.size)
+            data = b""
         command = _COMMANDS.get(cmd)
         if command is None:
             return BadRequest(cookie, cmd, Errno.EINVAL, f"unknown command {cmd}")
@@ -306,7 +308,7 @@ class ServerConnection:
             return BadRequest(cookie, cmd, Errno.EINVAL, why)
         if command is Cmd.BLOCK_STATUS and not self.meta_contexts:
             return BadRequest(cookie, cmd, Errno.EINVAL, "no meta context was negotiated")
-        return Request(cookie, command, flags, offset, length, data or b"")
+        return Request(cookie, command, flags, offset, length, data)
 
     # --- answers to option events ----------------------------------------------------------
     def _answered(self, expected: type[_Opt]) -> _Opt:
@@ -410,7 +412,8 @@ class ServerConnection:
     def send_ok(self, cookie: int) -> None:
         """Success for a command without reply data (simple replies are allowed for these)."""
         self._replying()
-        self._out.append(wire.simple_reply(cookie))
+        # the one reply of most writes: the Struct straight, without wire.simple_reply's call
+        self._out.append(wire.SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, cookie))
 
     def send_error(self, cookie: int, errno: int, message: str = "") -> None:
         self._replying()

@@ -77,3 +77,12 @@ def test_consumed_bytes_are_dropped_when_never_fully_drained() -> None:
         assert rx.take(len(piece)) is not None
     assert rx.held <= COMPACT_AT + 2 * len(piece)
     assert rx.take(1) == b"\xff"
+
+
+def test_take_after_a_header_consumes_both_or_nothing() -> None:
+    rx = ReceiveBuffer()
+    rx.feed(b"HDRpay")
+    assert rx.take(4, skip=3) is None and len(rx) == 6
+    assert rx.take(3, skip=3) == b"pay" and len(rx) == 0
+    rx.feed(b"HDR")
+    assert rx.take(0, skip=3) == b"" and len(rx) == 0
