@@ -240,6 +240,11 @@ class NbdConnection(asyncio.Protocol):
         assert self.tls_context is not None
         try:
             context = self.tls_context()
+        except Exception as exc:  # certificate files unreadable, say: this client only
+            log.error("nbd %s: no TLS context for STARTTLS: %s", self.peer, exc)
+            self._tls_failed(transport)
+            return
+        try:
             tls = await loop.start_tls(
                 transport, self, context, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT
             )
@@ -247,12 +252,7 @@ class NbdConnection(asyncio.Protocol):
                 raise ConnectionError("the connection closed during the TLS handshake")
         except (Exception, asyncio.CancelledError) as exc:
             log.warning("nbd %s: TLS handshake failed: %s", self.peer, _tls_failure(exc))
-            self._upgrading = False
-            self._early.clear()
-            self._closed = True
-            self._lost = True
-            transport.abort()
-            self._release()  # no request ran: nothing else would release it
+            self._tls_failed(transport)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
@@ -270,6 +270,15 @@ class NbdConnection(asyncio.Protocol):
             self.conn.receive_data(data)
         self._pump()
         self._update_reading()
+
+    def _tls_failed(self, transport: asyncio.Transport) -> None:
+        """The ACK went out but TLS did not come up: this connection is over."""
+        self._upgrading = False
+        self._early.clear()
+        self._closed = True
+        self._lost = True
+        transport.abort()
+        self._release()  # no request ran: nothing else would release it
 
     # --- handshake ----------------------------------------------------------------------------
     def _info(self, export: Export) -> ExportInfo:

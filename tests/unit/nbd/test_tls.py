@@ -328,6 +328,19 @@ def test_each_starttls_makes_a_fresh_context_so_new_certificates_need_no_restart
     served.wait_idle()
 
 
+def test_a_context_that_cannot_be_made_fails_that_client_only(
+    serve: Callable[..., Served], tls_certs: Path, tmp_path: Path
+) -> None:
+    live = tmp_path / "live"
+    served = serve(TlsMode.REQUIRE, context=lambda: server_context(live))  # no such dir yet
+    text = qemu_io(served, tls_certs, "write -P 0x55 0 4k", ok=False)
+    assert "wrote" not in text, text
+    assert any("no TLS context" in r.getMessage() for r in served.log.records)
+    shutil.copytree(tls_certs, live)
+    qemu_io(served, tls_certs, "write -P 0x55 0 4k", "read -P 0x55 0 4k")
+    served.wait_idle()
+
+
 # --- refusals: nothing changes, the server goes on ---------------------------------------------------
 def test_plain_clients_are_refused_by_require_and_change_nothing(
     serve: Callable[..., Served], tls_certs: Path, tmp_path: Path
