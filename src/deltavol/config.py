@@ -33,3 +33,4 @@ class ServerConfig:
     retry_limit: int = 5  # automatic resumes of an update whose target failed
     retry_backoff: float = 2.0  # seconds before the first retry; doubles each time
     target_timeout: float = 30.0  # seconds a remote target may take to connect, or stay silent
+    nbd_metrics: bool = True  # count NBD requests per export (serve --no-nbd-metrics: off)

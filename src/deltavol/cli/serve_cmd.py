@@ -73,6 +73,12 @@ def parse_hot_set(text: str) -> int:
     show_default=True,
     help="Seconds a remote target may take to connect, or stay silent while requests wait.",
 )
+@click.option(
+    "--nbd-metrics/--no-nbd-metrics",
+    default=True,
+    show_default=True,
+    help="Count NBD requests, bytes and latency per export for GET /metrics.",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_context
 def serve(
@@ -87,6 +93,7 @@ def serve(
     retry_limit: int,
     retry_backoff: float,
     target_timeout: float,
+    nbd_metrics: bool,
     log_level: str,
 ) -> None:
     """Run the server: NBD exports and the control API for one data dir."""
@@ -104,6 +111,7 @@ def serve(
         retry_limit=retry_limit,
         retry_backoff=retry_backoff,
         target_timeout=target_timeout,
+        nbd_metrics=nbd_metrics,
     )
     from deltavol.server.main import serve as run
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from deltavol.backend import export
 from deltavol.config import ServerConfig
 from deltavol.errors import ListenFailed
 from deltavol.server.http_api import make_app
@@ -26,6 +27,7 @@ log = logging.getLogger("deltavol.server")
 
 
 async def serve(config: ServerConfig) -> None:
+    export.COUNTING = config.nbd_metrics  # before the volumes' exports are made
     datadir = DataDir(config.data_dir)
     db = datadir.open()
     service = Service(db, datadir, config)
