@@ -31,7 +31,7 @@ def cli(
 
 
 def main() -> None:
-    from deltavol.cli import serve_cmd, session_cmds, volume_cmds  # noqa: F401  (registers)
+    from deltavol.cli import events_cmd, serve_cmd, session_cmds, volume_cmds  # noqa: F401  (registers)
 
     try:
         cli.main(standalone_mode=False)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,4 +69,63 @@ async def acall(target: ApiTarget, method: str, path: str, body: Any = None, tim
     except (aiohttp.ClientConnectionError, FileNotFoundError) as exc:
         if isinstance(exc, aiohttp.ServerDisconnectedError):
             raise ApiError(502, "Disconnected", "the server closed the connection") from exc
+        raise ServerNotRunning(socket=target.url or target.unix_socket, data_dir=target.data_dir) from exc
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One Server-Sent Event as read: ``data`` is the JSON object the server sent."""
+
+    id: int | None
+    kind: str
+    data: dict[str, Any]
+
+
+async def events(
+    target: ApiTarget, last_id: int | None = None, opened: Any = None
+) -> AsyncIterator[StreamEvent]:
+    """Follow ``GET /v1/events``. ``opened()`` is called once the server has subscribed this
+    stream (every event published after is in it). The stream ends when the server closes it."""
+    if target.url:
+        connector: aiohttp.BaseConnector = aiohttp.TCPConnector()
+        base = target.url.rstrip("/")
+    else:
+        connector = aiohttp.UnixConnector(path=target.unix_socket)
+        base = "http://deltavol"
+    headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
+    if last_id is not None:
+        headers["Last-Event-ID"] = str(last_id)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=None)
+    try:
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+            session.get(base + "/v1/events", headers=headers) as resp,
+        ):
+            if resp.status >= 400:
+                data = await resp.json(content_type=None)
+                err = (data or {}).get("error", {}) if isinstance(data, dict) else {}
+                raise ApiError(
+                    resp.status, err.get("code", "Error"), err.get("message", f"HTTP {resp.status}")
+                )
+            fields: dict[str, str] = {}
+            first = True
+            async for raw in resp.content:
+                line = raw.decode().rstrip("\r\n")
+                if line.startswith(":"):
+                    if first and opened is not None:
+                        await opened()
+                    first = False
+                    continue
+                if line:
+                    key, _, value = line.partition(":")
+                    fields[key] = value[1:] if value.startswith(" ") else value
+                    continue
+                if "data" in fields:
+                    data = json.loads(fields["data"])
+                    eid = fields.get("id")
+                    yield StreamEvent(int(eid) if eid else None, fields.get("event", "message"), data)
+                fields = {}
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError):
+        return  # the server went away (or is stopping): the stream is over
+    except (aiohttp.ClientConnectionError, FileNotFoundError) as exc:
         raise ServerNotRunning(socket=target.url or target.unix_socket, data_dir=target.data_dir) from exc
