@@ -176,7 +176,7 @@ function refreshSoon() {
   if (pending) return;
   pending = setTimeout(async () => {
     pending = null;
-    try { await loadSessions(); await loadAllBitmaps(); } catch (e) { say(e.message); }
+    try { await loadSessions(); await loadAllBitmaps(); await loadVolumes(); } catch (e) { say(e.message); }
   }, 150);
 }
 
