@@ -84,6 +84,7 @@ class EventReader:
     """``GET /v1/events`` read line by line with http.client: a plain HTTP client."""
 
     def __init__(self, server: Server, last_id: int | None = None, timeout: float = 30) -> None:
+        self.deadline = time.monotonic() + 60  # the heartbeat (15 s) lets a reader see it pass
         self.conn = UnixHTTPConnection(str(server.root / "api.sock"), timeout=timeout)
         headers = {} if last_id is None else {"Last-Event-ID": str(last_id)}
         self.conn.request("GET", "/v1/events", headers=headers)
@@ -101,6 +102,7 @@ class EventReader:
             line = self.resp.readline()
             if not line:
                 return
+            assert time.monotonic() < self.deadline, "no awaited event within 60 s"
             text = line.decode().rstrip("\n")
             if text.startswith(":"):
                 self.comments.append(text)

@@ -222,7 +222,9 @@ async def _event_stream(request: web.Request, service: Service) -> web.StreamRes
     """Server-Sent Events: every event of the bus from now on; with ``Last-Event-ID`` (or
     ``?since=ID``) first the kept ones after it, and a ``gap`` event if some were let go.
     The first bytes are a comment naming the last id, sent once the stream is subscribed:
-    a client that reads them misses nothing published after. A subscriber too slow to keep
+    a client that reads them misses nothing published after. Ids begin again at 1 when the
+    server starts: a Last-Event-ID beyond the last one is of an earlier run, answered with
+    ``gap`` and every kept event. A subscriber too slow to keep
     up is dropped by the bus: the stream says ``gap`` and ends, and the client reconnects
     with its last id."""
     bus = service.events
@@ -235,6 +237,9 @@ async def _event_stream(request: web.Request, service: Service) -> web.StreamRes
         await resp.prepare(request)
         sent = bus.last_id
         await resp.write(f": deltavol events, last id {sent}\nretry: 1000\n\n".encode())
+        if last is not None and last > sent:  # an id of an earlier run: ids began again
+            await resp.write(_gap(last, 1))
+            last = 0
         if last is not None:
             missed, gap = bus.since(last)
             if gap:
@@ -245,6 +250,7 @@ async def _event_stream(request: web.Request, service: Service) -> web.StreamRes
         # what the subscription got meanwhile and was replayed already is skipped by id
         floor = sent if last is None else max(sent, last)
         stop = asyncio.ensure_future(stopping.wait())
+        get: asyncio.Future[Event | None] | None = None
         try:
             while not stopping.is_set():
                 get = asyncio.ensure_future(sub.queue.get())
@@ -263,10 +269,12 @@ async def _event_stream(request: web.Request, service: Service) -> web.StreamRes
                 if event.id > floor:
                     await resp.write(_sse(event))
                     floor = event.id
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            return resp  # the client went away
         finally:
             stop.cancel()
+            if get is not None:
+                get.cancel()
     with contextlib.suppress(ConnectionResetError):
         await resp.write_eof()
     return resp
