@@ -244,9 +244,9 @@ async def _event_stream(request: web.Request, service: Service) -> web.StreamRes
             missed, gap = bus.since(last)
             if gap:
                 await resp.write(_gap(last, missed[0].id if missed else bus.last_id + 1))
-            for event in missed:
-                if event.id <= sent:
-                    await resp.write(_sse(event))
+            for kept in missed:
+                if kept.id <= sent:
+                    await resp.write(_sse(kept))
         # what the subscription got meanwhile and was replayed already is skipped by id
         floor = sent if last is None else max(sent, last)
         stop = asyncio.ensure_future(stopping.wait())
