@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from deltavol.errors import ApiError, ServerNotRunning
+from deltavol.errors import ApiError, ServerNotRunning, TlsVerifyFailed
 from deltavol.store.datadir import resolve_data_dir
 
 
@@ -18,8 +19,9 @@ from deltavol.store.datadir import resolve_data_dir
 class ApiTarget:
     data_dir: Path
     socket: str | None = None  # unix socket; default data_dir/api.sock
-    url: str | None = None  # http://host:port for the TCP API
+    url: str | None = None  # http://host:port or https://host:port for the TCP API
     token: str | None = None
+    certificates: str | None = None  # ca-cert.pem (client-cert/key.pem) to trust an https:// API
 
     @property
     def unix_socket(self) -> str:
@@ -27,7 +29,12 @@ class ApiTarget:
 
     @classmethod
     def resolve(
-        cls, data_dir: str | None, socket: str | None, url: str | None, token: str | None
+        cls,
+        data_dir: str | None,
+        socket: str | None,
+        url: str | None,
+        token: str | None,
+        certificates: str | None = None,
     ) -> ApiTarget:
         root = resolve_data_dir(data_dir)
         if url and not token:
@@ -35,7 +42,15 @@ class ApiTarget:
             token = os.environ.get("DELTAVOL_API_TOKEN") or (
                 token_file.read_text().strip() if token_file.exists() else None
             )
-        return cls(root, socket, url, token)
+        return cls(root, socket, url, token, certificates)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """For an https:// URL: the server verified against the CA (host name included)."""
+        if not (self.url and self.url.lower().startswith("https://")):
+            return None
+        from deltavol.tls import client_context
+
+        return client_context(Path(self.certificates).expanduser() if self.certificates else None)
 
 
 def call(target: ApiTarget, method: str, path: str, body: Any = None, timeout: float = 300) -> Any:
@@ -44,7 +59,7 @@ def call(target: ApiTarget, method: str, path: str, body: Any = None, timeout: f
 
 async def acall(target: ApiTarget, method: str, path: str, body: Any = None, timeout: float = 300) -> Any:
     if target.url:
-        connector: aiohttp.BaseConnector = aiohttp.TCPConnector()
+        connector: aiohttp.BaseConnector = aiohttp.TCPConnector(ssl=target.ssl_context() or True)
         base = target.url.rstrip("/")
     else:
         connector = aiohttp.UnixConnector(path=target.unix_socket)
@@ -64,7 +79,23 @@ async def acall(target: ApiTarget, method: str, path: str, body: Any = None, tim
                     resp.status, err.get("code", "Error"), err.get("message", f"HTTP {resp.status}")
                 )
             return data
+    except aiohttp.ClientSSLError as exc:
+        hint = "" if target.certificates else " (give the CA with --api-certificates DIR)"
+        raise TlsVerifyFailed(peer=target.url, why=f"{_ssl_why(exc)}{hint}") from exc
     except (aiohttp.ClientConnectionError, FileNotFoundError) as exc:
         if isinstance(exc, aiohttp.ServerDisconnectedError):
+            if target.url and target.url.lower().startswith("http://"):
+                raise ApiError(
+                    502, "Disconnected", "the server closed the connection (does it serve https://?)"
+                ) from exc
             raise ApiError(502, "Disconnected", "the server closed the connection") from exc
         raise ServerNotRunning(socket=target.url or target.unix_socket, data_dir=target.data_dir) from exc
+
+
+def _ssl_why(exc: aiohttp.ClientSSLError) -> str:
+    cause = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", None) or exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return cause.verify_message or str(cause)
+    if isinstance(cause, ssl.SSLError):
+        return cause.reason or str(cause)
+    return str(cause)
