@@ -19,6 +19,7 @@ class Service:
         self.db = db
         self.volumes = Volumes(db, datadir.volumes)
         self.sessions = SessionManager(db, self.volumes, datadir.bitmaps, datadir.save, config)
+        self.warnings = list(config.warnings)  # how the server is exposed, said by `volume list`
 
     def load(self) -> None:
         self.volumes.load()

@@ -19,16 +19,29 @@ from deltavol.server.http_api import make_app
 from deltavol.server.nbd_listener import NbdListener
 from deltavol.service import Service
 from deltavol.store.datadir import DataDir
+from deltavol.tls import ServerTls
 
 log = logging.getLogger("deltavol.server")
 
 
+def _listener(service: Service, server_tls: ServerTls | None, mode: str) -> NbdListener:
+    if server_tls is None:
+        return NbdListener(service)
+    from deltavol.nbd.constants import TlsMode
+
+    return NbdListener(service, tls_mode=TlsMode(mode), tls_context=server_tls.context)
+
+
 async def serve(config: ServerConfig) -> None:
+    os.umask(0o077)  # what the server makes (volumes, bitmaps, sockets) is its user's alone
     datadir = DataDir(config.data_dir)
     db = datadir.open()
     service = Service(db, datadir, config)
     runner: web.AppRunner | None = None
-    listener = NbdListener(service)
+    server_tls = (
+        ServerTls(config.tls_certificates, config.tls_verify_peer) if config.tls_certificates else None
+    )
+    listener = _listener(service, server_tls, config.tls)
     try:
         service.load()
         await service.start()
@@ -45,14 +58,26 @@ async def serve(config: ServerConfig) -> None:
             os.unlink(api_socket)
         try:
             await web.UnixSite(runner, api_socket).start()
+            os.chmod(api_socket, 0o600)
             if config.api_tcp:
-                await web.TCPSite(runner, *config.api_tcp).start()
+                https = server_tls.https_context() if server_tls else None
+                await web.TCPSite(runner, *config.api_tcp, ssl_context=https).start()
             if config.nbd_tcp:
                 await listener.listen_tcp(*config.nbd_tcp)
             if config.nbd_socket:
                 await listener.listen_unix(config.nbd_socket)
+                os.chmod(config.nbd_socket, 0o600)
         except OSError as exc:
             raise Error(msg=f"cannot listen: {exc.strerror or exc}") from exc
+        if config.tls != "off":
+            log.info(
+                "server: TLS %s with %s%s",
+                config.tls,
+                config.tls_certificates,
+                ", clients' certificates verified" if config.tls_verify_peer else "",
+            )
+        for warning in config.warnings:
+            log.warning("server: %s", warning)
         log.info("server: ready, data dir %s, api %s (pid %d)", config.data_dir, api_socket, os.getpid())
 
         stop = asyncio.Event()
