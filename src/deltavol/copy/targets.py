@@ -15,14 +15,10 @@ from typing import Any, Protocol
 
 from deltavol.backend.file import FileBackend
 from deltavol.copy.engine import INFLIGHT, MAX_REQUEST
-from deltavol.errors import Error, TlsFileInvalid, TlsFileMissing
+from deltavol.errors import TargetError, TlsFileInvalid, TlsFileMissing
 from deltavol.tls import client_tls, explain
 
 TARGET_TIMEOUT = 30.0  # seconds a target may take to connect, or stay silent with requests waiting
-
-
-class TargetError(Error):
-    """{msg}"""
 
 
 class CopyTarget(Protocol):
