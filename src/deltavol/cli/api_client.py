@@ -84,12 +84,20 @@ async def acall(target: ApiTarget, method: str, path: str, body: Any = None, tim
         raise TlsVerifyFailed(peer=target.url, why=f"{_ssl_why(exc)}{hint}") from exc
     except (aiohttp.ClientConnectionError, FileNotFoundError) as exc:
         if isinstance(exc, aiohttp.ServerDisconnectedError):
-            if target.url and target.url.lower().startswith("http://"):
-                raise ApiError(
-                    502, "Disconnected", "the server closed the connection (does it serve https://?)"
-                ) from exc
-            raise ApiError(502, "Disconnected", "the server closed the connection") from exc
+            raise ApiError(502, "Disconnected", "the server closed the connection" + _guess(target)) from exc
         raise ServerNotRunning(socket=target.url or target.unix_socket, data_dir=target.data_dir) from exc
+
+
+def _guess(target: ApiTarget) -> str:
+    """Why a TCP API may close a connection at once: TLS one side only, or no client certificate."""
+    url = (target.url or "").lower()
+    if url.startswith("http://"):
+        return " (does it serve https://?)"
+    if url.startswith("https://") and (
+        not target.certificates or not (Path(target.certificates).expanduser() / "client-cert.pem").exists()
+    ):
+        return " (if it verifies clients' certificates, --api-certificates DIR needs client-cert.pem)"
+    return ""
 
 
 def _ssl_why(exc: aiohttp.ClientSSLError) -> str:
