@@ -29,15 +29,18 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 from deltavol.errors import AlreadyExists, InsecureListen, TlsFileInvalid, TlsFileMissing, UsageError
+
+log = logging.getLogger("deltavol.tls")
 
 CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-key.pem"
@@ -176,7 +179,8 @@ class ServerTls:
         def pick(sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> int | None:
             try:
                 sock.context = self.context()
-            except (TlsFileMissing, TlsFileInvalid):
+            except (TlsFileMissing, TlsFileInvalid) as exc:
+                log.warning("https: TLS handshake refused: %s", exc.message)
                 return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
             return None
 
@@ -283,8 +287,9 @@ def with_certificates(uri: str, directory: str) -> str:
         raise UsageError(msg=f"--tls-certificates needs an nbds:// or nbds+unix:// target, not {uri!r}")
     if "tls-certificates" in parse_qs(parts.query):
         raise UsageError(msg=f"{uri!r} already names its certificates (tls-certificates=)")
-    query = f"{parts.query}&" if parts.query else ""
-    return parts._replace(query=f"{query}tls-certificates={directory}").geturl()
+    if parts.fragment:
+        raise UsageError(msg=f"invalid NBD URI {uri!r}: no #fragment expected")
+    return f"{uri}{'&' if parts.query else '?'}tls-certificates={quote(directory, safe='/')}"
 
 
 def explain(exc: BaseException, uri: str) -> str | None:
