@@ -154,7 +154,7 @@ class ServerTls:
         return [self.directory / n for n in names]
 
     def _signature(self) -> tuple[Any, ...]:
-        stamp = []
+        stamp: list[tuple[int, int, int] | None] = []
         for path in self._files():
             try:
                 st = path.stat()
@@ -184,7 +184,7 @@ class ServerTls:
                 return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
             return None
 
-        outer.sni_callback = pick  # type: ignore[assignment]
+        outer.sni_callback = pick
         return outer
 
 
