@@ -141,7 +141,7 @@ class NbdTarget:
         self._turn = itertools.count()
 
     async def open(self) -> NbdTarget:
-        from deltavol.nbd.client import NbdClient
+        from deltavol.server.nbd_client import NbdClient
 
         try:  # nbds: the certificates are read again at each open, a renewed one is used
             tls = client_tls(self.uri)

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from deltavol.config import ServerConfig
 from deltavol.errors import ListenFailed
+from deltavol.nbd.constants import TlsMode
 from deltavol.server.http_api import make_app
 from deltavol.server.nbd_listener import NbdListener
 from deltavol.service import Service
@@ -24,14 +25,6 @@ from deltavol.store.datadir import DataDir
 from deltavol.tls import ServerTls
 
 log = logging.getLogger("deltavol.server")
-
-
-def _listener(service: Service, server_tls: ServerTls | None, mode: str) -> NbdListener:
-    if server_tls is None:
-        return NbdListener(service)
-    from deltavol.nbd.constants import TlsMode
-
-    return NbdListener(service, tls_mode=TlsMode(mode), tls_context=server_tls.context)
 
 
 async def serve(config: ServerConfig) -> None:
@@ -43,7 +36,11 @@ async def serve(config: ServerConfig) -> None:
     server_tls = (
         ServerTls(config.tls_certificates, config.tls_verify_peer) if config.tls_certificates else None
     )
-    listener = _listener(service, server_tls, config.tls)
+    listener = NbdListener(
+        service,
+        tls_mode=TlsMode(config.tls),
+        tls_context=server_tls.context if server_tls else None,
+    )
     try:
         service.load()
         await service.start()
