@@ -174,7 +174,7 @@ class ServerTls:
     def https_context(self) -> ssl.SSLContext:
         """For the HTTPS API: a context whose handshake switches to ``context()``, so that
         it too sees renewed certificates without a restart."""
-        outer = self.context()
+        outer = server_context(self.directory, self.verify_peer)  # its own: NBD's are left as they are
 
         def pick(sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> int | None:
             try:
