@@ -4,6 +4,7 @@ CA, or names another host, refused before a byte of data is sent."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,8 +43,6 @@ def source(server: Server) -> Model:
 
 
 def assert_target(uri: str, want: bytes, tmp: Path) -> None:
-    import hashlib
-
     got = nbdcopy_sha(uri, tmp)
     if got != hashlib.sha256(want).hexdigest():
         image = (tmp / "dump.img").read_bytes()
