@@ -106,6 +106,35 @@ def test_nbdinfo_and_nbdcopy_with_nbds_uris(
     assert nbdcopy_sha(require_server.nbds("v", tls_certs, host="127.0.0.1"), tmp_path) == sha(src)
 
 
+def test_fio_writes_and_verifies_over_tls(tmp_path: Path, tls_certs: Path) -> None:
+    """fio's engine (libnbd) may not read tls-certificates from a URI: it finds the CA in
+    $HOME/.pki/libnbd, as libnbd does by default (without presenting a client certificate
+    from there: this server does not ask for one)."""
+    require("fio")
+    shutil.copytree(tls_certs, tmp_path / "home" / ".pki" / "libnbd")
+    srv = TlsServer(tmp_path / "data", "--tls", "require", "--tls-certificates", str(tls_certs))
+    srv.start()
+    try:
+        srv.cli("volume", "create", "v", "--size", str(SIZE))
+        common = [
+            "fio", "--ioengine=nbd", f"--uri=nbds://localhost:{srv.port}/v", "--size=8M",
+            "--iodepth=16", "--bsrange=4k-64k", "--verify=crc32c", "--output-format=json",
+            "--randseed=42", "--verify_state_save=0", "--name=w", "--rw=randwrite",
+        ]  # fmt: skip
+        env = {**os.environ, "HOME": str(tmp_path / "home")}
+        for extra in ("--do_verify=1", "--verify_only"):
+            out = subprocess.run([*common, extra], capture_output=True, text=True, env=env, timeout=120)
+            assert out.returncode == 0, out.stderr
+            report = json.loads(out.stdout[out.stdout.index("{") :])
+            assert all(job["error"] == 0 for job in report["jobs"])
+        assert srv.image("v")[: 8 * MiB] != bytes(8 * MiB)
+        plain = [*common[:2], f"--uri=nbd://localhost:{srv.port}/v", *common[3:], "--verify_only"]
+        out = subprocess.run(plain, capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode != 0  # and without TLS, nothing
+    finally:
+        srv.stop()
+
+
 # --- refusals that change nothing ---------------------------------------------------------------
 def assert_unchanged_and_serving(srv: TlsServer, before: bytes, certs: Path) -> None:
     assert srv.image("v") == before
