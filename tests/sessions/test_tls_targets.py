@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.certs import make_certs
-from tests.harness import Server, require
+from tests.harness import DELTAVOL, Server, require
 from tests.interop.peers import run, sha
-from tests.interop.tls import free_port, nbdcopy_sha, nbdkit_tls, qemu_nbd_tls, target
+from tests.interop.tls import TlsServer, free_port, nbdcopy_sha, nbdkit_tls, qemu_nbd_tls, target
 from tests.sessions.common import MiB, Model, apply, differing_chunks, start_update, wait_for
 
 pytestmark = pytest.mark.interop
@@ -160,3 +160,29 @@ def test_an_untrusted_target_is_refused_before_a_byte_is_sent(
         st = wait_for(server, lambda s: s["state"] == "failed", "failed", failed_ok=True)
     assert says in st["last_error"] and str(port) in st["last_error"], st["last_error"]
     assert image.read_bytes() == after_full
+
+
+def test_deltavol_to_deltavol_verifying_each_other(server: Server, tmp_path: Path) -> None:
+    """The README's two hosts on one: certificates from `deltavol tls init`, the target a
+    deltavol server that requires TLS and a client certificate of its CA."""
+    certs = tmp_path / "certs"
+    run(str(DELTAVOL), "tls", "init", str(certs), "--host", "localhost", "--host", "127.0.0.1")
+    model = source(server)
+    dr = TlsServer(tmp_path / "dr", "--tls", "require", "--tls-certificates", str(certs), "--tls-verify-peer")
+    dr.start()
+    try:
+        dr.cli("volume", "create", "copy", "--size", str(SIZE))
+        uri = f"nbds://localhost:{dr.port}/copy"
+        server.cli(
+            "session", "create", "s", "--source", "src", "--target", uri, "--tls-certificates", str(certs)
+        )
+        server.cli("session", "update", "s", "--wait")
+        assert dr.image("copy") == model.snapshot()
+        apply(server, "src", *model.chunks(0xD5, [0, 17, 200]))
+        start_update(server)
+        wait_for(server, lambda s: s["state"] == "idle" and s["consistent"], "idle")
+        assert dr.image("copy") == model.snapshot()
+    finally:
+        dr.stop()
+        dr.log.close()
+    assert "Traceback" not in dr.log_path.read_text()
