@@ -23,6 +23,7 @@ class Service:
         self.events = EventBus()
         self.volumes = Volumes(db, datadir.volumes)
         self.sessions = SessionManager(db, self.volumes, datadir.bitmaps, datadir.save, config, self.events)
+        self.warnings = list(config.warnings)  # how the server is exposed, said by `volume list`
         self.facts = Facts(db, self._find_session)
         self.events.listen(self.facts.record)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from typing import Any
@@ -13,6 +14,7 @@ from deltavol.cli import cli
 from deltavol.cli.api_client import ApiTarget, acall, call, events
 from deltavol.cli.output import emit_json, fields, table
 from deltavol.errors import ApiError, UpdateFailed, VerifyMismatch
+from deltavol.tls import with_certificates
 from deltavol.units import format_size
 
 STATUS_FIELDS = (
@@ -53,7 +55,17 @@ def session() -> None:
 @session.command()
 @click.argument("name")
 @click.option("--source", required=True, help="Source volume.")
-@click.option("--target", required=True, help="Target: a volume name or an NBD URI.")
+@click.option(
+    "--target",
+    required=True,
+    help="Target: a volume name or an NBD URI (nbd://, nbd+unix://, or over TLS nbds://, nbds+unix://).",
+)
+@click.option(
+    "--tls-certificates",
+    metavar="DIR",
+    help="For an nbds:// target: ca-cert.pem to verify it with (client-cert.pem/client-key.pem "
+    "presented when there), on the server's host. Same as ?tls-certificates=DIR in the URI.",
+)
 @click.option("--granularity", default="64KiB", show_default=True, help="Chunk size (4KiB-16MiB).")
 @click.option("--max-rate", help="Copy rate limit, e.g. 100MiB/s.")
 @click.option("--every", help="Run an incremental update every interval, e.g. 15m.")
@@ -64,12 +76,15 @@ def create(
     name: str,
     source: str,
     target: str,
+    tls_certificates: str | None,
     granularity: str,
     max_rate: str | None,
     every: str | None,
     as_json: bool,
 ) -> None:
     """Create session NAME copying SOURCE to TARGET (the first update is a full one)."""
+    if tls_certificates:
+        target = with_certificates(target, os.path.abspath(os.path.expanduser(tls_certificates)))
     body = {
         "name": name,
         "source": source,

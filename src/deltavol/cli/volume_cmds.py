@@ -78,6 +78,8 @@ def import_(api: ApiTarget, name: str, path: str, as_json: bool) -> None:
 def list_(api: ApiTarget, as_json: bool) -> None:
     """List volumes."""
     vols = call(api, "GET", "/v1/volumes")
+    for warning in call(api, "GET", "/v1/server").get("warnings", []):
+        click.echo(f"deltavol: warning: {warning}", err=True)
     if as_json:
         emit_json(vols)
     else:

@@ -94,6 +94,10 @@ def _field(body: dict[str, Any], key: str, kind: type) -> Any:
 def routes(service: Service) -> web.RouteTableDef:
     r = web.RouteTableDef()
 
+    @r.get("/v1/server")
+    async def server_info(request: web.Request) -> web.Response:
+        return web.json_response({"warnings": service.warnings})
+
     @r.get("/v1/volumes")
     async def list_volumes(request: web.Request) -> web.Response:
         return web.json_response(service.list_volumes())
