@@ -34,8 +34,9 @@ Design notes
   restore file found corrupt is replaced from tracking (the restore starts over), never
   taken for an empty one.
 * **A failure** (the target stops answering, a full disk) leaves the session ``restoring``
-  with ``last_error`` and the source guarded; ``session restore`` again (or a restart)
-  goes on with what the file owes. Removing the session lifts the guard.
+  with ``last_error`` and the source guarded; ``session restore`` again (or a restart, or
+  for a target that failed the retry policy, as for updates) goes on with what the file
+  owes. Removing the session lifts the guard.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -105,9 +107,14 @@ def _refusal(s: Session) -> str | None:
 
 
 @one_at_a_time
-async def restore(s: Session) -> dict[str, Any]:
+async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
     """Start (or, after a failure or a restart, go on with) a restore; returns once it has
     committed and its copy task runs."""
+    if by_retry and s.state is not State.RESTORING:
+        return s.status()  # it ended meanwhile: a retry never starts a restore
+    s._cancel_retry()
+    if not by_retry:
+        s.retry.attempts = 0
     resuming = s.state is State.RESTORING
     if resuming and s.busy:
         return s.status()  # already going
@@ -150,12 +157,13 @@ async def restore(s: Session) -> dict[str, Any]:
     return s.status()
 
 
-async def resume_at_start(s: Session) -> None:
-    """Start-up: an interrupted restore goes on by itself. Nobody awaits this: an error
-    (the target down) stays in ``last_error``, the source guarded, and the session
-    ``restoring`` until ``session restore`` is run again."""
+async def resume_at_start(s: Session, by_retry: bool = False) -> None:
+    """Start-up (and the retry policy): an interrupted restore goes on by itself. Nobody
+    awaits this: an error stays in ``last_error``, the source guarded, and the session
+    ``restoring``; a target that does not answer is tried again with the retry policy's
+    backoff, then it waits for ``session restore``."""
     try:
-        await restore(s)
+        await restore(s, by_retry=by_retry)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -166,6 +174,28 @@ async def resume_at_start(s: Session) -> None:
         with contextlib.suppress(DeltavolError, OSError):
             s.last_error = f"restore: {why}"
             s._persist_row(s)
+        if isinstance(exc, TargetError):
+            _retry_later(s)
+
+
+def _retry_later(s: Session) -> None:
+    """A restore whose target failed is tried again as an update is: exponential backoff,
+    at most ``retry.limit`` times in a row."""
+    if s.closed or s.retry.attempts >= s.retry.limit:
+        return
+    delay = s.retry.delay()
+    s.retry.attempts += 1
+    s.retry.next_at = time.time() + delay
+    s.events.publish("update.retry", name=s.name, attempt=s.retry.attempts, at_time=s.retry.next_at)
+    log.info("session %s: restore retry %d of %d in %.1fs", s.name, s.retry.attempts, s.retry.limit, delay)
+    s._retry_task = asyncio.get_running_loop().create_task(_retry(s, delay))
+
+
+async def _retry(s: Session, delay: float) -> None:
+    await asyncio.sleep(delay)
+    s.retry.next_at = None
+    s._retry_task = None  # this task: the restore it starts must not cancel it
+    await resume_at_start(s, by_retry=True)
 
 
 class Restorer:
@@ -196,6 +226,8 @@ class Restorer:
                 log.exception("session %s: restore crashed", s.name)
                 why = f"internal error: {exc!r}"
             await self._fail(why)
+            if isinstance(exc, TargetError):
+                _retry_later(s)
 
     def _take_work(self) -> None:
         """What is still to copy back: the file of this restore, or (at its first run, or if
@@ -300,6 +332,7 @@ class Restorer:
         s._rewrite_tracking()
         before = s.state, update.finished_at, s.last_error
         s.state = next_state(s.name, s.state, "restored")
+        s.retry.attempts = 0
         update.finished_at, s.last_error = now_iso(), None
         try:
             self._save_row()  # the commit point
