@@ -289,7 +289,12 @@ def list_(api: ApiTarget, as_json: bool) -> None:
         emit_json(sessions)
         return
     rows = [
-        {**s, "progress": _progress_line(s["update"]) if s["state"] == "copying" and s["update"] else ""}
+        {
+            **s,
+            "progress": _progress_line(s["update"])
+            if s["state"] in ("copying", "restoring") and s["update"]
+            else "",
+        }
         for s in sessions
     ]
     table(

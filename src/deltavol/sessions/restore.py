@@ -132,8 +132,9 @@ async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
     before = s.state, s.update, s.last_error, s.next_update_id, s.progress
     if not resuming:
         try:  # a file left by an earlier restore that ended (or a removed namesake) is void
-            fs.unlink(restore_path(s), missing_ok=True)
-            sync_dir(restore_path(s).parent)
+            if fs.exists(restore_path(s)):
+                fs.unlink(restore_path(s))
+                sync_dir(restore_path(s).parent)
         except OSError as exc:
             raise os_error(exc, f"removing an old restore file of session {s.name}") from exc
         s.update = UpdateRecord(id=s.next_update_id, kind=KIND, started_at=now_iso())
