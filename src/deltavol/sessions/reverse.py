@@ -26,6 +26,8 @@ Design notes
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +78,9 @@ async def reverse(m: SessionManager, name: str) -> dict[str, Any]:
                 why=f"{old.connections} NBD connection(s) open; it becomes a target: disconnect them first",
             )
         await s._drop_target()
+        if s._preparing is not None:  # the save area's space, written ahead in a thread: the
+            with contextlib.suppress(Exception):  # reversed session's marks use the same file
+                await asyncio.shield(s._preparing)
         async with old.gate.closed(), new.gate.closed():
             if old.connections:  # one came while the gate closed
                 raise InUse(kind="volume", name=old.name, why=f"{old.connections} NBD connection(s) open")
