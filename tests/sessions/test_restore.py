@@ -354,3 +354,21 @@ def test_a_corrupt_restore_file_starts_the_restore_over(server: Server, tmp_path
     assert st["consistent"] and st["update"]["bytes_total"] == tracked, st
     assert server.image("src") == at_pit
     assert "s.restore is corrupt" in server.log_path.read_text()
+
+
+def test_another_session_of_the_source_tracks_what_the_restore_writes(server: Server) -> None:
+    model = session_with_copy(server, SIZE)
+    at_pit = model.snapshot()
+    server.cli("volume", "create", "dst2", "--size", str(SIZE))
+    server.cli("session", "create", "t", "--source", "src", "--target", "dst2")
+    server.cli("session", "update", "t", "--full", "--wait")
+    apply(server, "src", *model.chunks(0x44, [7, 8, 30]))
+    server.cli("session", "update", "t", "--wait")  # dst2 holds the changes, dst does not
+    assert server.image("dst2") == model.snapshot()
+    st = restore_wait(server)
+    assert st["update"]["bytes_done"] == 3 * G and server.image("src") == at_pit
+    other = server.status("t")
+    assert other["state"] == "idle" and other["tracked_bytes"] == 3 * G, other
+    u = start_update(server, session="t")["update"]
+    assert server.wait_idle(u["id"], session="t")["update"]["bytes_total"] == 3 * G
+    assert server.image("dst2") == at_pit
