@@ -51,7 +51,9 @@ from deltavol.sessions.states import Phase
 from deltavol.store import fs
 
 if TYPE_CHECKING:
+    from deltavol.sessions.copier import Copier
     from deltavol.sessions.session import Session
+    from deltavol.sessions.tracker import Tracker
 
 SAVE_AT_ONCE_MAX = 128 * 1024  # bytes of old blocks a change may save without the locks
 _PROTECTING = Phase.PROTECTING
@@ -83,8 +85,12 @@ class ChunkLocks:
 
 
 class Protector:
-    def __init__(self, session: Session, save_dir: Path, save_limit: int) -> None:
+    def __init__(
+        self, session: Session, tracker: Tracker, copier: Copier, save_dir: Path, save_limit: int
+    ) -> None:
         self.session = session
+        self.tracker = tracker
+        self.copier = copier
         self.save_dir = save_dir
         self.save_limit = save_limit
         self.save: SaveArea | None = None
@@ -134,7 +140,7 @@ class Protector:
             and update.phase is _PROTECTING
             and s.transfer is not None
             and chunk not in save
-            and s.copier.owed(chunk)
+            and self.copier.owed(chunk)
         )
 
     # --- the hook ---------------------------------------------------------------------------
@@ -143,13 +149,13 @@ class Protector:
         still owes, before they change (see the notes above)."""
         session = self.session
         update, transfer, save = session.update, session.transfer, self.save
-        tracker = session.tracker
+        tracker = self.tracker
         if update is None or transfer is None or save is None or update.phase is not _PROTECTING:
             # the mark was given up since this change's tracking left its bits to a save
             # here (``track_now``): a round makes them durable instead
             await tracker.track_rest(offset, length)
             return
-        owed, part = session.copier.owed, self._part
+        owed, part = self.copier.owed, self._part
         chunks = tracker.tracking.chunk_range(offset, length)
         todo = [c for c in chunks if owed(c) and save.missing(c, *part(c, offset, length))]
         if todo and not await self._save_at_once(todo, offset, length, update, save):
@@ -177,10 +183,10 @@ class Protector:
         update, save = session.update, self.save
         if update is None or session.transfer is None or save is None or update.phase is not _PROTECTING:
             return True
-        owed, part = session.copier.owed, self._part
+        owed, part = self.copier.owed, self._part
         return not any(
             owed(c) and save.missing(c, *part(c, offset, length))
-            for c in session.tracker.tracking.chunk_range(offset, length)
+            for c in self.tracker.tracking.chunk_range(offset, length)
         )
 
     async def _save_at_once(
@@ -240,8 +246,7 @@ class Protector:
         would wait too): a target that fails or stays silent makes the update give up its
         point in time instead.
         """
-        session = self.session
-        copier = session.copier
+        session, copier = self.session, self.copier
         base = c * session.granularity
         for start, end in runs:
             old = await session.source.backend.pread(base + start, end - start)

@@ -151,7 +151,7 @@ class Session:
             files / f"{name}.tracking", source.size, granularity, commit, hot_region, hot_set
         )
         self.copier = Copier(self)
-        self.protector = Protector(self, save_dir, save_limit)
+        self.protector = Protector(self, self.tracker, self.copier, save_dir, save_limit)
         self.tracker.saves = self.protector.saves
         self.files = SessionFiles(self, files)
         self.retry = retry or RetryPolicy()
