@@ -28,11 +28,11 @@ Design notes
   the row commits ``idle``, consistent, with the same ``point_in_time``; only then does the
   guard go and the gate open. A crash before the row leaves ``restoring``: the start-up
   resumes it with what the file still owes (nothing, near the end) and ends the same way.
-* **Tracking is left alone until the end.** The restoring session does not track the
-  restore's own writes, and no other change reaches the source: so tracking still holds
-  every chunk the restore set out to copy back, a superset of what its file owes. A
-  restore file found corrupt is replaced from tracking (the restore starts over), never
-  taken for an empty one.
+* **Tracking is left alone until the end.** The restore writes only chunks whose tracking
+  bits are set already (its work came from tracking), and no other change reaches the
+  source: so tracking still holds every chunk the restore set out to copy back, a
+  superset of what its file owes. A restore file found corrupt is replaced from tracking
+  (the restore starts over), never taken for an empty one.
 * **A failure** (the target stops answering, a full disk) leaves the session ``restoring``
   with ``last_error`` and the source guarded; ``session restore`` again (or a restart, or
   for a target that failed the retry policy, as for updates) goes on with what the file
@@ -56,7 +56,8 @@ from deltavol.copy.engine import Progress, requests, run_pipeline, split_zeroes
 from deltavol.copy.targets import CopyTarget
 from deltavol.copy.throttle import Throttle
 from deltavol.errors import CorruptFile, DeltavolError, NotRestorable, TargetError, os_error
-from deltavol.sessions.session import CHECKPOINT_SECONDS, Session, UpdateRecord, now_iso, one_at_a_time
+from deltavol.sessions.records import UpdateRecord, now_iso
+from deltavol.sessions.session import CHECKPOINT_SECONDS, Session, one_at_a_time
 from deltavol.sessions.states import State, next_state
 from deltavol.store import fs
 from deltavol.store.fs import sync_dir
@@ -69,7 +70,7 @@ KIND = "restore"  # the ``update.kind`` of a restore in the session's status
 
 
 def restore_path(s: Session) -> Path:
-    return s._tracking_path.with_name(f"{s.name}.restore")
+    return s.tracker.path.with_name(f"{s.name}.restore")
 
 
 def guard_source(s: Session) -> None:
@@ -124,10 +125,10 @@ async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
             raise NotRestorable(name=s.name, action="restore", why=why)
     new_state = next_state(s.name, s.state, "restore")
     # the target must answer before anything changes
-    await s._drop_target()
+    await s.copier.drop_target()
     target = await s.ensure_target()
     if target.size < s.source.size:
-        await s._drop_target()
+        await s.copier.drop_target()
         raise TargetError(msg=f"target {s.target_spec} is smaller than the source {s.source.name!r}")
     before = s.state, s.update, s.last_error, s.next_update_id, s.progress
     if not resuming:
@@ -138,6 +139,7 @@ async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
         except OSError as exc:
             raise os_error(exc, f"removing an old restore file of session {s.name}") from exc
         s.update = UpdateRecord(id=s.next_update_id, kind=KIND, started_at=now_iso())
+        s.update.move("restore", s.name)
         s.next_update_id += 1
     s.state, s.last_error = new_state, None
     u = s.update
@@ -148,7 +150,7 @@ async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
         s._persist_row(s)  # the commit point
     except BaseException:
         s.state, s.update, s.last_error, s.next_update_id, s.progress = before
-        await s._drop_target()
+        await s.copier.drop_target()
         raise
     guard_source(s)
     assert s.update is not None
@@ -331,14 +333,16 @@ class Restorer:
         assert update is not None
         s.tracking.clear_all()
         s._rewrite_tracking()
-        before = s.state, update.finished_at, s.last_error
+        before = s.state, update.phase, update.finished_at, s.last_error
         s.state = next_state(s.name, s.state, "restored")
+        update.move("restored", s.name)
         s.retry.attempts = 0
         update.finished_at, s.last_error = now_iso(), None
         try:
             self._save_row()  # the commit point
         except BaseException:
-            s.state, update.finished_at, s.last_error = before
+            s.state, _, update.finished_at, s.last_error = before
+            update.put_back(before[1], s.name)
             raise
         s.source.write_guard = lambda: None
         with contextlib.suppress(OSError):
@@ -367,7 +371,7 @@ class Restorer:
         except DeltavolError as exc:
             log.error("session %s: cannot record the failure: %s", s.name, exc.message)
         s.events.publish("restore.failed", name=s.name, error=why)
-        await s._drop_target()
+        await s.copier.drop_target()
 
 
 @one_at_a_time
@@ -382,7 +386,7 @@ async def new_volume(s: Session, make: Callable[[Fill], Awaitable[T]]) -> T:
         raise NotRestorable(
             name=s.name, action="be copied", why=f"it is {state}: its target holds no point in time now"
         )
-    await s._drop_target()  # idle: nothing else uses it, and a kept connection may be dead
+    await s.copier.drop_target()  # idle: nothing else uses it, and a kept connection may be dead
     target = await s.ensure_target()
     size, g = s.source.size, s.granularity
 
@@ -406,4 +410,4 @@ async def new_volume(s: Session, make: Callable[[Fill], Awaitable[T]]) -> T:
     try:
         return await make(fill)
     finally:
-        await s._drop_target()
+        await s.copier.drop_target()

@@ -77,10 +77,11 @@ async def reverse(m: SessionManager, name: str) -> dict[str, Any]:
                 name=old.name,
                 why=f"{old.connections} NBD connection(s) open; it becomes a target: disconnect them first",
             )
-        await s._drop_target()
-        if s._preparing is not None:  # the save area's space, written ahead in a thread: the
-            with contextlib.suppress(Exception):  # reversed session's marks use the same file
-                await asyncio.shield(s._preparing)
+        await s.copier.drop_target()
+        preparing = s.protector._preparing  # the save area's space, written ahead in a thread:
+        if preparing is not None:  # the reversed session's marks use the same file
+            with contextlib.suppress(Exception):
+                await asyncio.shield(preparing)
         async with old.gate.closed(), new.gate.closed():
             if old.connections:  # one came while the gate closed
                 raise InUse(kind="volume", name=old.name, why=f"{old.connections} NBD connection(s) open")
@@ -102,14 +103,12 @@ async def reverse(m: SessionManager, name: str) -> dict[str, Any]:
                     del m._wiring[new.name]
                 raise
             s.removed = s.closed = True  # the old direction: no operation, no row written again
-            if s.tracking_file is not None:
-                s.tracking_file.close()
-                s.tracking_file = None
+            s.tracker.close_file()
             m._detach(s)
             m._sessions[name] = r
             m._attach(r)
             try:  # the file on disk is right already; this gives the new session its handle
-                r._open_tracking_file()
+                r.tracker.open_file()
                 r._rewrite_tracking()
             except Exception as exc:  # changes to the new source fail until a restart reloads it
                 log.error("session %s: reopening tracking after the reverse failed: %s", name, exc)
