@@ -305,7 +305,9 @@ class SessionManager:
                 s._spawn()
             elif s.state is State.RESTORING:  # restore.py: an interrupted restore goes on
                 log.info("session %s: resuming interrupted restore", s.name)
-                self._resuming.add(asyncio.get_running_loop().create_task(restore.resume_at_start(s)))
+                task = asyncio.get_running_loop().create_task(restore.resume_at_start(s))
+                self._resuming.add(task)
+                task.add_done_callback(self._resuming.discard)
         self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
 
     async def shutdown(self) -> None:
