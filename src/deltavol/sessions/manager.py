@@ -111,6 +111,9 @@ class SessionManager:
         # sessions not loaded because their source volume is missing, by name: (source,
         # target). Their rows and files stay, so their names and targets stay theirs
         self._unloaded: dict[str, tuple[str, str]] = {}
+        # sessions being reversed (reverse.py), by name: (new source, new target), held from
+        # the reverse's checks to its commit so that no create takes either volume meanwhile
+        self._reversing: dict[str, tuple[str, str]] = {}
         self._resuming: set[asyncio.Task[None]] = set()  # restores going on after a restart
 
     # --- lookup -------------------------------------------------------------------------------
@@ -132,8 +135,11 @@ class SessionManager:
     def volume_busy(self, vol: Volume) -> str | None:
         users = [s.name for s in self.all() if vol.name in (s.source.name, s.target_spec)]
         users += [
-            name for name, pair in (*self._creating.items(), *self._unloaded.items()) if vol.name in pair
+            name
+            for name, pair in (*self._creating.items(), *self._reversing.items(), *self._unloaded.items())
+            if vol.name in pair
         ]
+        users = list(dict.fromkeys(users))  # a session being reversed is in both
         return f"used by session(s) {', '.join(users)}" if users else None
 
     # --- wiring -----------------------------------------------------------------------------
@@ -382,20 +388,7 @@ class SessionManager:
         src = self.volumes.get(source)
         if target == source:
             raise UsageError(msg=f"session {name!r}: the target is the source volume {source!r}")
-        other = self.of_target(target)
-        if other is not None:
-            raise InUse(kind="target", name=target, why=f"session {other.name!r} writes to it")
-        if self.of_source(target):
-            raise InUse(kind="volume", name=target, why="it is the source of a session")
-        if self.of_target(source):
-            raise InUse(kind="volume", name=source, why="it is the target of a session")
-        for pending, (psource, ptarget) in (*self._creating.items(), *self._unloaded.items()):
-            if target == ptarget:
-                raise InUse(kind="target", name=target, why=f"session {pending!r} writes to it")
-            if target == psource:
-                raise InUse(kind="volume", name=target, why=f"session {pending!r} reads it")
-            if source == ptarget:
-                raise InUse(kind="volume", name=source, why=f"session {pending!r} writes to it")
+        self._check_roles(name, source, target)
         # no await above: from here until the session is in (or the create failed), the
         # name and the target are this create's
         self._creating[name] = (source, target)
@@ -403,6 +396,27 @@ class SessionManager:
             return await self._create(name, src, target, granularity, max_rate, every)
         finally:
             del self._creating[name]
+
+    def _check_roles(self, name: str, source: str, target: str) -> None:
+        """A target is one session's only, and no volume is both a source and a target:
+        among the sessions in, those being created or reversed, and those not loaded."""
+        other = self.of_target(target)
+        if other is not None:
+            raise InUse(kind="target", name=target, why=f"session {other.name!r} writes to it")
+        if self.of_source(target):
+            raise InUse(kind="volume", name=target, why="it is the source of a session")
+        if self.of_target(source):
+            raise InUse(kind="volume", name=source, why="it is the target of a session")
+        pending = (*self._creating.items(), *self._reversing.items(), *self._unloaded.items())
+        for pname, (psource, ptarget) in pending:
+            if pname == name:  # this create's own hold
+                continue
+            if target == ptarget:
+                raise InUse(kind="target", name=target, why=f"session {pname!r} writes to it")
+            if target == psource:
+                raise InUse(kind="volume", name=target, why=f"session {pname!r} reads it")
+            if source == ptarget:
+                raise InUse(kind="volume", name=source, why=f"session {pname!r} writes to it")
 
     async def _create(
         self, name: str, src: Volume, target: str, granularity: int, max_rate: int | None, every: int | None
@@ -430,6 +444,8 @@ class SessionManager:
                 raise AlreadyExists(kind="session", name=name)
             if self.volumes.find(source) is not src:  # removed meanwhile
                 raise NotFound(kind="volume", name=source)
+            # a reverse may have committed while this one waited: the source a target now
+            self._check_roles(name, source, target)
             s.create_files()
             self._attach(s)
             self._sessions[name] = s
