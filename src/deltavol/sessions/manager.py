@@ -35,6 +35,7 @@ from deltavol.sessions import restore
 from deltavol.sessions.records import RetryPolicy, update_from_row, update_to_row
 from deltavol.sessions.session import Session
 from deltavol.sessions.states import IllegalTransition, State
+from deltavol.store import fs
 from deltavol.store.db import Database
 from deltavol.store.group_commit import GroupCommit
 from deltavol.volumes import Volume, Volumes, check_name
@@ -285,7 +286,29 @@ class SessionManager:
                     name=s.name, why=f"cannot load its files, they are kept as they are: {exc.message}"
                 ) from exc
             if s.state is State.RESTORING:  # restore.py: the source stays guarded until it ends
-                restore.guard_source(s)
+                self._load_restoring(s)
+
+    def _load_restoring(self, s: Session) -> None:
+        """A restoring session guards its source, unless another one (loaded first) restores
+        it already: two restores of one source never run at once. The second one stays
+        ``restoring``, says why, and its file goes: ``session restore`` starts it over from
+        tracking once the other ends (tracking holds all it owes, and what the other wrote)."""
+        other = restore.restored_by_other(s)
+        if other is None:
+            restore.guard_source(s)
+            return
+        s.last_error = (
+            f"restore: its source volume {s.source.name!r} is being restored by session {other!r}; "
+            f"run 'deltavol session restore {s.name}' once that one ends (it starts over)"
+        )
+        log.error("session %s: %s", s.name, s.last_error)
+        try:
+            fs.unlink(restore.restore_path(s), missing_ok=True)
+            self._persist(s)
+        except (OSError, DeltavolError) as exc:
+            self._unload(s)
+            why = exc.message if isinstance(exc, DeltavolError) else str(exc)
+            raise SessionLoadFailed(name=s.name, why=f"{s.last_error}; recording it failed: {why}") from exc
 
     def _hold_unloaded(self, name: str, source: str, target: str) -> None:
         """Keep what a session not loaded owns: its name, its row and files, and its
@@ -309,7 +332,7 @@ class SessionManager:
             if s.state is State.COPYING and s.transfer is not None:
                 log.info("session %s: resuming interrupted update %s", s.name, s.update and s.update.id)
                 s._spawn()
-            elif s.state is State.RESTORING:  # restore.py: an interrupted restore goes on
+            elif s.state is State.RESTORING and restore.restored_by_other(s) is None:  # restore.py
                 log.info("session %s: resuming interrupted restore", s.name)
                 task = asyncio.get_running_loop().create_task(restore.resume_at_start(s))
                 self._resuming.add(task)
@@ -486,6 +509,6 @@ class SessionManager:
                 async with s._gate.closed():  # a copy-before-write in flight ends before its hook goes
                     self._detach(s)
                 await s.copier.drop_target()  # such a write may have opened it again
-                restore.forget(s)  # a restore's guard on the source and its file
+                await restore.forget(s)  # a restore's guard on the source and its file
                 s.delete_files()
         log.info("session %s: removed", name)
