@@ -344,6 +344,7 @@ class SessionManager:
             self._scheduler.cancel()
         for s in self.all():
             await s.shutdown()
+            await restore.settle(s)  # a restore's source write left running in its thread
 
     async def _schedule(self) -> None:
         while True:

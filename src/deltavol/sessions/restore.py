@@ -359,6 +359,8 @@ class Restorer:
                 raise asyncio.CancelledError
             sent = 0
             for at, part in split_zeroes(offset, data, g):
+                if s.closed:  # removed, or the server stops: the file still owes this run
+                    raise asyncio.CancelledError
                 if isinstance(part, int):
                     await stack.zero(at, part, may_trim=True)
                 else:
