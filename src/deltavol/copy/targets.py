@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 from deltavol.backend.file import FileBackend
 from deltavol.copy.engine import INFLIGHT, MAX_REQUEST
 from deltavol.errors import TargetError
 
+T = TypeVar("T")
 TARGET_TIMEOUT = 30.0  # seconds a target may take to connect, or stay silent with requests waiting
 
 
@@ -180,7 +181,7 @@ class NbdTarget:
     def _client(self) -> Any:
         return self._clients[next(self._turn) % len(self._clients)]
 
-    async def _do(self, what: str, coro):  # type: ignore[no-untyped-def]
+    async def _do(self, what: str, coro: Awaitable[T]) -> T:
         try:
             return await coro
         except Exception as exc:

@@ -30,6 +30,7 @@ def nbdkit_without_flush_cmd(sock: Path) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.interop  # qemu-nbd, nbdkit
 async def test_a_server_that_cannot_flush_is_refused(tmp_path: Path) -> None:
     sock = tmp_path / "s.sock"
     with (
@@ -40,6 +41,7 @@ async def test_a_server_that_cannot_flush_is_refused(tmp_path: Path) -> None:
     assert uri(sock) in ei.value.message
 
 
+@pytest.mark.interop  # qemu-nbd, nbdkit
 async def test_a_server_that_can_flush_is_flushed(tmp_path: Path) -> None:
     sock = tmp_path / "s.sock"
     with serving(nbdkit_memory_cmd(SIZE, sock), sock):
