@@ -14,6 +14,8 @@ def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = text, str(default_port)
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise UsageError(msg=f"invalid address {text!r}: expected HOST:PORT ([ADDRESS]:PORT for IPv6)")
     host = host.strip("[]") or "127.0.0.1"
     if not port.isdigit() or not 0 <= int(port) < 65536:
         raise UsageError(msg=f"invalid address {text!r}: expected HOST:PORT")
