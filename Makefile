@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both install what is
 # needed first (Debian packages and .venv), so they work on a fresh machine.
 # `make lint` is the static half of `make test`; `make unit` the fast in-process tests.
-.PHONY: setup demo test lint unit coverage bench clean
+.PHONY: setup demo test lint unit coverage check-commits bench clean
 
 BIN := .venv/bin
 PYTEST := $(BIN)/pytest -q -p no:cacheprovider
@@ -29,6 +29,11 @@ unit: setup
 coverage: setup
 	$(BIN)/coverage run --data-file=.coverage --source=deltavol -m pytest -q -p no:cacheprovider $(UNIT)
 	$(BIN)/coverage report --data-file=.coverage --sort=cover
+
+# The subjects of a branch's commits (scripts/check-commits.sh); not run on older history.
+RANGE ?= main..HEAD
+check-commits:
+	bash scripts/check-commits.sh $(RANGE)
 
 bench: setup
 	$(BIN)/python -m bench
