@@ -238,3 +238,23 @@ async def test_an_unexpected_failure_is_a_500_with_a_message_not_a_traceback(
     assert error_of(got) == ("InternalError", "internal error: the disk caught fire")
     assert "Traceback" not in str(got)
     assert any("GET /v1/volumes failed" in r.getMessage() for r in caplog.records), "not logged"
+
+
+async def test_an_imported_file_is_used_in_place_and_kept_on_removal(
+    api: Client, service: Service, tmp_path: Path
+) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\x42" * MiB)
+    info = await call(api, "POST", "/v1/volumes", 201, json={"name": "imp", "path": str(image)})
+    assert (info["path"], info["size"], info["imported"]) == (str(image), MiB, True)
+    export = service.volumes.get("imp").export
+    assert await export.pread(0, 8) == b"\x42" * 8
+    await export.pwrite(4096, b"\x07" * 512)
+    await export.flush()
+    got = await call(api, "POST", "/v1/volumes", 409, json={"name": "again", "path": str(image)})
+    assert error_of(got)[0] == "InUse" and "already volume 'imp'" in error_of(got)[1]
+    await call(api, "DELETE", "/v1/volumes/imp", 200)
+    data = image.read_bytes()
+    assert data[4096:4608] == b"\x07" * 512 and data[:4096] == b"\x42" * 4096, (
+        "not used in place, or not kept"
+    )
