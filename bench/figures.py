@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.fio import fio
 from bench.peers import Deltavol, deltavol, nbd_unix, qemu_nbd
-from deltavol.nbd.client import NbdClient
+from deltavol.server.nbd_client import NbdClient
 
 MiB = 2**20
 GiB = 2**30

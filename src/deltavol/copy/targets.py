@@ -141,7 +141,7 @@ class NbdTarget:
         self._turn = itertools.count()
 
     async def open(self) -> NbdTarget:
-        from deltavol.nbd.client import NbdClient
+        from deltavol.server.nbd_client import NbdClient
 
         try:
             first = await NbdClient.connect(self.uri, timeout=self.timeout)

@@ -10,7 +10,7 @@ import pytest
 
 from deltavol.copy.targets import NbdTarget
 from deltavol.errors import TargetError
-from deltavol.nbd.client import NbdClient
+from deltavol.server.nbd_client import NbdClient
 from tests.fakes import until
 from tests.harness import require
 from tests.sessions.targets import nbdkit_memory_cmd, serving, uri
