@@ -7,6 +7,7 @@ error; never a traceback. A refusal changes nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import pytest
 from deltavol.cli import main, serve_cmd
 from deltavol.config import ServerConfig
 from deltavol.server.main import serve
+from deltavol.store.datadir import DataDir
 from tests.fakes import until
 
 MiB = 1 << 20
@@ -66,24 +68,18 @@ class Cli:
         return Ran(code, out, err)
 
 
-@pytest.fixture
-async def served(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[ServerConfig]:
-    """``serve`` on its own data dir (NBD on a unix socket only); stopped by SIGTERM, as
-    the service manager stops it, and it must then return."""
+@contextlib.asynccontextmanager
+async def running(config: ServerConfig, caplog: pytest.LogCaptureFixture) -> AsyncIterator[None]:
+    """``serve(config)`` in this loop; stopped by SIGTERM, as a service manager stops it,
+    and it must then return."""
     caplog.set_level(logging.INFO, logger="deltavol.server")
-    monkeypatch.setattr(serve_cmd, "setup_logging", lambda level: None)  # keep pytest's handlers
-    config = ServerConfig(
-        data_dir=tmp_path / "data", nbd_tcp=None, nbd_socket=str(tmp_path / "nbd.sock"), save_limit=4 * MiB
-    )
     server = asyncio.create_task(serve(config))
     # SIGTERM's handler is installed in the step that logs "ready"
     await until(lambda: server.done() or "server: ready" in caplog.text, "the server to be ready")
     if server.done():
         server.result()  # its error
     try:
-        yield config
+        yield
     finally:
         os.kill(os.getpid(), signal.SIGTERM)
         async with asyncio.timeout(30):
@@ -91,6 +87,24 @@ async def served(
         assert "server: stopped" in caplog.text
         with socket.socket(socket.AF_UNIX) as s, pytest.raises(OSError):
             s.connect(str(config.data_dir / "api.sock"))  # the API is gone with it
+
+
+@pytest.fixture(autouse=True)
+def no_log_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve_cmd, "setup_logging", lambda level: None)  # keep pytest's handlers
+
+
+def config_in(tmp_path: Path, **kw: Any) -> ServerConfig:
+    """NBD on a unix socket only."""
+    nbd = str(tmp_path / "nbd.sock")
+    return ServerConfig(data_dir=tmp_path / "data", nbd_tcp=None, nbd_socket=nbd, save_limit=4 * MiB, **kw)
+
+
+@pytest.fixture
+async def served(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[ServerConfig]:
+    config = config_in(tmp_path)
+    async with running(config, caplog):
+        yield config
 
 
 @pytest.fixture
@@ -196,3 +210,48 @@ def test_without_a_server_a_command_exits_1_saying_how_to_start_one(
         f"deltavol: no deltavol server is running on {tmp_path / 'api.sock'} "
         f"(start one with: deltavol serve --data-dir {tmp_path})\n"
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_over_tcp_the_cli_uses_the_token_the_server_wrote(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    port = free_port()
+    config = config_in(tmp_path, api_tcp=("127.0.0.1", port))
+    async with running(config, caplog):
+        token = config.data_dir / "api.token"
+        assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text()) >= 32
+        deltavol = Cli(config.data_dir, capsys, monkeypatch)
+        url = f"http://127.0.0.1:{port}"
+        ran = await deltavol("--api-url", url, "volume", "create", "a", "--size", "1MiB")
+        assert ran.code == 0, ran
+        ran = await deltavol("--api-url", url, "--token", "wrong", "volume", "remove", "a")
+        assert (ran.code, ran.err) == (1, "deltavol: missing or wrong API token\n"), ran
+        assert [v["name"] for v in (await deltavol("--api-url", url, "volume", "list", "--json")).json()] == [
+            "a"
+        ]
+
+
+def test_a_socket_that_cannot_be_made_exits_1_naming_it_and_frees_the_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock = tmp_path / "no" / "such" / "nbd.sock"
+    root = tmp_path / "data"
+    monkeypatch.setattr(
+        sys, "argv", ["deltavol", "serve", "--data-dir", str(root), "--nbd-socket", str(sock)]
+    )
+    with pytest.raises(SystemExit) as done:
+        main()
+    err = capsys.readouterr().err
+    assert (done.value.code, err) == (1, f"deltavol: cannot listen on {sock}: No such file or directory\n")
+    dd = DataDir(root)
+    dd.open()  # not locked any more
+    dd.close()
