@@ -15,7 +15,8 @@ from typing import Any, Protocol, TypeVar
 
 from deltavol.backend.file import FileBackend
 from deltavol.copy.engine import INFLIGHT, MAX_REQUEST
-from deltavol.errors import TargetError
+from deltavol.errors import TargetError, TlsFileInvalid, TlsFileMissing
+from deltavol.tls import client_tls, explain
 
 T = TypeVar("T")
 TARGET_TIMEOUT = 30.0  # seconds a target may take to connect, or stay silent with requests waiting
@@ -38,7 +39,7 @@ class CopyTarget(Protocol):
 
 
 def is_uri(target: str) -> bool:
-    return target.startswith(("nbd://", "nbd+unix://", "nbds://"))
+    return target.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://"))
 
 
 class LocalTarget:
@@ -143,8 +144,12 @@ class NbdTarget:
     async def open(self) -> NbdTarget:
         from deltavol.server.nbd_client import NbdClient
 
+        try:  # nbds: the certificates are read again at each open, a renewed one is used
+            tls = client_tls(self.uri)
+        except (TlsFileMissing, TlsFileInvalid) as exc:
+            raise TargetError(msg=f"target {self.uri}: {exc.message}") from exc
         try:
-            first = await NbdClient.connect(self.uri, timeout=self.timeout)
+            first = await NbdClient.connect(self.uri, timeout=self.timeout, **tls)
             self._clients = [first]
             if first.read_only:
                 raise TargetError(msg=f"target {self.uri} is read-only")
@@ -152,7 +157,7 @@ class NbdTarget:
                 raise TargetError(msg=f"target {self.uri} does not support FLUSH: {NO_FLUSH}")
             if first.can_multi_conn:
                 more = [
-                    asyncio.ensure_future(NbdClient.connect(self.uri, timeout=self.timeout))
+                    asyncio.ensure_future(NbdClient.connect(self.uri, timeout=self.timeout, **tls))
                     for _ in range(self.CONNECTIONS - 1)
                 ]
                 try:
@@ -166,12 +171,12 @@ class NbdTarget:
                         t.result() for t in more if t.done() and not t.cancelled() and t.exception() is None
                     )
                 for task in more:
-                    exc = task.exception()
-                    if exc is not None:
-                        raise exc
+                    failed = task.exception()
+                    if failed is not None:
+                        raise failed
         except (OSError, ValueError) as exc:
             await self.close()
-            raise TargetError(msg=f"target {self.uri}: {exc}") from exc
+            raise TargetError(msg=f"target {self.uri}: {explain(exc, self.uri) or exc}") from exc
         except BaseException:  # refused, or cancelled: no connection stays open
             await self.close()
             raise

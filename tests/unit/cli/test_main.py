@@ -121,10 +121,10 @@ async def test_volume_commands_exit_0_and_say_what_they_did(deltavol: Cli) -> No
     assert info["name"] == "a" and info["size"] == MiB and Path(info["path"]).stat().st_size == MiB
     ran = await deltavol("volume", "list")
     header, row = ran.out.splitlines()
-    assert header.split() == ["NAME", "SIZE", "ALLOCATED", "CONNS", "PATH"]
-    assert row.split() == ["a", "1.0", "MiB", "0", "B", "0", info["path"]]
+    assert header.split() == ["NAME", "SIZE", "ALLOCATED", "CONNS", "WRITTEN", "PATH"]
+    assert row.split() == ["a", "1.0", "MiB", "0", "B", "0", "0", "B", info["path"]]
     ran = await deltavol("volume", "info", "a")
-    assert f"path         {info['path']}" in ran.out.splitlines(), ran.out
+    assert ["path", info["path"]] in [line.split() for line in ran.out.splitlines()], ran.out
     ran = await deltavol("volume", "remove", "a")
     assert (ran.code, ran.out) == (0, "removed volume a\n")
     assert not Path(info["path"]).exists()
