@@ -135,7 +135,7 @@ async def test_volume_commands_exit_0_and_say_what_they_did(deltavol: Cli) -> No
     "argv, words",
     [
         (["volume", "create", "a", "--size", "12XB"], "Invalid value for '--size'"),
-        (["volume", "create", "a"], "Missing option '--size'"),
+        (["volume", "create", "a"], "give exactly one of --size and --from-session"),
         (
             ["volume", "create", "a", "--size", "1000"],
             "deltavol: invalid size 1000: must be a multiple of 512",
