@@ -39,4 +39,6 @@ class ServerConfig:
     tls: str = "off"  # NBD TLS: off, on (offered) or require; the TCP API is HTTPS unless off
     tls_certificates: Path | None = None  # ca-cert.pem, server-cert.pem, server-key.pem, ...
     tls_verify_peer: bool = False  # clients must present a certificate the CA signed
+    handshake_limit: float = 10.0  # seconds a connection may take to reach transmission (as qemu-nbd)
+    max_connections: int = 1000  # per listener; more are closed at accept
     warnings: tuple[str, ...] = ()  # said at start and by `volume list` (plain text on a network)
