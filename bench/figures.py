@@ -24,7 +24,7 @@ from bench.peers import (
     rss_of,
     serve,
 )
-from deltavol.nbd.client import NbdClient
+from deltavol.server.nbd_client import NbdClient
 
 MiB = 2**20
 GiB = 2**30

@@ -21,3 +21,12 @@ def server(tmp_path: Path) -> Iterator[Server]:
         if srv.proc is not None and srv.proc.poll() is None:
             srv.stop()
         srv.log.close()
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A certificate dir as nbdkit, qemu and libnbd read one (``tests/certs.py``): a CA,
+    a server certificate for localhost and 127.0.0.1, and a client certificate."""
+    from tests.certs import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("tls"))

@@ -36,10 +36,6 @@ class DeltavolError(Exception):
         return {"error": {"code": self.code, "message": self.message}}
 
 
-class Error(DeltavolError):
-    """{msg}"""
-
-
 class UsageError(DeltavolError):
     """{msg}"""
 
@@ -62,24 +58,44 @@ class NotFound(DeltavolError):
     http_status = 404
 
 
-class AlreadyExists(DeltavolError):
+class Conflict(DeltavolError):
+    """{msg}"""
+
+    http_status = 409
+
+
+class AlreadyExists(Conflict):
     """{kind} {name!r} already exists"""
 
-    http_status = 409
 
-
-class InUse(DeltavolError):
+class InUse(Conflict):
     """{kind} {name!r} is in use: {why}"""
 
-    http_status = 409
     nbd_errno = _errno.EPERM
 
 
-class Protected(DeltavolError):
+class Protected(Conflict):
     """volume {name!r} is protected: {why}"""
 
-    http_status = 409
     nbd_errno = _errno.EPERM
+
+
+class IllegalTransition(Conflict):
+    """session {name!r} is {state}: cannot {action}"""
+
+
+class AlreadyCopying(Conflict):
+    """session {name!r} is already copying"""
+
+
+class NothingToResume(Conflict):
+    """session {name!r} has no update to resume"""
+
+
+class ShuttingDown(DeltavolError):
+    """session {name!r} is shut down: the server is stopping"""
+
+    http_status = 503
 
 
 class OutOfRange(DeltavolError):
@@ -89,11 +105,17 @@ class OutOfRange(DeltavolError):
     nbd_errno = _errno.EINVAL
 
 
-class ReadOnly(DeltavolError):
+class ReadOnly(Conflict):
     """{name!r} is read-only"""
 
-    http_status = 409
     nbd_errno = _errno.EPERM
+
+
+class NotSupported(DeltavolError):
+    """{what} is not supported by {name!r}"""
+
+    http_status = 400
+    nbd_errno = _errno.EOPNOTSUPP
 
 
 class NoSpace(DeltavolError):
@@ -101,6 +123,48 @@ class NoSpace(DeltavolError):
 
     http_status = 507
     nbd_errno = _errno.ENOSPC
+
+
+class IoFailure(DeltavolError):
+    """{what}: {why}"""
+
+
+class ImportFailed(DeltavolError):
+    """cannot import {path}: {why}"""
+
+
+class ListenFailed(DeltavolError):
+    """cannot listen on {address}: {why}"""
+
+
+class MetadataError(DeltavolError):
+    """metadata {path}: {why}"""
+
+
+class TargetError(DeltavolError):
+    """{msg}"""
+
+    http_status = 502
+
+
+class VerifyInterrupted(DeltavolError):
+    """verify of session {name!r} interrupted: {why}"""
+
+
+class NotVerifiable(Conflict):
+    """session {name!r} is {state}: verify needs a finished update"""
+
+
+class SessionLoadFailed(DeltavolError):
+    """session {name}: {why}"""
+
+
+class UpdateFailed(DeltavolError):
+    """session {name}: {why}"""
+
+
+class VerifyMismatch(DeltavolError):
+    """session {name}: target differs from source in {count} chunk(s)"""
 
 
 class DataDirLocked(DeltavolError):
@@ -132,4 +196,4 @@ def os_error(exc: OSError, what: str) -> DeltavolError:
     """Map an OSError from file I/O to the error the user should see."""
     if exc.errno in (_errno.ENOSPC, _errno.EDQUOT):
         return NoSpace(what=what)
-    return Error(msg=f"{what}: {exc.strerror or exc}")
+    return IoFailure(what=what, why=exc.strerror or str(exc))

@@ -7,6 +7,7 @@ from typing import Any
 from deltavol.backend.export import Export
 from deltavol.config import ServerConfig
 from deltavol.errors import Protected
+from deltavol.events import EventBus
 from deltavol.sessions.manager import SessionManager
 from deltavol.sessions.verify import verify
 from deltavol.store.datadir import DataDir
@@ -17,8 +18,9 @@ from deltavol.volumes import Volumes
 class Service:
     def __init__(self, db: Database, datadir: DataDir, config: ServerConfig) -> None:
         self.db = db
+        self.events = EventBus()
         self.volumes = Volumes(db, datadir.volumes)
-        self.sessions = SessionManager(db, self.volumes, datadir.bitmaps, datadir.save, config)
+        self.sessions = SessionManager(db, self.volumes, datadir.bitmaps, datadir.save, config, self.events)
 
     def load(self) -> None:
         self.volumes.load()
@@ -50,10 +52,14 @@ class Service:
 
     # --- volumes ----------------------------------------------------------------------------
     def create_volume(self, name: str, size: int) -> dict[str, Any]:
-        return self.volumes.create(name, size).info()
+        info = self.volumes.create(name, size).info()
+        self.events.publish("volume.created", name=name, size=info["size"])
+        return info
 
     def import_volume(self, name: str, path: str) -> dict[str, Any]:
-        return self.volumes.import_(name, path).info()
+        info = self.volumes.import_(name, path).info()
+        self.events.publish("volume.created", name=name, size=info["size"], path=info["path"])
+        return info
 
     def list_volumes(self) -> list[dict[str, Any]]:
         return [v.info() for v in self.volumes.all()]
@@ -63,6 +69,7 @@ class Service:
 
     async def remove_volume(self, name: str) -> None:
         await self.volumes.remove(name, self.sessions.volume_busy)
+        self.events.publish("volume.removed", name=name)
 
     # --- sessions ---------------------------------------------------------------------------
     async def create_session(self, **params: Any) -> dict[str, Any]:
@@ -88,6 +95,7 @@ class Service:
 
     async def remove_session(self, name: str) -> None:
         await self.sessions.remove(name)
+        self.events.publish("session.removed", name=name)
 
     async def verify_session(self, name: str) -> dict[str, Any]:
         return await verify(self.sessions.get(name))

@@ -8,6 +8,7 @@ removed on the next open); ``remove`` deletes the row first and the image after.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import os
 import re
@@ -23,7 +24,8 @@ from deltavol.backend.file import FileBackend, device_size
 from deltavol.backend.gate import GateLayer, WriteGate
 from deltavol.errors import (
     AlreadyExists,
-    Error,
+    DeltavolError,
+    ImportFailed,
     InUse,
     InvalidName,
     InvalidSize,
@@ -125,7 +127,7 @@ class Volumes:
         for row in rows:
             try:
                 self._open(row["name"], row["path"], bool(row["imported"]), row["created_at"])
-            except (OSError, Error) as exc:
+            except (OSError, DeltavolError) as exc:
                 log.error("volume %s: cannot open %s: %s", row["name"], row["path"], exc)
             known.add(row["path"])
         for leftover in self.images.glob("*.img"):
@@ -172,6 +174,9 @@ class Volumes:
         except OSError as exc:
             fs.close(fd)
             fs.unlink(path, missing_ok=True)
+            if exc.errno == errno.EFBIG:
+                why = f"larger than the file system of {self.images} allows"
+                raise InvalidSize(size=size, why=why) from exc
             raise os_error(exc, f"creating {path}") from exc
         fs.close(fd)
         return self._commit(name, str(path), imported=False)
@@ -182,16 +187,16 @@ class Volumes:
         try:
             st = os.stat(real)
         except OSError as exc:
-            raise Error(msg=f"cannot import {path}: {exc.strerror}") from exc
+            raise ImportFailed(path=path, why=exc.strerror) from exc
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise Error(msg=f"cannot import {path}: not a regular file or block device")
+            raise ImportFailed(path=path, why="not a regular file or block device")
         for vol in self._by_name.values():
             if os.path.realpath(vol.path) == real:
                 raise InUse(kind="file", name=path, why=f"already volume {vol.name!r}")
         try:
             fd = os.open(real, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
-            raise Error(msg=f"cannot import {path}: {exc.strerror}") from exc
+            raise ImportFailed(path=path, why=exc.strerror) from exc
         try:
             size = device_size(fd)
         finally:

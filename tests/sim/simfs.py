@@ -45,7 +45,7 @@ from random import Random
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
-from deltavol.copy.targets import TargetError
+from deltavol.errors import TargetError
 
 T = TypeVar("T")
 SECTOR = 512

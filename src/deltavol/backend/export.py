@@ -10,15 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from deltavol.backend.base import Backend, Extent
-from deltavol.errors import DeltavolError, OutOfRange, ReadOnly
+from deltavol.errors import NotSupported, OutOfRange, ReadOnly
 from deltavol.nbd.constants import TransmissionFlag as TF
-
-
-class NotSupported(DeltavolError):
-    """{what} is not supported by {name!r}"""
-
-    http_status = 400
-    nbd_errno = 95  # ENOTSUP
 
 
 class Export:

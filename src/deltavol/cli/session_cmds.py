@@ -11,7 +11,7 @@ import click
 from deltavol.cli import cli
 from deltavol.cli.api_client import ApiTarget, call
 from deltavol.cli.output import emit_json, fields, table
-from deltavol.errors import Error
+from deltavol.errors import UpdateFailed, VerifyMismatch
 from deltavol.units import format_size
 
 STATUS_FIELDS = (
@@ -154,9 +154,9 @@ def _wait_bar(api: ApiTarget, name: str) -> dict[str, Any]:
 
 def _check_finished(name: str, info: dict[str, Any]) -> None:
     if info["state"] == "failed":
-        raise Error(msg=f"session {name}: update failed: {info['last_error']}")
+        raise UpdateFailed(name=name, why=f"update failed: {info['last_error']}")
     if info["state"] != "idle":
-        raise Error(msg=f"session {name}: update stopped ({info['state']})")
+        raise UpdateFailed(name=name, why=f"update stopped ({info['state']})")
     u = info["update"] or {}
     click.echo(
         f"session {name}: update {u.get('id')} done, consistent as of {info['point_in_time']} "
@@ -253,4 +253,4 @@ def verify(api: ApiTarget, name: str, as_json: bool) -> None:
         for off in result["mismatch_offsets"]:
             click.echo(f"  differs at offset {off}")
     if not result["ok"]:
-        raise Error(msg=f"session {name}: target differs from source in {result['mismatches']} chunk(s)")
+        raise VerifyMismatch(name=name, count=result["mismatches"])

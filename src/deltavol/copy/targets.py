@@ -15,13 +15,9 @@ from typing import Any, Protocol
 
 from deltavol.backend.file import FileBackend
 from deltavol.copy.engine import INFLIGHT, MAX_REQUEST
-from deltavol.errors import Error
+from deltavol.errors import TargetError
 
 TARGET_TIMEOUT = 30.0  # seconds a target may take to connect, or stay silent with requests waiting
-
-
-class TargetError(Error):
-    """{msg}"""
 
 
 class CopyTarget(Protocol):
@@ -144,7 +140,7 @@ class NbdTarget:
         self._turn = itertools.count()
 
     async def open(self) -> NbdTarget:
-        from deltavol.nbd.client import NbdClient
+        from deltavol.server.nbd_client import NbdClient
 
         try:
             first = await NbdClient.connect(self.uri, timeout=self.timeout)

@@ -7,17 +7,27 @@ In transmission, ``request`` queues a request and returns its cookie; replies co
 as one ``Reply`` per request, structured chunks assembled (read data with holes as zeroes,
 block status as (length, flags) pairs). A reply that does not fit what was asked is a
 protocol violation and ends the connection with ``Closed``.
+
+With ``tls=True`` NBD_OPT_STARTTLS goes first, before any option that could be tampered
+with in plain text. Its ACK comes back as ``StartTls``: the application upgrades the
+transport and calls ``tls_started``, and the handshake above runs inside TLS. Any refusal
+is ``HandshakeFailed``: a client that asked for TLS never goes on without it (the spec's
+defence against a downgrade by a man in the middle).
 """
 
 from __future__ import annotations
 
-import enum
-import struct
 from dataclasses import dataclass, field
 
 from deltavol.nbd import constants as c
+from deltavol.nbd import wire
+from deltavol.nbd.buffer import ReceiveBuffer
 from deltavol.nbd.constants import Cmd, Info, Opt, Rep, ReplyFlag, ReplyType
-from deltavol.nbd.events import NEED_DATA, Closed
+from deltavol.nbd.events import NEED_DATA, Closed, StartTls
+from deltavol.nbd.state import CLIENT_TRANSITIONS, ProtocolStateError, advance
+from deltavol.nbd.state import ClientPhase as Phase
+
+__all__ = ["ClientConnection", "HandshakeFailed", "Phase", "ProtocolStateError", "Ready", "Reply"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,19 +54,6 @@ class Reply:
     extents: list[tuple[int, int]] = field(default_factory=list)
 
 
-class Phase(enum.Enum):
-    AWAIT_GREETING = "await-greeting"
-    OPTIONS = "options"
-    TRANSMISSION = "transmission"
-    CLOSED = "closed"
-
-
-_TRANSITIONS = {
-    (Phase.AWAIT_GREETING, "greeting"): Phase.OPTIONS,
-    (Phase.OPTIONS, "go"): Phase.TRANSMISSION,
-}
-
-
 @dataclass(slots=True)
 class _Pending:
     cmd: Cmd
@@ -67,14 +64,18 @@ class _Pending:
 
 
 class ClientConnection:
-    def __init__(self, export: str, *, structured: bool = True, block_status: bool = False) -> None:
+    def __init__(
+        self, export: str, *, structured: bool = True, block_status: bool = False, tls: bool = False
+    ) -> None:
         self.export = export
         self.phase = Phase.AWAIT_GREETING
+        self._want_tls = tls
+        self.tls = False  # the transport is encrypted (``tls_started`` was called)
         self._want_structured = structured
         self._want_meta = block_status
         self.structured = False
         self.meta_context_id: int | None = None
-        self._buf = bytearray()
+        self._rx = ReceiveBuffer()
         self._out: list[bytes | memoryview] = []
         self._opts: list[int] = []  # options sent, awaiting their final reply
         self._info: dict[str, int] = {}
@@ -88,29 +89,26 @@ class ClientConnection:
             if self.phase is not Phase.CLOSED:
                 self._close("server closed the connection")
             return
-        self._buf += data
+        if self.phase is Phase.TLS_HANDSHAKE:
+            self._close("server sent plain data after acknowledging NBD_OPT_STARTTLS")
+            return
+        self._rx.feed(data)
 
     def data_to_send(self) -> list[bytes | memoryview]:
         out, self._out = self._out, []
         return out
 
     def _go(self, trigger: str) -> None:
-        self.phase = _TRANSITIONS[(self.phase, trigger)]
+        self.phase = advance("client", CLIENT_TRANSITIONS, self.phase, trigger)
 
     def _close(self, reason: str) -> Closed:
-        self.phase = Phase.CLOSED
+        self._go("close")
         self._closed = Closed(reason, clean=False)
+        self._rx.clear()
         return self._closed
 
-    def _take(self, n: int) -> bytes | None:
-        if len(self._buf) < n:
-            return None
-        chunk = bytes(self._buf[:n])
-        del self._buf[:n]
-        return chunk
-
     def _option(self, opt: Opt, payload: bytes = b"") -> None:
-        self._out.append(c.OPTION_HEADER.pack(c.IHAVEOPT, opt, len(payload)) + payload)
+        self._out.append(wire.option(opt, payload))
         self._opts.append(opt)
 
     # --- events ------------------------------------------------------------------------------
@@ -122,13 +120,16 @@ class ClientConnection:
             return self._greeting()
         if self.phase is Phase.OPTIONS:
             return self._option_reply()
+        if self.phase is Phase.TLS_HANDSHAKE:
+            raise ProtocolStateError("upgrade to TLS and call tls_started before asking for events")
         return self._reply()
 
     def _greeting(self) -> object:
-        raw = self._take(c.GREETING.size)
-        if raw is None:
+        greeting = self._rx.peek(wire.GREETING)
+        if greeting is None:
             return NEED_DATA
-        magic, opt_magic, flags = c.GREETING.unpack(raw)
+        self._rx.skip(wire.GREETING.size)
+        magic, opt_magic, flags = greeting
         if magic != c.NBDMAGIC or opt_magic != c.IHAVEOPT:
             return self._close("not a newstyle NBD server")
         if not flags & c.HandshakeFlag.FIXED_NEWSTYLE:
@@ -136,39 +137,46 @@ class ClientConnection:
         client = c.ClientFlag.C_FIXED_NEWSTYLE
         if flags & c.HandshakeFlag.NO_ZEROES:
             client |= c.ClientFlag.C_NO_ZEROES
-        self._out.append(c.CLIENT_FLAGS.pack(client))
+        self._out.append(wire.CLIENT_FLAGS.pack(client))
         self._go("greeting")
+        if self._want_tls:
+            self._option(Opt.STARTTLS)
+        else:
+            self._negotiate()
+        return self.next_event()
+
+    def _negotiate(self) -> None:
         if self._want_structured:
             self._option(Opt.STRUCTURED_REPLY)
         else:
             self._send_go()
-        return self.next_event()
+
+    def tls_started(self) -> None:
+        """The transport is now encrypted: negotiate the export inside TLS."""
+        self._go("tls-started")
+        self.tls = True
+        self._negotiate()
 
     def _send_meta(self) -> None:
-        name = self.export.encode()
-        query = c.BASE_ALLOCATION.encode()
-        self._option(
-            Opt.SET_META_CONTEXT,
-            struct.pack(">I", len(name)) + name + struct.pack(">II", 1, len(query)) + query,
-        )
+        self._option(Opt.SET_META_CONTEXT, wire.meta_request(self.export, [c.BASE_ALLOCATION]))
 
     def _send_go(self) -> None:
-        name = self.export.encode()
-        self._option(Opt.GO, struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, Info.BLOCK_SIZE))
+        self._option(Opt.GO, wire.info_request(self.export, [Info.BLOCK_SIZE]))
 
     def _option_reply(self) -> object:
         while True:
-            if len(self._buf) < c.OPTION_REPLY_HEADER.size:
+            header = self._rx.peek(wire.OPTION_REPLY_HEADER)
+            if header is None:
                 return NEED_DATA
-            magic, opt, rep, length = c.OPTION_REPLY_HEADER.unpack_from(self._buf)
+            magic, opt, rep, length = header
             if magic != c.OPTION_REPLY_MAGIC:
                 return self._close("bad option reply magic")
             if length > c.MAX_OPTION_LENGTH:
                 return self._close("option reply too long")
-            if len(self._buf) < c.OPTION_REPLY_HEADER.size + length:
+            if len(self._rx) < wire.OPTION_REPLY_HEADER.size + length:
                 return NEED_DATA
-            del self._buf[: c.OPTION_REPLY_HEADER.size]
-            payload = self._take(length) or b""
+            self._rx.skip(wire.OPTION_REPLY_HEADER.size)
+            payload = self._rx.take(length) or b""
             if not self._opts or opt != self._opts[0]:
                 return self._close(f"reply to option {opt} that was not asked")
             event = self._handle_option_reply(opt, rep, payload)
@@ -179,8 +187,12 @@ class ClientConnection:
         if rep & c.REP_ERR_BIT:
             self._opts.pop(0)
             message = payload.decode("utf-8", "replace")
+            name = Rep(rep).name if rep in Rep._value2member_map_ else hex(rep)
+            if opt == Opt.STARTTLS:
+                failed = HandshakeFailed(f"server refused TLS: {message or name}")
+                self._close(failed.reason)
+                return failed
             if opt == Opt.GO:
-                name = Rep(rep).name if rep in Rep._value2member_map_ else hex(rep)
                 failed = HandshakeFailed(f"server refused export {self.export!r}: {message or name}")
                 self._close(failed.reason)
                 return failed
@@ -190,6 +202,11 @@ class ClientConnection:
             return None
         if rep == Rep.ACK:
             self._opts.pop(0)
+            if opt == Opt.STARTTLS:
+                if len(self._rx):  # the handshake's bytes must not be read as plain text
+                    return self._close("server sent data after acknowledging NBD_OPT_STARTTLS")
+                self._go("starttls")
+                return StartTls()
             if opt == Opt.STRUCTURED_REPLY:
                 self.structured = True
                 if self._want_meta:
@@ -211,19 +228,17 @@ class ClientConnection:
                     meta_context_id=self.meta_context_id,
                 )
             return None
-        if rep == Rep.META_CONTEXT and len(payload) >= 4:
-            (ctx,) = struct.unpack_from(">I", payload)
-            if payload[4:].decode("utf-8", "replace") == c.BASE_ALLOCATION:
-                self.meta_context_id = ctx
+        if rep == Rep.META_CONTEXT:
+            context = wire.parse_meta_context(payload)
+            if context is not None and context[1] == c.BASE_ALLOCATION:
+                self.meta_context_id = context[0]
             return None
-        if rep == Rep.INFO and len(payload) >= 2:
-            (kind,) = struct.unpack_from(">H", payload)
-            if kind == Info.EXPORT and len(payload) >= 12:
-                self._info["size"], self._info["flags"] = struct.unpack_from(">QH", payload, 2)
-            elif kind == Info.BLOCK_SIZE and len(payload) >= 14:
-                self._info["min"], self._info["pref"], self._info["max"] = struct.unpack_from(
-                    ">III", payload, 2
-                )
+        if rep == Rep.INFO:
+            info = wire.parse_info(payload)
+            if info is not None and info[0] == Info.EXPORT:
+                self._info["size"], self._info["flags"] = info[1]
+            elif info is not None and info[0] == Info.BLOCK_SIZE:
+                self._info["min"], self._info["pref"], self._info["max"] = info[1]
             return None
         return None  # informational replies we do not use
 
@@ -232,10 +247,10 @@ class ClientConnection:
         self, cmd: Cmd, offset: int, length: int, flags: int = 0, data: bytes | memoryview = b""
     ) -> int:
         if self.phase is not Phase.TRANSMISSION:
-            raise RuntimeError(f"cannot send requests in phase {self.phase.value}")
+            raise ProtocolStateError(f"client connection: cannot send requests in phase {self.phase.value}")
         cookie = self._next_cookie
         self._next_cookie += 1
-        self._out.append(c.REQUEST.pack(c.REQUEST_MAGIC, flags, cmd, cookie, offset, length))
+        self._out.append(wire.request(cmd, cookie, offset, length, flags))
         if cmd == Cmd.WRITE:
             self._out.append(data)
         if cmd == Cmd.DISC:
@@ -246,9 +261,10 @@ class ClientConnection:
 
     def _reply(self) -> object:
         while True:  # a loop, not recursion: a read may come in thousands of chunks
-            if len(self._buf) < 4:
+            got = self._rx.peek(wire.REPLY_MAGIC)
+            if got is None:
                 return NEED_DATA
-            (magic,) = struct.unpack_from(">I", self._buf)
+            (magic,) = got
             if magic == c.SIMPLE_REPLY_MAGIC:
                 return self._simple()
             if magic == c.STRUCTURED_REPLY_MAGIC and self.structured:
@@ -259,38 +275,39 @@ class ClientConnection:
             return self._close(f"bad reply magic {magic:#x}")
 
     def _simple(self) -> object:
-        if len(self._buf) < c.SIMPLE_REPLY.size:
+        header = self._rx.peek(wire.SIMPLE_REPLY)
+        if header is None:
             return NEED_DATA
-        _, error, cookie = c.SIMPLE_REPLY.unpack_from(self._buf)
+        _, error, cookie = header
         pending = self._pending.get(cookie)
         if pending is None:
             return self._close(f"reply for unknown cookie {cookie}")
         need = pending.length if pending.cmd == Cmd.READ and not error else 0
         if pending.cmd == Cmd.READ and self.structured:
             return self._close("simple reply to a read with structured replies on")
-        if len(self._buf) < c.SIMPLE_REPLY.size + need:
+        if len(self._rx) < wire.SIMPLE_REPLY.size + need:
             return NEED_DATA
-        del self._buf[: c.SIMPLE_REPLY.size]
+        self._rx.skip(wire.SIMPLE_REPLY.size)
         reply = pending.reply
         if need:
             assert reply.data is not None
-            reply.data[:] = self._buf[:need]
-            del self._buf[:need]
+            self._rx.take_into(reply.data, 0, need)
         reply.error = error
         del self._pending[cookie]
         return reply
 
     def _structured(self) -> object | None:
-        if len(self._buf) < c.STRUCTURED_REPLY.size:
+        header = self._rx.peek(wire.STRUCTURED_REPLY)
+        if header is None:
             return NEED_DATA
-        _, flags, rtype, cookie, length = c.STRUCTURED_REPLY.unpack_from(self._buf)
-        if len(self._buf) < c.STRUCTURED_REPLY.size + length:
+        _, flags, rtype, cookie, length = header
+        if len(self._rx) < wire.STRUCTURED_REPLY.size + length:
             return NEED_DATA
         pending = self._pending.get(cookie)
         if pending is None:
             return self._close(f"reply for unknown cookie {cookie}")
-        del self._buf[: c.STRUCTURED_REPLY.size]
-        payload = memoryview(self._take(length) or b"")
+        self._rx.skip(wire.STRUCTURED_REPLY.size)
+        payload = memoryview(self._rx.take(length) or b"")
         reply = pending.reply
         problem = self._chunk(pending, rtype, payload)
         if problem:
@@ -307,35 +324,36 @@ class ClientConnection:
         if rtype == ReplyType.NONE:
             return None
         if rtype in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
-            if len(payload) < 6:
-                return "short error chunk"
-            error, mlen = struct.unpack_from(">IH", payload)
-            reply.error = error or c.Errno.EIO
-            reply.message = bytes(payload[6 : 6 + mlen]).decode("utf-8", "replace")
+            parsed = wire.parse_error(payload)
+            if isinstance(parsed, str):
+                return parsed
+            reply.error = parsed[0] or c.Errno.EIO
+            reply.message = parsed[1]
             return None
         if rtype == ReplyType.OFFSET_DATA and p.cmd == Cmd.READ:
-            if len(payload) < 8:
+            if len(payload) < wire.OFFSET.size:
                 return "short read data chunk"
-            (off,) = struct.unpack_from(">Q", payload)
-            n = len(payload) - 8
+            (off,) = wire.OFFSET.unpack_from(payload)
+            n = len(payload) - wire.OFFSET.size
             if off < p.offset or off + n > p.offset + p.length:
                 return "read data outside the request"
             assert reply.data is not None
-            reply.data[off - p.offset : off - p.offset + n] = payload[8:]
+            reply.data[off - p.offset : off - p.offset + n] = payload[wire.OFFSET.size :]
             p.covered += n
             return None
         if rtype == ReplyType.OFFSET_HOLE and p.cmd == Cmd.READ:
-            if len(payload) != 12:
-                return "short read hole chunk" if len(payload) < 12 else "long read hole chunk"
-            off, n = struct.unpack_from(">QI", payload)
+            if len(payload) != wire.HOLE_CHUNK.size:
+                short = len(payload) < wire.HOLE_CHUNK.size
+                return "short read hole chunk" if short else "long read hole chunk"
+            off, n = wire.HOLE_CHUNK.unpack_from(payload)
             if off < p.offset or off + n > p.offset + p.length:
                 return "read hole outside the request"
             p.covered += n
             return None  # the buffer starts zeroed
         if rtype == ReplyType.BLOCK_STATUS and p.cmd == Cmd.BLOCK_STATUS:
-            if len(payload) < 4:
-                return "short block status chunk"
-            count = (len(payload) - 4) // 8
-            reply.extents.extend(struct.unpack_from(">II", payload, 4 + 8 * i) for i in range(count))
+            status = wire.parse_block_status(payload)
+            if isinstance(status, str):
+                return status
+            reply.extents.extend(status[1])
             return None
         return f"unexpected reply chunk type {rtype} to {p.cmd.name}"

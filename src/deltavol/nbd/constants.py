@@ -1,13 +1,13 @@
 """Wire constants of the NBD protocol, grouped as in the specification's sections.
 
 Source: NetworkBlockDevice/nbd ``doc/proto.md``. Only the fixed-newstyle handshake is
-spoken; the oldstyle handshake and extended headers are deliberately absent.
+spoken; the oldstyle handshake and extended headers are deliberately absent. The byte
+layouts built from these values are in ``wire``.
 """
 
 from __future__ import annotations
 
 import enum
-import struct
 
 # --- Handshake ----------------------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
@@ -63,6 +63,15 @@ class Info(enum.IntEnum):
     NAME = 1
     DESCRIPTION = 2
     BLOCK_SIZE = 3
+
+
+class TlsMode(enum.StrEnum):
+    """A server's TLS policy: the spec's NOTLS, SELECTIVETLS with every export available
+    both ways (ON), and FORCEDTLS (REQUIRE: no option but STARTTLS and ABORT before TLS)."""
+
+    OFF = "off"
+    ON = "on"
+    REQUIRE = "require"
 
 
 # --- Transmission -------------------------------------------------------------------------
@@ -155,13 +164,3 @@ MAX_STRING = 4096  # spec: names and queries up to 4096 bytes
 MIN_BLOCK = 1
 PREFERRED_BLOCK = 4096
 MAX_PAYLOAD = 32 * 1024 * 1024  # largest READ/WRITE this server accepts
-
-# --- Struct layouts ------------------------------------------------------------------------
-GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
-CLIENT_FLAGS = struct.Struct(">I")
-OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length
-OPTION_REPLY_HEADER = struct.Struct(">QIII")  # magic, option, reply type, length
-EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags (+124 zero bytes)
-REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
-SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
-STRUCTURED_REPLY = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length

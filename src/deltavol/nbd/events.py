@@ -66,6 +66,12 @@ class OptMetaContext:
     set: bool
 
 
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """NBD_OPT_STARTTLS was acknowledged: upgrade the transport to TLS now, then call
+    ``tls_started``. Nothing may be read in plain text before the handshake."""
+
+
 # --- transmission phase ---------------------------------------------------------------------
 @dataclass(slots=True)
 class Request:
@@ -127,4 +133,4 @@ class Closed:
     clean: bool
 
 
-Event = OptExportName | OptInfo | OptList | OptMetaContext | Request | BadRequest | Closed
+Event = OptExportName | OptInfo | OptList | OptMetaContext | StartTls | Request | BadRequest | Closed

@@ -7,7 +7,7 @@ Bytes from the peer go in with ``receive_data``; ``next_event`` turns them into 
 which queue bytes that ``data_to_send`` hands back to whoever owns the socket. Nothing
 here touches a socket, a file or a clock.
 
-The phases and their legal transitions are in ``_TRANSITIONS``; anything else is a bug in
+The phases and their legal transitions are in ``state.py``; anything else is a bug in
 the caller and raises ``ProtocolStateError``. A peer that breaks a MUST of the spec gets a
 ``Closed`` event (a hard disconnect); a peer that sends a request we merely refuse gets a
 ``BadRequest`` the application must answer with an error reply.
@@ -21,16 +21,27 @@ enum defines, so ``flags & ~KnownFlags`` would never see an unknown bit.
 Metadata contexts follow the spec's two rules: every NBD_OPT_SET_META_CONTEXT replaces the
 selection (even one that fails), and the selection only counts if it was made for the
 export name the client finally picks with NBD_OPT_GO / NBD_OPT_EXPORT_NAME.
+
+TLS (``tls_mode``): OFF refuses NBD_OPT_STARTTLS with NBD_REP_ERR_POLICY. ON and REQUIRE
+acknowledge it and hand the application a ``StartTls`` event: it must upgrade the
+transport and call ``tls_started`` before asking for the next event. Bytes the client
+sent after STARTTLS in the same breath (already buffered when the option is parsed, or fed
+before ``tls_started``) would be read as plain text: that is a protocol violation and
+closes the connection. After the upgrade nothing negotiated before it counts (structured
+replies, meta contexts), and a second STARTTLS gets NBD_REP_ERR_INVALID. REQUIRE answers
+every option but STARTTLS and ABORT with NBD_REP_ERR_TLS_REQD until TLS is up, and closes
+on NBD_OPT_EXPORT_NAME (it cannot carry an error). ON is the spec's SELECTIVETLS mode
+with no TLS-only export: plain and TLS clients are both served.
 """
 
 from __future__ import annotations
 
-import enum
-import struct
 from typing import TypeVar
 
 from deltavol.nbd import constants as c
-from deltavol.nbd.constants import Cmd, CmdFlag, Errno, Info, Opt, Rep, ReplyFlag, ReplyType
+from deltavol.nbd import wire
+from deltavol.nbd.buffer import ReceiveBuffer
+from deltavol.nbd.constants import Cmd, CmdFlag, Errno, Info, Opt, Rep, ReplyFlag, ReplyType, TlsMode
 from deltavol.nbd.events import (
     NEED_DATA,
     BadRequest,
@@ -42,50 +53,31 @@ from deltavol.nbd.events import (
     OptList,
     OptMetaContext,
     Request,
+    StartTls,
 )
+from deltavol.nbd.state import SERVER_TRANSITIONS, ProtocolStateError, advance
+from deltavol.nbd.state import ServerPhase as Phase
+
+__all__ = ["BASE_ALLOCATION_ID", "Phase", "ProtocolStateError", "ServerConnection"]
 
 BASE_ALLOCATION_ID = 1  # the one meta context this server offers
-_COMPACT_AT = 1 << 20  # drop consumed input once this much of the buffer is consumed
 _COMMANDS = {int(cmd): cmd for cmd in Cmd}  # a dict lookup; ``Cmd(n)`` costs much more per request
 _Opt = TypeVar("_Opt", OptExportName, OptInfo, OptList, OptMetaContext)
 
 
-class Phase(enum.Enum):
-    AWAIT_CLIENT_FLAGS = "await-client-flags"
-    OPTIONS = "options"
-    OPTION_PENDING = "option-pending"  # the application owes a reply to an option
-    TRANSMISSION = "transmission"
-    CLOSED = "closed"
-
-
-_TRANSITIONS: dict[tuple[Phase, str], Phase] = {
-    (Phase.AWAIT_CLIENT_FLAGS, "client-flags"): Phase.OPTIONS,
-    (Phase.AWAIT_CLIENT_FLAGS, "close"): Phase.CLOSED,
-    (Phase.OPTIONS, "app-option"): Phase.OPTION_PENDING,
-    (Phase.OPTIONS, "close"): Phase.CLOSED,
-    (Phase.OPTION_PENDING, "replied"): Phase.OPTIONS,
-    (Phase.OPTION_PENDING, "go"): Phase.TRANSMISSION,
-    (Phase.OPTION_PENDING, "close"): Phase.CLOSED,
-    (Phase.TRANSMISSION, "close"): Phase.CLOSED,
-    (Phase.CLOSED, "close"): Phase.CLOSED,
-}
-
-
-class ProtocolStateError(RuntimeError):
-    """The application called a method that its connection's phase does not allow."""
-
-
 class ServerConnection:
-    def __init__(self, *, max_payload: int = c.MAX_PAYLOAD) -> None:
+    def __init__(self, *, max_payload: int = c.MAX_PAYLOAD, tls_mode: TlsMode = TlsMode.OFF) -> None:
         self.phase = Phase.AWAIT_CLIENT_FLAGS
         self.max_payload = max_payload
+        self.tls_mode = tls_mode
+        self.tls = False  # the transport is encrypted (``tls_started`` was called)
+        self.fixed_newstyle = False
         self.structured_replies = False
         self.no_zeroes = False
         self.export: ExportInfo | None = None
         self._allowed: dict[Cmd, int] = {}  # command flags accepted, per command, for ``export``
         self.meta_contexts: frozenset[int] = frozenset()  # ids selected by SET_META_CONTEXT
-        self._buf = bytearray()
-        self._pos = 0
+        self._rx = ReceiveBuffer()
         self._out: list[bytes | memoryview] = []
         self._pending: OptExportName | OptInfo | OptList | OptMetaContext | None = None
         self._meta_export: str | None = None  # export named by the last SET_META_CONTEXT
@@ -94,19 +86,14 @@ class ServerConnection:
         self._discarded_event: BadRequest | None = None
         self._eof = False
         self._out.append(
-            c.GREETING.pack(
+            wire.GREETING.pack(
                 c.NBDMAGIC, c.IHAVEOPT, c.HandshakeFlag.FIXED_NEWSTYLE | c.HandshakeFlag.NO_ZEROES
             )
         )
 
     # --- plumbing --------------------------------------------------------------------------
     def _go(self, trigger: str) -> None:
-        try:
-            self.phase = _TRANSITIONS[(self.phase, trigger)]
-        except KeyError:
-            raise ProtocolStateError(
-                f"server connection: {trigger!r} is not allowed in phase {self.phase.value}"
-            ) from None
+        self.phase = advance("server", SERVER_TRANSITIONS, self.phase, trigger)
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the peer; ``b""`` means the peer closed its side."""
@@ -115,10 +102,10 @@ class ServerConnection:
             return
         if self.phase is Phase.CLOSED:
             return  # nothing more will be parsed; do not hold on to it
-        if self._pos and (self._pos == len(self._buf) or self._pos >= _COMPACT_AT):
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+        if self.phase is Phase.TLS_HANDSHAKE:
+            self._close("client sent plain data after NBD_OPT_STARTTLS")
+            return
+        self._rx.feed(data)
 
     def data_to_send(self) -> list[bytes | memoryview]:
         out, self._out = self._out, []
@@ -126,15 +113,7 @@ class ServerConnection:
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) - self._pos
-
-    def _take(self, n: int) -> bytes | None:
-        if len(self._buf) - self._pos < n:
-            return None
-        with memoryview(self._buf) as view:  # one copy, not two (a slice, then bytes())
-            chunk = bytes(view[self._pos : self._pos + n])
-        self._pos += n
-        return chunk
+        return len(self._rx)
 
     def _close(self, reason: str, clean: bool = False) -> Closed:
         self._go("close")
@@ -148,6 +127,8 @@ class ServerConnection:
             return self._closed
         if self.phase is Phase.OPTION_PENDING:
             raise ProtocolStateError("reply to the pending option before asking for events")
+        if self.phase is Phase.TLS_HANDSHAKE:
+            raise ProtocolStateError("upgrade to TLS and call tls_started before asking for events")
         if self.phase is Phase.AWAIT_CLIENT_FLAGS:
             event = self._client_flags()
         elif self.phase is Phase.OPTIONS:
@@ -160,30 +141,40 @@ class ServerConnection:
         return event
 
     def _client_flags(self) -> Event | object:
-        raw = self._take(4)
-        if raw is None:
+        got = self._rx.peek(wire.CLIENT_FLAGS)
+        if got is None:
             return NEED_DATA
-        (flags,) = c.CLIENT_FLAGS.unpack(raw)
+        self._rx.skip(wire.CLIENT_FLAGS.size)
+        (flags,) = got
         known = int(c.ClientFlag.C_FIXED_NEWSTYLE | c.ClientFlag.C_NO_ZEROES)
         if flags & ~known:
             return self._close(f"unknown client flags {flags:#x}")
         self.no_zeroes = bool(flags & c.ClientFlag.C_NO_ZEROES)
+        self.fixed_newstyle = bool(flags & c.ClientFlag.C_FIXED_NEWSTYLE)
+        if self.tls_mode is TlsMode.REQUIRE and not self.fixed_newstyle:
+            return self._close("TLS is required, and the client does not speak fixed newstyle")
         self._go("client-flags")
         return self._option()
 
     def _option(self) -> Event | object:
         while True:
-            if self.buffered < c.OPTION_HEADER.size:
+            header = self._rx.peek(wire.OPTION_HEADER)
+            if header is None:
                 return NEED_DATA
-            magic, opt, length = c.OPTION_HEADER.unpack_from(self._buf, self._pos)
+            magic, opt, length = header
             if magic != c.IHAVEOPT:
                 return self._close(f"bad option magic {magic:#x}")
             if length > c.MAX_OPTION_LENGTH:
                 return self._close(f"option {opt} payload of {length} bytes is too long")
-            if self.buffered < c.OPTION_HEADER.size + length:
+            if len(self._rx) < wire.OPTION_HEADER.size + length:
                 return NEED_DATA
-            self._pos += c.OPTION_HEADER.size
-            payload = self._take(length) or b""
+            self._rx.skip(wire.OPTION_HEADER.size)
+            payload = self._rx.take(length) or b""
+            if self.tls_mode is TlsMode.REQUIRE and not self.tls and opt not in (Opt.STARTTLS, Opt.ABORT):
+                if opt == Opt.EXPORT_NAME:  # it cannot carry an error: the spec says disconnect
+                    return self._close("NBD_OPT_EXPORT_NAME before TLS, which this server requires")
+                self._option_reply(opt, Rep.ERR_TLS_REQD, b"TLS is required: send NBD_OPT_STARTTLS first")
+                continue
             event = self._parse_option(opt, payload)
             if event is not None:
                 return event
@@ -204,6 +195,8 @@ class ServerConnection:
             if data:
                 return self._invalid(opt, "NBD_OPT_LIST takes no data")
             return self._ask(OptList())
+        if option is Opt.STARTTLS:
+            return self._starttls(data)
         if option is Opt.STRUCTURED_REPLY:
             if data:
                 return self._invalid(opt, "NBD_OPT_STRUCTURED_REPLY takes no data")
@@ -213,7 +206,7 @@ class ServerConnection:
             self._option_reply(opt, Rep.ACK)
             return None
         if option in (Opt.INFO, Opt.GO):
-            parsed = _parse_info_request(data)
+            parsed = wire.parse_info_request(data)
             if isinstance(parsed, str):
                 return self._invalid(opt, parsed)
             return self._ask(OptInfo(parsed[0], parsed[1], go=option is Opt.GO))
@@ -224,12 +217,36 @@ class ServerConnection:
                 self._meta_export = None
                 if not self.structured_replies:
                     return self._invalid(opt, "negotiate structured replies first")
-            parsed_meta = _parse_meta_request(data)
+            parsed_meta = wire.parse_meta_request(data)
             if isinstance(parsed_meta, str):
                 return self._invalid(opt, parsed_meta)
             return self._ask(OptMetaContext(*parsed_meta, set=option is Opt.SET_META_CONTEXT))
         self._option_reply(opt, Rep.ERR_UNSUP, f"{option.name} is not supported".encode())
         return None
+
+    def _starttls(self, data: bytes) -> Event | None:
+        opt = Opt.STARTTLS
+        if self.tls_mode is TlsMode.OFF or not self.fixed_newstyle:
+            self._option_reply(opt, Rep.ERR_POLICY, b"TLS is not offered by this server")
+            return None
+        if self.tls:
+            return self._invalid(opt, "TLS is already active")
+        if data:
+            return self._invalid(opt, "NBD_OPT_STARTTLS takes no data")
+        if self.buffered:  # sent before our ACK: it would be taken for plain-text options
+            return self._close("client sent data after NBD_OPT_STARTTLS before the TLS handshake")
+        self._option_reply(opt, Rep.ACK)
+        self._go("starttls")
+        return StartTls()
+
+    def tls_started(self) -> None:
+        """The transport is now encrypted: option haggling starts afresh (the spec: nothing
+        negotiated before STARTTLS is kept)."""
+        self._go("tls-started")
+        self.tls = True
+        self.structured_replies = False
+        self.meta_contexts = frozenset()
+        self._meta_export = None
 
     def _ask(self, event: OptExportName | OptInfo | OptList | OptMetaContext) -> Event:
         """Hand an option to the application, which owes an answer before the next event."""
@@ -237,41 +254,46 @@ class ServerConnection:
         self._go("app-option")
         return event
 
-    def _invalid(self, opt: int, why: str) -> None:
+    def _invalid(self, opt: int, why: str) -> Event | None:
+        """Refuse ``opt`` with NBD_REP_ERR_INVALID; no event (for ``return self._invalid()``)."""
         self._option_reply(opt, Rep.ERR_INVALID, why.encode())
         return None
 
     def _option_reply(self, opt: int, rep: int, payload: bytes = b"") -> None:
-        self._out.append(c.OPTION_REPLY_HEADER.pack(c.OPTION_REPLY_MAGIC, opt, rep, len(payload)))
+        self._out.append(wire.option_reply(opt, rep, len(payload)))
         if payload:
             self._out.append(payload)
 
     def _request(self) -> Event | object:
+        rx = self._rx
         if self._discard:
-            n = min(self._discard, self.buffered)
-            self._pos += n
+            n = min(self._discard, len(rx))
+            rx.skip(n)
             self._discard -= n
             if self._discard:
                 return NEED_DATA
             event, self._discarded_event = self._discarded_event, None
             return event
-        if self.buffered < c.REQUEST.size:
+        header = rx.peek(wire.REQUEST)
+        if header is None:
             return NEED_DATA
-        magic, flags, cmd, cookie, offset, length = c.REQUEST.unpack_from(self._buf, self._pos)
+        magic, flags, cmd, cookie, offset, length = header
         if magic != c.REQUEST_MAGIC:
             return self._close(f"bad request magic {magic:#x}")
         if cmd == Cmd.WRITE:
             if length > self.max_payload:
-                self._pos += c.REQUEST.size
+                rx.skip(wire.REQUEST.size)
                 self._discard = length
                 self._discarded_event = BadRequest(
                     cookie, cmd, Errno.EINVAL, f"write of {length} bytes exceeds the maximum"
                 )
                 return self._request()
-            if self.buffered < c.REQUEST.size + length:
+            data = rx.take(length, skip=wire.REQUEST.size)
+            if data is None:
                 return NEED_DATA
-        self._pos += c.REQUEST.size
-        data = self._take(length) if cmd == Cmd.WRITE else b""
+        else:
+            rx.skip(wire.REQUEST.size)
+            data = b""
         command = _COMMANDS.get(cmd)
         if command is None:
             return BadRequest(cookie, cmd, Errno.EINVAL, f"unknown command {cmd}")
@@ -286,7 +308,7 @@ class ServerConnection:
             return BadRequest(cookie, cmd, Errno.EINVAL, why)
         if command is Cmd.BLOCK_STATUS and not self.meta_contexts:
             return BadRequest(cookie, cmd, Errno.EINVAL, "no meta context was negotiated")
-        return Request(cookie, command, flags, offset, length, data or b"")
+        return Request(cookie, command, flags, offset, length, data)
 
     # --- answers to option events ----------------------------------------------------------
     def _answered(self, expected: type[_Opt]) -> _Opt:
@@ -320,9 +342,7 @@ class ServerConnection:
     def accept_export(self, export: ExportInfo) -> None:
         """Answer NBD_OPT_EXPORT_NAME: enter transmission with ``export``."""
         event = self._answered(OptExportName)
-        self._out.append(c.EXPORT_NAME_REPLY.pack(export.size, self._wire_flags(export)))
-        if not self.no_zeroes:
-            self._out.append(bytes(124))
+        self._out.append(wire.export_name_reply(export.size, self._wire_flags(export), self.no_zeroes))
         self._enter_transmission(event.name, export)
 
     def refuse_export_name(self, reason: str) -> Closed:
@@ -333,8 +353,7 @@ class ServerConnection:
     def reply_list(self, names: list[str]) -> None:
         self._answered(OptList)
         for name in names:
-            raw = name.encode()
-            self._option_reply(Opt.LIST, Rep.SERVER, struct.pack(">I", len(raw)) + raw)
+            self._option_reply(Opt.LIST, Rep.SERVER, wire.server_entry(name))
         self._option_reply(Opt.LIST, Rep.ACK)
         self._go("replied")
 
@@ -343,23 +362,17 @@ class ServerConnection:
         event = self._answered(OptInfo)
         opt = Opt.GO if event.go else Opt.INFO
         if export is None:
-            self._option_reply(opt, refusal, _message(error))
+            self._option_reply(opt, refusal, wire.message(error))
             self._go("replied")
             return
         wanted = set(event.requests)
-        info_export = struct.pack(">HQH", Info.EXPORT, export.size, self._wire_flags(export))
-        self._option_reply(opt, Rep.INFO, info_export)
+        self._option_reply(opt, Rep.INFO, wire.info_export(export.size, self._wire_flags(export)))
         if Info.NAME in wanted:
-            self._option_reply(opt, Rep.INFO, struct.pack(">H", Info.NAME) + export.name.encode())
+            self._option_reply(opt, Rep.INFO, wire.info_text(Info.NAME, export.name))
         if Info.DESCRIPTION in wanted and export.description:
-            self._option_reply(
-                opt, Rep.INFO, struct.pack(">H", Info.DESCRIPTION) + export.description.encode()
-            )
-        self._option_reply(
-            opt,
-            Rep.INFO,
-            struct.pack(">HIII", Info.BLOCK_SIZE, export.min_block, export.preferred_block, export.max_block),
-        )
+            self._option_reply(opt, Rep.INFO, wire.info_text(Info.DESCRIPTION, export.description))
+        block_size = wire.info_block_size(export.min_block, export.preferred_block, export.max_block)
+        self._option_reply(opt, Rep.INFO, block_size)
         self._option_reply(opt, Rep.ACK)
         if opt is Opt.GO:
             self._enter_transmission(event.name, export)
@@ -371,7 +384,7 @@ class ServerConnection:
         event = self._answered(OptMetaContext)
         opt = Opt.SET_META_CONTEXT if event.set else Opt.LIST_META_CONTEXT
         if not export_exists:
-            self._option_reply(opt, Rep.ERR_UNKNOWN, _message(error))
+            self._option_reply(opt, Rep.ERR_UNKNOWN, wire.message(error))
             self._go("replied")
             return
         listing = not event.set
@@ -382,11 +395,7 @@ class ServerConnection:
         if match:
             # The id in LIST replies is reserved and SHOULD be zero.
             context_id = 0 if listing else BASE_ALLOCATION_ID
-            self._option_reply(
-                opt,
-                Rep.META_CONTEXT,
-                struct.pack(">I", context_id) + c.BASE_ALLOCATION.encode(),
-            )
+            self._option_reply(opt, Rep.META_CONTEXT, wire.meta_context(context_id, c.BASE_ALLOCATION))
         if event.set and match:
             self.meta_contexts = frozenset({BASE_ALLOCATION_ID})
             self._meta_export = event.name
@@ -403,21 +412,17 @@ class ServerConnection:
     def send_ok(self, cookie: int) -> None:
         """Success for a command without reply data (simple replies are allowed for these)."""
         self._replying()
-        self._out.append(c.SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, cookie))
+        # the one reply of most writes: the Struct straight, without wire.simple_reply's call
+        self._out.append(wire.SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, cookie))
 
     def send_error(self, cookie: int, errno: int, message: str = "") -> None:
         self._replying()
         if self.structured_replies:
-            msg = _message(message)
-            payload = struct.pack(">IH", errno, len(msg)) + msg
-            self._out.append(
-                c.STRUCTURED_REPLY.pack(
-                    c.STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.ERROR, cookie, len(payload)
-                )
-            )
+            payload = wire.error_payload(errno, message)
+            self._out.append(wire.chunk(ReplyFlag.DONE, ReplyType.ERROR, cookie, len(payload)))
             self._out.append(payload)
         else:
-            self._out.append(c.SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, errno, cookie))
+            self._out.append(wire.simple_reply(cookie, errno))
 
     def send_read(self, cookie: int, offset: int, pieces: list[tuple[int, bytes | None]]) -> None:
         """Reply to a READ with ``pieces``: (length, data) in order; data None means a hole.
@@ -427,7 +432,7 @@ class ServerConnection:
         """
         self._replying()
         if not self.structured_replies:
-            self._out.append(c.SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, cookie))
+            self._out.append(wire.simple_reply(cookie))
             for length, data in pieces:
                 self._out.append(data if data is not None else bytes(length))
             return
@@ -438,97 +443,22 @@ class ServerConnection:
         for i, (length, data) in enumerate(pieces):
             flags = ReplyFlag.DONE if i == last else 0
             if data is None:
-                self._out.append(
-                    c.STRUCTURED_REPLY.pack(
-                        c.STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_HOLE, cookie, 12
-                    )
-                )
-                self._out.append(struct.pack(">QI", offset, length))
+                hole = wire.hole_payload(offset, length)
+                self._out.append(wire.chunk(flags, ReplyType.OFFSET_HOLE, cookie, len(hole)) + hole)
             else:
-                self._out.append(
-                    c.STRUCTURED_REPLY.pack(
-                        c.STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_DATA, cookie, 8 + length
-                    )
-                    + struct.pack(">Q", offset)
-                )
+                size = wire.OFFSET.size + length
+                header = wire.chunk(flags, ReplyType.OFFSET_DATA, cookie, size) + wire.OFFSET.pack(offset)
+                self._out.append(header)
                 self._out.append(data)
             offset += length
         if last < 0:
-            self._out.append(
-                c.STRUCTURED_REPLY.pack(c.STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.NONE, cookie, 0)
-            )
+            self._out.append(wire.chunk(ReplyFlag.DONE, ReplyType.NONE, cookie, 0))
 
     def send_block_status(self, cookie: int, extents: list[tuple[int, int]]) -> None:
         """Reply to BLOCK_STATUS with (length, flags) descriptors for base:allocation."""
         self._replying()
         if BASE_ALLOCATION_ID not in self.meta_contexts:
             raise ProtocolStateError("block status reply without a negotiated meta context")
-        payload = struct.pack(">I", BASE_ALLOCATION_ID) + b"".join(
-            struct.pack(">II", length, flags) for length, flags in extents
-        )
-        header = c.STRUCTURED_REPLY.pack(
-            c.STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.BLOCK_STATUS, cookie, len(payload)
-        )
-        self._out.append(header)
+        payload = wire.block_status_payload(BASE_ALLOCATION_ID, extents)
+        self._out.append(wire.chunk(ReplyFlag.DONE, ReplyType.BLOCK_STATUS, cookie, len(payload)))
         self._out.append(payload)
-
-
-def _message(text: str) -> bytes:
-    """``text`` as a wire string: UTF-8, at most MAX_STRING bytes, never a cut character."""
-    raw = text.encode()
-    if len(raw) <= c.MAX_STRING:
-        return raw
-    return raw[: c.MAX_STRING].decode("utf-8", "ignore").encode()
-
-
-def _read_string(data: bytes, pos: int) -> tuple[str, int] | str:
-    if pos + 4 > len(data):
-        return "truncated string length"
-    (n,) = struct.unpack_from(">I", data, pos)
-    pos += 4
-    if n > c.MAX_STRING:
-        return f"string of {n} bytes is longer than {c.MAX_STRING}"
-    if pos + n > len(data):
-        return "string runs past the end of the option"
-    raw = data[pos : pos + n]
-    if b"\0" in raw:
-        return "string contains NUL"
-    try:
-        return raw.decode("utf-8"), pos + n
-    except UnicodeDecodeError:
-        return "string is not UTF-8"
-
-
-def _parse_info_request(data: bytes) -> tuple[str, tuple[int, ...]] | str:
-    got = _read_string(data, 0)
-    if isinstance(got, str):
-        return got
-    name, pos = got
-    if pos + 2 > len(data):
-        return "missing number of information requests"
-    (count,) = struct.unpack_from(">H", data, pos)
-    pos += 2
-    if len(data) != pos + 2 * count:
-        return "length does not match the number of information requests"
-    return name, struct.unpack_from(f">{count}H", data, pos)
-
-
-def _parse_meta_request(data: bytes) -> tuple[str, tuple[str, ...]] | str:
-    got = _read_string(data, 0)
-    if isinstance(got, str):
-        return got
-    name, pos = got
-    if pos + 4 > len(data):
-        return "missing number of queries"
-    (count,) = struct.unpack_from(">I", data, pos)
-    pos += 4
-    queries = []
-    for _ in range(count):
-        q = _read_string(data, pos)
-        if isinstance(q, str):
-            return q
-        queries.append(q[0])
-        pos = q[1]
-    if pos != len(data):
-        return "trailing bytes after the queries"
-    return name, tuple(queries)

@@ -10,11 +10,13 @@ import logging
 import os
 import secrets
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import web
 
 from deltavol.config import ServerConfig
-from deltavol.errors import Error
+from deltavol.errors import ListenFailed
 from deltavol.server.http_api import make_app
 from deltavol.server.nbd_listener import NbdListener
 from deltavol.service import Service
@@ -43,16 +45,13 @@ async def serve(config: ServerConfig) -> None:
         await runner.setup()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(api_socket)
-        try:
-            await web.UnixSite(runner, api_socket).start()
-            if config.api_tcp:
-                await web.TCPSite(runner, *config.api_tcp).start()
-            if config.nbd_tcp:
-                await listener.listen_tcp(*config.nbd_tcp)
-            if config.nbd_socket:
-                await listener.listen_unix(config.nbd_socket)
-        except OSError as exc:
-            raise Error(msg=f"cannot listen: {exc.strerror or exc}") from exc
+        await _listen(str(api_socket), web.UnixSite(runner, api_socket).start())
+        if config.api_tcp:
+            await _listen("{}:{}".format(*config.api_tcp), web.TCPSite(runner, *config.api_tcp).start())
+        if config.nbd_tcp:
+            await _listen("{}:{}".format(*config.nbd_tcp), listener.listen_tcp(*config.nbd_tcp))
+        if config.nbd_socket:
+            await _listen(str(config.nbd_socket), listener.listen_unix(config.nbd_socket))
         log.info("server: ready, data dir %s, api %s (pid %d)", config.data_dir, api_socket, os.getpid())
 
         stop = asyncio.Event()
@@ -71,3 +70,10 @@ async def serve(config: ServerConfig) -> None:
         await service.close()
         datadir.close()
         log.info("server: stopped")
+
+
+async def _listen(address: str, start: Coroutine[Any, Any, object]) -> None:
+    try:
+        await start
+    except OSError as exc:
+        raise ListenFailed(address=address, why=exc.strerror or exc) from exc

@@ -7,6 +7,15 @@ transport's write buffer is full, reading pauses until requests complete.
 
 Replies are queued by the sans-I/O layer and written in one ``writelines`` right after
 they are produced; the event loop is single-threaded, so replies never interleave.
+
+STARTTLS: when the sans-I/O layer acknowledges it (``StartTls``), the ACK is written, and
+reading stops at once, in the same call, so that no byte the client sends next reaches
+the parser as plain text; ``loop.start_tls`` then takes over the socket. The context
+comes from ``tls_context()`` at each upgrade, so a renewed certificate on disk is used
+by the next connection without a restart. ``start_tls`` may hand decrypted bytes to
+``data_received`` before it returns; they wait in ``_early`` until the sans-I/O layer
+hears ``tls_started``. A handshake that fails (plain bytes, garbage, an unknown CA) ends
+this connection only.
 """
 
 from __future__ import annotations
@@ -14,14 +23,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from deltavol.backend.export import Export
 from deltavol.errors import DeltavolError, NotFound
-from deltavol.nbd.constants import Cmd, Rep
+from deltavol.nbd.constants import Cmd, Rep, TlsMode
 from deltavol.nbd.events import (
     NEED_DATA,
     BadRequest,
@@ -32,6 +43,7 @@ from deltavol.nbd.events import (
     OptList,
     OptMetaContext,
     Request,
+    StartTls,
 )
 from deltavol.nbd.server_conn import ServerConnection
 
@@ -41,6 +53,9 @@ MAX_INFLIGHT = 64
 MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 SPARSE_READ_MIN = 64 * 1024
 SOCKET_BUFFER = 4 * 1024 * 1024  # reads this large look for holes to send as OFFSET_HOLE
+TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds a client has to finish the TLS handshake
+
+TlsContextFactory = Callable[[], ssl.SSLContext]
 
 
 class ExportDirectory(Protocol):
@@ -52,10 +67,20 @@ class ExportDirectory(Protocol):
 
 
 class NbdConnection(asyncio.Protocol):
-    def __init__(self, directory: ExportDirectory, on_done: Callable[[NbdConnection], None]) -> None:
+    def __init__(
+        self,
+        directory: ExportDirectory,
+        on_done: Callable[[NbdConnection], None],
+        *,
+        tls_mode: TlsMode = TlsMode.OFF,
+        tls_context: TlsContextFactory | None = None,
+    ) -> None:
+        if tls_mode is not TlsMode.OFF and tls_context is None:
+            raise ValueError(f"TLS mode {tls_mode} needs a TLS context")
         self.directory = directory
         self.on_done = on_done
-        self.conn = ServerConnection()
+        self.tls_context = tls_context
+        self.conn = ServerConnection(tls_mode=tls_mode)
         self.export: Export | None = None
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -66,12 +91,16 @@ class NbdConnection(asyncio.Protocol):
         self._closed = False
         self._lost = False  # the transport is gone (connection_lost)
         self._flush_soon = False
+        self._released = False
+        self._upgrading = False  # between the STARTTLS ACK and the end of the TLS handshake
+        self._early: list[bytes] = []  # decrypted bytes that came before start_tls returned
+        self._tls_task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()
         self.idle.set()
 
     # --- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  (uvloop's is not a subclass)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         # Big replies: let the kernel hold several in flight, and pause reading only when
         # many are queued (the default 64 KiB high-water mark would stall on every read).
         sock = transport.get_extra_info("socket")
@@ -79,16 +108,22 @@ class NbdConnection(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-        transport.set_write_buffer_limits(high=MAX_INFLIGHT_BYTES)  # type: ignore[attr-defined]
+        self.transport.set_write_buffer_limits(high=MAX_INFLIGHT_BYTES)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self._flush()
 
     def data_received(self, data: bytes) -> None:
+        if self._upgrading:
+            self._early.append(data)
+            return
         self.conn.receive_data(data)
         self._pump()
 
     def eof_received(self) -> bool:
+        if self._upgrading:
+            self._early.append(b"")
+            return False
         self.conn.receive_data(b"")
         self._pump()
         return False
@@ -103,6 +138,9 @@ class NbdConnection(asyncio.Protocol):
     def _release(self) -> None:
         """The connection is gone and no request runs: give back the export, and leave the
         listener (which drains only the connections it still holds)."""
+        if self._released:
+            return
+        self._released = True
         export, self.export = self.export, None
         if export is not None:
             self.directory.close_export(export.name)
@@ -134,7 +172,7 @@ class NbdConnection(asyncio.Protocol):
         self._flush()
 
     def _update_reading(self) -> None:
-        if self.transport is None or self._closed:
+        if self.transport is None or self._closed or self._upgrading:
             return
         busy = (
             self._writing_paused
@@ -170,6 +208,10 @@ class NbdConnection(asyncio.Protocol):
                 self._closed = True
                 self._close_when_idle()
                 break
+            elif isinstance(event, StartTls):
+                self._flush()  # the ACK, in plain text
+                self._start_tls()
+                return
             else:
                 self._option(event)
         self._flush()  # the acks of a burst of requests leave in one write
@@ -184,6 +226,59 @@ class NbdConnection(asyncio.Protocol):
     async def _drain_then_close(self) -> None:
         await self.idle.wait()
         self.close()
+
+    # --- TLS ----------------------------------------------------------------------------------
+    def _start_tls(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        self._upgrading = True
+        transport.pause_reading()  # now: the next bytes are the client's TLS handshake
+        self._tls_task = asyncio.get_running_loop().create_task(self._upgrade(transport))
+
+    async def _upgrade(self, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.tls_context is not None
+        try:
+            context = self.tls_context()
+        except Exception as exc:  # certificate files unreadable, say: this client only
+            log.error("nbd %s: no TLS context for STARTTLS: %s", self.peer, exc)
+            self._tls_failed(transport)
+            return
+        try:
+            tls = await loop.start_tls(
+                transport, self, context, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT
+            )
+            if tls is None:
+                raise ConnectionError("the connection closed during the TLS handshake")
+        except (Exception, asyncio.CancelledError) as exc:
+            log.warning("nbd %s: TLS handshake failed: %s", self.peer, _tls_failure(exc))
+            self._tls_failed(transport)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        self.transport = tls
+        self._upgrading = False
+        if self._closed:  # lost (or shut down) the moment the handshake ended
+            self._early.clear()
+            return
+        self.transport.set_write_buffer_limits(high=MAX_INFLIGHT_BYTES)
+        cipher = tls.get_extra_info("cipher")
+        log.info("nbd %s: TLS established (%s)", self.peer, cipher[0] if cipher else "?")
+        self.conn.tls_started()
+        early, self._early = self._early, []
+        for data in early:
+            self.conn.receive_data(data)
+        self._pump()
+        self._update_reading()
+
+    def _tls_failed(self, transport: asyncio.Transport) -> None:
+        """The ACK went out but TLS did not come up: this connection is over."""
+        self._upgrading = False
+        self._early.clear()
+        self._closed = True
+        self._lost = True
+        transport.abort()
+        self._release()  # no request ran: nothing else would release it
 
     # --- handshake ----------------------------------------------------------------------------
     def _info(self, export: Export) -> ExportInfo:
@@ -239,7 +334,7 @@ class NbdConnection(asyncio.Protocol):
         self.tasks.add(task)
         self.idle.clear()
         self.inflight_bytes += req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0
-        task.add_done_callback(lambda t, r=req: self._finished(t, r))
+        task.add_done_callback(functools.partial(self._finished, req=req))
         self._update_reading()
 
     def _read_inline(self, req: Request) -> bool:
@@ -273,7 +368,7 @@ class NbdConnection(asyncio.Protocol):
         self.conn.send_ok(req.cookie)
         return True
 
-    def _finished(self, task: asyncio.Task[None], req: Request) -> None:
+    def _finished(self, task: asyncio.Task[None], *, req: Request) -> None:
         self.tasks.discard(task)
         self.inflight_bytes -= req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0
         if not self.tasks:
@@ -347,6 +442,19 @@ class NbdConnection(asyncio.Protocol):
         if req.req_one:
             extents = extents[:1]
         self.conn.send_block_status(req.cookie, extents)
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """One line on why a TLS handshake failed, for the log."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate not accepted: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, asyncio.CancelledError):
+        return "server shutting down"
+    if isinstance(exc, ConnectionError) and not str(exc):
+        return "the client closed the connection"
+    return str(exc) or type(exc).__name__
 
 
 _HANDLERS: dict[Cmd, Callable[[NbdConnection, Export, Request], Awaitable[None]]] = {

@@ -20,8 +20,18 @@ from deltavol.backend.base import Backend
 from deltavol.backend.gate import WriteGate
 from deltavol.backend.hooks import BeforeChange, Hook
 from deltavol.config import ServerConfig
-from deltavol.copy.targets import CopyTarget, LocalTarget, NbdTarget, TargetError, is_uri
-from deltavol.errors import AlreadyExists, CorruptFile, DeltavolError, Error, InUse, NotFound, UsageError
+from deltavol.copy.targets import CopyTarget, LocalTarget, NbdTarget, is_uri
+from deltavol.errors import (
+    AlreadyExists,
+    CorruptFile,
+    DeltavolError,
+    InUse,
+    NotFound,
+    SessionLoadFailed,
+    TargetError,
+    UsageError,
+)
+from deltavol.events import EventBus
 from deltavol.sessions.session import RetryPolicy, Session, UpdateRecord
 from deltavol.sessions.states import IllegalTransition, State
 from deltavol.store.db import Database
@@ -75,9 +85,16 @@ class _SourceWiring:
 
 class SessionManager:
     def __init__(
-        self, db: Database, volumes: Volumes, bitmaps: Path, save: Path, config: ServerConfig
+        self,
+        db: Database,
+        volumes: Volumes,
+        bitmaps: Path,
+        save: Path,
+        config: ServerConfig,
+        events: EventBus | None = None,
     ) -> None:
         self.db = db
+        self.events = events if events is not None else EventBus()
         self.volumes = volumes
         self.bitmaps = bitmaps
         self.save = save
@@ -210,6 +227,7 @@ class SessionManager:
             hot_set=self.config.hot_set,
             retry=RetryPolicy(limit=self.config.retry_limit, backoff=self.config.retry_backoff),
             target_timeout=self.config.target_timeout,
+            events=self.events,
             **kw,
         )
 
@@ -249,14 +267,14 @@ class SessionManager:
                     s.set_aside_files(f"{exc.message}; run 'deltavol session update {s.name} --full'")
                 except DeltavolError as err:
                     self._unload(s)
-                    raise Error(
-                        msg=f"session {s.name}: {exc.message}; setting its files aside failed: {err.message}"
+                    raise SessionLoadFailed(
+                        name=s.name, why=f"{exc.message}; setting its files aside failed: {err.message}"
                     ) from err
                 log.error("session %s: %s", s.name, s.last_error)
             except DeltavolError as exc:
                 self._unload(s)
-                raise Error(
-                    msg=f"session {s.name}: cannot load its files, they are kept as they are: {exc.message}"
+                raise SessionLoadFailed(
+                    name=s.name, why=f"cannot load its files, they are kept as they are: {exc.message}"
                 ) from exc
 
     def _hold_unloaded(self, name: str, source: str, target: str) -> None:
@@ -415,6 +433,7 @@ class SessionManager:
             s.delete_files()
             raise
         log.info("session %s: created %s -> %s (granularity %d)", name, source, target, granularity)
+        self.events.publish("session.created", name=name, source=source, target=target)
         return s
 
     async def remove(self, name: str) -> None:

@@ -64,9 +64,19 @@ from deltavol.copy.engine import (
     write_piece,
 )
 from deltavol.copy.save_area import RECORD, SaveArea
-from deltavol.copy.targets import TARGET_TIMEOUT, CopyTarget, TargetError
+from deltavol.copy.targets import TARGET_TIMEOUT, CopyTarget
 from deltavol.copy.throttle import Throttle
-from deltavol.errors import CorruptFile, DeltavolError, Error, NotFound, os_error
+from deltavol.errors import (
+    AlreadyCopying,
+    CorruptFile,
+    DeltavolError,
+    NotFound,
+    NothingToResume,
+    ShuttingDown,
+    TargetError,
+    os_error,
+)
+from deltavol.events import EventBus
 from deltavol.nbd.constants import STATE_HOLE
 from deltavol.sessions.states import State, next_state
 from deltavol.store import fs
@@ -217,15 +227,17 @@ class Session:
         hot_region: int = persist.HOT_REGION,
         hot_set: int = persist.HOT_SET,
         target_timeout: float = TARGET_TIMEOUT,
+        events: EventBus | None = None,
     ) -> None:
         self.name = name
+        self.events = events if events is not None else EventBus()
+        self._state = State.NEW
         self.source = source
         self.target_spec = target_spec
         self.granularity = granularity
         self.max_rate = max_rate
         self.every = every
         self.save_limit = save_limit
-        self.state = State.NEW
         self.consistent = False
         self.point_in_time: str | None = None
         self.last_error: str | None = None
@@ -279,6 +291,17 @@ class Session:
         self._closing = 0  # removals and shutdowns waiting for the session (see closing())
 
     # --- operations ------------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        """Every change of state, rollbacks included, is an event."""
+        if state is not self._state:
+            self._state = state
+            self.events.publish("session.state", name=self.name, state=state.value)
+
     @asynccontextmanager
     async def operation(self) -> AsyncIterator[None]:
         """Hold the session for one operation's own steps: operations on one session are
@@ -294,7 +317,7 @@ class Session:
             if self.removed:
                 raise NotFound(kind="session", name=self.name)
             if self.closed:
-                raise Error(msg=f"session {self.name!r} is shut down: the server is stopping")
+                raise ShuttingDown(name=self.name)
             yield
 
     @property
@@ -929,7 +952,7 @@ class Session:
         """Begin an update; returns once it is committed (marked, or for --full started)."""
         full = full or self.state is State.NEW or self._needs_full()
         if self.busy:
-            raise Error(msg=f"session {self.name!r} is already copying")
+            raise AlreadyCopying(name=self.name)
         new_state = next_state(self.name, self.state, "update")
         if self.state in (State.NEW, State.IDLE):
             # nothing uses the target between updates (no transfer: no copy-before-write), and
@@ -964,6 +987,15 @@ class Session:
                 with contextlib.suppress(DeltavolError, OSError):
                     self._persist_row(self)
             raise
+        assert self.update is not None
+        self.events.publish(
+            "update.marked",
+            name=self.name,
+            id=self.update.id,
+            type=self.update.kind,
+            marked_at=self.update.marked_at,
+            bytes_total=self.progress.bytes_total if self.progress else 0,
+        )
         log.info(
             "session %s: %s update %d started (%d bytes to copy)",
             self.name,
@@ -1112,7 +1144,7 @@ class Session:
 
     def _spawn(self) -> None:
         if self.busy:  # never two copy tasks: each would stop only as far as it is known
-            raise Error(msg=f"session {self.name!r} is already copying")
+            raise AlreadyCopying(name=self.name)
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"session-{self.name}")
 
     async def ensure_target(self) -> CopyTarget:
@@ -1277,6 +1309,13 @@ class Session:
         if self.target is not target:  # dropped meanwhile: no flush of it will come
             raise TargetError(msg=f"target {target.description}: connection closed during a copy")
         progress.done(transfer.clear_run(first, count))
+        self.events.progress(
+            self.name,
+            id=update.id,
+            bytes_total=progress.bytes_total,
+            bytes_done=progress.bytes_done,
+            bytes_sent=progress.bytes_sent,
+        )
 
     async def _read_by_extents(self, offset: int, length: int) -> list[tuple[int, bytes | int]]:
         """Pieces of [offset, offset+length): data as bytes, holes as their length."""
@@ -1323,6 +1362,15 @@ class Session:
             raise
         self._after_commit("dropping the save area", self._drop_save_area)
         self._after_commit("removing the transfer file", self._unlink_transfer)
+        self.events.publish(
+            "update.finished",
+            name=self.name,
+            id=self.update.id,
+            type=self.update.kind,
+            point_in_time=self.point_in_time,
+            bytes_sent=self.update.bytes_sent,
+            cofw_saved_bytes=self.update.cofw_saved_bytes,
+        )
         log.info(
             "session %s: update %d done, consistent as of %s (%d bytes sent)",
             self.name,
@@ -1340,11 +1388,17 @@ class Session:
         except DeltavolError as exc:
             log.error("session %s: cannot record the failure: %s", self.name, exc.message)
         log.error("session %s: update failed: %s", self.name, why)
+        self.events.publish(
+            "update.failed", name=self.name, id=self.update.id if self.update else None, error=why
+        )
         await self._drop_target()
         if retryable and self.retry.attempts < self.retry.limit:
             delay = self.retry.delay()
             self.retry.attempts += 1
             self.retry.next_at = time.time() + delay
+            self.events.publish(
+                "update.retry", name=self.name, attempt=self.retry.attempts, at_time=self.retry.next_at
+            )
             log.info(
                 "session %s: retry %d of %d in %.0fs", self.name, self.retry.attempts, self.retry.limit, delay
             )
@@ -1430,7 +1484,7 @@ class Session:
             return self.status()
         next_state(self.name, self.state, "resume")
         if self.transfer is None:
-            raise Error(msg=f"session {self.name!r} has no update to resume")
+            raise NothingToResume(name=self.name)
         self._cancel_retry()
         self.retry.attempts = 0
         # reconnect: the old connection may be dead; once a copy-before-write on it is over

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-from deltavol.errors import DeltavolError
+from deltavol.errors import IllegalTransition
 
 
 class State(enum.StrEnum):
@@ -35,12 +35,6 @@ _TRANSITIONS: dict[tuple[State, str], State] = {
     (State.FAILED, "update"): State.COPYING,
     (State.PAUSED, "update"): State.COPYING,
 }
-
-
-class IllegalTransition(DeltavolError):
-    """session {name!r} is {state}: cannot {action}"""
-
-    http_status = 409
 
 
 def next_state(name: str, state: State, action: str) -> State:

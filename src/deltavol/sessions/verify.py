@@ -20,7 +20,7 @@ from typing import Any
 
 from deltavol.copy.engine import MAX_REQUEST, requests, run_pipeline
 from deltavol.copy.throttle import Throttle
-from deltavol.errors import Error
+from deltavol.errors import NotVerifiable, VerifyInterrupted
 from deltavol.sessions.session import Session, one_at_a_time
 from deltavol.sessions.states import State
 
@@ -35,10 +35,8 @@ MAX_REPORTED = 100
 async def verify(session: Session) -> dict[str, Any]:
     s = session
     if s.busy or s.state is not State.IDLE or not s.consistent:
-        raise Error(
-            msg=f"session {s.name!r} is {s.state.value}"
-            f"{'' if s.consistent else ', not consistent'}: verify needs a finished update"
-        )
+        state = s.state.value + ("" if s.consistent else ", not consistent")
+        raise NotVerifiable(name=s.name, state=state)
     await s._drop_target()  # idle: nothing else uses it, and a kept connection may be dead
     target = await s.ensure_target()
     g, tracking = s.granularity, s.tracking
@@ -66,7 +64,7 @@ async def verify(session: Session) -> dict[str, Any]:
                 mismatches.append(c * g)
 
     if s.verify_interrupted:  # a removal or shutdown came while the target opened
-        raise Error(msg=f"verify of session {s.name!r} interrupted: {_INTERRUPTED}")
+        raise VerifyInterrupted(name=s.name, why=_INTERRUPTED)
     work = s._verifying = asyncio.ensure_future(
         run_pipeline(
             requests(iter([(0, tracking.nbits)]), max(1, MAX_REQUEST // g)),
@@ -81,7 +79,7 @@ async def verify(session: Session) -> dict[str, Any]:
     except asyncio.CancelledError:
         this = asyncio.current_task()
         if work.cancelled() and (this is None or not this.cancelling()):  # Session.closing
-            raise Error(msg=f"verify of session {s.name!r} interrupted: {_INTERRUPTED}") from None
+            raise VerifyInterrupted(name=s.name, why=_INTERRUPTED) from None
         raise
     finally:
         s._verifying = None

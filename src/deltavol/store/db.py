@@ -11,7 +11,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from deltavol.errors import CorruptFile, Error, NoSpace
+from deltavol.errors import CorruptFile, MetadataError, NoSpace
 
 FORMAT_VERSION = 1
 
@@ -65,7 +65,7 @@ class Database:
         except sqlite3.OperationalError as exc:  # I/O error, full disk, cannot open: not corrupt
             if "full" in str(exc):
                 raise NoSpace(what=f"metadata {path}") from exc
-            raise Error(msg=f"metadata {path}: {exc}") from exc
+            raise MetadataError(path=path, why=exc) from exc
         except sqlite3.DatabaseError as exc:
             raise CorruptFile(path=path, why=str(exc)) from exc
 
@@ -84,7 +84,7 @@ class Database:
                 self.conn.execute("ROLLBACK")
             if "full" in str(exc):
                 raise NoSpace(what=f"metadata {self.path}") from exc
-            raise Error(msg=f"metadata {self.path}: {exc}") from exc
+            raise MetadataError(path=self.path, why=exc) from exc
 
     def close(self) -> None:
         self.conn.close()

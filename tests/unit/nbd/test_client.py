@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from deltavol.nbd.client import NbdClient, NbdConnectionError, NbdError, parse_uri
+from deltavol.server.nbd_client import NbdClient, NbdConnectionError, NbdError, parse_uri
 from tests.harness import require
 from tests.sessions.targets import nbdkit_memory_cmd, qemu_nbd_cmd, serving, uri
 
@@ -36,10 +36,51 @@ def test_parse_uri(text: str, host: str | None, port: int, socket: str | None, e
     assert (u.host, u.port, u.socket, u.export) == (host, port, socket, export)
 
 
-@pytest.mark.parametrize("bad", ["http://h/x", "nbd:///x", "nbd+unix:///x", "nbd://h:99999999/x", "disk"])
+@pytest.mark.parametrize(
+    "text, host, port, socket, export, certs",
+    [
+        ("nbds://backup.example:10900/vol", "backup.example", 10900, None, "vol", None),
+        ("nbds://10.0.0.2/vol?tls-certificates=/etc/pki/dv", "10.0.0.2", 10809, None, "vol", "/etc/pki/dv"),
+        ("nbds+unix:///vol?socket=/run/x.sock&tls-certificates=/c", None, 10809, "/run/x.sock", "vol", "/c"),
+        ("nbds+unix:///vol?socket=/run/x.sock", None, 10809, "/run/x.sock", "vol", None),
+    ],
+)
+def test_parse_tls_uri(
+    text: str, host: str | None, port: int, socket: str | None, export: str, certs: str | None
+) -> None:
+    u = parse_uri(text)
+    assert (u.host, u.port, u.socket, u.export, u.tls, u.tls_certificates) == (
+        host,
+        port,
+        socket,
+        export,
+        True,
+        certs,
+    )
+    assert not parse_uri("nbd://h/x").tls
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "http://h/x",
+        "nbd:///x",
+        "nbd+unix:///x",
+        "nbd://h:99999999/x",
+        "disk",
+        "nbds:///x",
+        "nbds+unix:///x?tls-certificates=/c",
+        "nbd://h/x?tls-certificates=/c",  # certificates without TLS would be ignored: refused
+    ],
+)
 def test_parse_uri_refuses_bad_uris(bad: str) -> None:
     with pytest.raises(ValueError, match="invalid NBD URI"):
         parse_uri(bad)
+
+
+async def test_an_nbds_uri_without_a_tls_context_is_refused_before_connecting() -> None:
+    with pytest.raises(ValueError, match="needs a TLS context"):
+        await NbdClient.connect("nbds://127.0.0.1:1/vol")
 
 
 @pytest.fixture(params=["qemu-nbd", "nbdkit"])

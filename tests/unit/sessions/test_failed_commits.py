@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from deltavol.bitmap import persist
-from deltavol.errors import Error
+from deltavol.errors import DeltavolError
 from deltavol.sessions import session as session_module
 from deltavol.sessions.session import Session
 from deltavol.sessions.states import State
@@ -50,7 +50,7 @@ class FailingRows(Rows):
 
     def __call__(self, s: Session) -> None:
         if self.failing(s):
-            raise Error(msg="database or disk is full")
+            raise DeltavolError(msg="database or disk is full")
         super().__call__(s)
 
 
@@ -84,7 +84,7 @@ async def test_a_resume_that_does_not_commit_leaves_the_session_paused(rig: Rig)
     await s.start_update(False)
     await s.pause()
     rows.failing = lambda s: s.state is State.COPYING
-    with pytest.raises(Error):
+    with pytest.raises(DeltavolError):
         await s.resume()
     assert s.state is State.PAUSED and not s.busy
     rows.failing = lambda s: False
@@ -105,7 +105,7 @@ async def test_a_restart_of_a_copy_task_that_does_not_commit_keeps_what_went_wro
         await s.wait()
     s.last_error = "the copy task was lost"
     rows.failing = lambda s: True
-    with pytest.raises(Error):
+    with pytest.raises(DeltavolError):
         await s.resume()
     assert s.state is State.COPYING and not s.busy
     assert s.last_error == "the copy task was lost", "memory says it went well, the row does not"
@@ -149,7 +149,7 @@ async def test_an_update_over_a_paused_one_that_does_not_commit_loses_no_change_
     await rig.write(3, 0xEE)  # owed: saved, its tracking bit durable by the save record
     assert s.save is not None and 3 in s.save
     rows.failing = lambda s: s.update is not None and s.update.id != first
-    with pytest.raises(Error):
+    with pytest.raises(DeltavolError):
         await s.start_update(False)
     rows.failing = lambda s: False
     assert s.update is not None and s.update.id == first

@@ -32,8 +32,7 @@ import pytest
 
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
-from deltavol.copy.targets import TargetError
-from deltavol.errors import os_error
+from deltavol.errors import TargetError, os_error
 from deltavol.sessions import session as session_module
 from deltavol.sessions.session import RetryPolicy, Session, UpdateRecord
 from deltavol.sessions.states import State

@@ -21,8 +21,7 @@ import asyncio
 import pytest
 
 from deltavol.bitmap import persist
-from deltavol.copy.targets import TargetError
-from deltavol.errors import Error
+from deltavol.errors import DeltavolError, TargetError
 from deltavol.sessions import session as session_module
 from deltavol.sessions.states import State
 from tests.unit.sessions.test_silent_target import (
@@ -59,10 +58,10 @@ async def test_update_of_a_paused_update_while_a_write_waits_gives_up_the_unfini
     await asyncio.sleep(0.01)  # it waits for the target, holding the gate
 
     def no_space(*_a: object, **_k: object) -> None:
-        raise Error(msg="bitmap: No space left on device")
+        raise DeltavolError(msg="bitmap: No space left on device")
 
     monkeypatch.setattr(session_module.persist, "save_atomic", no_space)
-    with pytest.raises(Error, match="No space"):
+    with pytest.raises(DeltavolError, match="No space"):
         await s.start_update(False)  # its mark waits for the write, then fails
     monkeypatch.undo()
     async with asyncio.timeout(WAIT):

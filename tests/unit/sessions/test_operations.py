@@ -24,8 +24,8 @@ import pytest
 from deltavol.backend.file import FileBackend
 from deltavol.bitmap import persist
 from deltavol.config import ServerConfig
-from deltavol.copy.targets import LocalTarget, TargetError
-from deltavol.errors import DeltavolError, Error, NotFound
+from deltavol.copy.targets import LocalTarget
+from deltavol.errors import AlreadyCopying, DeltavolError, NotFound, TargetError, VerifyInterrupted
 from deltavol.service import Service
 from deltavol.sessions.session import Session
 from deltavol.sessions.states import State
@@ -190,7 +190,7 @@ async def test_a_second_full_update_during_the_first_ones_start_is_refused(svc: 
     results = await asyncio.gather(first, second, return_exceptions=True)
 
     assert isinstance(results[0], dict) and results[0]["update"]["id"] == 1
-    assert isinstance(results[1], Error) and "already copying" in results[1].message
+    assert isinstance(results[1], AlreadyCopying) and "already copying" in results[1].message
     assert len(copy_tasks()) == 1
     await s.pause()
     assert copy_tasks() == [] and not s.busy
@@ -286,7 +286,7 @@ async def test_remove_interrupts_a_verify_instead_of_waiting_for_it(
     await reading.wait()
     await asyncio.wait_for(svc.remove_session("s"), timeout=10)
 
-    with pytest.raises(Error, match="interrupted"):
+    with pytest.raises(VerifyInterrupted, match="interrupted"):
         await asyncio.wait_for(verify, timeout=5)
     assert rows(svc) == [] and s._verifying is None
 
@@ -316,7 +316,7 @@ async def test_remove_while_verify_opens_its_target_stops_the_verify_before_it_c
     opened.set()
 
     await asyncio.wait_for(remove, timeout=5)
-    with pytest.raises(Error, match="interrupted"):
+    with pytest.raises(VerifyInterrupted, match="interrupted"):
         await asyncio.wait_for(verify, timeout=5)
     assert rows(svc) == []
 

@@ -29,7 +29,7 @@ from typing import Any
 from deltavol.backend.gate import GateLayer
 from deltavol.backend.hooks import BeforeChange
 from deltavol.bitmap import persist
-from deltavol.copy.targets import TargetError
+from deltavol.errors import TargetError
 from deltavol.sessions.manager import _SourceWiring
 from deltavol.sessions.session import RetryPolicy, Session, UpdateRecord
 from deltavol.sessions.states import State

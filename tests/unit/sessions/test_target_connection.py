@@ -17,8 +17,7 @@ import asyncio
 
 import pytest
 
-from deltavol.copy.targets import TargetError
-from deltavol.errors import Error
+from deltavol.errors import DeltavolError, TargetError
 from deltavol.sessions.session import Session
 from tests.unit.sessions.test_silent_target import (
     CHANGED,
@@ -141,11 +140,11 @@ async def test_a_give_up_whose_row_fails_keeps_the_mark_and_its_connection(
     s.target = conn
 
     def db_full(_s: object) -> None:
-        raise Error(msg="database or disk is full")
+        raise DeltavolError(msg="database or disk is full")
 
     monkeypatch.setattr(s, "_persist_row", db_full)
     assert s.update is not None
-    with pytest.raises(Error):
+    with pytest.raises(DeltavolError):
         s._give_up_mark(s.update, "copy-before-write of chunk 3: no answer")
     assert s.update.protecting and s.update.remark is None
     assert s.target is conn and not conn.aborted, "the mark holds, but its connection is gone"

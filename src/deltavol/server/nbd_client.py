@@ -20,6 +20,13 @@ and the kernel retransmits it, so a write the caller gave up on could land on th
 long after, over what was written since on another connection. An abort (SO_LINGER 0:
 a TCP reset) discards the queue. A request the server has already read cannot be
 recalled: its caller must treat it as possibly landing (see ``Session._give_up_mark``).
+
+TLS: given a context, the client sends NBD_OPT_STARTTLS before anything else, stops
+reading the moment the ACK is parsed (the next bytes are the server's handshake), and
+hands the socket to ``loop.start_tls``; the export is negotiated inside TLS. A server that
+refuses STARTTLS fails the connection: there is no fall back to plain text. The server's
+certificate is checked against ``server_hostname``: by default the URI's host, and
+``localhost`` for a unix socket (the URI names no host there).
 """
 
 from __future__ import annotations
@@ -27,14 +34,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from deltavol.nbd.client_conn import ClientConnection, HandshakeFailed, Ready, Reply
 from deltavol.nbd.constants import Cmd, CmdFlag
 from deltavol.nbd.constants import TransmissionFlag as TF
-from deltavol.nbd.events import NEED_DATA, Closed
+from deltavol.nbd.events import NEED_DATA, Closed, StartTls
 
 DEFAULT_PORT = 10809
 TIMEOUT = 30.0  # seconds to connect, and without any reply while requests wait
@@ -59,26 +68,35 @@ class NbdUri:
     host: str | None = None
     port: int = DEFAULT_PORT
     socket: str | None = None
+    tls: bool = False  # nbds:// or nbds+unix://
+    tls_certificates: str | None = None  # ?tls-certificates=DIR
 
 
 def parse_uri(uri: str) -> NbdUri:
-    """``nbd://host[:port]/export`` or ``nbd+unix:///export?socket=PATH`` (libnbd's spelling)."""
+    """``nbd[s]://host[:port]/export`` or ``nbd[s]+unix:///export?socket=PATH``, with
+    ``?tls-certificates=DIR`` for the ``s`` schemes (libnbd's spellings)."""
     parts = urlsplit(uri)
     export = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
-    if parts.scheme == "nbd":
+    query = parse_qs(parts.query)
+    tls = parts.scheme in ("nbds", "nbds+unix")
+    certificates = query.get("tls-certificates")
+    if certificates and not tls:
+        raise ValueError(f"invalid NBD URI {uri!r}: tls-certificates needs nbds:// or nbds+unix://")
+    certs = certificates[0] if certificates else None
+    if parts.scheme in ("nbd", "nbds"):
         if not parts.hostname:
             raise ValueError(f"invalid NBD URI {uri!r}: no host")
         try:
             port = parts.port or DEFAULT_PORT
         except ValueError:
             raise ValueError(f"invalid NBD URI {uri!r}: bad port") from None
-        return NbdUri(export, host=parts.hostname, port=port)
-    if parts.scheme == "nbd+unix":
-        sockets = parse_qs(parts.query).get("socket")
+        return NbdUri(export, host=parts.hostname, port=port, tls=tls, tls_certificates=certs)
+    if parts.scheme in ("nbd+unix", "nbds+unix"):
+        sockets = query.get("socket")
         if not sockets:
-            raise ValueError(f"invalid NBD URI {uri!r}: nbd+unix needs ?socket=PATH")
-        return NbdUri(export, socket=sockets[0])
-    raise ValueError(f"invalid NBD URI {uri!r}: expected nbd:// or nbd+unix://")
+            raise ValueError(f"invalid NBD URI {uri!r}: {parts.scheme} needs ?socket=PATH")
+        return NbdUri(export, socket=sockets[0], tls=tls, tls_certificates=certs)
+    raise ValueError(f"invalid NBD URI {uri!r}: expected nbd://, nbds://, nbd+unix:// or nbds+unix://")
 
 
 class _Protocol(asyncio.Protocol):
@@ -86,13 +104,13 @@ class _Protocol(asyncio.Protocol):
         self.client = client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.client._transport = transport  # type: ignore[assignment]
+        self.client._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
 
     def data_received(self, data: bytes) -> None:
-        self.client._feed(data)
+        self.client._received(data)
 
     def eof_received(self) -> bool:
-        self.client._feed(b"")
+        self.client._received(b"")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -112,6 +130,9 @@ class NbdClient:
         self._watchdog: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         self._ready: asyncio.Future[Ready] = asyncio.get_running_loop().create_future()
+        self._tls_ack: asyncio.Future[None] | None = None  # the STARTTLS ACK, when TLS is wanted
+        self._upgrading = False  # between the STARTTLS ACK and the end of the TLS handshake
+        self._early: list[bytes] = []  # decrypted bytes that came before start_tls returned
         self._waiting: dict[int, asyncio.Future[Reply]] = {}
         self._error: str | None = None
         self.size = 0
@@ -120,35 +141,74 @@ class NbdClient:
 
     @classmethod
     async def connect(
-        cls, uri: str, *, block_status: bool = False, timeout: float = TIMEOUT, age: float | None = None
+        cls,
+        uri: str,
+        *,
+        block_status: bool = False,
+        timeout: float = TIMEOUT,
+        age: float | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> NbdClient:
         """Connect and negotiate within ``timeout`` seconds (a blackholed host's SYNs are
         otherwise retried for minutes); ``timeout`` then bounds the wait for replies, and
-        ``age`` that of each request."""
+        ``age`` that of each request. With ``tls_context`` the connection is upgraded to
+        TLS before anything else (see the module's notes); an ``nbds`` URI needs one."""
         where = parse_uri(uri)
-        client = cls(uri, ClientConnection(where.export, block_status=block_status), timeout, age)
+        if where.tls and tls_context is None:
+            raise ValueError(f"{uri}: an nbds URI needs a TLS context")
+        tls = tls_context is not None
+        conn = ClientConnection(where.export, block_status=block_status, tls=tls)
+        client = cls(uri, conn, timeout, age)
         loop = asyncio.get_running_loop()
+        if tls:
+            client._tls_ack = loop.create_future()
         try:
             async with asyncio.timeout(timeout):
                 if where.socket is not None:
                     await loop.create_unix_connection(lambda: _Protocol(client), where.socket)
                 else:
+                    assert where.host is not None  # parse_uri gives nbd:// URIs a host
                     await loop.create_connection(lambda: _Protocol(client), where.host, where.port)
+                if tls_context is not None:
+                    hostname = server_hostname or where.host or "localhost"
+                    await client._start_tls(tls_context, hostname)
                 ready = await asyncio.shield(client._ready)
         except TimeoutError as exc:
-            client._close_transport()
+            client._give_up()
             raise NbdConnectionError(f"{uri}: no answer in {timeout:g} s") from exc
         except OSError as exc:
-            client._close_transport()
+            client._give_up()
             if isinstance(exc, NbdConnectionError):
                 raise
+            if isinstance(exc, ssl.SSLError):
+                raise NbdConnectionError(f"{uri}: TLS handshake failed: {_tls_failure(exc)}") from exc
             raise NbdConnectionError(f"{uri}: {exc.strerror or exc}") from exc
         except BaseException:  # cancelled: leave no connection behind
-            client._close_transport()
+            client._give_up()
             raise
         client.size, client.flags = ready.size, ready.flags
         client.max_block = ready.max_block
         return client
+
+    async def _start_tls(self, context: ssl.SSLContext, hostname: str) -> None:
+        """Wait for the STARTTLS ACK (reading stopped right after it), then upgrade."""
+        assert self._tls_ack is not None
+        await asyncio.shield(self._tls_ack)
+        transport = self._transport
+        assert transport is not None
+        tls = await asyncio.get_running_loop().start_tls(
+            transport, transport.get_protocol(), context, server_hostname=hostname
+        )
+        if tls is None:
+            raise NbdConnectionError(f"{self.uri}: the connection closed during the TLS handshake")
+        self._transport = tls
+        self._upgrading = False
+        self.conn.tls_started()
+        early, self._early = self._early, []
+        for data in early:
+            self._feed(data)
+        self._flush()  # the options, now inside TLS
 
     # --- capabilities ------------------------------------------------------------------------
     def _has(self, flag: TF) -> bool:
@@ -188,12 +248,25 @@ class NbdClient:
         if out and self._transport is not None and not self._transport.is_closing():
             self._transport.writelines(out)
 
+    def _received(self, data: bytes) -> None:
+        if self._upgrading:
+            self._early.append(data)
+            return
+        self._feed(data)
+
     def _feed(self, data: bytes) -> None:
         self._heard = asyncio.get_running_loop().time()
         self.conn.receive_data(data)
         while True:
             event = self.conn.next_event()
             if event is NEED_DATA:
+                break
+            if isinstance(event, StartTls):
+                self._upgrading = True
+                if self._transport is not None:
+                    self._transport.pause_reading()  # the next bytes are the TLS handshake
+                assert self._tls_ack is not None  # the connection asked for TLS
+                self._tls_ack.set_result(None)
                 break
             if isinstance(event, Reply):
                 self._asked.pop(event.cookie, None)
@@ -216,6 +289,8 @@ class NbdClient:
         exc = NbdConnectionError(f"{self.uri}: {self._error}")
         if not self._ready.done():
             self._ready.set_exception(exc)
+        if self._tls_ack is not None and not self._tls_ack.done():
+            self._tls_ack.set_exception(exc)
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(exc)
@@ -227,6 +302,18 @@ class NbdClient:
         """Fail every request now and reset the connection: what it still queues is
         discarded, not delivered late."""
         self._fail_all(why)
+
+    def _give_up(self) -> None:
+        """``connect`` failed: close, and cancel the handshake's futures (nobody waits for
+        them now; a loss reported later must not leave an exception nobody retrieves)."""
+        for fut in (self._ready, self._tls_ack):
+            if fut is None:
+                continue
+            if not fut.done():
+                fut.cancel()
+            elif not fut.cancelled():
+                fut.exception()  # the caller gets the failure from connect()
+        self._close_transport()
 
     def _close_transport(self, abort: bool = False) -> None:
         if self._watchdog is not None:
@@ -269,7 +356,7 @@ class NbdClient:
             self._watchdog = loop.call_at(due, self._check)
 
     async def _call(
-        self, what: str, cmd: Cmd, offset: int, length: int, flags: int = 0, data: bytes = b""
+        self, what: str, cmd: Cmd, offset: int, length: int, flags: int = 0, data: bytes | memoryview = b""
     ) -> Reply:
         if self._error is not None:
             raise NbdConnectionError(f"{self.uri}: {self._error}")
@@ -303,7 +390,7 @@ class NbdClient:
         view = memoryview(data)
         await asyncio.gather(
             *(
-                self._call("write", Cmd.WRITE, o, n, flags, view[o - offset : o - offset + n])  # type: ignore[arg-type]
+                self._call("write", Cmd.WRITE, o, n, flags, view[o - offset : o - offset + n])
                 for o, n in self._pieces(offset, len(data))
             )
         )
@@ -339,3 +426,9 @@ class NbdClient:
             self._flush()
             self._error = "closed"
         self._close_transport()
+
+
+def _tls_failure(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"server certificate not accepted: {exc.verify_message}"
+    return exc.reason or str(exc)

@@ -1,0 +1,88 @@
+"""ReceiveBuffer: what is fed comes out in order, whatever the piece sizes; memory stays
+bounded while a stream goes through it."""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from deltavol.nbd.buffer import COMPACT_AT, ReceiveBuffer
+
+U32 = struct.Struct(">I")
+
+
+@given(
+    data=st.binary(min_size=0, max_size=2000),
+    feeds=st.lists(st.integers(1, 300), max_size=40),
+    takes=st.lists(st.integers(0, 300), max_size=40),
+)
+def test_bytes_come_out_in_order_whatever_the_pieces(data: bytes, feeds: list[int], takes: list[int]) -> None:
+    rx = ReceiveBuffer()
+    out = bytearray()
+    pos = 0
+    for i, size in enumerate(feeds):
+        rx.feed(data[pos : pos + size])
+        pos += size
+        want = takes[i] if i < len(takes) else 0
+        got = rx.take(want)
+        if want > len(rx) + (len(got) if got is not None else 0):
+            assert got is None
+        if got is not None:
+            assert len(got) == want
+            out += got
+    rx.feed(data[pos:])
+    rest = rx.take(len(rx))
+    assert rest is not None
+    assert bytes(out + rest) == data
+    assert len(rx) == 0
+
+
+def test_peek_does_not_consume_and_needs_the_whole_layout() -> None:
+    rx = ReceiveBuffer()
+    rx.feed(b"\x00\x00\x01")
+    assert rx.peek(U32) is None
+    rx.feed(b"\x02\xff")
+    assert rx.peek(U32) == (0x102,)
+    assert len(rx) == 5
+    rx.skip(4)
+    assert rx.take(1) == b"\xff" and len(rx) == 0
+
+
+def test_take_into_copies_into_the_target_or_consumes_nothing() -> None:
+    rx = ReceiveBuffer()
+    rx.feed(b"abcdef")
+    target = bytearray(8)
+    assert rx.take_into(target, 2, 7) is False and len(rx) == 6
+    assert rx.take_into(target, 2, 4) is True
+    assert target == bytearray(b"\0\0abcd\0\0") and rx.take(2) == b"ef"
+
+
+def test_skip_never_goes_past_what_is_buffered() -> None:
+    rx = ReceiveBuffer()
+    rx.feed(b"abc")
+    rx.skip(10)
+    assert len(rx) == 0
+    rx.feed(b"xy")
+    assert rx.take(2) == b"xy"
+
+
+def test_consumed_bytes_are_dropped_when_never_fully_drained() -> None:
+    rx = ReceiveBuffer()
+    piece = bytes(range(256)) * 16  # 4 KiB
+    rx.feed(b"!")  # one byte always left over: the buffer is never empty between feeds
+    for _ in range(4 * COMPACT_AT // len(piece)):
+        rx.feed(piece)
+        assert rx.take(len(piece)) is not None
+    assert rx.held <= COMPACT_AT + 2 * len(piece)
+    assert rx.take(1) == b"\xff"
+
+
+def test_take_after_a_header_consumes_both_or_nothing() -> None:
+    rx = ReceiveBuffer()
+    rx.feed(b"HDRpay")
+    assert rx.take(4, skip=3) is None and len(rx) == 6
+    assert rx.take(3, skip=3) == b"pay" and len(rx) == 0
+    rx.feed(b"HDR")
+    assert rx.take(0, skip=3) == b"" and len(rx) == 0
