@@ -64,12 +64,15 @@ def cells(row: Row) -> list[str]:
 HEADERS = ["figure", "unit", "deltavol", "peer", "peer figure", "ratio", "aim", "met"]
 
 
-def markdown(rows: list[Row], settings: Settings, elapsed: float, commit: str) -> str:
+def markdown(
+    rows: list[Row], settings: Settings, elapsed: float, commit: str, load: tuple[float, float]
+) -> str:
     lines = [
         "# Benchmark results",
         "",
         f"Run {datetime.date.today().isoformat()} by `make bench` ({elapsed:.0f} s) from {commit},",
-        f"on {machine()}.",
+        f"on {machine()}; load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end "
+        "(other work on the machine slows the one-loop server more than threaded peers).",
         f"fio runs {settings.runtime:g} s each (after 1 s ramp) on a {settings.fio_size // GiB} GiB raw file "
         "over unix sockets; deltavol and its peers serve the same file, one after the other.",
         "Page-cache figures: the better of two runs each, in the order deltavol, qemu-nbd, nbdkit, "
@@ -114,7 +117,7 @@ def main(only: tuple[str, ...], runtime: float, copy_size: int, quick: bool, out
     console = Console()
     table = Table(*HEADERS, title="deltavol benchmarks")
     rows: list[Row] = []
-    start = datetime.datetime.now()
+    start, load = datetime.datetime.now(), os.getloadavg()[0]
     commit = source_commit()  # before the run: what was measured
     console.log(f"figures of {commit}")
     try:
@@ -128,7 +131,8 @@ def main(only: tuple[str, ...], runtime: float, copy_size: int, quick: bool, out
         shutil.rmtree(work, ignore_errors=True)
     console.print(table)
     if not quick:
-        out.write_text(markdown(rows, settings, (datetime.datetime.now() - start).total_seconds(), commit))
+        elapsed = (datetime.datetime.now() - start).total_seconds()
+        out.write_text(markdown(rows, settings, elapsed, commit, (load, os.getloadavg()[0])))
         console.print(f"written {out}")
 
 
