@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.fio import fio
+from bench.metrics import metrics_overhead
 from bench.peers import (
     Deltavol,
     deltavol,
@@ -487,6 +488,7 @@ SECTIONS: dict[str, Callable[[Settings], Iterator[Row]]] = {
     "cofw": cofw_latency,
     "memory": memory,
     "cold": cold_cache,
+    "metrics": metrics_overhead,
 }
 
 __all__ = ["SECTIONS", "Deltavol", "Row", "Settings", "nbd_unix"]
