@@ -100,7 +100,7 @@ def markdown(
 
 @click.command()
 @click.option("--only", multiple=True, type=click.Choice(list(SECTIONS)), help="Run only these sections.")
-@click.option("--runtime", default=5.0, show_default=True, help="Seconds per fio run.")
+@click.option("--runtime", default=4.0, show_default=True, help="Seconds per fio run.")
 @click.option("--copy-size", default=4, show_default=True, help="GiB of the full-copy volume.")
 @click.option("--quick", is_flag=True, help="Short runs on small files (a smoke test, not figures).")
 @click.option("--out", type=click.Path(path_type=Path), default=HERE / "RESULTS.md", show_default=True)
