@@ -25,6 +25,7 @@ from bench.peers import (
     rss_of,
     serve,
 )
+from bench.restore import restore
 from deltavol.server.nbd_client import NbdClient
 
 MiB = 2**20
@@ -490,6 +491,7 @@ SECTIONS: dict[str, Callable[[Settings], Iterator[Row]]] = {
     "cofw": cofw_latency,
     "memory": memory,
     "cold": cold_cache,
+    "restore": restore,
     "metrics": metrics_overhead,
 }
 

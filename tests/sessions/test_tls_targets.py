@@ -186,3 +186,21 @@ def test_deltavol_to_deltavol_verifying_each_other(server: Server, tmp_path: Pat
         dr.stop()
         dr.log.close()
     assert "Traceback" not in dr.log_path.read_text()
+
+
+def test_restore_from_a_tls_target(server: Server, tls_certs: Path, tmp_path: Path) -> None:
+    """The restore reads the copy back over TLS: the changed chunks only, bytes exact."""
+    model = source(server)
+    sock = tmp_path / "k.sock"
+    uri = f"nbds+unix:///t?socket={sock}&tls-certificates={tls_certs}"
+    with target(nbdkit_tls(tls_certs, SIZE, sock=sock), sock=sock):
+        server.cli("session", "create", "s", "--source", "src", "--target", uri)
+        server.cli("session", "update", "s", "--wait")
+        at_pit = model.snapshot()
+        apply(server, "src", *model.chunks(0x66, [1, 2, 100]))
+        out = server.run("session", "restore", "s", "--wait", "--json")
+        assert out.returncode == 0, out.stderr
+        st = wait_for(server, lambda s: s["state"] == "idle", "restored")
+        assert st["consistent"] and st["update"]["kind"] == "restore", st
+        assert st["update"]["bytes_done"] == 3 * 64 * 1024, st
+        assert server.image("src") == at_pit

@@ -94,7 +94,8 @@ _PAGE_BITS = (_PAGE * 8).bit_length() - 1  # bit >> _PAGE_BITS: its page
 _HEADER = struct.Struct(">8sIIQQQBI16s")
 KIND_TRACKING = 1
 KIND_TRANSFER = 2
-_KINDS = {KIND_TRACKING: "tracking", KIND_TRANSFER: "transfer"}
+KIND_RESTORE = 3  # what a restore still has to copy back (sessions/restore.py)
+_KINDS = {KIND_TRACKING: "tracking", KIND_TRANSFER: "transfer", KIND_RESTORE: "restore"}
 
 
 def _hot_at(nbits: int) -> int:

@@ -108,6 +108,8 @@ def routes(service: Service) -> web.RouteTableDef:
         name = _field(body, "name", str)
         if "path" in body:
             info = service.import_volume(name, _field(body, "path", str))
+        elif "from_session" in body:
+            info = await service.create_volume_from_session(name, _field(body, "from_session", str))
         else:
             size = body.get("size")
             if not isinstance(size, int | str) or isinstance(size, bool):
@@ -169,7 +171,7 @@ def routes(service: Service) -> web.RouteTableDef:
             raise UsageError(msg="cells must be a whole number") from None
         return web.json_response(service.session_bitmaps(request.match_info["name"], cells))
 
-    @r.post("/v1/sessions/{name}/{action:pause|resume|cancel|verify}")
+    @r.post("/v1/sessions/{name}/{action:pause|resume|cancel|verify|restore|reverse}")
     async def session_action(request: web.Request) -> web.Response:
         name, action = request.match_info["name"], request.match_info["action"]
         do = {
@@ -177,6 +179,8 @@ def routes(service: Service) -> web.RouteTableDef:
             "resume": service.resume_session,
             "cancel": service.cancel_session,
             "verify": service.verify_session,
+            "restore": service.restore_session,
+            "reverse": service.reverse_session,
         }[action]
         return web.json_response(await do(name))
 
