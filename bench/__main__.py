@@ -15,6 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.figures import SECTIONS, GiB, Row, Settings
+from bench.tls import tls_figures
+
+SECTIONS.setdefault("tls", tls_figures)
 
 HERE = Path(__file__).parent
 

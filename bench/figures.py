@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.fio import fio
+from bench.metrics import metrics_overhead
 from bench.peers import Deltavol, deltavol, nbd_unix, qemu_nbd
 from deltavol.server.nbd_client import NbdClient
 
@@ -378,6 +379,7 @@ SECTIONS: dict[str, Callable[[Settings], Iterator[Row]]] = {
     "cofw": cofw_latency,
     "memory": memory,
     "cold": cold_cache,
+    "metrics": metrics_overhead,
 }
 
 __all__ = ["SECTIONS", "Deltavol", "Row", "Settings", "nbd_unix"]

@@ -33,3 +33,8 @@ class ServerConfig:
     retry_limit: int = 5  # automatic resumes of an update whose target failed
     retry_backoff: float = 2.0  # seconds before the first retry; doubles each time
     target_timeout: float = 30.0  # seconds a remote target may take to connect, or stay silent
+    nbd_metrics: bool = True  # count NBD requests per export (serve --no-nbd-metrics: off)
+    tls: str = "off"  # NBD TLS: off, on (offered) or require; the TCP API is HTTPS unless off
+    tls_certificates: Path | None = None  # ca-cert.pem, server-cert.pem, server-key.pem, ...
+    tls_verify_peer: bool = False  # clients must present a certificate the CA signed
+    warnings: tuple[str, ...] = ()  # said at start and by `volume list` (plain text on a network)

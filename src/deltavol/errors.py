@@ -197,3 +197,19 @@ def os_error(exc: OSError, what: str) -> DeltavolError:
     if exc.errno in (_errno.ENOSPC, _errno.EDQUOT):
         return NoSpace(what=what)
     return IoFailure(what=what, why=exc.strerror or str(exc))
+
+
+class TlsFileMissing(UsageError):
+    """TLS file {path} is missing ({role}); {hint}"""
+
+
+class TlsFileInvalid(UsageError):
+    """TLS file {path} cannot be used ({role}): {why}"""
+
+
+class InsecureListen(UsageError):
+    """refusing to serve {what} on {address} in plain text: anyone who can reach it could {risk}; {hint}"""
+
+
+class TlsVerifyFailed(DeltavolError):
+    """cannot trust {peer}: {why}"""

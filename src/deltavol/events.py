@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("deltavol.events")
 
 KEEP = 1024  # events kept for reconnecting clients
 QUEUE = 256  # events a subscriber may lag behind before it is dropped
@@ -56,6 +59,7 @@ class EventBus:
     def __init__(self, keep: int = KEEP, clock: Callable[[], float] = time.time) -> None:
         self._recent: collections.deque[Event] = collections.deque(maxlen=keep)
         self._subscribers: set[Subscription] = set()
+        self._listeners: list[Callable[[Event], None]] = []
         self._last_progress: dict[str, float] = {}
         self._clock = clock
         self.last_id = 0
@@ -64,6 +68,11 @@ class EventBus:
         self.last_id += 1
         event = Event(self.last_id, kind, self._clock(), data)
         self._recent.append(event)
+        for listen in self._listeners:
+            try:
+                listen(event)
+            except Exception:  # a listener's bug must not fail the publisher's operation
+                log.exception("events: a listener failed on %s", kind)
         for sub in list(self._subscribers):
             try:
                 sub.queue.put_nowait(event)
@@ -86,6 +95,11 @@ class EventBus:
         events = [e for e in self._recent if e.id > last_id]
         first = events[0].id if events else self.last_id + 1
         return events, first > last_id + 1
+
+    def listen(self, fn: Callable[[Event], None]) -> None:
+        """Call ``fn`` with every event as it is published, before any subscriber sees it
+        (what must be recorded durably, such as the facts the metrics count)."""
+        self._listeners.append(fn)
 
     @contextmanager
     def subscribe(self) -> Iterator[Subscription]:

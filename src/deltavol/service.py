@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from deltavol.backend.export import Export
+from deltavol.backend.export import WRITE, ZERO, Export
 from deltavol.config import ServerConfig
-from deltavol.errors import Protected
+from deltavol.errors import NotFound, Protected, UsageError
 from deltavol.events import EventBus
+from deltavol.metrics import bitmap_grid, session_extras
 from deltavol.sessions.manager import SessionManager
 from deltavol.sessions.verify import verify
 from deltavol.store.datadir import DataDir
 from deltavol.store.db import Database
+from deltavol.store.facts import Facts
 from deltavol.volumes import Volumes
 
 
@@ -21,6 +23,15 @@ class Service:
         self.events = EventBus()
         self.volumes = Volumes(db, datadir.volumes)
         self.sessions = SessionManager(db, self.volumes, datadir.bitmaps, datadir.save, config, self.events)
+        self.warnings = list(config.warnings)  # how the server is exposed, said by `volume list`
+        self.facts = Facts(db, self._find_session)
+        self.events.listen(self.facts.record)
+
+    def _find_session(self, name: str) -> Any:
+        try:
+            return self.sessions.get(name)
+        except NotFound:
+            return None
 
     def load(self) -> None:
         self.volumes.load()
@@ -62,10 +73,17 @@ class Service:
         return info
 
     def list_volumes(self) -> list[dict[str, Any]]:
-        return [v.info() for v in self.volumes.all()]
+        return [self._volume_json(v.info()) for v in self.volumes.all()]
 
     def volume_info(self, name: str) -> dict[str, Any]:
-        return self.volumes.get(name).info()
+        return self._volume_json(self.volumes.get(name).info())
+
+    def _volume_json(self, info: dict[str, Any]) -> dict[str, Any]:
+        """A volume's JSON with the bytes its NBD clients wrote (and zeroed) since the start."""
+        vol = self.volumes.get(info["name"])
+        stats = vol.export.stats
+        written = None if stats is None else stats.bytes[WRITE] + stats.bytes[ZERO]
+        return {**info, "written_bytes": written}
 
     async def remove_volume(self, name: str) -> None:
         await self.volumes.remove(name, self.sessions.volume_busy)
@@ -73,25 +91,47 @@ class Service:
 
     # --- sessions ---------------------------------------------------------------------------
     async def create_session(self, **params: Any) -> dict[str, Any]:
-        return (await self.sessions.create(**params)).status()
+        return session_extras(self, (await self.sessions.create(**params)).status())
 
     def list_sessions(self) -> list[dict[str, Any]]:
-        return [s.status() for s in self.sessions.all()]
+        return [session_extras(self, s.status()) for s in self.sessions.all()]
 
     def session_status(self, name: str) -> dict[str, Any]:
-        return self.sessions.get(name).status()
+        return session_extras(self, self.sessions.get(name).status())
 
     async def update_session(self, name: str, full: bool, max_rate: int | None) -> dict[str, Any]:
-        return await self.sessions.get(name).start_update(full, max_rate)
+        return session_extras(self, await self.sessions.get(name).start_update(full, max_rate))
 
     async def pause_session(self, name: str) -> dict[str, Any]:
-        return await self.sessions.get(name).pause()
+        return session_extras(self, await self.sessions.get(name).pause())
 
     async def resume_session(self, name: str) -> dict[str, Any]:
-        return await self.sessions.get(name).resume()
+        return session_extras(self, await self.sessions.get(name).resume())
 
     async def cancel_session(self, name: str) -> dict[str, Any]:
-        return await self.sessions.get(name).cancel()
+        return session_extras(self, await self.sessions.get(name).cancel())
+
+    def session_bitmaps(self, name: str, cells: int) -> dict[str, Any]:
+        """Each bitmap of the session as a grid of at most ``cells`` fractions (the heat map)."""
+        if not 1 <= cells <= 65536:
+            raise UsageError(msg=f"cells must be between 1 and 65536, not {cells}")
+        s = self.sessions.get(name)
+        nbits = s.tracking.nbits
+        with s.tracking.view() as bits:
+            tracking, per = bitmap_grid(bits, nbits, cells)
+        transfer = None
+        if s.transfer is not None:
+            with s.transfer.view() as bits:
+                transfer, _ = bitmap_grid(bits, nbits, cells)
+        return {
+            "name": name,
+            "size": s.source.size,
+            "granularity": s.granularity,
+            "chunks": nbits,
+            "chunks_per_cell": per,
+            "tracking": [round(x, 4) for x in tracking],
+            "transfer": None if transfer is None else [round(x, 4) for x in transfer],
+        }
 
     async def remove_session(self, name: str) -> None:
         await self.sessions.remove(name)

@@ -3,15 +3,56 @@
 Every request from a client passes ``Export`` once: range, read-only and capability
 checks happen here and nowhere below, so filters can trust what they receive. The
 transmission flags a client sees are derived here from the stack's capabilities.
+
+It is also where requests are counted for the metrics: per operation, requests, bytes,
+errors and a latency histogram, in plain lists of ints that a request bumps (two clock
+reads and one bisect; a request served at once, from the page cache without waiting, goes
+to the first bucket with no clock read: it took microseconds) and the metrics collector
+reads at scrape time. A request that fails
+its checks here is counted as an error with no latency. ``COUNTING`` (``serve
+--no-nbd-metrics``) leaves ``stats`` None: what a request costs without them.
 """
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
 from collections.abc import Callable
 
 from deltavol.backend.base import Backend, Extent
 from deltavol.errors import NotSupported, OutOfRange, ReadOnly
 from deltavol.nbd.constants import TransmissionFlag as TF
+
+COUNTING = True  # new exports count their requests (see the notes above)
+
+OPS = ("read", "write", "zero", "trim", "flush", "cache", "block_status")
+READ, WRITE, ZERO, TRIM, FLUSH, CACHE, BLOCK_STATUS = range(len(OPS))
+# upper bounds (seconds) of the latency histogram's buckets; one more bucket holds the rest
+BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
+_now = time.perf_counter
+
+
+class ExportStats:
+    """Counters of one export since the server started, indexed by ``OPS``."""
+
+    __slots__ = ("buckets", "bytes", "errors", "requests", "seconds")
+
+    def __init__(self) -> None:
+        n = len(OPS)
+        self.requests = [0] * n
+        self.bytes = [0] * n
+        self.errors = [0] * n
+        self.seconds = [0.0] * n
+        self.buckets = [[0] * (len(BUCKETS) + 1) for _ in range(n)]
+
+    def done(self, op: int, nbytes: int, took: float) -> None:
+        self.requests[op] += 1
+        self.bytes[op] += nbytes
+        self.seconds[op] += took
+        self.buckets[op][bisect_left(BUCKETS, took)] += 1
+
+    def failed(self, op: int) -> None:
+        self.errors[op] += 1
 
 
 class Export:
@@ -25,6 +66,7 @@ class Export:
         self.top = top
         self._read_only = read_only
         self.description = description
+        self.stats: ExportStats | None = ExportStats() if COUNTING else None
 
     @property
     def name(self) -> str:
@@ -62,42 +104,128 @@ class Export:
             raise ReadOnly(name=self.name)
 
     def pread_cached(self, offset: int, length: int) -> bytes | None:
-        self._check(offset, length)
-        return self.top.pread_cached(offset, length)
+        st = self.stats
+        if st is None:
+            self._check(offset, length)
+            return self.top.pread_cached(offset, length)
+        try:
+            self._check(offset, length)
+            data = self.top.pread_cached(offset, length)
+        except Exception:
+            st.failed(READ)
+            raise
+        if data is not None:  # served at once: below the first bucket, no clock read
+            st.requests[READ] += 1
+            st.bytes[READ] += length
+            st.buckets[READ][0] += 1
+        return data
 
     async def pread(self, offset: int, length: int) -> bytes:
-        self._check(offset, length)
-        return await self.top.pread(offset, length)
+        st = self.stats
+        if st is None:
+            self._check(offset, length)
+            return await self.top.pread(offset, length)
+        t = _now()
+        try:
+            self._check(offset, length)
+            data = await self.top.pread(offset, length)
+        except Exception:
+            st.failed(READ)
+            raise
+        st.done(READ, length, _now() - t)
+        return data
 
     def pwrite_now(self, offset: int, data: bytes) -> bool:
-        self._check_write(offset, len(data))
-        return self.top.pwrite_now(offset, data)
+        st = self.stats
+        if st is None:
+            self._check_write(offset, len(data))
+            return self.top.pwrite_now(offset, data)
+        try:
+            self._check_write(offset, len(data))
+            done = self.top.pwrite_now(offset, data)
+        except Exception:
+            st.failed(WRITE)
+            raise
+        if done:  # written at once: below the first bucket, no clock read
+            st.requests[WRITE] += 1
+            st.bytes[WRITE] += len(data)
+            st.buckets[WRITE][0] += 1
+        return done
 
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
-        self._check_write(offset, len(data))
-        await self.top.pwrite(offset, data, fua)
+        st = self.stats
+        if st is None:
+            self._check_write(offset, len(data))
+            await self.top.pwrite(offset, data, fua)
+            return
+        t = _now()
+        try:
+            self._check_write(offset, len(data))
+            await self.top.pwrite(offset, data, fua)
+        except Exception:
+            st.failed(WRITE)
+            raise
+        st.done(WRITE, len(data), _now() - t)
 
     async def zero(
         self, offset: int, length: int, may_trim: bool = True, fua: bool = False, fast: bool = False
     ) -> None:
-        self._check_write(offset, length)
-        if fast and not self.top.can_fast_zero():
-            raise NotSupported(what="fast zero", name=self.name)
-        await self.top.zero(offset, length, may_trim, fua)
+        t = _now()
+        try:
+            self._check_write(offset, length)
+            if fast and not self.top.can_fast_zero():
+                raise NotSupported(what="fast zero", name=self.name)
+            await self.top.zero(offset, length, may_trim, fua)
+        except Exception:
+            self._failed(ZERO)
+            raise
+        self._done(ZERO, length, t)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        self._check_write(offset, length)
-        await self.top.trim(offset, length, fua)
+        t = _now()
+        try:
+            self._check_write(offset, length)
+            await self.top.trim(offset, length, fua)
+        except Exception:
+            self._failed(TRIM)
+            raise
+        self._done(TRIM, length, t)
 
     async def flush(self) -> None:
-        await self.top.flush()
+        t = _now()
+        try:
+            await self.top.flush()
+        except Exception:
+            self._failed(FLUSH)
+            raise
+        self._done(FLUSH, 0, t)
 
     async def cache(self, offset: int, length: int) -> None:
-        self._check(offset, length)
-        await self.top.cache(offset, length)
+        t = _now()
+        try:
+            self._check(offset, length)
+            await self.top.cache(offset, length)
+        except Exception:
+            self._failed(CACHE)
+            raise
+        self._done(CACHE, length, t)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
-        self._check(offset, length)
-        if length == 0:
-            return []
-        return await self.top.extents(offset, length)
+        t = _now()
+        try:
+            self._check(offset, length)
+            found = [] if length == 0 else await self.top.extents(offset, length)
+        except Exception:
+            self._failed(BLOCK_STATUS)
+            raise
+        self._done(BLOCK_STATUS, length, t)
+        return found
+
+    # the less frequent requests share these (reads and writes are inlined above)
+    def _done(self, op: int, nbytes: int, t: float) -> None:
+        if self.stats is not None:
+            self.stats.done(op, nbytes, _now() - t)
+
+    def _failed(self, op: int) -> None:
+        if self.stats is not None:
+            self.stats.failed(op)

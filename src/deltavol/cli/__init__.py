@@ -15,8 +15,17 @@ from deltavol.errors import DeltavolError
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data-dir", envvar="DELTAVOL_DATA_DIR", help="Data dir of the server to talk to.")
 @click.option("--api-socket", help="Control API unix socket (default: DATA_DIR/api.sock).")
-@click.option("--api-url", envvar="DELTAVOL_API_URL", help="Control API over TCP, http://HOST:PORT.")
+@click.option(
+    "--api-url", envvar="DELTAVOL_API_URL", help="Control API over TCP, https://HOST:PORT (or http://)."
+)
 @click.option("--token", envvar="DELTAVOL_API_TOKEN", help="Bearer token for --api-url.")
+@click.option(
+    "--api-certificates",
+    envvar="DELTAVOL_API_CERTIFICATES",
+    metavar="DIR",
+    help="For an https:// --api-url: ca-cert.pem to verify the server with (and "
+    "client-cert.pem/client-key.pem to present, when there).",
+)
 @click.version_option(package_name="deltavol")
 @click.pass_context
 def cli(
@@ -25,13 +34,14 @@ def cli(
     api_socket: str | None,
     api_url: str | None,
     token: str | None,
+    api_certificates: str | None,
 ) -> None:
     """Serve block volumes over NBD and keep copies of them up to date."""
-    ctx.obj = ApiTarget.resolve(data_dir, api_socket, api_url, token)
+    ctx.obj = ApiTarget.resolve(data_dir, api_socket, api_url, token, api_certificates)
 
 
 def main() -> None:
-    from deltavol.cli import serve_cmd, session_cmds, volume_cmds  # noqa: F401  (registers)
+    from deltavol.cli import events_cmd, serve_cmd, session_cmds, tls_cmds, volume_cmds  # noqa: F401  (registers)
 
     try:
         cli.main(standalone_mode=False)

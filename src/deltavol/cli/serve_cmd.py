@@ -13,6 +13,7 @@ from deltavol.cli import cli
 from deltavol.config import DEFAULT_NBD, ServerConfig, parse_host_port
 from deltavol.errors import UsageError
 from deltavol.store.datadir import resolve_data_dir
+from deltavol.tls import listen_policy
 from deltavol.units import parse_size
 
 
@@ -73,6 +74,30 @@ def parse_hot_set(text: str) -> int:
     show_default=True,
     help="Seconds a remote target may take to connect, or stay silent while requests wait.",
 )
+@click.option(
+    "--nbd-metrics/--no-nbd-metrics",
+    default=True,
+    show_default=True,
+    help="Count NBD requests, bytes and latency per export for GET /metrics.",
+)
+@click.option(
+    "--tls",
+    "tls_mode",
+    type=click.Choice(["off", "on", "require"]),
+    default=None,
+    help="NBD over TLS (STARTTLS): require it, offer it (on), or not (off); the TCP API is HTTPS "
+    "unless off. Default: require with --tls-certificates, else off, and then only loopback "
+    "addresses and unix sockets may be served.",
+)
+@click.option(
+    "--tls-certificates",
+    metavar="DIR",
+    help="ca-cert.pem, server-cert.pem, server-key.pem (optional ca-crl.pem), as nbdkit and "
+    "qemu name them; re-read when they change. Make a set with: deltavol tls init DIR --host NAME.",
+)
+@click.option(
+    "--tls-verify-peer", is_flag=True, help="Clients must present a certificate signed by ca-cert.pem."
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_context
 def serve(
@@ -87,23 +112,34 @@ def serve(
     retry_limit: int,
     retry_backoff: float,
     target_timeout: float,
+    nbd_metrics: bool,
+    tls_mode: str | None,
+    tls_certificates: str | None,
+    tls_verify_peer: bool,
     log_level: str,
 ) -> None:
     """Run the server: NBD exports and the control API for one data dir."""
     setup_logging(log_level)
     data_dir = resolve_data_dir(serve_data_dir) if serve_data_dir else ctx.obj.data_dir
     nbd_tcp = parse_host_port(nbd, 10809) if nbd else (None if nbd_socket else DEFAULT_NBD)
+    api_tcp = parse_host_port(api, 8080) if api else None
+    policy = listen_policy(tls_mode, tls_certificates, tls_verify_peer, nbd_tcp, api_tcp)
     config = ServerConfig(
         data_dir=data_dir,
         nbd_tcp=nbd_tcp,
         nbd_socket=nbd_socket,
         api_socket=serve_api_socket or ctx.obj.socket,
-        api_tcp=parse_host_port(api, 8080) if api else None,
+        api_tcp=api_tcp,
         save_limit=parse_size(save_limit),
         hot_set=parse_hot_set(hot_set),
         retry_limit=retry_limit,
         retry_backoff=retry_backoff,
         target_timeout=target_timeout,
+        nbd_metrics=nbd_metrics,
+        tls=policy.mode,
+        tls_certificates=policy.certificates,
+        tls_verify_peer=policy.verify_peer,
+        warnings=policy.warnings,
     )
     from deltavol.server.main import serve as run
 

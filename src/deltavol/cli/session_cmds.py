@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 import time
 from typing import Any
@@ -9,9 +11,10 @@ from typing import Any
 import click
 
 from deltavol.cli import cli
-from deltavol.cli.api_client import ApiTarget, call
+from deltavol.cli.api_client import ApiTarget, acall, call, events
 from deltavol.cli.output import emit_json, fields, table
-from deltavol.errors import UpdateFailed, VerifyMismatch
+from deltavol.errors import ApiError, UpdateFailed, VerifyMismatch
+from deltavol.tls import with_certificates
 from deltavol.units import format_size
 
 STATUS_FIELDS = (
@@ -25,6 +28,9 @@ STATUS_FIELDS = (
     "tracked_bytes",
     "recopy_bytes",
     "full_reason",
+    "last_success_at",
+    "last_failure_at",
+    "rpo_seconds",
     "last_error",
 )
 UPDATE_FIELDS = (
@@ -49,7 +55,17 @@ def session() -> None:
 @session.command()
 @click.argument("name")
 @click.option("--source", required=True, help="Source volume.")
-@click.option("--target", required=True, help="Target: a volume name or an NBD URI.")
+@click.option(
+    "--target",
+    required=True,
+    help="Target: a volume name or an NBD URI (nbd://, nbd+unix://, or over TLS nbds://, nbds+unix://).",
+)
+@click.option(
+    "--tls-certificates",
+    metavar="DIR",
+    help="For an nbds:// target: ca-cert.pem to verify it with (client-cert.pem/client-key.pem "
+    "presented when there), on the server's host. Same as ?tls-certificates=DIR in the URI.",
+)
 @click.option("--granularity", default="64KiB", show_default=True, help="Chunk size (4KiB-16MiB).")
 @click.option("--max-rate", help="Copy rate limit, e.g. 100MiB/s.")
 @click.option("--every", help="Run an incremental update every interval, e.g. 15m.")
@@ -60,12 +76,15 @@ def create(
     name: str,
     source: str,
     target: str,
+    tls_certificates: str | None,
     granularity: str,
     max_rate: str | None,
     every: str | None,
     as_json: bool,
 ) -> None:
     """Create session NAME copying SOURCE to TARGET (the first update is a full one)."""
+    if tls_certificates:
+        target = with_certificates(target, os.path.abspath(os.path.expanduser(tls_certificates)))
     body = {
         "name": name,
         "source": source,
@@ -89,37 +108,134 @@ def create(
 @click.pass_obj
 def update(api: ApiTarget, name: str, full: bool, wait: bool, max_rate: str | None, as_json: bool) -> None:
     """Start an update of NAME; returns once marked (or waits with --wait)."""
-    info = call(api, "POST", f"/v1/sessions/{name}/update", {"full": full, "max_rate": max_rate})
-    u = info["update"]
-    if not as_json or not wait:
-        if as_json:
-            emit_json(info)
-        else:
-            mark = u["marked_at"] or "(at the end of the full copy)"
-            click.echo(
-                f"session {name}: {u['kind']} update {u['id']} marked at {mark}, "
-                f"{format_size(u['bytes_total'])} to copy"
-            )
-    if wait:
-        final = _wait(api, name, u["id"], quiet=as_json)
-        if as_json:
-            emit_json(final)
-        _check_finished(name, final)
+    body = {"full": full, "max_rate": max_rate}
+    if not wait:
+        info = call(api, "POST", f"/v1/sessions/{name}/update", body)
+        emit_json(info) if as_json else _say_marked(name, info["update"])
+        return
+    final = asyncio.run(_follow(api, name, body, quiet=as_json))
+    if as_json:
+        emit_json(final)
+    _check_finished(name, final)
 
 
-def _wait(api: ApiTarget, name: str, update_id: int, quiet: bool) -> dict[str, Any]:
-    if sys.stderr.isatty() and not quiet:
-        return _wait_bar(api, name)
-    last_line = 0.0
-    while True:
-        info = call(api, "GET", f"/v1/sessions/{name}")
+def _say_marked(name: str, u: dict[str, Any]) -> None:
+    mark = u["marked_at"] or "(at the end of the full copy)"
+    click.echo(
+        f"session {name}: {u['kind']} update {u['id']} marked at {mark}, "
+        f"{format_size(u['bytes_total'])} to copy"
+    )
+
+
+class _Rate:
+    """Bytes per second over the last few seconds of progress events, and the time left."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int]] = []
+
+    def add(self, done: int) -> None:
+        now = time.monotonic()
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[0][0] > 5.0:
+            self.samples.pop(0)
+
+    def rate(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = self.samples[0], self.samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+async def _follow(api: ApiTarget, name: str, body: dict[str, Any], quiet: bool) -> dict[str, Any]:
+    """Start the update once the event stream is subscribed, then follow its events (no
+    polling) until the session stops copying: the session's JSON at that moment. If the
+    stream ends first (the server stopped), the status is polled instead."""
+    started: dict[str, Any] = {}
+
+    async def start() -> None:
+        info = await acall(api, "POST", f"/v1/sessions/{name}/update", body)
+        started.update(info)
+        if not quiet:
+            _say_marked(name, info["update"])
+
+    show = None if quiet else (_Bar(name) if sys.stderr.isatty() else _Lines(name))
+    try:
+        async for ev in events(api, opened=start):
+            if ev.data.get("name") != name or not started:
+                continue
+            uid = started["update"]["id"]
+            if ev.kind == "update.progress" and ev.data.get("id") == uid and show is not None:
+                show.progress(ev.data.get("bytes_done", 0), ev.data.get("bytes_total", 0))
+            elif ev.kind in ("update.finished", "update.failed") or (
+                ev.kind == "session.state" and ev.data.get("state") != "copying"
+            ):
+                info = await acall(api, "GET", f"/v1/sessions/{name}")
+                if info["state"] != "copying":
+                    return info
+    finally:
+        if show is not None:
+            show.close()
+    if not started:  # the stream ended before it was subscribed: nothing was started
+        raise ApiError(502, "Disconnected", "the server closed the event stream")
+    while True:  # the server closed the stream: follow the status instead
+        info = await acall(api, "GET", f"/v1/sessions/{name}")
         if info["state"] != "copying":
             return info
-        if not quiet and time.monotonic() - last_line >= 2:
-            u = info["update"] or {}
-            click.echo(f"session {name}: {_progress_line(u)}", err=True)
-            last_line = time.monotonic()
-        time.sleep(0.2)
+        await asyncio.sleep(0.5)
+
+
+class _Lines:
+    """Progress as plain lines on stderr, at most one every ``EVERY`` seconds."""
+
+    EVERY = 1.0
+
+    def __init__(self, name: str) -> None:
+        self.name, self.rate, self.last = name, _Rate(), 0.0
+
+    def progress(self, done: int, total: int) -> None:
+        self.rate.add(done)
+        if time.monotonic() - self.last < self.EVERY:
+            return
+        self.last = time.monotonic()
+        rate = self.rate.rate()
+        eta = (total - done) / rate if rate > 0 else None
+        u = {"bytes_done": done, "bytes_total": total, "rate": rate, "eta": eta}
+        click.echo(f"session {self.name}: {_progress_line(u)}", err=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _Bar:
+    """A rich progress bar on the terminal: bytes, rate and time left."""
+
+    def __init__(self, name: str) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.bar = Progress(
+            "[bold]{task.description}",
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(name, total=None)
+
+    def progress(self, done: int, total: int) -> None:
+        self.bar.update(self.task, total=total or None, completed=done)
+
+    def close(self) -> None:
+        self.bar.stop()
 
 
 def _progress_line(u: dict[str, Any]) -> str:
@@ -127,29 +243,8 @@ def _progress_line(u: dict[str, Any]) -> str:
     eta = u.get("eta")
     return (
         f"{100 * done / total:5.1f}% {format_size(done)} of {format_size(total)}, "
-        f"{format_size(u.get('rate') or 0)}/s, eta {'?' if eta is None else f'{eta:.0f}s'}"
+        f"{format_size(round(u.get('rate') or 0))}/s, eta {'?' if eta is None else f'{eta:.0f}s'}"
     )
-
-
-def _wait_bar(api: ApiTarget, name: str) -> dict[str, Any]:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-    with Progress(
-        "[bold]{task.description}",
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        transient=False,
-    ) as bar:
-        task = bar.add_task(name, total=None)
-        while True:
-            info = call(api, "GET", f"/v1/sessions/{name}")
-            u = info["update"] or {}
-            bar.update(task, total=u.get("bytes_total") or None, completed=u.get("bytes_done", 0))
-            if info["state"] != "copying":
-                return info
-            time.sleep(0.2)
 
 
 def _check_finished(name: str, info: dict[str, Any]) -> None:

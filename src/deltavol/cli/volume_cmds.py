@@ -17,6 +17,7 @@ INFO_FIELDS = (
     "imported",
     "created_at",
     "connections",
+    "written_bytes",
     "read_only",
     "allocated",
 )
@@ -36,6 +37,7 @@ def _human(v: dict) -> dict:
         **v,
         "size_h": format_size(v["size"]),
         "allocated_h": format_size(v["allocated"]) if v.get("allocated") is not None else None,
+        "written_h": format_size(v["written_bytes"]) if v.get("written_bytes") is not None else None,
     }
 
 
@@ -76,6 +78,8 @@ def import_(api: ApiTarget, name: str, path: str, as_json: bool) -> None:
 def list_(api: ApiTarget, as_json: bool) -> None:
     """List volumes."""
     vols = call(api, "GET", "/v1/volumes")
+    for warning in call(api, "GET", "/v1/server").get("warnings", []):
+        click.echo(f"deltavol: warning: {warning}", err=True)
     if as_json:
         emit_json(vols)
     else:
@@ -86,6 +90,7 @@ def list_(api: ApiTarget, as_json: bool) -> None:
                 ("size_h", "size"),
                 ("allocated_h", "allocated"),
                 ("connections", "conns"),
+                ("written_h", "written"),
                 ("path", "path"),
             ],
         )

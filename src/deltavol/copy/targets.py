@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 from deltavol.backend.file import FileBackend
 from deltavol.copy.engine import INFLIGHT, MAX_REQUEST
-from deltavol.errors import TargetError
+from deltavol.errors import TargetError, TlsFileInvalid, TlsFileMissing
+from deltavol.tls import client_tls, explain
 
 TARGET_TIMEOUT = 30.0  # seconds a target may take to connect, or stay silent with requests waiting
 
@@ -37,7 +38,7 @@ class CopyTarget(Protocol):
 
 
 def is_uri(target: str) -> bool:
-    return target.startswith(("nbd://", "nbd+unix://", "nbds://"))
+    return target.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://"))
 
 
 class LocalTarget:
@@ -142,8 +143,12 @@ class NbdTarget:
     async def open(self) -> NbdTarget:
         from deltavol.server.nbd_client import NbdClient
 
+        try:  # nbds: the certificates are read again at each open, a renewed one is used
+            tls = client_tls(self.uri)
+        except (TlsFileMissing, TlsFileInvalid) as exc:
+            raise TargetError(msg=f"target {self.uri}: {exc.message}") from exc
         try:
-            first = await NbdClient.connect(self.uri, timeout=self.timeout)
+            first = await NbdClient.connect(self.uri, timeout=self.timeout, **tls)
             self._clients = [first]
             if first.read_only:
                 raise TargetError(msg=f"target {self.uri} is read-only")
@@ -151,7 +156,7 @@ class NbdTarget:
                 raise TargetError(msg=f"target {self.uri} does not support FLUSH: {NO_FLUSH}")
             if first.can_multi_conn:
                 more = [
-                    asyncio.ensure_future(NbdClient.connect(self.uri, timeout=self.timeout))
+                    asyncio.ensure_future(NbdClient.connect(self.uri, timeout=self.timeout, **tls))
                     for _ in range(self.CONNECTIONS - 1)
                 ]
                 try:
@@ -170,7 +175,7 @@ class NbdTarget:
                         raise exc
         except (OSError, ValueError) as exc:
             await self.close()
-            raise TargetError(msg=f"target {self.uri}: {exc}") from exc
+            raise TargetError(msg=f"target {self.uri}: {explain(exc, self.uri) or exc}") from exc
         except BaseException:  # refused, or cancelled: no connection stays open
             await self.close()
             raise

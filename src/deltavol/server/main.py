@@ -15,22 +15,34 @@ from typing import Any
 
 from aiohttp import web
 
+from deltavol.backend import export
 from deltavol.config import ServerConfig
 from deltavol.errors import ListenFailed
+from deltavol.nbd.constants import TlsMode
 from deltavol.server.http_api import make_app
 from deltavol.server.nbd_listener import NbdListener
 from deltavol.service import Service
 from deltavol.store.datadir import DataDir
+from deltavol.tls import ServerTls
 
 log = logging.getLogger("deltavol.server")
 
 
 async def serve(config: ServerConfig) -> None:
+    export.COUNTING = config.nbd_metrics  # before the volumes' exports are made
+    os.umask(0o077)  # what the server makes (volumes, bitmaps, sockets) is its user's alone
     datadir = DataDir(config.data_dir)
     db = datadir.open()
     service = Service(db, datadir, config)
     runner: web.AppRunner | None = None
-    listener = NbdListener(service)
+    server_tls = (
+        ServerTls(config.tls_certificates, config.tls_verify_peer) if config.tls_certificates else None
+    )
+    listener = NbdListener(
+        service,
+        tls_mode=TlsMode(config.tls),
+        tls_context=server_tls.context if server_tls else None,
+    )
     try:
         service.load()
         await service.start()
@@ -46,12 +58,25 @@ async def serve(config: ServerConfig) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(api_socket)
         await _listen(str(api_socket), web.UnixSite(runner, api_socket).start())
+        os.chmod(api_socket, 0o600)
         if config.api_tcp:
-            await _listen("{}:{}".format(*config.api_tcp), web.TCPSite(runner, *config.api_tcp).start())
+            https = server_tls.https_context() if server_tls else None
+            site = web.TCPSite(runner, *config.api_tcp, ssl_context=https)
+            await _listen("{}:{}".format(*config.api_tcp), site.start())
         if config.nbd_tcp:
             await _listen("{}:{}".format(*config.nbd_tcp), listener.listen_tcp(*config.nbd_tcp))
         if config.nbd_socket:
             await _listen(str(config.nbd_socket), listener.listen_unix(config.nbd_socket))
+            os.chmod(config.nbd_socket, 0o600)
+        if config.tls != "off":
+            log.info(
+                "server: TLS %s with %s%s",
+                config.tls,
+                config.tls_certificates,
+                ", clients' certificates verified" if config.tls_verify_peer else "",
+            )
+        for warning in config.warnings:
+            log.warning("server: %s", warning)
         log.info("server: ready, data dir %s, api %s (pid %d)", config.data_dir, api_socket, os.getpid())
 
         stop = asyncio.Event()

@@ -34,6 +34,11 @@ from deltavol.store import fs
 # holds up the others' rounds before there are that many sessions
 _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="deltavol-sync")
 
+# what the metrics show, by kind of file (its class): rounds that synced such a file, and
+# the files synced; counted on the loop as a round starts
+ROUNDS: dict[str, int] = {}
+SYNCS: dict[str, int] = {}
+
 
 class Syncable(Protocol):
     def write_out(self) -> None:
@@ -79,6 +84,12 @@ class GroupCommit:
         assert fut is not None
         self._next, self._files, self._running = None, {}, fut
         loop = asyncio.get_running_loop()
+        kinds = {type(f).__name__ for f in files}
+        for kind in kinds:
+            ROUNDS[kind] = ROUNDS.get(kind, 0) + 1
+        for file in files:
+            kind = type(file).__name__
+            SYNCS[kind] = SYNCS.get(kind, 0) + 1
         try:
             for file in files:
                 file.write_out()

@@ -46,3 +46,17 @@ def test_a_hot_set_smaller_than_one_region_is_a_usage_error(
     exc = result.exception
     assert isinstance(exc, UsageError) and "4MiB" in exc.message and exc.exit_code == 2
     assert configs == []
+
+
+def test_tls_options_reach_the_configuration(tmp_path: Path, configs: list[ServerConfig]) -> None:
+    from deltavol import tls
+
+    certs = tls.init(tmp_path / "certs", ["localhost"]).directory
+    assert serve(tmp_path, "--nbd", "0.0.0.0:10809", "--tls", "off").exit_code == 0
+    assert serve(tmp_path, "--tls-certificates", str(certs), "--tls-verify-peer").exit_code == 0
+    off, tls_on = configs
+    assert (off.tls, off.tls_certificates) == ("off", None) and "plain text" in off.warnings[0]
+    assert (tls_on.tls, tls_on.tls_certificates, tls_on.tls_verify_peer) == ("require", certs, True)
+    refused = serve(tmp_path, "--nbd", "0.0.0.0:10809")
+    assert refused.exception is not None and getattr(refused.exception, "exit_code", 0) == 2
+    assert len(configs) == 2
