@@ -73,6 +73,10 @@ _STRUCTURED_MAGIC, _DONE, _OFFSET_DATA = (
     int(ReplyFlag.DONE),
     int(ReplyType.OFFSET_DATA),
 )
+# per-request constants as module globals: an attribute of an enum or module costs more
+_TRANSMISSION = Phase.TRANSMISSION
+_REQUEST, _REQUEST_MAGIC, _WRITE = wire.REQUEST, c.REQUEST_MAGIC, int(Cmd.WRITE)
+_READ, _DISC, _BLOCK_STATUS = Cmd.READ, Cmd.DISC, Cmd.BLOCK_STATUS
 DIRECT_PAYLOAD = 64 * 1024  # a WRITE payload this large, not yet all here, is received in place
 _Opt = TypeVar("_Opt", OptExportName, OptInfo, OptList, OptMetaContext)
 
@@ -174,7 +178,10 @@ class ServerConnection:
 
     # --- events ------------------------------------------------------------------------------
     def next_event(self) -> Event | object:
-        if self.phase is Phase.CLOSED:
+        phase = self.phase
+        if phase is _TRANSMISSION and not self._eof:  # the one case per request: tested first
+            return self._request()
+        if phase is Phase.CLOSED:
             assert self._closed is not None
             return self._closed
         if self.phase is Phase.OPTION_PENDING:
@@ -328,13 +335,13 @@ class ServerConnection:
             return event
         head = self._head
         if head is None:
-            head = rx.unpack(wire.REQUEST)
+            head = rx.unpack(_REQUEST)
             if head is None:
                 return NEED_DATA
             magic, flags, cmd, cookie, offset, length = head
-            if magic != c.REQUEST_MAGIC:
+            if magic != _REQUEST_MAGIC:
                 return self._close(f"bad request magic {magic:#x}")
-            if cmd != Cmd.WRITE:
+            if cmd != _WRITE:
                 data: bytes | bytearray = b""
             elif length > self.max_payload:
                 self._discard = length
@@ -367,15 +374,15 @@ class ServerConnection:
         command = _COMMANDS.get(cmd)
         if command is None:
             return BadRequest(cookie, cmd, Errno.EINVAL, f"unknown command {cmd}")
-        if command is Cmd.DISC:
-            return self._close("client sent NBD_CMD_DISC", clean=True)
-        if flags & ~self._allowed[command]:
+        if flags & ~self._allowed[command] or command is _DISC:
+            if command is _DISC:
+                return self._close("client sent NBD_CMD_DISC", clean=True)
             why = f"flags {flags:#x} not valid for {command.name}"
             return BadRequest(cookie, cmd, Errno.EINVAL, why)
-        if command is Cmd.READ and length > self.max_payload:
+        if command is _READ and length > self.max_payload:
             why = f"read of {length} bytes exceeds the maximum"
             return BadRequest(cookie, cmd, Errno.EINVAL, why)
-        if command is Cmd.BLOCK_STATUS and not self.meta_contexts:
+        if command is _BLOCK_STATUS and not self.meta_contexts:
             return BadRequest(cookie, cmd, Errno.EINVAL, "no meta context was negotiated")
         return Request(cookie, command, flags, offset, length, data)
 
