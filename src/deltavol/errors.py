@@ -84,6 +84,14 @@ class IllegalTransition(Conflict):
     """session {name!r} is {state}: cannot {action}"""
 
 
+class IllegalPhase(DeltavolError):
+    """update {id} of session {name!r} is {phase}: cannot {action}"""
+
+
+class UnknownRecord(DeltavolError):
+    """session {name!r}: its update record cannot be read: {why}"""
+
+
 class AlreadyCopying(Conflict):
     """session {name!r} is already copying"""
 

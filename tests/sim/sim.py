@@ -75,6 +75,7 @@ from deltavol.config import ServerConfig
 from deltavol.copy import throttle as throttle_module
 from deltavol.errors import DeltavolError
 from deltavol.sessions import manager as manager_module
+from deltavol.sessions import records as records_module
 from deltavol.sessions import session as session_module
 from deltavol.sessions.session import Session
 from deltavol.sessions.states import State
@@ -271,6 +272,7 @@ class Sim:
             (file_module, "time", vt),
             (throttle_module, "time", vt),
             (session_module, "time", vt),
+            (records_module, "time", vt),
             (manager_module, "time", vt),
             (session_module, "now_iso", self._now_iso),
             (manager_module, "NbdTarget", self._nbd_target),

@@ -1,8 +1,9 @@
 """A filter that runs hooks before every change (write, zero, trim) passes down.
 
-On a source volume with sessions the hooks are each session's ``protect`` (copy-on-first-
-write: save a chunk a running update has yet to copy) and ``track`` (write-ahead change
-tracking: a change goes down only after its tracking bits are durable). The work is the
+On a source volume with sessions the hooks are each session's ``Protector.protect``
+(``sessions/protector.py``, copy-on-first-write: save a chunk a running update has yet to
+copy) and one ``track`` for all its sessions (``Tracker.track`` in ``sessions/tracker.py``,
+write-ahead change tracking: a change goes down only after its tracking bits are durable). The work is the
 sessions'; the layer only runs it. The hooks do not depend on one another — each needs
 only to be done before the change goes down — so they run concurrently, and a first write
 under copy-on-first-write, or with several sessions, waits for one fsync's time, not one

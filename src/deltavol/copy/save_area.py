@@ -392,7 +392,7 @@ class SaveArea:
 
     def _index(self, chunk: int, start: int, at: int, length: int) -> None:
         """Index a record, for its blocks no earlier record holds. A block saved twice: two
-        changes raced to it (see ``Session._save_at_once``), and the later one may have read
+        changes raced to it (see ``Protector._save_at_once``), and the later one may have read
         it after the first change went down; or a save never returned, its overwrite never
         happened. Either way the first record holds the contents as of the mark."""
         for lo, hi in self.missing(chunk, start, start + length):

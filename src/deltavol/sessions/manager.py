@@ -9,10 +9,9 @@ read-only while its session exists and cannot be opened while the copy is incons
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,8 @@ from deltavol.errors import (
     UsageError,
 )
 from deltavol.events import EventBus
-from deltavol.sessions.session import RetryPolicy, Session, UpdateRecord
+from deltavol.sessions.records import RetryPolicy, update_from_row, update_to_row
+from deltavol.sessions.session import Session
 from deltavol.sessions.states import IllegalTransition, State
 from deltavol.store.db import Database
 from deltavol.store.group_commit import GroupCommit
@@ -67,18 +67,18 @@ class _SourceWiring:
         """Every session's tracking of one change; the rounds they share are awaited once."""
         rounds = set()
         for s in self.sessions:
-            rounds.update(s.track(offset, length))
+            rounds.update(s.tracker.track(offset, length))
         for r in rounds:
             await self.commit.wait(r)
 
     def tracked(self, offset: int, length: int) -> bool:
-        return all(s.tracked(offset, length) for s in self.sessions)
+        return all(s.tracker.tracked(offset, length) for s in self.sessions)
 
     def track_now(self, offset: int, length: int) -> bool:
-        return all(s.track_now(offset, length) for s in self.sessions)
+        return all(s.tracker.track_now(offset, length) for s in self.sessions)
 
     def rehook(self) -> None:
-        protect = [s.protect_hook for s in self.sessions]
+        protect = [s.protector.hook for s in self.sessions]
         self.hooks[:] = [*protect, Hook(self.track, self.tracked, self.track_now)]
         self.gate.changed()  # a session came or went: what BeforeChange cached is void
 
@@ -207,7 +207,7 @@ class SessionManager:
                     s.last_error,
                     s.created_at,
                     s.next_update_id,
-                    json.dumps(asdict(s.update)) if s.update else None,
+                    update_to_row(s.update) if s.update else None,
                 ),
             )
 
@@ -257,7 +257,7 @@ class SessionManager:
             s.created_at = row["created_at"]
             s.next_update_id = row["next_update_id"]
             if row["update_json"]:
-                s.update = UpdateRecord(**json.loads(row["update_json"]))
+                s.update = update_from_row(row["update_json"], s.name, s.state)
             self._attach(s)
             self._sessions[s.name] = s
             try:
@@ -291,8 +291,7 @@ class SessionManager:
         """Forget a session whose files could not be loaded (they stay on disk)."""
         del self._sessions[s.name]
         self._detach(s)
-        if s.tracking_file is not None:
-            s.tracking_file.close()
+        s.tracker.close_file()
 
     async def start(self) -> None:
         """Resume updates interrupted by a stop or crash, then run the scheduler."""
@@ -456,11 +455,11 @@ class SessionManager:
                 del self._sessions[name]
                 try:
                     await s._stop_task()
-                    await s._drop_target()  # waits for the copy's writes its cancel left in a thread
+                    await s.copier.drop_target()  # waits for the copy's writes its cancel left in a thread
                 except Exception:  # the row is gone: the removal goes on
                     log.exception("session %s: stopping its update", name)
                 async with s._gate.closed():  # a copy-before-write in flight ends before its hook goes
                     self._detach(s)
-                await s._drop_target()  # such a write may have opened it again
+                await s.copier.drop_target()  # such a write may have opened it again
                 s.delete_files()
         log.info("session %s: removed", name)

@@ -1,14 +1,17 @@
-"""A session's states and the one table of legal transitions.
+"""A session's states, its update's phases, and the tables of their legal moves.
 
 ``state`` says what the session is doing; ``consistent`` (kept beside it) says whether
-the target holds exactly the source as of the last completed mark.
+the target holds exactly the source as of the last completed mark. An update's ``phase``
+(stored in its record, ``records.UpdateRecord``) says where that update is: before its
+commit, in a full pass, marked and protecting, its mark given up, done or cancelled. Each
+moves only through its table; an illegal move raises, naming the session.
 """
 
 from __future__ import annotations
 
 import enum
 
-from deltavol.errors import IllegalTransition
+from deltavol.errors import IllegalPhase, IllegalTransition
 
 
 class State(enum.StrEnum):
@@ -42,3 +45,40 @@ def next_state(name: str, state: State, action: str) -> State:
         return _TRANSITIONS[(state, action)]
     except KeyError:
         raise IllegalTransition(name=name, state=state.value, action=action) from None
+
+
+class Phase(enum.StrEnum):
+    """Where one update is (``UpdateRecord.phase``), moved only by ``next_phase``."""
+
+    STARTING = "starting"  # built by start_update: neither marked nor committed yet
+    FULL_COPY = "full-copy"  # a full update's pass: no mark, no protection
+    PROTECTING = "protecting"  # marked: what it owes is protected by copy-on-first-write
+    GIVEN_UP = "given-up"  # copy-before-write gave its mark up: it goes on as of a new mark
+    DONE = "done"  # finished: the target is consistent as of the mark
+    CANCELLED = "cancelled"  # cancelled: what it owed went back into tracking
+
+
+_PHASES: dict[tuple[Phase, str], Phase] = {
+    (Phase.STARTING, "start_full"): Phase.FULL_COPY,
+    (Phase.STARTING, "mark"): Phase.PROTECTING,
+    (Phase.FULL_COPY, "mark"): Phase.PROTECTING,  # the catch-up pass of a full update
+    (Phase.GIVEN_UP, "mark"): Phase.PROTECTING,  # the re-mark
+    (Phase.PROTECTING, "give_up"): Phase.GIVEN_UP,
+    (Phase.PROTECTING, "finish"): Phase.DONE,
+    (Phase.FULL_COPY, "cancel"): Phase.CANCELLED,
+    (Phase.PROTECTING, "cancel"): Phase.CANCELLED,
+    (Phase.GIVEN_UP, "cancel"): Phase.CANCELLED,
+}
+
+
+def next_phase(name: str, update_id: int, phase: Phase, action: str) -> Phase:
+    try:
+        return _PHASES[(phase, action)]
+    except KeyError:
+        raise IllegalPhase(name=name, id=update_id, phase=phase.value, action=action) from None
+
+
+def undoes(was: Phase, phase: Phase) -> bool:
+    """True if going back from ``phase`` to ``was`` undoes one move of the table (a step
+    whose commit failed puts the phase back)."""
+    return was is phase or any(src is was and dst is phase for (src, _), dst in _PHASES.items())

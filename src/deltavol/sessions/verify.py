@@ -37,7 +37,7 @@ async def verify(session: Session) -> dict[str, Any]:
     if s.busy or s.state is not State.IDLE or not s.consistent:
         state = s.state.value + ("" if s.consistent else ", not consistent")
         raise NotVerifiable(name=s.name, state=state)
-    await s._drop_target()  # idle: nothing else uses it, and a kept connection may be dead
+    await s.copier.drop_target()  # idle: nothing else uses it, and a kept connection may be dead
     target = await s.ensure_target()
     g, tracking = s.granularity, s.tracking
     compared = skipped = 0

@@ -24,7 +24,7 @@ import pytest
 
 from deltavol.bitmap import persist
 from deltavol.errors import DeltavolError
-from deltavol.sessions import session as session_module
+from deltavol.sessions import copier as copier_module
 from deltavol.sessions.session import Session
 from deltavol.sessions.states import State
 from tests.unit.sessions.test_silent_target import (
@@ -137,7 +137,7 @@ async def test_an_update_over_a_paused_one_that_does_not_commit_loses_no_change_
 
     monkeypatch.setattr(os, "fdatasync", recording(os.fdatasync))
     monkeypatch.setattr(os, "fsync", recording(os.fsync))
-    monkeypatch.setattr(session_module, "CHECKPOINT_SECONDS", 0.05)
+    monkeypatch.setattr(copier_module, "CHECKPOINT_SECONDS", 0.05)
     target, rows = HoldHigh(), FailingRows()
     s = rig.session("s", target, rows, save_limit=1 << 20)
     rig.change_before_mark(s, CHANGED, 0xA1)
@@ -156,7 +156,7 @@ async def test_an_update_over_a_paused_one_that_does_not_commit_loses_no_change_
     await rig.write(2, 0xE2)  # saved after the failed mark: its record is void on disk too
     target.go.set()
     await s.resume()
-    await until(lambda: s._landed > 0 and not any(s._durable_transfer.test(c) for c in range(4)))  # type: ignore[union-attr]
+    await until(lambda: s.copier._landed > 0 and not any(s.copier.durable.test(c) for c in range(4)))  # type: ignore[union-attr]
     # a power cut: the row has the paused update's, the transfer file is another's (an
     # orphan: into tracking), the tracking file is what its last sync wrote
     rig.crash()
@@ -164,7 +164,7 @@ async def test_an_update_over_a_paused_one_that_does_not_commit_loses_no_change_
     after_cut.write_bytes(synced["tracking"])
     monkeypatch.setattr(persist, "boot_id", lambda: b"another boot")
     known, _, _ = persist.load_tracking(after_cut, G, SIZE)
-    transfer, generation = persist.load(s._transfer_path, persist.KIND_TRANSFER, G, SIZE)
+    transfer, generation = persist.load(s.files.transfer_path, persist.KIND_TRANSFER, G, SIZE)
     assert generation != first
     known.or_(transfer)
     assert known.test(3), "chunk 3 changed after the mark, and no durable bitmap says so"

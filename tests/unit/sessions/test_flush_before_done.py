@@ -24,6 +24,7 @@ import errno
 import os
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,9 +34,9 @@ import pytest
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.errors import TargetError, os_error
-from deltavol.sessions import session as session_module
+from deltavol.sessions import copier as copier_module
 from deltavol.sessions.session import RetryPolicy, Session, UpdateRecord
-from deltavol.sessions.states import State
+from deltavol.sessions.states import Phase, State
 from tests.unit.sessions.test_save_implies_tracking import (
     OLD,
     SIZE,
@@ -141,8 +142,8 @@ def file_bits(path: Path, kind: int) -> set[int]:
 
 def owed_on_disk(s: Session) -> set[int]:
     """What a restart would copy: the tracking file's bits and the transfer file's."""
-    return file_bits(s._tracking_path, persist.KIND_TRACKING) | file_bits(
-        s._transfer_path, persist.KIND_TRANSFER
+    return file_bits(s.files.tracking_path, persist.KIND_TRACKING) | file_bits(
+        s.files.transfer_path, persist.KIND_TRANSFER
     )
 
 
@@ -181,7 +182,7 @@ def made(tmp_path: Path) -> Iterator[Callable[[], Made]]:
 @pytest.fixture
 def slow_period(monkeypatch: pytest.MonkeyPatch) -> None:
     """No periodic checkpoint during a test: each is driven by hand."""
-    monkeypatch.setattr(session_module, "CHECKPOINT_SECONDS", 3600.0)
+    monkeypatch.setattr(copier_module, "CHECKPOINT_SECONDS", 3600.0)
 
 
 async def marked(s: Session) -> None:
@@ -238,20 +239,20 @@ async def test_a_chunk_whose_write_completes_during_the_flush_stays_owed(
     await marked(s)
     c = OWED.start
     t.go.clear()
-    copy = asyncio.create_task(s._copy_run(t, c, 1))
+    copy = asyncio.create_task(s.copier.copy_run(t, c, 1))
     await until(lambda: t.waiting == 1)  # c's write is in flight
     t.flush_go.clear()
-    checkpoint = asyncio.create_task(s._checkpoint())
+    checkpoint = asyncio.create_task(s.copier.checkpoint())
     await until(lambda: len(t.covered) == 1)  # FLUSH sent: it does not cover c
     t.go.set()
     await copy  # c's write completes after the FLUSH was sent
     t.flush_go.set()
     await checkpoint
     assert t.covered == [[]]
-    assert c in file_bits(s._transfer_path, persist.KIND_TRANSFER), "c recorded done unflushed"
-    assert s._owed(c) and not s.protected(c * G, G), "c is no longer protected"
-    await s._checkpoint()  # the next one covers it
-    assert c not in file_bits(s._transfer_path, persist.KIND_TRANSFER) and not s._owed(c)
+    assert c in file_bits(s.files.transfer_path, persist.KIND_TRANSFER), "c recorded done unflushed"
+    assert s.copier.owed(c) and not s.protected(c * G, G), "c is no longer protected"
+    await s.copier.checkpoint()  # the next one covers it
+    assert c not in file_bits(s.files.transfer_path, persist.KIND_TRANSFER) and not s.copier.owed(c)
 
 
 async def test_a_checkpoint_with_no_target_records_nothing(
@@ -263,9 +264,9 @@ async def test_a_checkpoint_with_no_target_records_nothing(
     assert s.transfer is not None
     s.transfer.clear(OWED.start)  # copied on a connection that is gone
     s.target = None
-    await s._checkpoint()
-    assert OWED.start in file_bits(s._transfer_path, persist.KIND_TRANSFER)
-    assert s._owed(OWED.start)
+    await s.copier.checkpoint()
+    assert OWED.start in file_bits(s.files.transfer_path, persist.KIND_TRANSFER)
+    assert s.copier.owed(OWED.start)
 
 
 async def test_a_checkpoint_in_its_write_when_the_catch_up_mark_comes_does_not_undo_it(
@@ -275,11 +276,13 @@ async def test_a_checkpoint_in_its_write_when_the_catch_up_mark_comes_does_not_u
     s, _, _ = made()
     await marked(s)
     assert s.update is not None and s.transfer is not None
-    s.update.kind, s.update.protecting = "full", False  # in its unprotected pass ...
+    s.update = replace(
+        s.update, kind="full", protecting=False, phase=Phase.FULL_COPY
+    )  # in its unprotected pass ...
     s.transfer.clear_all()  # ... which is over
-    lock = s._checkpointing = SeenLock()
+    lock = s.copier.checkpointing = SeenLock()
     held = HeldWrites(monkeypatch)
-    checkpoint = asyncio.create_task(s._checkpoint())
+    checkpoint = asyncio.create_task(s.copier.checkpoint())
     await until(held.entered.is_set)  # its thread has not opened the file yet
     c = 40
     s.tracking.set(c)  # changed during the full pass
@@ -290,8 +293,8 @@ async def test_a_checkpoint_in_its_write_when_the_catch_up_mark_comes_does_not_u
     await mark
     await until(held.done.is_set)
     assert s.transfer is not None and s.transfer.test(c)
-    assert s._durable_transfer is not None and s._durable_transfer.test(c), "a stale checkpoint reset it"
-    assert c in file_bits(s._transfer_path, persist.KIND_TRANSFER), "old bits over the new transfer file"
+    assert s.copier.durable is not None and s.copier.durable.test(c), "a stale checkpoint reset it"
+    assert c in file_bits(s.files.transfer_path, persist.KIND_TRANSFER), "old bits over the new transfer file"
 
 
 async def test_a_checkpoint_whose_flush_ends_after_a_mark_is_dropped(
@@ -300,18 +303,18 @@ async def test_a_checkpoint_whose_flush_ends_after_a_mark_is_dropped(
     s, _, t = made()
     await marked(s)
     assert s.update is not None and s.transfer is not None
-    s.update.kind, s.update.protecting = "full", False
+    s.update = replace(s.update, kind="full", protecting=False, phase=Phase.FULL_COPY)
     s.transfer.clear_all()
     t.flush_go.clear()
-    checkpoint = asyncio.create_task(s._checkpoint())  # snapshot of the full pass's transfer
+    checkpoint = asyncio.create_task(s.copier.checkpoint())  # snapshot of the full pass's transfer
     await until(lambda: len(t.covered) == 1)
     c = 40
     s.tracking.set(c)
     await s._mark()
     t.flush_go.set()
     await checkpoint
-    assert s._durable_transfer is not None and s._durable_transfer.test(c)
-    assert c in file_bits(s._transfer_path, persist.KIND_TRANSFER)
+    assert s.copier.durable is not None and s.copier.durable.test(c)
+    assert c in file_bits(s.files.transfer_path, persist.KIND_TRANSFER)
 
 
 async def test_a_cancelled_checkpoint_holds_the_lock_until_its_write_is_over(
@@ -321,24 +324,24 @@ async def test_a_cancelled_checkpoint_holds_the_lock_until_its_write_is_over(
     s, _, _ = made()
     await marked(s)
     assert s.transfer is not None
-    lock = s._checkpointing = SeenLock()
+    lock = s.copier.checkpointing = SeenLock()
     held = HeldWrites(monkeypatch)
     s.transfer.clear_run(0, 2)
-    old = asyncio.create_task(s._checkpoint())
+    old = asyncio.create_task(s.copier.checkpoint())
     await until(held.entered.is_set)
     old.cancel()
     await asyncio.sleep(0)
     s.transfer.clear_run(2, 8)  # copied meanwhile
-    new = asyncio.create_task(s._checkpoint())
+    new = asyncio.create_task(s.copier.checkpoint())
     await until(lambda: new.done() or lock.waiting > 0)
     held.release.set()
     await new
     with pytest.raises(asyncio.CancelledError):
         await old
     await until(held.done.is_set)
-    on_file = file_bits(s._transfer_path, persist.KIND_TRANSFER)
+    on_file = file_bits(s.files.transfer_path, persist.KIND_TRANSFER)
     assert on_file == set(range(10, OWED.stop)), "the older checkpoint landed last"
-    assert s._durable_transfer is not None and set(chunks_of(s._durable_transfer)) == on_file
+    assert s.copier.durable is not None and set(chunks_of(s.copier.durable)) == on_file
 
 
 async def test_pause_during_a_stalled_checkpoint_leaves_file_and_memory_alike(
@@ -346,7 +349,7 @@ async def test_pause_during_a_stalled_checkpoint_leaves_file_and_memory_alike(
 ) -> None:
     """The update's task is cancelled while its periodic checkpoint's thread still writes;
     pause's own checkpoint comes after it."""
-    monkeypatch.setattr(session_module, "CHECKPOINT_SECONDS", 0.01)
+    monkeypatch.setattr(copier_module, "CHECKPOINT_SECONDS", 0.01)
     s, _, t = made()
     go, later = asyncio.Event(), asyncio.Event()
     real = t.pwrite
@@ -369,9 +372,9 @@ async def test_pause_during_a_stalled_checkpoint_leaves_file_and_memory_alike(
     held.release.set()
     await pause
     await until(held.done.is_set)
-    on_file = file_bits(s._transfer_path, persist.KIND_TRANSFER)
-    assert s._durable_transfer is not None and set(chunks_of(s._durable_transfer)) == on_file
-    assert all(s._owed(c) for c in on_file), "a chunk the file owes is not protected"
+    on_file = file_bits(s.files.transfer_path, persist.KIND_TRANSFER)
+    assert s.copier.durable is not None and set(chunks_of(s.copier.durable)) == on_file
+    assert all(s.copier.owed(c) for c in on_file), "a chunk the file owes is not protected"
     later.set()
 
 
@@ -462,10 +465,10 @@ async def test_a_cancel_commits_before_it_removes_the_transfer_file(
     s, _, _ = made()
     await marked(s)
     at_commit: list[tuple[State, bool]] = []
-    s._persist_row = lambda s: at_commit.append((s.state, s._transfer_path.exists()))
+    s._persist_row = lambda s: at_commit.append((s.state, s.files.transfer_path.exists()))
     await s.cancel()
     assert at_commit[-1] == (State.IDLE, True), "a crash before the commit finds the transfer gone"
-    assert not s._transfer_path.exists()
+    assert not s.files.transfer_path.exists()
 
 
 async def test_the_catch_up_mark_of_a_full_update_starts_from_a_flushed_pass(
@@ -516,12 +519,12 @@ async def test_copy_before_write_whose_connection_goes_gives_up_the_mark(
     disk.pwrite = pwrite  # type: ignore[method-assign]
     change = asyncio.create_task(layer.pwrite(c * G, b"w" * G))
     await until(lambda: t.waiting == 1)  # copying c's old contents
-    await s._drop_target()  # a resume reconnects, say
+    await s.copier.drop_target()  # a resume reconnects, say
     t.go.set()
     await change
     assert landed == [False], "the change landed while the mark still promised c's old contents"
     assert s.update is not None and s.update.remark is not None
-    assert s._owed(c) and c in file_bits(s._transfer_path, persist.KIND_TRANSFER)
+    assert s.copier.owed(c) and c in file_bits(s.files.transfer_path, persist.KIND_TRANSFER)
 
 
 # --- the source is flushed by a mark ----------------------------------------------------------

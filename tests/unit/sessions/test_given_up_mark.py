@@ -24,6 +24,7 @@ from deltavol.bitmap import persist
 from deltavol.errors import DeltavolError, TargetError
 from deltavol.sessions import session as session_module
 from deltavol.sessions.states import State
+from deltavol.sessions.tracker import Pending
 from tests.unit.sessions.test_silent_target import (
     CHANGED,
     SIZE,
@@ -120,10 +121,11 @@ async def test_a_mark_given_up_before_a_change_s_protect_runs_leaves_its_bit_to_
         await s.start_update(False)
     assert s1.tracking_file is not None and s1.update is not None
     tf = s1.tracking_file
-    rig.disk.row_at = lambda: (3 not in s1._unsynced and tf.covered(range(3, 4)), s1.save and 3 in s1.save)
+    unsynced = s1.tracker.unsynced
+    rig.disk.row_at = lambda: (3 not in unsynced and tf.covered(range(3, 4)), s1.save and 3 in s1.save)
     write = asyncio.create_task(rig.write(3, 0xEE))
     await asyncio.sleep(0)  # its tracking ran, its protects are tasks not started yet
-    assert s1._unsynced.get(3) is session_module._BY_SAVE
+    assert s1.tracker.unsynced.get(3) is Pending.BY_SAVE
     s1._give_up_mark(s1.update, "copy-before-write of chunk 5: no answer")
     await write
     assert rig.disk.data[3 * G : 4 * G] == fill(0xEE)
@@ -239,7 +241,7 @@ async def test_a_failed_re_mark_keeps_on_disk_the_bits_its_save_area_voided(
     target.data[4 * G : 5 * G] = fill(0xA1)  # the copy of chunk 4 as of the mark, checkpointed
     s.transfer.clear(4)
     s.target = target
-    await s._checkpoint()
+    await s.copier.checkpoint()
     target.go.clear()
     await rig.write(5, 0xB5)  # save area full, no answer: the mark is given up
     assert s.update is not None and s.update.remark is not None
@@ -253,9 +255,9 @@ async def test_a_failed_re_mark_keeps_on_disk_the_bits_its_save_area_voided(
     monkeypatch.undo()
     target.go.set()
     s.target = target
-    await s._checkpoint()
-    on_disk = persist.load(s._transfer_path, persist.KIND_TRANSFER, G, SIZE)[0]
-    saved = s._save_area(s.update.id).open()
+    await s.copier.checkpoint()
+    on_disk = persist.load(s.files.transfer_path, persist.KIND_TRANSFER, G, SIZE)[0]
+    saved = s.protector.save_area(s.update.id).open()
     try:
         assert on_disk.test(4) or 4 in saved, "chunk 4's change is recorded nowhere durable"
     finally:

@@ -268,11 +268,11 @@ async def test_a_failed_fdatasync_of_the_tracking_file_shows_in_status_until_it_
         (retry,) = s.track(0, BLOCK)
         await asyncio.shield(retry)
         # a sync succeeds now, yet pages may be gone: a load, even in this boot, adds the hot set
-        recopy = persist.load_tracking(s._tracking_path, G, SIZE)[2]
+        recopy = persist.load_tracking(s.files.tracking_path, G, SIZE)[2]
         assert recopy is not None and recopy.bytes == REGION - G and "fdatasync" in recopy.reason
         await s.tracking_file.settle()  # the file written again from memory
         assert s.status()["full_reason"] is None
-        back, _, recopy = persist.load_tracking(s._tracking_path, G, SIZE)
+        back, _, recopy = persist.load_tracking(s.files.tracking_path, G, SIZE)
         assert recopy is None and list(back.runs()) == [(0, 1)]
     finally:
         s.tracking_file.close()

@@ -56,7 +56,7 @@ async def test_a_write_whose_copy_before_write_loses_its_save_area_goes_down(tmp
         backend.pread = held_pread  # type: ignore[method-assign]
         write = asyncio.ensure_future(src.export.pwrite(G, b"C" * G))
         await reading.wait()
-        s._drop_save_area()  # as after a commit that ends the mark
+        s.protector.drop_save_area()  # as after a commit that ends the mark
         release.set()
         await write  # raised an internal error (AssertionError) before
         backend.pread = real_pread  # type: ignore[method-assign]

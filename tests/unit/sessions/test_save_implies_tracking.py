@@ -46,10 +46,11 @@ from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.save_area import SaveArea
 from deltavol.errors import DeltavolError
-from deltavol.sessions import session as session_module
+from deltavol.sessions import protector as protector_module
 from deltavol.sessions.manager import _SourceWiring
-from deltavol.sessions.session import _BY_SAVE, Session, UpdateRecord
+from deltavol.sessions.session import Session, UpdateRecord
 from deltavol.sessions.states import State
+from deltavol.sessions.tracker import Pending
 from deltavol.store.group_commit import GroupCommit
 
 BLOCK = 4096
@@ -220,7 +221,7 @@ class Rig:
 
     def on_disk(self) -> list[int]:
         """The chunks set in the tracking file (what a reopen reads, page cache included)."""
-        bm, _ = persist.load(self.session._tracking_path, persist.KIND_TRACKING, self.g, SIZE)
+        bm, _ = persist.load(self.session.files.tracking_path, persist.KIND_TRACKING, self.g, SIZE)
         return chunks_of(bm)
 
 
@@ -263,7 +264,7 @@ def rigs(tmp_path: Path, syncs: SyncLog, request: pytest.FixtureRequest) -> Iter
     """Builds a Rig: a session whose incremental update 1 is marked (real ``_mark``) with the
     ``OWED`` chunks to copy, and protecting; fdatasync counts start at zero after the mark.
     Every test runs twice: with the source's reads from disk (protect takes the chunk locks)
-    and from the page cache (protect saves at once, ``Session._save_at_once``)."""
+    and from the page cache (protect saves at once, ``Session.protector._save_at_once``)."""
     made: list[Rig] = []
 
     async def make(save_limit: int = 1 << 20, granularity: int = G) -> Rig:
@@ -317,7 +318,7 @@ async def test_a_first_change_to_an_owed_chunk_costs_one_save_fsync_and_no_track
     await rig.write(*rig.chunk(c))
     assert rig.log.count("save") == 1
     assert rig.log.count("tracking") == 0, "the saved chunk's bit waited for a tracking round too"
-    assert s.tracked(c * g, g) and s._unsynced == {}
+    assert s.tracked(c * g, g) and s.tracker.unsynced == {}
     assert s.save is not None and sorted(s.save.index) == [c]
     assert rig.disk.violations == [] and rig.disk.landed == [(c * g, g)]
     before = rig.log.calls.copy()
@@ -330,14 +331,14 @@ async def test_tracking_a_chunk_its_protect_will_save_needs_no_wait(rigs: MakeRi
     rig = await rigs()
     s, c = rig.session, OWED.start + 3
     assert s.track_now(c * G, G), "an owed, unsaved chunk: the save makes its bit durable"
-    assert s._unsynced == {c: _BY_SAVE} and s.tracking.test(c)
+    assert s.tracker.unsynced == {c: Pending.BY_SAVE} and s.tracking.test(c)
     assert not s.track_now(UNOWED * G, G), "a chunk not owed in a cold region needs a round"
     assert not s.tracking.test(UNOWED), "a refused track_now changed the bitmap"
     last = OWED.stop - 1
     assert not s.track_now(last * G, 2 * G), "all or nothing: a change half owed, half cold waits"
     assert not s.tracking.test(last)
     await rig.write(*rig.chunk(c))
-    assert rig.log.calls == ["save"] and s._unsynced == {} and s.tracked(c * G, G)
+    assert rig.log.calls == ["save"] and s.tracker.unsynced == {} and s.tracked(c * G, G)
     assert rig.disk.violations == []
 
 
@@ -346,10 +347,10 @@ async def test_changes_to_blocks_of_an_owed_chunk_each_cost_one_save_fsync(rigs:
     s, c = rig.session, OWED.start
     await rig.write(c * G4 + BLOCK, b"1" * BLOCK)
     assert rig.log.calls == ["save"]
-    assert s.tracked(c * G4, G4) and s._unsynced == {}
+    assert s.tracked(c * G4, G4) and s.tracker.unsynced == {}
     await rig.write(c * G4 + 2 * BLOCK, b"2" * 100)  # another block: saved, the bit already durable
     assert rig.log.calls == ["save", "save"]
-    assert s.tracked(c * G4, G4) and s._unsynced == {}
+    assert s.tracked(c * G4, G4) and s.tracker.unsynced == {}
     assert rig.disk.violations == []
 
 
@@ -359,7 +360,7 @@ async def test_a_change_to_a_chunk_not_owed_waits_for_a_tracking_round(rigs: Mak
     await rig.write(*rig.chunk(UNOWED))
     assert rig.log.count("tracking") == 1 and rig.log.count("save") == 0
     assert rig.on_disk() == [UNOWED] and rig.log.durable.test(UNOWED)
-    assert s.tracked(UNOWED * G, G) and s._unsynced == {}
+    assert s.tracked(UNOWED * G, G) and s.tracker.unsynced == {}
     assert rig.disk.violations == []
 
 
@@ -370,7 +371,7 @@ async def test_a_change_over_owed_and_unowed_chunks_saves_one_and_tracks_the_oth
     assert rig.log.count("save") == 1 and rig.log.count("tracking") == 1
     assert s.save is not None and sorted(s.save.index) == [last]
     assert rig.log.durable.test(last + 1)
-    assert s.tracked(last * G, 2 * G) and s._unsynced == {}
+    assert s.tracked(last * G, 2 * G) and s.tracker.unsynced == {}
     assert rig.disk.violations == []
 
 
@@ -381,15 +382,15 @@ async def test_a_chunk_copied_while_protect_waited_gets_its_bit_from_a_round(rig
     assert s.transfer is not None
     async with s.locks.hold([c]):  # as the copy of c holds it
         write = asyncio.create_task(rig.write(*rig.chunk(c)))
-        await until(lambda: s._unsynced.get(c) is _BY_SAVE)  # tracked: left to the save
+        await until(lambda: s.tracker.unsynced.get(c) is Pending.BY_SAVE)  # tracked: left to the save
         s.transfer.clear(c)  # copied ...
-        await s._checkpoint()  # ... and checkpointed: protect will not save it
+        await s.copier.checkpoint()  # ... and checkpointed: protect will not save it
         assert not write.done()
     await write
     assert s.save is not None and c not in s.save
     assert rig.log.count("tracking") == 1 and rig.log.count("save") == 0
     assert rig.log.durable.test(c) and rig.on_disk() == [c]
-    assert s.tracked(c * G, G) and s._unsynced == {}
+    assert s.tracked(c * G, G) and s.tracker.unsynced == {}
     assert rig.disk.violations == []
 
 
@@ -397,12 +398,12 @@ async def test_protect_called_after_its_chunk_was_checkpointed_makes_the_bit_dur
     rig = await rigs()
     s, c = rig.session, OWED.start + 6
     assert s.transfer is not None
-    assert s.track(c * G, G) == [] and s._unsynced[c] is _BY_SAVE
+    assert s.track(c * G, G) == [] and s.tracker.unsynced[c] is Pending.BY_SAVE
     s.transfer.clear(c)
-    await s._checkpoint()
+    await s.copier.checkpoint()
     await s.protect(c * G, G)
     assert rig.log.durable.test(c), "protect returned, but c's bit is not durable anywhere"
-    assert s.tracked(c * G, G) and s._unsynced == {}
+    assert s.tracked(c * G, G) and s.tracker.unsynced == {}
 
 
 async def test_with_the_save_area_full_copy_before_write_then_a_round_makes_the_bit_durable(
@@ -413,10 +414,10 @@ async def test_with_the_save_area_full_copy_before_write_then_a_round_makes_the_
     await rig.write(*rig.chunk(c))
     assert s.save is not None and c not in s.save
     assert rig.target.data[c * G : (c + 1) * G] == rig.old(c), "not copied before the write"
-    transfer, _ = persist.load(s._transfer_path, persist.KIND_TRANSFER, G, SIZE)
+    transfer, _ = persist.load(s.files.transfer_path, persist.KIND_TRANSFER, G, SIZE)
     assert not transfer.test(c), "copy-before-write not checkpointed"
     assert rig.log.count("tracking") == 1 and rig.log.durable.test(c)
-    assert s.tracked(c * G, G) and s._unsynced == {}
+    assert s.tracked(c * G, G) and s.tracker.unsynced == {}
     assert rig.disk.violations == []
 
 
@@ -438,7 +439,7 @@ async def test_a_second_change_during_copy_before_write_waits_for_the_bit_too(ri
     assert rig.disk.violations == [], "the second change went down before c's bit was durable"
 
 
-# --- 3b: saves without the chunk locks (Session._save_at_once) -----------------------------
+# --- 3b: saves without the chunk locks (Session.protector._save_at_once) -----------------------------
 WAIT_S = 10.0
 
 
@@ -466,7 +467,7 @@ async def test_a_change_whose_old_blocks_are_cached_saves_without_taking_a_lock(
     assert (taken == []) is rig.disk.cached, f"chunk locks taken: {taken}"
     assert s.save is not None and await s.save.pieces(c) == [(BLOCK, rig.old(c)[BLOCK : 3 * BLOCK])]
     assert s.update is not None and s.update.cofw_saved_bytes == 2 * BLOCK
-    assert rig.log.calls == ["save"] and s._unsynced == {} and rig.disk.violations == []
+    assert rig.log.calls == ["save"] and s.tracker.unsynced == {} and rig.disk.violations == []
 
 
 async def test_a_large_change_saves_under_the_locks_and_reads_nothing_on_the_loop(
@@ -476,7 +477,7 @@ async def test_a_large_change_saves_under_the_locks_and_reads_nothing_on_the_loo
     maybe finding no room for them after, would stall every other client."""
     rig = await rigs(granularity=G4)
     s = rig.session
-    monkeypatch.setattr(session_module, "SAVE_AT_ONCE_MAX", 2 * G4)
+    monkeypatch.setattr(protector_module, "SAVE_AT_ONCE_MAX", 2 * G4)
     inline: list[int] = []
     real = rig.disk.pread_cached
 
@@ -587,7 +588,7 @@ async def test_after_a_failed_save_the_next_change_saves_the_chunk(
     failing_saves["on"] = False
     await rig.write(*rig.chunk(c, b"B"))
     assert c in s.save
-    assert s._unsynced == {} and s.tracked(c * G, G)
+    assert s.tracker.unsynced == {} and s.tracked(c * G, G)
     assert rig.disk.violations == [] and rig.disk.landed == [(c * G, G)]
 
 
@@ -602,7 +603,7 @@ async def test_after_a_failed_save_and_the_chunk_copied_the_next_change_waits_fo
         await rig.write(*rig.chunk(c, b"A"))
     failing_saves["on"] = False
     s.transfer.clear(c)  # the copy pass gets to c ...
-    await s._checkpoint()  # ... and checkpoints it: c is not owed any more
+    await s.copier.checkpoint()  # ... and checkpoints it: c is not owed any more
     await rig.write(*rig.chunk(c, b"B"))
     assert rig.disk.violations == []
     assert rig.log.durable.test(c) and s.tracked(c * G, G)
@@ -620,7 +621,7 @@ async def test_after_a_failed_save_cancel_leaves_the_chunk_tracked_and_durable(
     await s.cancel()  # tracking |= transfer, rewritten: every bit in memory is durable
     assert s.save is None and rig.on_disk() == list(OWED)
     assert rig.log.durable.test(c)
-    assert s._unsynced == {} and s.tracked(c * G, G), "a rewritten bit still waits for a save"
+    assert s.tracker.unsynced == {} and s.tracked(c * G, G), "a rewritten bit still waits for a save"
 
 
 async def test_a_bit_whose_file_write_failed_reaches_the_file_before_the_save_area_goes(
@@ -665,7 +666,7 @@ async def test_reopening_puts_the_bits_of_saved_chunks_back_into_tracking(
     assert s.tracking_file is not None and s.save is not None
     s.tracking_file.close()
     s.save.close()
-    persist.save_atomic(s._tracking_path, rig.log.durable, 2, persist.KIND_TRACKING, Bitmap(SIZE, g))
+    persist.save_atomic(s.files.tracking_path, rig.log.durable, 2, persist.KIND_TRACKING, Bitmap(SIZE, g))
     assert rig.on_disk() == [UNOWED], "the crash did not lose the saved chunks' bits"
 
     again = new_session(tmp_path, s.source, rig.target, g, s.save_limit)
@@ -677,7 +678,7 @@ async def test_reopening_puts_the_bits_of_saved_chunks_back_into_tracking(
     assert again.save is not None and sorted(again.save.index) == saved
     assert chunks_of(again.tracking) == [*saved, UNOWED]
     assert rig.on_disk() == [*saved, UNOWED]
-    assert again._unsynced == {} and again.tracked(OWED.start * g, g)
+    assert again.tracker.unsynced == {} and again.tracked(OWED.start * g, g)
 
 
 # --- 6: the end of the update --------------------------------------------------------------
@@ -700,7 +701,7 @@ async def test_the_end_of_an_update_makes_saved_bits_durable_before_dropping_the
     await s._run()
     assert s.state is State.IDLE and s.consistent and s.last_error is None
     assert at_close == [True], "the save area went while c's bit was durable only there"
-    assert s.save is None and (s._save_dir / f"{NAME}.save").exists()  # its space kept for the next
+    assert s.save is None and (s.protector.save_dir / f"{NAME}.save").exists()  # its space kept for the next
     assert rig.on_disk() == [c]
     for o in OWED:  # the copy is the image at the mark: c's old contents came from the save area
         assert rig.target.data[o * g : (o + 1) * g] == rig.old(o)

@@ -299,7 +299,7 @@ async def test_shutdown_does_not_hang_on_a_silent_target(rig: Rig) -> None:
     async with asyncio.timeout(WAIT):
         await s.shutdown()
     assert s.state is State.COPYING  # kept for the next start
-    assert s._transfer_path.exists()
+    assert s.files.transfer_path.exists()
 
 
 async def given_up_while_failed(rig: Rig, target: Target, rows: Rows) -> tuple[Session, str]:
@@ -424,12 +424,12 @@ async def test_a_restart_after_a_given_up_mark_keeps_the_chunks_its_save_records
     await s.start_update(False)
     await rig.write(1, 0xF1)  # saved: its record stands for its tracking bit
     assert s.save is not None and 1 in s.save
-    assert s.update is not None and s.transfer is not None and s._durable_transfer is not None
+    assert s.update is not None and s.transfer is not None and s.copier.durable is not None
     # chunk 1 was copied (as of the mark) and a checkpoint recorded it; the power loss then
     # takes its tracking bit from the file, which only the record made durable
     s.transfer.clear(1)
-    s._durable_transfer.clear(1)
-    persist.write_bits_in_place(s._transfer_path, s._durable_transfer)
+    s.copier.durable.clear(1)
+    persist.write_bits_in_place(s.files.transfer_path, s.copier.durable)
     target.data[G : 2 * G] = target.durable[G : 2 * G] = fill(0xA1)
     s.tracking.clear(1)
     s._rewrite_tracking()

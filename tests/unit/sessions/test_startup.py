@@ -28,7 +28,7 @@ from deltavol.config import ServerConfig
 from deltavol.copy import save_area
 from deltavol.errors import CorruptFile, DeltavolError
 from deltavol.service import Service
-from deltavol.sessions import session as session_module
+from deltavol.sessions import files as files_module
 from deltavol.store.datadir import DataDir
 
 MiB = 1 << 20
@@ -203,7 +203,7 @@ async def test_two_set_asides_in_one_second_keep_both_files(
 ) -> None:
     frozen = dt.datetime(2026, 11, 30, 3, 11, 6, tzinfo=dt.UTC)
     clock = SimpleNamespace(datetime=SimpleNamespace(now=lambda tz=None: frozen), UTC=dt.UTC)
-    monkeypatch.setattr(session_module, "dt", clock)
+    monkeypatch.setattr(files_module, "dt", clock)
     tracking = idle / "bitmaps" / "s.tracking"
     damage(tracking)
     first = tracking.read_bytes()
@@ -252,13 +252,13 @@ async def test_a_new_session_never_adopts_the_files_of_a_removed_one(
     old = save_area.SaveArea(root / "save" / "s.save", G, 4 * MiB, 3, MiB).create()
     old.close()
     synced: list[tuple[Path, set[str]]] = []
-    real = session_module.sync_dir
+    real = files_module.sync_dir
 
     def sync_dir(path: Path) -> None:
         synced.append((path, {p.name for p in path.iterdir()}))
         real(path)
 
-    monkeypatch.setattr(session_module, "sync_dir", sync_dir)
+    monkeypatch.setattr(files_module, "sync_dir", sync_dir)
     async with started(root) as svc:
         await create_session(svc, granularity=2 * G)
     monkeypatch.undo()
@@ -271,14 +271,14 @@ async def test_a_new_session_never_adopts_the_files_of_a_removed_one(
 
 async def test_remove_makes_the_unlinks_durable(idle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[tuple[str, set[str]]] = []
-    real: Callable[[Path], None] = session_module.sync_dir
+    real: Callable[[Path], None] = files_module.sync_dir
 
     def sync_dir(path: Path) -> None:
         synced.append((path.name, {p.name for p in path.iterdir()}))
         real(path)
 
     async with started(idle) as svc:
-        monkeypatch.setattr(session_module, "sync_dir", sync_dir)
+        monkeypatch.setattr(files_module, "sync_dir", sync_dir)
         await svc.sessions.remove("s")
     assert ("bitmaps", set()) in synced and ("save", set()) in synced
 

@@ -79,7 +79,7 @@ async def test_two_copy_before_writes_that_ask_at_once_share_one_connection(rig:
     target.go.clear()
     await s.start_update(False)
     await s.pause()
-    await s._drop_target()  # as a failure leaves it: no connection
+    await s.copier.drop_target()  # as a failure leaves it: no connection
     opened = slow_opens(s, target)
     target.go.set()
     async with asyncio.timeout(WAIT):
@@ -95,7 +95,7 @@ async def test_a_connection_opened_for_a_dropped_target_is_aborted_not_used(rig:
     opened = slow_opens(s, target)
     asking = asyncio.create_task(s.ensure_target())
     await asyncio.sleep(0)
-    await s._drop_target()  # a pause or a failure while it opens
+    await s.copier.drop_target()  # a pause or a failure while it opens
     with pytest.raises(TargetError):
         async with asyncio.timeout(WAIT):
             await asking
@@ -123,7 +123,7 @@ async def test_a_copy_over_a_connection_dropped_under_it_leaves_its_chunks_owed(
 
     assert s.transfer is not None
     with pytest.raises(TargetError):
-        await s._copy_run(Replaced(), 0, 2)  # type: ignore[arg-type]
+        await s.copier.copy_run(Replaced(), 0, 2)  # type: ignore[arg-type]
     assert s.transfer.test(0) and s.transfer.test(1), "chunks written over a dropped connection count as done"
 
 

@@ -81,7 +81,7 @@ def fdatasync(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 def on_disk(s: Session) -> list[tuple[int, int]]:
-    bm, _ = persist.load(s._tracking_path, persist.KIND_TRACKING, G, SIZE)
+    bm, _ = persist.load(s.files.tracking_path, persist.KIND_TRACKING, G, SIZE)
     return list(bm.runs())
 
 
@@ -120,7 +120,7 @@ async def test_after_a_failed_round_the_next_change_writes_the_bits_again(
     assert len(rounds) == 1
     with pytest.raises(NoSpace) as ei:
         await asyncio.shield(rounds[0])
-    assert str(s._tracking_path) in ei.value.message
+    assert str(s.files.tracking_path) in ei.value.message
     assert not s.tracked(3 * G, G), "a chunk whose round failed counts as tracked"
     assert not s.tracked(0, SIZE)
     assert s.tracked(4 * G, G) is False  # never written: not set
@@ -143,7 +143,7 @@ async def test_a_failed_round_is_retried_with_the_new_chunks_of_the_next_change(
     s = sessions[0]
     fdatasync["fail"] = errno.EIO
     (failed,) = s.track(20 * G, 2 * G)
-    with pytest.raises(Exception, match=str(s._tracking_path)):
+    with pytest.raises(Exception, match=str(s.files.tracking_path)):
         await asyncio.shield(failed)
     fdatasync["fail"] = None
     rounds = s.track(21 * G, 3 * G)  # 21 failed before, 22 and 23 are new
@@ -242,12 +242,12 @@ async def test_a_mark_waits_for_the_prepare_a_cancelled_mark_left_running(
         ran.append(self.path)
 
     monkeypatch.setattr(SaveArea, "prepare", prepare)
-    first = asyncio.ensure_future(s._prepare_save_area())
+    first = asyncio.ensure_future(s.protector.prepare_save_area())
     await asyncio.sleep(0.01)
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
-    second = asyncio.ensure_future(s._prepare_save_area())
+    second = asyncio.ensure_future(s.protector.prepare_save_area())
     await asyncio.sleep(0.05)
     assert not second.done(), "the next mark went on while the first prepare still wrote"
     go.set()

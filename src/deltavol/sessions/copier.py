@@ -1,0 +1,368 @@
+"""A session's copy: the target connection, the copy passes and the checkpoints.
+
+Design notes
+------------
+* **Copy** (``copy_run``): under the chunks' locks, read the source and lay the saved
+  blocks over it (``Protector.lay_saved``), write it to the target zero-aware, clear the
+  bits. A full pass (``Phase.FULL_COPY``) reads by extents, writes holes as zeroes, and
+  has no protection: what changes under it is tracked and copied by the catch-up
+  incremental pass that ends every full update.
+* **Checkpoint** (``checkpoint``): a chunk is done for good only once a target flush
+  sent after its copy completed has succeeded: the transfer is snapshotted, the target
+  flushed, the snapshot written. Until then the chunk stays owed (``owed``: in the
+  transfer or in ``durable``, the transfer as of the last checkpoint) and protected, and
+  a failed target, a new connection, a re-mark or a cancel owe it again
+  (``forget_unflushed``). Checkpoints carry a sequence number and land in order; a mark,
+  a cancel or the update's end replace the transfer under ``checkpointing``.
+* **Flush before done**: ``Session._run`` flushes the target (``flush``) after the last
+  pass and before the update's end commits. Once a flush of a connection failed, that
+  connection is not trusted again.
+* **One connection** (``ensure_target``): opened once for all who ask at the same time
+  (the copy and copy-before-writes); dropping it (``drop_target``, ``abort_target``)
+  supersedes one still opening, which is aborted and closed once open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from deltavol.bitmap import persist
+from deltavol.bitmap.bitmap import Bitmap
+from deltavol.copy.engine import requests, run_pipeline, split_at_holes, write_piece
+from deltavol.copy.targets import CopyTarget
+from deltavol.copy.throttle import Throttle
+from deltavol.errors import DeltavolError, TargetError
+from deltavol.nbd.constants import STATE_HOLE
+from deltavol.sessions.states import Phase
+from deltavol.store import fs
+
+if TYPE_CHECKING:
+    from deltavol.sessions.session import Session
+
+log = logging.getLogger("deltavol.session")
+
+CHECKPOINT_SECONDS = 2.0
+_PROTECTING = Phase.PROTECTING
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait until it is over (the checkpointer: see checkpoint)."""
+    task.cancel()
+    await over(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("checkpointer failed", exc_info=task.exception())
+
+
+async def over(fut: asyncio.Future[Any]) -> None:
+    """Wait until ``fut`` (a thread's) is over, even if cancelled meanwhile: a thread
+    cannot be stopped, so what waits for it must not go on as if it had. A cancellation
+    is raised once it is over; ``fut``'s outcome is left to the caller."""
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.wait([fut])  # unlike awaiting it, does not cancel it
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+class Copier:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.durable: Bitmap | None = None  # the transfer as of the last checkpoint
+        self.checkpointing = asyncio.Lock()  # see checkpoint
+        self._checkpoints = 0  # checkpoints taken (a snapshot's number)
+        self._landed = 0  # the number of the last checkpoint written
+        self._flush_failed: CopyTarget | None = None  # see flush
+        self.target: CopyTarget | None = None
+        self._opening: asyncio.Future[CopyTarget] | None = None  # see ensure_target
+        self._closing_targets: set[asyncio.Future[None]] = set()  # superseded connections
+
+    # --- what is owed -----------------------------------------------------------------------
+    def owed(self, chunk: int) -> bool:
+        transfer = self.session.transfer
+        assert transfer is not None
+        durable = self.durable
+        return transfer.test(chunk) or (durable is not None and durable.test(chunk))
+
+    def chunk_span(self, chunk: int) -> tuple[int, int]:
+        g = self.session.granularity
+        off = chunk * g
+        return off, min(g, self.session.source.size - off)
+
+    def forget_unflushed(self) -> None:
+        """Owe again what the last checkpoint owes: the chunks copied since were acknowledged
+        by the target, never flushed, and it may have lost them (it failed, or the
+        connection goes). Only while no copy runs."""
+        s = self.session
+        transfer, durable = s.transfer, self.durable
+        if transfer is None or durable is None:
+            return
+        transfer.or_(durable)
+        if s.progress is not None:
+            s.progress.bytes_done = s.progress.bytes_total - s.transfer_bytes()
+
+    # --- checkpoints ------------------------------------------------------------------------
+    async def checkpoint(self) -> None:
+        """Make copy progress durable: snapshot the transfer, flush the target, then write
+        the snapshot's bits over the file.
+
+        A chunk's bit is cleared once its write to the target has completed, and a flush
+        covers the writes completed when it is sent: so every chunk done in a snapshot
+        taken *before* the flush is durable on the target after it. A chunk copied while
+        the flush runs stays owed (and protected) until the next checkpoint. With no
+        target there is no flush, so nothing new is known to be durable: nothing is
+        written.
+
+        A checkpoint lands only on the transfer it was taken of and only if no newer one
+        landed: a mark, a cancel or the end of the update replaces the transfer under
+        ``checkpointing``, which a checkpoint holds from its staleness check until its
+        write is over (even when cancelled: the thread cannot be stopped).
+
+        Bits only go from set to clear here, so they are written in place (no new space
+        needed on a full disk; a torn write leaves each byte old or new, both safe).
+        """
+        s = self.session
+        transfer, target = s.transfer, self.target
+        if transfer is None or s.update is None or target is None:
+            return
+        self._checkpoints += 1
+        seq, snapshot = self._checkpoints, transfer.copy()  # before the flush: see above
+        await self.flush(target)
+        async with self.checkpointing:
+            if s.transfer is not transfer or seq < self._landed:
+                return  # a mark replaced the transfer, or a newer checkpoint landed
+            write = asyncio.ensure_future(
+                fs.to_thread(persist.write_bits_in_place, s.files.transfer_path, snapshot)
+            )
+            try:
+                await over(write)
+            finally:  # the thread is over: the file holds the snapshot, or bytes of each
+                if write.exception() is None:
+                    self.durable, self._landed = snapshot, seq
+                elif self.durable is not None:
+                    self.durable = self.durable.copy()
+                    self.durable.or_(snapshot)
+            write.result()  # a failed write raises
+
+    async def try_checkpoint(self) -> None:
+        s = self.session
+        try:
+            await self.checkpoint()
+            s._save_row()
+        except (DeltavolError, OSError) as exc:  # the last durable checkpoint still holds
+            log.warning("session %s: checkpoint skipped: %s", s.name, exc)
+
+    async def checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            await self.try_checkpoint()
+
+    # --- the target connection --------------------------------------------------------------
+    async def flush(self, target: CopyTarget) -> None:
+        """Flush the target. Once a flush of it failed, it is not trusted again: what it
+        acknowledged before may be lost for good (a failed fsync drops the dirty pages, and
+        the next one succeeds without them), so only a new connection and a copy again of
+        what the last checkpoint owes can make those chunks durable."""
+        if target is self._flush_failed:
+            raise TargetError(msg=f"target {target.description}: an earlier flush failed")
+        try:
+            await target.flush()
+        except Exception:
+            self._flush_failed = target
+            raise
+
+    @property
+    def flush_failed(self) -> bool:
+        """True if the connection kept is one whose flush failed (see ``flush``)."""
+        return self.target is not None and self.target is self._flush_failed
+
+    async def target_answers(self) -> bool:
+        """Flush the target, waiting at most ``target_timeout``: a pause or a stop must not
+        hang on a silent target. False if it failed: the last durable checkpoint stands."""
+        s = self.session
+        target = self.target
+        if target is None:
+            return True
+        try:
+            async with asyncio.timeout(s.target_timeout):
+                await target.flush()
+        except (TimeoutError, DeltavolError, OSError) as exc:
+            why = "no answer" if isinstance(exc, TimeoutError) else exc
+            log.warning("session %s: checkpoint skipped: target flush: %s", s.name, why)
+            self._flush_failed = target  # see flush
+            return False
+        return True
+
+    async def ensure_target(self) -> CopyTarget:
+        """The target's connection, opened once for all who ask at the same time (the copy
+        and copy-before-writes): two opens would leave two connections, and a checkpoint
+        would flush the one the copy did not write on. A caller that stops waiting does
+        not stop the open; a drop meanwhile supersedes it (it is aborted once open)."""
+        if self.target is not None:
+            return self.target
+        opening = self._opening
+        if opening is None:
+            s = self.session
+            opening = self._opening = asyncio.ensure_future(s._open_target(s))
+            opening.add_done_callback(self._opened)  # when every caller stopped waiting
+        target: CopyTarget = await asyncio.shield(opening)
+        self._opened(opening)  # a future already done is returned before its callbacks ran
+        if self.target is not target:  # dropped while it opened: no copy may go over it
+            raise TargetError(msg=f"target {self.session.target_spec}: connection dropped while it opened")
+        return target
+
+    def _opened(self, opening: asyncio.Future[CopyTarget]) -> None:
+        """The first to see ``opening`` done makes it the target, unless it was superseded."""
+        if self._opening is not opening:
+            return
+        self._opening = None
+        if opening.cancelled() or opening.exception() is not None:
+            return
+        if self.target is None:
+            self.target = opening.result()
+        else:  # a connection was set meanwhile by other means: this one is not used
+            self._discard(opening)
+
+    def _supersede_open(self) -> None:
+        """The target is dropped: a connection still opening is not to be used; it is
+        aborted and closed once open (nothing was written on it)."""
+        opening, self._opening = self._opening, None
+        if opening is None:
+            return
+        if opening.done():
+            self._discard(opening)
+        else:
+            opening.add_done_callback(self._discard)
+
+    def _discard(self, opening: asyncio.Future[CopyTarget]) -> None:
+        if opening.cancelled() or opening.exception() is not None:
+            return
+        target = opening.result()
+        target.abort()
+        closing = asyncio.ensure_future(target.close())
+        self._closing_targets.add(closing)
+        closing.add_done_callback(self._closed)
+
+    def _closed(self, closing: asyncio.Future[None]) -> None:
+        self._closing_targets.discard(closing)
+        if not closing.cancelled() and closing.exception() is not None:
+            log.warning(
+                "session %s: closing a superseded connection: %r", self.session.name, closing.exception()
+            )
+
+    def abort_target(self) -> None:
+        """Drop the target at once and reset its connections: a copy-before-write it did
+        not answer in time must not land after what the re-mark copies over a new one.
+        (What its server has already read cannot be recalled: a request read but not yet
+        executed may still land, as with any NBD client that gives up on a request.)"""
+        self.forget_unflushed()
+        self._supersede_open()
+        target, self.target = self.target, None
+        self._flush_failed = None
+        if target is not None:
+            target.abort()
+
+    async def drop_target(self) -> None:
+        """Close the target; a next one is a new connection, whose flushes cover none of
+        this one's writes."""
+        self.forget_unflushed()
+        self._supersede_open()
+        target, self.target = self.target, None
+        self._flush_failed = None
+        if target is not None:
+            await target.close()
+
+    # --- the copy ---------------------------------------------------------------------------
+    async def copy_pass(self, target: CopyTarget) -> None:
+        s = self.session
+        assert s.transfer is not None and s.update is not None
+        rate = s.update.max_rate
+        # throttled: requests of about a quarter second each, so progress stays smooth
+        request = target.request_size
+        if rate:
+            request = min(request, max(s.granularity, rate // 4))
+        max_chunks = max(1, request // s.granularity)
+        runs, g = s.transfer.runs(), s.granularity
+        # a full pass is cut at the source's holes, so it goes as fast as its data
+        work = (
+            requests(runs, max_chunks)
+            if s.update.phase is _PROTECTING
+            else split_at_holes(runs, s.source.backend.extents, g, s.source.size, max_chunks)
+        )
+        await run_pipeline(
+            work,
+            lambda first, count, hole=False: self.copy_run(target, first, count, hole),
+            throttle=Throttle(rate),
+            request_bytes=lambda first, count, hole=False: g if hole else count * g,  # a hole costs a request
+            inflight=target.inflight if not rate else 2,
+        )
+
+    async def copy_run(self, target: CopyTarget, first: int, count: int, hole: bool = False) -> None:
+        s = self.session
+        transfer, update, progress, save = s.transfer, s.update, s.progress, s.protector.save
+        assert transfer is not None and update is not None and progress is not None
+        g = s.granularity
+        offset = first * g
+        length = min(count * g, s.source.size - offset)
+        chunks = range(first, first + count)
+        if hole:
+            pieces: list[tuple[int, bytes | int]] = [(offset, length)]
+        elif update.phase is not _PROTECTING:
+            pieces = await self._read_by_extents(offset, length)
+        else:
+            protector = s.protector
+            async with protector.locks.hold(chunks):
+                live = [c for c in chunks if transfer.test(c)]
+                if not live:
+                    return
+                data = bytearray(await s.source.backend.pread(offset, length))
+                if protector.save is not save or (
+                    save is not None and not await protector.lay_saved(data, offset, live, save)
+                ):
+                    return  # the mark this run copies for is over: nothing copied, its bits stay
+            pieces = _live_pieces(data, offset, live, self.chunk_span)
+        for off, piece in pieces:
+            n = piece if isinstance(piece, int) else len(piece)
+            sent = await write_piece(target, off, None if isinstance(piece, int) else piece, n, g)
+            progress.bytes_sent += sent  # not `+= await`: that would read a stale total
+        if self.target is not target:  # dropped meanwhile: no flush of it will come
+            raise TargetError(msg=f"target {target.description}: connection closed during a copy")
+        progress.done(transfer.clear_run(first, count))
+        s.events.progress(
+            s.name,
+            id=update.id,
+            bytes_total=progress.bytes_total,
+            bytes_done=progress.bytes_done,
+            bytes_sent=progress.bytes_sent,
+        )
+
+    async def _read_by_extents(self, offset: int, length: int) -> list[tuple[int, bytes | int]]:
+        """Pieces of [offset, offset+length): data as bytes, holes as their length."""
+        source = self.session.source
+        pieces: list[tuple[int, bytes | int]] = []
+        pos = offset
+        for n, flags in await source.backend.extents(offset, length):
+            pieces.append((pos, n if flags & STATE_HOLE else await source.backend.pread(pos, n)))
+            pos += n
+        return pieces
+
+
+def _live_pieces(data: bytearray, offset: int, live: list[int], span: Any) -> list[tuple[int, bytes | int]]:
+    """The parts of ``data`` (read at ``offset``) that cover the ``live`` chunks, merged
+    where chunks are adjacent."""
+    pieces: list[tuple[int, bytes | int]] = []
+    start = end = -1
+    for c in live:
+        off, n = span(c)
+        if off != end:
+            if start >= 0:
+                pieces.append((start, bytes(data[start - offset : end - offset])))
+            start = off
+        end = off + n
+    if start >= 0:
+        pieces.append((start, bytes(data[start - offset : end - offset])))
+    return pieces

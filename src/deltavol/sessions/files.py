@@ -1,0 +1,193 @@
+"""A session's files and their life: create, load after a restart, set aside, delete.
+
+Design notes
+------------
+A session owns three files: its tracking file and, while an update runs, its transfer
+file (``bitmap/persist.py``) and save area (``copy/save_area.py``). The session row
+(SQLite) says which update owns them; a file no committed row owns is garbage, never
+evidence, except that its bits go back into tracking (a superset of the changes is safe,
+a lost bit is not).
+
+* ``create``: leftovers of a removed session of the same name go, durably, before a row
+  that would adopt them commits; then a fresh tracking file.
+* ``load``: every file is read first, then tracking is rewritten (the one step that needs
+  space), and only then do the files no update owns go. A corrupt file raises
+  ``CorruptFile``; any other error (a full disk, EIO) raises as it is: no file is taken
+  for corrupt, and none is lost.
+* ``set_aside``: corrupt files are kept for inspection under names of their own, after
+  the row says "failed, needs a full update".
+* ``delete``: the session is gone, and so are its files, durably.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from deltavol.bitmap import persist
+from deltavol.bitmap.bitmap import Bitmap
+from deltavol.copy.save_area import SaveArea
+from deltavol.errors import CorruptFile, os_error
+from deltavol.sessions.states import Phase, State
+from deltavol.store import fs
+from deltavol.store.fs import sync_dir
+
+if TYPE_CHECKING:
+    from deltavol.sessions.session import Session
+
+log = logging.getLogger("deltavol.session")
+
+TRANSFER = persist.KIND_TRANSFER
+
+
+class SessionFiles:
+    def __init__(self, session: Session, files: Path) -> None:
+        self.session = session
+        self.tracking_path = files / f"{session.name}.tracking"
+        self.transfer_path = files / f"{session.name}.transfer"
+
+    def create(self) -> None:
+        """A fresh tracking file, and no transfer bitmap or save area: a removed session of
+        the same name may have left its own (a crash before their unlinks were durable),
+        and they must be gone, durably, before a row that would adopt them commits."""
+        s = self.session
+        save_dir = s.protector.save_dir
+        try:
+            for path in (self.transfer_path, s.protector.save_area(0).path):
+                fs.unlink(path, missing_ok=True)
+            sync_dir(self.transfer_path.parent)
+            sync_dir(save_dir)
+        except OSError as exc:
+            raise os_error(exc, f"removing old files of session {s.name}") from exc
+        s.tracker.open_file()
+        s._rewrite_tracking()
+
+    def load(self) -> None:
+        """Reopen bitmaps and the save area after a restart. A corrupt file raises
+        ``CorruptFile``; any other error (a full disk, EIO) raises as it is: no file is
+        taken for corrupt, and none is lost.
+
+        A transfer file that the session row does not own (an update that never
+        committed, or one that finished just before the crash) goes back into tracking:
+        a superset of the changes is safe, a lost bit is not. Every file is read first;
+        then tracking is rewritten (the one step that needs space), so what a reboot may
+        have cost (the hot regions ``load`` added) is durable and the file is of this
+        boot; only then do the files no update owns go. A failure at any step leaves the
+        files as they were, or their bits in tracking as well: loading again is safe.
+        """
+        s = self.session
+        tracker = s.tracker
+        save: SaveArea | None = None
+        try:
+            tracking, _, recopy = persist.load_tracking(self.tracking_path, s.granularity, s.source.size)
+            owned = s.update is not None and s.state in (State.COPYING, State.PAUSED, State.FAILED)
+            transfer, orphan = None, False
+            if fs.exists(self.transfer_path):
+                transfer, generation = persist.load(
+                    self.transfer_path, TRANSFER, s.granularity, s.source.size
+                )
+                if not owned or s.update is None or generation != s.update.id:
+                    tracking.or_(transfer)
+                    transfer, orphan, owned = None, True, False
+            elif owned:
+                raise CorruptFile(
+                    path=self.transfer_path, why="transfer bitmap of a running update is missing"
+                )
+            area = s.protector.save_area(s.update.id if s.update else 0)
+            # a given-up mark keeps its records until the re-mark: they tell which chunks changed
+            if owned and s.update is not None and s.update.phase in (Phase.PROTECTING, Phase.GIVEN_UP):
+                save = area.open()
+                for c in save.index:  # saved, so changed after the mark: their bits came with the saves
+                    tracking.set(c)
+            tracker.tracking, s.recopy = tracking, recopy
+            tracker.open_file()
+            s._rewrite_tracking()
+            if orphan:
+                fs.unlink(self.transfer_path)
+            if save is None:  # no update owns it: a mark or the end of its update made its bits durable
+                fs.unlink(area.path, missing_ok=True)
+        except BaseException as exc:
+            if save is not None:
+                save.close()
+            if tracker.file is not None:
+                tracker.file.close()
+                tracker.file = None
+            if isinstance(exc, OSError):
+                raise os_error(exc, f"files of session {s.name}") from exc
+            raise
+        s.transfer = transfer
+        s.copier.durable = transfer.copy() if transfer is not None else None
+        s.protector.save = save
+        if recopy is not None:
+            log.warning(
+                "session %s: %s: the hot set's %d bytes are copied again",
+                s.name,
+                recopy.reason,
+                recopy.bytes,
+            )
+        s._gate.changed()  # bitmaps replaced: what the write path cached is void
+
+    def set_aside(self, why: str) -> None:
+        """Corrupt files: keep them for inspection, fail the session, track afresh.
+
+        Nothing is known of what changed, so the next update must be a full one. The row
+        says so first: failed, not consistent, and no update (so the next start does not
+        miss the transfer file of one). Then the files get names of their own (two starts
+        in one second must not replace the earlier evidence) and a fresh tracking file is
+        written; if that fails, the next start finds them missing and comes here again.
+        The first cause stays in ``last_error`` until an update starts.
+        """
+        s = self.session
+        if s.state is State.FAILED and s.update is None and s.last_error:
+            log.error("session %s: %s", s.name, why)  # set aside before: the first cause stays
+            why = s.last_error
+        s.transfer = None
+        s.copier.durable = None
+        s.protector.drop_save_area()
+        s.update = None
+        s.state = State.FAILED
+        s.consistent = False
+        s.point_in_time = None
+        s.last_error = why
+        s._persist_row(s)  # the commit point
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+        try:
+            for path in (self.tracking_path, self.transfer_path, s.protector.save_area(0).path):
+                if fs.exists(path):
+                    fs.rename(path, _aside(path, stamp))
+            sync_dir(self.tracking_path.parent)
+            sync_dir(s.protector.save_dir)
+        except OSError as exc:
+            raise os_error(exc, f"setting aside files of session {s.name}") from exc
+        s.tracker.tracking = Bitmap(s.source.size, s.granularity)
+        s._gate.changed()  # every chunk is to be tracked again
+        self.create()
+
+    def delete(self) -> None:
+        """The session is gone: so are its files, durably (a new session of the same name
+        must not find them after a power loss; ``create`` removes such leftovers)."""
+        s = self.session
+        s.tracker.close_file()
+        s.protector.drop_save_area()
+        try:
+            s.protector.save_area(0).delete()
+            for path in (self.tracking_path, self.transfer_path):
+                fs.unlink(path, missing_ok=True)
+            sync_dir(self.tracking_path.parent)
+            sync_dir(s.protector.save_dir)
+        except OSError as exc:  # the row is gone: a later session of this name removes them
+            log.warning("session %s: files not removed: %s", s.name, exc.strerror or exc)
+
+    def unlink_transfer(self) -> None:
+        fs.unlink(self.transfer_path, missing_ok=True)
+
+
+def _aside(path: Path, stamp: str) -> Path:
+    """A name of its own for a corrupt file kept for inspection."""
+    aside, n = path.with_name(f"{path.name}.corrupt-{stamp}"), 1
+    while fs.exists(aside):
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    return aside
