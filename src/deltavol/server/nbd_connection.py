@@ -273,6 +273,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         self.transport = tls
         self._upgrading = False
+        self._scratch = None
         if self._closed:  # lost (or shut down) the moment the handshake ended
             self._early.clear()
             return
@@ -289,6 +290,7 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _tls_failed(self, transport: asyncio.Transport) -> None:
         """The ACK went out but TLS did not come up: this connection is over."""
         self._upgrading = False
+        self._scratch = None
         self._early.clear()
         self._closed = True
         self._lost = True

@@ -5,12 +5,15 @@ nothing is acknowledged before the export has the write."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 from typing import Any
 
-from deltavol.nbd.constants import Cmd, Opt
+import pytest
+
+from deltavol.nbd.constants import Cmd, Opt, Rep, TlsMode
 from deltavol.server.nbd_connection import NbdConnection
-from tests.protocol.wire import chunks, client_flags, info_data, option, request
+from tests.protocol.wire import chunks, client_flags, info_data, option, option_replies, request
 
 SIZE = 64 << 20
 
@@ -127,3 +130,33 @@ async def test_large_write_reaches_the_export_in_its_receive_buffer_then_is_acke
     assert offset == 4096 and data == payload and data is view.obj
     await asyncio.sleep(0)  # the ack of a write leaves at the end of the loop's turn
     assert b"".join(transport.writes) == struct.pack(">IIQ", 0x67446698, 0, 9)
+
+
+async def test_bytes_received_before_start_tls_returns_are_parsed_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The TLS layer may hand the client's first encrypted options to the protocol before
+    ``start_tls`` returns: they are kept, then answered over TLS, never parsed as plain."""
+    directory = Directory()
+    conn = NbdConnection(
+        directory, lambda _c: None, tls_mode=TlsMode.REQUIRE, tls_context=ssl.create_default_context
+    )
+    plain, encrypted = Transport(), Transport()
+    conn.connection_made(plain)  # type: ignore[arg-type]
+    early = option(Opt.STRUCTURED_REPLY) + option(Opt.GO, info_data("vol"))
+
+    async def start_tls(transport: Any, protocol: NbdConnection, context: Any, **kwargs: Any) -> Transport:
+        view = protocol.get_buffer(-1)
+        view[: len(early)] = early
+        protocol.buffer_updated(len(early))
+        assert conn.export is None  # held back, not parsed yet
+        return encrypted
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "start_tls", start_tls)
+    receive(conn, client_flags(3) + option(Opt.STARTTLS))
+    assert conn._tls_task is not None
+    await conn._tls_task
+    assert conn.export is directory.export
+    replies = option_replies(b"".join(encrypted.writes))
+    assert (replies[0].opt, replies[0].rep) == (Opt.STRUCTURED_REPLY, Rep.ACK)
+    assert replies[-1].opt == Opt.GO and replies[-1].rep == Rep.ACK
