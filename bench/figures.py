@@ -14,6 +14,7 @@ from pathlib import Path
 from bench.fio import fio
 from bench.metrics import metrics_overhead
 from bench.peers import Deltavol, deltavol, nbd_unix, qemu_nbd
+from bench.restore import restore
 from deltavol.server.nbd_client import NbdClient
 
 MiB = 2**20
@@ -379,6 +380,7 @@ SECTIONS: dict[str, Callable[[Settings], Iterator[Row]]] = {
     "cofw": cofw_latency,
     "memory": memory,
     "cold": cold_cache,
+    "restore": restore,
     "metrics": metrics_overhead,
 }
 
