@@ -1010,3 +1010,22 @@ def test_in_place_gives_the_events_of_receive_data(reqs: list[tuple[Cmd, int]], 
     whole = in_transmission(BIG)
     whole.receive_data(stream)
     assert receive_in_place(in_transmission(BIG), stream, piece) == events_until_need_data(whole)
+
+
+def test_receive_buffer_stays_small_until_transmission() -> None:
+    """Nothing has authenticated a client before transmission: what it makes the server
+    hold stays a few KiB (a long option grows the buffer only as far as it needs)."""
+    conn = ServerConnection()
+    assert receive_in_place(conn, client_flags(C_FIXED_NEWSTYLE | C_NO_ZEROES)) == []
+    assert conn._rx.held <= 16 * 1024
+    data = option(Opt.GO, info_data("x" * 4000))
+    while data:
+        view = conn.get_buffer()
+        n = min(len(view), len(data))
+        view[:n] = data[:n]
+        conn.buffer_updated(n)
+        data = data[n:]
+    assert isinstance(conn.next_event(), OptInfo) and conn._rx.held <= 16 * 1024
+    conn.reply_info(BIG)
+    assert receive_in_place(conn, request(Cmd.FLUSH)) != []
+    assert conn._rx.held >= 128 * 1024  # in transmission: room for a burst of requests

@@ -7,7 +7,9 @@ transport may still hold a view of it (``asyncio.BufferedProtocol`` keeps the bu
 received into alive while ``buffer_updated`` runs): when the free tail is too short, what
 is left unconsumed moves to the front, or, if that is not room enough, the bytes move to
 a new, larger bytearray. One that grew past ``COMPACT_AT`` is given up for a small one as
-soon as everything in it was consumed, so memory stays bounded on a long stream.
+soon as everything in it was consumed, so memory stays bounded on a long stream. It starts
+at the capacity its owner asks for (a server connection: small until transmission, where
+nothing has authenticated the client) and grows when more is needed.
 """
 
 from __future__ import annotations
@@ -15,16 +17,16 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-CAPACITY = 256 * 1024  # what one receive call may fill: many small requests at once
-MIN_SPACE = 64 * 1024  # ``space`` never offers less (a receive call of a few bytes is waste)
+CAPACITY = 256 * 1024  # the default size
+MIN_SPACE = 64 * 1024  # ``space`` offers at least this much unless told otherwise
 COMPACT_AT = 1 << 20  # a buffer grown larger than this shrinks back once drained
 
 
 class ReceiveBuffer:
     __slots__ = ("_buf", "_end", "_pos", "_view")
 
-    def __init__(self) -> None:
-        self._new(CAPACITY)
+    def __init__(self, capacity: int = CAPACITY) -> None:
+        self._new(capacity)
 
     def _new(self, capacity: int) -> None:
         self._buf = bytearray(capacity)
@@ -70,11 +72,11 @@ class ReceiveBuffer:
         self._view[end : end + n] = data
         self._end = end + n
 
-    def space(self) -> memoryview:
-        """Where the next received bytes go (at least ``MIN_SPACE`` long); say how many
-        were put there with ``wrote``."""
-        if len(self._buf) - self._end < MIN_SPACE or self._pos == self._end:
-            self._room(MIN_SPACE)
+    def space(self, at_least: int = MIN_SPACE) -> memoryview:
+        """Where the next received bytes go (``at_least`` bytes long, or more); say how
+        many were put there with ``wrote``."""
+        if len(self._buf) - self._end < at_least or self._pos == self._end:
+            self._room(at_least)
         return self._view[self._end :]
 
     def wrote(self, n: int) -> None:

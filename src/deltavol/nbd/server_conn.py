@@ -78,6 +78,10 @@ _TRANSMISSION = Phase.TRANSMISSION
 _REQUEST, _REQUEST_MAGIC, _WRITE = wire.REQUEST, c.REQUEST_MAGIC, int(Cmd.WRITE)
 _READ, _DISC, _BLOCK_STATUS = Cmd.READ, Cmd.DISC, Cmd.BLOCK_STATUS
 DIRECT_PAYLOAD = 64 * 1024  # a WRITE payload this large, not yet all here, is received in place
+# What one receive may fill: in transmission many requests at once (the buffer settles at
+# twice this); before it a few KiB, so a client that never finishes the handshake holds little.
+RECEIVE_SPACE = 128 * 1024
+HANDSHAKE_SPACE = 4 * 1024
 _Opt = TypeVar("_Opt", OptExportName, OptInfo, OptList, OptMetaContext)
 
 
@@ -93,7 +97,7 @@ class ServerConnection:
         self.export: ExportInfo | None = None
         self._allowed: dict[Cmd, int] = {}  # command flags accepted, per command, for ``export``
         self.meta_contexts: frozenset[int] = frozenset()  # ids selected by SET_META_CONTEXT
-        self._rx = ReceiveBuffer()
+        self._rx = ReceiveBuffer(HANDSHAKE_SPACE)
         self._out: list[bytes | memoryview] = []
         self._pending: OptExportName | OptInfo | OptList | OptMetaContext | None = None
         self._meta_export: str | None = None  # export named by the last SET_META_CONTEXT
@@ -145,7 +149,9 @@ class ServerConnection:
             self._into_sink = True
             return memoryview(sink)[self._sink_got :]
         self._into_sink = False
-        return self._rx.space()
+        if self.phase is _TRANSMISSION:
+            return self._rx.space(RECEIVE_SPACE)
+        return self._rx.space(HANDSHAKE_SPACE)
 
     def buffer_updated(self, n: int) -> None:
         """``n`` bytes were received into the view ``get_buffer`` handed out last."""
