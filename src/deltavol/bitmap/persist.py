@@ -128,7 +128,9 @@ def save_atomic(
         hot = Bitmap(bitmap.size, max(HOT_REGION, bitmap.granularity))
     try:
         with contextlib.ExitStack() as views:  # no copy: a 16 TiB volume's bitmap is 32 MiB
-            parts = [(0, _header(bitmap, generation, kind, hot.granularity if hot else 0))]
+            parts: list[tuple[int, bytes | memoryview]] = [
+                (0, _header(bitmap, generation, kind, hot.granularity if hot else 0))
+            ]
             parts.append((HEADER_SIZE, views.enter_context(bitmap.view())))
             if hot is not None:
                 parts.append((_hot_at(bitmap.nbits), views.enter_context(hot.view())))

@@ -71,7 +71,11 @@ def _token_ok(request: web.Request, token: str) -> bool:
     got = request.headers.get("Authorization", "")
     if request.path == "/v1/events" and "token" in request.query:
         got = f"Bearer {request.query['token']}"
-    return hmac.compare_digest(got.encode(), f"Bearer {token}".encode())
+    try:
+        given = got.encode()
+    except UnicodeError:  # not text at all (surrogate-escaped bytes): not the token either
+        return False
+    return hmac.compare_digest(given, f"Bearer {token}".encode())
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from deltavol.backend.file import FileBackend
 from deltavol.backend.gate import WriteGate
 from deltavol.errors import Protected
 from deltavol.volumes import Volume
+from tests.fakes import until
 
 
 async def test_closed_waits_for_writers_and_blocks_new_ones() -> None:
@@ -18,22 +19,23 @@ async def test_closed_waits_for_writers_and_blocks_new_ones() -> None:
     log: list[str] = []
 
     await gate.enter()  # a write in flight
+    late_came = asyncio.Event()
 
     async def mark() -> None:
         async with gate.closed():
             log.append("mark")
-            await asyncio.sleep(0.01)
+            await late_came.wait()  # a new write comes while the mark holds the gate
             log.append("mark done")
 
     async def late_writer() -> None:
-        await asyncio.sleep(0.001)
+        late_came.set()
         await gate.enter()
         log.append("late write")
         gate.leave()
 
     marking = asyncio.create_task(mark())
+    await until(lambda: not gate.open, "the mark closing the gate")
     late = asyncio.create_task(late_writer())
-    await asyncio.sleep(0.005)
     assert log == []  # the mark waits for the write in flight
     log.append("write done")
     gate.leave()
