@@ -88,7 +88,7 @@ class Volume:
     # first await so that no second restore of it starts, and its source writes under way:
     # each runs in a task of its own, which a cancel of the restore does not stop.
     restoring_by: str | None = None
-    restore_writes: set[asyncio.Task[None]] = field(default_factory=set)
+    restore_writes: set[asyncio.Task[int]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self._gated = GateLayer(self.backend, self.gate, check=self._check_guard)
