@@ -7,6 +7,7 @@ removed on the next open); ``remove`` deletes the row first and the image after.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import errno
 import logging
@@ -83,6 +84,11 @@ class Volume:
     # Why the volume may not be written or opened right now (set by sessions).
     write_guard: Callable[[], str | None] = lambda: None
     open_guard: Callable[[], str | None] = lambda: None
+    # The session restoring this volume (sessions/restore.py), taken before the restore's
+    # first await so that no second restore of it starts, and its source writes under way:
+    # each runs in a task of its own, which a cancel of the restore does not stop.
+    restoring_by: str | None = None
+    restore_writes: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self._gated = GateLayer(self.backend, self.gate, check=self._check_guard)

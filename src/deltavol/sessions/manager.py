@@ -35,6 +35,7 @@ from deltavol.sessions import restore
 from deltavol.sessions.records import RetryPolicy, update_from_row, update_to_row
 from deltavol.sessions.session import Session
 from deltavol.sessions.states import IllegalTransition, State
+from deltavol.store import fs
 from deltavol.store.db import Database
 from deltavol.store.group_commit import GroupCommit
 from deltavol.volumes import Volume, Volumes, check_name
@@ -111,6 +112,9 @@ class SessionManager:
         # sessions not loaded because their source volume is missing, by name: (source,
         # target). Their rows and files stay, so their names and targets stay theirs
         self._unloaded: dict[str, tuple[str, str]] = {}
+        # sessions being reversed (reverse.py), by name: (new source, new target), held from
+        # the reverse's checks to its commit so that no create takes either volume meanwhile
+        self._reversing: dict[str, tuple[str, str]] = {}
         self._resuming: set[asyncio.Task[None]] = set()  # restores going on after a restart
 
     # --- lookup -------------------------------------------------------------------------------
@@ -132,8 +136,11 @@ class SessionManager:
     def volume_busy(self, vol: Volume) -> str | None:
         users = [s.name for s in self.all() if vol.name in (s.source.name, s.target_spec)]
         users += [
-            name for name, pair in (*self._creating.items(), *self._unloaded.items()) if vol.name in pair
+            name
+            for name, pair in (*self._creating.items(), *self._reversing.items(), *self._unloaded.items())
+            if vol.name in pair
         ]
+        users = list(dict.fromkeys(users))  # a session being reversed is in both
         return f"used by session(s) {', '.join(users)}" if users else None
 
     # --- wiring -----------------------------------------------------------------------------
@@ -279,7 +286,29 @@ class SessionManager:
                     name=s.name, why=f"cannot load its files, they are kept as they are: {exc.message}"
                 ) from exc
             if s.state is State.RESTORING:  # restore.py: the source stays guarded until it ends
-                restore.guard_source(s)
+                self._load_restoring(s)
+
+    def _load_restoring(self, s: Session) -> None:
+        """A restoring session guards its source, unless another one (loaded first) restores
+        it already: two restores of one source never run at once. The second one stays
+        ``restoring``, says why, and its file goes: ``session restore`` starts it over from
+        tracking once the other ends (tracking holds all it owes, and what the other wrote)."""
+        other = restore.restored_by_other(s)
+        if other is None:
+            restore.guard_source(s)
+            return
+        s.last_error = (
+            f"restore: its source volume {s.source.name!r} is being restored by session {other!r}; "
+            f"run 'deltavol session restore {s.name}' once that one ends (it starts over)"
+        )
+        log.error("session %s: %s", s.name, s.last_error)
+        try:
+            fs.unlink(restore.restore_path(s), missing_ok=True)
+            self._persist(s)
+        except (OSError, DeltavolError) as exc:
+            self._unload(s)
+            why = exc.message if isinstance(exc, DeltavolError) else str(exc)
+            raise SessionLoadFailed(name=s.name, why=f"{s.last_error}; recording it failed: {why}") from exc
 
     def _hold_unloaded(self, name: str, source: str, target: str) -> None:
         """Keep what a session not loaded owns: its name, its row and files, and its
@@ -303,7 +332,7 @@ class SessionManager:
             if s.state is State.COPYING and s.transfer is not None:
                 log.info("session %s: resuming interrupted update %s", s.name, s.update and s.update.id)
                 s._spawn()
-            elif s.state is State.RESTORING:  # restore.py: an interrupted restore goes on
+            elif s.state is State.RESTORING and restore.restored_by_other(s) is None:  # restore.py
                 log.info("session %s: resuming interrupted restore", s.name)
                 task = asyncio.get_running_loop().create_task(restore.resume_at_start(s))
                 self._resuming.add(task)
@@ -315,6 +344,7 @@ class SessionManager:
             self._scheduler.cancel()
         for s in self.all():
             await s.shutdown()
+            await restore.settle(s)  # a restore's source write left running in its thread
 
     async def _schedule(self) -> None:
         while True:
@@ -382,20 +412,7 @@ class SessionManager:
         src = self.volumes.get(source)
         if target == source:
             raise UsageError(msg=f"session {name!r}: the target is the source volume {source!r}")
-        other = self.of_target(target)
-        if other is not None:
-            raise InUse(kind="target", name=target, why=f"session {other.name!r} writes to it")
-        if self.of_source(target):
-            raise InUse(kind="volume", name=target, why="it is the source of a session")
-        if self.of_target(source):
-            raise InUse(kind="volume", name=source, why="it is the target of a session")
-        for pending, (psource, ptarget) in (*self._creating.items(), *self._unloaded.items()):
-            if target == ptarget:
-                raise InUse(kind="target", name=target, why=f"session {pending!r} writes to it")
-            if target == psource:
-                raise InUse(kind="volume", name=target, why=f"session {pending!r} reads it")
-            if source == ptarget:
-                raise InUse(kind="volume", name=source, why=f"session {pending!r} writes to it")
+        self._check_roles(name, source, target)
         # no await above: from here until the session is in (or the create failed), the
         # name and the target are this create's
         self._creating[name] = (source, target)
@@ -403,6 +420,27 @@ class SessionManager:
             return await self._create(name, src, target, granularity, max_rate, every)
         finally:
             del self._creating[name]
+
+    def _check_roles(self, name: str, source: str, target: str) -> None:
+        """A target is one session's only, and no volume is both a source and a target:
+        among the sessions in, those being created or reversed, and those not loaded."""
+        other = self.of_target(target)
+        if other is not None:
+            raise InUse(kind="target", name=target, why=f"session {other.name!r} writes to it")
+        if self.of_source(target):
+            raise InUse(kind="volume", name=target, why="it is the source of a session")
+        if self.of_target(source):
+            raise InUse(kind="volume", name=source, why="it is the target of a session")
+        pending = (*self._creating.items(), *self._reversing.items(), *self._unloaded.items())
+        for pname, (psource, ptarget) in pending:
+            if pname == name:  # this create's own hold
+                continue
+            if target == ptarget:
+                raise InUse(kind="target", name=target, why=f"session {pname!r} writes to it")
+            if target == psource:
+                raise InUse(kind="volume", name=target, why=f"session {pname!r} reads it")
+            if source == ptarget:
+                raise InUse(kind="volume", name=source, why=f"session {pname!r} writes to it")
 
     async def _create(
         self, name: str, src: Volume, target: str, granularity: int, max_rate: int | None, every: int | None
@@ -430,6 +468,8 @@ class SessionManager:
                 raise AlreadyExists(kind="session", name=name)
             if self.volumes.find(source) is not src:  # removed meanwhile
                 raise NotFound(kind="volume", name=source)
+            # a reverse may have committed while this one waited: the source a target now
+            self._check_roles(name, source, target)
             s.create_files()
             self._attach(s)
             self._sessions[name] = s
@@ -470,6 +510,6 @@ class SessionManager:
                 async with s._gate.closed():  # a copy-before-write in flight ends before its hook goes
                     self._detach(s)
                 await s.copier.drop_target()  # such a write may have opened it again
-                restore.forget(s)  # a restore's guard on the source and its file
+                await restore.forget(s)  # a restore's guard on the source and its file
                 s.delete_files()
         log.info("session %s: removed", name)

@@ -12,13 +12,22 @@ Design notes
 * **Refused, changing nothing.** The checks, and the opening of the target, come before the
   commit point (the row says ``restoring``): an unknown session, an inconsistent one or
   an unreachable target leaves every file and row as it was.
+* **One restore per source.** ``Volume.restoring_by`` names the session restoring it. It
+  is taken before the restore's first await (a second restore of the source is refused),
+  given back if the restore fails before its commit, and the guard is lifted only by the
+  session that holds it. A start-up that finds two sessions of one source ``restoring``
+  resumes the first; the other waits, says why, and starts over from tracking later.
 * **No client changes the source meanwhile.** From the commit on, the source's export is
-  read-only and says why (its ``write_guard``), and the restore holds the source's write
-  gate closed from the moment it takes its work to its end: a change that passed the
-  export's check just before the guard either went down before (it is then in tracking,
-  and copied back) or waits at the gate and lands after the restore (and is tracked).
-  The restore writes under the gate (``Volume.below_gate``), through the sessions' hooks:
-  the other sessions of the source track (and protect) what it writes as any change.
+  read-only and says why (its ``write_guard``); the gate re-checks the guard, so a change
+  that passed the export's check just before it is refused at the gate. The restore closes
+  the source's write gate only to take its work: a change already past the gate then went
+  down before (it is in tracking, and copied back). Its own writes pass the gate one at a
+  time, past the guard (``Restorer._write_back``), through the sessions' hooks: the other
+  sessions of the source track (and protect) what it writes as any change, and their marks
+  wait for one write, not for the whole restore.
+* **Writes left by a cancel.** Each source write runs in a task of its own
+  (``Volume.restore_writes``), shielded: a removal cancels the restore, then waits for them
+  (``settle``) before it lifts the guard, so none lands over a client's acknowledged write.
 * **The set still to copy back** is a bitmap file (``NAME.restore``), written atomically
   from tracking when the restore takes its work, then checkpointed as copy progress is:
   snapshot it, fsync the source, write the snapshot's bits over the file. A chunk leaves it
@@ -36,7 +45,7 @@ Design notes
 * **A failure** (the target stops answering, a full disk) leaves the session ``restoring``
   with ``last_error`` and the source guarded; ``session restore`` again (or a restart, or
   for a target that failed the retry policy, as for updates) goes on with what the file
-  owes. Removing the session lifts the guard.
+  owes. Removing the session lifts the guard once its writes under way have landed.
 """
 
 from __future__ import annotations
@@ -76,13 +85,36 @@ def restore_path(s: Session) -> Path:
 def guard_source(s: Session) -> None:
     """The source refuses clients' changes while the session restores it."""
     pit = s.point_in_time
+    s.source.restoring_by = s.name
     s.source.write_guard = lambda: f"session {s.name!r} is restoring it to {pit}"
 
 
-def forget(s: Session) -> None:
-    """The session is gone: its restore's guard and file go too (called on removal)."""
-    if s.state is State.RESTORING:
+def restored_by_other(s: Session) -> str | None:
+    """The other session restoring ``s``'s source, if there is one."""
+    other = s.source.restoring_by
+    return other if other is not None and other != s.name else None
+
+
+def _unguard(s: Session) -> None:
+    """Lift the guard, only if it is still this session's (another restore may hold it)."""
+    if s.source.restoring_by == s.name:
+        s.source.restoring_by = None
         s.source.write_guard = lambda: None
+
+
+async def settle(s: Session) -> None:
+    """Wait for the restore's source writes still under way (a cancel leaves them running
+    in their threads): none may land once the guard is lifted, over a client's write."""
+    while s.source.restore_writes:
+        await asyncio.gather(*s.source.restore_writes, return_exceptions=True)
+
+
+async def forget(s: Session) -> None:
+    """The session is gone: its restore's writes land, then its guard and file go too
+    (called on removal, once its task is stopped)."""
+    if s.source.restoring_by == s.name:
+        await settle(s)
+    _unguard(s)
     with contextlib.suppress(OSError):
         fs.unlink(restore_path(s), missing_ok=True)
 
@@ -101,6 +133,8 @@ def _refusal(s: Session) -> str | None:
         return "it is not consistent: its target holds no point in time to go back to"
     if s.state is not State.IDLE:
         return f"it is {s.state.value}"
+    if restored_by_other(s) is not None:
+        return f"its source volume {s.source.name!r} is being restored by session {restored_by_other(s)!r}"
     other = s.source.write_guard()
     if other is not None:
         return f"its source volume {s.source.name!r} is protected: {other}"
@@ -123,13 +157,27 @@ async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
         why = _refusal(s)
         if why is not None:
             raise NotRestorable(name=s.name, action="restore", why=why)
+    elif restored_by_other(s) is not None:
+        raise NotRestorable(
+            name=s.name,
+            action="go on restoring",
+            why=f"its source volume {s.source.name!r} is being restored by session {restored_by_other(s)!r}",
+        )
     new_state = next_state(s.name, s.state, "restore")
-    # the target must answer before anything changes
-    await s.copier.drop_target()
-    target = await s.ensure_target()
-    if target.size < s.source.size:
+    # no await above: the source is this restore's from here (a second restore of it is
+    # refused), and again free if the restore fails before its commit
+    s.source.restoring_by = s.name
+    try:
+        # the target must answer before anything changes
         await s.copier.drop_target()
-        raise TargetError(msg=f"target {s.target_spec} is smaller than the source {s.source.name!r}")
+        target = await s.ensure_target()
+        if target.size < s.source.size:
+            await s.copier.drop_target()
+            raise TargetError(msg=f"target {s.target_spec} is smaller than the source {s.source.name!r}")
+    except BaseException:
+        if not resuming and s.source.restoring_by == s.name:
+            s.source.restoring_by = None
+        raise
     before = s.state, s.update, s.last_error, s.next_update_id, s.progress
     if not resuming:
         try:  # a file left by an earlier restore that ended (or a removed namesake) is void
@@ -150,6 +198,8 @@ async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
         s._persist_row(s)  # the commit point
     except BaseException:
         s.state, s.update, s.last_error, s.next_update_id, s.progress = before
+        if not resuming and s.source.restoring_by == s.name:
+            s.source.restoring_by = None
         await s.copier.drop_target()
         raise
     guard_source(s)
@@ -215,13 +265,11 @@ class Restorer:
     async def run(self) -> None:
         s = self.s
         try:
-            async with s._gate.closed():
-                await self._copy_back()
+            await self._copy_back()
+            async with s._gate.closed():  # tracking is reset as a mark resets it
                 self._finish()
         except asyncio.CancelledError:
-            if s.removed:
-                forget(s)
-            raise
+            raise  # a removal lifts the guard once the writes left under way have landed
         except Exception as exc:
             if isinstance(exc, DeltavolError | OSError):
                 why = exc.message if isinstance(exc, DeltavolError) else str(exc)
@@ -258,7 +306,8 @@ class Restorer:
 
     async def _copy_back(self) -> None:
         s, target = self.s, self.target
-        self._take_work()
+        async with s._gate.closed():  # no client change is half-way down the stack
+            self._take_work()
         log.info("session %s: %d bytes to copy back", s.name, self.todo.bytes_set())
         g = s.granularity
         checkpointer = asyncio.get_running_loop().create_task(self._checkpoint_loop())
@@ -281,14 +330,11 @@ class Restorer:
         offset = first * g
         length = min(count * g, s.source.size - offset)
         data = await self.target.pread(offset, length)
-        stack = s.source.below_gate
-        sent = 0
-        for at, part in split_zeroes(offset, data, g):
-            if isinstance(part, int):
-                await stack.zero(at, part, may_trim=True)
-            else:
-                await stack.pwrite(at, part)
-                sent += len(part)
+        write = asyncio.get_running_loop().create_task(self._write_back(offset, data))
+        writes = s.source.restore_writes
+        writes.add(write)
+        write.add_done_callback(writes.discard)
+        sent = await asyncio.shield(write)  # a cancel leaves it to land; ``settle`` waits for it
         self.todo.clear_run(first, count)
         self.progress.bytes_sent += sent
         self.progress.done(length)
@@ -300,6 +346,29 @@ class Restorer:
             bytes_done=self.progress.bytes_done,
             bytes_sent=self.progress.bytes_sent,
         )
+
+    async def _write_back(self, offset: int, data: bytes) -> int:
+        """Write one run back to the source, through its write gate (so that another
+        session's mark waits for it, and only for it) but past the guard, which refuses
+        clients only. Returns the bytes of data written (zeroes are not)."""
+        s, g = self.s, self.s.granularity
+        gate, stack = s.source.gate, s.source.below_gate
+        await gate.enter()
+        try:
+            if s.source.restoring_by != s.name:  # removed meanwhile: the source is the clients' again
+                raise asyncio.CancelledError
+            sent = 0
+            for at, part in split_zeroes(offset, data, g):
+                if s.closed:  # removed, or the server stops: the file still owes this run
+                    raise asyncio.CancelledError
+                if isinstance(part, int):
+                    await stack.zero(at, part, may_trim=True)
+                else:
+                    await stack.pwrite(at, part)
+                    sent += len(part)
+            return sent
+        finally:
+            gate.leave()
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -344,7 +413,7 @@ class Restorer:
             s.state, _, update.finished_at, s.last_error = before
             update.put_back(before[1], s.name)
             raise
-        s.source.write_guard = lambda: None
+        _unguard(s)
         with contextlib.suppress(OSError):
             fs.unlink(self.path, missing_ok=True)
         s.events.publish(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from deltavol.copy.targets import is_uri
@@ -55,12 +56,30 @@ def _refusal(m: SessionManager, s: Session) -> str | None:
     others = [o.name for o in m.of_source(s.source.name) if o is not s]
     if others:
         return f"its source {s.source.name!r} is also the source of session(s) {', '.join(others)}"
+    pending = (*m._creating.items(), *m._reversing.items(), *m._unloaded.items())
+    for pname, pair in pending:
+        used = [v for v in (s.source.name, s.target_spec) if v in pair]
+        if pname != s.name and used:
+            what = "being created, reversed or not loaded"
+            return f"volume {used[0]!r} is also used by session {pname!r} ({what})"
     return None
+
+
+@contextlib.asynccontextmanager
+async def _held(m: SessionManager, s: Session) -> AsyncIterator[None]:
+    """Both volumes are the reverse's from its checks to its commit (or failure): a create
+    refuses them meanwhile, and checks them again once it holds the source's gate. Entered
+    with no await, right after the session's operation is."""
+    m._reversing[s.name] = (s.target_spec, s.source.name)
+    try:
+        yield
+    finally:
+        del m._reversing[s.name]
 
 
 async def reverse(m: SessionManager, name: str) -> dict[str, Any]:
     s = m.get(name)
-    async with s.operation():
+    async with s.operation(), _held(m, s):
         why = _refusal(m, s)
         if why is not None:
             raise NotReversible(name=name, why=why)
