@@ -153,6 +153,7 @@ size = h.get_size()
 h.set_strict_mode(0)  # let bad requests reach the server instead of being refused by libnbd
 h.pwrite(b"\\x5a" * 4096, size - 4096)
 for op in (lambda: h.pread(8192, size - 4096), lambda: h.pwrite(b"x" * 8192, size - 4096),
+           lambda: h.pwrite(b"x" * (1 << 20), size - 4096),  # refused before its payload comes
            lambda: h.zero(8192, size - 4096), lambda: h.trim(8192, size - 4096)):
     try:
         op()

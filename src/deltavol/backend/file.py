@@ -2,10 +2,10 @@
 
 Blocking I/O runs in a thread pool sized for the disk, except what the page cache can
 take at once: reads are tried inline with ``RWF_NOWAIT`` first and fall back to the pool
-on EAGAIN, and small writes go inline unless they would read from disk or the last one
-stalled, asleep in the kernel (see ``pwrite_now``) — a thread hop, with the GIL handed
-back and forth, costs more than copying a few KiB into the page cache (4 KiB random
-writes: 7 K -> 15 K IOPS).
+on EAGAIN, and small writes go inline unless they would read from disk, a pool write of
+the file runs, or the last one stalled, asleep in the kernel (see ``pwrite_now``) — a
+thread hop, with the GIL handed back and forth, costs more than copying a few KiB into
+the page cache (4 KiB random writes: 7 K -> 15 K IOPS).
 
 Zeroing uses ``fallocate`` (punch hole or zero range) on files and ``BLKDISCARD`` /
 ``BLKZEROOUT`` on block devices, falling back to writing zero buffers where the kernel or
@@ -20,6 +20,7 @@ import os
 import resource
 import stat
 import struct
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 INLINE_WRITE_MAX = 128 << 10  # larger writes go to the pool: copying MiBs into the page cache
 # on several threads beats one loop (seq 1 MiB writes 0.65x -> 1.1x of qemu-nbd here)
 INLINE_STALL = 0.002  # seconds
-INLINE_BACKOFF = 1.0  # seconds
+INLINE_BACKOFF = 1.0  # seconds: the back-off after a stall; each stall in a row doubles it
+INLINE_BACKOFF_MAX = 64.0  # seconds
 
 
 def _voluntary_switches() -> int:
@@ -84,6 +86,11 @@ class FileBackend:
         self._seek = not self.is_block
         self._nowait = bool(_NOWAIT)
         self._inline_after = 0.0  # monotonic time before which writes go to the pool
+        self._backoff = INLINE_BACKOFF  # how long the next stall sends writes to the pool
+        # Pool writes, zeroes, trims and syncs running: an inline write would wait behind
+        # them for the inode lock, and the event loop with it. Changed by pool threads.
+        self._writing = 0
+        self._writing_lock = threading.Lock()
 
     def can_trim(self) -> bool:
         return True
@@ -102,6 +109,19 @@ class FileBackend:
             return await fs.run_in_pool(_pool, fn, *args)
         except OSError as exc:
             raise os_error(exc, f"{what} on volume {self.name!r}") from exc
+
+    async def _run_writing(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """``_run`` for what changes the file: counted in ``_writing`` while it runs."""
+        return await self._run(what, self._counted, fn, *args)
+
+    def _counted(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._writing_lock:
+            self._writing += 1
+        try:
+            return fn(*args)
+        finally:
+            with self._writing_lock:
+                self._writing -= 1
 
     def pread_cached(self, offset: int, length: int) -> bytes | None:
         if not self._nowait:
@@ -142,7 +162,7 @@ class FileBackend:
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
         if not fua and self.pwrite_now(offset, data):
             return
-        await self._run("write", self._pwrite_full, offset, data, fua)
+        await self._run_writing("write", self._pwrite_full, offset, data, fua)
 
     def pwrite_now(self, offset: int, data: bytes) -> bool:
         """Write into the page cache at once when that cannot wait for the disk.
@@ -152,9 +172,17 @@ class FileBackend:
         (else the kernel would read it first), and never for ``INLINE_BACKOFF`` seconds
         after an inline write took longer than ``INLINE_STALL`` and slept in the kernel
         (dirty-page throttling, a journal commit): the pool takes them then, and the event
-        loop stays free.
+        loop stays free. That back-off doubles with each stall in a row (up to
+        ``INLINE_BACKOFF_MAX``), so a disk that stays slow costs the loop ever fewer
+        stalls. Nor while a pool write, zero, trim or sync of this file runs: the write
+        would wait for the inode lock that holds.
         """
-        if len(data) > INLINE_WRITE_MAX or self.is_block or time.monotonic() < self._inline_after:
+        if (
+            len(data) > INLINE_WRITE_MAX
+            or self.is_block
+            or self._writing
+            or time.monotonic() < self._inline_after
+        ):
             return False
         end = offset + len(data)
         if not (self._page_cached(offset) and self._page_cached(end)):
@@ -169,7 +197,10 @@ class FileBackend:
         # sent nearly every write to the pool under load, each a thread hop and a GIL
         # handover (4 KiB random writes: 5 K IOPS, 85 % of them in the pool).
         if time.perf_counter() - start > INLINE_STALL and _voluntary_switches() != slept:
-            self._inline_after = time.monotonic() + INLINE_BACKOFF
+            self._inline_after = time.monotonic() + self._backoff
+            self._backoff = min(2 * self._backoff, INLINE_BACKOFF_MAX)
+        else:
+            self._backoff = INLINE_BACKOFF
         return True
 
     def _page_cached(self, offset: int) -> bool:
@@ -194,7 +225,7 @@ class FileBackend:
             fs.fdatasync(self._fd)
 
     async def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
-        await self._run("write zeroes", self._zero, offset, length, may_trim, fua)
+        await self._run_writing("write zeroes", self._zero, offset, length, may_trim, fua)
 
     def _zero(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
         if length == 0:
@@ -244,12 +275,12 @@ class FileBackend:
         await self.zero(offset, length, may_trim=True, fua=fua)
 
     async def flush(self) -> None:
-        await self._run("flush", fs.fsync, self._fd)
+        await self._run_writing("flush", fs.fsync, self._fd)
 
     async def start_writeback(self) -> None:
         """Start writing what is dirty to the device, without waiting for it: a flush
         later then waits for less, and a long copy does not pile up dirty pages."""
-        await self._run("writeback", start_writeback, self._fd)
+        await self._run_writing("writeback", start_writeback, self._fd)
 
     async def cache(self, offset: int, length: int) -> None:
         await self._run("cache", fs.posix_fadvise, self._fd, offset, length, os.POSIX_FADV_WILLNEED)

@@ -19,7 +19,11 @@ Bytes can also be received in place (``get_buffer`` / ``buffer_updated``, the sh
 ``asyncio.BufferedProtocol``): into the receive buffer, or, once the header of a WRITE of
 ``DIRECT_PAYLOAD`` bytes or more has been parsed and its payload is not all here, into a
 ``bytearray`` of the payload's size that becomes the request's ``data``. Such a payload is
-copied only by the kernel's receive; the buffer is the request's own, never reused.
+copied only by the kernel's receive; the buffer is the request's own, never reused. A
+28-byte header must not buy 32 MiB of memory: the WRITE's flags and range are checked
+first (a bad one is discarded as it arrives), and the sinks of all connections together
+draw on one ``SinkBudget``; a payload that does not fit in it is received through the
+receive buffer, which grows only with the bytes that came.
 
 Flag checks mask with plain ints: ``~`` on an ``enum.IntFlag`` only inverts the bits the
 enum defines, so ``flags & ~KnownFlags`` would never see an unknown bit.
@@ -82,11 +86,40 @@ DIRECT_PAYLOAD = 64 * 1024  # a WRITE payload this large, not yet all here, is r
 # twice this); before it a few KiB, so a client that never finishes the handshake holds little.
 RECEIVE_SPACE = 128 * 1024
 HANDSHAKE_SPACE = 4 * 1024
+SINK_BUDGET = 128 << 20  # bytes of payload sinks all connections may hold at once
 _Opt = TypeVar("_Opt", OptExportName, OptInfo, OptList, OptMetaContext)
 
 
+class SinkBudget:
+    """How many bytes of WRITE payload sinks the connections sharing it may hold."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int = SINK_BUDGET) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, n: int) -> bool:
+        if self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+_SINKS = SinkBudget()  # the process-wide default
+
+
 class ServerConnection:
-    def __init__(self, *, max_payload: int = c.MAX_PAYLOAD, tls_mode: TlsMode = TlsMode.OFF) -> None:
+    def __init__(
+        self,
+        *,
+        max_payload: int = c.MAX_PAYLOAD,
+        tls_mode: TlsMode = TlsMode.OFF,
+        sink_budget: SinkBudget | None = None,
+    ) -> None:
         self.phase = Phase.AWAIT_CLIENT_FLAGS
         self.max_payload = max_payload
         self.tls_mode = tls_mode
@@ -108,6 +141,7 @@ class ServerConnection:
         self._sink: bytearray | None = None  # where a large WRITE's payload is received
         self._sink_got = 0
         self._into_sink = False  # the view ``get_buffer`` handed out last is of ``_sink``
+        self._budget = _SINKS if sink_budget is None else sink_budget
         self._eof = False
         self._out.append(
             wire.GREETING.pack(
@@ -177,7 +211,14 @@ class ServerConnection:
             return len(self._rx)
         return len(self._rx) + wire.REQUEST.size + self._sink_got
 
+    def drop_payload(self) -> None:
+        """Let go of a WRITE payload still being received (the transport is gone)."""
+        sink, self._sink, self._sink_got = self._sink, None, 0
+        if sink is not None:
+            self._budget.give(len(sink))
+
     def _close(self, reason: str, clean: bool = False) -> Closed:
+        self.drop_payload()
         self._go("close")
         self._closed = Closed(reason, clean)
         return self._closed
@@ -349,17 +390,15 @@ class ServerConnection:
                 return self._close(f"bad request magic {magic:#x}")
             if cmd != _WRITE:
                 data: bytes | bytearray = b""
-            elif length > self.max_payload:
-                self._discard = length
-                self._discarded_event = BadRequest(
-                    cookie, cmd, Errno.EINVAL, f"write of {length} bytes exceeds the maximum"
-                )
+            elif (why := self._bad_write(flags, offset, length)) is not None:
+                self._discard = length  # checked before any memory is set aside for it
+                self._discarded_event = BadRequest(cookie, cmd, Errno.EINVAL, why)
                 return self._request()
             elif len(rx) >= length:
                 data = rx.take(length)  # type: ignore[assignment]  # there: never None
             else:
                 self._head = head
-                if length >= DIRECT_PAYLOAD:
+                if length >= DIRECT_PAYLOAD and self._budget.take(length):
                     self._sink = bytearray(length)
                     self._sink_got = len(rx)
                     rx.take_into(self._sink, 0, len(rx))
@@ -371,6 +410,7 @@ class ServerConnection:
                 if self._sink_got < length:
                     return NEED_DATA
                 data, self._sink, self._sink_got = sink, None, 0
+                self._budget.give(length)
             else:
                 taken = rx.take(length)
                 if taken is None:
@@ -391,6 +431,19 @@ class ServerConnection:
         if command is _BLOCK_STATUS and not self.meta_contexts:
             return BadRequest(cookie, cmd, Errno.EINVAL, "no meta context was negotiated")
         return Request(cookie, command, flags, offset, length, data)
+
+    def _bad_write(self, flags: int, offset: int, length: int) -> str | None:
+        """Why a WRITE with this header is refused before its payload is read, or None. The
+        range of a small one is left to the application (as for every other command); a
+        large one's is checked here, before memory is set aside for its payload."""
+        if length > self.max_payload:
+            return f"write of {length} bytes exceeds the maximum"
+        if flags & ~self._allowed[Cmd.WRITE]:
+            return f"flags {flags:#x} not valid for WRITE"
+        export = self.export
+        if length >= DIRECT_PAYLOAD and export is not None and offset + length > export.size:
+            return f"write {offset}+{length} is beyond the end of the export ({export.size} bytes)"
+        return None
 
     # --- answers to option events ----------------------------------------------------------
     def _answered(self, expected: type[_Opt]) -> _Opt:

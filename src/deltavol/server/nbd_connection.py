@@ -146,6 +146,7 @@ class NbdConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._lost = True
+        self.conn.drop_payload()  # a WRITE cut off mid-payload: its sink is given back
         if not self.tasks:
             self._release()
         # else requests still run on the export: the last to finish releases it
@@ -365,6 +366,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         except DeltavolError as exc:
             self.conn.send_error(req.cookie, exc.nbd_errno, exc.message)
             return True
+        except Exception as exc:  # as in ``_run``: a bug costs this request, not the connection
+            self._crashed(req, exc)
+            return True
         if data is None:
             return False
         self.conn.send_read(req.cookie, req.offset, [(req.length, data)])
@@ -384,8 +388,15 @@ class NbdConnection(asyncio.BufferedProtocol):
             log.info("nbd %s: WRITE failed: %s", self.peer, exc.message)
             self.conn.send_error(req.cookie, exc.nbd_errno, exc.message)
             return True
+        except Exception as exc:  # as in ``_run``: a bug costs this request, not the connection
+            self._crashed(req, exc)
+            return True
         self.conn.send_ok(req.cookie)
         return True
+
+    def _crashed(self, req: Request, exc: Exception) -> None:
+        log.exception("nbd %s: %s at %d+%d crashed", self.peer, req.cmd.name, req.offset, req.length)
+        self.conn.send_error(req.cookie, errno.EIO, f"internal error: {exc}")
 
     def _finished(self, task: asyncio.Task[None], *, req: Request) -> None:
         self.tasks.discard(task)
@@ -406,8 +417,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             log.info("nbd %s: %s failed: %s", self.peer, req.cmd.name, exc.message)
             self.conn.send_error(req.cookie, exc.nbd_errno, exc.message)
         except Exception as exc:  # a bug must cost one request, never the server
-            log.exception("nbd %s: %s at %d+%d crashed", self.peer, req.cmd.name, req.offset, req.length)
-            self.conn.send_error(req.cookie, errno.EIO, f"internal error: {exc}")
+            self._crashed(req, exc)
         if req.cmd is Cmd.READ:
             self._flush()  # data: out at once, so the socket keeps streaming
         else:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 import struct
+import tracemalloc
 from typing import Any
 
 import pytest
 
 from deltavol.nbd.constants import Cmd, Opt, Rep, TlsMode
+from deltavol.nbd.server_conn import SINK_BUDGET, SinkBudget
 from deltavol.server.nbd_connection import NbdConnection
 from tests.protocol.wire import chunks, client_flags, info_data, option, option_replies, request
 
@@ -160,3 +162,108 @@ async def test_bytes_received_before_start_tls_returns_are_parsed_after_it(
     replies = option_replies(b"".join(encrypted.writes))
     assert (replies[0].opt, replies[0].rep) == (Opt.STRUCTURED_REPLY, Rep.ACK)
     assert replies[-1].opt == Opt.GO and replies[-1].rep == Rep.ACK
+
+
+def answers(buf: bytes) -> list[tuple[int, int, bytes]]:
+    """(cookie, errno, payload) of each simple reply or structured chunk in ``buf``."""
+    out, pos = [], 0
+    while pos < len(buf):
+        (magic,) = struct.unpack_from(">I", buf, pos)
+        if magic == 0x67446698:
+            err, cookie = struct.unpack_from(">IQ", buf, pos + 4)
+            out.append((cookie, err, b""))
+            pos += 16
+            continue
+        _, _, type_, cookie, n = struct.unpack_from(">IHHQI", buf, pos)
+        payload = buf[pos + 20 : pos + 20 + n]
+        err = struct.unpack_from(">I", payload)[0] if type_ & 0x8000 else 0
+        out.append((cookie, err, payload))
+        pos += 20 + n
+    return out
+
+
+def write_header(cookie: int, offset: int, length: int, flags: int = 0) -> bytes:
+    return struct.pack(">IHHQQI", 0x25609513, flags, int(Cmd.WRITE), cookie, offset, length)
+
+
+def test_write_headers_alone_do_not_buy_their_payloads_memory() -> None:
+    """Each connection sends only the 28-byte header of a 32 MiB WRITE: memory must follow
+    the bytes received, not the lengths declared (else 1000 such clients end the server)."""
+    length, n = 32 << 20, 12
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        conns = [connected()[0] for _ in range(n)]
+        for conn in conns:
+            receive(conn, write_header(1, 0, length) + b"x" * 1000)
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert grown <= SINK_BUDGET + n * (1 << 20), f"{grown >> 20} MiB for {n} headers"
+    for conn in conns:
+        conn.connection_lost(None)
+
+
+async def test_a_write_beyond_the_budget_is_received_into_the_buffer_and_is_whole() -> None:
+    budget = SinkBudget(3 << 20)
+    conn, _, directory = connected()
+    conn.conn._budget = budget
+    assert budget.take(2 << 20)  # as if another connection held 2 of its 3 MiB
+    payload = bytes(range(256)) * 8192  # 2 MiB: does not fit in what is left
+    receive(conn, request(Cmd.WRITE, cookie=5, offset=8192, data=payload))
+    await asyncio.wait_for(conn.idle.wait(), 5)
+    [(offset, data)] = directory.export.written
+    assert offset == 8192 and bytes(data) == payload
+    budget.give(2 << 20)
+    receive(conn, write_header(6, 0, 2 << 20) + b"y" * 100)
+    assert budget.held == 2 << 20  # fits now: a sink, counted
+    conn.connection_lost(None)
+    assert budget.held == 0  # given back when the connection goes mid-payload
+
+
+@pytest.mark.parametrize(
+    ("offset", "flags", "why"),
+    [(SIZE - 4096, 0, "beyond the end"), (0, 0x80, "not valid for WRITE")],
+)
+async def test_a_bad_write_header_is_refused_without_a_sink_and_the_stream_stays_in_step(
+    offset: int, flags: int, why: str
+) -> None:
+    budget = SinkBudget()
+    conn, transport, directory = connected()
+    conn.conn._budget = budget
+    length = 1 << 20
+    receive(conn, write_header(7, offset, length, flags))
+    assert budget.held == 0 and len(conn.get_buffer(-1)) < length  # nothing set aside
+    receive(conn, b"z" * length + request(Cmd.READ, cookie=8, offset=0, length=512))
+    await asyncio.sleep(0)
+    got = answers(b"".join(transport.writes))
+    assert [(cookie, err) for cookie, err, _ in got] == [(7, 22), (8, 0)]  # EINVAL, then the read
+    assert why.encode() in got[0][2]
+    assert directory.export.written == []
+
+
+class Broken(Export):
+    def pread_cached(self, offset: int, length: int) -> bytes:
+        raise RuntimeError("bug in the read path")
+
+    def pwrite_now(self, offset: int, data: Any) -> bool:
+        raise RuntimeError("bug in the write path")
+
+    async def flush(self) -> None:
+        pass
+
+
+async def test_a_bug_in_an_inline_read_or_write_costs_that_request_not_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    conn, transport, directory = connected()
+    conn.export = directory.export = Broken()
+    stream = request(Cmd.READ, cookie=1, offset=0, length=512)
+    stream += request(Cmd.WRITE, cookie=2, offset=0, data=b"a" * 512)
+    stream += request(Cmd.FLUSH, cookie=3)
+    receive(conn, stream)
+    await asyncio.wait_for(conn.idle.wait(), 5)
+    await asyncio.sleep(0)
+    got = answers(b"".join(transport.writes))
+    assert [(cookie, err) for cookie, err, _ in got] == [(1, 5), (2, 5), (3, 0)]  # EIO, EIO, ok
+    assert "crashed" in caplog.text
