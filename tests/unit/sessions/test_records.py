@@ -237,10 +237,10 @@ async def test_a_cancel_during_a_start_waits_and_cancels_a_committed_update(
             await real_flush()
 
         monkeypatch.setattr(backend, "flush", held)
-        start = asyncio.create_task(s.start_update(False, None))
+        start = asyncio.ensure_future(s.start_update(False, None))
         await flushing.wait()  # the start holds the session, its new update not marked yet
-        cancel = asyncio.create_task(s.cancel())
-        while not s._ops._waiters:  # type: ignore[attr-defined]  # the cancel waits for it
+        cancel = asyncio.ensure_future(s.cancel())
+        while not s._ops._waiters:  # the cancel waits for the start
             await asyncio.sleep(0)
         assert s.update is not None and s.update.phase is Phase.DONE  # the last one's, not the new
         go.set()
