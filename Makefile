@@ -1,6 +1,12 @@
 # The two commands of the README: `make demo` and `make test`. Both install what is
 # needed first (Debian packages and .venv), so they work on a fresh machine.
-.PHONY: setup demo test lint bench clean
+# `make lint` is the static half of `make test`; `make unit` the fast in-process tests.
+.PHONY: setup demo test lint unit coverage check-commits bench clean
+
+BIN := .venv/bin
+PYTEST := $(BIN)/pytest -q -p no:cacheprovider
+# The in-process subset: no server subprocess, no peer program, nothing marked slow.
+UNIT := -m "not interop and not slow and not crash" tests/unit tests/protocol tests/sim
 
 setup:
 	bash scripts/setup.sh
@@ -8,16 +14,29 @@ setup:
 demo: setup
 	bash scripts/demo.sh
 
-test: setup
-	.venv/bin/ruff check src tests bench
-	.venv/bin/pytest -q -p no:cacheprovider
+test: lint
+	$(PYTEST)
 
 lint: setup
-	.venv/bin/ruff check src tests bench
-	.venv/bin/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+unit: setup
+	$(PYTEST) $(UNIT)
+
+# What `make unit` reaches of src/ (a server subprocess is not measured).
+coverage: setup
+	$(BIN)/coverage run --data-file=.coverage --source=deltavol -m pytest -q -p no:cacheprovider $(UNIT)
+	$(BIN)/coverage report --data-file=.coverage --sort=cover
+
+# The subjects of a branch's commits (scripts/check-commits.sh); not run on older history.
+RANGE ?= main..HEAD
+check-commits:
+	bash scripts/check-commits.sh $(RANGE)
 
 bench: setup
-	.venv/bin/python -m bench
+	$(BIN)/python -m bench
 
 clean:
-	rm -rf demo-data bench/work .pytest_cache
+	rm -rf demo-data bench/work .pytest_cache .mypy_cache .coverage

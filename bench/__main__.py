@@ -67,20 +67,25 @@ def cells(row: Row) -> list[str]:
 HEADERS = ["figure", "unit", "deltavol", "peer", "peer figure", "ratio", "aim", "met"]
 
 
-def markdown(rows: list[Row], settings: Settings, elapsed: float, commit: str) -> str:
+def markdown(
+    rows: list[Row], settings: Settings, elapsed: float, commit: str, load: tuple[float, float]
+) -> str:
     lines = [
         "# Benchmark results",
         "",
         f"Run {datetime.date.today().isoformat()} by `make bench` ({elapsed:.0f} s) from {commit},",
-        f"on {machine()}.",
+        f"on {machine()}; load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end "
+        "(other work on the machine slows the one-loop server more than threaded peers).",
         f"fio runs {settings.runtime:g} s each (after 1 s ramp) on a {settings.fio_size // GiB} GiB raw file "
-        "over unix sockets; deltavol and the peer serve the same file, one after the other",
-        "(page-cache figures: the better of two runs each, in the order deltavol, peer, peer, deltavol).",
+        "over unix sockets; deltavol and its peers serve the same file, one after the other.",
+        "Page-cache figures: the better of two runs each, in the order deltavol, qemu-nbd, nbdkit, "
+        "nbdkit, qemu-nbd, deltavol. Cold figures: the file's pages dropped before every run of "
+        "every server, no ramp.",
         "Tracking figures: one volume with and without sessions in alternation, each run after "
         "`sync`, the better of two each; their first-writes figures time each job's first "
         "8 writes per 4 MiB region of the file, with no ramp. Copy-on-first-write: the better "
-        "of two runs each, in the "
-        "order no update, update, update, no update.",
+        "of two runs each, deltavol and QEMU's copy-before-write (qemu-storage-daemon) in ABBA order.",
+        "Copies: the better of two each, deltavol and nbdcopy in ABBA order, on the same files.",
         "Ratios are deltavol / peer in the figure's unit (for seconds and latency lower is better).",
         "",
     ]
@@ -95,13 +100,15 @@ def markdown(rows: list[Row], settings: Settings, elapsed: float, commit: str) -
 
 @click.command()
 @click.option("--only", multiple=True, type=click.Choice(list(SECTIONS)), help="Run only these sections.")
-@click.option("--runtime", default=5.0, show_default=True, help="Seconds per fio run.")
+@click.option("--runtime", default=4.0, show_default=True, help="Seconds per fio run.")
 @click.option("--copy-size", default=4, show_default=True, help="GiB of the full-copy volume.")
 @click.option("--quick", is_flag=True, help="Short runs on small files (a smoke test, not figures).")
 @click.option("--out", type=click.Path(path_type=Path), default=HERE / "RESULTS.md", show_default=True)
 def main(only: tuple[str, ...], runtime: float, copy_size: int, quick: bool, out: Path) -> None:
-    """Benchmark deltavol side by side with qemu-nbd and nbdcopy."""
-    missing = [t for t in ("fio", "qemu-nbd", "nbdcopy") if shutil.which(t) is None]
+    """Benchmark deltavol side by side with qemu-nbd, nbdkit, qemu-storage-daemon and nbdcopy."""
+    missing = [
+        t for t in ("fio", "qemu-nbd", "nbdkit", "qemu-storage-daemon", "nbdcopy") if shutil.which(t) is None
+    ]
     if missing:
         sys.exit(f"bench: missing {', '.join(missing)} (run `make setup`)")
     work = HERE / "work"
@@ -113,7 +120,7 @@ def main(only: tuple[str, ...], runtime: float, copy_size: int, quick: bool, out
     console = Console()
     table = Table(*HEADERS, title="deltavol benchmarks")
     rows: list[Row] = []
-    start = datetime.datetime.now()
+    start, load = datetime.datetime.now(), os.getloadavg()[0]
     commit = source_commit()  # before the run: what was measured
     console.log(f"figures of {commit}")
     try:
@@ -127,7 +134,8 @@ def main(only: tuple[str, ...], runtime: float, copy_size: int, quick: bool, out
         shutil.rmtree(work, ignore_errors=True)
     console.print(table)
     if not quick:
-        out.write_text(markdown(rows, settings, (datetime.datetime.now() - start).total_seconds(), commit))
+        elapsed = (datetime.datetime.now() - start).total_seconds()
+        out.write_text(markdown(rows, settings, elapsed, commit, (load, os.getloadavg()[0])))
         console.print(f"written {out}")
 
 

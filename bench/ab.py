@@ -1,5 +1,7 @@
 """``python -m bench.ab SRC_A SRC_B``: the copy-on-first-write figure of two source trees
-(each a ``src`` directory, e.g. ``git archive REV src | tar -x -C /tmp/a``), in alternation.
+(each a ``src`` directory, e.g. ``git archive REV src | tar -x -C /tmp/a``), in alternation;
+with ``--sessions N``, the tracking figure instead: the first writes after N sessions
+start tracking (8 per hot region, so that nearly every region comes in while measured).
 
 For a change to the protected write path, whose effect is smaller than the noise between
 two full ``make bench`` runs here. What made earlier A/B runs lie: each tree had its own
@@ -18,8 +20,8 @@ from pathlib import Path
 
 import click
 
-from bench.figures import GiB, drop_cache, fill, owe_every_chunk
-from bench.fio import fio
+from bench.figures import REGION, GiB, drop_cache, fill, owe_every_chunk
+from bench.fio import FioResult, fio
 from bench.peers import Deltavol
 
 HERE = Path(__file__).parent
@@ -34,8 +36,9 @@ def reset_cache(image: Path) -> None:
             pass
 
 
-def start(tree: Path, root: Path, image: Path, size: int) -> Deltavol:
-    """A server running ``tree``'s code, with every chunk of its volume owed by the next mark."""
+def start(tree: Path, root: Path, image: Path, size: int, sessions: int) -> Deltavol:
+    """A server running ``tree``'s code: with every chunk of its volume owed by the next
+    mark, or (``sessions``) with the target volumes of that many sessions."""
     shutil.rmtree(root, ignore_errors=True)
     os.environ["PYTHONPATH"] = str(tree)  # ahead of the editable install
     try:
@@ -43,8 +46,22 @@ def start(tree: Path, root: Path, image: Path, size: int) -> Deltavol:
         dv.start()
     finally:
         del os.environ["PYTHONPATH"]
-    owe_every_chunk(dv, image, size)
+    if not sessions:
+        owe_every_chunk(dv, image, size)
+        return dv
+    dv.volume("bench", path=image)
+    for i in range(sessions):
+        dv.volume(f"copy{i}", size=size)
     return dv
+
+
+def first_writes(dv: Deltavol, sessions: int, size: int, depth: int, runtime: float) -> FioResult:
+    """The first writes after ``sessions`` new sessions start tracking the volume."""
+    for info in dv.call("GET", "/v1/sessions"):
+        dv.call("DELETE", f"/v1/sessions/{info['name']}")
+    for i in range(sessions):
+        dv.session(f"s{i}", "bench", f"copy{i}")
+    return fio(dv.uri("bench"), "randwrite", "4k", depth, runtime, ios=8 * (size // REGION))
 
 
 @click.command()
@@ -52,22 +69,28 @@ def start(tree: Path, root: Path, image: Path, size: int) -> Deltavol:
 @click.option("--depth", default=32, show_default=True, help="fio iodepth.")
 @click.option("--runs", default=3, show_default=True, help="Runs of each tree (ABBA order).")
 @click.option("--runtime", default=5.0, show_default=True, help="Seconds per fio run.")
-def main(trees: tuple[Path, Path], depth: int, runs: int, runtime: float) -> None:
+@click.option("--sessions", default=0, show_default=True, help="Tracking figure with this many sessions.")
+def main(trees: tuple[Path, Path], depth: int, runs: int, runtime: float, sessions: int) -> None:
     work = HERE / "work"
     work.mkdir(exist_ok=True)
     image, size = work / "ab.img", 1 * GiB
     if not image.exists():
         fill(image, size)
-    servers = [start(tree.resolve(), work / f"dv-ab{i}", image, size) for i, tree in enumerate(trees)]
+    servers = [
+        start(tree.resolve(), work / f"dv-ab{i}", image, size, sessions) for i, tree in enumerate(trees)
+    ]
     results: list[list[tuple[float, float]]] = [[], []]
     try:
         for r in range(runs):
             for i in (0, 1) if r % 2 == 0 else (1, 0):
                 dv = servers[i]
                 reset_cache(image)
-                dv.update("s", max_rate="8MiB/s")  # keeps most chunks owed: most writes save first
-                got = fio(dv.uri("bench"), "randwrite", "4k", depth, runtime)
-                dv.call("POST", "/v1/sessions/s/cancel")
+                if sessions:
+                    got = first_writes(dv, sessions, size, depth, runtime)
+                else:
+                    dv.update("s", max_rate="8MiB/s")  # keeps most chunks owed: most writes save first
+                    got = fio(dv.uri("bench"), "randwrite", "4k", depth, runtime)
+                    dv.call("POST", "/v1/sessions/s/cancel")
                 results[i].append((got.p99_us, got.iops))
                 click.echo(f"{trees[i]}: p99 {got.p99_us:,.0f} us, {got.iops:,.0f} IOPS")
     finally:

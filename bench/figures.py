@@ -8,12 +8,24 @@ import random
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.fio import fio
 from bench.metrics import metrics_overhead
-from bench.peers import Deltavol, deltavol, nbd_unix, qemu_nbd
+from bench.peers import (
+    Deltavol,
+    deltavol,
+    nbd_unix,
+    nbdkit_file,
+    nbdkit_file_cmd,
+    qemu_nbd,
+    qemu_storage_daemon,
+    rss_of,
+    serve,
+)
+from bench.restore import restore
 from deltavol.server.nbd_client import NbdClient
 
 MiB = 2**20
@@ -49,7 +61,7 @@ class Row:
 @dataclass
 class Settings:
     work: Path
-    runtime: float = 5.0  # seconds per fio run
+    runtime: float = 4.0  # seconds per fio run
     fio_size: int = 1 * GiB
     copy_size: int = 4 * GiB
 
@@ -84,6 +96,13 @@ def drop_cache(path: Path) -> None:
         os.close(fd)
 
 
+def warm(path: Path) -> None:
+    """Read ``path`` into the page cache."""
+    with open(path, "rb") as f:
+        while f.read(8 * MiB):
+            pass
+
+
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -107,31 +126,44 @@ FIO_JOBS = [
 ]
 
 
+PEERS: list[tuple[str, Callable[[Path, Path], AbstractContextManager[str]]]] = [
+    ("qemu-nbd", qemu_nbd),
+    ("nbdkit file", nbdkit_file),
+]
+
+
 def data_path(s: Settings) -> Iterator[Row]:
-    """fio through deltavol and through qemu-nbd on the same raw file in page cache; each
-    figure is the better of two runs, taken in the order deltavol, peer, peer, deltavol, so
-    neither side always inherits the other's dirty pages."""
+    """fio through deltavol, qemu-nbd and nbdkit's file plugin on the same raw file in page
+    cache; each figure is the better of two runs, taken in the order deltavol, qemu-nbd,
+    nbdkit, nbdkit, qemu-nbd, deltavol, so no side always inherits another's dirty pages
+    (the two-job figures beside qemu-nbd only, to keep ``make bench`` near 15 minutes)."""
     image = fio_image(s)
     with deltavol(s.work / "dv-fio") as dv:
         dv.volume("bench", path=image)
         for name, rw, bs, depth, jobs, unit in FIO_JOBS:
 
-            def ours() -> float:
-                return fio(dv.uri("bench"), rw, bs, depth, s.runtime, jobs).figure(unit)  # noqa: B023
-
-            def theirs() -> float:
-                with qemu_nbd(image, s.work / "qemu.sock") as uri:
+            def run(peer: int) -> float:
+                if peer < 0:
+                    return fio(dv.uri("bench"), rw, bs, depth, s.runtime, jobs).figure(unit)  # noqa: B023
+                with PEERS[peer][1](image, s.work / "peer.sock") as uri:
                     return fio(uri, rw, bs, depth, s.runtime, jobs).figure(unit)  # noqa: B023
 
-            a, b, c, d = ours(), theirs(), theirs(), ours()
-            yield Row("data path (page cache)", name, unit, max(a, d), "qemu-nbd", max(b, c), (">=", 1.0))
+            got: dict[int, list[float]] = {-1: [], 0: [], 1: []}
+            peers = (0, 1) if jobs == 1 else (0,)  # two jobs: beside qemu-nbd only, for time
+            for peer in (-1, *peers, *peers[::-1], -1):
+                got[peer].append(run(peer))
+            for peer in peers:
+                yield Row("data path (page cache)", name, unit, max(got[-1]), PEERS[peer][0], max(got[peer]),
+                          (">=", 1.0))  # fmt: skip
 
 
 def cold_cache(s: Settings) -> Iterator[Row]:
-    """The same figures with the file dropped from the page cache before each run. Not
-    cold throughout: fio's ramp, not measured, reads the file back into the page cache (a
-    sequential read of the whole file takes about a second), so the sequential read figure
-    is mostly of cached pages; random reads stay mostly uncached within a run."""
+    """The same figures from a cold page cache: before every run, of every server, the
+    file is synced and its pages dropped (``posix_fadvise(DONTNEED)``), and fio runs with
+    no ramp, so no unmeasured warm-up reads it back in. The sequential jobs go over the
+    whole file once; the random ones run for ``runtime`` (a random read may hit a page an
+    earlier one brought in: as often on each side). One run each, in the order deltavol,
+    qemu-nbd, nbdkit."""
     image = fio_image(s)
     with deltavol(s.work / "dv-cold") as dv:
         dv.volume("bench", path=image)
@@ -139,12 +171,13 @@ def cold_cache(s: Settings) -> Iterator[Row]:
             if jobs != 1:
                 continue
             drop_cache(image)
-            ours = fio(dv.uri("bench"), rw, bs, depth, s.runtime, jobs).figure(unit)
-            with qemu_nbd(image, s.work / "qemu.sock") as uri:
-                drop_cache(image)
-                theirs = fio(uri, rw, bs, depth, s.runtime, jobs).figure(unit)
-            yield Row("data path (page cache dropped before each run, refilled by fio's ramp)", name, unit,
-                      ours, "qemu-nbd", theirs)  # fmt: skip
+            ours = fio(dv.uri("bench"), rw, bs, depth, s.runtime, jobs, cold=True).figure(unit)
+            for peer_name, peer in PEERS:
+                with peer(image, s.work / "peer.sock") as uri:
+                    drop_cache(image)
+                    theirs = fio(uri, rw, bs, depth, s.runtime, jobs, cold=True).figure(unit)
+                yield Row("data path (page cache dropped before each run)", name, unit, ours, peer_name,
+                          theirs)  # fmt: skip
 
 
 REGION = 4 * MiB  # a hot region of the tracking file (deltavol.bitmap.persist.HOT_REGION)
@@ -250,58 +283,80 @@ def copies(s: Settings) -> Iterator[Row]:
 
     nbdcopy copies the same files without deltavol in its path, as deltavol's update does
     (it reads the source file and writes the target in-process): to a local volume,
-    nbdcopy copies file to file; to qemu-nbd, both read the source file directly and write
-    through the same qemu-nbd. An update is done when its target is durable, so nbdcopy
-    runs with ``--flush`` too; the page cache is written back before each timed copy so
-    none inherits another's."""
+    nbdcopy copies file to file, each to a fresh sparse file beside the source; to
+    qemu-nbd, both read the source file directly and write through the same qemu-nbd, to
+    a fresh file each time. An update is done when its target is durable, so nbdcopy runs
+    with ``--flush`` too. Before each timed copy the page cache is written back (none
+    inherits another's writeback) and the source is read into it, the same for both: the
+    figures are of the copy, not of this machine's shared disk. Each is the better of two,
+    in the order deltavol, nbdcopy, nbdcopy, deltavol: the first copy after the GiBs
+    written before was up to 1.9x slower, whoever made it."""
     size = s.copy_size
     source = s.work / "copy-src.img"
     fill(source, size, data_every=32 * MiB)
+
+    def ready() -> None:
+        os.sync()
+        warm(source)
+
     with deltavol(s.work / "dv-copy") as dv:
         dv.volume("src", path=source)
-        local = dv.volume("dst", size=size)
-        peer = fresh(s.work / "dst-nbdcopy.img", size)  # beside the source, as the volume's file is
-        dv.session("local", "src", "dst")
-        os.sync()
-        full = timed(lambda: (dv.update("local", full=True), dv.wait("local")))
-        assert local.stat().st_blocks * 512 <= size // 2 + 64 * MiB, "target not sparse"
-        os.sync()
-        theirs = timed(lambda: subprocess.run(["nbdcopy", "--flush", str(source), str(peer)], check=True))
-        assert peer.stat().st_blocks * 512 <= size // 2 + 64 * MiB, "nbdcopy's target not sparse"
-        peer.unlink()
+        peer = s.work / "dst-nbdcopy.img"  # beside the source, as the volume's file is
+
+        def ours() -> float:
+            for info in dv.call("GET", "/v1/sessions"):
+                dv.call("DELETE", f"/v1/sessions/{info['name']}")
+            if any(v["name"] == "dst" for v in dv.call("GET", "/v1/volumes")):
+                dv.call("DELETE", "/v1/volumes/dst")
+            local = dv.volume("dst", size=size)
+            dv.session("local", "src", "dst")
+            ready()
+            took = timed(lambda: (dv.update("local", full=True), dv.wait("local")))
+            assert local.stat().st_blocks * 512 <= size // 2 + 64 * MiB, "target not sparse"
+            return took
+
+        def theirs() -> float:
+            fresh(peer, size)
+            ready()
+            took = timed(lambda: subprocess.run(["nbdcopy", "--flush", str(source), str(peer)], check=True))
+            assert peer.stat().st_blocks * 512 <= size // 2 + 64 * MiB, "nbdcopy's target not sparse"
+            peer.unlink()
+            return took
+
+        a, b, c, d = ours(), theirs(), theirs(), ours()
+        full = min(a, d)
 
         nchunks = size // CHUNK
         changed = random.Random(11).sample(range(nchunks), nchunks // 100)
         _write_chunks(dv.uri("src"), changed)
-        os.sync()
+        ready()
         incr = timed(lambda: (dv.update("local"), dv.wait("local")))
         sent = dv.call("GET", "/v1/sessions/local")["update"]["bytes_sent"]
         assert sent == len(changed) * CHUNK, f"incremental sent {sent}, expected {len(changed) * CHUNK}"
         yield Row("copy", f"full update, {size / GiB:g} GiB half data, to a local volume",
-                  "s", full, "nbdcopy", theirs, ("<=", 1.0))  # fmt: skip
+                  "s", full, "nbdcopy", min(b, c), ("<=", 1.0))  # fmt: skip
         yield Row("copy", "incremental update, 1 % of chunks changed", "s", incr, "full update", full,
                   ("<=", 0.03))  # fmt: skip
 
-        # the better of two each, in the order deltavol, nbdcopy, nbdcopy, deltavol: the
-        # first copy after the GiBs written above was up to 1.9x slower, whoever made it
         remote = s.work / "copy-remote.img"
 
         def to_qemu_nbd(copy: Callable[[str], object]) -> float:
             fresh(remote, size)
-            os.sync()
+            ready()
             with qemu_nbd(remote, s.work / "qemu.sock") as uri:
                 return timed(lambda: copy(uri))
 
-        def ours(uri: str) -> None:
+        def ours_remote(uri: str) -> None:
             dv.session("remote", "src", uri)
             dv.update("remote", full=True)
             dv.wait("remote")
             dv.call("DELETE", "/v1/sessions/remote")
 
-        def theirs(uri: str) -> None:
+        def theirs_remote(uri: str) -> None:
             subprocess.run(["nbdcopy", "--flush", str(source), uri], check=True)
 
-        a, b, c, d = to_qemu_nbd(ours), to_qemu_nbd(theirs), to_qemu_nbd(theirs), to_qemu_nbd(ours)
+        a, b = to_qemu_nbd(ours_remote), to_qemu_nbd(theirs_remote)
+        c, d = to_qemu_nbd(theirs_remote), to_qemu_nbd(ours_remote)
         remote.unlink()
         yield Row("copy", f"full update, {size / GiB:g} GiB half data, to qemu-nbd",
                   "s", min(a, d), "nbdcopy", min(b, c), ("<=", 1.0))  # fmt: skip
@@ -319,34 +374,74 @@ def owe_every_chunk(dv: Deltavol, image: Path, size: int) -> None:
 
 
 def cofw_latency(s: Settings) -> Iterator[Row]:
-    """p99 of 4 KiB random writes while copy-on-first-write protects every chunk, vs no
-    update, at iodepth 1 (the latency of one protected write) and 32 (protected writes
-    queued behind each other). Each is the better of two runs, in the order idle, during,
-    during, idle: one 5 s run's p99 moves 1.5-5 ms with the disk's writeback alone."""
+    """4 KiB random writes while copy-on-first-write protects every chunk, against the same
+    writes unprotected, beside QEMU's copy-before-write filter doing the same job.
+
+    deltavol: every chunk of the volume is owed by the next mark, and an update copying at
+    8 MiB/s keeps most of them waiting, so most writes save first; idle is the same volume
+    with no update. QEMU: ``qemu-storage-daemon`` exports the same file (every cluster full
+    of data) through a copy-before-write filter whose target is a fresh raw fleecing file;
+    idle is the file exported without the filter. At iodepth 1 (one protected write's
+    latency) and 32 (protected writes queued behind each other, and IOPS). Each figure is
+    the better of two runs, in the order deltavol idle, protected, QEMU idle, protected,
+    protected, idle, deltavol protected, idle, each after ``sync``: one 5 s run's p99
+    moves 1.5-5 ms with the disk's writeback alone."""
+    image = fio_image(s)
+    fleece = s.work / "fleece.img"
     with deltavol(s.work / "dv-cofw") as dv:
-        owe_every_chunk(dv, fio_image(s), s.fio_size)
+        owe_every_chunk(dv, image, s.fio_size)
 
-        def idle(depth: int) -> float:
+        def ours(depth: int, protect: bool) -> tuple[float, float]:
             os.sync()  # no run inherits another's writeback
-            return fio(dv.uri("bench"), "randwrite", "4k", depth, s.runtime).p99_us
+            if protect:
+                dv.update("s", max_rate="8MiB/s")
+            got = fio(dv.uri("bench"), "randwrite", "4k", depth, s.runtime)
+            if protect:
+                saved = dv.call("GET", "/v1/sessions/s")["update"]["cofw_saved_bytes"]
+                dv.call("POST", "/v1/sessions/s/cancel")  # its chunks go back to tracking: the next owes them
+                assert saved > 0, "no copy-on-first-write happened"
+            return got.p99_us, got.iops
 
-        def during(depth: int) -> float:
+        def qemu(depth: int, protect: bool) -> tuple[float, float]:
+            target = fresh(fleece, s.fio_size) if protect else None
             os.sync()
-            dv.update("s", max_rate="8MiB/s")  # keeps most chunks waiting, so most writes save first
-            p99 = fio(dv.uri("bench"), "randwrite", "4k", depth, s.runtime).p99_us
-            saved = dv.call("GET", "/v1/sessions/s")["update"]["cofw_saved_bytes"]
-            dv.call("POST", "/v1/sessions/s/cancel")  # its chunks go back to tracking: the next owes them
-            assert saved > 0, "no copy-on-first-write happened"
-            return p99
+            with qemu_storage_daemon(image, s.work / "qsd.sock", target) as uri:
+                got = fio(uri, "randwrite", "4k", depth, s.runtime)
+            if protect:
+                assert fleece.stat().st_blocks > 0, "no copy-before-write happened"
+                fleece.unlink()
+            return got.p99_us, got.iops
 
         for depth in (1, 32):
-            a, b, c, d = idle(depth), during(depth), during(depth), idle(depth)
-            yield Row("copy-on-first-write", f"4 KiB random write p99 latency, iodepth {depth}", "p99 µs",
-                      min(b, c), "no update", min(a, d), ("<=", 3.0))  # fmt: skip
+            runs: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+            order = [("dv", False), ("dv", True), ("q", False), ("q", True)]
+            for who, protect in order + order[::-1]:
+                run = ours if who == "dv" else qemu
+                runs.setdefault((who, protect), []).append(run(depth, protect))
+
+            def p99(who: str, protect: bool) -> float:
+                return min(p for p, _ in runs[(who, protect)])  # noqa: B023
+
+            def iops(who: str, protect: bool) -> float:
+                return max(n for _, n in runs[(who, protect)])  # noqa: B023
+
+            group, cbw = "copy-on-first-write", "QEMU copy-before-write"
+            yield Row(group, f"4 KiB random write p99 protected / idle, iodepth {depth}", "ratio",
+                      p99("dv", True) / p99("dv", False), cbw, p99("q", True) / p99("q", False),
+                      ("<=", 1.0))  # fmt: skip
+            yield Row(group, f"4 KiB random write p99 protected, iodepth {depth}", "p99 µs",
+                      p99("dv", True), cbw, p99("q", True))  # fmt: skip
+            yield Row(group, f"4 KiB random write p99 idle, iodepth {depth}", "p99 µs",
+                      p99("dv", False), "qemu-storage-daemon", p99("q", False))  # fmt: skip
+            if depth > 1:
+                yield Row(group, f"4 KiB random write IOPS protected, iodepth {depth}", "IOPS",
+                          iops("dv", True), cbw, iops("q", True), (">=", 1.0))  # fmt: skip
 
 
 def memory(s: Settings) -> Iterator[Row]:
-    """RSS of a server with a 16 TiB sparse volume and two sessions after their full updates."""
+    """RSS of a server with a 16 TiB sparse volume and two sessions after their full
+    updates; then the peak RSS of a fresh server under 256 concurrent requests of 4-128
+    KiB (fio random reads and writes, iodepth 256), beside nbdkit's under the same load."""
     tmpfs = s.work / "tmpfs"
     tmpfs.mkdir(exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2G", "tmpfs", str(tmpfs)], check=True)
@@ -371,6 +466,23 @@ def memory(s: Settings) -> Iterator[Row]:
     finally:
         subprocess.run(["umount", str(tmpfs)], check=False)
 
+    image = fio_image(s)
+    load = ("--bsrange=4k-128k", "--rwmixread=50")
+
+    def peak_under_load(uri: str, pid: int) -> float:
+        fio(uri, "randrw", "4k", 256, s.runtime, extra=load)
+        return rss_of(pid)[1] / MiB
+
+    with deltavol(s.work / "dv-rss") as dv:
+        dv.volume("bench", path=image)
+        assert dv.proc is not None
+        ours = peak_under_load(dv.uri("bench"), dv.proc.pid)
+    sock = s.work / "peer.sock"
+    with serve(nbdkit_file_cmd(image, sock), sock, "nbdkit") as proc:
+        theirs = peak_under_load(nbd_unix("bench", sock), proc.pid)
+    yield Row("memory", "server peak RSS, 256 concurrent requests of 4-128 KiB", "MiB", ours,
+              "nbdkit file", theirs)  # fmt: skip
+
 
 SECTIONS: dict[str, Callable[[Settings], Iterator[Row]]] = {
     "data": data_path,
@@ -379,6 +491,7 @@ SECTIONS: dict[str, Callable[[Settings], Iterator[Row]]] = {
     "cofw": cofw_latency,
     "memory": memory,
     "cold": cold_cache,
+    "restore": restore,
     "metrics": metrics_overhead,
 }
 

@@ -18,16 +18,32 @@ class FioResult:
 
 
 def fio(
-    uri: str, rw: str, bs: str, iodepth: int, runtime: float, numjobs: int = 1, ios: int = 0
+    uri: str,
+    rw: str,
+    bs: str,
+    iodepth: int,
+    runtime: float,
+    numjobs: int = 1,
+    ios: int = 0,
+    cold: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> FioResult:
     """``runtime`` seconds after a 1 s ramp; with ``ios``, each job's first ``ios`` requests
-    instead, no ramp (``runtime`` only bounds it): what the first writes after a mark cost."""
+    instead, no ramp (``runtime`` only bounds it): what the first writes after a mark cost.
+    ``cold``: no ramp, which would fill the page cache unmeasured, and a sequential job goes
+    once over the export instead of round it for ``runtime``."""
     cmd = [
         "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
         f"--iodepth={iodepth}", f"--numjobs={numjobs}", "--group_reporting", f"--runtime={runtime}",
         "--output-format=json", "--randrepeat=0",
     ]  # fmt: skip
-    cmd += [f"--number_ios={ios}"] if ios else ["--time_based", "--ramp_time=1"]
+    if ios:
+        cmd += [f"--number_ios={ios}"]
+    elif not cold:
+        cmd += ["--time_based", "--ramp_time=1"]
+    elif rw.startswith("rand"):
+        cmd += ["--time_based"]
+    cmd += extra
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"fio {rw} {bs} on {uri}: {out.stderr.strip() or out.stdout[-500:]}")

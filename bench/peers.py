@@ -1,4 +1,5 @@
-"""The servers a benchmark runs side by side: deltavol and qemu-nbd, on the same files."""
+"""The servers a benchmark runs side by side on the same files: deltavol, qemu-nbd, nbdkit's
+file plugin, and qemu-storage-daemon with QEMU's copy-before-write filter."""
 
 from __future__ import annotations
 
@@ -94,11 +95,7 @@ class Deltavol:
     def rss(self) -> tuple[int, int]:
         """(current, peak) resident set size of the server, in bytes."""
         assert self.proc is not None
-        fields = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields[key] = value
-        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+        return rss_of(self.proc.pid)
 
 
 @contextmanager
@@ -112,16 +109,72 @@ def deltavol(root: Path, *extra: str) -> Iterator[Deltavol]:
 
 
 @contextmanager
+def serve(cmd: list[str], sock: Path, what: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A peer server started by ``cmd``, ready once its unix socket ``sock`` exists."""
+    sock.unlink(missing_ok=True)
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(sock, proc, what)
+        yield proc
+    finally:
+        _stop(proc)
+
+
+@contextmanager
 def qemu_nbd(image: Path, sock: Path, export: str = "bench") -> Iterator[str]:
     """qemu-nbd as fast as it goes on a raw file: writeback cache, thread pool, many clients."""
-    sock.unlink(missing_ok=True)
     cmd = [
         "qemu-nbd", "-f", "raw", "-x", export, "-k", str(sock), "--persistent", "--shared=16",
         "--cache=writeback", "--aio=threads", str(image),
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for(sock, proc, "qemu-nbd")
+    with serve(cmd, sock, "qemu-nbd"):
         yield nbd_unix(export, sock)
-    finally:
-        _stop(proc)
+
+
+def nbdkit_file_cmd(image: Path, sock: Path, export: str = "bench") -> list[str]:
+    """nbdkit's file plugin on a raw file, as it comes: page cache, its default 16 threads."""
+    return ["nbdkit", "--foreground", "--exit-with-parent", "-U", str(sock), "-e", export, "file", str(image)]
+
+
+@contextmanager
+def nbdkit_file(image: Path, sock: Path, export: str = "bench") -> Iterator[str]:
+    with serve(nbdkit_file_cmd(image, sock, export), sock, "nbdkit"):
+        yield nbd_unix(export, sock)
+
+
+@contextmanager
+def qemu_storage_daemon(
+    image: Path, sock: Path, fleece: Path | None = None, export: str = "bench"
+) -> Iterator[str]:
+    """qemu-storage-daemon exporting a raw file over NBD; with ``fleece``, through QEMU's
+    copy-before-write filter whose target is that (raw) file: every cluster's old contents
+    go there before its first write, as in a push backup's fleecing. Writeback cache and
+    a thread pool on both files, as qemu-nbd runs here."""
+
+    def raw(name: str, path: Path) -> list[str]:
+        return [
+            "--blockdev", f"driver=file,node-name={name}-file,filename={path},aio=threads,cache.direct=off",
+            "--blockdev", f"driver=raw,node-name={name},file={name}-file",
+        ]  # fmt: skip
+
+    cmd = ["qemu-storage-daemon", *raw("src", image)]
+    node = "src"
+    if fleece is not None:
+        cmd += raw("fleece", fleece)
+        cmd += ["--blockdev", "driver=copy-before-write,node-name=cbw,file=src,target=fleece"]
+        node = "cbw"
+    cmd += [
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", f"type=nbd,id=export,node-name={node},name={export},writable=on",
+    ]  # fmt: skip
+    with serve(cmd, sock, "qemu-storage-daemon"):
+        yield nbd_unix(export, sock)
+
+
+def rss_of(pid: int) -> tuple[int, int]:
+    """(current, peak) resident set size of a process, in bytes."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 PACKAGES=(qemu-utils nbdkit libnbd-bin nbdfuse python3-libnbd fio fuse3 e2fsprogs util-linux
     gcc pkg-config libfuse3-dev  # these three build tests/powercut/cutfs.c
     gnutls-bin  # certtool: the TLS tests' certificates
-    prometheus chromium chromium-driver)  # tests/obs: a real scraper and a real browser
+    prometheus chromium chromium-driver  # tests/obs: a real scraper and a real browser
+    qemu-system-common)  # qemu-storage-daemon, the bench's copy-before-write peer
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

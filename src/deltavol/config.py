@@ -14,6 +14,8 @@ def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = text, str(default_port)
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise UsageError(msg=f"invalid address {text!r}: expected HOST:PORT ([ADDRESS]:PORT for IPv6)")
     host = host.strip("[]") or "127.0.0.1"
     if not port.isdigit() or not 0 <= int(port) < 65536:
         raise UsageError(msg=f"invalid address {text!r}: expected HOST:PORT")
@@ -37,4 +39,6 @@ class ServerConfig:
     tls: str = "off"  # NBD TLS: off, on (offered) or require; the TCP API is HTTPS unless off
     tls_certificates: Path | None = None  # ca-cert.pem, server-cert.pem, server-key.pem, ...
     tls_verify_peer: bool = False  # clients must present a certificate the CA signed
+    handshake_limit: float = 10.0  # seconds a connection may take to reach transmission (as qemu-nbd)
+    max_connections: int = 1000  # per listener; more are closed at accept
     warnings: tuple[str, ...] = ()  # said at start and by `volume list` (plain text on a network)

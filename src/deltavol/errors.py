@@ -163,6 +163,14 @@ class NotVerifiable(Conflict):
     """session {name!r} is {state}: verify needs a finished update"""
 
 
+class NotRestorable(Conflict):
+    """session {name!r} cannot {action}: {why}"""
+
+
+class NotReversible(Conflict):
+    """session {name!r} cannot be reversed: {why}"""
+
+
 class SessionLoadFailed(DeltavolError):
     """session {name}: {why}"""
 

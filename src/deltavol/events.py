@@ -13,7 +13,9 @@ the finished or failed event that follows.
 
 Kinds: ``session.created``, ``session.removed``, ``session.state``, ``update.marked``,
 ``update.progress``, ``update.finished``, ``update.failed``, ``update.retry``, ``volume.created``,
-``volume.removed``. ``data`` always has ``name`` (the session's or volume's).
+``volume.removed``, ``restore.started``, ``restore.finished``, ``restore.failed`` (a restore's
+progress is ``update.progress`` with its id), ``session.reversed``. ``data`` always has
+``name`` (the session's or volume's).
 """
 
 from __future__ import annotations

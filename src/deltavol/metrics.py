@@ -32,13 +32,14 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from deltavol.backend.export import BUCKETS, OPS
+from deltavol.sessions.states import State
 from deltavol.store import group_commit
 
 if TYPE_CHECKING:
     from deltavol.service import Service
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-STATES = ("new", "copying", "idle", "paused", "failed")
+STATES = tuple(state.value for state in State)  # restoring too (sessions/restore.py)
 # group-commit file classes as the metrics name them
 FILE_KINDS = {"TrackingFile": "tracking", "SaveArea": "save_area"}
 LAG_EVERY = 0.25  # seconds between two event-loop lag probes

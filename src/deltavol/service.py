@@ -9,6 +9,7 @@ from deltavol.config import ServerConfig
 from deltavol.errors import NotFound, Protected, UsageError
 from deltavol.events import EventBus
 from deltavol.metrics import bitmap_grid, session_extras
+from deltavol.sessions import restore, reverse
 from deltavol.sessions.manager import SessionManager
 from deltavol.sessions.verify import verify
 from deltavol.store.datadir import DataDir
@@ -65,6 +66,14 @@ class Service:
     def create_volume(self, name: str, size: int) -> dict[str, Any]:
         info = self.volumes.create(name, size).info()
         self.events.publish("volume.created", name=name, size=info["size"])
+        return info
+
+    async def create_volume_from_session(self, name: str, session: str) -> dict[str, Any]:
+        """A new volume holding the point in time of ``session``'s target (a full copy)."""
+        s = self.sessions.get(session)
+        vol = await restore.new_volume(s, lambda fill: self.volumes.create_from(name, s.source.size, fill))
+        info = vol.info()
+        self.events.publish("volume.created", name=name, size=info["size"], session=session)
         return info
 
     def import_volume(self, name: str, path: str) -> dict[str, Any]:
@@ -136,6 +145,12 @@ class Service:
     async def remove_session(self, name: str) -> None:
         await self.sessions.remove(name)
         self.events.publish("session.removed", name=name)
+
+    async def restore_session(self, name: str) -> dict[str, Any]:
+        return await restore.restore(self.sessions.get(name))
+
+    async def reverse_session(self, name: str) -> dict[str, Any]:
+        return await reverse.reverse(self.sessions, name)
 
     async def verify_session(self, name: str) -> dict[str, Any]:
         return await verify(self.sessions.get(name))

@@ -115,6 +115,7 @@ def server_context(directory: Path, verify_peer: bool = False) -> ssl.SSLContext
     present a certificate the CA signed (and did not revoke)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION  # a client may not make the server redo handshakes
     _load_chain(ctx, directory, SERVER_CERT, SERVER_KEY)
     if verify_peer:
         _load_ca(ctx, directory)
@@ -172,20 +173,53 @@ class ServerTls:
         return self._ctx
 
     def https_context(self) -> ssl.SSLContext:
-        """For the HTTPS API: a context whose handshake switches to ``context()``, so that
-        it too sees renewed certificates without a restart."""
-        outer = server_context(self.directory, self.verify_peer)  # its own: NBD's are left as they are
+        """For the HTTPS API: a context each connection of which is made from ``context()``,
+        so that it too sees renewed certificates and a CRL added later without a restart.
 
-        def pick(sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> int | None:
-            try:
-                sock.context = self.context()
-            except (TlsFileMissing, TlsFileInvalid) as exc:
-                log.warning("https: TLS handshake refused: %s", exc.message)
-                return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
-            return None
+        (Switching contexts in an SNI callback is not enough: OpenSSL keeps the first
+        context's verify flags, so a ``ca-crl.pem`` added later would go unchecked.)"""
+        return _PerConnection(ssl.PROTOCOL_TLS_SERVER, tls=self)
 
-        outer.sni_callback = pick
-        return outer
+
+class _PerConnection(ssl.SSLContext):
+    """A server context whose ``wrap_bio`` (what asyncio's and uvloop's TLS layers call
+    for each connection) uses a context freshly checked by ``ServerTls.context()``; when
+    the files are broken, one that refuses the handshake, and a log line naming the file."""
+
+    _tls: ServerTls
+
+    def __new__(cls, protocol: int, *, tls: ServerTls) -> _PerConnection:
+        self = super().__new__(cls, protocol)
+        self._tls = tls
+        return self
+
+    def __init__(self, protocol: int, *, tls: ServerTls) -> None:
+        pass
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        try:
+            ctx = self._tls.context()
+        except (TlsFileMissing, TlsFileInvalid) as exc:
+            log.warning("https: TLS handshake refused: %s", exc.message)
+            ctx = _refusing()
+        return ctx.wrap_bio(*args, **kwargs)
+
+
+def _refusing() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.sni_callback = lambda *_: ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+    return ctx
+
+
+def loose_key(path: Path) -> str | None:
+    """A warning when the private key at ``path`` can be read by others than its owner."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if mode & 0o044:
+        return f"{path} can be read by others than its owner (mode {mode & 0o777:o}): chmod 600 it"
+    return None
 
 
 # --- what a server may listen on -----------------------------------------------------------------
@@ -254,14 +288,27 @@ def listen_policy(
         return ListenPolicy("off", None, False, warnings)
     if not certificates:
         raise UsageError(msg=f"--tls {mode} needs --tls-certificates DIR ({INIT_HINT})")
+    if mode == "on" and verify_peer:
+        raise UsageError(
+            msg="--tls on lets clients in without TLS, so --tls-verify-peer would not bind them: "
+            "give --tls require --tls-verify-peer to verify every client"
+        )
     directory = Path(certificates).expanduser().absolute()
     ServerTls(directory, verify_peer).context()  # every file there and usable, or a named error
-    warnings = ()
+    found = [w for w in [loose_key(directory / SERVER_KEY)] if w]
     if mode == "on" and nbd_tcp is not None and not is_loopback(nbd_tcp[0]):
-        warnings = (
+        found.append(
             f"NBD on {nbd_tcp[0]}:{nbd_tcp[1]} also lets plain-text clients in (--tls on); "
-            "--tls require refuses them",
+            "--tls require refuses them"
         )
+    if not verify_peer:
+        found.extend(
+            f"{what} on {address} verifies no client's certificate: anyone who can reach it "
+            + ("can read and overwrite every volume" if what == "NBD" else "can try the API token")
+            + "; give --tls-verify-peer (clients then need a certificate signed by the CA)"
+            for what, address in exposed
+        )
+    warnings = tuple(found)
     return ListenPolicy(mode, directory, verify_peer, warnings)
 
 
@@ -319,11 +366,33 @@ def explain(exc: BaseException, uri: str) -> str | None:
 class Made:
     directory: Path
     files: list[str]
+    ca_directory: Path
+    new_ca: bool  # the CA was made now (else an existing one signed)
+    warnings: list[str]
 
 
-def init(directory: Path, hosts: list[str], days: int = 825) -> Made:
-    """A CA, a server certificate for ``hosts`` and a client certificate, in ``directory``
-    (made 0700); private keys 0600. Refuses to overwrite any file."""
+def _private_dir(directory: Path, role: str) -> tuple[bool, str | None]:
+    """Make ``directory`` 0700 if it is not there; leave an existing one as it is (a
+    warning when others may look in it). Returns (made, warning)."""
+    made = not directory.exists()
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if made:
+            os.chmod(directory, 0o700)  # the umask may have taken bits off
+        mode = directory.stat().st_mode & 0o777
+    except OSError as exc:
+        raise TlsFileInvalid(path=directory, role=role, why=_why(exc)) from None
+    if not made and mode & 0o077:
+        return made, f"{directory} is open to others (mode {mode:o}): chmod 700 it"
+    return made, None
+
+
+def init(directory: Path, hosts: list[str], days: int = 825, ca_directory: Path | None = None) -> Made:
+    """A server and a client certificate for ``hosts`` in ``directory``, signed by the CA
+    of ``ca_directory`` (default: ``DIRECTORY-ca`` beside it), made there first when it
+    holds no CA. The CA's key stays in its own directory, never in ``directory``, which is
+    the one to copy to a host. Private keys 0600; a directory made here 0700. Refuses to
+    overwrite any file."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -341,15 +410,25 @@ def init(directory: Path, hosts: list[str], days: int = 825) -> Made:
                     msg=f"invalid --host {host!r}: expected a DNS name or an IP address"
                 ) from None
             names.append(x509.DNSName(host))
-    files = [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY]
+    ca_dir = ca_directory or directory.with_name(directory.name + "-ca")
+    if ca_dir.resolve() == directory.resolve():
+        raise UsageError(
+            msg=f"the CA's directory must not be {directory}: its key ({CA_KEY}) would be copied "
+            "to every host along with the certificates"
+        )
+    has_ca = [(ca_dir / n).exists() for n in (CA_CERT, CA_KEY)]
+    if any(has_ca) and not all(has_ca):
+        missing = CA_KEY if has_ca[0] else CA_CERT
+        raise TlsFileMissing(path=ca_dir / missing, role=ROLES[missing], hint="a CA needs both files")
+    if (directory / CA_KEY).exists():
+        raise UsageError(
+            msg=f"{directory / CA_KEY} is in the directory meant to be copied to a host: "
+            f"move it to a directory of its own and give that with --ca"
+        )
+    files = [CA_CERT, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY]
     for name in files:
         if (directory / name).exists():
             raise AlreadyExists(kind="file", name=str(directory / name))
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
-    except OSError as exc:
-        raise TlsFileInvalid(path=directory, role="the certificates' directory", why=_why(exc)) from None
 
     start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)  # a clock a bit behind
 
@@ -386,14 +465,50 @@ def init(directory: Path, hosts: list[str], days: int = 825) -> Made:
             encipher_only=False, decipher_only=False,
         )  # fmt: skip
 
-    ca_key = key()
-    ca = cert(
-        "deltavol CA",
-        ca_key.public_key(),
-        None,
-        ca_key,
-        [(x509.BasicConstraints(ca=True, path_length=0), True), (usage(True), True)],
-    )
+    def pem_key(k: Any) -> bytes:
+        return k.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    def write(where: Path, name: str, data: bytes, mode: int) -> None:
+        path = where / name
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(path, mode)  # the umask may have taken bits off; give exactly these
+        except OSError as exc:
+            raise TlsFileInvalid(path=path, role=ROLES[name], why=_why(exc)) from None
+
+    warnings: list[str] = []
+    new_ca = not all(has_ca)
+    if new_ca:
+        _, warning = _private_dir(ca_dir, "the CA's directory")
+        warnings += [warning] if warning else []
+        ca_key: Any = key()
+        ca = cert(
+            "deltavol CA",
+            ca_key.public_key(),
+            None,
+            ca_key,
+            [(x509.BasicConstraints(ca=True, path_length=0), True), (usage(True), True)],
+        )
+        write(ca_dir, CA_KEY, pem_key(ca_key), 0o600)
+        write(ca_dir, CA_CERT, ca.public_bytes(serialization.Encoding.PEM), 0o644)
+    else:
+        try:
+            ca = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise TlsFileInvalid(path=ca_dir / CA_CERT, role=ROLES[CA_CERT], why=_why(exc)) from None
+        try:
+            ca_key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise TlsFileInvalid(path=ca_dir / CA_KEY, role=ROLES[CA_KEY], why=_why(exc)) from None
+        if ca_key.public_key() != ca.public_key():
+            raise TlsFileInvalid(path=ca_dir / CA_KEY, role=ROLES[CA_KEY], why=f"not the key of {CA_CERT}")
     aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
 
     def leaf(subject: str, purpose: Any, alt: list[x509.GeneralName] | None) -> tuple[Any, x509.Certificate]:
@@ -409,31 +524,17 @@ def init(directory: Path, hosts: list[str], days: int = 825) -> Made:
         return k, cert(subject, k.public_key(), ca.subject, ca_key, exts)
 
     server_key, server = leaf(hosts[0], ExtendedKeyUsageOID.SERVER_AUTH, names)
-    client_key, client = leaf("deltavol client", ExtendedKeyUsageOID.CLIENT_AUTH, None)
+    client_key, client = leaf(f"deltavol client {hosts[0]}", ExtendedKeyUsageOID.CLIENT_AUTH, None)
 
-    def pem_key(k: Any) -> bytes:
-        return k.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-
+    _, warning = _private_dir(directory, "the certificates' directory")
+    warnings += [warning] if warning else []
     contents = {
         CA_CERT: (ca.public_bytes(serialization.Encoding.PEM), 0o644),
-        CA_KEY: (pem_key(ca_key), 0o600),
         SERVER_CERT: (server.public_bytes(serialization.Encoding.PEM), 0o644),
         SERVER_KEY: (pem_key(server_key), 0o600),
         CLIENT_CERT: (client.public_bytes(serialization.Encoding.PEM), 0o644),
         CLIENT_KEY: (pem_key(client_key), 0o600),
     }
     for name, (data, mode) in contents.items():
-        path = directory / name
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.chmod(path, mode)  # the umask may have taken bits off; give exactly these
-        except OSError as exc:
-            raise TlsFileInvalid(path=path, role=ROLES[name], why=_why(exc)) from None
-    return Made(directory, files)
+        write(directory, name, data, mode)
+    return Made(directory, files, ca_dir, new_ca, warnings)

@@ -7,6 +7,7 @@ same size; ``B`` or no suffix means bytes.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from deltavol.errors import InvalidSize, UsageError
 
@@ -25,8 +26,8 @@ def parse_size(text: str | int) -> int:
     m = _SIZE.match(text)
     if not m or m.group(2).upper() not in _MULT:
         raise InvalidSize(size=text, why="expected a number with an optional unit B K KiB M MiB G GiB T TiB")
-    value = float(m.group(1)) * _MULT[m.group(2).upper()]
-    if value != int(value):
+    value = Fraction(m.group(1)) * _MULT[m.group(2).upper()]  # exact: a float rounds above 2**53
+    if value.denominator != 1:
         raise InvalidSize(size=text, why="not a whole number of bytes")
     return int(value)
 

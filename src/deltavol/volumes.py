@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from deltavol.errors import (
     InvalidName,
     InvalidSize,
     NotFound,
+    Protected,
     os_error,
 )
 from deltavol.store import fs
@@ -84,8 +85,23 @@ class Volume:
     open_guard: Callable[[], str | None] = lambda: None
 
     def __post_init__(self) -> None:
-        self._gated = GateLayer(self.backend, self.gate)
-        self.export = Export(self._gated, read_only=lambda: self.write_guard() is not None)
+        self._gated = GateLayer(self.backend, self.gate, check=self._check_guard)
+        self.export = Export(
+            self._gated,
+            read_only=lambda: self.write_guard() is not None,
+            why_read_only=lambda: self.write_guard(),
+        )
+
+    def _check_guard(self) -> None:
+        why = self.write_guard()
+        if why is not None:
+            raise Protected(name=self.name, why=why)
+
+    @property
+    def below_gate(self) -> Backend:
+        """The stack under the write gate (the sessions' hooks, then the file): for a writer
+        that holds the gate closed itself and must not wait at it (a restore)."""
+        return self._gated.next
 
     def restack(self) -> None:
         """A change waiting at the gate goes down the new stack once it passes."""
@@ -120,6 +136,7 @@ class Volumes:
         self.db = db
         self.images = images
         self._by_name: dict[str, Volume] = {}
+        self._filling: set[str] = set()  # names of volumes being made by ``create_from``
 
     def load(self) -> None:
         rows = self.db.conn.execute("SELECT * FROM volumes ORDER BY name").fetchall()
@@ -155,12 +172,43 @@ class Volumes:
 
     def _check_new(self, name: str) -> None:
         check_name(name)
-        if name in self._by_name:
+        if name in self._by_name or name in self._filling:
             raise AlreadyExists(kind="volume", name=name)
 
     def create(self, name: str, size: int) -> Volume:
         self._check_new(name)
         check_size(size)
+        path = self._make_image(name, size)
+        return self._commit(name, str(path), imported=False)
+
+    async def create_from(
+        self, name: str, size: int, fill: Callable[[FileBackend], Awaitable[None]]
+    ) -> Volume:
+        """A new volume whose contents ``fill`` writes before it exists: the image is made,
+        filled, fsynced, and only then does its row commit. A crash or a failure before
+        that leaves an image with no row (removed at the next start, or here), never a
+        volume holding half of what it should. The name is held meanwhile."""
+        self._check_new(name)
+        check_size(size)
+        self._filling.add(name)
+        try:
+            path = self._make_image(name, size)
+            try:
+                backend = FileBackend(name, str(path))
+                try:
+                    await fill(backend)
+                    await backend.flush()
+                finally:
+                    await backend.close()
+            except BaseException:
+                fs.unlink(path, missing_ok=True)
+                raise
+            return self._commit(name, str(path), imported=False)
+        finally:
+            self._filling.discard(name)
+
+    def _make_image(self, name: str, size: int) -> Path:
+        """A sparse image of ``size`` bytes, durable with its name, and no row yet."""
         path = self.images / f"{name}.img"
         try:
             fd = fs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -179,7 +227,7 @@ class Volumes:
                 raise InvalidSize(size=size, why=why) from exc
             raise os_error(exc, f"creating {path}") from exc
         fs.close(fd)
-        return self._commit(name, str(path), imported=False)
+        return path
 
     def import_(self, name: str, path: str) -> Volume:
         self._check_new(name)

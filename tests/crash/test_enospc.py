@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import DELTAVOL, Server
+from tests.interop.peers import qemu_io_run
 
 pytestmark = pytest.mark.crash
 MiB = 1 << 20
@@ -30,13 +31,6 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def qemu_io(uri: str, *cmds: str, read_only: bool = False) -> subprocess.CompletedProcess[str]:
-    args = ["qemu-io", "-f", "raw", *(["-r"] if read_only else [])]
-    for cmd in cmds:
-        args += ["-c", cmd]
-    return subprocess.run([*args, uri], capture_output=True, text=True)
-
-
 def test_full_volume_fails_writes_with_enospc_and_keeps_acknowledged_ones(
     small_fs: Path, tmp_path: Path
 ) -> None:
@@ -47,7 +41,7 @@ def test_full_volume_fails_writes_with_enospc_and_keeps_acknowledged_ones(
         uri = srv.uri("v")
         acked = []
         for i in range(40):  # 40 MiB of data into 12 MiB of space
-            out = qemu_io(uri, f"write -P {i + 1} {i}M 1M")
+            out = qemu_io_run(uri, f"write -P {i + 1} {i}M 1M")
             if "No space left" in out.stdout + out.stderr:
                 break
             assert out.returncode == 0 and "wrote" in out.stdout, out
@@ -57,7 +51,7 @@ def test_full_volume_fails_writes_with_enospc_and_keeps_acknowledged_ones(
         assert acked, "not even one write fitted"
         # the server is still up and every acknowledged write is intact
         checks = [f"read -P {i + 1} {i}M 1M" for i in acked]
-        out = qemu_io(uri, *checks, read_only=True)
+        out = qemu_io_run(uri, *checks, read_only=True)
         assert out.returncode == 0 and "Pattern verification failed" not in out.stdout, out.stdout
         assert "No space left" in srv.log_path.read_text() or "no space" in srv.log_path.read_text()
     finally:
@@ -76,9 +70,9 @@ def test_full_data_dir_falls_back_to_copy_before_write(small_fs: Path, tmp_path:
             srv.cli("volume", "import", name, "--path", str(path))
         srv.cli("session", "create", "s", "--source", "src", "--target", "dst")
         src, dst = srv.uri("src"), srv.uri("dst")
-        assert qemu_io(src, "write -P 0xa1 0 32M").returncode == 0
+        assert qemu_io_run(src, "write -P 0xa1 0 32M").returncode == 0
         srv.cli("session", "update", "s", "--full", "--wait")
-        assert qemu_io(src, "write -P 0xb2 0 8M").returncode == 0
+        assert qemu_io_run(src, "write -P 0xb2 0 8M").returncode == 0
         # fill the data dir so that no save area record fits
         free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
         filler = small_fs / "filler"
@@ -89,7 +83,7 @@ def test_full_data_dir_falls_back_to_copy_before_write(small_fs: Path, tmp_path:
         srv.cli("session", "update", "s", "--max-rate", f"{rate}B/s")
         before = srv.status()
         assert before["state"] == "copying" and before["update"]["bytes_done"] < 2 * MiB, before
-        out = qemu_io(src, "write -P 0xc3 0 8M")  # overwrites chunks the update still owes
+        out = qemu_io_run(src, "write -P 0xc3 0 8M")  # overwrites chunks the update still owes
         assert out.returncode == 0 and "wrote" in out.stdout, out
         after = srv.status()["update"]
         # at most this much can have gone through the throttle since the mark (two requests
@@ -104,7 +98,7 @@ def test_full_data_dir_falls_back_to_copy_before_write(small_fs: Path, tmp_path:
         assert after["bytes_done"] - throttled >= 4 * MiB, (throttled, after)
         st = srv.wait_idle(2, timeout=60)
         assert st["consistent"], st
-        out = qemu_io(dst, "read -P 0xb2 0 8M", "read -P 0xa1 8M 24M", read_only=True)
+        out = qemu_io_run(dst, "read -P 0xb2 0 8M", "read -P 0xa1 8M 24M", read_only=True)
         assert out.returncode == 0 and "Pattern verification failed" not in out.stdout, out.stdout
     finally:
         srv.stop()
@@ -148,9 +142,9 @@ def test_full_data_dir_at_start_up_keeps_the_session_and_its_point_in_time(
                 f.truncate(8 * MiB)
             srv.cli("volume", "import", name, "--path", str(path))
         srv.cli("session", "create", "s", "--source", "src", "--target", "dst")
-        assert qemu_io(srv.uri("src"), "write -P 0xa1 0 8M").returncode == 0
+        assert qemu_io_run(srv.uri("src"), "write -P 0xa1 0 8M").returncode == 0
         srv.cli("session", "update", "s", "--full", "--wait")
-        assert qemu_io(srv.uri("src"), "write -P 0xb2 1M 64k").returncode == 0
+        assert qemu_io_run(srv.uri("src"), "write -P 0xb2 1M 64k").returncode == 0
         before = srv.status()
     finally:
         srv.stop()

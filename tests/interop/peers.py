@@ -18,13 +18,18 @@ def run(*cmd: str, ok: bool = True, timeout: float = 120) -> subprocess.Complete
     return out
 
 
-def qemu_io(uri: str, *commands: str, ok: bool = True, read_only: bool = False) -> str:
-    """qemu-io on an NBD URI; with ok, every command must succeed (patterns verified)."""
+def qemu_io_run(uri: str, *commands: str, read_only: bool = False) -> subprocess.CompletedProcess[str]:
+    """qemu-io on an NBD URI, whatever it answers (exit status, stdout, stderr)."""
     require("qemu-io")
     args = ["qemu-io", "-f", "raw", *(["-r"] if read_only else [])]
     for c in commands:
         args += ["-c", c]
-    out = run(*args, uri, ok=False)
+    return run(*args, uri, ok=False)
+
+
+def qemu_io(uri: str, *commands: str, ok: bool = True, read_only: bool = False) -> str:
+    """qemu-io on an NBD URI; with ok, every command must succeed (patterns verified)."""
+    out = qemu_io_run(uri, *commands, read_only=read_only)
     text = out.stdout + out.stderr
     if ok:
         assert out.returncode == 0 and "failed" not in text and "error" not in text.lower(), text

@@ -377,11 +377,17 @@ def test_tls_init_makes_certificates_qemu_nbd_and_nbdkit_accept(tmp_path: Path) 
     require("qemu-nbd", "nbdkit", "nbdinfo", "qemu-io")
     certs = tmp_path / "certs"
     out = run(str(DELTAVOL), "tls", "init", str(certs), "--host", "localhost", "--host", "127.0.0.1")
-    assert "ca-cert.pem" in out.stdout
+    assert "ca-cert.pem" in out.stdout and f"{certs}-ca" in out.stdout
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in certs.iterdir()}
     assert stat.S_IMODE(certs.stat().st_mode) == 0o700
-    assert all(modes[k] == 0o600 for k in ("ca-key.pem", "server-key.pem", "client-key.pem")), modes
-    assert set(modes) == {f"{r}-{k}.pem" for r in ("ca", "server", "client") for k in ("cert", "key")}
+    assert all(modes[k] == 0o600 for k in ("server-key.pem", "client-key.pem")), modes
+    assert set(modes) == {"ca-cert.pem"} | {
+        f"{r}-{k}.pem" for r in ("server", "client") for k in ("cert", "key")
+    }
+    ca = Path(f"{certs}-ca")  # the CA's key is kept apart from the set a host is given
+    assert (
+        stat.S_IMODE(ca.stat().st_mode) == 0o700 and stat.S_IMODE((ca / "ca-key.pem").stat().st_mode) == 0o600
+    )
     before = {p.name: p.read_bytes() for p in certs.iterdir()}
     again = run(str(DELTAVOL), "tls", "init", str(certs), "--host", "x", ok=False)
     assert again.returncode == 1 and "already exists" in again.stderr

@@ -403,3 +403,41 @@ def test_server_bytes_before_tls_started_close_the_client() -> None:
         client.next_event()
     client.receive_data(b"plain")
     assert isinstance(client.next_event(), Closed)
+
+
+def _injected(rep: int, payload: bytes) -> bytes:
+    return struct.pack(">QIII", 0x0003E889045565A9, STARTTLS, rep, len(payload)) + payload
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        _injected(int(Rep.META_CONTEXT), struct.pack(">I", 7) + b"base:allocation"),
+        _injected(int(Rep.INFO), struct.pack(">HIII", int(Info.BLOCK_SIZE), 1, 4096, 1)),
+        _injected(int(Rep.INFO), struct.pack(">HQH", int(Info.EXPORT), 1 << 40, 1)),
+        _injected(int(Rep.SERVER), struct.pack(">I", 1) + b"x"),
+    ],
+    ids=["meta-context", "block-size", "export", "server"],
+)
+def test_plain_text_replies_to_starttls_other_than_its_ack_close_the_client(extra: bytes) -> None:
+    """A man in the middle answers STARTTLS with replies of its own before relaying the
+    real ACK: none of them may survive into the TLS session."""
+    client = ClientConnection("disk", tls=True, block_status=True)
+    client.receive_data(struct.pack(">QQH", 0x4E42444D41474943, 0x49484156454F5054, 3))
+    client.next_event()
+    client.data_to_send()
+    client.receive_data(extra + struct.pack(">QIII", 0x0003E889045565A9, STARTTLS, ACK, 0))
+    event = client.next_event()
+    assert isinstance(event, Closed) and "STARTTLS" in event.reason, event
+    assert client.meta_context_id is None and client.data_to_send() == []
+
+
+def test_what_was_negotiated_before_tls_started_is_forgotten() -> None:
+    pair = TlsPair(TlsMode.REQUIRE, tls=True, block_status=False)
+    pair.client.meta_context_id = 7  # as if read in plain text
+    pair.client._info.update(size=1, flags=1, max=1)
+    events = pair.pump()
+    ready = events[-1]
+    assert isinstance(ready, Ready), events
+    assert ready.meta_context_id is None and pair.client.meta_context_id is None
+    assert ready.size == DISK.size and ready.max_block == DISK.max_block

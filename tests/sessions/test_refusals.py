@@ -22,8 +22,11 @@ def snapshot(server: Server) -> tuple[str, str, str]:
     """What a refusal must leave as it was: sessions, the session's status, volumes."""
     status = json.loads(server.cli("session", "status", "s", "--json"))
     status["update"].pop("rate"), status["update"].pop("eta")
+    sessions = json.loads(server.cli("session", "list", "--json"))
+    for s in [status, *sessions]:
+        s.pop("rpo_seconds")  # the age of the point in time grows by itself
     return (
-        server.cli("session", "list", "--json"),
+        json.dumps(sessions, sort_keys=True),
         json.dumps(status, sort_keys=True),
         server.cli("volume", "list", "--json"),
     )
@@ -156,7 +159,7 @@ def test_local_target_refuses_nbd_writes_while_the_session_exists(server: Server
     refuses("idle")  # consistent: read-only
     assert server.image("dst") == server.image("src")
     apply(server, "src", f"write -P 0xbb 0 {4 * MiB}")
-    start_update(server, "--max-rate", "1MiB/s")
+    start_update(server, "--max-rate", "256KiB/s")  # lasts 16 s: pause comes first
     refuses("incremental", copying=True)
     server.cli("session", "pause", "s")
     refuses("paused")

@@ -163,12 +163,29 @@ def test_an_untrusted_target_is_refused_before_a_byte_is_sent(
 
 
 def test_deltavol_to_deltavol_verifying_each_other(server: Server, tmp_path: Path) -> None:
-    """The README's two hosts on one: certificates from `deltavol tls init`, the target a
-    deltavol server that requires TLS and a client certificate of its CA."""
-    certs = tmp_path / "certs"
-    run(str(DELTAVOL), "tls", "init", str(certs), "--host", "localhost", "--host", "127.0.0.1")
+    """The README's two hosts on one: a set per host from `deltavol tls init`, signed by one
+    CA whose key is in neither; the target a deltavol server that requires TLS and a client
+    certificate of that CA. The source presents its own set's client certificate."""
+    dr_certs, prod_certs, ca = tmp_path / "dr-tls", tmp_path / "prod-tls", tmp_path / "ca"
+    run(
+        str(DELTAVOL),
+        "tls",
+        "init",
+        str(dr_certs),
+        "--ca",
+        str(ca),
+        "--host",
+        "localhost",
+        "--host",
+        "127.0.0.1",
+    )
+    run(str(DELTAVOL), "tls", "init", str(prod_certs), "--ca", str(ca), "--host", "prod.example")
+    assert not (dr_certs / "ca-key.pem").exists() and not (prod_certs / "ca-key.pem").exists()
+    certs = prod_certs
     model = source(server)
-    dr = TlsServer(tmp_path / "dr", "--tls", "require", "--tls-certificates", str(certs), "--tls-verify-peer")
+    dr = TlsServer(
+        tmp_path / "dr", "--tls", "require", "--tls-certificates", str(dr_certs), "--tls-verify-peer"
+    )
     dr.start()
     try:
         dr.cli("volume", "create", "copy", "--size", str(SIZE))
@@ -186,3 +203,21 @@ def test_deltavol_to_deltavol_verifying_each_other(server: Server, tmp_path: Pat
         dr.stop()
         dr.log.close()
     assert "Traceback" not in dr.log_path.read_text()
+
+
+def test_restore_from_a_tls_target(server: Server, tls_certs: Path, tmp_path: Path) -> None:
+    """The restore reads the copy back over TLS: the changed chunks only, bytes exact."""
+    model = source(server)
+    sock = tmp_path / "k.sock"
+    uri = f"nbds+unix:///t?socket={sock}&tls-certificates={tls_certs}"
+    with target(nbdkit_tls(tls_certs, SIZE, sock=sock), sock=sock):
+        server.cli("session", "create", "s", "--source", "src", "--target", uri)
+        server.cli("session", "update", "s", "--wait")
+        at_pit = model.snapshot()
+        apply(server, "src", *model.chunks(0x66, [1, 2, 100]))
+        out = server.run("session", "restore", "s", "--wait", "--json")
+        assert out.returncode == 0, out.stderr
+        st = wait_for(server, lambda s: s["state"] == "idle", "restored")
+        assert st["consistent"] and st["update"]["kind"] == "restore", st
+        assert st["update"]["bytes_done"] == 3 * 64 * 1024, st
+        assert server.image("src") == at_pit

@@ -3,9 +3,11 @@ renewal without a restart, the listen policy, nbds:// URIs."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import ssl
+import stat
 from pathlib import Path
 
 import pytest
@@ -135,6 +137,26 @@ def test_listen_policy() -> None:
         tls.listen_policy("off", None, True, loop, None)
 
 
+def test_listen_policy_refuses_on_with_verify_peer(certs: Path) -> None:
+    """--tls on lets plain clients in: verify-peer would bind only those who ask for TLS."""
+    with pytest.raises(UsageError, match="--tls require --tls-verify-peer"):
+        tls.listen_policy("on", str(certs), True, ("127.0.0.1", 10809), None)
+
+
+def test_listen_policy_warns_of_network_addresses_that_verify_no_client(certs: Path) -> None:
+    net, loop = ("0.0.0.0", 10809), ("127.0.0.1", 10809)
+    nbd = tls.listen_policy("require", str(certs), False, net, None).warnings
+    assert (
+        len(nbd) == 1
+        and "NBD on 0.0.0.0:10809 verifies no client" in nbd[0]
+        and "--tls-verify-peer" in nbd[0]
+    )
+    api = tls.listen_policy("require", str(certs), False, loop, ("192.0.2.1", 8443)).warnings
+    assert len(api) == 1 and "control API on 192.0.2.1:8443 verifies no client" in api[0]
+    assert tls.listen_policy("require", str(certs), False, loop, ("::1", 8443)).warnings == ()
+    assert tls.listen_policy("require", str(certs), True, net, ("0.0.0.0", 1)).warnings == ()
+
+
 def test_listen_policy_with_certificates(certs: Path) -> None:
     net = ("0.0.0.0", 10809)
     chosen = tls.listen_policy(None, str(certs), True, net, None)
@@ -177,7 +199,93 @@ def test_with_certificates() -> None:
 
 
 def test_init_refuses_to_overwrite(certs: Path) -> None:
-    before = (certs / "ca-key.pem").read_bytes()
+    before = {p.name: p.read_bytes() for p in certs.iterdir()}
     with pytest.raises(AlreadyExists):
         tls.init(certs, ["x"])
-    assert (certs / "ca-key.pem").read_bytes() == before
+    assert {p.name: p.read_bytes() for p in certs.iterdir()} == before
+
+
+def test_init_keeps_the_ca_key_apart_and_signs_a_set_per_host(tmp_path: Path) -> None:
+    a = tls.init(tmp_path / "a", ["a.example"])
+    assert a.new_ca and a.ca_directory == tmp_path / "a-ca"
+    assert not (tmp_path / "a" / "ca-key.pem").exists()
+    assert sorted(p.name for p in (tmp_path / "a-ca").iterdir()) == ["ca-cert.pem", "ca-key.pem"]
+    assert stat.S_IMODE((tmp_path / "a-ca").stat().st_mode) == 0o700
+    b = tls.init(tmp_path / "b", ["b.example"], ca_directory=tmp_path / "a-ca")
+    assert not b.new_ca and not (tmp_path / "b" / "ca-key.pem").exists()
+    assert (tmp_path / "b" / "ca-cert.pem").read_bytes() == (tmp_path / "a" / "ca-cert.pem").read_bytes()
+    assert (tmp_path / "b" / "server-key.pem").read_bytes() != (
+        tmp_path / "a" / "server-key.pem"
+    ).read_bytes()
+    # each host's server certificate names that host, and each trusts the other's client
+    handshake(tls.server_context(b.directory, verify_peer=True), tls.client_context(a.directory), "b.example")
+    handshake(tls.server_context(a.directory, verify_peer=True), tls.client_context(b.directory), "a.example")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(tls.server_context(b.directory), tls.client_context(a.directory), "a.example")
+    with pytest.raises(UsageError, match="must not be"):
+        tls.init(tmp_path / "c", ["c"], ca_directory=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    (tmp_path / "d").mkdir()
+    shutil.copy(tmp_path / "a-ca" / "ca-key.pem", tmp_path / "d" / "ca-key.pem")
+    with pytest.raises(UsageError, match="move it"):
+        tls.init(tmp_path / "d", ["d"])
+
+
+def test_init_leaves_an_existing_directory_as_it_is_and_warns_when_open(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o755)
+    made = tls.init(shared, ["h"])
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o755
+    assert len(made.warnings) == 1 and str(shared) in made.warnings[0] and "755" in made.warnings[0]
+    assert stat.S_IMODE((shared / "server-key.pem").stat().st_mode) == 0o600
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    assert tls.init(private, ["h"]).warnings == []
+
+
+def _revoke(ca_dir: Path, cert_file: Path, crl_file: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca = x509.load_pem_x509_certificate((ca_dir / "ca-cert.pem").read_bytes())
+    key = serialization.load_pem_private_key((ca_dir / "ca-key.pem").read_bytes(), None)
+    leaf = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    now = datetime.datetime.now(datetime.UTC)
+    revoked = x509.RevokedCertificateBuilder().serial_number(leaf.serial_number).revocation_date(now).build()
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.subject)
+        .last_update(now - datetime.timedelta(hours=1))
+        .next_update(now + datetime.timedelta(days=1))
+        .add_revoked_certificate(revoked)
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    crl_file.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+
+
+def test_a_crl_added_while_serving_is_enforced_by_the_https_context(tmp_path: Path) -> None:
+    made = tls.init(tmp_path / "live", ["localhost"])
+    client = tls.client_context(shutil.copytree(made.directory, tmp_path / "client"))
+    server = tls.ServerTls(made.directory, verify_peer=True)
+    https = server.https_context()  # made before the CRL, as at the server's start
+    handshake(https, client)
+    handshake(server.context(), client)
+    _revoke(made.ca_directory, made.directory / "client-cert.pem", made.directory / "ca-crl.pem")
+    with pytest.raises(ssl.SSLError, match="revoked"):
+        handshake(https, client)
+    with pytest.raises(ssl.SSLError, match="revoked"):
+        handshake(server.context(), client)
+    (made.directory / "ca-crl.pem").write_text("not a CRL\n")  # broken: refused, not let through
+    with pytest.raises(ssl.SSLError):
+        handshake(https, client)
+
+
+def test_server_contexts_refuse_renegotiation_and_loose_keys_are_named(tmp_path: Path) -> None:
+    made = tls.init(tmp_path / "c", ["localhost"])
+    assert tls.server_context(made.directory).options & ssl.OP_NO_RENEGOTIATION
+    assert tls.loose_key(made.directory / "server-key.pem") is None
+    os.chmod(made.directory / "server-key.pem", 0o640)
+    assert "chmod 600" in str(tls.loose_key(made.directory / "server-key.pem"))
+    chosen = tls.listen_policy("require", str(made.directory), True, ("127.0.0.1", 1), None)
+    assert any("server-key.pem can be read by others" in w for w in chosen.warnings)

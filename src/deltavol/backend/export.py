@@ -20,7 +20,7 @@ from bisect import bisect_left
 from collections.abc import Callable
 
 from deltavol.backend.base import Backend, Extent
-from deltavol.errors import NotSupported, OutOfRange, ReadOnly
+from deltavol.errors import NotSupported, OutOfRange, Protected, ReadOnly
 from deltavol.nbd.constants import TransmissionFlag as TF
 
 COUNTING = True  # new exports count their requests (see the notes above)
@@ -62,9 +62,11 @@ class Export:
         *,
         read_only: Callable[[], bool] = lambda: False,
         description: str = "",
+        why_read_only: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.top = top
         self._read_only = read_only
+        self._why_read_only = why_read_only  # a refused change says why, when there is a reason
         self.description = description
         self.stats: ExportStats | None = ExportStats() if COUNTING else None
 
@@ -101,7 +103,8 @@ class Export:
     def _check_write(self, offset: int, length: int) -> None:
         self._check(offset, length)
         if self.read_only:
-            raise ReadOnly(name=self.name)
+            why = self._why_read_only()
+            raise Protected(name=self.name, why=why) if why else ReadOnly(name=self.name)
 
     def pread_cached(self, offset: int, length: int) -> bytes | None:
         st = self.stats

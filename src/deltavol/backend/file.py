@@ -19,13 +19,16 @@ import os
 import stat
 import struct
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from deltavol.backend.base import Extent
 from deltavol.errors import os_error
 from deltavol.nbd.constants import STATE_HOLE, STATE_ZERO
 from deltavol.store import fs
 
+T = TypeVar("T")
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
@@ -86,7 +89,7 @@ class FileBackend:
     def can_extents(self) -> bool:
         return True
 
-    async def _run(self, what: str, fn, *args):  # type: ignore[no-untyped-def]
+    async def _run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         try:
             return await fs.run_in_pool(_pool, fn, *args)
         except OSError as exc:

@@ -10,7 +10,7 @@ closing, and ``changed()`` for the rest): ``BeforeChange`` forgets what it cache
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from deltavol.backend.base import Backend, Layer
@@ -59,32 +59,45 @@ class WriteGate:
 
 
 class GateLayer(Layer):
-    """Every change passes the gate; reads do not need to."""
+    """Every change passes the gate; reads do not need to.
 
-    def __init__(self, next: Backend, gate: WriteGate) -> None:
+    ``check`` runs once a change has passed the gate, and raises if it may not go down any
+    more: a change the export let through before its volume was guarded (a restore, which
+    holds the gate closed) must not land once the guard is up."""
+
+    def __init__(self, next: Backend, gate: WriteGate, check: Callable[[], None] = lambda: None) -> None:
         super().__init__(next)
         self.gate = gate
+        self.check = check
+
+    async def _enter(self) -> None:
+        await self.gate.enter()
+        try:
+            self.check()
+        except BaseException:
+            self.gate.leave()
+            raise
 
     def pwrite_now(self, offset: int, data: bytes) -> bool:
         # synchronous, so no mark can fall in the middle of it: no need to enter
         return self.gate.open and self.next.pwrite_now(offset, data)
 
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
-        await self.gate.enter()
+        await self._enter()
         try:
             await self.next.pwrite(offset, data, fua)
         finally:
             self.gate.leave()
 
     async def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
-        await self.gate.enter()
+        await self._enter()
         try:
             await self.next.zero(offset, length, may_trim, fua)
         finally:
             self.gate.leave()
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        await self.gate.enter()
+        await self._enter()
         try:
             await self.next.trim(offset, length, fua)
         finally:

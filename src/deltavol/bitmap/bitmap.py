@@ -8,17 +8,43 @@ are skipped with ``bytes.lstrip``-style scans done in C over slices, counts use
 ``int.bit_count`` over big slices, and OR uses big-int arithmetic over slices. A 16 TiB
 volume at 64 KiB is 256 Mi bits = 32 MiB, scanned in milliseconds when sparse.
 
+A bitmap of ``MAPPED`` bytes or more lives in an anonymous memory mapping rather than a
+``bytearray`` (which zeroes, and so touches, every page): a page of bits nobody set is
+never resident, and reading it maps the kernel's shared zero page. So a sparse 16 TiB
+volume's bitmaps cost the pages that hold set bits, not 32 MiB each. Whatever copies bits
+in (``copy``, ``from_bytes``) or clears them (``clear_all``) writes only the windows that
+are not zero already, so that it touches no page it need not.
+
 Iteration (``runs``) is lazy and tolerates bits being cleared while it runs (the copy
 engine clears bits behind it): it re-reads the live bytes each step.
 """
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 
 MIN_GRANULARITY = 4096
 MAX_GRANULARITY = 16 * 1024 * 1024
 _SCAN = 1 << 16  # bytes examined per step when skipping zero regions
+MAPPED = 1 << 20  # bitmaps of this many bytes or more live in an anonymous mapping
+_WINDOW = 1 << 16  # bytes compared with zeroes at a time when copying or clearing sparsely
+_ZEROES = bytes(_WINDOW)
+
+
+def _alloc(n: int) -> bytearray | mmap.mmap:
+    """``n`` zero bytes: in an anonymous mapping if big (see the notes)."""
+    return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE) if n and n >= MAPPED else bytearray(n)
+
+
+def _put_sparse(dst: bytearray | mmap.mmap, src: bytes | bytearray | memoryview | mmap.mmap) -> None:
+    """Make ``dst`` (all zeroes) equal to ``src`` of the same length, writing only the
+    windows of ``src`` that are not zero."""
+    with memoryview(src) as view:
+        for i in range(0, len(dst), _WINDOW):
+            window = view[i : i + _WINDOW].tobytes()  # a copy, but compared by memcmp
+            if window != _ZEROES[: len(window)]:
+                dst[i : i + len(window)] = window
 
 
 def check_granularity(granularity: int) -> int:
@@ -34,7 +60,7 @@ class Bitmap:
         self.size = size
         self.granularity = check_granularity(granularity)
         self.nbits = (size + granularity - 1) // granularity
-        self._bits = bytearray((self.nbits + 7) // 8)
+        self._bits = _alloc((self.nbits + 7) // 8)
 
     # --- single bits ------------------------------------------------------------------------
     def test(self, chunk: int) -> bool:
@@ -121,9 +147,11 @@ class Bitmap:
             self._bits[-1] &= 0xFF >> extra
 
     def clear_all(self) -> None:
-        zeroes, bits = bytes(1 << 20), self._bits
-        for i in range(0, len(bits), len(zeroes)):
-            bits[i : i + len(zeroes)] = zeroes[: len(bits) - i]
+        bits = self._bits
+        for i in range(0, len(bits), _WINDOW):
+            window = bits[i : i + _WINDOW]
+            if window != _ZEROES[: len(window)]:  # a zero window stays untouched (see the notes)
+                bits[i : i + len(window)] = _ZEROES[: len(window)]
 
     def chunk_bytes(self, chunk: int) -> int:
         """Bytes of the volume in ``chunk`` (the last one may be short)."""
@@ -204,7 +232,7 @@ class Bitmap:
 
     def copy(self) -> Bitmap:
         new = Bitmap(self.size, self.granularity)
-        new._bits[:] = self._bits
+        _put_sparse(new._bits, self._bits)
         return new
 
     def to_bytes(self) -> bytes:
@@ -219,5 +247,5 @@ class Bitmap:
         bm = cls(size, granularity)
         if len(data) != len(bm._bits):
             raise ValueError(f"bitmap data is {len(data)} bytes, expected {len(bm._bits)}")
-        bm._bits[:] = data
+        _put_sparse(bm._bits, data)
         return bm

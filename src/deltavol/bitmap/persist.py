@@ -94,7 +94,8 @@ _PAGE_BITS = (_PAGE * 8).bit_length() - 1  # bit >> _PAGE_BITS: its page
 _HEADER = struct.Struct(">8sIIQQQBI16s")
 KIND_TRACKING = 1
 KIND_TRANSFER = 2
-_KINDS = {KIND_TRACKING: "tracking", KIND_TRANSFER: "transfer"}
+KIND_RESTORE = 3  # what a restore still has to copy back (sessions/restore.py)
+_KINDS = {KIND_TRACKING: "tracking", KIND_TRANSFER: "transfer", KIND_RESTORE: "restore"}
 
 
 def _hot_at(nbits: int) -> int:
@@ -127,7 +128,9 @@ def save_atomic(
         hot = Bitmap(bitmap.size, max(HOT_REGION, bitmap.granularity))
     try:
         with contextlib.ExitStack() as views:  # no copy: a 16 TiB volume's bitmap is 32 MiB
-            parts = [(0, _header(bitmap, generation, kind, hot.granularity if hot else 0))]
+            parts: list[tuple[int, bytes | memoryview]] = [
+                (0, _header(bitmap, generation, kind, hot.granularity if hot else 0))
+            ]
             parts.append((HEADER_SIZE, views.enter_context(bitmap.view())))
             if hot is not None:
                 parts.append((_hot_at(bitmap.nbits), views.enter_context(hot.view())))

@@ -18,7 +18,18 @@ from deltavol.errors import DeltavolError
 @click.option(
     "--api-url", envvar="DELTAVOL_API_URL", help="Control API over TCP, https://HOST:PORT (or http://)."
 )
-@click.option("--token", envvar="DELTAVOL_API_TOKEN", help="Bearer token for --api-url.")
+@click.option(
+    "--token",
+    envvar="DELTAVOL_API_TOKEN",
+    help="Bearer token for --api-url (seen by anyone who can list processes: prefer "
+    "$DELTAVOL_API_TOKEN or --token-file).",
+)
+@click.option(
+    "--token-file",
+    envvar="DELTAVOL_API_TOKEN_FILE",
+    type=click.Path(dir_okay=False, exists=True, readable=True),
+    help="File holding the bearer token for --api-url (such as the server's DATA_DIR/api.token).",
+)
 @click.option(
     "--api-certificates",
     envvar="DELTAVOL_API_CERTIFICATES",
@@ -34,9 +45,13 @@ def cli(
     api_socket: str | None,
     api_url: str | None,
     token: str | None,
+    token_file: str | None,
     api_certificates: str | None,
 ) -> None:
     """Serve block volumes over NBD and keep copies of them up to date."""
+    if token_file and not token:
+        with open(token_file, encoding="utf-8", errors="replace") as f:
+            token = f.read().strip()
     ctx.obj = ApiTarget.resolve(data_dir, api_socket, api_url, token, api_certificates)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from deltavol.errors import ApiError, ServerNotRunning, TlsVerifyFailed
+from deltavol.errors import ApiError, ServerNotRunning, TlsVerifyFailed, UsageError
 from deltavol.store.datadir import resolve_data_dir
 
 
@@ -39,12 +39,25 @@ class ApiTarget:
         certificates: str | None = None,
     ) -> ApiTarget:
         root = resolve_data_dir(data_dir)
-        if url and not token:
+        if url and not token and _loopback_url(url):
+            # the local server's token, for the local server only: never to another host
             token_file = root / "api.token"
             token = os.environ.get("DELTAVOL_API_TOKEN") or (
                 token_file.read_text().strip() if token_file.exists() else None
             )
         return cls(root, socket, url, token, certificates)
+
+    def headers(self) -> dict[str, str]:
+        """The Authorization header: a token goes over plain http:// to a loopback address
+        only (elsewhere anyone on the way could read it)."""
+        if not self.token:
+            return {}
+        if self.url and not self.url.lower().startswith("https://") and not _loopback_url(self.url):
+            raise UsageError(
+                msg=f"not sending the API token in plain text to {self.url}: "
+                "use https:// (the server's TCP API is HTTPS when it runs with TLS)"
+            )
+        return {"Authorization": f"Bearer {self.token}"}
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """For an https:// URL: the server verified against the CA (host name included)."""
@@ -66,7 +79,7 @@ async def acall(target: ApiTarget, method: str, path: str, body: Any = None, tim
     else:
         connector = aiohttp.UnixConnector(path=target.unix_socket)
         base = "http://deltavol"
-    headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
+    headers = target.headers()
     try:
         async with (
             aiohttp.ClientSession(
@@ -110,7 +123,7 @@ async def events(
     else:
         connector = aiohttp.UnixConnector(path=target.unix_socket)
         base = "http://deltavol"
-    headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
+    headers = target.headers()
     if last_id is not None:
         headers["Last-Event-ID"] = str(last_id)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=None)
@@ -147,6 +160,18 @@ async def events(
         return  # the server went away (or is stopping): the stream is over
     except (aiohttp.ClientConnectionError, FileNotFoundError) as exc:
         raise ServerNotRunning(socket=target.url or target.unix_socket, data_dir=target.data_dir) from exc
+
+
+def _loopback_url(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    from deltavol.tls import is_loopback
+
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return False
+    return host is not None and is_loopback(host)
 
 
 def _guess(target: ApiTarget) -> str:

@@ -98,6 +98,21 @@ def parse_hot_set(text: str) -> int:
 @click.option(
     "--tls-verify-peer", is_flag=True, help="Clients must present a certificate signed by ca-cert.pem."
 )
+@click.option(
+    "--handshake-limit",
+    default=10.0,
+    type=click.FloatRange(min=0, min_open=True),
+    show_default=True,
+    help="Seconds an NBD client may take to reach transmission (TLS and options included); "
+    "slower ones are closed.",
+)
+@click.option(
+    "--max-connections",
+    default=1000,
+    type=click.IntRange(min=1),
+    show_default=True,
+    help="NBD connections open at once, per listener; more are closed at accept.",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_context
 def serve(
@@ -116,6 +131,8 @@ def serve(
     tls_mode: str | None,
     tls_certificates: str | None,
     tls_verify_peer: bool,
+    handshake_limit: float,
+    max_connections: int,
     log_level: str,
 ) -> None:
     """Run the server: NBD exports and the control API for one data dir."""
@@ -139,6 +156,8 @@ def serve(
         tls=policy.mode,
         tls_certificates=policy.certificates,
         tls_verify_peer=policy.verify_peer,
+        handshake_limit=handshake_limit,
+        max_connections=max_connections,
         warnings=policy.warnings,
     )
     from deltavol.server.main import serve as run

@@ -289,7 +289,12 @@ def list_(api: ApiTarget, as_json: bool) -> None:
         emit_json(sessions)
         return
     rows = [
-        {**s, "progress": _progress_line(s["update"]) if s["state"] == "copying" and s["update"] else ""}
+        {
+            **s,
+            "progress": _progress_line(s["update"])
+            if s["state"] in ("copying", "restoring") and s["update"]
+            else "",
+        }
         for s in sessions
     ]
     table(
@@ -319,6 +324,66 @@ def _action(verb: str, help_text: str) -> None:
 _action("pause", "Stop copying, keeping both bitmaps.")
 _action("resume", "Go on with what is left of the update.")
 _action("cancel", "End the update; what it did not copy goes back into tracking.")
+
+
+@session.command()
+@click.argument("name")
+@click.option("--wait", is_flag=True, help="Wait for the restore to finish, showing progress.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def restore(api: ApiTarget, name: str, wait: bool, as_json: bool) -> None:
+    """Roll the source of NAME back to its target's point in time.
+
+    Copies back only the chunks changed since; the source refuses writes until it is done."""
+    info = call(api, "POST", f"/v1/sessions/{name}/restore")
+    u = info["update"]
+    if not as_json or not wait:
+        if as_json:
+            emit_json(info)
+        else:
+            click.echo(
+                f"session {name}: restoring {info['source']} to {info['point_in_time']} "
+                f"(the source refuses writes until it is done)"
+            )
+    if wait:
+        final = _wait_restore(api, name, quiet=as_json)
+        if as_json:
+            emit_json(final)
+        if final["state"] != "idle":
+            raise UpdateFailed(name=name, why=f"restore stopped: {final['last_error'] or final['state']}")
+        done = (final["update"] or u).get("bytes_done", 0)
+        click.echo(
+            f"session {name}: {info['source']} restored to {final['point_in_time']} "
+            f"({format_size(done)} copied back)",
+            err=True,
+        )
+
+
+def _wait_restore(api: ApiTarget, name: str, quiet: bool) -> dict[str, Any]:
+    """Until the restore ends, or stops on an error (it stays ``restoring`` then)."""
+    last_line = 0.0
+    while True:
+        info = call(api, "GET", f"/v1/sessions/{name}")
+        if info["state"] != "restoring" or info["last_error"]:
+            return info
+        if not quiet and time.monotonic() - last_line >= 2:
+            click.echo(f"session {name}: restoring: {_progress_line(info['update'] or {})}", err=True)
+            last_line = time.monotonic()
+        time.sleep(0.2)
+
+
+@session.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def reverse(api: ApiTarget, name: str, as_json: bool) -> None:
+    """Make the target of NAME its writable source, and the source its target (failover).
+
+    The next update copies only what changed on either side since the point in time."""
+    info = call(api, "POST", f"/v1/sessions/{name}/reverse")
+    emit_json(info) if as_json else click.echo(
+        f"session {name}: reversed: {info['source']} is the source now, {info['target']} the target"
+    )
 
 
 @session.command()

@@ -48,11 +48,27 @@ def volume() -> None:
 
 @volume.command()
 @click.argument("name")
-@click.option("--size", required=True, callback=_size, help="Size, e.g. 4GiB (B K KiB M MiB G GiB T TiB).")
+@click.option("--size", callback=_size, help="Size, e.g. 4GiB (B K KiB M MiB G GiB T TiB).")
+@click.option(
+    "--from-session",
+    metavar="SESSION",
+    help="Copy the point in time of SESSION's target into the new volume (its source's size).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the new volume as JSON.")
 @click.pass_obj
-def create(api: ApiTarget, name: str, size: int, as_json: bool) -> None:
-    """Create a sparse volume NAME of SIZE bytes in the data dir."""
+def create(api: ApiTarget, name: str, size: int | None, from_session: str | None, as_json: bool) -> None:
+    """Create a sparse volume NAME of SIZE bytes in the data dir, or a copy of a session's
+    point in time (--from-session)."""
+    if (size is None) == (from_session is None):
+        raise click.UsageError("give exactly one of --size and --from-session")
+    if from_session is not None:
+        body: dict[str, object] = {"name": name, "from_session": from_session}
+        info = call(api, "POST", "/v1/volumes", body, timeout=24 * 3600)
+        emit_json(info) if as_json else click.echo(
+            f"created volume {info['name']} ({format_size(info['size'])}) "
+            f"from the point in time of session {from_session}"
+        )
+        return
     info = call(api, "POST", "/v1/volumes", {"name": name, "size": size})
     emit_json(info) if as_json else click.echo(f"created volume {info['name']} ({format_size(info['size'])})")
 

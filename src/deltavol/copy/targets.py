@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 from deltavol.backend.file import FileBackend
 from deltavol.copy.engine import INFLIGHT, MAX_REQUEST
 from deltavol.errors import TargetError, TlsFileInvalid, TlsFileMissing
 from deltavol.tls import client_tls, explain
 
+T = TypeVar("T")
 TARGET_TIMEOUT = 30.0  # seconds a target may take to connect, or stay silent with requests waiting
 
 
@@ -170,9 +171,9 @@ class NbdTarget:
                         t.result() for t in more if t.done() and not t.cancelled() and t.exception() is None
                     )
                 for task in more:
-                    exc = task.exception()
-                    if exc is not None:
-                        raise exc
+                    failed = task.exception()
+                    if failed is not None:
+                        raise failed
         except (OSError, ValueError) as exc:
             await self.close()
             raise TargetError(msg=f"target {self.uri}: {explain(exc, self.uri) or exc}") from exc
@@ -185,7 +186,7 @@ class NbdTarget:
     def _client(self) -> Any:
         return self._clients[next(self._turn) % len(self._clients)]
 
-    async def _do(self, what: str, coro):  # type: ignore[no-untyped-def]
+    async def _do(self, what: str, coro: Awaitable[T]) -> T:
         try:
             return await coro
         except Exception as exc:

@@ -155,6 +155,9 @@ class ClientConnection:
         """The transport is now encrypted: negotiate the export inside TLS."""
         self._go("tls-started")
         self.tls = True
+        self._info.clear()  # nothing read in plain text may outlive it
+        self.meta_context_id = None
+        self.structured = False
         self._negotiate()
 
     def _send_meta(self) -> None:
@@ -184,6 +187,11 @@ class ClientConnection:
                 return event
 
     def _handle_option_reply(self, opt: int, rep: int, payload: bytes) -> object | None:
+        if opt == Opt.STARTTLS and rep != Rep.ACK and not rep & c.REP_ERR_BIT:
+            # only the ACK (or an error) may answer STARTTLS: anything else in plain text
+            # could be an attacker's, meant to survive into the TLS session
+            name = Rep(rep).name if rep in Rep._value2member_map_ else hex(rep)
+            return self._close(f"server answered NBD_OPT_STARTTLS with {name}, not an ACK")
         if rep & c.REP_ERR_BIT:
             self._opts.pop(0)
             message = payload.decode("utf-8", "replace")

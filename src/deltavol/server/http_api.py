@@ -71,7 +71,11 @@ def _token_ok(request: web.Request, token: str) -> bool:
     got = request.headers.get("Authorization", "")
     if request.path == "/v1/events" and "token" in request.query:
         got = f"Bearer {request.query['token']}"
-    return hmac.compare_digest(got.encode(), f"Bearer {token}".encode())
+    try:
+        given = got.encode()
+    except UnicodeError:  # not text at all (surrogate-escaped bytes): not the token either
+        return False
+    return hmac.compare_digest(given, f"Bearer {token}".encode())
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -108,6 +112,8 @@ def routes(service: Service) -> web.RouteTableDef:
         name = _field(body, "name", str)
         if "path" in body:
             info = service.import_volume(name, _field(body, "path", str))
+        elif "from_session" in body:
+            info = await service.create_volume_from_session(name, _field(body, "from_session", str))
         else:
             size = body.get("size")
             if not isinstance(size, int | str) or isinstance(size, bool):
@@ -169,7 +175,7 @@ def routes(service: Service) -> web.RouteTableDef:
             raise UsageError(msg="cells must be a whole number") from None
         return web.json_response(service.session_bitmaps(request.match_info["name"], cells))
 
-    @r.post("/v1/sessions/{name}/{action:pause|resume|cancel|verify}")
+    @r.post("/v1/sessions/{name}/{action:pause|resume|cancel|verify|restore|reverse}")
     async def session_action(request: web.Request) -> web.Response:
         name, action = request.match_info["name"], request.match_info["action"]
         do = {
@@ -177,6 +183,8 @@ def routes(service: Service) -> web.RouteTableDef:
             "resume": service.resume_session,
             "cancel": service.cancel_session,
             "verify": service.verify_session,
+            "restore": service.restore_session,
+            "reverse": service.reverse_session,
         }[action]
         return web.json_response(await do(name))
 

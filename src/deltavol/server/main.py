@@ -20,7 +20,7 @@ from deltavol.config import ServerConfig
 from deltavol.errors import ListenFailed
 from deltavol.nbd.constants import TlsMode
 from deltavol.server.http_api import make_app
-from deltavol.server.nbd_listener import NbdListener
+from deltavol.server.nbd_listener import NbdListener, unlink_socket
 from deltavol.service import Service
 from deltavol.store.datadir import DataDir
 from deltavol.tls import ServerTls
@@ -42,6 +42,8 @@ async def serve(config: ServerConfig) -> None:
         service,
         tls_mode=TlsMode(config.tls),
         tls_context=server_tls.context if server_tls else None,
+        handshake_limit=config.handshake_limit,
+        max_connections=config.max_connections,
     )
     try:
         service.load()
@@ -55,8 +57,7 @@ async def serve(config: ServerConfig) -> None:
             os.close(fd)
         runner = web.AppRunner(make_app(service, token), access_log=None)
         await runner.setup()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(api_socket)
+        unlink_socket(str(api_socket))
         await _listen(str(api_socket), web.UnixSite(runner, api_socket).start())
         os.chmod(api_socket, 0o600)
         if config.api_tcp:

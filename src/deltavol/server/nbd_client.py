@@ -319,7 +319,7 @@ class NbdClient:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        transport = self._transport
+        transport, self._transport = self._transport, None  # closed once: a TLS one cannot be asked after
         if transport is None:
             return
         if not abort:

@@ -31,6 +31,7 @@ from deltavol.errors import (
     UsageError,
 )
 from deltavol.events import EventBus
+from deltavol.sessions import restore
 from deltavol.sessions.records import RetryPolicy, update_from_row, update_to_row
 from deltavol.sessions.session import Session
 from deltavol.sessions.states import IllegalTransition, State
@@ -110,6 +111,7 @@ class SessionManager:
         # sessions not loaded because their source volume is missing, by name: (source,
         # target). Their rows and files stay, so their names and targets stay theirs
         self._unloaded: dict[str, tuple[str, str]] = {}
+        self._resuming: set[asyncio.Task[None]] = set()  # restores going on after a restart
 
     # --- lookup -------------------------------------------------------------------------------
     def get(self, name: str) -> Session:
@@ -276,6 +278,8 @@ class SessionManager:
                 raise SessionLoadFailed(
                     name=s.name, why=f"cannot load its files, they are kept as they are: {exc.message}"
                 ) from exc
+            if s.state is State.RESTORING:  # restore.py: the source stays guarded until it ends
+                restore.guard_source(s)
 
     def _hold_unloaded(self, name: str, source: str, target: str) -> None:
         """Keep what a session not loaded owns: its name, its row and files, and its
@@ -299,6 +303,11 @@ class SessionManager:
             if s.state is State.COPYING and s.transfer is not None:
                 log.info("session %s: resuming interrupted update %s", s.name, s.update and s.update.id)
                 s._spawn()
+            elif s.state is State.RESTORING:  # restore.py: an interrupted restore goes on
+                log.info("session %s: resuming interrupted restore", s.name)
+                task = asyncio.get_running_loop().create_task(restore.resume_at_start(s))
+                self._resuming.add(task)
+                task.add_done_callback(self._resuming.discard)
         self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
 
     async def shutdown(self) -> None:
@@ -461,5 +470,6 @@ class SessionManager:
                 async with s._gate.closed():  # a copy-before-write in flight ends before its hook goes
                     self._detach(s)
                 await s.copier.drop_target()  # such a write may have opened it again
+                restore.forget(s)  # a restore's guard on the source and its file
                 s.delete_files()
         log.info("session %s: removed", name)

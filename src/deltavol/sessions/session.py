@@ -367,6 +367,8 @@ class Session:
     async def start_update(self, full: bool, max_rate: int | None = None) -> dict[str, Any]:
         """Begin an update; returns once it is committed (marked, or for --full started)."""
         full = full or self.state is State.NEW or self._needs_full()
+        if self.state is State.RESTORING:  # (restore.py) its task is no copy: say what it is
+            next_state(self.name, self.state, "update")
         if self.busy:
             raise AlreadyCopying(name=self.name)
         new_state = next_state(self.name, self.state, "update")

@@ -20,6 +20,7 @@ class State(enum.StrEnum):
     IDLE = "idle"  # no update running
     PAUSED = "paused"  # an update is stopped by the user, bitmaps kept
     FAILED = "failed"  # an update stopped on an error (last_error), bitmaps kept
+    RESTORING = "restoring"  # the source is being rolled back to the point in time (restore.py)
 
 
 _TRANSITIONS: dict[tuple[State, str], State] = {
@@ -37,6 +38,11 @@ _TRANSITIONS: dict[tuple[State, str], State] = {
     # starts over (the way back from a corrupt bitmap or save area)
     (State.FAILED, "update"): State.COPYING,
     (State.PAUSED, "update"): State.COPYING,
+    # restore (sessions/restore.py): only from a finished update; one that failed is started
+    # again (it goes on with what is left), and it ends idle and consistent
+    (State.IDLE, "restore"): State.RESTORING,
+    (State.RESTORING, "restore"): State.RESTORING,
+    (State.RESTORING, "restored"): State.IDLE,
 }
 
 
@@ -56,6 +62,7 @@ class Phase(enum.StrEnum):
     GIVEN_UP = "given-up"  # copy-before-write gave its mark up: it goes on as of a new mark
     DONE = "done"  # finished: the target is consistent as of the mark
     CANCELLED = "cancelled"  # cancelled: what it owed went back into tracking
+    RESTORING = "restoring"  # a restore (sessions/restore.py): copying the target back to the source
 
 
 _PHASES: dict[tuple[Phase, str], Phase] = {
@@ -68,6 +75,8 @@ _PHASES: dict[tuple[Phase, str], Phase] = {
     (Phase.FULL_COPY, "cancel"): Phase.CANCELLED,
     (Phase.PROTECTING, "cancel"): Phase.CANCELLED,
     (Phase.GIVEN_UP, "cancel"): Phase.CANCELLED,
+    (Phase.STARTING, "restore"): Phase.RESTORING,  # committed with the session's ``restoring``
+    (Phase.RESTORING, "restored"): Phase.DONE,  # the source is the point in time again
 }
 
 

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+import pytest
+
+from deltavol.backend.file import FileBackend
 from deltavol.backend.gate import WriteGate
+from deltavol.errors import Protected
+from deltavol.volumes import Volume
+from tests.fakes import until
 
 
 async def test_closed_waits_for_writers_and_blocks_new_ones() -> None:
@@ -12,22 +19,23 @@ async def test_closed_waits_for_writers_and_blocks_new_ones() -> None:
     log: list[str] = []
 
     await gate.enter()  # a write in flight
+    late_came = asyncio.Event()
 
     async def mark() -> None:
         async with gate.closed():
             log.append("mark")
-            await asyncio.sleep(0.01)
+            await late_came.wait()  # a new write comes while the mark holds the gate
             log.append("mark done")
 
     async def late_writer() -> None:
-        await asyncio.sleep(0.001)
+        late_came.set()
         await gate.enter()
         log.append("late write")
         gate.leave()
 
     marking = asyncio.create_task(mark())
+    await until(lambda: not gate.open, "the mark closing the gate")
     late = asyncio.create_task(late_writer())
-    await asyncio.sleep(0.005)
     assert log == []  # the mark waits for the write in flight
     log.append("write done")
     gate.leave()
@@ -50,3 +58,26 @@ async def test_marks_do_not_overlap() -> None:
 
     await asyncio.gather(*(mark() for _ in range(5)))
     assert peak == 1
+
+
+async def test_a_change_let_through_before_a_guard_is_refused_once_past_the_gate(tmp_path: Path) -> None:
+    """A restore guards the volume, then holds its gate: a change that the export let through
+    just before, and that waited at the gate, must not land after (the guard is checked
+    again past the gate); changes under the gate (the restore's own) go down."""
+    path = tmp_path / "v.img"
+    path.write_bytes(bytes(8192))
+    vol = Volume("v", str(path), 8192, False, "now", FileBackend("v", str(path)))
+    try:
+        async with vol.gate.closed():  # e.g. a mark of another session
+            write = asyncio.create_task(vol.export.pwrite(0, b"\x66" * 4096))
+            await asyncio.sleep(0)  # it passed the export's checks and waits at the gate
+            assert not write.done()
+            vol.write_guard = lambda: "session 's' is restoring it"
+        with pytest.raises(Protected, match="restoring"):
+            await write
+        await vol.below_gate.pwrite(4096, b"\x77" * 4096)
+        with pytest.raises(Protected):
+            await vol.export.pwrite(0, b"\x66" * 4096)
+        assert await vol.export.pread(0, 8192) == bytes(4096) + b"\x77" * 4096
+    finally:
+        await vol.backend.close()

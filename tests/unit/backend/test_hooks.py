@@ -12,22 +12,10 @@ from hypothesis import strategies as st
 from deltavol.backend.gate import GateLayer, WriteGate
 from deltavol.backend.hooks import MIN_CELL, BeforeChange, Hook
 from deltavol.bitmap.bitmap import Bitmap
+from tests.fakes import Disk
 
 G = 4096
 SIZE = 8 * MIN_CELL + 3 * G  # a short last cell
-
-
-class Disk:
-    """The backend under the filter: records what went down."""
-
-    size = SIZE
-
-    def __init__(self) -> None:
-        self.written: list[tuple[int, int]] = []
-
-    def pwrite_now(self, offset: int, data: bytes) -> bool:
-        self.written.append((offset, len(data)))
-        return True
 
 
 class Tracker:
@@ -45,17 +33,17 @@ class Tracker:
 
 
 def layer() -> tuple[BeforeChange, Tracker, WriteGate, Disk]:
-    disk, tracker, gate = Disk(), Tracker(), WriteGate()
-    return BeforeChange(disk, [tracker.hook], gate), tracker, gate, disk  # type: ignore[arg-type]
+    disk, tracker, gate = Disk(SIZE), Tracker(), WriteGate()
+    return BeforeChange(disk, [tracker.hook], gate), tracker, gate, disk
 
 
 def test_a_write_with_work_to_do_is_not_done_inline() -> None:
     f, tracker, _, disk = layer()
     assert not f.pwrite_now(0, bytes(G))
-    assert disk.written == []
+    assert disk.landed == []
     tracker.done.set_range(0, G)
     assert f.pwrite_now(0, bytes(G))
-    assert disk.written == [(0, G)]
+    assert disk.landed == [(0, G)]
 
 
 def test_the_cache_is_dropped_when_the_gate_says_work_came_back() -> None:
@@ -103,11 +91,6 @@ def test_inline_writes_only_where_the_hook_is_idle(ops: list[tuple[str, int]]) -
             gate.changed()
 
 
-class Volume(Disk):
-    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
-        self.written.append((offset, len(data)))
-
-
 async def test_a_failed_hook_cancels_its_sibling_and_awaits_it_before_the_write_fails() -> None:
     """Hooks run concurrently; when one fails, the change fails, and it leaves the write gate
     then: a sibling still running would work outside the gate (after a mark, say)."""
@@ -128,13 +111,13 @@ async def test_a_failed_hook_cancels_its_sibling_and_awaits_it_before_the_write_
             events.append("slow cancelled")
             raise
 
-    disk, gate = Volume(), WriteGate()
+    disk, gate = Disk(SIZE), WriteGate()
     busy = Hook(slow, lambda o, n: False)
-    f = GateLayer(BeforeChange(disk, [Hook(failing, lambda o, n: False), busy], gate), gate)  # type: ignore[arg-type]
+    f = GateLayer(BeforeChange(disk, [Hook(failing, lambda o, n: False), busy], gate), gate)
     with pytest.raises(OSError, match="tracking file"):
         await f.pwrite(0, bytes(G))
     assert events == ["slow cancelled"], "the write failed while a hook still ran"
-    assert disk.written == []
+    assert disk.landed == []
     async with asyncio.timeout(1):
         async with gate.closed():  # nothing is left inside the gate
             pass

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import mmap
+from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from deltavol.bitmap import bitmap as bitmap_module
 from deltavol.bitmap.bitmap import Bitmap
 
 G = 4096
@@ -233,3 +237,44 @@ def test_all_set_agrees_with_testing_each_chunk(data: st.DataObject, nbits: int,
     offset = data.draw(st.integers(0, size - 1))
     length = data.draw(st.integers(0, size - offset))
     assert bm.all_set(offset, length) == all(bm.test(c) for c in bm.chunk_range(offset, length))
+
+
+@settings(max_examples=150, deadline=None)
+@given(size=sizes(), ops=OPS)
+def test_a_bitmap_in_a_memory_mapping_agrees_with_a_set(size: int, ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    with mock.patch.object(bitmap_module, "MAPPED", 1):  # every bitmap mapped, however small
+        bm = Bitmap(size, G)
+        assert isinstance(bm._bits, mmap.mmap)
+        model: set[int] = set()
+        for op in ops:
+            apply(bm, model, op)
+        check(bm, model)
+        twin, copy = Bitmap.from_bytes(size, G, bm.to_bytes()), bm.copy()
+        assert isinstance(twin._bits, mmap.mmap) and isinstance(copy._bits, mmap.mmap)
+        bm.clear_all()
+        check(twin, model)
+        check(copy, model)
+        check(bm, set())
+
+
+def _anon_rss() -> int:
+    """Resident bytes of private and shared anonymous memory (a shared mapping is shmem)."""
+    status = Path("/proc/self/status").read_text()
+    return sum(int(status.split(f"{field}:")[1].split()[0]) * 1024 for field in ("RssAnon", "RssShmem"))
+
+
+def test_the_untouched_pages_of_a_big_bitmap_and_of_its_copies_are_not_resident() -> None:
+    """A sparse 16 TiB volume's bitmaps (32 MiB each) cost the pages that hold set bits."""
+    before = _anon_rss()
+    bm = Bitmap(16 << 40, 64 * 1024)
+    for c in (0, 5, 1 << 20, bm.nbits - 1):
+        bm.set(c)
+    copies = [bm.copy() for _ in range(3)]
+    with bm.view() as bits:
+        loaded = Bitmap.from_bytes(bm.size, bm.granularity, bits)
+    copies[0].or_(loaded)
+    copies[1].clear_all()
+    assert list(loaded.runs()) == list(copies[0].runs()) == [(0, 1), (5, 1), (1 << 20, 1), (bm.nbits - 1, 1)]
+    assert copies[1].is_empty() and copies[2].count() == 4
+    grown = _anon_rss() - before
+    assert grown < 8 << 20, f"five 32 MiB bitmaps took {grown >> 20} MiB"

@@ -16,7 +16,7 @@ import random
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.errors import DeltavolError
 from deltavol.store.group_commit import GroupCommit
+from tests.fakes import until
 
 G = 4096
 R = 4 * G  # 4 chunks per hot region
@@ -147,14 +148,6 @@ async def written(tf: persist.TrackingFile, bm: Bitmap, *chunks: int) -> None:
     fut = write(tf, bm, *chunks)
     if fut is not None:
         await asyncio.shield(fut)
-
-
-async def until(cond: Callable[[], bool], what: str) -> None:
-    for _ in range(int(WAIT / 0.01)):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # --- chunk bits ----------------------------------------------------------------------------

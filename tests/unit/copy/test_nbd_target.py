@@ -11,6 +11,7 @@ import pytest
 from deltavol.copy.targets import NbdTarget
 from deltavol.errors import TargetError
 from deltavol.server.nbd_client import NbdClient
+from tests.fakes import until
 from tests.harness import require
 from tests.sessions.targets import nbdkit_memory_cmd, serving, uri
 
@@ -30,6 +31,7 @@ def nbdkit_without_flush_cmd(sock: Path) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.interop  # qemu-nbd, nbdkit
 async def test_a_server_that_cannot_flush_is_refused(tmp_path: Path) -> None:
     sock = tmp_path / "s.sock"
     with (
@@ -40,6 +42,7 @@ async def test_a_server_that_cannot_flush_is_refused(tmp_path: Path) -> None:
     assert uri(sock) in ei.value.message
 
 
+@pytest.mark.interop  # qemu-nbd, nbdkit
 async def test_a_server_that_can_flush_is_flushed(tmp_path: Path) -> None:
     sock = tmp_path / "s.sock"
     with serving(nbdkit_memory_cmd(SIZE, sock), sock):
@@ -94,9 +97,7 @@ async def test_an_open_cancelled_half_way_closes_the_connections_it_made(
 
     monkeypatch.setattr(NbdClient, "connect", connect)
     opening = asyncio.create_task(NbdTarget("nbd://dr/x").open())
-    async with asyncio.timeout(5):
-        while len(made) < NbdTarget.CONNECTIONS - 1:
-            await asyncio.sleep(0.001)
+    await until(lambda: len(made) == NbdTarget.CONNECTIONS - 1, "all but the last connection")
     opening.cancel()
     with pytest.raises(asyncio.CancelledError):
         await opening

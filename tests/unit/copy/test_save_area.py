@@ -18,6 +18,7 @@ import pytest
 from deltavol.copy import save_area
 from deltavol.copy.save_area import BLOCK, HEADER_SIZE, RECORD, SaveArea
 from deltavol.errors import CorruptFile, DeltavolError
+from tests.fakes import until
 
 G = 4 * BLOCK  # chunks of four blocks
 SIZE = 64 * G - BLOCK // 2  # the last chunk ends half-way through a block
@@ -263,33 +264,35 @@ async def test_a_full_disk_on_a_record_write_fills_the_area(
     assert sa.limit == sa.used == RECORD.size + BLOCK
 
 
-def held_sync(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> threading.Event:
-    """The save area's fdatasync waits for the event (a slow disk), then succeeds or fails."""
-    go = threading.Event()
+def held_sync(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> tuple[threading.Event, threading.Event]:
+    """The save area's fdatasync sets ``entered`` and waits for ``go`` (a slow disk), then
+    succeeds or fails. Returns (go, entered)."""
+    go, entered = threading.Event(), threading.Event()
     real = SaveArea.sync
 
     def sync(self: SaveArea) -> None:
+        entered.set()
         go.wait(5)
         if fail:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real(self)
 
     monkeypatch.setattr(SaveArea, "sync", sync)
-    return go
+    return go, entered
 
 
 async def test_a_save_cancelled_while_its_round_runs_still_counts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sa = area(tmp_path).create()
-    go = held_sync(monkeypatch)
+    go, entered = held_sync(monkeypatch)
     first = asyncio.ensure_future(sa.save(1, 0, b"a" * BLOCK))
-    await asyncio.sleep(0.01)  # its record is in the file, its round waits
+    await until(entered.is_set, "the round's sync")  # its record is in the file, its round waits
     first.cancel()  # the client's write is abandoned: it never overwrites the block
     with pytest.raises(asyncio.CancelledError):
         await first
     go.set()
-    await asyncio.sleep(0.05)
+    await until(lambda: 1 in sa, "the round's end")
     monkeypatch.undo()
     assert 1 in sa and sa.missing(1, 0, BLOCK) == [], "a durable record left out of the index"
     assert await sa.save(2, 0, b"b" * BLOCK)
@@ -318,14 +321,14 @@ async def test_a_failed_round_whose_saves_were_all_cancelled_still_ends_saving(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sa = area(tmp_path).create()
-    go = held_sync(monkeypatch, fail=True)
+    go, entered = held_sync(monkeypatch, fail=True)
     first = asyncio.ensure_future(sa.save(1, 0, b"a" * BLOCK))
-    await asyncio.sleep(0.01)
+    await until(entered.is_set, "the round's sync")
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
     go.set()
-    await asyncio.sleep(0.05)  # the round failed: the kernel may have dropped chunk 1's record
+    await until(lambda: sa.failed, "the round's end")  # the kernel may have dropped chunk 1's record
     monkeypatch.undo()
     assert not await sa.save(2, 0, b"b" * BLOCK), "a record made durable behind a possible gap"
 

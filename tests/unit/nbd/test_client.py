@@ -96,6 +96,7 @@ def server_uri(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield uri(sock)
 
 
+@pytest.mark.interop  # qemu-nbd, nbdkit
 async def test_pipelined_writes_zeroes_trim_and_reads(server_uri: str) -> None:
     client = await NbdClient.connect(server_uri)
     try:
@@ -119,6 +120,7 @@ async def test_pipelined_writes_zeroes_trim_and_reads(server_uri: str) -> None:
         await client.close()
 
 
+@pytest.mark.interop  # qemu-nbd, nbdkit
 async def test_a_server_that_dies_fails_pending_requests(tmp_path: Path) -> None:
     sock = tmp_path / "s.sock"
     with serving(nbdkit_memory_cmd(64 * MiB, sock), sock) as proc:
@@ -164,6 +166,7 @@ def stopped(proc: subprocess.Popen[bytes]) -> Iterator[None]:
         proc.send_signal(signal.SIGCONT)
 
 
+@pytest.mark.interop  # qemu-nbd, nbdkit
 async def test_a_server_that_stops_answering_fails_the_connection(tmp_path: Path) -> None:
     sock = tmp_path / "s.sock"
     with serving(nbdkit_memory_cmd(64 * MiB, sock), sock) as proc:
@@ -182,6 +185,7 @@ async def test_a_server_that_stops_answering_fails_the_connection(tmp_path: Path
             await client.close()
 
 
+@pytest.mark.interop  # qemu-nbd, nbdkit
 async def test_a_slow_server_that_keeps_answering_is_not_timed_out(tmp_path: Path) -> None:
     """The deadline runs from the server's last reply, not from each request's start: eight
     writes, one at a time, 0.2 s each, all sent at once, outlast a 0.5 s timeout."""
@@ -222,6 +226,7 @@ async def test_connecting_to_a_host_that_does_not_answer_times_out() -> None:
         listener.close()
 
 
+@pytest.mark.interop  # qemu-nbd, nbdkit
 async def test_a_connection_that_timed_out_is_reset_not_closed(tmp_path: Path) -> None:
     """What the socket still queues must not reach the server after the caller gave up on
     it (it could land over what is written since on a new connection): the connection is
@@ -266,6 +271,7 @@ async def test_a_connection_that_timed_out_is_reset_not_closed(tmp_path: Path) -
             await listener.wait_closed()
 
 
+@pytest.mark.interop  # qemu-nbd, nbdkit
 async def test_a_request_the_server_never_answers_fails_while_others_are_answered(tmp_path: Path) -> None:
     """A stuck request behind a server that keeps answering the others: the connection is
     never silent for ``timeout``, yet that request must not wait for ever."""

@@ -558,3 +558,23 @@ def test_abort_before_tls_is_acknowledged(serve: Callable[..., Served]) -> None:
     assert raw.reply()[:2] == (OPT_ABORT, REP_ACK)
     assert raw.closed()
     served.wait_idle()
+
+
+async def test_a_client_refused_after_the_handshake_closes_its_tls_transport_cleanly(
+    serve: Callable[..., Served], tls_certs: Path
+) -> None:
+    """With TLS 1.3 a server refuses a client's certificate after the client's side of the
+    handshake ended: the client fails that connect, and closes its TLS transport once,
+    raising nothing in a loop callback."""
+    served = serve(TlsMode.REQUIRE, verify_peer=True)
+    loop_errors: list[object] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: loop_errors.append(ctx))
+    for uri in (served.tcp_uri(tls_certs, host="localhost"), served.unix_uri(tls_certs)):
+        with pytest.raises(NbdConnectionError) as refused:
+            await NbdClient.connect(
+                uri, tls_context=client_context(tls_certs, client_cert=False), server_hostname="localhost"
+            )
+        assert "closed the connection" in str(refused.value) or "certificate" in str(refused.value)
+        await asyncio.sleep(0.2)  # let the loop run the transport's callbacks
+    assert loop_errors == []
+    served.wait_idle()

@@ -56,7 +56,7 @@ async def test_update_of_a_paused_update_while_a_write_waits_gives_up_the_unfini
     loop = asyncio.get_running_loop()
     began = loop.time()
     write = asyncio.create_task(rig.stack.pwrite(0, fill(0xEE) * 4))  # four owed chunks
-    await asyncio.sleep(0.01)  # it waits for the target, holding the gate
+    await until(lambda: target.asked > 0)  # it waits for the target, holding the gate
 
     def no_space(*_a: object, **_k: object) -> None:
         raise DeltavolError(msg="bitmap: No space left on device")
@@ -94,7 +94,7 @@ async def test_update_of_a_paused_update_while_a_write_waits_marks_after_the_giv
     await s.pause()
     target.silent = True
     write = asyncio.create_task(rig.write(2, 0xE2))
-    await asyncio.sleep(0.01)
+    await until(lambda: target.asked > 0)  # it waits for the target, holding the gate
     async with asyncio.timeout(WAIT):
         await s.start_update(False)
         await write

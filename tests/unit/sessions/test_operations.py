@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from deltavol.service import Service
 from deltavol.sessions.session import Session
 from deltavol.sessions.states import State
 from deltavol.store.datadir import DataDir
+from tests.fakes import until
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -76,14 +77,6 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
 @pytest.fixture
 def svc(server: Server) -> Service:
     return server.svc
-
-
-async def until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.002)
 
 
 def copy_tasks(name: str = "s") -> list[asyncio.Task[Any]]:

@@ -70,6 +70,7 @@ MOVES = {
     Phase.GIVEN_UP: ["mark", "give_up"],
     Phase.DONE: ["mark", "finish"],
     Phase.CANCELLED: ["start_full", "cancel"],
+    Phase.RESTORING: ["restore"],
 }
 
 

@@ -52,6 +52,8 @@ from deltavol.sessions.session import Session, UpdateRecord
 from deltavol.sessions.states import Phase, State
 from deltavol.sessions.tracker import Pending
 from deltavol.store.group_commit import GroupCommit
+from tests import fakes
+from tests.fakes import until
 
 BLOCK = 4096
 G = BLOCK  # a chunk of one block
@@ -129,37 +131,22 @@ def syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SyncLog]:
 
 
 # --- the source's bottom backend and the copy target ---------------------------------------
-class Disk:
-    """The source volume under the write path; checks each change lands only once it is safe."""
-
-    name = "src"
-    size = SIZE
+class Disk(fakes.Disk):
+    """The source volume under the write path; checks each change lands only once it is safe.
+    With ``cached``, reads come from the page cache: protect saves without locks."""
 
     def __init__(self, granularity: int, cached: bool = False) -> None:
+        super().__init__(SIZE, OLD, cached=cached)
         self.granularity = granularity
-        self.cached = cached  # reads come from the page cache: protect saves without locks
-        self.data = bytearray(OLD)
-        self.landed: list[tuple[int, int]] = []
         self.violations: list[str] = []
         self.is_safe: Callable[[int], bool] = lambda c: True
 
-    async def pread(self, offset: int, length: int) -> bytes:
-        await asyncio.sleep(0)  # I/O: other tasks run meanwhile
-        return bytes(self.data[offset : offset + length])
-
-    def pread_cached(self, offset: int, length: int) -> bytes | None:
-        return bytes(self.data[offset : offset + length]) if self.cached else None
-
-    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
+    def landing(self, offset: int, length: int) -> tuple[int, int]:
         g = self.granularity
-        for c in range(offset // g, (offset + len(data) - 1) // g + 1):
+        for c in range(offset // g, (offset + length - 1) // g + 1):
             if not self.is_safe(c):
                 self.violations.append(f"chunk {c} changed before its bit was durable")
-        self.data[offset : offset + len(data)] = data
-        self.landed.append((offset, len(data)))
-
-    async def flush(self) -> None:
-        """Every change here has landed (no page cache in this model): nothing to do."""
+        return (offset, length)
 
 
 class Target:
@@ -298,14 +285,6 @@ def rigs(tmp_path: Path, syncs: SyncLog, request: pytest.FixtureRequest) -> Iter
                 s.tracking_file.close()
             if s.save is not None:
                 s.save.close()
-
-
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.001)
 
 
 # --- 1, 2: one fsync per change ------------------------------------------------------------

@@ -4,12 +4,11 @@ come out as the project's errors, naming the file."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from deltavol.sessions import manager as manager_module
 from deltavol.sessions.session import Session
 from deltavol.sessions.states import State
 from deltavol.store.datadir import DataDir
+from tests.fakes import until
 
 MiB = 1 << 20
 G = 64 * 1024
@@ -38,14 +38,6 @@ async def svc(tmp_path: Path) -> AsyncIterator[Service]:
     finally:
         await service.close()
         dd.close()
-
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 def last_error_row(svc: Service, name: str) -> Any:

@@ -33,6 +33,8 @@ from deltavol.errors import TargetError
 from deltavol.sessions.manager import _SourceWiring
 from deltavol.sessions.session import RetryPolicy, Session, UpdateRecord
 from deltavol.sessions.states import State
+from tests import fakes
+from tests.fakes import until
 
 G = 4096
 N = 32
@@ -48,34 +50,16 @@ def fill(tag: int) -> bytes:
     return bytes([tag]) * G
 
 
-class Disk:
+class Disk(fakes.Disk):
     """The source volume's bottom backend; ``landed`` has, for each change that went down,
     its chunk and what the committed session row said then (``row_at``)."""
 
-    name = "src"
-    size = SIZE
-
     def __init__(self) -> None:
-        self.data = bytearray(OLD)
-        self.landed: list[tuple[int, Any]] = []
+        super().__init__(SIZE, OLD)
         self.row_at: Callable[[], Any] = lambda: None
 
-    async def pread(self, offset: int, length: int) -> bytes:
-        await asyncio.sleep(0)
-        return bytes(self.data[offset : offset + length])
-
-    def pread_cached(self, offset: int, length: int) -> bytes | None:
-        return None
-
-    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
-        self.landed.append((offset // G, self.row_at()))
-        self.data[offset : offset + len(data)] = data
-
-    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        return [(length, 0)]
-
-    async def flush(self) -> None:
-        """A mark flushes the source; every change here has landed: nothing to do."""
+    def landing(self, offset: int, length: int) -> tuple[int, Any]:
+        return (offset // G, self.row_at())
 
 
 class Target:
@@ -234,12 +218,6 @@ class Rig:
         self.sessions.clear()
         self.wiring.sessions.clear()
         self.wiring.rehook()
-
-
-async def until(cond: Callable[[], bool]) -> None:
-    async with asyncio.timeout(WAIT):
-        while not cond():
-            await asyncio.sleep(0.005)
 
 
 async def finished(s: Session) -> None:

@@ -22,6 +22,7 @@ from deltavol.copy.save_area import SaveArea
 from deltavol.errors import DeltavolError, NoSpace
 from deltavol.sessions.session import Session
 from deltavol.store.group_commit import GroupCommit
+from tests.fakes import until
 
 G = 4096
 SIZE = 64 * G
@@ -235,15 +236,16 @@ async def test_a_mark_waits_for_the_prepare_a_cancelled_mark_left_running(
     """The thread writing a save area's space ahead outlives a cancelled mark; it writes at
     fixed offsets, so the next mark must not create the area (and save) before it ends."""
     s = make_session(tmp_path, "s", GroupCommit())
-    go, ran = threading.Event(), []
+    go, entered, ran = threading.Event(), threading.Event(), []
 
     def prepare(self: SaveArea) -> None:
+        entered.set()
         go.wait(5)
         ran.append(self.path)
 
     monkeypatch.setattr(SaveArea, "prepare", prepare)
     first = asyncio.ensure_future(s.protector.prepare_save_area())
-    await asyncio.sleep(0.01)
+    await until(entered.is_set, "the first prepare's thread")
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first

@@ -1,0 +1,413 @@
+"""``session restore``: roll the source back to the target's point in time, copying back only
+what may differ.
+
+Design notes
+------------
+* **What is copied back.** Where the source may differ from a consistent target is exactly
+  where tracking has a bit (invariant 2): every change since the point in time, and after
+  a power loss the hot set's chunks, which ``load_tracking`` folded into tracking at
+  start-up. A session with an update under way has no point in time to go back to: its
+  target already holds part of the new mark. Such a restore is refused, as is one of a
+  session that is not consistent; neither changes anything.
+* **Refused, changing nothing.** The checks, and the opening of the target, come before the
+  commit point (the row says ``restoring``): an unknown session, an inconsistent one or
+  an unreachable target leaves every file and row as it was.
+* **No client changes the source meanwhile.** From the commit on, the source's export is
+  read-only and says why (its ``write_guard``), and the restore holds the source's write
+  gate closed from the moment it takes its work to its end: a change that passed the
+  export's check just before the guard either went down before (it is then in tracking,
+  and copied back) or waits at the gate and lands after the restore (and is tracked).
+  The restore writes under the gate (``Volume.below_gate``), through the sessions' hooks:
+  the other sessions of the source track (and protect) what it writes as any change.
+* **The set still to copy back** is a bitmap file (``NAME.restore``), written atomically
+  from tracking when the restore takes its work, then checkpointed as copy progress is:
+  snapshot it, fsync the source, write the snapshot's bits over the file. A chunk leaves it
+  only once the source write that restored it is durable. Bits only go from set to clear,
+  so they are written in place; a late or torn checkpoint leaves a superset.
+* **The end.** The file is checkpointed empty, tracking is reset durably (``rewrite``), then
+  the row commits ``idle``, consistent, with the same ``point_in_time``; only then does the
+  guard go and the gate open. A crash before the row leaves ``restoring``: the start-up
+  resumes it with what the file still owes (nothing, near the end) and ends the same way.
+* **Tracking is left alone until the end.** The restore writes only chunks whose tracking
+  bits are set already (its work came from tracking), and no other change reaches the
+  source: so tracking still holds every chunk the restore set out to copy back, a
+  superset of what its file owes. A restore file found corrupt is replaced from tracking
+  (the restore starts over), never taken for an empty one.
+* **A failure** (the target stops answering, a full disk) leaves the session ``restoring``
+  with ``last_error`` and the source guarded; ``session restore`` again (or a restart, or
+  for a target that failed the retry policy, as for updates) goes on with what the file
+  owes. Removing the session lifts the guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from deltavol.backend.file import FileBackend
+from deltavol.bitmap import persist
+from deltavol.bitmap.bitmap import Bitmap
+from deltavol.copy.engine import Progress, requests, run_pipeline, split_zeroes
+from deltavol.copy.targets import CopyTarget
+from deltavol.copy.throttle import Throttle
+from deltavol.errors import CorruptFile, DeltavolError, NotRestorable, TargetError, os_error
+from deltavol.sessions.records import UpdateRecord, now_iso
+from deltavol.sessions.session import CHECKPOINT_SECONDS, Session, one_at_a_time
+from deltavol.sessions.states import State, next_state
+from deltavol.store import fs
+from deltavol.store.fs import sync_dir
+
+log = logging.getLogger("deltavol.session")
+
+T = TypeVar("T")
+Fill = Callable[[FileBackend], Awaitable[None]]
+KIND = "restore"  # the ``update.kind`` of a restore in the session's status
+
+
+def restore_path(s: Session) -> Path:
+    return s.tracker.path.with_name(f"{s.name}.restore")
+
+
+def guard_source(s: Session) -> None:
+    """The source refuses clients' changes while the session restores it."""
+    pit = s.point_in_time
+    s.source.write_guard = lambda: f"session {s.name!r} is restoring it to {pit}"
+
+
+def forget(s: Session) -> None:
+    """The session is gone: its restore's guard and file go too (called on removal)."""
+    if s.state is State.RESTORING:
+        s.source.write_guard = lambda: None
+    with contextlib.suppress(OSError):
+        fs.unlink(restore_path(s), missing_ok=True)
+
+
+def _refusal(s: Session) -> str | None:
+    """Why ``s`` cannot be restored now; None if it can."""
+    u = s.update
+    if s.busy or (s.state in (State.COPYING, State.PAUSED, State.FAILED) and s.transfer is not None):
+        what = f"update {u.id}" if u is not None else "an update"
+        return (
+            f"{what} is {s.state.value}: its target already holds part of its new mark, so no point "
+            "in time is left to go back to until it ends (resume it, or wait for it: the point in "
+            "time becomes its mark)"
+        )
+    if not s.consistent or s.point_in_time is None:
+        return "it is not consistent: its target holds no point in time to go back to"
+    if s.state is not State.IDLE:
+        return f"it is {s.state.value}"
+    other = s.source.write_guard()
+    if other is not None:
+        return f"its source volume {s.source.name!r} is protected: {other}"
+    return None
+
+
+@one_at_a_time
+async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
+    """Start (or, after a failure or a restart, go on with) a restore; returns once it has
+    committed and its copy task runs."""
+    if by_retry and s.state is not State.RESTORING:
+        return s.status()  # it ended meanwhile: a retry never starts a restore
+    s._cancel_retry()
+    if not by_retry:
+        s.retry.attempts = 0
+    resuming = s.state is State.RESTORING
+    if resuming and s.busy:
+        return s.status()  # already going
+    if not resuming:
+        why = _refusal(s)
+        if why is not None:
+            raise NotRestorable(name=s.name, action="restore", why=why)
+    new_state = next_state(s.name, s.state, "restore")
+    # the target must answer before anything changes
+    await s.copier.drop_target()
+    target = await s.ensure_target()
+    if target.size < s.source.size:
+        await s.copier.drop_target()
+        raise TargetError(msg=f"target {s.target_spec} is smaller than the source {s.source.name!r}")
+    before = s.state, s.update, s.last_error, s.next_update_id, s.progress
+    if not resuming:
+        try:  # a file left by an earlier restore that ended (or a removed namesake) is void
+            if fs.exists(restore_path(s)):
+                fs.unlink(restore_path(s))
+                sync_dir(restore_path(s).parent)
+        except OSError as exc:
+            raise os_error(exc, f"removing an old restore file of session {s.name}") from exc
+        s.update = UpdateRecord(id=s.next_update_id, kind=KIND, started_at=now_iso())
+        s.update.move("restore", s.name)
+        s.next_update_id += 1
+    s.state, s.last_error = new_state, None
+    u = s.update
+    assert u is not None
+    # the progress shown (and saved with the row) is the restore's from now on
+    s.progress = Progress(bytes_total=u.bytes_total, bytes_done=u.bytes_done, bytes_sent=u.bytes_sent)
+    try:
+        s._persist_row(s)  # the commit point
+    except BaseException:
+        s.state, s.update, s.last_error, s.next_update_id, s.progress = before
+        await s.copier.drop_target()
+        raise
+    guard_source(s)
+    assert s.update is not None
+    s.events.publish("restore.started", name=s.name, id=s.update.id, point_in_time=s.point_in_time)
+    log.info("session %s: restoring %s to %s", s.name, s.source.name, s.point_in_time)
+    s._task = asyncio.get_running_loop().create_task(Restorer(s, target).run(), name=f"restore-{s.name}")
+    return s.status()
+
+
+async def resume_at_start(s: Session, by_retry: bool = False) -> None:
+    """Start-up (and the retry policy): an interrupted restore goes on by itself. Nobody
+    awaits this: an error stays in ``last_error``, the source guarded, and the session
+    ``restoring``; a target that does not answer is tried again with the retry policy's
+    backoff, then it waits for ``session restore``."""
+    try:
+        await restore(s, by_retry=by_retry)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        if s.closed:  # removed, or the server is stopping
+            return
+        why = exc.message if isinstance(exc, DeltavolError) else repr(exc)
+        log.error("session %s: the interrupted restore cannot go on: %s", s.name, why)
+        with contextlib.suppress(DeltavolError, OSError):
+            s.last_error = f"restore: {why}"
+            s._persist_row(s)
+        if isinstance(exc, TargetError):
+            _retry_later(s)
+
+
+def _retry_later(s: Session) -> None:
+    """A restore whose target failed is tried again as an update is: exponential backoff,
+    at most ``retry.limit`` times in a row."""
+    if s.closed or s.retry.attempts >= s.retry.limit:
+        return
+    delay = s.retry.delay()
+    s.retry.attempts += 1
+    s.retry.next_at = time.time() + delay
+    s.events.publish("update.retry", name=s.name, attempt=s.retry.attempts, at_time=s.retry.next_at)
+    log.info("session %s: restore retry %d of %d in %.1fs", s.name, s.retry.attempts, s.retry.limit, delay)
+    s._retry_task = asyncio.get_running_loop().create_task(_retry(s, delay))
+
+
+async def _retry(s: Session, delay: float) -> None:
+    await asyncio.sleep(delay)
+    s.retry.next_at = None
+    s._retry_task = None  # this task: the restore it starts must not cancel it
+    await resume_at_start(s, by_retry=True)
+
+
+class Restorer:
+    """One run of a restore: the copy back, its checkpoints and its end."""
+
+    def __init__(self, s: Session, target: CopyTarget) -> None:
+        self.s = s
+        self.target = target
+        self.path = restore_path(s)
+        self.todo = Bitmap(s.source.size, s.granularity)
+        self.progress = Progress()
+        self._checkpointing = asyncio.Lock()
+
+    async def run(self) -> None:
+        s = self.s
+        try:
+            async with s._gate.closed():
+                await self._copy_back()
+                self._finish()
+        except asyncio.CancelledError:
+            if s.removed:
+                forget(s)
+            raise
+        except Exception as exc:
+            if isinstance(exc, DeltavolError | OSError):
+                why = exc.message if isinstance(exc, DeltavolError) else str(exc)
+            else:  # a bug: the session fails, the server stays up
+                log.exception("session %s: restore crashed", s.name)
+                why = f"internal error: {exc!r}"
+            await self._fail(why)
+            if isinstance(exc, TargetError):
+                _retry_later(s)
+
+    def _take_work(self) -> None:
+        """What is still to copy back: the file of this restore, or (at its first run, or if
+        it never got written) tracking as it is now, with the gate closed, saved first."""
+        s, update = self.s, self.s.update
+        assert update is not None
+        todo: Bitmap | None = None
+        if fs.exists(self.path):
+            try:
+                todo, generation = persist.load(self.path, persist.KIND_RESTORE, s.granularity, s.source.size)
+            except CorruptFile as exc:  # tracking still holds all of it (see the module notes)
+                log.error("session %s: %s: the restore starts over from tracking", s.name, exc.message)
+                todo, generation = None, update.id
+            if generation != update.id:
+                todo = None  # not this restore's
+        if todo is None:
+            todo = s.tracking.copy()
+            persist.save_atomic(self.path, todo, update.id, persist.KIND_RESTORE)
+            update.bytes_total = todo.bytes_set()
+        self.todo = todo
+        total = update.bytes_total or todo.bytes_set()
+        self.progress = s.progress = Progress(bytes_total=total)
+        self.progress.bytes_done = total - todo.bytes_set()
+        self.progress.bytes_sent = update.bytes_sent
+
+    async def _copy_back(self) -> None:
+        s, target = self.s, self.target
+        self._take_work()
+        log.info("session %s: %d bytes to copy back", s.name, self.todo.bytes_set())
+        g = s.granularity
+        checkpointer = asyncio.get_running_loop().create_task(self._checkpoint_loop())
+        try:
+            await run_pipeline(
+                requests(self.todo.runs(), max(1, target.request_size // g)),
+                self._copy_run,
+                throttle=Throttle(None),
+                request_bytes=lambda first, count: count * g,
+                inflight=target.inflight,
+            )
+        finally:
+            checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checkpointer
+        await self._checkpoint()  # the file says: nothing left
+
+    async def _copy_run(self, first: int, count: int) -> None:
+        s, g = self.s, self.s.granularity
+        offset = first * g
+        length = min(count * g, s.source.size - offset)
+        data = await self.target.pread(offset, length)
+        stack = s.source.below_gate
+        sent = 0
+        for at, part in split_zeroes(offset, data, g):
+            if isinstance(part, int):
+                await stack.zero(at, part, may_trim=True)
+            else:
+                await stack.pwrite(at, part)
+                sent += len(part)
+        self.todo.clear_run(first, count)
+        self.progress.bytes_sent += sent
+        self.progress.done(length)
+        assert s.update is not None
+        s.events.progress(
+            s.name,
+            id=s.update.id,
+            bytes_total=self.progress.bytes_total,
+            bytes_done=self.progress.bytes_done,
+            bytes_sent=self.progress.bytes_sent,
+        )
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            try:
+                await self._checkpoint()
+            except (DeltavolError, OSError) as exc:  # the last durable checkpoint still holds
+                log.warning("session %s: restore checkpoint skipped: %s", self.s.name, exc)
+
+    async def _checkpoint(self) -> None:
+        """Snapshot what is left, fsync the source, then write the snapshot over the file: a
+        chunk cleared in the snapshot was written before the fsync began, so it is durable.
+        (A checkpoint cut short leaves its write to land later: an older snapshot, a superset.)"""
+        async with self._checkpointing:
+            snapshot = self.todo.copy()
+            await self.s.source.backend.flush()
+            await asyncio.shield(fs.to_thread(persist.write_bits_in_place, self.path, snapshot))
+            self._save_row()
+
+    def _save_row(self) -> None:
+        s, update = self.s, self.s.update
+        assert update is not None
+        update.bytes_total = self.progress.bytes_total
+        update.bytes_done = self.progress.bytes_done
+        update.bytes_sent = self.progress.bytes_sent
+        s._persist_row(s)
+
+    def _finish(self) -> None:
+        """Tracking empty (durably), then the row: idle, consistent, the same point in time."""
+        s, update = self.s, self.s.update
+        assert update is not None
+        s.tracking.clear_all()
+        s._rewrite_tracking()
+        before = s.state, update.phase, update.finished_at, s.last_error
+        s.state = next_state(s.name, s.state, "restored")
+        update.move("restored", s.name)
+        s.retry.attempts = 0
+        update.finished_at, s.last_error = now_iso(), None
+        try:
+            self._save_row()  # the commit point
+        except BaseException:
+            s.state, _, update.finished_at, s.last_error = before
+            update.put_back(before[1], s.name)
+            raise
+        s.source.write_guard = lambda: None
+        with contextlib.suppress(OSError):
+            fs.unlink(self.path, missing_ok=True)
+        s.events.publish(
+            "restore.finished",
+            name=s.name,
+            id=update.id,
+            point_in_time=s.point_in_time,
+            bytes_done=update.bytes_done,
+        )
+        log.info(
+            "session %s: restored %s to %s (%d bytes copied back)",
+            s.name,
+            s.source.name,
+            s.point_in_time,
+            update.bytes_done,
+        )
+
+    async def _fail(self, why: str) -> None:
+        s = self.s
+        s.last_error = f"restore: {why}"
+        log.error("session %s: restore failed: %s", s.name, why)
+        try:
+            self._save_row()
+        except DeltavolError as exc:
+            log.error("session %s: cannot record the failure: %s", s.name, exc.message)
+        s.events.publish("restore.failed", name=s.name, error=why)
+        await s.copier.drop_target()
+
+
+@one_at_a_time
+async def new_volume(s: Session, make: Callable[[Fill], Awaitable[T]]) -> T:
+    """``volume create NAME --from-session S``: ``make`` creates the volume with a ``fill``
+    that copies the target's point in time into it (a full copy, holes left as holes).
+
+    The session is held for the whole copy, as a verify holds it: no update may start
+    writing the target meanwhile, so what is read is one point in time."""
+    if s.busy or s.state is not State.IDLE or not s.consistent:
+        state = s.state.value + ("" if s.consistent else ", not consistent")
+        raise NotRestorable(
+            name=s.name, action="be copied", why=f"it is {state}: its target holds no point in time now"
+        )
+    await s.copier.drop_target()  # idle: nothing else uses it, and a kept connection may be dead
+    target = await s.ensure_target()
+    size, g = s.source.size, s.granularity
+
+    async def fill(backend: FileBackend) -> None:
+        async def copy(first: int, count: int) -> None:
+            offset = first * g
+            data = await target.pread(offset, min(count * g, size - offset))
+            for at, part in split_zeroes(offset, data, g):
+                if not isinstance(part, int):  # the new image reads zeroes where nothing is written
+                    await backend.pwrite(at, part)
+
+        nbits = Bitmap(size, g).nbits
+        await run_pipeline(
+            requests(iter([(0, nbits)]), max(1, target.request_size // g)),
+            copy,
+            throttle=Throttle(None),
+            request_bytes=lambda first, count: count * g,
+            inflight=target.inflight,
+        )
+
+    try:
+        return await make(fill)
+    finally:
+        await s.copier.drop_target()
