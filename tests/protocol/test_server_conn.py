@@ -10,6 +10,8 @@ import struct
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wire import (
     C_FIXED_NEWSTYLE,
     C_NO_ZEROES,
@@ -886,3 +888,144 @@ def test_option_answer_after_close_raises() -> None:
     one_event(conn, option(Opt.ABORT))
     with pytest.raises(ProtocolStateError):
         conn.reply_list([])
+
+
+# --- transmission: receiving in place (asyncio.BufferedProtocol) -----------------------------
+BIG = ExportInfo(name="disk", size=1 << 30, flags=int(FLAGS), max_block=4 << 20)
+
+
+def receive_in_place(conn: ServerConnection, data: bytes, piece: int = 1 << 30) -> list[object]:
+    """Put ``data`` where ``get_buffer`` says, at most ``piece`` bytes a call, and take the
+    events after each call, as ``NbdConnection`` does."""
+    events: list[object] = []
+    pos = 0
+    while pos < len(data):
+        view = conn.get_buffer()
+        assert len(view) > 0
+        n = min(len(view), piece, len(data) - pos)
+        view[:n] = data[pos : pos + n]
+        conn.buffer_updated(n)
+        pos += n
+        events += events_until_need_data(conn)
+    return events
+
+
+def test_large_write_payload_is_received_into_the_request_buffer() -> None:
+    conn = in_transmission(BIG)
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    stream = request(Cmd.WRITE, cookie=7, offset=1 << 20, data=payload)
+    assert receive_in_place(conn, stream[:5000]) == []
+    view = conn.get_buffer()
+    assert len(view) == len(payload) - (5000 - 28)  # the rest of the payload, nothing more
+    view[:] = stream[5000:]
+    conn.buffer_updated(len(view))
+    event = conn.next_event()
+    assert event == Request(7, Cmd.WRITE, CmdFlag(0), 1 << 20, len(payload), payload)
+    assert isinstance(event, Request) and view.obj is event.data  # received there: no copy
+    assert conn.next_event() is NEED_DATA and conn.buffered == 0
+
+
+def test_requests_after_an_in_place_payload_are_parsed_in_order() -> None:
+    conn = in_transmission(BIG)
+    payload = b"\x5a" * 300_000
+    stream = (
+        request(Cmd.WRITE, cookie=1, data=payload)
+        + request(Cmd.READ, cookie=2, length=4096)
+        + request(Cmd.WRITE, cookie=3, data=b"small")
+    )
+    events = receive_in_place(conn, stream, piece=70_000)
+    assert events == [
+        Request(1, Cmd.WRITE, CmdFlag(0), 0, len(payload), payload),
+        Request(2, Cmd.READ, CmdFlag(0), 0, 4096),
+        Request(3, Cmd.WRITE, CmdFlag(0), 0, 5, b"small"),
+    ]
+
+
+def test_receive_data_fills_an_in_place_payload_too() -> None:
+    """Bytes fed as ``bytes`` (TLS bytes that came early) go where the payload waits."""
+    conn = in_transmission(BIG)
+    payload = b"\xa5" * 200_000
+    stream = request(Cmd.WRITE, cookie=1, data=payload) + request(Cmd.FLUSH, cookie=2)
+    assert receive_in_place(conn, stream[:1000]) == []
+    conn.receive_data(stream[1000:])
+    assert events_until_need_data(conn) == [
+        Request(1, Cmd.WRITE, CmdFlag(0), 0, len(payload), payload),
+        Request(2, Cmd.FLUSH, CmdFlag(0), 0, 0),
+    ]
+
+
+def test_eof_mid_in_place_payload_is_an_unclean_close() -> None:
+    conn = in_transmission(BIG)
+    receive_in_place(conn, request(Cmd.WRITE, data=bytes(500_000))[:-1])
+    conn.receive_data(b"")
+    event = conn.next_event()
+    assert isinstance(event, Closed) and not event.clean
+
+
+def test_eof_after_a_write_header_alone_is_an_unclean_close() -> None:
+    conn = in_transmission()
+    assert one_event(conn, request(Cmd.WRITE, length=100)) is NEED_DATA
+    conn.receive_data(b"")
+    event = conn.next_event()
+    assert isinstance(event, Closed) and not event.clean
+
+
+def test_buffer_offered_is_never_empty_however_much_waits_unparsed() -> None:
+    """Requests left unparsed (reading paused) must not leave ``get_buffer`` no room: a
+    receive into an empty buffer reads as end of file."""
+    conn = in_transmission(BIG)
+    stream = b"".join(request(Cmd.READ, cookie=i, length=512) for i in range(40_000))  # 1.1 MB
+    pos = 0
+    while pos < len(stream):
+        view = conn.get_buffer()
+        assert len(view) > 0
+        n = min(len(view), len(stream) - pos)
+        view[:n] = stream[pos : pos + n]
+        conn.buffer_updated(n)
+        pos += n
+    events = events_until_need_data(conn)
+    assert [e.cookie for e in events if isinstance(e, Request)] == list(range(40_000))
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just(Cmd.WRITE), st.integers(0, 300_000)),
+            st.tuples(st.just(Cmd.READ), st.integers(1, 1 << 20)),
+            st.tuples(st.just(Cmd.FLUSH), st.just(0)),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    st.integers(1, 200_000),
+)
+@settings(max_examples=40, deadline=None)
+def test_in_place_gives_the_events_of_receive_data(reqs: list[tuple[Cmd, int]], piece: int) -> None:
+    stream = b""
+    for cookie, (cmd, n) in enumerate(reqs):
+        if cmd is Cmd.WRITE:
+            stream += request(cmd, cookie=cookie, data=bytes([cookie % 251]) * n)
+        else:
+            stream += request(cmd, cookie=cookie, length=n)
+    whole = in_transmission(BIG)
+    whole.receive_data(stream)
+    assert receive_in_place(in_transmission(BIG), stream, piece) == events_until_need_data(whole)
+
+
+def test_receive_buffer_stays_small_until_transmission() -> None:
+    """Nothing has authenticated a client before transmission: what it makes the server
+    hold stays a few KiB (a long option grows the buffer only as far as it needs)."""
+    conn = ServerConnection()
+    assert receive_in_place(conn, client_flags(C_FIXED_NEWSTYLE | C_NO_ZEROES)) == []
+    assert conn._rx.held <= 16 * 1024
+    data = option(Opt.GO, info_data("x" * 4000))
+    while data:
+        view = conn.get_buffer()
+        n = min(len(view), len(data))
+        view[:n] = data[:n]
+        conn.buffer_updated(n)
+        data = data[n:]
+    assert isinstance(conn.next_event(), OptInfo) and conn._rx.held <= 16 * 1024
+    conn.reply_info(BIG)
+    assert receive_in_place(conn, request(Cmd.FLUSH)) != []
+    assert conn._rx.held >= 128 * 1024  # in transmission: room for a burst of requests

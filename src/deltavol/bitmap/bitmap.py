@@ -2,7 +2,7 @@
 
 Design notes
 ------------
-Bits live in a ``bytearray``, bit ``i`` in byte ``i >> 3`` at position ``i & 7`` (least
+Bits live in a ``bytearray`` (or a mapping, below), bit ``i`` in byte ``i >> 3`` at position ``i & 7`` (least
 significant first). Whole-bitmap operations never loop over bits in Python: zero regions
 are skipped with ``bytes.lstrip``-style scans done in C over slices, counts use
 ``int.bit_count`` over big slices, and OR uses big-int arithmetic over slices. A 16 TiB
@@ -33,8 +33,17 @@ _ZEROES = bytes(_WINDOW)
 
 
 def _alloc(n: int) -> bytearray | mmap.mmap:
-    """``n`` zero bytes: in an anonymous mapping if big (see the notes)."""
-    return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE) if n and n >= MAPPED else bytearray(n)
+    """``n`` zero bytes: in an anonymous mapping if big (see the notes). Huge pages are
+    refused for it: with them, one set bit would make 2 MiB resident."""
+    if not n or n < MAPPED:
+        return bytearray(n)
+    try:
+        m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE)
+    except OSError as exc:  # ENOMEM: out of memory, not a file's error
+        raise MemoryError(f"cannot map a bitmap of {n} bytes: {exc.strerror}") from exc
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        m.madvise(mmap.MADV_NOHUGEPAGE)
+    return m
 
 
 def _put_sparse(dst: bytearray | mmap.mmap, src: bytes | bytearray | memoryview | mmap.mmap) -> None:
@@ -124,11 +133,14 @@ class Bitmap:
             cleared += self._take(c)
             c += 1
         lo, hi = c >> 3, end >> 3
-        bits, step = self._bits, 1 << 20
+        bits = self._bits
+        step = _WINDOW if isinstance(bits, mmap.mmap) else 1 << 20  # (as in or_)
         for i in range(lo, hi, step):
             j = min(hi, i + step)
-            cleared += int.from_bytes(bits[i:j], "little").bit_count()
-            bits[i:j] = bytes(j - i)
+            n = int.from_bytes(bits[i:j], "little").bit_count()
+            if n:  # a window already clear is not written: its pages may not be resident
+                cleared += n
+                bits[i:j] = bytes(j - i)
         for tail in range(max(c, hi * 8), end):  # the ragged tail
             cleared += self._take(tail)
         return cleared * self.granularity - short
@@ -222,12 +234,16 @@ class Bitmap:
     def or_(self, other: Bitmap) -> None:
         if (other.nbits, other.granularity) != (self.nbits, self.granularity):
             raise ValueError("bitmaps of different geometry")
-        step = 1 << 20
+        # a mapped bitmap goes by small windows, so that a few bits scattered over the other
+        # make only their windows' pages resident, not the whole bitmap
+        step = _WINDOW if isinstance(self._bits, mmap.mmap) else 1 << 20
         mine, theirs = self._bits, other._bits
         for i in range(0, len(mine), step):
-            a = int.from_bytes(mine[i : i + step], "little")
             b = int.from_bytes(theirs[i : i + step], "little")
-            if b:
+            if not b:
+                continue
+            a = int.from_bytes(mine[i : i + step], "little")
+            if a | b != a:  # written only where bits change
                 mine[i : i + step] = (a | b).to_bytes(len(mine[i : i + step]), "little")
 
     def copy(self) -> Bitmap:

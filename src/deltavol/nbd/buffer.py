@@ -1,9 +1,15 @@
 """The receive buffer both sides parse from.
 
-Bytes are appended at the end and consumed from a read position, so taking a header
-costs no memmove of what follows (a 32 MiB WRITE arrives in hundreds of pieces, and a
-structured READ reply in many chunks). Consumed bytes are dropped when everything was
-consumed, or once ``COMPACT_AT`` of them sit at the front, whichever comes first.
+One ``bytearray`` of fixed capacity: bytes are written at the end (``feed``, or straight
+from the socket into ``space`` then ``wrote``) and consumed from a read position, so taking
+a header costs no memmove of what follows. The bytearray is never resized, since a
+transport may still hold a view of it (``asyncio.BufferedProtocol`` keeps the buffer it
+received into alive while ``buffer_updated`` runs): when the free tail is too short, what
+is left unconsumed moves to the front, or, if that is not room enough, the bytes move to
+a new, larger bytearray. One that grew past ``COMPACT_AT`` is given up for a small one as
+soon as everything in it was consumed, so memory stays bounded on a long stream. It starts
+at the capacity its owner asks for (a server connection: small until transmission, where
+nothing has authenticated the client) and grows when more is needed.
 """
 
 from __future__ import annotations
@@ -11,65 +17,110 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-COMPACT_AT = 1 << 20
+CAPACITY = 256 * 1024  # the default size
+MIN_SPACE = 64 * 1024  # ``space`` offers at least this much unless told otherwise
+COMPACT_AT = 1 << 20  # a buffer grown larger than this shrinks back once drained
 
 
 class ReceiveBuffer:
-    __slots__ = ("_buf", "_pos")
+    __slots__ = ("_buf", "_end", "_pos", "_view")
 
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._pos = 0
+    def __init__(self, capacity: int = CAPACITY) -> None:
+        self._new(capacity)
+
+    def _new(self, capacity: int) -> None:
+        self._buf = bytearray(capacity)
+        self._view = memoryview(self._buf)
+        self._pos = self._end = 0
 
     def __len__(self) -> int:
         """Bytes received and not yet consumed."""
-        return len(self._buf) - self._pos
+        return self._end - self._pos
 
     @property
     def held(self) -> int:
-        """Bytes in memory: not yet consumed, and consumed but not yet dropped."""
+        """Bytes of memory the buffer takes."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> None:
-        pos = self._pos
-        if pos and (pos == len(self._buf) or pos >= COMPACT_AT):
-            del self._buf[:pos]
-            self._pos = 0
-        self._buf += data
+    def _room(self, n: int) -> None:
+        """Make the free tail at least ``n`` bytes long."""
+        pos, end = self._pos, self._end
+        if pos == end:  # all consumed: start again at the front, small again if it grew
+            if len(self._buf) > COMPACT_AT:
+                self._new(CAPACITY)
+            self._pos = self._end = 0
+            if len(self._buf) >= n:
+                return
+        elif len(self._buf) - end >= n:
+            return
+        left = end - pos
+        if left + n <= len(self._buf):
+            view = self._view
+            view[:left] = view[pos:end]  # memoryview assignment moves overlapping bytes safely
+        else:
+            old = self._view[pos:end]
+            self._new(max(2 * len(self._buf), left + n))
+            self._view[:left] = old
+            old.release()
+        self._pos, self._end = 0, left
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        if len(self._buf) - self._end < n or self._pos == self._end:
+            self._room(n)
+        end = self._end
+        self._view[end : end + n] = data
+        self._end = end + n
+
+    def space(self, at_least: int = MIN_SPACE) -> memoryview:
+        """Where the next received bytes go (``at_least`` bytes long, or more); say how
+        many were put there with ``wrote``."""
+        if len(self._buf) - self._end < at_least or self._pos == self._end:
+            self._room(at_least)
+        return self._view[self._end :]
+
+    def wrote(self, n: int) -> None:
+        """``n`` bytes were received into the view ``space`` handed out last."""
+        self._end += n
 
     def clear(self) -> None:
-        self._buf = bytearray()
-        self._pos = 0
+        self._new(CAPACITY)
 
     def peek(self, layout: struct.Struct) -> tuple[Any, ...] | None:
         """``layout`` unpacked at the read position without consuming it, or None when
         fewer bytes than it needs are buffered."""
-        buf, pos = self._buf, self._pos
-        if len(buf) - pos < layout.size:
+        if self._end - self._pos < layout.size:
             return None
-        return layout.unpack_from(buf, pos)
+        return layout.unpack_from(self._buf, self._pos)
+
+    def unpack(self, layout: struct.Struct) -> tuple[Any, ...] | None:
+        """``layout`` unpacked at the read position and consumed, or None (nothing
+        consumed) when fewer bytes than it needs are buffered."""
+        pos = self._pos
+        if self._end - pos < layout.size:
+            return None
+        self._pos = pos + layout.size
+        return layout.unpack_from(self._buf, pos)
 
     def skip(self, n: int) -> None:
         """Consume ``n`` bytes (at most what is buffered)."""
-        self._pos += min(n, len(self._buf) - self._pos)
+        self._pos += min(n, self._end - self._pos)
 
     def take(self, n: int, skip: int = 0) -> bytes | None:
         """The ``n`` bytes after the next ``skip`` (a header already peeked at), all
         consumed; None (nothing consumed) if fewer than ``skip + n`` are buffered."""
         start = self._pos + skip
-        if len(self._buf) - start < n:
+        if self._end - start < n:
             return None
-        with memoryview(self._buf) as view:  # one copy, not two (a slice, then bytes())
-            chunk = bytes(view[start : start + n])
         self._pos = start + n
-        return chunk
+        return self._view[start : start + n].tobytes()
 
     def take_into(self, target: bytearray, at: int, n: int) -> bool:
         """Copy the next ``n`` bytes into ``target[at:at + n]`` and consume them; False
         (nothing consumed) if fewer are buffered."""
-        if len(self._buf) - self._pos < n:
+        pos = self._pos
+        if self._end - pos < n:
             return False
-        with memoryview(self._buf) as view:
-            target[at : at + n] = view[self._pos : self._pos + n]
-        self._pos += n
+        target[at : at + n] = self._view[pos : pos + n]
+        self._pos = pos + n
         return True

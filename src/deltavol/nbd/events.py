@@ -75,7 +75,8 @@ class StartTls:
 # --- transmission phase ---------------------------------------------------------------------
 @dataclass(slots=True)
 class Request:
-    """A well-formed transmission request; ``data`` is the payload of a WRITE.
+    """A well-formed transmission request; ``data`` is the payload of a WRITE (a
+    ``bytearray`` when it was received in place: it is the request's own, never reused).
 
     ``flags`` holds the validated ``CmdFlag`` bits as a plain int, and the properties
     test them with plain ints: ``IntFlag`` arithmetic builds a new enum member per
@@ -87,7 +88,7 @@ class Request:
     flags: int
     offset: int
     length: int
-    data: bytes = field(default=b"", repr=False)
+    data: bytes | bytearray = field(default=b"", repr=False)
 
     @property
     def fua(self) -> bool:

@@ -15,6 +15,12 @@ the caller and raises ``ProtocolStateError``. A peer that breaks a MUST of the s
 A WRITE whose payload is too large to accept is refused, but its payload is still read
 and dropped (``_discard``) so that the stream stays in step and the client can go on.
 
+Bytes can also be received in place (``get_buffer`` / ``buffer_updated``, the shape of
+``asyncio.BufferedProtocol``): into the receive buffer, or, once the header of a WRITE of
+``DIRECT_PAYLOAD`` bytes or more has been parsed and its payload is not all here, into a
+``bytearray`` of the payload's size that becomes the request's ``data``. Such a payload is
+copied only by the kernel's receive; the buffer is the request's own, never reused.
+
 Flag checks mask with plain ints: ``~`` on an ``enum.IntFlag`` only inverts the bits the
 enum defines, so ``flags & ~KnownFlags`` would never see an unknown bit.
 
@@ -62,6 +68,20 @@ __all__ = ["BASE_ALLOCATION_ID", "Phase", "ProtocolStateError", "ServerConnectio
 
 BASE_ALLOCATION_ID = 1  # the one meta context this server offers
 _COMMANDS = {int(cmd): cmd for cmd in Cmd}  # a dict lookup; ``Cmd(n)`` costs much more per request
+_STRUCTURED_MAGIC, _DONE, _OFFSET_DATA = (
+    c.STRUCTURED_REPLY_MAGIC,
+    int(ReplyFlag.DONE),
+    int(ReplyType.OFFSET_DATA),
+)
+# per-request constants as module globals: an attribute of an enum or module costs more
+_TRANSMISSION = Phase.TRANSMISSION
+_REQUEST, _REQUEST_MAGIC, _WRITE = wire.REQUEST, c.REQUEST_MAGIC, int(Cmd.WRITE)
+_READ, _DISC, _BLOCK_STATUS = Cmd.READ, Cmd.DISC, Cmd.BLOCK_STATUS
+DIRECT_PAYLOAD = 64 * 1024  # a WRITE payload this large, not yet all here, is received in place
+# What one receive may fill: in transmission many requests at once (the buffer settles at
+# twice this); before it a few KiB, so a client that never finishes the handshake holds little.
+RECEIVE_SPACE = 128 * 1024
+HANDSHAKE_SPACE = 4 * 1024
 _Opt = TypeVar("_Opt", OptExportName, OptInfo, OptList, OptMetaContext)
 
 
@@ -77,13 +97,17 @@ class ServerConnection:
         self.export: ExportInfo | None = None
         self._allowed: dict[Cmd, int] = {}  # command flags accepted, per command, for ``export``
         self.meta_contexts: frozenset[int] = frozenset()  # ids selected by SET_META_CONTEXT
-        self._rx = ReceiveBuffer()
+        self._rx = ReceiveBuffer(HANDSHAKE_SPACE)
         self._out: list[bytes | memoryview] = []
         self._pending: OptExportName | OptInfo | OptList | OptMetaContext | None = None
         self._meta_export: str | None = None  # export named by the last SET_META_CONTEXT
         self._closed: Closed | None = None
         self._discard = 0  # payload bytes still to drop after a refused WRITE
         self._discarded_event: BadRequest | None = None
+        self._head: tuple[int, int, int, int, int, int] | None = None  # a WRITE awaiting payload
+        self._sink: bytearray | None = None  # where a large WRITE's payload is received
+        self._sink_got = 0
+        self._into_sink = False  # the view ``get_buffer`` handed out last is of ``_sink``
         self._eof = False
         self._out.append(
             wire.GREETING.pack(
@@ -105,7 +129,41 @@ class ServerConnection:
         if self.phase is Phase.TLS_HANDSHAKE:
             self._close("client sent plain data after NBD_OPT_STARTTLS")
             return
+        sink = self._sink
+        if sink is not None and self._sink_got < len(sink):
+            got = self._sink_got
+            n = min(len(sink) - got, len(data))
+            sink[got : got + n] = memoryview(data)[:n]
+            self._sink_got = got + n
+            if n < len(data):
+                self._rx.feed(memoryview(data)[n:])
+            return
         self._rx.feed(data)
+
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes from the peer may be received in place (for
+        ``asyncio.BufferedProtocol``); say how many came with ``buffer_updated``. The
+        payload of a large WRITE is received straight into the buffer its request carries."""
+        sink = self._sink
+        if sink is not None and self._sink_got < len(sink):
+            self._into_sink = True
+            return memoryview(sink)[self._sink_got :]
+        self._into_sink = False
+        if self.phase is _TRANSMISSION:
+            return self._rx.space(RECEIVE_SPACE)
+        return self._rx.space(HANDSHAKE_SPACE)
+
+    def buffer_updated(self, n: int) -> None:
+        """``n`` bytes were received into the view ``get_buffer`` handed out last."""
+        if self._into_sink:
+            self._sink_got += n
+            return
+        if self.phase is Phase.CLOSED:
+            return  # as ``receive_data``: nothing more will be parsed
+        if self.phase is Phase.TLS_HANDSHAKE:
+            self._close("client sent plain data after NBD_OPT_STARTTLS")
+            return
+        self._rx.wrote(n)
 
     def data_to_send(self) -> list[bytes | memoryview]:
         out, self._out = self._out, []
@@ -113,7 +171,11 @@ class ServerConnection:
 
     @property
     def buffered(self) -> int:
-        return len(self._rx)
+        """Bytes received and not yet handed out as events (a request's header included
+        while its payload is still coming)."""
+        if self._head is None:
+            return len(self._rx)
+        return len(self._rx) + wire.REQUEST.size + self._sink_got
 
     def _close(self, reason: str, clean: bool = False) -> Closed:
         self._go("close")
@@ -122,7 +184,10 @@ class ServerConnection:
 
     # --- events ------------------------------------------------------------------------------
     def next_event(self) -> Event | object:
-        if self.phase is Phase.CLOSED:
+        phase = self.phase
+        if phase is _TRANSMISSION and not self._eof:  # the one case per request: tested first
+            return self._request()
+        if phase is Phase.CLOSED:
             assert self._closed is not None
             return self._closed
         if self.phase is Phase.OPTION_PENDING:
@@ -274,39 +339,56 @@ class ServerConnection:
                 return NEED_DATA
             event, self._discarded_event = self._discarded_event, None
             return event
-        header = rx.peek(wire.REQUEST)
-        if header is None:
-            return NEED_DATA
-        magic, flags, cmd, cookie, offset, length = header
-        if magic != c.REQUEST_MAGIC:
-            return self._close(f"bad request magic {magic:#x}")
-        if cmd == Cmd.WRITE:
-            if length > self.max_payload:
-                rx.skip(wire.REQUEST.size)
+        head = self._head
+        if head is None:
+            head = rx.unpack(_REQUEST)
+            if head is None:
+                return NEED_DATA
+            magic, flags, cmd, cookie, offset, length = head
+            if magic != _REQUEST_MAGIC:
+                return self._close(f"bad request magic {magic:#x}")
+            if cmd != _WRITE:
+                data: bytes | bytearray = b""
+            elif length > self.max_payload:
                 self._discard = length
                 self._discarded_event = BadRequest(
                     cookie, cmd, Errno.EINVAL, f"write of {length} bytes exceeds the maximum"
                 )
                 return self._request()
-            data = rx.take(length, skip=wire.REQUEST.size)
-            if data is None:
+            elif len(rx) >= length:
+                data = rx.take(length)  # type: ignore[assignment]  # there: never None
+            else:
+                self._head = head
+                if length >= DIRECT_PAYLOAD:
+                    self._sink = bytearray(length)
+                    self._sink_got = len(rx)
+                    rx.take_into(self._sink, 0, len(rx))
                 return NEED_DATA
-        else:
-            rx.skip(wire.REQUEST.size)
-            data = b""
+        else:  # a WRITE whose payload was still coming
+            magic, flags, cmd, cookie, offset, length = head
+            sink = self._sink
+            if sink is not None:
+                if self._sink_got < length:
+                    return NEED_DATA
+                data, self._sink, self._sink_got = sink, None, 0
+            else:
+                taken = rx.take(length)
+                if taken is None:
+                    return NEED_DATA
+                data = taken
+            self._head = None
         command = _COMMANDS.get(cmd)
         if command is None:
             return BadRequest(cookie, cmd, Errno.EINVAL, f"unknown command {cmd}")
-        if command is Cmd.DISC:
-            return self._close("client sent NBD_CMD_DISC", clean=True)
-        allowed = self._allowed[command]
-        if flags & ~allowed:
+        if flags & ~self._allowed[command] or command is _DISC:
+            if command is _DISC:
+                return self._close("client sent NBD_CMD_DISC", clean=True)
             why = f"flags {flags:#x} not valid for {command.name}"
             return BadRequest(cookie, cmd, Errno.EINVAL, why)
-        if command is Cmd.READ and length > self.max_payload:
+        if command is _READ and length > self.max_payload:
             why = f"read of {length} bytes exceeds the maximum"
             return BadRequest(cookie, cmd, Errno.EINVAL, why)
-        if command is Cmd.BLOCK_STATUS and not self.meta_contexts:
+        if command is _BLOCK_STATUS and not self.meta_contexts:
             return BadRequest(cookie, cmd, Errno.EINVAL, "no meta context was negotiated")
         return Request(cookie, command, flags, offset, length, data)
 
@@ -431,6 +513,14 @@ class ServerConnection:
         NBD_REPLY_TYPE_OFFSET_HOLE chunks.
         """
         self._replying()
+        if len(pieces) == 1 and self.structured_replies:
+            length, data = pieces[0]
+            if data is not None and length:  # the common read: one chunk, its header in one pack
+                self._out.append(
+                    wire.DATA_CHUNK.pack(_STRUCTURED_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + length, offset)
+                )
+                self._out.append(data)
+                return
         if not self.structured_replies:
             self._out.append(wire.simple_reply(cookie))
             for length, data in pieces:

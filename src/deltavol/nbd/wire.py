@@ -29,6 +29,7 @@ EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags (+124 zero 
 REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 STRUCTURED_REPLY = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
+DATA_CHUNK = struct.Struct(">IHHQIQ")  # a structured reply header, then OFFSET_DATA's offset
 REPLY_MAGIC = struct.Struct(">I")  # the first field of either reply
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")  # string lengths, counts, meta context ids

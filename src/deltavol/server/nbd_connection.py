@@ -1,19 +1,24 @@
 """The asyncio half of one NBD connection: it only moves bytes and runs requests.
 
-Reading: bytes go into the sans-I/O ``ServerConnection``; each ``Request`` becomes a task,
-so requests run concurrently and reply out of order. Backpressure is bounded in count and
+Reading: the transport receives in place (``asyncio.BufferedProtocol``) into the buffer
+the sans-I/O ``ServerConnection`` offers (its receive buffer, or the payload buffer of a
+large WRITE); a read from the page cache or a write nothing has to wait for is done at
+once, and any other ``Request`` becomes a task, so requests run concurrently and reply out
+of order. Backpressure is bounded in count and
 bytes: past ``MAX_INFLIGHT`` requests or ``MAX_INFLIGHT_BYTES`` of payload, or while the
 transport's write buffer is full, reading pauses until requests complete.
 
-Replies are queued by the sans-I/O layer and written in one ``writelines`` right after
-they are produced; the event loop is single-threaded, so replies never interleave.
+Replies are queued by the sans-I/O layer and written in one ``writelines``: those of a
+burst of requests parsed from one receive at the end of the burst, a large read's at once
+(so the socket keeps streaming), and those of tasks at the end of the loop's turn; the
+event loop is single-threaded, so replies never interleave.
 
 STARTTLS: when the sans-I/O layer acknowledges it (``StartTls``), the ACK is written, and
 reading stops at once, in the same call, so that no byte the client sends next reaches
 the parser as plain text; ``loop.start_tls`` then takes over the socket. The context
 comes from ``tls_context()`` at each upgrade, so a renewed certificate on disk is used
 by the next connection without a restart. ``start_tls`` may hand decrypted bytes to
-``data_received`` before it returns; they wait in ``_early`` until the sans-I/O layer
+``buffer_updated`` before it returns; they wait in ``_early`` until the sans-I/O layer
 hears ``tls_started``. A handshake that fails (plain bytes, garbage, an unknown CA) ends
 this connection only.
 """
@@ -32,7 +37,7 @@ from typing import Protocol, cast
 
 from deltavol.backend.export import Export
 from deltavol.errors import DeltavolError, NotFound
-from deltavol.nbd.constants import Cmd, Rep, TlsMode
+from deltavol.nbd.constants import Cmd, CmdFlag, Rep, TlsMode
 from deltavol.nbd.events import (
     NEED_DATA,
     BadRequest,
@@ -56,6 +61,7 @@ SOCKET_BUFFER = 4 * 1024 * 1024  # reads this large look for holes to send as OF
 TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds a client has to finish the TLS handshake
 
 TlsContextFactory = Callable[[], ssl.SSLContext]
+_FUA = int(CmdFlag.FUA)
 
 
 class ExportDirectory(Protocol):
@@ -66,7 +72,7 @@ class ExportDirectory(Protocol):
     def close_export(self, name: str) -> None: ...
 
 
-class NbdConnection(asyncio.Protocol):
+class NbdConnection(asyncio.BufferedProtocol):
     def __init__(
         self,
         directory: ExportDirectory,
@@ -94,6 +100,7 @@ class NbdConnection(asyncio.Protocol):
         self._released = False
         self._upgrading = False  # between the STARTTLS ACK and the end of the TLS handshake
         self._early: list[bytes] = []  # decrypted bytes that came before start_tls returned
+        self._scratch: bytearray | None = None  # where those bytes are received
         self._tls_task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()
         self.idle.set()
@@ -113,11 +120,19 @@ class NbdConnection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self._flush()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview | bytearray:
         if self._upgrading:
-            self._early.append(data)
+            if self._scratch is None:
+                self._scratch = bytearray(64 * 1024)
+            return self._scratch
+        return self.conn.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._upgrading:
+            assert self._scratch is not None
+            self._early.append(bytes(self._scratch[:nbytes]))
             return
-        self.conn.receive_data(data)
+        self.conn.buffer_updated(nbytes)
         self._pump()
 
     def eof_received(self) -> bool:
@@ -258,6 +273,7 @@ class NbdConnection(asyncio.Protocol):
             return
         self.transport = tls
         self._upgrading = False
+        self._scratch = None
         if self._closed:  # lost (or shut down) the moment the handshake ended
             self._early.clear()
             return
@@ -274,6 +290,7 @@ class NbdConnection(asyncio.Protocol):
     def _tls_failed(self, transport: asyncio.Transport) -> None:
         """The ACK went out but TLS did not come up: this connection is over."""
         self._upgrading = False
+        self._scratch = None
         self._early.clear()
         self._closed = True
         self._lost = True
@@ -328,7 +345,7 @@ class NbdConnection(asyncio.Protocol):
     def _start(self, req: Request) -> None:
         if req.cmd is Cmd.READ and self._read_inline(req):
             return
-        if req.cmd is Cmd.WRITE and not req.fua and self._write_inline(req):
+        if req.cmd is Cmd.WRITE and not req.flags & _FUA and self._write_inline(req):
             return
         task = asyncio.get_running_loop().create_task(self._run(req))
         self.tasks.add(task)
@@ -351,7 +368,9 @@ class NbdConnection(asyncio.Protocol):
         if data is None:
             return False
         self.conn.send_read(req.cookie, req.offset, [(req.length, data)])
-        self._flush()  # data: out at once, so the socket keeps streaming
+        if req.length >= SPARSE_READ_MIN:
+            self._flush()  # much data: out at once, so the socket keeps streaming
+        # else with the other replies of this burst, in one write at the end of ``_pump``
         return True
 
     def _write_inline(self, req: Request) -> bool:
@@ -359,7 +378,7 @@ class NbdConnection(asyncio.Protocol):
         export = self.export
         assert export is not None
         try:
-            if not export.pwrite_now(req.offset, req.data):
+            if not export.pwrite_now(req.offset, req.data):  # type: ignore[arg-type]  # see _write
                 return False
         except DeltavolError as exc:
             log.info("nbd %s: WRITE failed: %s", self.peer, exc.message)
@@ -409,7 +428,9 @@ class NbdConnection(asyncio.Protocol):
         self.conn.send_read(req.cookie, req.offset, [(req.length, data)])
 
     async def _write(self, export: Export, req: Request) -> None:
-        await export.pwrite(req.offset, req.data, req.fua)
+        # A large payload is the bytearray it was received into (no copy): every layer
+        # only passes it on or reads it as a buffer.
+        await export.pwrite(req.offset, req.data, req.fua)  # type: ignore[arg-type]
         self.conn.send_ok(req.cookie)
 
     async def _flush_cmd(self, export: Export, req: Request) -> None:

@@ -50,7 +50,7 @@ class NbdListener:
         self._limits: dict[NbdConnection, asyncio.TimerHandle] = {}
         self._said_refused = -LOG_EVERY
 
-    def _factory(self) -> asyncio.Protocol:
+    def _factory(self) -> asyncio.BaseProtocol:
         if len(self.connections) >= self.max_connections:
             self.refused += 1
             now = time.monotonic()

@@ -278,3 +278,21 @@ def test_the_untouched_pages_of_a_big_bitmap_and_of_its_copies_are_not_resident(
     assert copies[1].is_empty() and copies[2].count() == 4
     grown = _anon_rss() - before
     assert grown < 8 << 20, f"five 32 MiB bitmaps took {grown >> 20} MiB"
+
+
+def test_scattered_bits_ored_into_a_big_bitmap_make_only_their_windows_resident() -> None:
+    """A mark ORs tracking into a fresh transfer bitmap: one bit in every MiB of a 32 MiB
+    tracking bitmap must not make the whole transfer bitmap resident."""
+    tracking = Bitmap(16 << 40, 64 * 1024)
+    spread = range(0, tracking.nbits, 8 << 20)  # one bit per MiB of bitmap: 32 bits
+    for c in spread:
+        tracking.set(c)
+    before = _anon_rss()
+    transfer = Bitmap(tracking.size, tracking.granularity)
+    transfer.or_(tracking)
+    transfer.or_(tracking)  # nothing changes: nothing written
+    transfer.clear_run(0, transfer.nbits)
+    transfer.clear_run(0, transfer.nbits)  # already clear: nothing written
+    grown = _anon_rss() - before
+    assert transfer.is_empty()
+    assert grown < 8 << 20, f"ORing 32 scattered bits made {grown >> 20} MiB resident"
