@@ -191,6 +191,10 @@ class CorruptFile(DeltavolError):
     """{path} is corrupt: {why}"""
 
 
+class NewerFormat(DeltavolError):
+    """{path} has format version {version}, this deltavol reads up to {supported}: use a newer deltavol"""
+
+
 class ServerNotRunning(DeltavolError):
     """no deltavol server is running on {socket} (start one with: deltavol serve --data-dir {data_dir})"""
 

@@ -216,7 +216,7 @@ class SessionManager:
                     s.last_error,
                     s.created_at,
                     s.next_update_id,
-                    update_to_row(s.update) if s.update else None,
+                    update_to_row(s.update, s.name) if s.update else None,
                 ),
             )
 

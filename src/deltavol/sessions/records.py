@@ -6,14 +6,18 @@ Design notes
   ``UpdateRecord.move(action)`` is the one way forward, and ``put_back(phase)`` the one
   way back, allowed only to undo one move of the table (a step whose commit failed).
   Setting ``phase`` or ``protecting`` directly raises.
-* ``protecting`` is kept beside the phase for the status JSON and for rows read by an
-  older deltavol: True from a mark until the mark is given up (and still True once the
-  update is done). The code asks the phase.
+* ``protecting`` is kept beside the phase for the status JSON: True from a mark until
+  the mark is given up (and still True once the update is done). The code asks the phase.
 * **Rows are versioned** (``ROW_VERSION``). A row without a version is of version 1, from
   before the phase was stored: its phase is derived from ``protecting``, ``remark``,
-  ``finished_at`` and the session's state (``_migrate_v1``). A row of a newer version,
-  or with a field this version does not know, is an error naming the session, never a
-  record silently read wrong.
+  ``finished_at`` and the session's state, there and only there (``_migrate_v1``). A
+  row of version 2 is taken with the phase it stores. A row of a newer version, with a
+  field this version does not know, or with a phase no committed update has (``starting``,
+  or a version 1 row whose fields imply none) is an error naming the session, never a
+  record silently read wrong. ``update_to_row`` refuses to write a ``starting`` record.
+* A deltavol from before version 2 rows cannot read them: the database's
+  ``format_version`` (``store/db.py``) went to 2 with them, and such a deltavol refuses
+  a database of a newer format at open.
 """
 
 from __future__ import annotations
@@ -59,10 +63,7 @@ class UpdateRecord:
     phase: Phase = Phase.STARTING
 
     def __post_init__(self) -> None:
-        phase = Phase(self.phase)
-        if phase is Phase.STARTING and (self.protecting or self.remark or self.finished_at or self.marked_at):
-            phase = _derive(self, running=True)  # built from the fields of a version 1 record
-        object.__setattr__(self, "phase", phase)
+        object.__setattr__(self, "phase", Phase(self.phase))  # as given: only _migrate_v1 derives
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _GUARDED and name in self.__dict__:
@@ -116,7 +117,10 @@ _FIELDS = frozenset(f.name for f in fields(UpdateRecord))
 _V1_FIELDS = _FIELDS - {"phase"}
 
 
-def update_to_row(update: UpdateRecord) -> str:
+def update_to_row(update: UpdateRecord, session: str) -> str:
+    """The row of a committed update: a ``starting`` one (built, not committed) raises."""
+    if update.phase is Phase.STARTING:
+        raise IllegalPhase(name=session, id=update.id, phase=update.phase.value, action="be stored")
     return json.dumps({"version": ROW_VERSION, **asdict(update)})
 
 
@@ -138,9 +142,12 @@ def update_from_row(text: str, session: str, state: State) -> UpdateRecord:
         why = f"unknown fields {sorted(unknown)}" if unknown else "no phase"
         raise UnknownRecord(name=session, why=why)
     try:
-        return UpdateRecord(**row)
+        update = UpdateRecord(**row)
     except (TypeError, ValueError) as exc:
         raise UnknownRecord(name=session, why=str(exc)) from None
+    if update.phase is Phase.STARTING:
+        raise UnknownRecord(name=session, why="phase 'starting': no update is stored before its commit")
+    return update
 
 
 def _migrate_v1(row: dict[str, Any], session: str, state: State) -> UpdateRecord:
@@ -152,6 +159,9 @@ def _migrate_v1(row: dict[str, Any], session: str, state: State) -> UpdateRecord
     except TypeError as exc:
         raise UnknownRecord(name=session, why=str(exc)) from None
     phase = _derive(update, running=state in (State.COPYING, State.PAUSED, State.FAILED))
+    if phase is Phase.STARTING:
+        why = f"a version 1 record of an unfinished {update.kind} update neither marked nor given up"
+        raise UnknownRecord(name=session, why=why)
     update._set(phase)
     return update
 

@@ -1,8 +1,17 @@
 """Metadata in SQLite (WAL): the schema, its version, and a transaction helper.
 
-A database whose ``format_version`` is newer than this code, or that SQLite cannot
-read, is refused with an error naming the file: never silently recreated. An I/O error
-or a full disk is said as such, never as a corrupt database.
+A database whose ``format_version`` is newer than this code (``NewerFormat``), or that
+SQLite cannot read (``CorruptFile``), is refused with an error naming the file: never
+silently recreated. An I/O error or a full disk is said as such, never as a corrupt
+database.
+
+Format versions: 1, session rows whose ``update_json`` has no ``version``; 2, rows of
+version 2 (``sessions/records.py``: the update's phase stored). Opening a database of
+format 1 makes it format 2 in the transaction that opens it, before any row is written:
+its version 1 rows stay as they are and are read by the version 1 migration of
+``records.update_from_row`` until the session writes its row again. A deltavol that knows
+only format 1 then refuses the database at open, instead of failing on a row it cannot
+read.
 """
 
 from __future__ import annotations
@@ -11,9 +20,9 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from deltavol.errors import CorruptFile, MetadataError, NoSpace
+from deltavol.errors import CorruptFile, MetadataError, NewerFormat, NoSpace
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -58,16 +67,30 @@ class Database:
                 row = self.conn.execute("SELECT value FROM meta WHERE key='format_version'").fetchone()
                 if row is None:
                     self.conn.execute("INSERT INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
-                elif int(row[0]) > FORMAT_VERSION:
-                    raise CorruptFile(
-                        path=path, why=f"format version {row[0]} is newer than {FORMAT_VERSION}"
-                    )
+                else:
+                    self._migrate(row[0])
         except sqlite3.OperationalError as exc:  # I/O error, full disk, cannot open: not corrupt
             if "full" in str(exc):
                 raise NoSpace(what=f"metadata {path}") from exc
             raise MetadataError(path=path, why=exc) from exc
         except sqlite3.DatabaseError as exc:
             raise CorruptFile(path=path, why=str(exc)) from exc
+
+    def _migrate(self, stored: str) -> None:
+        """Bring a database of an older format to ``FORMAT_VERSION`` (in the open's
+        transaction); a newer or unreadable one raises and changes nothing."""
+        try:
+            version = int(stored)
+        except ValueError:
+            raise CorruptFile(path=self.path, why=f"format version {stored!r} is not a number") from None
+        if version > FORMAT_VERSION:
+            raise NewerFormat(path=self.path, version=version, supported=FORMAT_VERSION)
+        if version < 1:
+            raise CorruptFile(path=self.path, why=f"format version {version} does not exist")
+        if version < FORMAT_VERSION:  # 1 -> 2: rows of version 1 are read as they are
+            self.conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'format_version'", (str(FORMAT_VERSION),)
+            )
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

@@ -55,14 +55,18 @@ class PowerCut:
         self.synced: list[bytes] = []  # each such file, in order
         self.hot_counts: list[int] = []  # hot regions in each such file
         self.violations: list[str] = []  # hot bits cleared before their chunk bits were durable
-        self._covers: Bitmap | None = None
+        # the last synced file and the chunks it covers, published as one tuple by the
+        # sync's thread before that sync returns: a check on the loop never pairs a newer
+        # file with an older file's coverage, nor caches coverage the thread then outdates
+        self._covered: tuple[bytes, Bitmap] | None = None
 
     @staticmethod
     def _path(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)")
 
     def _synced(self, raw: bytes) -> None:
-        self.raw, self._covers = raw, None
+        self._covered = (raw, covered_by(raw))
+        self.raw = raw
         self.synced.append(raw)
         self.hot_counts.append(hot_of(raw).count())
 
@@ -103,9 +107,8 @@ class PowerCut:
 
     def covers(self, chunk: int) -> bool:
         """True if a load in another boot brings ``chunk`` back."""
-        if self._covers is None:
-            self._covers = covered_by(self.raw)
-        return self._covers.test(chunk)
+        covered = self._covered  # one read: a sync may publish a newer one meanwhile
+        return covered is not None and covered[1].test(chunk)
 
 
 def covered_by(raw: bytes) -> Bitmap:

@@ -49,7 +49,7 @@ from deltavol.errors import DeltavolError
 from deltavol.sessions import protector as protector_module
 from deltavol.sessions.manager import _SourceWiring
 from deltavol.sessions.session import Session, UpdateRecord
-from deltavol.sessions.states import State
+from deltavol.sessions.states import Phase, State
 from deltavol.sessions.tracker import Pending
 from deltavol.store.group_commit import GroupCommit
 from tests import fakes
@@ -651,7 +651,9 @@ async def test_reopening_puts_the_bits_of_saved_chunks_back_into_tracking(
     again = new_session(tmp_path, s.source, rig.target, g, s.save_limit)
     rig.sessions.append(again)
     again.state = state
-    again.update = UpdateRecord(id=1, kind="incremental", started_at="x", protecting=True)
+    again.update = UpdateRecord(
+        id=1, kind="incremental", started_at="x", protecting=True, phase=Phase.PROTECTING
+    )
     again.next_update_id = 2
     again.load_files()
     assert again.save is not None and sorted(again.save.index) == saved
