@@ -22,17 +22,6 @@ SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
 
 
 @pytest.fixture
-def tcp_server(tmp_path: Path) -> Iterator[TcpServer]:
-    srv = TcpServer(tmp_path / "data")
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-        srv.log.close()
-
-
-@pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
     require("chromium", "chromedriver")
     from selenium import webdriver

@@ -8,27 +8,13 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.harness import Server, require
 from tests.obs.common import MiB, TcpServer, free_port, get, metric, tcp_get
 from tests.sessions.common import apply
 
 KiB = 1 << 10
-
-
-@pytest.fixture
-def tcp_server(tmp_path: Path) -> Iterator[TcpServer]:
-    srv = TcpServer(tmp_path / "data")
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-        srv.log.close()
 
 
 def scrape(server: Server) -> str:
