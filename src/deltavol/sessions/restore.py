@@ -28,15 +28,26 @@ Design notes
 * **Writes left by a cancel.** Each source write runs in a task of its own
   (``Volume.restore_writes``), shielded: a removal cancels the restore, then waits for them
   (``settle``) before it lifts the guard, so none lands over a client's acknowledged write.
-* **The set still to copy back** is a bitmap file (``NAME.restore``), written atomically
-  from tracking when the restore takes its work, then checkpointed as copy progress is:
-  snapshot it, fsync the source, write the snapshot's bits over the file. A chunk leaves it
-  only once the source write that restored it is durable. Bits only go from set to clear,
-  so they are written in place; a late or torn checkpoint leaves a superset.
-* **The end.** The file is checkpointed empty, tracking is reset durably (``rewrite``), then
-  the row commits ``idle``, consistent, with the same ``point_in_time``; only then does the
-  guard go and the gate open. A crash before the row leaves ``restoring``: the start-up
-  resumes it with what the file still owes (nothing, near the end) and ends the same way.
+* **The set still to copy back** is taken from tracking when the restore takes its work
+  (tracking is durable and a superset of it: see below), and is checkpointed as copy
+  progress is: snapshot it, fsync the source, write the snapshot over the restore's bitmap
+  file (``NAME.restore``; the first checkpoint creates it atomically, later ones write its
+  bits in place). A chunk leaves it only once the source write that restored it is
+  durable. Bits only go from set to clear; a late or torn checkpoint leaves a superset.
+  With no file yet, a restart takes tracking again: a restore that ends before its first
+  checkpoint (most do) writes no bitmap file at all.
+* **The end.** The source is flushed, tracking is reset durably (``rewrite``), then the row
+  commits ``idle``, consistent, with the same ``point_in_time``; only then does the guard
+  go and the gate open. A crash before the row leaves ``restoring``: the start-up resumes
+  it with what the file still owes (or with tracking: a superset either way) and ends the
+  same way.
+* **Writes at once.** A run read back from the target is written into the source's page
+  cache in the same step of the loop when it can (``pwrite_now``: the gate open, nothing of
+  the file in the thread pool): no task, no thread hop. A small zeroed piece is written as
+  zeroes, not punched: on ext4 a hole punched waits for the range's dirty pages to reach
+  the disk and holds the file's lock meanwhile (1 % of 4 GiB restored: 0.3-0.4 s of
+  punches and writes in the pool, against 65-100 ms inline here). Zeroes take no more
+  space than the change they undo did. What cannot go at once takes the task path.
 * **Tracking is left alone until the end.** The restore writes only chunks whose tracking
   bits are set already (its work came from tracking), and no other change reaches the
   source: so tracking still holds every chunk the restore set out to copy back, a
@@ -58,7 +69,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from deltavol.backend.file import FileBackend
+from deltavol.backend.file import INLINE_WRITE_MAX, FileBackend
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.engine import Progress, requests, run_pipeline, split_zeroes
@@ -76,6 +87,8 @@ log = logging.getLogger("deltavol.session")
 T = TypeVar("T")
 Fill = Callable[[FileBackend], Awaitable[None]]
 KIND = "restore"  # the ``update.kind`` of a restore in the session's status
+INLINE_ZEROES = INLINE_WRITE_MAX  # zeroed pieces up to this are written as zeroes (see _write_back)
+_ZEROES = bytes(INLINE_ZEROES)
 
 
 def restore_path(s: Session) -> Path:
@@ -261,6 +274,7 @@ class Restorer:
         self.todo = Bitmap(s.source.size, s.granularity)
         self.progress = Progress()
         self._checkpointing = asyncio.Lock()
+        self._file = False  # the restore's bitmap file exists (see _checkpoint)
 
     async def run(self) -> None:
         s = self.s
@@ -282,7 +296,7 @@ class Restorer:
 
     def _take_work(self) -> None:
         """What is still to copy back: the file of this restore, or (at its first run, or if
-        it never got written) tracking as it is now, with the gate closed, saved first."""
+        it never got written) tracking as it is now, with the gate closed."""
         s, update = self.s, self.s.update
         assert update is not None
         todo: Bitmap | None = None
@@ -296,8 +310,9 @@ class Restorer:
                 todo = None  # not this restore's
         if todo is None:
             todo = s.tracking.copy()
-            persist.save_atomic(self.path, todo, update.id, persist.KIND_RESTORE)
             update.bytes_total = todo.bytes_set()
+        else:
+            self._file = True
         self.todo = todo
         total = update.bytes_total or todo.bytes_set()
         self.progress = s.progress = Progress(bytes_total=total)
@@ -323,18 +338,22 @@ class Restorer:
             checkpointer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await checkpointer
-        await self._checkpoint()  # the file says: nothing left
+        async with self._checkpointing:  # once a checkpoint under way is over
+            await s.source.backend.flush()  # every run written back is durable: _finish may go
 
     async def _copy_run(self, first: int, count: int) -> None:
         s, g = self.s, self.s.granularity
         offset = first * g
         length = min(count * g, s.source.size - offset)
         data = await self.target.pread(offset, length)
-        write = asyncio.get_running_loop().create_task(self._write_back(offset, data))
-        writes = s.source.restore_writes
-        writes.add(write)
-        write.add_done_callback(writes.discard)
-        sent = await asyncio.shield(write)  # a cancel leaves it to land; ``settle`` waits for it
+        pieces = split_zeroes(offset, data, g)
+        done, sent = self._write_now(pieces)
+        if done < len(pieces):
+            write = asyncio.get_running_loop().create_task(self._write_back(pieces[done:]))
+            writes = s.source.restore_writes
+            writes.add(write)
+            write.add_done_callback(writes.discard)
+            sent += await asyncio.shield(write)  # a cancel leaves it to land; ``settle`` waits for it
         self.todo.clear_run(first, count)
         self.progress.bytes_sent += sent
         self.progress.done(length)
@@ -347,22 +366,45 @@ class Restorer:
             bytes_sent=self.progress.bytes_sent,
         )
 
-    async def _write_back(self, offset: int, data: bytes) -> int:
-        """Write one run back to the source, through its write gate (so that another
-        session's mark waits for it, and only for it) but past the guard, which refuses
+    def _write_now(self, pieces: list[tuple[int, bytes | int]]) -> tuple[int, int]:
+        """Write what of a run's pieces can go into the page cache in this step of the loop
+        (``pwrite_now`` through the hooks below the gate; synchronous, so no mark can fall
+        in the middle and it needs not enter the gate). Returns how many pieces were
+        written, and their bytes of data (zeroes are not counted)."""
+        s = self.s
+        gate, stack = s.source.gate, s.source.below_gate
+        done = sent = 0
+        for at, part in pieces:
+            if not gate.open or s.closed or s.source.restoring_by != s.name:
+                break  # the task path waits for the gate, or stops
+            if isinstance(part, int):
+                if part > INLINE_ZEROES or not stack.pwrite_now(at, _ZEROES[:part]):
+                    break
+            else:
+                if not stack.pwrite_now(at, part):
+                    break
+                sent += len(part)
+            done += 1
+        return done, sent
+
+    async def _write_back(self, pieces: list[tuple[int, bytes | int]]) -> int:
+        """Write pieces of a run back to the source, through its write gate (so that another
+        session's mark waits for them, and only for them) but past the guard, which refuses
         clients only. Returns the bytes of data written (zeroes are not)."""
-        s, g = self.s, self.s.granularity
+        s = self.s
         gate, stack = s.source.gate, s.source.below_gate
         await gate.enter()
         try:
             if s.source.restoring_by != s.name:  # removed meanwhile: the source is the clients' again
                 raise asyncio.CancelledError
             sent = 0
-            for at, part in split_zeroes(offset, data, g):
+            for at, part in pieces:
                 if s.closed:  # removed, or the server stops: the file still owes this run
                     raise asyncio.CancelledError
-                if isinstance(part, int):
+                if isinstance(part, int) and part > INLINE_ZEROES:
                     await stack.zero(at, part, may_trim=True)
+                elif isinstance(part, int):  # as zeroes, not punched (see the module notes)
+                    await stack.pwrite(at, _ZEROES[:part])
                 else:
                     await stack.pwrite(at, part)
                     sent += len(part)
@@ -381,11 +423,20 @@ class Restorer:
     async def _checkpoint(self) -> None:
         """Snapshot what is left, fsync the source, then write the snapshot over the file: a
         chunk cleared in the snapshot was written before the fsync began, so it is durable.
-        (A checkpoint cut short leaves its write to land later: an older snapshot, a superset.)"""
+        The first one creates the file atomically (until then a restart takes tracking, a
+        superset). (A checkpoint cut short leaves its write to land later: an older
+        snapshot, a superset.)"""
         async with self._checkpointing:
             snapshot = self.todo.copy()
             await self.s.source.backend.flush()
-            await asyncio.shield(fs.to_thread(persist.write_bits_in_place, self.path, snapshot))
+            if self._file:
+                await asyncio.shield(fs.to_thread(persist.write_bits_in_place, self.path, snapshot))
+            else:
+                update = self.s.update
+                assert update is not None
+                save = persist.save_atomic
+                await asyncio.shield(fs.to_thread(save, self.path, snapshot, update.id, persist.KIND_RESTORE))
+                self._file = True
             self._save_row()
 
     def _save_row(self) -> None:
