@@ -341,6 +341,8 @@ def restore(api: ApiTarget, name: str, wait: bool, as_json: bool) -> None:
         if as_json:
             emit_json(info)
         else:
+            if info.get("notice"):  # an update under way was cancelled first
+                click.echo(f"session {name}: {info['notice']}")
             click.echo(
                 f"session {name}: restoring {info['source']} to {info['point_in_time']} "
                 f"(the source refuses writes until it is done)"

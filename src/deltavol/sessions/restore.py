@@ -6,9 +6,19 @@ Design notes
 * **What is copied back.** Where the source may differ from a consistent target is exactly
   where tracking has a bit (invariant 2): every change since the point in time, and after
   a power loss the hot set's chunks, which ``load_tracking`` folded into tracking at
-  start-up. A session with an update under way has no point in time to go back to: its
-  target already holds part of the new mark. Such a restore is refused, as is one of a
-  session that is not consistent; neither changes anything.
+  start-up. A session that is not consistent has no point in time to go back to: its
+  restore is refused, changing nothing.
+* **An update under way** (copying, paused or failed) has put part of its new mark on the
+  target once it has begun writing there: the old point in time is gone, and the restore
+  is refused (a full update always is: it made the session inconsistent). One that has
+  not begun (``target_writes``: still waiting for its connection, or for its first
+  request's turn; a write in flight counts as begun) is taken back: its target writes are
+  claimed in the same step as the check (none begins from then on), its copy task is
+  stopped, the target must answer, then ``_take_back`` commits it cancelled with the
+  session still consistent as of its point in time -- what it owed goes back into
+  tracking durably before the row forgets it -- and says so (``update.cancelled``, the
+  reply's ``notice``). Then the restore starts as from ``idle``. If the target does not
+  answer, the claim is given back and the update's copy starts again: nothing changed.
 * **Refused, changing nothing.** The checks, and the opening of the target, come before the
   commit point (the row says ``restoring``): an unknown session, an inconsistent one or
   an unreachable target leaves every file and row as it was.
@@ -132,26 +142,72 @@ async def forget(s: Session) -> None:
         fs.unlink(restore_path(s), missing_ok=True)
 
 
-def _refusal(s: Session) -> str | None:
-    """Why ``s`` cannot be restored now; None if it can."""
+def _refusal(s: Session) -> tuple[str | None, bool]:
+    """Why ``s`` cannot be restored now (None if it can), and whether an update under way
+    must be taken back first (it has not begun writing its target: ``target_writes``)."""
     u = s.update
+    take_back = False
     if s.busy or (s.state in (State.COPYING, State.PAUSED, State.FAILED) and s.transfer is not None):
         what = f"update {u.id}" if u is not None else "an update"
-        return (
-            f"{what} is {s.state.value}: its target already holds part of its new mark, so no point "
-            "in time is left to go back to until it ends (resume it, or wait for it: the point in "
-            "time becomes its mark)"
-        )
+        if u is None or u.kind != "incremental":
+            why = (
+                f"{what} is a full copy ({s.state.value}): its target holds no point in time until "
+                "it ends (wait for it, or cancel it)"
+            )
+            return why, False
+        if not s.target_writes.untouched:
+            why = (
+                f"{what} is {s.state.value} and has begun writing its target (or may have, before "
+                "a restart): its target already holds part of its new mark, so no point in time is "
+                "left to go back to until it ends (resume it, or wait for it: the point in time "
+                "becomes its mark)"
+            )
+            return why, False
+        take_back = True
     if not s.consistent or s.point_in_time is None:
-        return "it is not consistent: its target holds no point in time to go back to"
-    if s.state is not State.IDLE:
-        return f"it is {s.state.value}"
+        return "it is not consistent: its target holds no point in time to go back to", False
+    if s.state is not State.IDLE and not take_back:
+        return f"it is {s.state.value}", False
     if restored_by_other(s) is not None:
-        return f"its source volume {s.source.name!r} is being restored by session {restored_by_other(s)!r}"
+        why = f"its source volume {s.source.name!r} is being restored by session {restored_by_other(s)!r}"
+        return why, False
     other = s.source.write_guard()
     if other is not None:
-        return f"its source volume {s.source.name!r} is protected: {other}"
-    return None
+        return f"its source volume {s.source.name!r} is protected: {other}", False
+    return None, take_back
+
+
+async def _take_back(s: Session) -> str:
+    """Cancel the update under way, whose target writes are claimed (none began, none will):
+    the target is still the point in time, so the session stays consistent as of it. What
+    the update owes and what changed since its mark go back into tracking, durably, before
+    the row forgets the update (the commit point). Returns what the user is told."""
+    u, transfer = s.update, s.transfer
+    assert u is not None and transfer is not None
+    async with s._gate.closed(), s.copier.checkpointing:  # no change half-way down the stack
+        s.tracking.or_(transfer)
+        if s.copier.durable is not None:
+            s.tracking.or_(s.copier.durable)
+        s._rewrite_tracking()
+        was = s.transfer, s.copier.durable, s.state, u.phase
+        u.move("cancel", s.name)
+        s.transfer = s.copier.durable = None
+        s.state = next_state(s.name, s.state, "cancel")
+        try:
+            s._persist_row(s)  # the commit point; the files below are garbage after it
+        except BaseException:
+            s.transfer, s.copier.durable, s.state = was[:3]
+            u.put_back(was[3], s.name)
+            raise
+        s._after_commit("dropping the save area", s.protector.drop_save_area)
+        s._after_commit("removing the transfer file", s.files.unlink_transfer)
+    notice = (
+        f"update {u.id} was cancelled first: it had not written to the target yet, which still "
+        f"holds {s.point_in_time}; what it was to copy is tracked again"
+    )
+    s.events.publish("update.cancelled", name=s.name, id=u.id, reason="restore", message=notice)
+    log.info("session %s: %s", s.name, notice)
+    return notice
 
 
 @one_at_a_time
@@ -160,14 +216,12 @@ async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
     committed and its copy task runs."""
     if by_retry and s.state is not State.RESTORING:
         return s.status()  # it ended meanwhile: a retry never starts a restore
-    s._cancel_retry()
-    if not by_retry:
-        s.retry.attempts = 0
     resuming = s.state is State.RESTORING
     if resuming and s.busy:
         return s.status()  # already going
+    take_back = False
     if not resuming:
-        why = _refusal(s)
+        why, take_back = _refusal(s)
         if why is not None:
             raise NotRestorable(name=s.name, action="restore", why=why)
     elif restored_by_other(s) is not None:
@@ -176,21 +230,38 @@ async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
             action="go on restoring",
             why=f"its source volume {s.source.name!r} is being restored by session {restored_by_other(s)!r}",
         )
-    new_state = next_state(s.name, s.state, "restore")
     # no await above: the source is this restore's from here (a second restore of it is
-    # refused), and again free if the restore fails before its commit
+    # refused), and again free if the restore fails before its commit; and an update
+    # under way is claimed with its check: no write to its target begins from here on
     s.source.restoring_by = s.name
+    copying = take_back and s.state is State.COPYING
+    if take_back:
+        claimed = s.target_writes.claim()
+        assert claimed, "checked with no await between"
+    s._cancel_retry()
+    if not by_retry:
+        s.retry.attempts = 0
+    notice: str | None = None
     try:
+        if take_back:
+            await s._stop_task()  # its copy stops before its first target write
         # the target must answer before anything changes
         await s.copier.drop_target()
         target = await s.ensure_target()
         if target.size < s.source.size:
             await s.copier.drop_target()
             raise TargetError(msg=f"target {s.target_spec} is smaller than the source {s.source.name!r}")
+        if take_back:
+            notice = await _take_back(s)
     except BaseException:
         if not resuming and s.source.restoring_by == s.name:
             s.source.restoring_by = None
+        if take_back and notice is None:  # not taken back: the update goes on as it was
+            s.target_writes.release()
+            if copying and not s.closed and not s.busy:
+                s._spawn()
         raise
+    new_state = next_state(s.name, s.state, "restore")
     before = s.state, s.update, s.last_error, s.next_update_id, s.progress
     if not resuming:
         try:  # a file left by an earlier restore that ended (or a removed namesake) is void
@@ -220,7 +291,7 @@ async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
     s.events.publish("restore.started", name=s.name, id=s.update.id, point_in_time=s.point_in_time)
     log.info("session %s: restoring %s to %s", s.name, s.source.name, s.point_in_time)
     s._task = asyncio.get_running_loop().create_task(Restorer(s, target).run(), name=f"restore-{s.name}")
-    return s.status()
+    return {**s.status(), "notice": notice} if notice is not None else s.status()
 
 
 async def resume_at_start(s: Session, by_retry: bool = False) -> None:
