@@ -246,6 +246,21 @@ def test_an_update_that_has_not_written_is_cancelled_for_the_restore(server: Ser
     assert ("update.cancelled", update_id) in kinds, kinds
     assert kinds.index(("update.cancelled", update_id)) < kinds.index(("restore.started", st["update"]["id"]))
 
+    # a paused update that never wrote: the CLI says it was cancelled, then restores
+    with serving(slow_open, sock):
+        apply(server, "src", f"write -P 0x68 {3 * G} {G}")
+        status, marked = api_post(server, "/v1/sessions/s/update")
+        assert status == 200, marked
+        status, paused = api_post(server, "/v1/sessions/s/pause")
+        assert status == 200 and paused["state"] == "paused", paused
+        out = server.run("session", "restore", "s", "--wait")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(f"session s: update {marked['update']['id']} was cancelled first: "), out
+        assert "src restored to" in out.stderr and "(64.0 KiB copied back)" in out.stderr, out.stderr
+    st = server.status()
+    assert st["state"] == "idle" and st["consistent"] and st["point_in_time"] == pit, st
+    assert server.image("src") == at_pit == image.read_bytes()
+
 
 def test_an_update_with_a_write_in_flight_is_not_cancelled(server: Server, tmp_path: Path) -> None:
     """The update's first write to the target is in flight (nbdkit logs it, then holds it
