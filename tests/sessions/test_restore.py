@@ -423,7 +423,7 @@ def test_a_target_lost_mid_restore_leaves_it_restoring_and_restore_goes_on(
 def test_removing_a_restoring_session_lifts_the_protection(server: Server, tmp_path: Path) -> None:
     image, sock = tmp_path / "t.img", tmp_path / "t.sock"
     image.write_bytes(bytes(SIZE))
-    with serving(delayed_target(image, sock, "2"), sock):
+    with serving(delayed_target(image, sock, "10"), sock):
         server.cli("volume", "create", "src", "--size", str(SIZE))
         server.cli("session", "create", "s", "--source", "src", "--target", uri(sock))
         server.cli("session", "update", "s", "--full", "--wait")
@@ -455,7 +455,7 @@ def test_cli_words(server: Server) -> None:
 def test_a_corrupt_restore_file_starts_the_restore_over(server: Server, tmp_path: Path) -> None:
     image, sock = tmp_path / "t.img", tmp_path / "t.sock"
     image.write_bytes(bytes(SIZE))
-    with serving(delayed_target(image, sock, "3"), sock):
+    with serving(delayed_target(image, sock, "8"), sock):
         server.cli("volume", "create", "src", "--size", str(SIZE))
         apply(server, "src", f"write -P 0xa1 0 {SIZE}")
         server.cli("session", "create", "s", "--source", "src", "--target", uri(sock))
@@ -465,7 +465,7 @@ def test_a_corrupt_restore_file_starts_the_restore_over(server: Server, tmp_path
         tracked = server.status()["tracked_bytes"]
         server.cli("session", "restore", "s")
         path = Path(server.root) / "bitmaps" / "s.restore"
-        wait_for(server, lambda s: path.exists(), "restore file written")
+        wait_for(server, lambda s: path.exists(), "restore file written")  # by its first checkpoint
         server.kill9()
     raw = bytearray(path.read_bytes())
     raw[0] ^= 0xFF  # the magic
