@@ -133,9 +133,10 @@ class NbdTarget:
     request_size = 256 * 1024
     inflight = 64
 
-    def __init__(self, uri: str, timeout: float = TARGET_TIMEOUT) -> None:
+    def __init__(self, uri: str, timeout: float = TARGET_TIMEOUT, export: str | None = None) -> None:
         self.uri = uri
         self.timeout = timeout
+        self.export = export  # opened instead of the URI's (``NAME@SECRET``: a peer's guard)
         self.description = uri
         self.size = 0
         self._clients: list[Any] = []
@@ -149,7 +150,7 @@ class NbdTarget:
         except (TlsFileMissing, TlsFileInvalid) as exc:
             raise TargetError(msg=f"target {self.uri}: {exc.message}") from exc
         try:
-            first = await NbdClient.connect(self.uri, timeout=self.timeout, **tls)
+            first = await NbdClient.connect(self.uri, timeout=self.timeout, export=self.export, **tls)
             self._clients = [first]
             if first.read_only:
                 raise TargetError(msg=f"target {self.uri} is read-only")
@@ -157,7 +158,9 @@ class NbdTarget:
                 raise TargetError(msg=f"target {self.uri} does not support FLUSH: {NO_FLUSH}")
             if first.can_multi_conn:
                 more = [
-                    asyncio.ensure_future(NbdClient.connect(self.uri, timeout=self.timeout, **tls))
+                    asyncio.ensure_future(
+                        NbdClient.connect(self.uri, timeout=self.timeout, export=self.export, **tls)
+                    )
                     for _ in range(self.CONNECTIONS - 1)
                 ]
                 try:

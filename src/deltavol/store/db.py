@@ -48,6 +48,21 @@ CREATE TABLE IF NOT EXISTS sessions (
     next_update_id INTEGER NOT NULL,
     update_json TEXT
 );
+CREATE TABLE IF NOT EXISTS guards (
+    volume TEXT PRIMARY KEY REFERENCES volumes(name),
+    holder TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reversals (
+    session TEXT PRIMARY KEY,
+    request TEXT NOT NULL,
+    volume TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS adoptions (
+    request TEXT PRIMARY KEY,
+    session TEXT NOT NULL,
+    outcome TEXT NOT NULL
+);
 """
 
 
