@@ -107,10 +107,18 @@ class Service:
         return session_extras(self, (await self.sessions.create(**params)).status())
 
     def list_sessions(self) -> list[dict[str, Any]]:
-        return [session_extras(self, s.status()) for s in self.sessions.all()]
+        return [self._with_peer(session_extras(self, s.status())) for s in self.sessions.all()]
 
     def session_status(self, name: str) -> dict[str, Any]:
-        return session_extras(self, self.sessions.get(name).status())
+        return self._with_peer(session_extras(self, self.sessions.get(name).status()))
+
+    def _with_peer(self, info: dict[str, Any]) -> dict[str, Any]:
+        """A session with a target on another deltavol server says which (no secret), and
+        whether a reverse to it is not settled yet."""
+        peer = self.sessions.peers.get(info["name"])
+        if peer is not None:
+            info["peer"] = {**peer.shown(), "reverse_pending": info["name"] in self.sessions.pending}
+        return info
 
     async def update_session(self, name: str, full: bool, max_rate: int | None) -> dict[str, Any]:
         if name in self.sessions.pending:

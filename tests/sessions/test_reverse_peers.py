@@ -119,6 +119,14 @@ def test_failover_and_failback_between_two_servers(pair: tuple[Peer, Peer]) -> N
     refused_write(right, "B")  # L's target: nobody else writes it
     guard = json.loads(right.cli("volume", "info", "B", "--json"))["guarded_by"]
     assert guard is not None and "'s'" in guard, guard
+    peer_file = left.root / "peers" / "s.json"
+    secrets = json.loads(peer_file.read_text())
+    assert peer_file.stat().st_mode & 0o777 == 0o600
+    assert (right.root / "peer.token").stat().st_mode & 0o777 == 0o600
+    st = left.status()
+    assert st["peer"] == {
+        "api": right.api, "reverse_api": None, "reverse_target": None, "reverse_pending": False
+    }, st  # fmt: skip
 
     apply(left, "A", *a.chunks(0x01, [0, 1, 2]))
     assert update_bytes(left) == 3 * G
@@ -154,6 +162,9 @@ def test_failover_and_failback_between_two_servers(pair: tuple[Peer, Peer]) -> N
     assert update_bytes(left) == len({10, 11, 12, 13}) * G
     assert left.sha("A") == right.sha("B") == hashlib.sha256(at_mark.snapshot()).hexdigest()
 
+    for secret in (secrets["guard"], secrets["token"]):  # never logged, never in a session's JSON
+        assert secret not in left.log_path.read_text() + right.log_path.read_text()
+        assert secret not in left.cli("session", "list", "--json")
     left.cli("session", "remove", "s")  # the guard goes with the session
     assert json.loads(right.cli("volume", "info", "B", "--json"))["guarded_by"] is None
     qemu_io(right.uri("B"), "write -P 0x07 0 65536")

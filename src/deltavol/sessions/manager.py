@@ -197,10 +197,9 @@ class SessionManager:
 
     def nbd_target(self, spec: str, peer: Peer | None) -> NbdTarget:
         """The target as this server opens it: a peer's volume through its guard's export."""
-        export = None
-        if peer is not None and peer.guard:
-            export = f"{parse_uri(spec).export}@{peer.guard}"
-        return NbdTarget(spec, self.config.target_timeout, export=export)
+        if peer is None or not peer.guard:
+            return NbdTarget(spec, self.config.target_timeout)
+        return NbdTarget(spec, self.config.target_timeout, export=f"{parse_uri(spec).export}@{peer.guard}")
 
     async def _open_target(self, session: Session) -> CopyTarget:
         spec = session.target_spec

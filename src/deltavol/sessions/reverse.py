@@ -286,6 +286,9 @@ async def _reverse_to_peer(
         except PeerUnreachable as exc:  # never connected: nothing sent
             _undo(m, s)
             raise NotReversible(name=name, why=exc.message) from exc
+        except UsageError:  # refused before sending (a token over plain http to another host)
+            _undo(m, s)
+            raise
         peers.fault("reverse-accepted")
         await _finish(m, s)
     return _gone(name, peer)
