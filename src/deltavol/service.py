@@ -186,6 +186,9 @@ class Service:
     def drop_guard(self, volume: str, secret: str) -> dict[str, Any]:
         return reverse.drop_guard(self.sessions, volume, secret)
 
+    def unguard(self, volume: str) -> dict[str, Any]:
+        return reverse.unguard(self.sessions, volume)
+
     async def adopt_session(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         return await reverse.adopt(self.sessions, body)
 

@@ -18,7 +18,7 @@ import pytest
 
 from tests.harness import Server
 from tests.interop.peers import qemu_io
-from tests.sessions.common import G, MiB, Model, apply, start_update
+from tests.sessions.common import G, MiB, Model, apply, start_update, wait_for
 
 pytestmark = pytest.mark.interop
 
@@ -269,3 +269,22 @@ def test_refusals_change_nothing(pair: tuple[Peer, Peer], tmp_path: Path) -> Non
     assert info["reversed_to"] == right.api
     assert update_bytes(right) == G  # A's chunk 0, written after the point in time
     assert left.sha("A") == right.sha("B")
+
+
+def test_unguard_when_the_source_host_is_lost(pair: tuple[Peer, Peer]) -> None:
+    """L is gone for good: on R, ``volume unguard B`` makes B writable; a copy from L's session
+    is refused from then on (its export name holds the dropped guard's secret)."""
+    left, right = pair
+    a = connect(left, right)
+    refused_write(right, "B")
+    out = right.cli("volume", "unguard", "B")
+    assert "dropped" in out, out
+    qemu_io(right.uri("B"), "write -P 0x0c 0 65536")  # writable now
+    apply(left, "A", *a.chunks(0x01, [1]))
+    start_update(left)
+    st = wait_for(left, lambda s: s["state"] == "failed", "failed", failed_ok=True)
+    assert "read-only" in st["last_error"] or "protected" in st["last_error"], st
+    image = right.image("B")
+    assert image[:G] == b"\x0c" * G and image[G : 2 * G] == b"\xaa" * G  # nothing of L's landed
+    left.cli("session", "remove", "s")
+    assert right.cli("volume", "unguard", "B").strip() == "volume B had no guard"

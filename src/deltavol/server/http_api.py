@@ -178,6 +178,10 @@ def routes(service: Service) -> web.RouteTableDef:
         bits, headers = service.session_tracking(request.match_info["name"])
         return web.Response(body=bits, content_type="application/octet-stream", headers=headers)
 
+    @r.delete("/v1/volumes/{name}/guard")
+    async def unguard_volume(request: web.Request) -> web.Response:
+        return web.json_response(service.unguard(request.match_info["name"]))
+
     @r.put("/v1/peer/guards/{volume}")
     async def put_guard(request: web.Request) -> web.Response:
         body = await _body(request)

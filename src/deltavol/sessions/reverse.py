@@ -188,9 +188,12 @@ async def reverse(
 
 
 # --- between two deltavol servers: the side that gives the session away ------------------------
+_WILDCARDS = ("0.0.0.0", "::", "")  # a listening address no peer can call: say --reverse-*
+
+
 def _own_api(m: SessionManager) -> str | None:
     """This server's TCP API, when it serves one (a peer on another host needs --reverse-api)."""
-    if m.config.api_tcp is None:
+    if m.config.api_tcp is None or m.config.api_tcp[0] in _WILDCARDS:
         return None
     host, port = m.config.api_tcp
     scheme = "http" if m.config.tls == "off" else "https"
@@ -200,6 +203,8 @@ def _own_api(m: SessionManager) -> str | None:
 def _own_nbd(m: SessionManager, volume: str) -> str | None:
     if m.config.nbd_tcp is not None:
         host, port = m.config.nbd_tcp
+        if host in _WILDCARDS:
+            return None
         scheme = "nbd" if m.config.tls == "off" else "nbds"
         return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}/{volume}"
     if m.config.nbd_socket is not None:
@@ -522,6 +527,25 @@ def put_guard(m: SessionManager, volume: str, holder: str, secret: str) -> dict[
     vol.peer_guard = PeerGuard(holder, sha)
     log.info("volume %s: guarded: it is the target of %s", volume, holder)
     return {"volume": volume, "guarded_by": holder}
+
+
+def unguard(m: SessionManager, volume: str) -> dict[str, Any]:
+    """``DELETE /v1/volumes/VOLUME/guard`` (``volume unguard``, the administrator's way, with
+    the API token): drop a guard without its secret, when its holder cannot (its host is lost).
+    A guard this server holds for a reverse not settled yet is kept: settle that first."""
+    vol = m.volumes.get(volume)
+    guard = vol.peer_guard
+    if guard is None:
+        return {"volume": volume, "was": None}
+    for name in m.pending:
+        s = m._sessions.get(name)
+        if s is not None and s.source is vol and name in m.peers:
+            raise ReversePending(name=name, api=m.peers[name].api, why="the guard is part of it")
+    with m.db.transaction() as conn:
+        conn.execute("DELETE FROM guards WHERE volume = ?", (volume,))
+    vol.peer_guard = None
+    log.warning("volume %s: guard of %s dropped by the administrator", volume, guard.holder)
+    return {"volume": volume, "was": guard.holder}
 
 
 def drop_guard(m: SessionManager, volume: str, secret: str) -> dict[str, Any]:
