@@ -11,6 +11,8 @@ import json
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +46,10 @@ class Peer(Server):
 
     def sessions(self) -> list[str]:
         return [s["name"] for s in json.loads(self.cli("session", "list", "--json"))]
+
+    @property
+    def peer_token(self) -> str:
+        return (self.root / "peer.token").read_text().strip()
 
     def sha(self, volume: str) -> str:
         return hashlib.sha256(self.image(volume)).hexdigest()
@@ -101,6 +107,24 @@ def refused_write(server: Server, volume: str) -> None:
     assert hashlib.sha256(server.image(volume)).hexdigest() == before
 
 
+def tracked_chunks(server: Peer) -> list[int]:
+    """``GET /v1/sessions/s/tracking`` with the API token: the chunks its bits name. The peer
+    token does not open it (it is for the /v1/peer/ routes only)."""
+    url = f"{server.api}/v1/sessions/s/tracking"
+    peer = urllib.request.Request(url, headers={"Authorization": f"Bearer {server.peer_token}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(peer, timeout=30)
+    assert refused.value.code == 401
+    token = (server.root / "api.token").read_text().strip()
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.headers["Content-Type"] == "application/octet-stream"
+        assert int(resp.headers["X-Deltavol-Granularity"]) == G
+        bits = resp.read()
+    assert len(bits) == SIZE // G // 8
+    return [i for i in range(len(bits) * 8) if bits[i >> 3] >> (i & 7) & 1]
+
+
 def reverse(server: Server) -> dict:
     info: dict = json.loads(server.cli("session", "reverse", "s", "--json"))
     return info
@@ -141,6 +165,7 @@ def test_failover_and_failback_between_two_servers(pair: tuple[Peer, Peer]) -> N
     assert (st["source"], st["target"]) == ("B", f"nbd+unix:///A?socket={left.sock}"), st
     assert st["state"] == "idle" and not st["consistent"] and st["tracked_bytes"] == len(lost) * G, st
     refused_write(left, "A")  # R's target now
+    assert tracked_chunks(right) == lost
 
     b = Model(SIZE)
     b.data[:] = right.image("B")

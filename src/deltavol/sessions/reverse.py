@@ -316,6 +316,8 @@ def _undo(m: SessionManager, s: Session) -> None:
         conn.execute("DELETE FROM reversals WHERE session = ?", (s.name,))
     s.source.peer_guard = None
     m.pending.pop(s.name, None)
+    if s.last_error and s.last_error.startswith("reverse to "):
+        s.last_error = None  # what it said is over
     log.info("session %s: reverse undone: the peer did not take it", s.name)
 
 
@@ -461,11 +463,14 @@ async def adopt(m: SessionManager, body: dict[str, Any]) -> tuple[dict[str, Any]
     s.next_update_id = _number(body, "next_update_id", required=False) or 1
     if s.point_in_time is None:
         raise UsageError(msg="field 'point_in_time' is required (text)")
-    m.peer_files.save(name, peer)  # before the row: garbage if it never commits
+    # no await since the name's check: from here until the commit (or failure) the name is
+    # this adoption's, so that no create of it writes (or loses) files of that name meanwhile
+    m._creating[name] = (source, target)
     committed = False
     try:
+        m.peer_files.save(name, peer)  # before the row: garbage if it never commits
         async with vol.gate.closed():  # no change passes between the guard's end and tracking
-            if name in m._sessions or name in m._creating or name in m._reversing:
+            if name in m._sessions or name in m._reversing:
                 raise AlreadyExists(kind="session", name=name)
             if vol.peer_guard is None or not vol.peer_guard.admits(guard):
                 raise Protected(name=source, why="its guard changed meanwhile")
@@ -485,6 +490,7 @@ async def adopt(m: SessionManager, body: dict[str, Any]) -> tuple[dict[str, Any]
             m._sessions[name] = s
             m._attach(s)
     finally:
+        del m._creating[name]
         if not committed:
             s.delete_files()
             m.peer_files.delete(name)
