@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from deltavol.errors import ApiError, DeltavolError, PeerRefused, PeerUnreachable, UsageError
+from deltavol.errors import ApiError, DeltavolError, PeerRefused, PeerUnreachable, UsageError, os_error
 from deltavol.store import fs
 
 log = logging.getLogger("deltavol.peers")
@@ -77,6 +77,8 @@ class PeerFiles:
             raw = fs.read_bytes(self.path(name))
         except FileNotFoundError:
             return None
+        except OSError as exc:  # an I/O error is no missing file: the start-up fails, naming it
+            raise os_error(exc, f"peer file {self.path(name)}") from exc
         try:
             data = json.loads(raw)
             return Peer(**data)
@@ -85,8 +87,11 @@ class PeerFiles:
             return None
 
     def save(self, name: str, peer: Peer) -> None:
-        self.dir.mkdir(mode=0o700, exist_ok=True)
-        _write_private(self.path(name), json.dumps(asdict(peer)).encode())
+        try:
+            self.dir.mkdir(mode=0o700, exist_ok=True)
+            _write_private(self.path(name), json.dumps(asdict(peer)).encode())
+        except OSError as exc:
+            raise os_error(exc, f"peer file of session {name}") from exc
 
     def delete(self, name: str) -> None:
         try:

@@ -72,6 +72,7 @@ from deltavol.errors import (
     Protected,
     ReversePending,
     UsageError,
+    os_error,
 )
 from deltavol.sessions import peers
 from deltavol.sessions.peers import Peer, Uncertain
@@ -243,6 +244,10 @@ async def _reverse_to_peer(
                 await asyncio.shield(preparing)
         request = uuid.uuid4().hex
         guard_secret = peers.new_secret()
+        try:  # before step 1: a failure here changes nothing
+            own_token = m.peer_files.own_token()
+        except OSError as exc:
+            raise os_error(exc, "this server's peer token") from exc
         holder = f"session {name!r} of the deltavol server at {peer.api}"
         async with old.gate.closed():
             if old.connections:
@@ -274,7 +279,7 @@ async def _reverse_to_peer(
             "max_rate": s.max_rate,
             "every": s.every,
             "tracking": base64.b64encode(bits).decode(),
-            "peer": {"api": back_api, "token": m.peer_files.own_token()},
+            "peer": {"api": back_api, "token": own_token},
             "back": {"api": peer.api, "target": s.target_spec},
         }
         log.info("session %s: reversing to %s (request %s)", name, peer.api, request)
