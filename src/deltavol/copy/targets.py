@@ -149,8 +149,10 @@ class NbdTarget:
             tls = client_tls(self.uri)
         except (TlsFileMissing, TlsFileInvalid) as exc:
             raise TargetError(msg=f"target {self.uri}: {exc.message}") from exc
+        if self.export is not None:  # only when set: connect's stand-ins in tests know no export
+            tls = {**tls, "export": self.export}
         try:
-            first = await NbdClient.connect(self.uri, timeout=self.timeout, export=self.export, **tls)
+            first = await NbdClient.connect(self.uri, timeout=self.timeout, **tls)
             self._clients = [first]
             if first.read_only:
                 raise TargetError(msg=f"target {self.uri} is read-only")
@@ -158,9 +160,7 @@ class NbdTarget:
                 raise TargetError(msg=f"target {self.uri} does not support FLUSH: {NO_FLUSH}")
             if first.can_multi_conn:
                 more = [
-                    asyncio.ensure_future(
-                        NbdClient.connect(self.uri, timeout=self.timeout, export=self.export, **tls)
-                    )
+                    asyncio.ensure_future(NbdClient.connect(self.uri, timeout=self.timeout, **tls))
                     for _ in range(self.CONNECTIONS - 1)
                 ]
                 try:
