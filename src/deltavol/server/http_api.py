@@ -55,8 +55,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     open_path = request.path == "/" or request.path.startswith(OPEN_PATHS[1])
     if token is not None and tcp and not open_path and not _token_ok(request, token):
         peer_token = request.app[PEER_TOKEN]
-        peer_ok = peer_token is not None and request.path.startswith(PEER_PATHS)
-        if not (peer_ok and _token_ok(request, peer_token)):
+        peer_path = request.path.startswith(PEER_PATHS)
+        if not (peer_token is not None and peer_path and _token_ok(request, peer_token)):
             return _error(401, "Unauthorized", "missing or wrong API token")
     try:
         return await handler(request)
