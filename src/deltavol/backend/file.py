@@ -84,6 +84,7 @@ class FileBackend:
         self._punch = not self.is_block
         self._zero_range = not self.is_block
         self._seek = not self.is_block
+        self._copy_range = True  # copy_file_range into this file works (see copy_from)
         self._nowait = bool(_NOWAIT)
         self._inline_after = 0.0  # monotonic time before which writes go to the pool
         self._backoff = INLINE_BACKOFF  # how long the next stall sends writes to the pool
@@ -223,6 +224,33 @@ class FileBackend:
             offset += n
         if fua:
             fs.fdatasync(self._fd)
+
+    async def copy_from(self, source: FileBackend, offset: int, length: int) -> None:
+        """Copy [offset, offset+length) of ``source`` to the same place in this file, in a
+        pool thread with ``copy_file_range``: the data never enters Python, and the loop
+        only hands the request over. Where the kernel cannot (another file system, a block
+        device), the thread reads and writes instead."""
+        await self._run_writing("copy", self._copy_from, source, offset, length)
+
+    def _copy_from(self, source: FileBackend, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end and self._copy_range:
+            try:
+                n = fs.copy_file_range(source._fd, self._fd, end - offset, offset, offset)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                self._copy_range = False  # remember: copy through a buffer from now on
+                break
+            if n == 0:  # the source file ends early (an imported one): the rest reads as zeroes
+                self._pwrite_full(offset, bytes(end - offset), False)
+                return
+            offset += n
+        while offset < end:
+            n = min(ZERO_CHUNK, end - offset)
+            data = source._pread_full(offset, n)
+            self._pwrite_full(offset, data, False)
+            offset += n
 
     async def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
         await self._run_writing("write zeroes", self._zero, offset, length, may_trim, fua)

@@ -72,7 +72,16 @@ class LocalTarget:
 
     async def pwrite(self, offset: int, data: bytes) -> None:
         await self._write(self.backend.pwrite(offset, data))
-        self._unstarted += len(data)
+        await self._written(len(data))
+
+    async def copy_from(self, source: FileBackend, offset: int, length: int) -> None:
+        """Copy [offset, offset+length) of ``source`` here in the kernel (``FileBackend.copy_from``):
+        what the source holds there now is what lands, so the caller must hold it still."""
+        await self._write(self.backend.copy_from(source, offset, length))
+        await self._written(length)
+
+    async def _written(self, n: int) -> None:
+        self._unstarted += n
         if self._unstarted >= self.WRITEBACK_BYTES:
             self._unstarted = 0
             await self.backend.start_writeback()

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.engine import requests, run_pipeline, split_at_holes, write_piece
-from deltavol.copy.targets import CopyTarget
+from deltavol.copy.targets import CopyTarget, LocalTarget
 from deltavol.copy.throttle import Throttle
 from deltavol.errors import DeltavolError, TargetError
 from deltavol.nbd.constants import STATE_HOLE
@@ -309,22 +309,39 @@ class Copier:
         offset = first * g
         length = min(count * g, s.source.size - offset)
         chunks = range(first, first + count)
+        local = target if isinstance(target, LocalTarget) else None
+        pieces: list[tuple[int, bytes | int]] = []
         if hole:
-            pieces: list[tuple[int, bytes | int]] = [(offset, length)]
+            pieces = [(offset, length)]
         elif update.phase is not _PROTECTING:
-            pieces = await self._read_by_extents(offset, length)
+            if local is not None:  # nothing to hold still: what changes is copied by the catch-up
+                sent = await self._copy_by_extents(local, offset, length)
+                progress.bytes_sent += sent  # not `+= await`: see below
+            else:
+                pieces = await self._read_by_extents(offset, length)
         else:
             protector = s.protector
             async with protector.locks.hold(chunks):
                 live = [c for c in chunks if transfer.test(c)]
                 if not live:
                     return
-                data = bytearray(await s.source.backend.pread(offset, length))
-                if protector.save is not save or (
-                    save is not None and not await protector.lay_saved(data, offset, live, save)
-                ):
-                    return  # the mark this run copies for is over: nothing copied, its bits stay
-            pieces = _live_pieces(data, offset, live, self.chunk_span)
+                if local is not None and save is not None and not any(c in save for c in live):
+                    # no block saved: the source under the locks is the mark's image, and
+                    # the kernel copies it while the locks keep every write to it waiting
+                    for off, n in _live_spans(live, self.chunk_span):
+                        if protector.save is not save:
+                            return  # the mark is over: its bits stay (what went is copied again)
+                        sent = await self._copy_by_extents(local, off, n)
+                        progress.bytes_sent += sent
+                    if protector.save is not save:
+                        return
+                else:
+                    data = bytearray(await s.source.backend.pread(offset, length))
+                    if protector.save is not save or (
+                        save is not None and not await protector.lay_saved(data, offset, live, save)
+                    ):
+                        return  # the mark this run copies for is over: nothing copied, its bits stay
+                    pieces = _live_pieces(data, offset, live, self.chunk_span)
         for off, piece in pieces:
             n = piece if isinstance(piece, int) else len(piece)
             sent = await write_piece(target, off, None if isinstance(piece, int) else piece, n, g)
@@ -340,6 +357,20 @@ class Copier:
             bytes_sent=progress.bytes_sent,
         )
 
+    async def _copy_by_extents(self, target: LocalTarget, offset: int, length: int) -> int:
+        """Copy [offset, offset+length) of the source to a local target in the kernel: its
+        holes as zero requests, its data with ``copy_file_range``; returns the data bytes."""
+        source = self.session.source.backend
+        sent, pos = 0, offset
+        for n, flags in await source.extents(offset, length):
+            if flags & STATE_HOLE:
+                await target.zero(pos, n)
+            else:
+                await target.copy_from(source, pos, n)
+                sent += n
+            pos += n
+        return sent
+
     async def _read_by_extents(self, offset: int, length: int) -> list[tuple[int, bytes | int]]:
         """Pieces of [offset, offset+length): data as bytes, holes as their length."""
         source = self.session.source
@@ -349,6 +380,18 @@ class Copier:
             pieces.append((pos, n if flags & STATE_HOLE else await source.backend.pread(pos, n)))
             pos += n
         return pieces
+
+
+def _live_spans(live: list[int], span: Any) -> list[tuple[int, int]]:
+    """(offset, length) of the runs of adjacent chunks among ``live``."""
+    spans: list[tuple[int, int]] = []
+    for c in live:
+        off, n = span(c)
+        if spans and spans[-1][0] + spans[-1][1] == off:
+            spans[-1] = (spans[-1][0], spans[-1][1] + n)
+        else:
+            spans.append((off, n))
+    return spans
 
 
 def _live_pieces(data: bytearray, offset: int, live: list[int], span: Any) -> list[tuple[int, bytes | int]]:
