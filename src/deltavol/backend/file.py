@@ -232,6 +232,24 @@ class FileBackend:
         device), the thread reads and writes instead."""
         await self._run_writing("copy", self._copy_from, source, offset, length)
 
+    async def copy_spans(self, source: FileBackend, spans: list[tuple[int, int]]) -> int:
+        """Copy each (offset, length) of ``spans`` from ``source``, all in one pool thread
+        (one hand-over for many scattered chunks): the source's holes as zero requests, its
+        data as ``copy_from``. Returns the bytes copied as data."""
+        return await self._run_writing("copy", self._copy_spans, source, spans)
+
+    def _copy_spans(self, source: FileBackend, spans: list[tuple[int, int]]) -> int:
+        sent = 0
+        for offset, length in spans:
+            for n, flags in source.extents_now(offset, length):
+                if flags & STATE_HOLE:
+                    self._zero(offset, n, True, False)
+                else:
+                    self._copy_from(source, offset, n)
+                    sent += n
+                offset += n
+        return sent
+
     def _copy_from(self, source: FileBackend, offset: int, length: int) -> None:
         end = offset + length
         while offset < end and self._copy_range:
@@ -314,6 +332,10 @@ class FileBackend:
         await self._run("cache", fs.posix_fadvise, self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
+        return self.extents_now(offset, length)
+
+    def extents_now(self, offset: int, length: int) -> list[Extent]:
+        """``extents``, callable from a thread."""
         if not self._seek:
             return [(length, 0)]
         try:
