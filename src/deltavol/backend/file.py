@@ -84,6 +84,7 @@ class FileBackend:
         self._punch = not self.is_block
         self._zero_range = not self.is_block
         self._seek = not self.is_block
+        self._copy_range = True  # copy_file_range into this file works (see copy_from)
         self._nowait = bool(_NOWAIT)
         self._inline_after = 0.0  # monotonic time before which writes go to the pool
         self._backoff = INLINE_BACKOFF  # how long the next stall sends writes to the pool
@@ -224,6 +225,51 @@ class FileBackend:
         if fua:
             fs.fdatasync(self._fd)
 
+    async def copy_from(self, source: FileBackend, offset: int, length: int) -> None:
+        """Copy [offset, offset+length) of ``source`` to the same place in this file, in a
+        pool thread with ``copy_file_range``: the data never enters Python, and the loop
+        only hands the request over. Where the kernel cannot (another file system, a block
+        device), the thread reads and writes instead."""
+        await self._run_writing("copy", self._copy_from, source, offset, length)
+
+    async def copy_spans(self, source: FileBackend, spans: list[tuple[int, int]]) -> int:
+        """Copy each (offset, length) of ``spans`` from ``source``, all in one pool thread
+        (one hand-over for many scattered chunks): the source's holes as zero requests, its
+        data as ``copy_from``. Returns the bytes copied as data."""
+        return await self._run_writing("copy", self._copy_spans, source, spans)
+
+    def _copy_spans(self, source: FileBackend, spans: list[tuple[int, int]]) -> int:
+        sent = 0
+        for offset, length in spans:
+            for n, flags in source.extents_now(offset, length):
+                if flags & STATE_HOLE:
+                    self._zero(offset, n, True, False)
+                else:
+                    self._copy_from(source, offset, n)
+                    sent += n
+                offset += n
+        return sent
+
+    def _copy_from(self, source: FileBackend, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end and self._copy_range:
+            try:
+                n = fs.copy_file_range(source._fd, self._fd, end - offset, offset, offset)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                self._copy_range = False  # remember: copy through a buffer from now on
+                break
+            if n == 0:  # the source file ends early (an imported one): the rest reads as zeroes
+                self._pwrite_full(offset, bytes(end - offset), False)
+                return
+            offset += n
+        while offset < end:
+            n = min(ZERO_CHUNK, end - offset)
+            data = source._pread_full(offset, n)
+            self._pwrite_full(offset, data, False)
+            offset += n
+
     async def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
         await self._run_writing("write zeroes", self._zero, offset, length, may_trim, fua)
 
@@ -286,6 +332,10 @@ class FileBackend:
         await self._run("cache", fs.posix_fadvise, self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
+        return self.extents_now(offset, length)
+
+    def extents_now(self, offset: int, length: int) -> list[Extent]:
+        """``extents``, callable from a thread."""
         if not self._seek:
             return [(length, 0)]
         try:
