@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from deltavol.copy.throttle import Throttle
 from deltavol.nbd.constants import STATE_HOLE
@@ -161,7 +161,7 @@ async def _aiter(items: Iterable[tuple[int, ...]]) -> AsyncIterator[tuple[int, .
 
 
 async def run_pipeline(
-    work: Iterable[tuple[int, ...]] | AsyncIterator[tuple[int, ...]],
+    work: Iterable[tuple[Any, ...]] | AsyncIterator[tuple[Any, ...]],
     job: Callable[..., Awaitable[None]],
     *,
     throttle: Throttle,
