@@ -71,7 +71,9 @@ class SessionFiles:
 
         A transfer file that the session row does not own (an update that never
         committed, or one that finished just before the crash) goes back into tracking:
-        a superset of the changes is safe, a lost bit is not. Every file is read first;
+        a superset of the changes is safe, a lost bit is not. An update under protection
+        whose save area may have lost records (a power loss) gives up its mark and
+        re-marks (``_give_up_lost_records``). Every file is read first;
         then tracking is rewritten (the one step that needs space), so what a reboot may
         have cost (the hot regions ``load`` added) is durable and the file is of this
         boot; only then do the files no update owns go. A failure at any step leaves the
@@ -101,6 +103,8 @@ class SessionFiles:
                 save = area.open()
                 for c in save.index:  # saved, so changed after the mark: their bits came with the saves
                     tracking.set(c)
+                if not save.intact and s.update.phase is Phase.PROTECTING:
+                    self._give_up_lost_records(save)
             tracker.tracking, s.recopy = tracking, recopy
             tracker.open_file()
             s._rewrite_tracking()
@@ -128,6 +132,21 @@ class SessionFiles:
                 recopy.bytes,
             )
         s._gate.changed()  # bitmaps replaced: what the write path cached is void
+
+    def _give_up_lost_records(self, save: SaveArea) -> None:
+        """The machine restarted since the save area's records were written, and they are
+        not synced (``copy/save_area.py``): a power loss may have taken some whose overwrite
+        reached the source, so the update cannot finish its own mark. It gives it up (in
+        memory; the area's header keeps saying so until the re-mark replaces it) and
+        re-marks when its copy goes on: what it owes (the transfer file), what changed
+        since its mark (tracking, the hot set, the records that survived) as of a new mark."""
+        s = self.session
+        assert s.update is not None
+        why = "the machine restarted since the save area's records were written (they may be lost)"
+        s.update.move("give_up", s.name)
+        s.update.remark = why
+        s.last_error = f"{why}; the update gives up its point in time and will copy as of a new mark"
+        log.warning("session %s: %s", s.name, s.last_error)
 
     def set_aside(self, why: str) -> None:
         """Corrupt files: keep them for inspection, fail the session, track afresh.
