@@ -103,11 +103,11 @@ class SessionFiles:
                 save = area.open()
                 for c in save.index:  # saved, so changed after the mark: their bits came with the saves
                     tracking.set(c)
-                if not save.intact and s.update.phase is Phase.PROTECTING:
-                    self._give_up_lost_records(save)
             tracker.tracking, s.recopy = tracking, recopy
             tracker.open_file()
             s._rewrite_tracking()
+            if save is not None and not save.intact and s.update is not None:
+                self._give_up_lost_records()
             if orphan:
                 fs.unlink(self.transfer_path)
             if save is None:  # no update owns it: a mark or the end of its update made its bits durable
@@ -133,19 +133,32 @@ class SessionFiles:
             )
         s._gate.changed()  # bitmaps replaced: what the write path cached is void
 
-    def _give_up_lost_records(self, save: SaveArea) -> None:
+    def _give_up_lost_records(self) -> None:
         """The machine restarted since the save area's records were written, and they are
         not synced (``copy/save_area.py``): a power loss may have taken some whose overwrite
-        reached the source, so the update cannot finish its own mark. It gives it up (in
-        memory; the area's header keeps saying so until the re-mark replaces it) and
+        reached the source, so the update cannot finish its own mark. It gives it up and
         re-marks when its copy goes on: what it owes (the transfer file), what changed
-        since its mark (tracking, the hot set, the records that survived) as of a new mark."""
+        since its mark (tracking, the hot set, the records that survived: in the tracking
+        file just rewritten) as of a new mark.
+
+        The row says so before anything else happens: the re-mark writes a new header over
+        the area (this boot's, voiding the old records), and a crash before the re-mark
+        commits must not find the old mark protecting with an area that looks intact."""
         s = self.session
         assert s.update is not None
+        if s.update.phase is not Phase.PROTECTING:
+            return  # given up already: it re-marks
         why = "the machine restarted since the save area's records were written (they may be lost)"
+        before = s.last_error
         s.update.move("give_up", s.name)
         s.update.remark = why
         s.last_error = f"{why}; the update gives up its point in time and will copy as of a new mark"
+        try:
+            s._save_row()
+        except BaseException:
+            s.update.put_back(Phase.PROTECTING, s.name)
+            s.update.remark, s.last_error = None, before
+            raise
         log.warning("session %s: %s", s.name, s.last_error)
 
     def set_aside(self, why: str) -> None:
