@@ -38,9 +38,9 @@ What still is synced, and why:
   is left to a save (``Protector.saving``). At the end of an update the tracking file is
   made durable before the area goes; a cancel rewrites it whole.
 
-Measured with fio (4 KiB random writes, every chunk owed, iodepth 32) the per-burst
-fdatasync this replaces cost more than half of a protected write's IOPS, and most of its
-p99 at iodepth 1.
+Why: with fio (4 KiB random writes, every chunk owed) the per-burst fdatasync this
+replaces was most of a protected write's p99 at iodepth 1 and capped its IOPS at
+iodepth 32 (``python -m bench --only cofw``).
 
 ``synced`` in a record is where the records known durable ended when it was written (the
 records ``open`` synced, for version 5; the end of the last record whose round succeeded,
