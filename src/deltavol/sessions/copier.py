@@ -38,7 +38,7 @@ from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.engine import batches, requests, run_pipeline, split_at_holes, write_piece
 from deltavol.copy.targets import CopyTarget, LocalTarget
 from deltavol.copy.throttle import Throttle
-from deltavol.errors import DeltavolError, TargetError
+from deltavol.errors import DeltavolError, IoFailure, TargetError
 from deltavol.nbd.constants import STATE_HOLE
 from deltavol.sessions.states import Phase
 from deltavol.store import fs
@@ -128,6 +128,9 @@ class Copier:
         ``checkpointing``, which a checkpoint holds from its staleness check until its
         write is over (even when cancelled: the thread cannot be stopped).
 
+        Before the write, the tracking bits left to save records are made durable (see
+        ``_bits_left_to_saves_durable``): a chunk cleared in the file must not lose both.
+
         Bits only go from set to clear here, so they are written in place (no new space
         needed on a full disk; a torn write leaves each byte old or new, both safe).
         """
@@ -141,6 +144,7 @@ class Copier:
         async with self.checkpointing:
             if s.transfer is not transfer or seq < self._landed:
                 return  # a mark replaced the transfer, or a newer checkpoint landed
+            await self._bits_left_to_saves_durable()
             write = asyncio.ensure_future(
                 fs.to_thread(persist.write_bits_in_place, s.files.transfer_path, snapshot)
             )
@@ -153,6 +157,18 @@ class Copier:
                     self.durable = self.durable.copy()
                     self.durable.or_(snapshot)
             write.result()  # a failed write raises
+
+    async def _bits_left_to_saves_durable(self) -> None:
+        """Before a checkpoint clears chunks in the transfer file: the tracking bits left to
+        save records (``Protector``'s notes), which are not synced, must be durable in the
+        tracking file. ``checkpointing`` is held, so no bit is left to a save meanwhile."""
+        s = self.session
+        tf = s.tracker.file
+        if s.protector.save is None or tf is None:
+            return  # nothing protected: no bit was left to a save
+        await tf.durable()
+        if tf.lost is not None:  # a round proves nothing then (``persist``): the file holds the chunks
+            raise IoFailure(what=f"session {s.name}: checkpoint", why=f"tracking file: {tf.lost}")
 
     async def try_checkpoint(self) -> None:
         s = self.session
