@@ -329,3 +329,17 @@ async def test_a_lone_small_write_is_done_at_once_a_burst_goes_to_the_lane() -> 
     await asyncio.wait_for(conn.idle.wait(), 10)
     assert inline == [0]  # the burst went to the lane
     assert export.written == [(8192, b"b" * 4096), (12288, b"b" * 4096)]
+
+
+async def test_a_connection_lost_with_writes_in_the_lane_gives_its_export_back_after_them() -> None:
+    conn, _, directory = connected()
+    conn.export = directory.export = export = Lanes()
+    closed: list[int] = []
+    directory.close_export = lambda name: closed.append(len(export.written))  # type: ignore[method-assign]
+    receive(conn, b"".join(request(Cmd.WRITE, cookie=i, offset=0, data=b"c" * 4096) for i in range(4)))
+    conn.connection_lost(None)
+    await asyncio.sleep(0.05)
+    assert closed == [], "the export was given back while its writes were still to land"
+    export.release.set()
+    await asyncio.wait_for(conn.idle.wait(), 10)
+    assert closed == [4]
