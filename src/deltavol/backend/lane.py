@@ -49,9 +49,11 @@ class WriteLane:
             self._running = True
         try:
             fs.submit(_pool, self._work)
-        except BaseException:  # the pool is shut down: the interpreter is exiting
+        except BaseException:  # the pool is shut down (the interpreter exits): not put
             with self._lock:
+                self._queue.pop()  # the only one: no worker ran, so the queue was empty
                 self._running = False
+            self.pending -= 1
             raise
 
     def _work(self) -> None:
