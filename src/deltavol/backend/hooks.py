@@ -10,7 +10,8 @@ under copy-on-first-write, or with several sessions, waits for one fsync's time,
 per hook. If one fails, the others are cancelled and awaited before the change fails: no
 hook goes on working once its change has left the write gate (a mark could run then).
 Work that needs no waiting (a first write where tracking only has to put a bit
-in its file) a hook may do at once (``now``), and the write stays on the inline path.
+in its file) a hook may do at once (``now``), and the write stays on the fast path
+(``pwrite_now`` inline, or ``pwrite_soon`` to the connection's write lane).
 
 Asking every hook on every write costs more than the write itself once several sessions
 track a volume, and almost always the answer is "nothing to do". So the layer keeps a
