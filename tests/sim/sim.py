@@ -567,12 +567,8 @@ class Sim:
         try:
             if kind in ("write", "fua"):
                 data = b"".join(values)
-                if kind == "fua":
-                    await export.pwrite(offset, data, True)
-                elif rng.random() < 0.5 and (job := export.pwrite_soon(offset, data)) is not None:
-                    await self._in_lane(job)
-                elif not export.pwrite_now(offset, data):
-                    await export.pwrite(offset, data)
+                if kind == "fua" or not export.pwrite_now(offset, data):
+                    await export.pwrite(offset, data, kind == "fua")
             elif kind == "zero":
                 await export.zero(offset, length, False, rng.random() < 0.3)
             else:
@@ -589,19 +585,6 @@ class Sim:
             self.inflight.pop(op, None)
         fua = kind == "fua"
         model.ack(first, idx, self._next_event(), fua)
-
-    async def _in_lane(self, job: Any) -> None:
-        """A write as a connection's write lane does it: agreed to now, written a while
-        later (other tasks, a mark among them, run meanwhile), then handed back."""
-        await asyncio.sleep(self.rng.expovariate(200.0))
-        error: DeltavolError | None = None
-        try:
-            job.run()
-        except DeltavolError as exc:
-            error = exc
-        job.finish(error)
-        if error is not None:
-            raise error
 
     def _next_event(self) -> int:
         self.event_no += 1
