@@ -133,9 +133,10 @@ class NbdTarget:
     request_size = 256 * 1024
     inflight = 64
 
-    def __init__(self, uri: str, timeout: float = TARGET_TIMEOUT) -> None:
+    def __init__(self, uri: str, timeout: float = TARGET_TIMEOUT, export: str | None = None) -> None:
         self.uri = uri
         self.timeout = timeout
+        self.export = export  # opened instead of the URI's (``NAME@SECRET``: a peer's guard)
         self.description = uri
         self.size = 0
         self._clients: list[Any] = []
@@ -148,6 +149,8 @@ class NbdTarget:
             tls = client_tls(self.uri)
         except (TlsFileMissing, TlsFileInvalid) as exc:
             raise TargetError(msg=f"target {self.uri}: {exc.message}") from exc
+        if self.export is not None:  # only when set: connect's stand-ins in tests know no export
+            tls = {**tls, "export": self.export}
         try:
             first = await NbdClient.connect(self.uri, timeout=self.timeout, **tls)
             self._clients = [first]

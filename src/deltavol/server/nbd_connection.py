@@ -321,7 +321,7 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _open(self, name: str) -> Export:
         export = self.directory.open_export(name)
         self.export = export
-        log.info("nbd %s: opened export %r", self.peer, name)
+        log.info("nbd %s: opened export %r", self.peer, _shown(name))
         return export
 
     def _option(self, event: object) -> None:
@@ -334,7 +334,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                     self.directory.close_export(event.name)
             except DeltavolError as exc:
                 refusal = Rep.ERR_UNKNOWN if isinstance(exc, NotFound) else Rep.ERR_POLICY
-                log.info("nbd %s: refused export %r: %s", self.peer, event.name, exc.message)
+                log.info("nbd %s: refused export %r: %s", self.peer, _shown(event.name), exc.message)
                 self.conn.reply_info(None, exc.message, refusal)
                 return
             self.conn.reply_info(self._info(export))
@@ -342,7 +342,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             try:
                 export = self._open(event.name)
             except DeltavolError as exc:
-                log.info("nbd %s: refused export %r: %s", self.peer, event.name, exc.message)
+                log.info("nbd %s: refused export %r: %s", self.peer, _shown(event.name), exc.message)
                 self.conn.refuse_export_name(exc.message)
                 self._closed = True
                 self.close()
@@ -581,3 +581,9 @@ _HANDLERS: dict[Cmd, Callable[[NbdConnection, Export, Request], Awaitable[None]]
     Cmd.CACHE: NbdConnection._cache,
     Cmd.BLOCK_STATUS: NbdConnection._block_status,
 }
+
+
+def _shown(name: str) -> str:
+    """An export name as logged: a guard's secret (``NAME@SECRET``) is never written out."""
+    head, at, _ = name.partition("@")
+    return f"{head}@..." if at else name
