@@ -5,7 +5,9 @@ take at once: reads are tried inline with ``RWF_NOWAIT`` first and fall back to 
 on EAGAIN, and small writes go inline unless they would read from disk, a pool write of
 the file runs, or the last one stalled, asleep in the kernel (see ``pwrite_now``) — a
 thread hop, with the GIL handed back and forth, costs more than copying a few KiB into
-the page cache (4 KiB random writes: 7 K -> 15 K IOPS).
+the page cache (4 KiB random writes: 7 K -> 15 K IOPS). A connection's bursts of writes
+and its large ones go to its write lane (``pwrite_soon``, ``backend/lane.py``): one
+worker thread for many writes, not a hop each.
 
 Zeroing uses ``fallocate`` (punch hole or zero range) on files and ``BLKDISCARD`` /
 ``BLKZEROOUT`` on block devices, falling back to writing zero buffers where the kernel or
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import resource
 import stat
@@ -26,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from deltavol.backend.base import Extent
+from deltavol.backend.base import Extent, WriteJob
 from deltavol.errors import os_error
 from deltavol.nbd.constants import STATE_HOLE, STATE_ZERO
 from deltavol.store import fs
@@ -203,6 +206,17 @@ class FileBackend:
         else:
             self._backoff = INLINE_BACKOFF
         return True
+
+    def pwrite_soon(self, offset: int, data: bytes) -> WriteJob | None:
+        """The write as a job for a worker thread: there it may wait for the disk (a
+        partial page read, dirty-page throttling) without holding up the event loop."""
+        return WriteJob(functools.partial(self._pwrite_job, offset, data))
+
+    def _pwrite_job(self, offset: int, data: bytes) -> None:
+        try:
+            self._counted(self._pwrite_full, offset, data, False)
+        except OSError as exc:
+            raise os_error(exc, f"write on volume {self.name!r}") from exc
 
     def _page_cached(self, offset: int) -> bool:
         """True if the page holding ``offset`` needs no read to be partly overwritten."""
