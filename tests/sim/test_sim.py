@@ -14,7 +14,9 @@ import os
 
 import pytest
 
-from tests.sim.sim import off_from_env, report, run_seed
+from deltavol.errors import TargetError
+from tests.sim.sim import listening, off_from_env, report, run_seed
+from tests.sim.simfs import Clock, Halt, SimLoop
 
 CI_SEEDS = 24
 
@@ -52,3 +54,32 @@ def test_seeds(seeds: range) -> None:
         if not r.ok:
             failed.append(report(r, off, tail=12))
     assert not failed, f"{len(failed)} of {count} seeds failed:\n" + "\n".join(failed)
+
+
+def test_a_task_failing_in_the_turn_the_process_dies_was_heard_if_its_callbacks_were_due() -> None:
+    """The checker's rule for tasks that fail as a crash stops the loop (see ``listening``):
+    the failure of ``opening`` is on its way to its done callback when a callback of the
+    same turn dies (``Halt``): it was heard; ``orphan``, failing with no callback, was not."""
+    loop = SimLoop(Clock())
+    seen: list[BaseException | None] = []
+
+    async def fail() -> None:
+        raise TargetError(msg="target: connection refused")
+
+    def die() -> None:
+        raise Halt("crash at fdatasync")
+
+    try:
+        opening = loop.create_task(fail())
+        opening.add_done_callback(lambda t: seen.append(t.exception()))
+        orphan = loop.create_task(fail())
+        loop.call_soon(die)  # runs in the turn both tasks fail, after them
+        with pytest.raises(Halt):
+            loop.run_forever()
+        assert opening.done() and orphan.done() and not seen, "the callback ran: nothing to show"
+        due = listening(loop)
+        assert id(opening) in due and id(orphan) not in due
+        for t in (opening, orphan):
+            t.exception()  # (retrieved: no "never retrieved" when they go)
+    finally:
+        loop.close()

@@ -4,13 +4,21 @@ Writers change their file's contents in memory and ask for the round that will m
 them durable. A round starts on the next turn of the event loop, so every writer of one
 burst joins it; while it runs, newcomers gather for the next one. A round first has each
 file write out what its writers changed (on the loop: a page-cache write, one per file
-and round rather than one per writer), then syncs them all in one thread hop: the
-tracking files of all sessions on one source cost one round per burst, not one per
-session.
+and round rather than one per writer), then syncs each file in a worker thread of its
+own: the tracking files of all sessions on one source cost one round per burst, not one
+per session, and a round of four files lasts about as long as its slowest fdatasync,
+not the sum of four.
 
-Rounds run one after another, so a round that succeeds covers only what was written
-before it began; a failed round fails every writer waiting for it and leaves the next
-round to start afresh.
+Each file of a round has its own future (``round(file)``), which its writers share: it
+ends when that file's sync does, and fails only if that file's write or sync failed.
+One file's failure thus fails exactly its own writers; the writers of the others are
+acknowledged when, and only if, their own file synced.
+
+Rounds run one after another: the next begins once every file of the running one is
+done. So a round that succeeds covers only what was written before it began, a file is
+never synced by two rounds at once (two concurrent fdatasyncs of one file descriptor
+may each report the other's error: the kernel reports a writeback error once per open
+file), and a failed round leaves the next one to start afresh.
 
 The way back from the thread is short, because a protected write waits for it: the
 thread hands the result to the loop itself (``call_soon_threadsafe``), and the round
@@ -29,9 +37,9 @@ from typing import Protocol
 
 from deltavol.store import fs
 
-# rounds of different group commits (each save area has its own, each source one for its
-# tracking files) sync in parallel; as many as the file pool, so no disk's slow fdatasync
-# holds up the others' rounds before there are that many sessions
+# the files of a round, and the rounds of different group commits (each save area has its
+# own, each source one for its tracking files), sync in parallel; as many as the file pool,
+# so no disk's slow fdatasync holds up the others' before there are that many sessions
 _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="deltavol-sync")
 
 # what the metrics show, by kind of file (its class): rounds that synced such a file, and
@@ -45,26 +53,29 @@ class Syncable(Protocol):
         """Put what changed since the last round into the file (on the loop; may raise)."""
 
     def sync(self) -> None:
-        """Make everything written so far durable (blocking; runs in a worker thread)."""
+        """Make everything written so far durable (blocking; runs in a worker thread, at
+        the same time as the other files' syncs of the round, never as its own)."""
 
 
 class GroupCommit:
     def __init__(self) -> None:
-        self._files: dict[int, Syncable] = {}  # written since the running round began, by id
-        self._next: asyncio.Future[None] | None = None
-        self._running: asyncio.Future[None] | None = None
+        # the next round: each file written since the running round began, by id, with the
+        # future its writers share
+        self._next: dict[int, tuple[Syncable, asyncio.Future[None]]] = {}
+        self._running: dict[asyncio.Future[None], Syncable] = {}  # the running round's, not done yet
         self._waiters: dict[asyncio.Future[None], list[asyncio.Future[None]]] = {}
 
     def round(self, file: Syncable) -> asyncio.Future[None]:
-        """The round that makes what ``file`` holds now durable. It is shared by every
-        writer of the round: add done callbacks to it, but await ``wait(round)``."""
-        self._files[id(file)] = file
-        if self._next is None:
+        """The next round's future for ``file``: done once what ``file`` holds now is
+        durable (or failed to be). It is shared by every writer of ``file`` in the round:
+        add done callbacks to it, but await ``wait(round)``."""
+        entry = self._next.get(id(file))
+        if entry is None:
             loop = asyncio.get_running_loop()
-            self._next = loop.create_future()
-            if self._running is None:
+            if not self._next and not self._running:
                 loop.call_soon(self._start)
-        return self._next
+            entry = self._next[id(file)] = (file, loop.create_future())
+        return entry[1]
 
     def wait(self, round: asyncio.Future[None]) -> asyncio.Future[None]:
         """A future of the caller's own that ends as ``round`` does, in the same turn of
@@ -73,32 +84,46 @@ class GroupCommit:
         mine: asyncio.Future[None] = round.get_loop().create_future()
         if round.done():
             _copy(round, mine)
-        elif round is self._next or round is self._running:
+        elif round in self._running or any(fut is round for _, fut in self._next.values()):
             self._waiters.setdefault(round, []).append(mine)
         else:
             raise ValueError("not a round of this group commit")
         return mine
 
     def _start(self) -> None:
-        fut, files = self._next, list(self._files.values())
-        assert fut is not None
-        self._next, self._files, self._running = None, {}, fut
+        entries = list(self._next.values())
+        self._next = {}
+        self._running = {fut: file for file, fut in entries}
         loop = asyncio.get_running_loop()
-        kinds = {type(f).__name__ for f in files}
+        kinds = {type(f).__name__ for f, _ in entries}
         for kind in kinds:
             ROUNDS[kind] = ROUNDS.get(kind, 0) + 1
-        for file in files:
+        for file, _ in entries:
             kind = type(file).__name__
             SYNCS[kind] = SYNCS.get(kind, 0) + 1
-        try:
-            for file in files:
+        # every file is written out first (on the loop), then each syncs in a thread of
+        # its own: a file's outcome is its own writers' (a failed write or sync of one
+        # file fails none of the others), and a round lasts as long as its slowest sync
+        # rather than the sum of them
+        syncing = []
+        for file, fut in entries:
+            try:
                 file.write_out()
-            fs.submit(_pool, _sync_all, files, loop, self._finish, fut)
-        except Exception as exc:  # a write failed, or the pool is shut down: fail the round
-            self._finish(fut, exc)
+            except Exception as exc:  # not written: not synced, and its writers are told
+                self._finish(fut, exc)
+            else:
+                syncing.append((file, fut))
+        for i, (file, fut) in enumerate(syncing):
+            try:
+                fs.submit(_pool, _sync, file, loop, self._finish, fut)
+            except Exception as exc:  # the pool is shut down: fail this file and the rest
+                for _, left in syncing[i:]:
+                    self._finish(left, exc)
+                break
 
     def _finish(self, fut: asyncio.Future[None], exc: BaseException | None) -> None:
-        self._running = None
+        if self._running.pop(fut, None) is None:
+            return  # (not this round's: already finished)
         if not fut.done():
             if exc is None:
                 fut.set_result(None)
@@ -108,7 +133,7 @@ class GroupCommit:
         for mine in self._waiters.pop(fut, ()):
             if not mine.done():
                 _copy(fut, mine)
-        if self._next is not None:  # writers who came while this round ran
+        if not self._running and self._next:  # writers who came while this round ran
             self._start()
 
 
@@ -121,17 +146,16 @@ def _copy(done: asyncio.Future[None], to: asyncio.Future[None]) -> None:
         to.set_result(None)
 
 
-def _sync_all(
-    files: list[Syncable],
+def _sync(
+    file: Syncable,
     loop: asyncio.AbstractEventLoop,
     finish: Callable[[asyncio.Future[None], BaseException | None], None],
     fut: asyncio.Future[None],
 ) -> None:
-    """In a worker thread: sync every file, then hand the outcome to the loop."""
+    """In a worker thread: sync one file, then hand the outcome to the loop."""
     exc: BaseException | None = None
     try:
-        for file in files:
-            file.sync()
+        file.sync()
     except BaseException as e:  # handed to the waiters
         exc = e
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more

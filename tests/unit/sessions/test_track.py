@@ -106,8 +106,8 @@ async def test_sessions_of_one_source_share_the_round(
     sessions: list[Session], fdatasync: dict[str, Any]
 ) -> None:
     r1, r2 = (s.track(9 * G, G) for s in sessions)
-    assert len(r1) == 1 and r1 == r2 and r1[0] is r2[0]
-    await asyncio.shield(r1[0])
+    assert len(r1) == 1 and len(r2) == 1 and r1[0] is not r2[0]  # each file's own future
+    await asyncio.gather(asyncio.shield(r1[0]), asyncio.shield(r2[0]))
     assert fdatasync["calls"] == 2  # one round: each session's file once
     assert all(s.tracked(9 * G, G) and on_disk(s) == [(9, 1)] for s in sessions)
 

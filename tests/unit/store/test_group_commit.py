@@ -1,5 +1,6 @@
 """Group commit: one round per burst, newcomers wait for the next round, one sync per file
-per round, a failed round fails all its waiters, rounds one after another."""
+per round, the files of a round synced in parallel, each file's outcome its own writers',
+rounds one after another."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class Call:
     thread: int
     start: float
     end: float = 0.0
+    round: int = 0  # the round whose write-out came before this sync
 
 
 @dataclass
@@ -32,6 +34,19 @@ class Journal:
     lock: threading.Lock = field(default_factory=threading.Lock)
     running: int = 0
     most: int = 0
+    round: int = 0  # rounds begun so far (``Counted``)
+
+
+class Counted(GroupCommit):
+    """A group commit that numbers its rounds as they begin (``Journal.round``)."""
+
+    def __init__(self, journal: Journal) -> None:
+        super().__init__()
+        self.journal = journal
+
+    def _start(self) -> None:
+        self.journal.round += 1
+        super()._start()
 
 
 class Fake:
@@ -46,15 +61,17 @@ class Fake:
         self.pause = 0.0
         self.writes: list[int] = []  # the thread of each write_out
         self.write_fail: BaseException | None = None
+        self.round = 0  # the round of the last write_out
 
     def write_out(self) -> None:
         self.writes.append(threading.get_ident())
+        self.round = self.journal.round
         if self.write_fail is not None:
             raise self.write_fail
 
     def sync(self) -> None:
         j = self.journal
-        call = Call(self.name, threading.get_ident(), time.monotonic())
+        call = Call(self.name, threading.get_ident(), time.monotonic(), round=self.round)
         with j.lock:
             j.calls.append(call)
             j.running += 1
@@ -82,16 +99,52 @@ async def started(fake: Fake) -> None:
 
 async def test_the_writers_of_one_loop_turn_share_one_round() -> None:
     journal = Journal()
-    gc = GroupCommit()
+    gc = Counted(journal)
     files = [Fake(f"f{i}", journal) for i in range(20)]
     futs = [gc.round(f) for f in files]
-    assert all(f is futs[0] for f in futs)
+    assert len({id(f) for f in futs}) == 20, "a file's writers share its future, no other file's"
+    assert all(gc.round(f) is fut for f, fut in zip(files, futs, strict=True))
     assert not journal.calls  # the round starts on the next turn, not in round()
-    await asyncio.shield(futs[0])
+    await asyncio.gather(*(asyncio.shield(f) for f in futs))
     assert sorted(c.file for c in journal.calls) == sorted(f.name for f in files)
-    threads = {c.thread for c in journal.calls}
-    assert len(threads) == 1, "one round, one thread hop"
-    assert threads != {threading.get_ident()}, "sync ran on the event loop's thread"
+    assert {c.round for c in journal.calls} == {1} and journal.round == 1, "one round"
+    assert threading.get_ident() not in {c.thread for c in journal.calls}, "sync ran on the loop"
+
+
+async def test_the_files_of_a_round_sync_at_the_same_time() -> None:
+    journal, hold = Journal(), threading.Event()
+    gc = Counted(journal)
+    files = [Fake(f"f{i}", journal, hold=hold) for i in range(4)]
+    futs = [gc.round(f) for f in files]
+    try:
+        for f in files:  # every sync begins while all of them are held open
+            await started(f)
+    finally:
+        hold.set()
+    await asyncio.gather(*(asyncio.shield(f) for f in futs))
+    assert journal.most == 4, f"{journal.most} of the 4 syncs of one round ran at once"
+    assert len({c.thread for c in journal.calls}) == 4 and journal.round == 1
+
+
+async def test_a_files_writers_resume_when_its_own_sync_ends_not_the_rounds_others() -> None:
+    journal, hold_b = Journal(), threading.Event()
+    gc = Counted(journal)
+    a, b = Fake("a", journal), Fake("b", journal, hold=hold_b)
+    ra, rb = gc.round(a), gc.round(b)
+    mine_a, mine_b = gc.wait(ra), gc.wait(rb)
+    try:
+        await asyncio.wait_for(mine_a, WAIT)  # a's writers: a synced, b still syncing
+        assert a.syncs() == 1 and not rb.done() and not mine_b.done()
+        again = gc.round(a)  # written again: the next round, which waits for b's sync to end
+        assert again is not ra
+    finally:
+        hold_b.set()
+    await asyncio.wait_for(mine_b, WAIT)
+    await asyncio.wait_for(gc.wait(again), WAIT)
+    assert a.syncs() == 2 and journal.round == 2
+    b_call = next(c for c in journal.calls if c.file == "b")
+    a_again = [c for c in journal.calls if c.file == "a"][1]
+    assert a_again.start >= b_call.end, "a synced again while the round before still ran"
 
 
 async def test_writer_tasks_started_together_share_one_round() -> None:
@@ -106,7 +159,7 @@ async def test_writer_tasks_started_together_share_one_round() -> None:
         await asyncio.shield(fut)
 
     await asyncio.gather(*(writer(f) for f in files))
-    assert len(got) == 10 and all(f is got[0] for f in got)
+    assert len({id(f) for f in got}) == 10
     assert len(journal.calls) == 10 and all(f.syncs() == 1 for f in files)
 
 
@@ -115,8 +168,8 @@ async def test_one_round_syncs_each_registered_file_once() -> None:
     gc = GroupCommit()
     a, b, c = (Fake(n, journal) for n in "abc")
     futs = [gc.round(f) for f in (a, b, a, c, b, a)]
-    assert len({id(f) for f in futs}) == 1
-    await asyncio.shield(futs[0])
+    assert futs[0] is futs[2] is futs[5] and futs[1] is futs[4] and len({id(f) for f in futs}) == 3
+    await asyncio.gather(*(asyncio.shield(f) for f in futs))
     assert (a.syncs(), b.syncs(), c.syncs()) == (1, 1, 1)
     assert len(journal.calls) == 3
 
@@ -133,9 +186,9 @@ async def test_files_registered_during_a_round_wait_for_the_next_one() -> None:
 
         b.hold = second  # round 2 will be held too, to look at it while it runs
         r2 = gc.round(b)
-        r2_again = gc.round(a)  # a written again after round 1 began: round 1 does not cover it
-        assert r2 is not r1 and r2_again is r2
-        assert not r1.done() and not r2.done()
+        r2_a = gc.round(a)  # a written again after round 1 began: round 1 does not cover it
+        assert r2 is not r1 and r2_a is not r1 and r2_a is gc.round(a)
+        assert not r1.done() and not r2.done() and not r2_a.done()
         assert b.syncs() == 0, "b synced by a round that began before b registered"
 
         first.set()
@@ -144,7 +197,7 @@ async def test_files_registered_during_a_round_wait_for_the_next_one() -> None:
         await started(b)  # round 2 began by itself once round 1 finished
         assert not r2.done()
         second.set()
-        await asyncio.shield(r2)
+        await asyncio.gather(asyncio.shield(r2), asyncio.shield(r2_a))
         assert [c.file for c in journal.calls[:1]] == ["a"]
         assert sorted(c.file for c in journal.calls[1:]) == ["a", "b"]
         b_call = next(c for c in journal.calls if c.file == "b")
@@ -154,25 +207,26 @@ async def test_files_registered_during_a_round_wait_for_the_next_one() -> None:
         second.set()
 
 
-async def test_a_failed_round_fails_every_waiter_and_the_next_round_works() -> None:
+async def test_a_failed_sync_fails_exactly_its_files_writers_and_the_next_round_works() -> None:
     journal = Journal()
     gc = GroupCommit()
-    a, b = Fake("a", journal), Fake("b", journal)
+    a, b, c = Fake("a", journal), Fake("b", journal), Fake("c", journal)
     boom = OSError(5, "Input/output error")
     a.fail = boom
 
     async def writer(f: Fake) -> None:
-        await asyncio.shield(gc.round(f))
+        await gc.wait(gc.round(f))
 
-    results = await asyncio.gather(*(writer(f) for f in (b, a, b, a)), return_exceptions=True)
-    assert results == [boom] * 4 and all(r is boom for r in results)
+    results = await asyncio.gather(*(writer(f) for f in (b, a, c, b, a)), return_exceptions=True)
+    assert results == [None, boom, None, None, boom] and results[1] is boom
+    assert (a.syncs(), b.syncs(), c.syncs()) == (1, 1, 1)
 
     a.fail = None
     before = len(journal.calls)
     fut = gc.round(a)
     fut_b = gc.round(b)
-    assert fut is fut_b and not fut.done()
-    await asyncio.wait_for(asyncio.shield(fut), WAIT)
+    assert not fut.done() and not fut_b.done()
+    await asyncio.wait_for(asyncio.gather(gc.wait(fut), gc.wait(fut_b)), WAIT)
     assert fut.exception() is None
     assert sorted(c.file for c in journal.calls[before:]) == ["a", "b"]
 
@@ -183,19 +237,20 @@ async def test_a_round_writes_each_file_out_once_on_the_loop_before_its_sync() -
     a, b = Fake("a", journal), Fake("b", journal)
     futs = [gc.round(f) for f in (a, b, a, a)]
     assert not a.writes, "written out in round(), not when the round begins"
-    await asyncio.shield(futs[0])
+    await asyncio.gather(*(asyncio.shield(f) for f in futs))
     assert a.writes == [threading.get_ident()] and b.writes == [threading.get_ident()]
     assert (a.syncs(), b.syncs()) == (1, 1)
 
 
-async def test_a_failed_write_out_fails_its_round_unsynced_and_the_next_round_works() -> None:
+async def test_a_failed_write_out_fails_its_file_unsynced_and_the_next_round_works() -> None:
     journal = Journal()
     gc = GroupCommit()
     a, b = Fake("a", journal), Fake("b", journal)
     full = OSError(28, "No space left on device")
     b.write_fail = full
     results = await asyncio.gather(*(asyncio.shield(gc.round(f)) for f in (a, b)), return_exceptions=True)
-    assert results == [full, full] and not journal.calls, "a round whose write failed synced"
+    assert results == [None, full], "a file of the round failed another's writers"
+    assert [c.file for c in journal.calls] == ["a"], "a file whose write failed was synced"
     b.write_fail = None
     await asyncio.wait_for(asyncio.shield(gc.round(b)), WAIT)
     assert b.syncs() == 1 and len(b.writes) == 2
@@ -222,7 +277,7 @@ async def test_a_failure_while_others_wait_for_the_next_round_fails_only_its_own
 
 async def test_rounds_never_overlap() -> None:
     journal = Journal()
-    gc = GroupCommit()
+    gc = Counted(journal)
     files = [Fake(f"f{i}", journal) for i in range(8)]
     for f in files:
         f.pause = 0.002  # long enough for writers to pile up behind a running round
@@ -237,11 +292,15 @@ async def test_rounds_never_overlap() -> None:
             await asyncio.shield(fut)
 
     await asyncio.wait_for(asyncio.gather(*(writer(i) for i in range(16))), 60)
-    assert journal.most == 1, f"{journal.most} syncs ran at once"
     calls = sorted(journal.calls, key=lambda c: c.start)
-    for prev, nxt in itertools.pairwise(calls):
-        assert nxt.start >= prev.end, f"{nxt.file} began before {prev.file} ended"
-    assert len(rounds) > 1  # the test did see several rounds
+    for prev, nxt in itertools.combinations(calls, 2):  # (in order of start)
+        if nxt.round != prev.round:  # only the syncs of one round run at once
+            assert nxt.start >= prev.end, f"{nxt.file} of round {nxt.round} began before {prev.file} ended"
+    assert [c.round for c in calls] == sorted(c.round for c in calls)
+    for f in files:
+        rounds_of_f = {c.round for c in journal.calls if c.file == f.name}
+        assert len(rounds_of_f) == f.syncs(), f"{f.name} synced twice in one round"
+    assert len(rounds) > 1 and journal.most > 1  # the test did see several rounds, and parallel syncs
 
 
 async def test_a_writer_cancelled_while_it_waits_cancels_no_other_writer_nor_the_round() -> None:
