@@ -191,6 +191,10 @@ class CorruptFile(DeltavolError):
     """{path} is corrupt: {why}"""
 
 
+class SaveRecordLost(DeltavolError):
+    """save area {path}: the record of chunk {chunk} at byte {at} does not read back as written"""
+
+
 class NewerFormat(DeltavolError):
     """{path} has format version {version}, this deltavol reads up to {supported}: use a newer deltavol"""
 

@@ -54,7 +54,7 @@ from deltavol.backend.hooks import Hook
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.engine import write_piece
 from deltavol.copy.save_area import RECORD, SaveArea
-from deltavol.errors import DeltavolError, TargetError
+from deltavol.errors import DeltavolError, SaveRecordLost, TargetError
 from deltavol.sessions.records import UpdateRecord
 from deltavol.sessions.states import Phase
 from deltavol.store import fs
@@ -310,6 +310,13 @@ class Protector:
             if c in save:
                 try:
                     pieces = await save.pieces(c)
+                except SaveRecordLost as exc:
+                    # the kernel dropped the record (a writeback error) and it read back
+                    # as the disk holds it: the mark's contents of c are gone
+                    update = self.session.update
+                    if save is self.save and update is not None:
+                        self.session._give_up_mark(update, exc.message)
+                    return False
                 except OSError:
                     if save is not self.save:  # closed under the read
                         return False
