@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from deltavol.bitmap import persist
@@ -145,6 +146,13 @@ class Copier:
             if s.transfer is not transfer or seq < self._landed:
                 return  # a mark replaced the transfer, or a newer checkpoint landed
             await self._bits_left_to_saves_durable()
+            old = self.durable  # a chunk it clears anew may have been copied from records
+
+            def anew(c: int) -> bool:
+                return not snapshot.test(c) and (old is None or old.test(c))
+
+            if not await self.records_durable(anew):
+                raise IoFailure(what=f"session {s.name}: checkpoint", why="the mark is given up")
             write = asyncio.ensure_future(
                 fs.to_thread(persist.write_bits_in_place, s.files.transfer_path, snapshot)
             )
@@ -169,6 +177,28 @@ class Copier:
         await tf.durable()
         if tf.lost is not None:  # a round proves nothing then (``persist``): the file holds the chunks
             raise IoFailure(what=f"session {s.name}: checkpoint", why=f"tracking file: {tf.lost}")
+
+    async def records_durable(self, cleared: Callable[[int], bool] | None = None) -> bool:
+        """Before chunks whose copy read save records are recorded as done (a checkpoint
+        clears them, ``cleared``; or the update ends, None): the records must be durable.
+        Nothing syncs them as they are written (``copy/save_area.py``), so a background
+        writeback error is reported to no one but this sync, and the kernel may have
+        dropped the page: the copy then read back what the disk held. A failure gives up
+        the mark (False): the saved chunks are in tracking, so the re-mark copies them
+        again. Under ``checkpointing`` (or the closed gate)."""
+        s = self.session
+        save, update = s.protector.save, s.update
+        if save is None or update is None or update.phase is not _PROTECTING or not save.unsynced:
+            return True  # given up: the re-mark copies the saved chunks again
+        if cleared is not None and not any(map(cleared, save.index)):
+            return True  # no chunk copied from records is recorded as done here
+        try:
+            await save.durable()
+        except (DeltavolError, OSError) as exc:
+            why = exc.message if isinstance(exc, DeltavolError) else str(exc)
+            s._give_up_mark(update, f"save records may be lost: {why}")
+            return False
+        return True
 
     async def try_checkpoint(self) -> None:
         s = self.session
