@@ -80,6 +80,9 @@ class Copier:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.durable: Bitmap | None = None  # the transfer as of the last checkpoint
+        # the ``durable`` whose checkpoint write failed: the file may have bits of it
+        # cleared, so no bit is left to a save until a write succeeds (``in_file``)
+        self._unsure: Bitmap | None = None
         self.checkpointing = asyncio.Lock()  # see checkpoint
         self._checkpoints = 0  # checkpoints taken (a snapshot's number)
         self._landed = 0  # the number of the last checkpoint written
@@ -94,6 +97,14 @@ class Copier:
         assert transfer is not None
         durable = self.durable
         return transfer.test(chunk) or (durable is not None and durable.test(chunk))
+
+    def in_file(self, chunk: int) -> bool:
+        """True if ``chunk``'s bit is set in the transfer FILE for sure: ``durable`` (what
+        the last checkpoint wrote, or the mark), unless a checkpoint write failed since
+        (it may have cleared some of its bits and not others). Memory may owe more (a
+        failed target owes its unflushed chunks again): those are not in the file."""
+        durable = self.durable
+        return durable is not None and durable is not self._unsure and durable.test(chunk)
 
     def chunk_span(self, chunk: int) -> tuple[int, int]:
         g = self.session.granularity
@@ -162,7 +173,7 @@ class Copier:
                 if write.exception() is None:
                     self.durable, self._landed = snapshot, seq
                 elif self.durable is not None:
-                    self.durable = self.durable.copy()
+                    self.durable = self._unsure = self.durable.copy()
                     self.durable.or_(snapshot)
             write.result()  # a failed write raises
 

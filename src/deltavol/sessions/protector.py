@@ -150,7 +150,7 @@ class Protector:
             and s.transfer is not None
             and not self.copier.checkpointing.locked()  # a checkpoint syncs tracking (see the notes)
             and chunk not in save
-            and self.copier.owed(chunk)
+            and self.copier.in_file(chunk)  # owed in the transfer FILE, not only in memory
         )
 
     # --- the hook ---------------------------------------------------------------------------
