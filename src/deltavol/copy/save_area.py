@@ -96,6 +96,7 @@ import secrets
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from deltavol.errors import CorruptFile, IoFailure, SaveRecordLost, os_error
@@ -134,7 +135,10 @@ class SaveArea:
         self._synced = HEADER_SIZE  # the records before this are durable (see the notes)
         self._record = RECORD  # RECORD_V3 for an area of version 3 (``open``)
         self._fd = -1
-        self._fd_lock = threading.Lock()  # close() must not take the fd from under a thread
+        # threads using the fd (a sync, reads of pieces): close() waits until there are
+        # none, else a thread could sync or read whatever file reused the fd (``_using_fd``)
+        self._fd_users = 0
+        self._fd_idle = threading.Condition()
         # an area of version 3 or 4, reopened: each save is synced (group commit) until
         # its update ends, as that version promised (see the notes)
         self.synced_saves = False
@@ -321,10 +325,28 @@ class SaveArea:
         return chunk, start, length, synced, data
 
     def close(self) -> None:
-        with self._fd_lock:  # a sync or a read in a thread is over, or sees it closed
+        with self._fd_idle:  # a sync or a read in a thread is over, or sees it closed
+            self._fd_idle.wait_for(lambda: not self._fd_users)
             if self._fd >= 0:
                 fs.close(self._fd)
                 self._fd = -1
+
+    @contextlib.contextmanager
+    def _using_fd(self) -> Iterator[int]:
+        """The fd, for a thread: ``close`` waits until it is done with it. Syncs and reads
+        go on side by side; a closed area raises EBADF."""
+        with self._fd_idle:
+            if self._fd < 0:
+                raise OSError(errno.EBADF, f"save area {self.path} is closed")
+            self._fd_users += 1
+            fd = self._fd
+        try:
+            yield fd
+        finally:
+            with self._fd_idle:
+                self._fd_users -= 1
+                if not self._fd_users:
+                    self._fd_idle.notify_all()
 
     def delete(self) -> None:
         self.close()
@@ -443,10 +465,8 @@ class SaveArea:
         are saved."""
 
     def sync(self) -> None:
-        with self._fd_lock:  # closed meanwhile, the fd may be another file's by now
-            if self._fd < 0:
-                raise OSError(errno.EBADF, f"save area {self.path} is closed")
-            fs.fdatasync(self._fd)
+        with self._using_fd() as fd:  # closed meanwhile, the fd may be another file's by now
+            fs.fdatasync(fd)
 
     @property
     def unsynced(self) -> bool:
@@ -479,13 +499,11 @@ class SaveArea:
     def _read_pieces(self, where: list[tuple[int, int, int, int]], chunk: int) -> list[tuple[int, bytes]]:
         pieces = []
         records: dict[int, bytes] = {}  # record -> its data, read and checked once
-        with self._fd_lock:
-            if self._fd < 0:
-                raise OSError(errno.EBADF, f"save area {self.path} is closed")
+        with self._using_fd() as fd:
             for start, at, length, rec in where:
                 data = records.get(rec)
                 if data is None:
-                    record = self._read_record(self._fd, rec, self._end)
+                    record = self._read_record(fd, rec, self._end)
                     if record is None or record[0] != chunk:
                         raise SaveRecordLost(path=self.path, chunk=chunk, at=rec)
                     data = records[rec] = record[4]
