@@ -30,8 +30,17 @@ What still is synced, and why:
 * ``create``: the header, before the mark commits (a new nonce voids the old records;
   the boot in it is what ``open`` judges the records by). Once per update.
 * ``open``: what was read from the page cache, so a later save of the same blocks can
-  trust it. Once per start-up.
-* Not the records. Their other job -- a saved chunk's tracking bit is left to its record
+  trust it. Once per start-up. A failure here (a writeback error, reported once per file:
+  the next start's sync would succeed) means records may be gone, and replay took the
+  first hole for a torn tail: the area is not ``intact`` and saves no more.
+* ``durable``: one group-commit round over the records written so far, before a
+  checkpoint records as done a chunk its copy read from records, and before the update
+  ends (``Copier.records_durable``). Nothing else syncs a record, so a background
+  writeback error that made the kernel drop one is heard there or nowhere; a failure
+  gives up the mark. ``pieces`` also checks every record it reads (magic, nonce, chunk,
+  CRC: a dropped page reads back as what the disk holds) and raises ``SaveRecordLost``,
+  which gives up the mark too. Each indexed piece keeps the offset of its record for that.
+* Not each record as it is written. Their other job -- a saved chunk's tracking bit is left to its record
   (``Tracker`` ``BY_SAVE``) -- needs no durable record: the chunk is owed, so the
   transfer file keeps it until a checkpoint clears it, and a checkpoint first makes the
   tracking file durable (which holds the bit since the change was tracked), while no bit
@@ -43,7 +52,7 @@ replaces was most of a protected write's p99 at iodepth 1 and capped its IOPS at
 iodepth 32 (``python -m bench --only cofw``).
 
 ``synced`` in a record is where the records known durable ended when it was written (the
-records ``open`` synced, for version 5; the end of the last record whose round succeeded,
+records ``open`` or ``durable`` synced, for version 5; the end of the last record whose round succeeded,
 for an area of version 4): it costs no write and no fsync.
 
 ``open`` reads records up to the first one that is torn, damaged or of another nonce: a
@@ -79,7 +88,9 @@ full disk) never leaves a gap before a good record. A write that fails for anoth
 (EIO) ends saving for the update, as a failed fdatasync does for an area of version 4
 (the kernel may have dropped the pages it could not write, and a later fdatasync would
 make records durable behind that gap): ``save`` returns False from then on and the
-caller falls back to copy-before-write. The file is deleted when its session goes.
+caller falls back to copy-before-write. Syncs and piece reads run in pool threads:
+``close`` waits until none uses the fd (``_using_fd``), else one could sync or read the
+file that reused it. The file is deleted when its session goes.
 Rewriting the header in place relies on its 60 bytes being written whole (one sector);
 the header only changes before the session row commits a mark, and a restart drops a
 save area no update owns. ``limit`` bounds the file; past it ``save`` returns False too.

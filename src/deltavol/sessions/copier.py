@@ -18,7 +18,9 @@ Design notes
   transfer or in ``durable``, the transfer as of the last checkpoint) and protected, and
   a failed target, a new connection, a re-mark or a cancel owe it again
   (``forget_unflushed``). Checkpoints carry a sequence number and land in order; a mark,
-  a cancel or the update's end replace the transfer under ``checkpointing``.
+  a cancel or the update's end replace the transfer under ``checkpointing``. Before it
+  clears a chunk whose copy read save records, and before the update's end, the save
+  area is synced (``records_durable``): a failure gives up the mark.
 * **Flush before done**: ``Session._run`` flushes the target (``flush``) after the last
   pass and before the update's end commits. Once a flush of a connection failed, that
   connection is not trusted again.

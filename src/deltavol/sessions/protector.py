@@ -22,7 +22,9 @@ Design notes
   (``Session._give_up_mark``).
 * **Records are not synced** (``copy/save_area.py``): a save writes its record into the
   page cache and the change goes down. A killed server finds every record; after a power
-  loss an update whose records may be lost re-marks (``SessionFiles.load``).
+  loss an update whose records may be lost re-marks (``SessionFiles.load``). They are
+  synced before a checkpoint or the update's end counts on what the copy read from them
+  (``Copier.records_durable``).
 * **A save implies its tracking bit**: the tracker leaves the bit of a chunk this change
   saves to the save record (``saving``), and the protector tells it once the record is
   written (``Tracker.saved``), unless a failed mark voided the records on disk
@@ -34,6 +36,13 @@ Design notes
   (``Copier.checkpoint``), holding ``checkpointing``, and while it is held no bit is
   left to a save (``saving``): every bit left to one is in the file before that sync
   begins. A power loss then re-marks with the bit in the transfer or tracking file.
+  "The transfer file keeps it" is tested on what the file holds for sure
+  (``Copier.in_file``), not on what memory owes: after a failure memory owes the
+  unflushed chunks again while a late checkpoint may clear them in the file, and a
+  checkpoint write that failed half-way leaves the file unknown until one succeeds.
+* **A record that reads back wrong** (``SaveRecordLost`` from ``pieces``: the kernel
+  dropped it after a writeback error) gives up the mark in ``lay_saved``: the saved
+  chunk is in tracking, and the re-mark copies it as of the new mark.
 * ``lay_saved`` turns what the copy read from the source back into the mark's image, and
   says when the save area is the session's no more (the mark is over).
 
