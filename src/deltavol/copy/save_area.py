@@ -18,12 +18,19 @@ the old contents reach the file before the overwrite is issued, and:
   trusted from then on) and the update finishes its own mark;
 * after a power loss the records not yet written back may be gone while their
   overwrites reached the source. The header says which boot wrote the records; ``open``
-  sets ``intact`` only when that is this boot (or for an area of version 3 or 4, whose
-  saves were each synced). An update whose area is not intact gives up its mark at
-  start-up and re-marks (``SessionFiles.load``): what it still owes, what changed since
-  its mark (tracking, the hot set, and the records that did survive) is copied as of a
-  new mark -- a later point in time, never a wrong one and never a full copy. When the
-  boot id is unknown, no area is intact: a kill cannot be told from a power loss.
+  sets ``intact`` only when that is this boot, or the area is sealed (below), or for an
+  area of version 3 or 4, whose saves were each synced. An update whose area is not
+  intact gives up its mark at start-up and re-marks (``SessionFiles.load``): what it
+  still owes, what changed since its mark (tracking, the hot set, and the records that
+  did survive) is copied as of a new mark -- a later point in time, never a wrong one and
+  never a full copy. When the boot id is unknown, no unsealed area is intact: a kill
+  cannot be told from a power loss.
+
+**Sealed at a clean stop** (``seal``): the records are synced, then a seal (magic, nonce,
+where the records end, CRC32) is written at ``SEAL_AT`` in the header's block and synced;
+no save is taken after it. A start in another boot trusts a sealed area (records ending
+elsewhere than the seal says: ``CorruptFile``), and ``open`` takes the seal off, writing
+this boot into the header, durably before any new save. A kill leaves no seal.
 
 What still is synced, and why:
 
@@ -123,6 +130,11 @@ VERSION = 5
 HEADER = struct.Struct(">8sIIQQQ16s")
 HEADER_V4 = struct.Struct(">8sIIQQQ")  # versions 3 and 4: no boot
 HEADER_SIZE = 4096
+# the seal of a clean stop (see the notes): magic, nonce, end of the records; then CRC32.
+# In the header's block, a sector of its own past the header proper
+SEAL = struct.Struct(">8sQQ")
+SEAL_MAGIC = b"DVSEALED"
+SEAL_AT = 512
 # magic, nonce, chunk, start in chunk, length, synced (see the notes), crc32(fields, data)
 RECORD = struct.Struct(">IQQIIQI")
 RECORD_V3 = struct.Struct(">IQQIII")  # version 3: no synced
@@ -159,6 +171,7 @@ class SaveArea:
         self.boot = b""  # the boot the records were written in (``open``)
         # every record whose overwrite may have gone down is here (``open``): see the notes
         self.intact = True
+        self.sealed = False  # a clean stop sealed the records (``seal``): no save from then on
 
     # --- lifecycle -----------------------------------------------------------------------
     def prepare(self) -> None:
@@ -192,8 +205,7 @@ class SaveArea:
         earlier update (and ``prepare``) is kept, its old records void; else a new one."""
         self.nonce = secrets.randbits(64)
         self.boot = fs.boot_id()
-        head = HEADER.pack(MAGIC, VERSION, self.granularity, self.size, self.update_id, self.nonce, self.boot)
-        head = (head + struct.pack(">I", zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
+        head = self._header().ljust(HEADER_SIZE, b"\0")
         try:
             there = fs.exists(self.path)
         except OSError as exc:  # EIO, EACCES: not known to be missing
@@ -240,6 +252,10 @@ class SaveArea:
             fs.close(fd)
             raise
         try:
+            if self.sealed:  # saves go on: the seal must not vouch for their records, and
+                # they are this boot's (the sealed ones are durable: no boot can lose them)
+                self.boot = fs.boot_id()
+                fs.pwrite(fd, self._header().ljust(SEAL_AT, b"\0") + bytes(SEAL.size + 4), 0)
             fs.fdatasync(fd)  # what was read from the page cache is trusted from now on
         except OSError as exc:
             # a writeback error: the kernel may have dropped records, and replay took the
@@ -249,8 +265,36 @@ class SaveArea:
             self.intact, self._failed = False, True
         else:
             self._synced = self._end
+            self.sealed = False
         self._fd = fd
         return self
+
+    def _header(self) -> bytes:
+        """The header (version 5) with its CRC, for this area's nonce and boot."""
+        head = HEADER.pack(MAGIC, VERSION, self.granularity, self.size, self.update_id, self.nonce, self.boot)
+        return head + struct.pack(">I", zlib.crc32(head))
+
+    async def seal(self) -> bool:
+        """At a clean stop: make the records durable and say so in the header, so that the
+        update finishes its own mark after a reboot too (see the notes). No save is taken
+        from now on. False if there was nothing to seal (an area that syncs its saves, or
+        one that failed) or it failed: the boot id then decides at the next start."""
+        if self.synced_saves or self._failed or self._fd < 0:
+            return False
+        self.sealed = True  # before the thread reads where the records end: no put after
+        seal = SEAL.pack(SEAL_MAGIC, self.nonce, self._end)
+        try:
+            await fs.to_thread(self._seal, seal + struct.pack(">I", zlib.crc32(seal)))
+        except OSError as exc:
+            log.warning("save area %s: not sealed: %s", self.path, exc.strerror or exc)
+            return False
+        return True
+
+    def _seal(self, seal: bytes) -> None:
+        with self._using_fd() as fd:
+            fs.fdatasync(fd)  # the records first: the seal says they are durable
+            fs.pwrite(fd, seal, SEAL_AT)
+            fs.fdatasync(fd)
 
     def _replay(self, fd: int) -> None:
         raw = fs.pread(fd, HEADER_SIZE, 0)
@@ -270,9 +314,11 @@ class SaveArea:
             _, _, gran, size, update_id, self.nonce, self.boot = HEADER.unpack(head)
             now = fs.boot_id()
             self.intact = bool(now) and self.boot == now  # else the records may be lost
+            sealed = _unseal(raw[SEAL_AT : SEAL_AT + SEAL.size + 4], self.nonce)
         else:  # each save was synced before its overwrite: intact after any crash
             _, _, gran, size, update_id, self.nonce = HEADER_V4.unpack(head)
             self.synced_saves, self.intact = True, True
+            sealed = None
         self._record = RECORD_V3 if version == 3 else RECORD
         if (gran, size, update_id) != (self.granularity, self.size, self.update_id):
             raise CorruptFile(
@@ -288,6 +334,13 @@ class SaveArea:
         self._end = pos  # what follows is torn, void or space written ahead: the next save's
         if self._record is RECORD:  # versions 4 and 5
             self._check_torn(fd, pos, end)
+        if sealed is not None:  # a clean stop synced the records up to there, and wrote no more
+            if sealed != pos:
+                raise CorruptFile(
+                    path=self.path,
+                    why=f"sealed with its records ending at byte {sealed}, but they end at byte {pos}",
+                )
+            self.intact, self.sealed = True, True
 
     def _check_torn(self, fd: int, bad: int, end: int) -> None:
         """Raise ``CorruptFile`` if a record of this update after the first bad one, at
@@ -410,7 +463,7 @@ class SaveArea:
 
     def room(self, need: int) -> bool:
         """True if records of ``need`` bytes (headers included) fit and saving goes on."""
-        return not self._failed and self.used + need <= self.limit
+        return not self._failed and not self.sealed and self.used + need <= self.limit
 
     def put(self, chunk: int, start: int, data: bytes) -> asyncio.Future[None] | None:
         """The first half of ``save``: the record goes into the page cache at once, at the
@@ -545,6 +598,18 @@ class SaveArea:
     def _add(self, chunk: int, start: int, at: int, length: int, rec: int) -> None:
         self._saved[chunk] = self._saved.get(chunk, 0) | _blocks(start, start + length)
         self.index.setdefault(chunk, []).append((start, at, length, rec))
+
+
+def _unseal(raw: bytes, nonce: int) -> int | None:
+    """Where the records end by the seal ``raw`` (see ``seal``), or None if it is no seal
+    of these records."""
+    if len(raw) < SEAL.size + 4:
+        return None
+    magic, sealed_nonce, end = SEAL.unpack_from(raw)
+    (crc,) = struct.unpack_from(">I", raw, SEAL.size)
+    if magic != SEAL_MAGIC or sealed_nonce != nonce or zlib.crc32(raw[: SEAL.size]) != crc:
+        return None
+    return int(end)
 
 
 def _blocks(start: int, end: int) -> int:

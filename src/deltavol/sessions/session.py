@@ -866,6 +866,8 @@ class Session:
         if self.state is State.COPYING and await self.copier.target_answers():
             await self.copier.try_checkpoint()
         await self.copier.drop_target()
+        if self.save is not None:  # a clean stop seals the records: a reboot keeps the mark
+            await self.save.seal()
         if self.tracking_file is not None:
             try:  # a clean stop leaves no hot region: a reboot then costs no extra copy
                 await self.tracking_file.settle(everything=True)

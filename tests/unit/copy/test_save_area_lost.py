@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from deltavol.copy.save_area import BLOCK, HEADER_SIZE, RECORD, SaveArea
-from deltavol.errors import DeltavolError, SaveRecordLost
+from deltavol.copy.save_area import BLOCK, HEADER_SIZE, RECORD, SEAL, SEAL_AT, SaveArea
+from deltavol.errors import CorruptFile, DeltavolError, SaveRecordLost
 from deltavol.store import fs
 
 G = 16 * BLOCK
@@ -169,3 +169,53 @@ async def test_durable_syncs_the_records_once_and_a_failure_ends_saving(
             await a.durable()  # failed for good: no later sync may vouch for the records
     finally:
         a.close()
+
+
+async def test_a_sealed_area_is_intact_after_a_reboot_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clean stop seals the records (synced, the header says where they end): a start in
+    another boot trusts them, and takes the seal off (durably) before saving again."""
+    p = tmp_path / "s.save"
+    a = area(p).create()
+    assert await a.save(3, 0, b"A" * BLOCK) and await a.save(5, 0, b"B" * BLOCK)
+    syncs: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd))[1])
+    assert await a.seal()
+    assert len(syncs) == 2, "the records, then the seal"
+    assert not await a.save(6, 0, b"C" * BLOCK), "a save after the seal: its record is not sealed"
+    a.close()
+    monkeypatch.setattr(fs.current(), "boot_id", lambda: b"\x07" * 16)  # the machine restarted
+    b = area(p).open()
+    try:
+        assert b.intact and sorted(b.index) == [3, 5] and not b.sealed
+        assert await b.pieces(5) == [(0, b"B" * BLOCK)]
+        assert await b.save(6, 0, b"C" * BLOCK)
+    finally:
+        b.close()
+    with open(p, "rb") as f:
+        f.seek(SEAL_AT)
+        assert f.read(SEAL.size + 4) == bytes(SEAL.size + 4), "the seal is still on"
+    c = area(p).open()  # killed after saving again, in the same boot: the records are there
+    try:
+        assert c.intact and sorted(c.index) == [3, 5, 6]
+    finally:
+        c.close()
+    monkeypatch.setattr(fs.current(), "boot_id", lambda: b"\x08" * 16)
+    d = area(p).open()  # and after another reboot, the unsealed record may be lost
+    try:
+        assert not d.intact
+    finally:
+        d.close()
+
+
+async def test_a_sealed_area_whose_records_end_early_is_corrupt(tmp_path: Path) -> None:
+    p = tmp_path / "s.save"
+    a = area(p).create()
+    assert await a.save(3, 0, b"A" * BLOCK) and await a.save(5, 0, b"B" * BLOCK)
+    assert await a.seal()
+    a.close()
+    overwrite(p, HEADER_SIZE + RECORD.size + BLOCK, bytes(RECORD.size))  # the second record
+    with pytest.raises(CorruptFile, match="sealed"):
+        area(p).open()

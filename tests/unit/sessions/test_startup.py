@@ -315,9 +315,13 @@ async def test_after_a_reboot_a_protecting_update_gives_up_its_mark_before_it_re
     gives up its mark at start-up, in its row too. The re-mark then writes a new save area
     header (of this boot): a crash before it commits must find the mark given up, never an
     update protecting with an area that looks intact and holds none of the old records."""
+    from deltavol.copy.save_area import SEAL, SEAL_AT
     from deltavol.sessions.states import Phase
     from deltavol.store import fs
 
+    with open(paused / "save" / "s.save", "r+b") as f:  # killed, not stopped: no seal
+        f.seek(SEAL_AT)
+        f.write(bytes(SEAL.size + 4))
     monkeypatch.setattr(fs.current(), "boot_id", lambda: b"\x02" * 16)  # the machine restarted
     async with started(paused) as svc:
         s = svc.sessions.get("s")
@@ -336,6 +340,26 @@ async def test_after_a_reboot_a_protecting_update_gives_up_its_mark_before_it_re
         src, dst = svc.volumes.get("src").export, svc.volumes.get("dst").export
         assert await dst.pread(0, 4 * MiB) == await src.pread(0, 4 * MiB)
         assert await dst.pread(MiB, G) == b"C" * G, "the target is not the source at the re-mark"
+
+
+async def test_after_a_clean_stop_and_a_reboot_the_update_keeps_its_mark(
+    paused: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clean stop sealed the save area (its records synced, the header says so): the
+    reboot loses none of them, and the old mark is finished, as after a kill."""
+    from deltavol.sessions.states import Phase
+    from deltavol.store import fs
+
+    monkeypatch.setattr(fs.current(), "boot_id", lambda: b"\x03" * 16)  # the machine restarted
+    async with started(paused) as svc:
+        s = svc.sessions.get("s")
+        assert s.update is not None and s.update.phase is Phase.PROTECTING and s.update.remark is None
+        assert s.save is not None and not s.save.sealed, "saves after the start must not be sealed"
+        old_mark = s.update.marked_at
+        await s.resume()
+        await s.wait()
+        assert s.consistent and s.point_in_time == old_mark
+        assert await svc.volumes.get("dst").export.pread(MiB, G) == b"B" * G, "not the image of the mark"
 
 
 async def test_after_a_restart_in_the_same_boot_the_update_keeps_its_mark(paused: Path) -> None:
