@@ -341,11 +341,15 @@ def restore(api: ApiTarget, name: str, wait: bool, as_json: bool) -> None:
         if as_json:
             emit_json(info)
         else:
+            if info.get("notice"):  # an update under way was cancelled first
+                click.echo(f"session {name}: {info['notice']}")
             click.echo(
                 f"session {name}: restoring {info['source']} to {info['point_in_time']} "
                 f"(the source refuses writes until it is done)"
             )
     if wait:
+        if as_json and info.get("notice"):  # the JSON printed is the end's: say it here
+            click.echo(f"session {name}: {info['notice']}", err=True)
         final = _wait_restore(api, name, quiet=as_json)
         if as_json:
             emit_json(final)
