@@ -616,6 +616,9 @@ class Session:
                         continue  # copy-before-write gave the mark up meanwhile
                     # the save area goes: the bits its records made durable must be in the file
                     await self._tracking_durable()
+                    # no checkpoint runs (the lock is held): stopped now, the task ends in the
+                    # turn that makes the session idle, not a turn later
+                    await stop(checkpointer)
                     self._finish()
                 break
         except asyncio.CancelledError:

@@ -19,8 +19,13 @@ Design notes
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
 from deltavol.copy.targets import CopyTarget
 from deltavol.errors import TargetError
+
+T = TypeVar("T")
 
 
 class TargetWrites:
@@ -53,19 +58,26 @@ class TargetWrites:
         self.shut = False
 
     def watch(self, target: CopyTarget) -> CopyTarget:
-        """Make ``target``'s writes and zeroes call ``begin`` before they are issued. Done on
-        the connection itself, not on a wrapper: whoever holds it (the copier, which checks
-        that the connection it wrote on is still the one kept) holds the same object."""
-        pwrite, zero = target.pwrite, target.zero
-
-        async def watched_pwrite(offset: int, data: bytes) -> None:
-            self.begin(target.description)
-            await pwrite(offset, data)
-
-        async def watched_zero(offset: int, length: int) -> bool:
-            self.begin(target.description)
-            return await zero(offset, length)
-
-        target.pwrite = watched_pwrite  # type: ignore[method-assign]
-        target.zero = watched_zero  # type: ignore[method-assign]
+        """Make every method of ``target`` that writes (``WRITES``: data, zeroes, and a local
+        volume's copies in the kernel) call ``begin`` before it is issued. Done on the
+        connection itself, not on a wrapper: whoever holds it (the copier, which checks that
+        the connection it wrote on is still the one kept) holds the same object."""
+        for name in WRITES:
+            method = getattr(target, name, None)
+            if method is not None:
+                setattr(target, name, self._watched(target, method))
         return target
+
+    def _watched(
+        self,
+        target: CopyTarget,
+        method: Callable[..., Awaitable[T]],
+    ) -> Callable[..., Awaitable[T]]:
+        async def watched(*args: Any) -> T:
+            self.begin(target.description)
+            return await method(*args)
+
+        return watched
+
+
+WRITES = ("pwrite", "zero", "copy_from", "copy_spans")  # every way a target is written
