@@ -47,6 +47,7 @@ from deltavol.sessions.states import Phase
 from deltavol.store import fs
 
 if TYPE_CHECKING:
+    from deltavol.copy.save_area import SaveArea
     from deltavol.sessions.session import Session
 
 log = logging.getLogger("deltavol.session")
@@ -144,6 +145,9 @@ class Copier:
 
         Before the write, the tracking bits left to save records are made durable (see
         ``_bits_left_to_saves_durable``): a chunk cleared in the file must not lose both.
+        And the save records its copies read are synced (``_sync_records``), beside the
+        flush and not under ``checkpointing`` (while that is held, protected writes pay a
+        tracking round): a failure gives up the mark, and the checkpoint does not land.
 
         Bits only go from set to clear here, so they are written in place (no new space
         needed on a full disk; a torn write leaves each byte old or new, both safe).
@@ -154,18 +158,25 @@ class Copier:
             return
         self._checkpoints += 1
         seq, snapshot = self._checkpoints, transfer.copy()  # before the flush: see above
-        await self.flush(target)
+        save, old = s.protector.save, self.durable
+
+        def anew(c: int) -> bool:  # cleared anew: its copy (done before the snapshot) may have read records
+            return not snapshot.test(c) and (old is None or old.test(c))
+
+        syncing = asyncio.ensure_future(self._sync_records(save, anew))
+        try:
+            await self.flush(target)
+        finally:
+            lost = await syncing  # never raises
         async with self.checkpointing:
             if s.transfer is not transfer or seq < self._landed:
                 return  # a mark replaced the transfer, or a newer checkpoint landed
+            update = s.update
+            if lost is not None and save is s.protector.save and update is not None:
+                s._give_up_mark(update, f"save records may be lost: {lost}")
+            if lost is not None:
+                raise IoFailure(what=f"session {s.name}: checkpoint", why=f"save records may be lost: {lost}")
             await self._bits_left_to_saves_durable()
-            old = self.durable  # a chunk it clears anew may have been copied from records
-
-            def anew(c: int) -> bool:
-                return not snapshot.test(c) and (old is None or old.test(c))
-
-            if not await self.records_durable(anew):
-                raise IoFailure(what=f"session {s.name}: checkpoint", why="the mark is given up")
             write = asyncio.ensure_future(
                 fs.to_thread(persist.write_bits_in_place, s.files.transfer_path, snapshot)
             )
@@ -191,27 +202,36 @@ class Copier:
         if tf.lost is not None:  # a round proves nothing then (``persist``): the file holds the chunks
             raise IoFailure(what=f"session {s.name}: checkpoint", why=f"tracking file: {tf.lost}")
 
-    async def records_durable(self, cleared: Callable[[int], bool] | None = None) -> bool:
-        """Before chunks whose copy read save records are recorded as done (a checkpoint
-        clears them, ``cleared``; or the update ends, None): the records must be durable.
-        Nothing syncs them as they are written (``copy/save_area.py``), so a background
-        writeback error is reported to no one but this sync, and the kernel may have
-        dropped the page: the copy then read back what the disk held. A failure gives up
+    async def records_durable(self) -> bool:
+        """Before the update's end commits (the gate closed, ``checkpointing`` held): the
+        save records its copy read must be durable (``_sync_records``). A failure gives up
         the mark (False): the saved chunks are in tracking, so the re-mark copies them
-        again. Under ``checkpointing`` (or the closed gate)."""
+        again."""
         s = self.session
-        save, update = s.protector.save, s.update
+        update = s.update
+        lost = await self._sync_records(s.protector.save, None)
+        if lost is None or update is None:
+            return True
+        s._give_up_mark(update, f"save records may be lost: {lost}")
+        return False
+
+    async def _sync_records(self, save: SaveArea | None, cleared: Callable[[int], bool] | None) -> str | None:
+        """Sync the save records before chunks copied from them are recorded as done (those
+        ``cleared`` marks, or all): nothing syncs them as they are written
+        (``copy/save_area.py``), so a background writeback error is reported to no one but
+        this sync, and the kernel may have dropped a page: the copy then read back what
+        the disk held. Why it failed, or None. A mark given up needs none: its re-mark
+        copies the saved chunks again."""
+        update = self.session.update
         if save is None or update is None or update.phase is not _PROTECTING or not save.unsynced:
-            return True  # given up: the re-mark copies the saved chunks again
+            return None
         if cleared is not None and not any(map(cleared, save.index)):
-            return True  # no chunk copied from records is recorded as done here
+            return None  # no chunk copied from records is recorded as done
         try:
             await save.durable()
         except (DeltavolError, OSError) as exc:
-            why = exc.message if isinstance(exc, DeltavolError) else str(exc)
-            s._give_up_mark(update, f"save records may be lost: {why}")
-            return False
-        return True
+            return exc.message if isinstance(exc, DeltavolError) else str(exc)
+        return None
 
     async def try_checkpoint(self) -> None:
         s = self.session
