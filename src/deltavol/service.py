@@ -67,8 +67,8 @@ class Service:
             vol.connections -= 1
 
     # --- volumes ----------------------------------------------------------------------------
-    def create_volume(self, name: str, size: int) -> dict[str, Any]:
-        info = self.volumes.create(name, size).info()
+    def create_volume(self, name: str, size: int, peer_target: bool = False) -> dict[str, Any]:
+        info = self.volumes.create(name, size, peer_target).info()
         self.events.publish("volume.created", name=name, size=info["size"])
         return info
 
@@ -97,6 +97,9 @@ class Service:
         stats = vol.export.stats
         written = None if stats is None else stats.bytes[WRITE] + stats.bytes[ZERO]
         return {**info, "written_bytes": written}
+
+    def set_peer_target(self, name: str, on: bool) -> dict[str, Any]:
+        return self._volume_json(self.volumes.set_peer_target(name, on).info())
 
     async def remove_volume(self, name: str) -> None:
         await self.volumes.remove(name, self.sessions.volume_busy)
@@ -180,8 +183,8 @@ class Service:
         return s.tracking.to_bytes(), headers
 
     # --- peers: another deltavol server's calls (sessions/reverse.py) ---------------------
-    def put_guard(self, volume: str, holder: str, secret: str) -> dict[str, Any]:
-        return reverse.put_guard(self.sessions, volume, holder, secret)
+    def put_guard(self, volume: str, holder: str, secret: str, current: str | None = None) -> dict[str, Any]:
+        return reverse.put_guard(self.sessions, volume, holder, secret, current)
 
     def drop_guard(self, volume: str, secret: str) -> dict[str, Any]:
         return reverse.drop_guard(self.sessions, volume, secret)

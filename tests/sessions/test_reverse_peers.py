@@ -75,7 +75,7 @@ def connect(left: Peer, right: Peer, volumes: bool = True) -> Model:
     """A (0xAA everywhere) on L, B on R, session s: A -> nbd://R/B with R's API, full copy."""
     if volumes:
         left.cli("volume", "create", "A", "--size", str(SIZE))
-        right.cli("volume", "create", "B", "--size", str(SIZE))
+        right.cli("volume", "create", "B", "--size", str(SIZE), "--peer-target")
     model = Model(SIZE)
     apply(left, "A", model.write(0xAA, 0, SIZE))
     left.cli(
@@ -244,7 +244,7 @@ def test_kill_of_the_peer_before_it_answers(pair: tuple[Peer, Peer]) -> None:
 def test_refusals_change_nothing(pair: tuple[Peer, Peer], tmp_path: Path) -> None:
     left, right = pair
     left.cli("volume", "create", "A", "--size", str(SIZE))
-    right.cli("volume", "create", "B", "--size", str(SIZE))
+    right.cli("volume", "create", "B", "--size", str(SIZE), "--peer-target")
     right.cli("volume", "create", "C", "--size", str(SIZE))
     right.cli("session", "create", "busy", "--source", "C", "--target", "B")  # B is busy on R
     token = str(right.root / "peer.token")
@@ -313,3 +313,63 @@ def test_unguard_when_the_source_host_is_lost(pair: tuple[Peer, Peer]) -> None:
     assert image[:G] == b"\x0c" * G and image[G : 2 * G] == b"\xaa" * G  # nothing of L's landed
     left.cli("session", "remove", "s")
     assert right.cli("volume", "unguard", "B").strip() == "volume B had no guard"
+
+
+def peer_call(server: Peer, method: str, path: str, body: object) -> tuple[int, object]:
+    """A call with ``server``'s peer token, as another deltavol server makes it."""
+    req = urllib.request.Request(
+        server.api + path,
+        method=method,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {server.peer_token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_the_peer_token_guards_only_peer_targets(pair: tuple[Peer, Peer]) -> None:
+    """The peer token cannot guard (and so write) a volume the administrator did not make a
+    peer target, nor replace a standing guard without its secret."""
+    left, right = pair
+    right.cli("volume", "create", "prod", "--size", str(SIZE))
+    status, answer = peer_call(right, "PUT", "/v1/peer/guards/prod", {"holder": "x", "secret": "mine"})
+    assert status == 409 and "peer target" in str(answer), answer
+    assert json.loads(right.cli("volume", "info", "prod", "--json"))["guarded_by"] is None
+    text = qemu_io(f"nbd+unix:///prod@mine?socket={right.sock}", "write -P 0x66 0 65536", ok=False)
+    assert "wrote" not in text.lower(), text
+    assert right.image("prod")[:G] == bytes(G)
+
+    bad = {"holder": "a\nb", "secret": "s"}
+    status, answer = peer_call(right, "PUT", "/v1/peer/guards/prod", bad)
+    assert status == 400 and "holder" in str(answer), answer
+
+    a = connect(left, right)
+    assert json.loads(right.cli("volume", "info", "B", "--json"))["peer_target"] is True
+    holder = json.loads(right.cli("volume", "info", "B", "--json"))["guarded_by"]
+    status, answer = peer_call(right, "PUT", "/v1/peer/guards/B", {"holder": holder, "secret": "stolen"})
+    assert status == 409, answer
+    wrong = {"holder": holder, "secret": "stolen", "current": "guess"}
+    status, answer = peer_call(right, "PUT", "/v1/peer/guards/B", wrong)
+    assert status == 409, answer
+    text = qemu_io(f"nbd+unix:///B@stolen?socket={right.sock}", "write -P 0x77 0 65536", ok=False)
+    assert "wrote" not in text.lower(), text
+    apply(left, "A", *a.chunks(0x01, [0]))
+    assert update_bytes(left) == G  # the session's copier still writes B
+    assert left.sha("A") == right.sha("B")
+
+    left.cli("session", "remove", "s")
+    right.cli("volume", "peer-target", "B", "--off")
+    assert json.loads(right.cli("volume", "info", "B", "--json"))["peer_target"] is False
+    status, answer = peer_call(right, "PUT", "/v1/peer/guards/B", {"holder": "x", "secret": "mine"})
+    assert status == 409 and "peer target" in str(answer), answer
+    right.stop()
+    right.start()  # the flag is in the database
+    assert json.loads(right.cli("volume", "info", "B", "--json"))["peer_target"] is False
+    right.cli("volume", "peer-target", "B", "--on")
+    right.stop()
+    right.start()
+    assert json.loads(right.cli("volume", "info", "B", "--json"))["peer_target"] is True
+    right.cli("volume", "remove", "B")  # the flag goes with the volume

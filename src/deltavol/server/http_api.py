@@ -131,12 +131,23 @@ def routes(service: Service) -> web.RouteTableDef:
             size = body.get("size")
             if not isinstance(size, int | str) or isinstance(size, bool):
                 raise UsageError(msg="field 'size' is required (bytes or a size such as 4GiB)")
-            info = service.create_volume(name, parse_size(size))
+            peer_target = body.get("peer_target", False)
+            if not isinstance(peer_target, bool):
+                raise UsageError(msg="field 'peer_target' must be true or false")
+            info = service.create_volume(name, parse_size(size), peer_target)
         return web.json_response(info, status=201)
 
     @r.get("/v1/volumes/{name}")
     async def volume_info(request: web.Request) -> web.Response:
         return web.json_response(service.volume_info(request.match_info["name"]))
+
+    @r.put("/v1/volumes/{name}/peer-target")
+    async def peer_target(request: web.Request) -> web.Response:
+        body = await _body(request)
+        on = body.get("enabled")
+        if not isinstance(on, bool):
+            raise UsageError(msg="field 'enabled' is required (true or false)")
+        return web.json_response(service.set_peer_target(request.match_info["name"], on))
 
     @r.delete("/v1/volumes/{name}")
     async def remove_volume(request: web.Request) -> web.Response:
@@ -186,7 +197,10 @@ def routes(service: Service) -> web.RouteTableDef:
     async def put_guard(request: web.Request) -> web.Response:
         body = await _body(request)
         info = service.put_guard(
-            request.match_info["volume"], _field(body, "holder", str), _field(body, "secret", str)
+            request.match_info["volume"],
+            _field(body, "holder", str),
+            _field(body, "secret", str),
+            _optional(body, "current"),
         )
         return web.json_response(info)
 

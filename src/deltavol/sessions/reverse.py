@@ -518,14 +518,34 @@ def settle_request(m: SessionManager, request: str) -> dict[str, Any]:
     return {"request": request, "outcome": outcome}
 
 
-def put_guard(m: SessionManager, volume: str, holder: str, secret: str) -> dict[str, Any]:
-    """``PUT /v1/peer/guards/VOLUME``: the volume becomes the target of ``holder``. The same
-    holder again replaces its secret (a create retried); another holder is refused."""
+MAX_HOLDER = 200  # characters of a guard's holder (shown by ``volume info``)
+
+
+def check_holder(holder: str) -> str:
+    if not holder or len(holder) > MAX_HOLDER or not holder.isprintable():
+        raise UsageError(msg=f"field 'holder' must be printable text of 1 to {MAX_HOLDER} characters")
+    return holder
+
+
+def put_guard(
+    m: SessionManager, volume: str, holder: str, secret: str, current: str | None = None
+) -> dict[str, Any]:
+    """``PUT /v1/peer/guards/VOLUME``: the volume becomes the target of ``holder``. Only a
+    volume the administrator made a peer target may be guarded. A guard that stands is
+    replaced only by who shows its secret (``current``: a create retried after a crash);
+    the same guard again (same holder and secret) is no change."""
+    check_holder(holder)
     vol = m.volumes.get(volume)
     guard = vol.peer_guard
-    if guard is not None and guard.holder != holder:
-        raise InUse(kind="volume", name=volume, why=str(vol.why_guarded()))
-    if guard is None:
+    if guard is not None:
+        if guard.holder == holder and guard.admits(secret):
+            return {"volume": volume, "guarded_by": holder}
+        if current is None or guard.holder != holder or not guard.admits(current):
+            raise InUse(kind="volume", name=volume, why=str(vol.why_guarded()))
+    else:
+        if not vol.peer_target:
+            why = "it is no peer target: on its server, run 'deltavol volume peer-target' first"
+            raise Protected(name=volume, why=why)
         busy = m.volume_busy(vol)
         if busy is not None:
             raise InUse(kind="volume", name=volume, why=busy)
