@@ -6,6 +6,7 @@ of either server at its critical steps."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import socket
@@ -373,3 +374,51 @@ def test_the_peer_token_guards_only_peer_targets(pair: tuple[Peer, Peer]) -> Non
     right.start()
     assert json.loads(right.cli("volume", "info", "B", "--json"))["peer_target"] is True
     right.cli("volume", "remove", "B")  # the flag goes with the volume
+
+
+def read_at(server: Server, volume: str, offset: int, length: int) -> bytes:
+    path = server.get(f"/v1/volumes/{volume}")["path"]
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def test_reverse_of_a_large_volume(pair: tuple[Peer, Peer]) -> None:
+    """1 TiB (sparse) at 64 KiB chunks: the tracking bitmap is 2 MiB, over aiohttp's 1 MiB
+    body limit in base64. The reverse goes through, and so does an uncompressed body of that
+    size; a body past what any volume here needs is refused with a JSON error."""
+    left, right = pair
+    size = 1 << 40
+    left.cli("volume", "create", "A", "--size", str(size))
+    right.cli("volume", "create", "B", "--size", str(size), "--peer-target")
+    left.cli(
+        "session", "create", "s", "--source", "A", "--target", right.uri("B"),
+        "--peer-api", right.api, "--peer-token-file", str(right.root / "peer.token"),
+    )  # fmt: skip
+    left.cli("session", "update", "s", "--full", "--wait")
+    last = size - G
+    apply(left, "A", f"write -P 0x21 0 {G}", f"write -P 0x22 {last} {G}")
+    assert update_bytes(left) == 2 * G
+    apply(left, "A", f"write -P 0x23 {last} {G}")  # after the point in time: B's version wins
+    info = reverse(left)
+    assert info["reversed_to"] == right.api, info
+    st = right.status()
+    assert st["state"] == "idle" and st["tracked_bytes"] == G, st
+    assert update_bytes(right) == G
+    assert read_at(left, "A", last, G) == b"\x22" * G == read_at(right, "B", last, G)
+    assert read_at(left, "A", 0, G) == b"\x21" * G
+
+    bits = bytes(size // G // 8)  # uncompressed, 2.8 MB of base64: read and checked
+    right.cli("volume", "create", "C", "--size", str(size))
+    body = {
+        "request": "r1", "name": "t", "source": "C", "guard": "nope", "target": left.uri("A"),
+        "target_guard": "x", "granularity": G, "size": size, "point_in_time": "2026-01-01T00:00:00+00:00",
+        "tracking": base64.b64encode(bits).decode(),
+        "peer": {"api": left.api}, "back": {"api": "a", "target": "b"},
+    }  # fmt: skip
+    status, answer = peer_call(right, "POST", "/v1/peer/reversals", body)
+    assert status == 409 and "not the target" in str(answer), (status, answer)
+    body["tracking"] = base64.b64encode(bytes(64 << 20)).decode()  # more than any volume here
+    status, answer = peer_call(right, "POST", "/v1/peer/reversals", body)
+    assert status == 413 and answer["error"]["code"] == "PayloadTooLarge", (status, answer)
+    assert right.sessions() == ["s"]

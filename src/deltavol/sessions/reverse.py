@@ -56,6 +56,7 @@ import binascii
 import contextlib
 import logging
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -278,7 +279,8 @@ async def _reverse_to_peer(
             "next_update_id": s.next_update_id,
             "max_rate": s.max_rate,
             "every": s.every,
-            "tracking": base64.b64encode(bits).decode(),
+            "tracking": base64.b64encode(zlib.compress(bits)).decode(),
+            "tracking_encoding": "zlib",
             "peer": {"api": back_api, "token": own_token},
             "back": {"api": peer.api, "target": s.target_spec},
         }
@@ -407,6 +409,26 @@ def _number(body: dict[str, Any], key: str, required: bool = True) -> int | None
     return value
 
 
+def _tracking(body: dict[str, Any], size: int, granularity: int) -> Bitmap:
+    """The peer's tracking bits: base64, zlib-compressed when ``tracking_encoding`` says so
+    (never inflated past the bitmap's size), one bit per chunk of the volume, no more."""
+    encoding = body.get("tracking_encoding")
+    if encoding not in (None, "zlib"):
+        raise UsageError(msg=f"field 'tracking_encoding' must be 'zlib' or absent, not {encoding!r}")
+    nbits = -(-size // granularity)
+    expected = (nbits + 7) // 8
+    try:
+        raw = base64.b64decode(_text(body, "tracking"), validate=True)
+        if encoding == "zlib":
+            inflate = zlib.decompressobj()
+            raw = inflate.decompress(raw, expected + 1)
+            if not inflate.eof or inflate.unconsumed_tail:
+                raise ValueError(f"more than the {expected} bytes of this volume's bitmap, or cut short")
+        return Bitmap.from_bytes(size, granularity, raw)
+    except (ValueError, binascii.Error, zlib.error) as exc:
+        raise UsageError(msg=f"field 'tracking' is not a bitmap of this volume: {exc}") from exc
+
+
 def _outcome(m: SessionManager, request: str) -> str | None:
     row = m.db.conn.execute("SELECT outcome FROM adoptions WHERE request = ?", (request,)).fetchone()
     return None if row is None else str(row[0])
@@ -436,10 +458,7 @@ async def adopt(m: SessionManager, body: dict[str, Any]) -> tuple[dict[str, Any]
         raise AlreadyExists(kind="session", name=name)
     if _number(body, "size") != vol.size:
         raise UsageError(msg=f"volume {source!r} is {vol.size} bytes, the peer's source {body.get('size')}")
-    try:
-        tracking = Bitmap.from_bytes(vol.size, granularity, base64.b64decode(_text(body, "tracking")))
-    except (ValueError, binascii.Error) as exc:
-        raise UsageError(msg=f"field 'tracking' is not a bitmap of this volume: {exc}") from exc
+    tracking = _tracking(body, vol.size, granularity)
     them, back = body.get("peer"), body.get("back")
     if not isinstance(them, dict) or not isinstance(back, dict):
         raise UsageError(msg="fields 'peer' and 'back' are required (objects)")
