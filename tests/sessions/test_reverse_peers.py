@@ -422,3 +422,24 @@ def test_reverse_of_a_large_volume(pair: tuple[Peer, Peer]) -> None:
     status, answer = peer_call(right, "POST", "/v1/peer/reversals", body)
     assert status == 413 and answer["error"]["code"] == "PayloadTooLarge", (status, answer)
     assert right.sessions() == ["s"]
+
+
+def test_tracking_bits_past_the_volume_are_refused(pair: tuple[Peer, Peer]) -> None:
+    """129 chunks: 17 bytes of bits, 7 of them past the end. Set, the reverse is refused
+    (nothing changes on R); it would inflate tracked_bytes and fail the session's next load."""
+    left, right = pair
+    size = 129 * G
+    right.cli("volume", "create", "B", "--size", str(size), "--peer-target")
+    status, answer = peer_call(right, "PUT", "/v1/peer/guards/B", {"holder": "h", "secret": "g"})
+    assert status == 200, answer
+    body = {
+        "request": "r1", "name": "s", "source": "B", "guard": "g", "target": left.uri("A"),
+        "target_guard": "t", "granularity": G, "size": size, "point_in_time": "2026-01-01T00:00:00+00:00",
+        "peer": {"api": left.api}, "back": {"api": "a", "target": "b"},
+    }  # fmt: skip
+    for bits in (bytes(16) + b"\xff", bytes(16) + b"\x02"):
+        body["tracking"] = base64.b64encode(bits).decode()
+        status, answer = peer_call(right, "POST", "/v1/peer/reversals", body)
+        assert status == 400 and "past the volume" in str(answer), (status, answer)
+    assert right.sessions() == []
+    assert json.loads(right.cli("volume", "info", "B", "--json"))["guarded_by"] == "h"

@@ -424,6 +424,8 @@ def _tracking(body: dict[str, Any], size: int, granularity: int) -> Bitmap:
             raw = inflate.decompress(raw, expected + 1)
             if not inflate.eof or inflate.unconsumed_tail:
                 raise ValueError(f"more than the {expected} bytes of this volume's bitmap, or cut short")
+        if len(raw) == expected and nbits % 8 and raw[-1] >> (nbits % 8):
+            raise ValueError(f"bits set past the volume's last chunk ({nbits} chunks)")
         return Bitmap.from_bytes(size, granularity, raw)
     except (ValueError, binascii.Error, zlib.error) as exc:
         raise UsageError(msg=f"field 'tracking' is not a bitmap of this volume: {exc}") from exc
