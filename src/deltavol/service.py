@@ -62,7 +62,8 @@ class Service:
         return export
 
     def close_export(self, name: str) -> None:
-        vol = self.volumes.find(name)
+        """Undo ``open_export`` of ``NAME`` or ``NAME@SECRET`` (an NBD_OPT_INFO's name)."""
+        vol = self.volumes.find(name.partition("@")[0])
         if vol is not None and vol.connections:
             vol.connections -= 1
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Server
-from tests.interop.peers import qemu_io
+from tests.interop.peers import nbdsh, qemu_io
 from tests.sessions.common import G, MiB, Model, apply, start_update, wait_for
 
 pytestmark = pytest.mark.interop
@@ -443,3 +443,23 @@ def test_tracking_bits_past_the_volume_are_refused(pair: tuple[Peer, Peer]) -> N
         assert status == 400 and "past the volume" in str(answer), (status, answer)
     assert right.sessions() == []
     assert json.loads(right.cli("volume", "info", "B", "--json"))["guarded_by"] == "h"
+
+
+def test_opt_info_on_a_guarded_name_leaves_no_connection(pair: tuple[Peer, Peer]) -> None:
+    """NBD_OPT_INFO on ``B@SECRET`` opens and closes the export: B's count of connections
+    goes back to 0 (a left-over one would refuse every later check of B's clients)."""
+    _, right = pair
+    right.cli("volume", "create", "B", "--size", str(SIZE), "--peer-target")
+    status, answer = peer_call(right, "PUT", "/v1/peer/guards/B", {"holder": "h", "secret": "sec"})
+    assert status == 200, answer
+    for _ in range(3):
+        out = nbdsh(
+            f"nbd+unix:///B@sec?socket={right.sock}",
+            "h.opt_info(); print(h.get_size()); h.opt_abort()",
+            "--opt-mode",
+        )
+        assert out.stdout.split() == [str(SIZE)], out
+    assert json.loads(right.cli("volume", "info", "B", "--json"))["connections"] == 0
+    status, answer = peer_call(right, "DELETE", "/v1/peer/guards/B", {"secret": "sec"})
+    assert status == 200 and answer["dropped"], answer
+    right.cli("volume", "remove", "B")  # no NBD connection holds it
