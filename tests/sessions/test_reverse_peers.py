@@ -463,3 +463,38 @@ def test_opt_info_on_a_guarded_name_leaves_no_connection(pair: tuple[Peer, Peer]
     status, answer = peer_call(right, "DELETE", "/v1/peer/guards/B", {"secret": "sec"})
     assert status == 200 and answer["dropped"], answer
     right.cli("volume", "remove", "B")  # no NBD connection holds it
+
+
+def test_the_peer_refuses_a_session_it_could_not_copy(pair: tuple[Peer, Peer], tmp_path: Path) -> None:
+    """R opens the reversed session's target (through its guard) before it takes the session:
+    a target R cannot reach is refused, and the session stays L's, A writable again."""
+    left, right = pair
+    connect(left, right)
+    gone = f"nbd+unix:///A?socket={tmp_path / 'nowhere.sock'}"
+    out = left.run("session", "reverse", "s", "--reverse-target", gone)
+    assert out.returncode == 1 and "cannot write its target" in out.stderr, out.stderr
+    assert left.sessions() == ["s"] and right.sessions() == []
+    assert json.loads(left.cli("volume", "info", "A", "--json"))["guarded_by"] is None
+    qemu_io(left.uri("A"), "write -P 0x0d 0 65536")
+    refused_write(right, "B")  # still L's target
+    info = reverse(left)  # with the address that works, it goes through
+    assert info["reversed_to"] == right.api, info
+    assert update_bytes(right) == G
+
+
+@pytest.mark.parametrize(
+    ("url", "local"),
+    [
+        ("http://127.0.0.1:8080", True),
+        ("https://[::1]:8443", True),
+        ("http://localhost:1", True),
+        ("nbd+unix:///A?socket=/run/x.sock", True),
+        ("nbds://127.0.0.2:10809/A", True),
+        ("https://10.0.0.5:8443", False),
+        ("nbd://backup.example:10809/A", False),
+    ],
+)
+def test_loopback_addresses_are_no_default_for_a_remote_peer(url: str, local: bool) -> None:
+    from deltavol.sessions.reverse import _is_local
+
+    assert _is_local(url) is local

@@ -54,11 +54,13 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import ipaddress
 import logging
 import uuid
 import zlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.targets import is_uri
@@ -72,6 +74,7 @@ from deltavol.errors import (
     PeerUnreachable,
     Protected,
     ReversePending,
+    TargetError,
     UsageError,
     os_error,
 )
@@ -215,6 +218,20 @@ def _own_nbd(m: SessionManager, volume: str) -> str | None:
     return None
 
 
+def _is_local(url: str) -> bool:
+    """Whether ``url`` (an API URL or NBD URI) reaches this host only: loopback or a socket."""
+    parts = urlsplit(url)
+    if parts.scheme.endswith("+unix"):
+        return True
+    host = parts.hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def _reverse_to_peer(
     m: SessionManager, s: Session, back_api: str | None, back_target: str | None
 ) -> dict[str, Any]:
@@ -224,13 +241,18 @@ async def _reverse_to_peer(
         if why is not None:
             raise NotReversible(name=name, why=why)
         old = s.source
-        back_api = back_api or peer.back_api or _own_api(m)
-        back_target = back_target or peer.back_target or _own_nbd(m, old.name)
+        own_api, own_nbd = _own_api(m), _own_nbd(m, old.name)
+        if not _is_local(peer.api):  # an address only this host reaches is no default for it
+            own_api = None if own_api is not None and _is_local(own_api) else own_api
+            own_nbd = None if own_nbd is not None and _is_local(own_nbd) else own_nbd
+        back_api = back_api or peer.back_api or own_api
+        back_target = back_target or peer.back_target or own_nbd
         if back_api is None or back_target is None:
             raise NotReversible(
                 name=name,
                 why="its peer needs this server's API and NBD address to reverse back: serve the "
-                "API on TCP (serve --api HOST:PORT), or give --reverse-api URL and --reverse-target URI",
+                "API on TCP (serve --api HOST:PORT), or give --reverse-api URL and --reverse-target URI "
+                "(a loopback address or a unix socket is no default for a peer on another host)",
             )
         if old.connections:
             raise InUse(
@@ -495,6 +517,7 @@ async def adopt(m: SessionManager, body: dict[str, Any]) -> tuple[dict[str, Any]
     committed = False
     try:
         m.peer_files.save(name, peer)  # before the row: garbage if it never commits
+        await _probe(m, name, target, peer, vol.size)
         async with vol.gate.closed():  # no change passes between the guard's end and tracking
             if name in m._sessions or name in m._reversing:
                 raise AlreadyExists(kind="session", name=name)
@@ -523,6 +546,20 @@ async def adopt(m: SessionManager, body: dict[str, Any]) -> tuple[dict[str, Any]
     log.info("session %s: taken over from %s: %s -> %s (request %s)", name, peer.api, source, target, request)
     m.events.publish("session.reversed", name=name, source=source, target=target, peer=peer.api)
     return s.status(), True
+
+
+async def _probe(m: SessionManager, name: str, target: str, peer: Peer, size: int) -> None:
+    """The session's new target opens, through its guard, writable and of the source's size:
+    a session this server could not copy is not taken (409: the peer keeps it)."""
+    try:
+        probe = await m.nbd_target(target, peer).open()
+    except TargetError as exc:
+        raise Conflict(msg=f"session {name!r}: cannot write its target from here: {exc.message}") from exc
+    try:
+        if probe.size != size:
+            raise Conflict(msg=f"session {name!r}: its target {target} is {probe.size} bytes, not {size}")
+    finally:
+        await probe.close()
 
 
 def settle_request(m: SessionManager, request: str) -> dict[str, Any]:
