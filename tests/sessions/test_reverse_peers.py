@@ -498,3 +498,33 @@ def test_loopback_addresses_are_no_default_for_a_remote_peer(url: str, local: bo
     from deltavol.sessions.reverse import _is_local
 
     assert _is_local(url) is local
+
+
+def test_a_lost_peer_file_keeps_a_reverse_pending(pair: tuple[Peer, Peer], tmp_path: Path) -> None:
+    """L dies after guarding A for the reverse, before R answers, and its peer file is lost:
+    L cannot ask R how the reverse ended, so it stays pending (A guarded, no update) instead
+    of making A writable while R may run the session. With the file back, it settles."""
+    left, right = pair
+    a = connect(left, right)
+    apply(left, "A", *a.chunks(0x01, [2]))
+    left.stop()
+    left.env["DELTAVOL_TEST_FAULT"] = "reverse-before-call"
+    left.start()
+    out = left.run("session", "reverse", "s")
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert left.proc is not None and left.proc.wait(30) == -9
+    del left.env["DELTAVOL_TEST_FAULT"]
+    peer_file = left.root / "peers" / "s.json"
+    kept = tmp_path / "s.json"
+    peer_file.rename(kept)
+    left.start()
+    out = left.run("session", "reverse", "s")
+    assert out.returncode == 1 and str(peer_file) in out.stderr and "not settled" in out.stderr, out.stderr
+    assert left.sessions() == ["s"] and right.sessions() == []
+    assert str(peer_file) in left.status()["last_error"]
+    refused_write(left, "A")  # still guarded: R may have taken the session
+    kept.rename(peer_file)
+    info = reverse(left)  # settles (R never saw the request: aborted), then reverses
+    assert info["reversed_to"] == right.api, info
+    assert left.sessions() == [] and right.sessions() == ["s"]
+    assert update_bytes(right) == G

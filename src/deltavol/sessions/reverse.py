@@ -44,8 +44,9 @@ Design notes
   the session is as before. (c) R commits in 2 and L dies before 3: settling answers
   ``adopted`` and L finishes step 3. (d) R unreachable when L settles: the reverse stays
   pending, A stays guarded (nobody writes it), the session's updates are not scheduled,
-  and the next ``reverse`` or ``remove`` or start settles it. In every case exactly one
-  server ends with session S.
+  and the next ``reverse`` or ``remove`` or start settles it. (e) L's peer file lost while
+  a request is unsettled: no way to ask R, so the same as (d), naming the file, until it is
+  put back. In every case exactly one server ends with session S.
 """
 
 from __future__ import annotations
@@ -379,9 +380,19 @@ async def _settle(m: SessionManager, s: Session) -> str:
     holds the session's operation). Raises ``ReversePending`` when the peer does not answer."""
     name, peer = s.name, m.peers.get(s.name)
     request = m.pending[name]
-    if peer is None:  # no way to ask: the file was lost; the reverse cannot have been sent
-        _undo(m, s)
-        return "aborted"
+    if peer is None:  # lost or unreadable: read it again (it may have been put back)
+        path = m.peer_files.path(name)
+        try:
+            peer = m.peer_files.load(name)
+        except DeltavolError as exc:
+            s.last_error = f"reverse not settled: {exc.message}"
+            raise ReversePending(name=name, api="its peer", why=exc.message) from exc
+        if peer is None:  # no way to ask: the peer may have taken the session; undoing
+            # here would leave two writable directions, so the source stays guarded
+            why = f"peer file {path} is missing or unreadable: put it back to settle"
+            s.last_error = f"reverse not settled: {why}"
+            raise ReversePending(name=name, api="its peer", why=why)
+        m.peers[name] = peer
     try:
         answer = await peers.call(peer, "POST", f"/v1/peer/reversals/{request}/settle", {"session": name})
     except DeltavolError as exc:
