@@ -55,6 +55,9 @@ class Service:
         name, at, secret = name.partition("@")
         vol = self.volumes.get(name)
         why = vol.open_guard()
+        if not why and not at and vol.peer_guard is not None:
+            # this server cannot know when the peer's copy is consistent: no reader
+            why = f"{vol.why_guarded()}, which may not have finished copying to it"
         if why:
             raise Protected(name=name, why=why)
         export = vol.holder_export(secret) if at else vol.export

@@ -103,7 +103,7 @@ def refused_write(server: Server, volume: str) -> None:
     before = hashlib.sha256(server.image(volume)).hexdigest()
     text = qemu_io(server.uri(volume), "write -P 0x66 0 65536", ok=False)
     low = text.lower()
-    assert "read-only" in low or "permission" in low or "failed" in low, text
+    assert "read-only" in low or "permission" in low or "failed" in low or "protected" in low, text
     assert "wrote" not in low, text
     assert hashlib.sha256(server.image(volume)).hexdigest() == before
 
@@ -528,3 +528,16 @@ def test_a_lost_peer_file_keeps_a_reverse_pending(pair: tuple[Peer, Peer], tmp_p
     assert info["reversed_to"] == right.api, info
     assert left.sessions() == [] and right.sessions() == ["s"]
     assert update_bytes(right) == G
+
+
+def test_a_guarded_volume_has_no_readers(pair: tuple[Peer, Peer]) -> None:
+    """R cannot know when L's copy to B is consistent: B opens for the copier only (local
+    targets refuse readers while inconsistent; a peer's is refused while guarded)."""
+    left, right = pair
+    connect(left, right)
+    copier = json.loads(right.cli("volume", "info", "B", "--json"))["connections"]
+    text = qemu_io(right.uri("B"), "read -P 0xaa 0 65536", ok=False, read_only=True)
+    assert "may not have finished copying" in text and "read 65536" not in text, text
+    assert json.loads(right.cli("volume", "info", "B", "--json"))["connections"] == copier
+    left.cli("session", "remove", "s")  # the guard goes: B is an ordinary volume again
+    qemu_io(right.uri("B"), "read -P 0xaa 0 65536", read_only=True)
