@@ -541,3 +541,20 @@ def test_a_guarded_volume_has_no_readers(pair: tuple[Peer, Peer]) -> None:
     assert json.loads(right.cli("volume", "info", "B", "--json"))["connections"] == copier
     left.cli("session", "remove", "s")  # the guard goes: B is an ordinary volume again
     qemu_io(right.uri("B"), "read -P 0xaa 0 65536", read_only=True)
+
+
+@pytest.mark.parametrize(("key", "value"), [("max_rate", -1), ("every", 0), ("next_update_id", 1 << 70)])
+def test_numbers_from_the_peer_are_range_checked(pair: tuple[Peer, Peer], key: str, value: int) -> None:
+    left, right = pair
+    right.cli("volume", "create", "B", "--size", str(SIZE), "--peer-target")
+    status, answer = peer_call(right, "PUT", "/v1/peer/guards/B", {"holder": "h", "secret": "g"})
+    assert status == 200, answer
+    body = {
+        "request": "r1", "name": "s", "source": "B", "guard": "g", "target": left.uri("A"),
+        "target_guard": "t", "granularity": G, "size": SIZE, "point_in_time": "2026-01-01T00:00:00+00:00",
+        "tracking": base64.b64encode(bytes(SIZE // G // 8)).decode(),
+        "peer": {"api": left.api}, "back": {"api": "a", "target": "b"}, key: value,
+    }  # fmt: skip
+    status, answer = peer_call(right, "POST", "/v1/peer/reversals", body)
+    assert status == 400 and key in str(answer), (status, answer)
+    assert right.sessions() == []

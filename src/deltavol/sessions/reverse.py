@@ -439,6 +439,8 @@ def _number(body: dict[str, Any], key: str, required: bool = True) -> int | None
         return None
     if not isinstance(value, int) or isinstance(value, bool):
         raise UsageError(msg=f"field {key!r} is required (a whole number)")
+    if not 1 <= value < 1 << 63:  # each a size, rate, interval or id: positive, fits its column
+        raise UsageError(msg=f"field {key!r} must be from 1 to 2**63-1, not {value}")
     return value
 
 
