@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Server
+from tests.harness import DELTAVOL, Server
 from tests.interop.peers import nbdsh, qemu_io
 from tests.sessions.common import G, MiB, Model, apply, start_update, wait_for
 
@@ -558,3 +558,49 @@ def test_numbers_from_the_peer_are_range_checked(pair: tuple[Peer, Peer], key: s
     status, answer = peer_call(right, "POST", "/v1/peer/reversals", body)
     assert status == 400 and key in str(answer), (status, answer)
     assert right.sessions() == []
+
+
+def test_a_refused_copier_does_not_show_the_guard_secret(tmp_path: Path) -> None:
+    """R restarted with ``--tls require`` refuses the copier's plain ``B@SECRET``: L's session
+    fails saying ``B@...``; the live secret is in no log, status, event or row."""
+    certs = tmp_path / "certs"
+    subprocess.run(
+        [str(DELTAVOL), "tls", "init", str(certs), "--host", "127.0.0.1", "--host", "localhost"],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    right = Server(
+        tmp_path / "R", "--api", f"127.0.0.1:{port}", "--tls", "on", "--tls-certificates", str(certs)
+    )
+    left = Server(tmp_path / "L")
+    try:
+        right.start()
+        left.start()
+        left.cli("volume", "create", "A", "--size", str(SIZE))
+        right.cli("volume", "create", "B", "--size", str(SIZE), "--peer-target")
+        left.cli(
+            "session", "create", "s", "--source", "A", "--target", right.uri("B"),
+            "--peer-api", f"https://127.0.0.1:{port}", "--peer-token-file", str(right.root / "peer.token"),
+            "--peer-certificates", str(certs),
+        )  # fmt: skip
+        left.cli("session", "update", "s", "--full", "--wait")
+        secret = json.loads((left.root / "peers" / "s.json").read_text())["guard"]
+        right.stop()
+        right.extra = ("--api", f"127.0.0.1:{port}", "--tls", "require", "--tls-certificates", str(certs))
+        right.start()
+        start_update(left)
+        st = wait_for(left, lambda s: s["state"] == "failed", "failed", failed_ok=True)
+        assert "refused export 'B@...'" in st["last_error"], st
+        left.stop()  # the row and the log are complete
+        shown = (
+            left.log_path.read_text()
+            + json.dumps(st)
+            + b"".join(f.read_bytes() for f in left.root.glob("deltavol.db*")).decode("latin-1")
+        )
+        assert secret not in shown
+    finally:
+        for srv in (left, right):
+            if srv.proc is not None and srv.proc.poll() is None:
+                srv.stop()
+            srv.log.close()
