@@ -5,6 +5,9 @@
 
 BIN := .venv/bin
 PYTEST := $(BIN)/pytest -q -p no:cacheprovider
+# `make test` runs the tests in WORKERS processes (pytest-xdist; idle waits of one test, for a
+# throttled copy or a peer, overlap another's work); WORKERS=0 runs them in this one.
+WORKERS ?= 2
 # The in-process subset: no server subprocess, no peer program, nothing marked slow.
 UNIT := -m "not interop and not slow and not crash" tests/unit tests/protocol tests/sim
 
@@ -15,7 +18,7 @@ demo: setup
 	bash scripts/demo.sh
 
 test: lint
-	$(PYTEST)
+	$(PYTEST) -n $(WORKERS) --dist worksteal
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any
 
-from deltavol.backend.base import Extent
+from deltavol.backend.base import Extent, WriteJob
 
 
 class Disk:
@@ -55,6 +56,9 @@ class Disk:
     def pwrite_now(self, offset: int, data: bytes) -> bool:
         self._land(offset, data)
         return True
+
+    def pwrite_soon(self, offset: int, data: bytes) -> WriteJob | None:
+        return WriteJob(functools.partial(self._land, offset, data))
 
     async def pread(self, offset: int, length: int) -> bytes:
         await asyncio.sleep(0)  # I/O: other tasks run meanwhile

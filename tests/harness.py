@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,7 +53,8 @@ class Server:
             env=self.env,
             stderr=self.log,
         )
-        for _ in range(100):
+        deadline = time.monotonic() + 30  # a loaded machine starts a server slowly
+        while time.monotonic() < deadline and self.proc.poll() is None:
             if (self.root / "api.sock").exists():
                 return
             time.sleep(0.05)
@@ -74,8 +78,23 @@ class Server:
         assert out.returncode == 0, f"deltavol {' '.join(args)}: {out.stderr}"
         return out.stdout
 
+    def get(self, path: str) -> Any:
+        """GET from the control API on its unix socket: what ``--json`` commands print, without
+        starting a CLI process (polls would otherwise load the machine they wait on)."""
+        conn = _UnixHTTPConnection(str(self.root / "api.sock"))
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            body = resp.read()
+        finally:
+            conn.close()
+        assert resp.status == 200, f"GET {path}: {resp.status} {body[-2000:]!r}"
+        return json.loads(body)
+
     def status(self, session: str = "s") -> dict:
-        return json.loads(self.cli("session", "status", session, "--json"))
+        """``session status SESSION --json``."""
+        st: dict = self.get(f"/v1/sessions/{session}")
+        return st
 
     def wait_state(self, state: str, timeout: float = 60, session: str = "s") -> dict:
         deadline = time.monotonic() + timeout
@@ -100,5 +119,16 @@ class Server:
         return f"nbd+unix:///{name}?socket={self.sock}"
 
     def image(self, name: str) -> bytes:
-        path = json.loads(self.cli("volume", "info", name, "--json"))["path"]
+        path = self.get(f"/v1/volumes/{name}")["path"]
         return Path(path).read_bytes()
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 60) -> None:
+        super().__init__("deltavol", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)

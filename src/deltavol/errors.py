@@ -233,3 +233,17 @@ class InsecureListen(UsageError):
 
 class TlsVerifyFailed(DeltavolError):
     """cannot trust {peer}: {why}"""
+
+
+class PeerUnreachable(DeltavolError):
+    """peer deltavol server {api}: {why}"""
+
+    http_status = 502
+
+
+class PeerRefused(Conflict):
+    """peer deltavol server {api} refused: {why}"""
+
+
+class ReversePending(Conflict):
+    """session {name!r}: its reverse to {api} is not settled ({why}): run 'session reverse {name}' again"""

@@ -12,7 +12,8 @@ between two events of one session, and the last one before an update ends is alw
 the finished or failed event that follows.
 
 Kinds: ``session.created``, ``session.removed``, ``session.state``, ``update.marked``,
-``update.progress``, ``update.finished``, ``update.failed``, ``update.retry``, ``volume.created``,
+``update.progress``, ``update.finished``, ``update.failed``, ``update.retry``, ``update.cancelled``
+(a restore took back an update that had not written its target), ``volume.created``,
 ``volume.removed``, ``restore.started``, ``restore.finished``, ``restore.failed`` (a restore's
 progress is ``update.progress`` with its id), ``session.reversed``. ``data`` always has
 ``name`` (the session's or volume's).

@@ -50,12 +50,16 @@ class Service:
         return [v.name for v in self.volumes.all()]
 
     def open_export(self, name: str) -> Export:
+        """``NAME``, or ``NAME@SECRET``: the writable way in for the copier of the session
+        of another deltavol server whose target the volume is (its guard's secret)."""
+        name, at, secret = name.partition("@")
         vol = self.volumes.get(name)
         why = vol.open_guard()
         if why:
             raise Protected(name=name, why=why)
+        export = vol.holder_export(secret) if at else vol.export
         vol.connections += 1
-        return vol.export
+        return export
 
     def close_export(self, name: str) -> None:
         vol = self.volumes.find(name)
@@ -103,12 +107,22 @@ class Service:
         return session_extras(self, (await self.sessions.create(**params)).status())
 
     def list_sessions(self) -> list[dict[str, Any]]:
-        return [session_extras(self, s.status()) for s in self.sessions.all()]
+        return [self._with_peer(session_extras(self, s.status())) for s in self.sessions.all()]
 
     def session_status(self, name: str) -> dict[str, Any]:
-        return session_extras(self, self.sessions.get(name).status())
+        return self._with_peer(session_extras(self, self.sessions.get(name).status()))
+
+    def _with_peer(self, info: dict[str, Any]) -> dict[str, Any]:
+        """A session with a target on another deltavol server says which (no secret), and
+        whether a reverse to it is not settled yet."""
+        peer = self.sessions.peers.get(info["name"])
+        if peer is not None:
+            info["peer"] = {**peer.shown(), "reverse_pending": info["name"] in self.sessions.pending}
+        return info
 
     async def update_session(self, name: str, full: bool, max_rate: int | None) -> dict[str, Any]:
+        if name in self.sessions.pending:
+            await reverse.settle_now(self.sessions, name)  # it may be gone to its peer
         return session_extras(self, await self.sessions.get(name).start_update(full, max_rate))
 
     async def pause_session(self, name: str) -> dict[str, Any]:
@@ -149,8 +163,37 @@ class Service:
     async def restore_session(self, name: str) -> dict[str, Any]:
         return await restore.restore(self.sessions.get(name))
 
-    async def reverse_session(self, name: str) -> dict[str, Any]:
-        return await reverse.reverse(self.sessions, name)
+    async def reverse_session(
+        self, name: str, back_api: str | None = None, back_target: str | None = None
+    ) -> dict[str, Any]:
+        info = await reverse.reverse(self.sessions, name, back_api, back_target)
+        return info if "reversed_to" in info else session_extras(self, info)
+
+    def session_tracking(self, name: str) -> tuple[bytes, dict[str, str]]:
+        """A session's tracking bits (one bit per chunk, chunk 0 the lowest bit of byte 0)."""
+        s = self.sessions.get(name)
+        headers = {
+            "X-Deltavol-Size": str(s.source.size),
+            "X-Deltavol-Granularity": str(s.granularity),
+            "X-Deltavol-Point-In-Time": s.point_in_time or "",
+        }
+        return s.tracking.to_bytes(), headers
+
+    # --- peers: another deltavol server's calls (sessions/reverse.py) ---------------------
+    def put_guard(self, volume: str, holder: str, secret: str) -> dict[str, Any]:
+        return reverse.put_guard(self.sessions, volume, holder, secret)
+
+    def drop_guard(self, volume: str, secret: str) -> dict[str, Any]:
+        return reverse.drop_guard(self.sessions, volume, secret)
+
+    def unguard(self, volume: str) -> dict[str, Any]:
+        return reverse.unguard(self.sessions, volume)
+
+    async def adopt_session(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        return await reverse.adopt(self.sessions, body)
+
+    def settle_reversal(self, request: str) -> dict[str, Any]:
+        return reverse.settle_request(self.sessions, request)
 
     async def verify_session(self, name: str) -> dict[str, Any]:
         return await verify(self.sessions.get(name))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import errno
+import hashlib
+import hmac
 import logging
 import os
 import re
@@ -64,6 +66,23 @@ def check_size(size: int) -> int:
     return size
 
 
+@dataclass(frozen=True)
+class PeerGuard:
+    """The volume is the target of a session of another deltavol server (``holder``): only
+    NBD connections that open it as ``NAME@SECRET`` with the guard's secret may change it.
+    Only the secret's sha256 is kept."""
+
+    holder: str
+    secret_sha256: str
+
+    def admits(self, secret: str) -> bool:
+        return hmac.compare_digest(hashlib.sha256(secret.encode()).hexdigest(), self.secret_sha256)
+
+
+def secret_sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
 @dataclass
 class Volume:
     name: str
@@ -89,19 +108,59 @@ class Volume:
     # each runs in a task of its own, which a cancel of the restore does not stop.
     restoring_by: str | None = None
     restore_writes: set[asyncio.Task[int]] = field(default_factory=set)
+    # The target of a session of another deltavol server (sessions/peers.py), or None.
+    peer_guard: PeerGuard | None = None
+    # The write path of that session's copier, by the guard's secret_sha256: one export per
+    # guard, writable only while that very guard stands (a guard dropped or replaced makes
+    # the connections opened with its secret read-only).
+    _holder: tuple[str, Export, GateLayer] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self._gated = GateLayer(self.backend, self.gate, check=self._check_guard)
         self.export = Export(
             self._gated,
-            read_only=lambda: self.write_guard() is not None,
-            why_read_only=lambda: self.write_guard(),
+            read_only=lambda: self.why_guarded() is not None,
+            why_read_only=lambda: self.why_guarded(),
         )
 
-    def _check_guard(self) -> None:
+    def why_guarded(self) -> str | None:
+        """Why a client may not change the volume: a local session's guard, or a peer's."""
         why = self.write_guard()
+        if why is None and self.peer_guard is not None:
+            why = f"it is the target of {self.peer_guard.holder}"
+        return why
+
+    def _check_guard(self) -> None:
+        why = self.why_guarded()
         if why is not None:
             raise Protected(name=self.name, why=why)
+
+    def holder_export(self, secret: str) -> Export:
+        """The export for the guard holder's copier (opened as ``NAME@SECRET``)."""
+        guard = self.peer_guard
+        if guard is None or not guard.admits(secret):
+            raise Protected(name=self.name, why="no guard of this volume has that secret")
+        if self._holder is None or self._holder[0] != guard.secret_sha256:
+            sha = guard.secret_sha256
+
+            def why() -> str | None:
+                local = self.write_guard()
+                if local is not None:
+                    return local
+                now = self.peer_guard
+                if now is None or now.secret_sha256 != sha:
+                    return "the guard this connection was opened with is gone"
+                return None
+
+            def check() -> None:
+                reason = why()
+                if reason is not None:
+                    raise Protected(name=self.name, why=reason)
+
+            gated = GateLayer(self._gated.next, self.gate, check=check)
+            export = Export(gated, read_only=lambda: why() is not None, why_read_only=why)
+            self._holder = (sha, export, gated)
+        return self._holder[1]
 
     @property
     def below_gate(self) -> Backend:
@@ -115,6 +174,8 @@ class Volume:
         for make in self.filters:
             top = make(top)
         self._gated.next = top
+        if self._holder is not None:
+            self._holder[2].next = top
 
     def info(self) -> dict[str, Any]:
         return {
@@ -125,6 +186,7 @@ class Volume:
             "created_at": self.created_at,
             "connections": self.connections,
             "read_only": self.export.read_only,
+            "guarded_by": self.peer_guard.holder if self.peer_guard is not None else None,
             "allocated": _allocated(self.path),
         }
 

@@ -207,3 +207,29 @@ def test_fio_jobs_with_verify(server: Server) -> None:
     out = run(*common, "--name=w", "--rw=randwrite", "--verify_only")
     assert all(job["error"] == 0 for job in json.loads(out.stdout[out.stdout.index("{") :])["jobs"])
     assert os.path.getsize(json.loads(server.cli("volume", "info", "f", "--json"))["path"]) == 64 * MiB
+
+
+def test_nbdsh_overlapping_writes_in_flight_land_in_the_order_sent(server: Server, vol: str) -> None:
+    """Writes sent without waiting for replies (small ones, done at once or in the lane,
+    behind 1 MiB ones, always in the lane), each overlapping the one before, a FLUSH in
+    their midst: the bytes are those of the last write sent over each byte."""
+    nbdsh(
+        vol,
+        """
+import random
+rng = random.Random(5)
+image = bytearray(4 << 20)
+for rnd in range(6):
+    for i in range(48):
+        length = (1 << 20) if i % 8 == 0 else rng.choice((512, 4096, 4096 + 512, 65536 + 7))
+        offset = rng.randrange(0, 1 << 20, 512) + (rnd % 3) * (1 << 20)
+        data = bytes([(rnd * 48 + i) % 255 + 1]) * length
+        h.aio_pwrite(data, offset)
+        image[offset:offset + length] = data
+        if i == 24:
+            h.aio_flush()
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+assert h.pread(4 << 20, 0) == bytes(image), "a write landed out of order"
+""",
+    )

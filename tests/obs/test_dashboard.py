@@ -3,6 +3,7 @@ and chromium-driver), over the TCP API with its token."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -58,6 +59,21 @@ def non_blank(png: bytes) -> float:
     from PIL import Image, ImageStat
 
     return float(ImageStat.Stat(Image.open(io.BytesIO(png)).convert("L")).stddev[0])
+
+
+def _logged_in(srv: TcpServer, browser: Any) -> Any:
+    """Open the page, give the token, and return the card of session ``s`` once it is live."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(srv.url + "/")
+    until("asked for the token", lambda: browser.find_element(By.ID, "token").is_displayed())
+    browser.find_element(By.ID, "token").send_keys(srv.token)
+    browser.find_element(By.CSS_SELECTOR, "#login button").click()
+    card = until(
+        "showing the session", lambda: browser.find_elements(By.CSS_SELECTOR, 'article[data-name="s"]')
+    )[0]
+    until("live", lambda: browser.find_element(By.ID, "conn").text == "live")
+    return card
 
 
 def test_dashboard_live_progress_heat_map_and_pause(
@@ -143,3 +159,76 @@ def test_dashboard_files_need_no_token_but_the_data_does(tcp_server: TcpServer) 
     assert tcp_get(tcp_server, "/v1/events?token=wrong", None)[0] == 401
     assert tcp_get(tcp_server, "/v1/sessions/x/bitmaps?token=" + tcp_server.token, None)[0] == 401
     assert tcp_get(tcp_server, "/dashboard/../api.token", None)[0] in (403, 404)
+
+
+def test_dashboard_restore_with_confirmation_and_a_refused_reverse(
+    tcp_server: TcpServer, browser: Any, tmp_path: Path
+) -> None:
+    """A session to an nbdkit export whose reads take three seconds (so a restore lasts): the
+    reverse button is refused by the server, and the page says why; the restore button,
+    once confirmed, brings the source's bytes back, and the page shows it restoring, then
+    idle."""
+    require("qemu-io", "nbdkit")
+    from selenium.webdriver.common.by import By
+
+    from tests.sessions.targets import serving, uri
+
+    srv, size = tcp_server, 16 * MiB
+    image, sock = tmp_path / "t.img", tmp_path / "t.sock"
+    image.write_bytes(bytes(size))
+    slow_reads = [
+        "nbdkit",
+        "-f",
+        "-U",
+        str(sock),
+        "-e",
+        "t",
+        "--filter=delay",
+        "file",
+        str(image),
+        "rdelay=1",
+    ]
+    with serving(slow_reads, sock):
+        srv.cli("volume", "create", "a", "--size", str(size))
+        srv.cli("session", "create", "s", "--source", "a", "--target", uri(sock))
+        apply(srv, "a", "write -P 1 0 4M", "write -P 2 8M 1M")
+        srv.cli("session", "update", "s", "--full", "--wait")
+        at_pit = hashlib.sha256(srv.image("a")).hexdigest()
+        apply(srv, "a", "write -P 7 0 2M", "write -z 8M 64k", "write -P 9 12M 64k")  # after the update
+        changed = hashlib.sha256(srv.image("a")).hexdigest()
+        assert changed != at_pit
+
+        card = _logged_in(srv, browser)
+        until("idle", lambda: card.find_element(By.CSS_SELECTOR, ".state").text == "idle")
+        message = browser.find_element(By.ID, "message")
+
+        # reverse: asked first; then the server refuses (an NBD export cannot be promoted)
+        card.find_element(By.CSS_SELECTOR, 'button[data-action="reverse"]').click()
+        confirm = card.find_element(By.CSS_SELECTOR, ".confirm")
+        assert confirm.is_displayed() and "writable source" in confirm.text, confirm.text
+        confirm.find_element(By.CSS_SELECTOR, ".yes").click()
+        until("the refusal shown", lambda: "refused" in message.text)
+        out = srv.run("session", "reverse", "s")  # what the server says, through the CLI
+        assert out.returncode == 1 and out.stderr.startswith("deltavol: "), out
+        why = out.stderr.strip().removeprefix("deltavol: ")
+        assert "cannot be reversed" in why and why in message.text, (why, message.text)
+        assert not confirm.is_displayed()
+        assert json.loads(srv.cli("session", "status", "s", "--json"))["state"] == "idle"
+
+        # restore: "keep it" changes nothing, the confirmed one restores
+        card.find_element(By.CSS_SELECTOR, 'button[data-action="restore"]').click()
+        assert "overwrites a" in confirm.text, confirm.text
+        confirm.find_element(By.CSS_SELECTOR, ".no").click()
+        assert not confirm.is_displayed()
+        assert hashlib.sha256(srv.image("a")).hexdigest() == changed
+        card.find_element(By.CSS_SELECTOR, 'button[data-action="restore"]').click()
+        confirm.find_element(By.CSS_SELECTOR, ".yes").click()
+        until("shown restoring", lambda: card.find_element(By.CSS_SELECTOR, ".state").text == "restoring")
+        assert "restoring" in card.find_element(By.CSS_SELECTOR, ".progress .label").text
+        assert card.find_element(By.CSS_SELECTOR, 'button[data-action="restore"]').get_attribute("disabled")
+        until("shown idle", lambda: card.find_element(By.CSS_SELECTOR, ".state").text == "idle", timeout=60)
+        st = json.loads(srv.cli("session", "status", "s", "--json"))
+    assert st["state"] == "idle" and st["consistent"] and st["update"]["kind"] == "restore", st
+    assert hashlib.sha256(srv.image("a")).hexdigest() == at_pit
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert all("/reverse" in e["message"] for e in errors), errors  # the refused request's 409

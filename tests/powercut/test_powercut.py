@@ -284,3 +284,49 @@ def test_a_created_volume_survives_a_power_cut(rig: Rig) -> None:
     assert path.exists(), f"volume v is listed, its image {path} is gone"
     data = path.read_bytes()
     assert len(data) == 16 * G and model.violations(data) == []
+
+
+@pytest.mark.timeout(300)
+def test_a_power_cut_while_protecting_re_marks_and_copies_as_of_the_new_mark(rig: Rig) -> None:
+    """Save records are not synced: after a power loss in the middle of copy-on-first-write
+    the update cannot trust them, so it gives up its mark and re-marks. The target then
+    holds the source as of a mark taken after the power-on -- never the old mark's image
+    with a block whose record was lost -- and no full copy is made."""
+    srv = rig.server
+    srv.cli("volume", "create", "src", "--size", str(SIZE))
+    srv.cli("volume", "create", "dst", "--size", str(SIZE))
+    PATHS.clear()
+    image(rig, "src"), image(rig, "dst")
+    srv.cli("session", "create", "loc", "--source", "src", "--target", "dst")
+    srv.cli("session", "update", "loc", "--full", "--wait")
+    rig.a.sync()
+    model = SourceModel(bytes(SIZE), G)
+    w = run_writer(srv.uri("src"), 11, 48, G, CHUNKS, final_flush=True)
+    out, err = w.communicate(timeout=60)
+    assert w.returncode == 0, err
+    model.apply(out)
+    u = start_update(rig, "loc", False, "256KiB/s")  # slow: most chunks stay owed
+    model.flush_all()
+    # writes to owed chunks save their old contents first; some are flushed
+    w = run_writer(srv.uri("src"), 12, 400, G, CHUNKS, delay=0.003, flush_every=8)
+    deadline = time.monotonic() + 30
+    while (st := api(rig, "GET", "/v1/sessions/loc"))["update"]["cofw_saved_bytes"] < 8 * 4096:
+        assert time.monotonic() < deadline, f"no copy-on-first-write: {st}"
+        time.sleep(0.02)
+    assert st["state"] == "copying" and st["update"]["id"] == u["id"], st
+    rig.power_cut()
+    cut_at = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+    out, _ = w.communicate(timeout=60)
+    model.apply(out)
+    rig.power_on()
+    source = settled(rig, model)
+    st = finished(rig, "loc", u["id"])
+    assert st["update"]["id"] == u["id"] and st["update"]["remark"], f"not re-marked: {st}"
+    assert st["point_in_time"] > cut_at, f"the old mark {u['marked_at']} was finished: {st}"
+    diff = differing_chunks(image(rig, "dst"), source, G)
+    assert not diff, f"target differs from the source at the re-mark in chunks {diff}: {st}"
+    sent = written_to_targets(rig)["loc"]
+    assert sent <= BOUND, f"{sent} bytes resent after the power cut, more than {BOUND}"
+    catch_up_one = start_update(rig, "loc", False)
+    st = finished(rig, "loc", catch_up_one["id"])
+    assert not differing_chunks(image(rig, "dst"), source, G)

@@ -41,7 +41,7 @@ def test_pause_resume_cancel_an_incremental_update(server: Server) -> None:
     model = session_with_copy(server, SIZE)
     apply(server, "src", *model.chunks(0xBB, list(range(64))))
     total = 64 * G
-    start_update(server, "--max-rate", "512KiB/s")  # about 8 s
+    start_update(server, "--max-rate", "128KiB/s")  # 32 s: the cancel comes long before
     wait_for(server, lambda s: s["update"]["bytes_done"] > 0, "copying anything")
     server.cli("session", "pause", "s")
     paused = server.status()
@@ -78,7 +78,7 @@ def test_a_paused_update_keeps_its_point_in_time(server: Server) -> None:
     owed = list(range(16))
     apply(server, "src", *model.chunks(0xBB, owed))
     at_mark = model.snapshot()
-    start_update(server, "--max-rate", "256KiB/s")  # about 4 s
+    start_update(server, "--max-rate", "128KiB/s")  # about 8 s: the pause comes well before
     wait_for(server, lambda s: s["update"]["bytes_done"] > 0, "copying anything")
     server.cli("session", "pause", "s")
     paused = server.status()

@@ -11,7 +11,7 @@ import pytest
 
 from tests.harness import SYSTEM_PYTHON, Server, require
 from tests.interop.peers import qemu_io
-from tests.sessions.common import G, MiB, apply, session_with_copy, start_update, wait_for
+from tests.sessions.common import G, MiB, apply, session_with_copy, start_update
 
 pytestmark = pytest.mark.interop
 
@@ -115,14 +115,18 @@ def test_refusals_change_nothing(server: Server) -> None:
 def test_update_of_a_copying_session_is_refused(server: Server) -> None:
     session_with_copy(server, SIZE)
     apply(server, "src", f"write -P 0xbb 0 {2 * MiB}")
-    started = start_update(server, "--max-rate", "512KiB/s")  # about 4 s
+    started = start_update(server, "--max-rate", "64KiB/s")  # 32 s: far longer than the checks
     for args in (["session", "update", "s"], ["session", "update", "s", "--full"]):
         assert_refused(server, args, 1, "already copying")
     st = server.status()
     assert st["state"] == "copying" and st["update"]["id"] == started["update"]["id"]
     assert st["update"]["kind"] == "incremental"
     assert_refused(server, ["session", "create", "y", "--source", "src", "--target", "dst"], 1, "session 's'")
-    wait_for(server, lambda s: s["state"] == "idle", "idle")
+    st = server.status()
+    assert st["state"] == "copying" and st["update"]["id"] == started["update"]["id"], st
+    # the rest at full speed: what the cancelled update owed goes to the next one
+    server.cli("session", "cancel", "s")
+    server.cli("session", "update", "s", "--wait")
     assert server.image("dst") == server.image("src")
 
 
@@ -152,10 +156,12 @@ def test_local_target_refuses_nbd_writes_while_the_session_exists(server: Server
             assert after == before, stage
 
     refuses("new")  # inconsistent: cannot be opened
-    start_update(server, "--full", "--max-rate", "4MiB/s")
+    start_update(server, "--full", "--max-rate", "512KiB/s")  # 32 s: far longer than the checks
     refuses("full", copying=True)
     assert server.status()["state"] == "copying"
-    wait_for(server, lambda s: s["state"] == "idle", "idle")
+    server.cli("session", "cancel", "s")
+    refuses("full cancelled")  # inconsistent again: cannot be opened
+    server.cli("session", "update", "s", "--full", "--wait")
     refuses("idle")  # consistent: read-only
     assert server.image("dst") == server.image("src")
     apply(server, "src", f"write -P 0xbb 0 {4 * MiB}")

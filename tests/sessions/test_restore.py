@@ -131,8 +131,9 @@ def test_refusals_change_nothing(server: Server) -> None:
     images = {v: server.image(v) for v in ("src", "dst")}
     before = server.status()
     _refused(server, ["session", "restore", "nope"], 1, "session 'nope' does not exist")
-    # an update under way: its target holds part of the new mark
+    # an update under way that has written: its target holds part of the new mark
     start_update(server, "--max-rate", "64KiB/s")
+    wait_for(server, lambda s: s["update"]["bytes_done"] > 0, "copied a chunk")
     _refused(server, ["session", "restore", "s"], 1, "cannot restore", "copying", "part of its new mark")
     server.cli("session", "pause", "s")
     _refused(server, ["session", "restore", "s"], 1, "paused")
@@ -172,6 +173,122 @@ def delayed_target(image: Path, sock: Path, rdelay: str) -> list[str]:
     require("nbdkit")
     delay = ["--filter=delay", "file", str(image), f"rdelay={rdelay}"]
     return ["nbdkit", "-f", "-U", str(sock), "-e", "t", *delay]
+
+
+def api_post(server: Server, path: str) -> tuple[int, dict]:
+    """POST on the control API's unix socket at once (no CLI start-up in between)."""
+    from tests.obs.common import UnixHTTPConnection
+
+    conn = UnixHTTPConnection(str(Path(server.root) / "api.sock"))
+    try:
+        conn.request("POST", path)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def kept_events(server: Server) -> list[dict]:
+    """The events the server keeps, as its stream replays them (``Last-Event-ID: 0``)."""
+    from tests.obs.common import EventReader
+
+    reader = EventReader(server, last_id=0)
+    try:
+        events = []
+        for event in reader:
+            events.append(event)
+            if event["sse_id"] is not None and event["sse_id"] >= reader.opened_at:
+                return events
+        return events
+    finally:
+        reader.close()
+
+
+def test_an_update_that_has_not_written_is_cancelled_for_the_restore(server: Server, tmp_path: Path) -> None:
+    """The target takes seconds to open a connection (nbdkit's delay filter): an update just
+    marked has not written a byte to it, so a restore cancels it, says so, and restores."""
+    require("nbdkit")
+    image, sock = tmp_path / "t.img", tmp_path / "t.sock"
+    image.write_bytes(bytes(SIZE))
+    slow_open = [
+        "nbdkit",
+        "-f",
+        "-U",
+        str(sock),
+        "-e",
+        "t",
+        "--filter=delay",
+        "file",
+        str(image),
+        "delay-open=4",
+    ]
+    with serving(slow_open, sock):
+        server.cli("volume", "create", "src", "--size", str(SIZE))
+        apply(server, "src", f"write -P 0xa1 0 {SIZE}")
+        server.cli("session", "create", "s", "--source", "src", "--target", uri(sock))
+        server.cli("session", "update", "s", "--full", "--wait")
+        at_pit, pit = server.image("src"), server.status()["point_in_time"]
+        assert image.read_bytes() == at_pit
+        apply(server, "src", f"write -P 0x66 0 {8 * G}", f"write -P 0x67 {64 * G} {2 * G}")
+        status, marked = api_post(server, "/v1/sessions/s/update")
+        assert status == 200 and marked["state"] == "copying", marked
+        # its copy waits for the target's connection: nothing is written yet
+        status, st = api_post(server, "/v1/sessions/s/restore")
+        assert status == 200, st
+        update_id = marked["update"]["id"]
+        assert st["notice"].startswith(f"update {update_id} was cancelled first"), st
+        assert st["state"] == "restoring" and st["point_in_time"] == pit, st
+        st = wait_for(server, lambda s: s["state"] == "idle", "restored", timeout=120)
+    assert st["consistent"] and st["point_in_time"] == pit and st["tracked_bytes"] == 0, st
+    assert st["update"]["bytes_done"] == 10 * G, st  # the changes since the point in time
+    assert server.image("src") == at_pit == image.read_bytes()
+    kinds = [(e["event"], e.get("id")) for e in kept_events(server)]
+    assert ("update.cancelled", update_id) in kinds, kinds
+    assert kinds.index(("update.cancelled", update_id)) < kinds.index(("restore.started", st["update"]["id"]))
+
+    # a paused update that never wrote: the CLI says it was cancelled, then restores
+    with serving(slow_open, sock):
+        apply(server, "src", f"write -P 0x68 {3 * G} {G}")
+        status, marked = api_post(server, "/v1/sessions/s/update")
+        assert status == 200, marked
+        status, paused = api_post(server, "/v1/sessions/s/pause")
+        assert status == 200 and paused["state"] == "paused", paused
+        out = server.run("session", "restore", "s", "--wait")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(f"session s: update {marked['update']['id']} was cancelled first: "), out
+        assert "src restored to" in out.stderr and "(64.0 KiB copied back)" in out.stderr, out.stderr
+    st = server.status()
+    assert st["state"] == "idle" and st["consistent"] and st["point_in_time"] == pit, st
+    assert server.image("src") == at_pit == image.read_bytes()
+
+
+def test_an_update_with_a_write_in_flight_is_not_cancelled(server: Server, tmp_path: Path) -> None:
+    """The update's first write to the target is in flight (nbdkit logs it, then holds it
+    15 seconds): the target may hold part of the new mark, so the restore is refused and
+    nothing changes; the update goes on."""
+    require("nbdkit")
+    image, sock, log = tmp_path / "t.img", tmp_path / "t.sock", tmp_path / "writes.log"
+    image.write_bytes(bytes(SIZE))
+    target = ["nbdkit", "-f", "-U", str(sock), "-e", "t", "file", str(image)]
+    with serving(target, sock):
+        server.cli("volume", "create", "src", "--size", str(SIZE))
+        server.cli("session", "create", "s", "--source", "src", "--target", uri(sock))
+        server.cli("session", "update", "s", "--full", "--wait")
+    apply(server, "src", f"write -P 0x66 0 {G}")
+    slow_writes = [*target[:6], "--filter=log", "--filter=delay", *target[6:]]
+    with serving([*slow_writes, "delay-write=15", "delay-zero=15", f"logfile={log}"], sock):
+        u = start_update(server)["update"]
+        # the log filter logs a request as it comes in, then the delay filter holds it
+        wait_for(server, lambda s: " Write " in (log.read_text() if log.exists() else ""), "writing")
+        src = server.image("src")
+        _refused(server, ["session", "restore", "s"], 1, "cannot restore", "has begun writing its target")
+        st = server.status()
+        assert st["state"] == "copying" and st["update"]["id"] == u["id"], st
+        assert st["update"]["kind"] == "incremental" and server.image("src") == src
+        assert not json.loads(server.cli("volume", "info", "src", "--json"))["read_only"]
+        done = server.wait_idle(u["id"], timeout=120)  # the update goes on, and ends
+    assert done["consistent"] and done["update"]["bytes_total"] == G, done
+    assert image.read_bytes() == server.image("src")
 
 
 def test_the_source_refuses_writes_while_it_is_restored(server: Server, tmp_path: Path) -> None:
@@ -306,13 +423,14 @@ def test_a_target_lost_mid_restore_leaves_it_restoring_and_restore_goes_on(
 def test_removing_a_restoring_session_lifts_the_protection(server: Server, tmp_path: Path) -> None:
     image, sock = tmp_path / "t.img", tmp_path / "t.sock"
     image.write_bytes(bytes(SIZE))
-    with serving(delayed_target(image, sock, "2"), sock):
+    with serving(delayed_target(image, sock, "10"), sock):
         server.cli("volume", "create", "src", "--size", str(SIZE))
         server.cli("session", "create", "s", "--source", "src", "--target", uri(sock))
         server.cli("session", "update", "s", "--full", "--wait")
         apply(server, "src", f"write -P 0x66 0 {G}")
         server.cli("session", "restore", "s")
-        assert json.loads(server.cli("volume", "info", "src", "--json"))["read_only"]
+        # asked at once (no CLI process to start): the restore's one chunk takes 2 s
+        assert server.get("/v1/volumes/src")["read_only"]
         server.cli("session", "remove", "s")
     assert not json.loads(server.cli("volume", "info", "src", "--json"))["read_only"]
     qemu_io(server.uri("src"), f"write -P 0x99 0 {G}")
@@ -338,7 +456,7 @@ def test_cli_words(server: Server) -> None:
 def test_a_corrupt_restore_file_starts_the_restore_over(server: Server, tmp_path: Path) -> None:
     image, sock = tmp_path / "t.img", tmp_path / "t.sock"
     image.write_bytes(bytes(SIZE))
-    with serving(delayed_target(image, sock, "3"), sock):
+    with serving(delayed_target(image, sock, "8"), sock):
         server.cli("volume", "create", "src", "--size", str(SIZE))
         apply(server, "src", f"write -P 0xa1 0 {SIZE}")
         server.cli("session", "create", "s", "--source", "src", "--target", uri(sock))
@@ -348,7 +466,7 @@ def test_a_corrupt_restore_file_starts_the_restore_over(server: Server, tmp_path
         tracked = server.status()["tracked_bytes"]
         server.cli("session", "restore", "s")
         path = Path(server.root) / "bitmaps" / "s.restore"
-        wait_for(server, lambda s: path.exists(), "restore file written")
+        wait_for(server, lambda s: path.exists(), "restore file written")  # by its first checkpoint
         server.kill9()
     raw = bytearray(path.read_bytes())
     raw[0] ^= 0xFF  # the magic

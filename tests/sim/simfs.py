@@ -293,6 +293,10 @@ class SimFS:
         inode.write(offset, bytes(data))
         return len(data)
 
+    def copy_file_range(self, src: int, dst: int, count: int, src_offset: int, dst_offset: int) -> int:
+        data = self.pread(src, count, src_offset)
+        return self.pwrite(dst, data, dst_offset) if data else 0
+
     def _name(self, inode: Inode) -> str:
         return next((n for n, i in self.names.items() if i is inode), "?")
 

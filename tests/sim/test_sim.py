@@ -1,13 +1,15 @@
 """The deterministic simulation (see ``sim.py``): a fixed budget of seeds in CI.
 
 ``DELTAVOL_SIM_SEEDS=N`` runs N seeds (default ``CI_SEEDS``, about two minutes here),
-``DELTAVOL_SIM_FIRST`` the first one; ``DELTAVOL_SIM_SEED=S`` replays one seed exactly
+``DELTAVOL_SIM_FIRST`` the first one (in four tests of consecutive seeds, which
+parallel workers share); ``DELTAVOL_SIM_SEED=S`` replays one seed exactly
 (``pytest tests/sim -k replay``), ``DELTAVOL_SIM_OFF=knob,...`` leaves classes of events
 out (``sim.KNOBS``). A failing seed prints what broke, the last events and its replay line.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -32,14 +34,22 @@ def test_replay() -> None:
     assert r.ok, report(r, off)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)  # a loaded machine: the budget is a count of seeds, not a time
-def test_seeds() -> None:
+def seed_batches(parts: int = 4) -> list[range]:
+    """The seeds in ``parts`` runs of consecutive seeds: tests that parallel workers share."""
     count = int(os.environ.get("DELTAVOL_SIM_SEEDS", str(CI_SEEDS)))
     first = int(os.environ.get("DELTAVOL_SIM_FIRST", "1"))
+    bounds = [first + count * i // parts for i in range(parts + 1)]
+    return [range(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a loaded machine: the budget is a count of seeds, not a time
+@pytest.mark.parametrize("seeds", seed_batches(), ids=lambda r: f"seeds-{r.start}-{r.stop - 1}")
+def test_seeds(seeds: range) -> None:
     off = off_from_env()
     failed = []
-    for seed in range(first, first + count):
+    count = len(seeds)
+    for seed in seeds:
         r = run_seed(seed, off=off)
         if not r.ok:
             failed.append(report(r, off, tail=12))

@@ -8,9 +8,30 @@ the layer below. Offsets and lengths reaching a layer are already checked by ``E
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 Extent = tuple[int, int]  # (length, NBD base:allocation flags)
+
+
+@dataclass(eq=False)
+class WriteJob:
+    """A write every layer has agreed to, to be done later (``Layer.pwrite_soon``).
+
+    ``run`` does the write: blocking, in a worker thread, never on the event loop.
+    ``after`` is called on the event loop once ``run`` returned (with None) or raised
+    (with the error), in the order the layers added them: the file's end first, the
+    ``Export``'s last. Until then the layers that added one hold what they took (the
+    write gate: no mark starts while the write is in flight).
+    """
+
+    run: Callable[[], None]
+    after: list[Callable[[BaseException | None], None]] = field(default_factory=list)
+
+    def finish(self, error: BaseException | None) -> None:
+        for after in self.after:
+            after(error)
 
 
 class Backend(Protocol):
@@ -26,6 +47,7 @@ class Backend(Protocol):
 
     def pread_cached(self, offset: int, length: int) -> bytes | None: ...
     def pwrite_now(self, offset: int, data: bytes) -> bool: ...
+    def pwrite_soon(self, offset: int, data: bytes) -> WriteJob | None: ...
     async def pread(self, offset: int, length: int) -> bytes: ...
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None: ...
     async def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None: ...
@@ -70,6 +92,12 @@ class Layer:
         """Write at once if no layer has to wait for anything (the disk, a fsync, a mark);
         False if nothing was written and ``pwrite`` must be used."""
         return self.next.pwrite_now(offset, data)
+
+    def pwrite_soon(self, offset: int, data: bytes) -> WriteJob | None:
+        """As ``pwrite_now``, but the write itself is left to the caller, to run in a
+        worker thread: a ``WriteJob`` if no layer has to wait for anything but the disk,
+        else None (nothing was done, and ``pwrite`` must be used)."""
+        return self.next.pwrite_soon(offset, data)
 
     async def pread(self, offset: int, length: int) -> bytes:
         return await self.next.pread(offset, length)

@@ -15,11 +15,12 @@ its checks here is counted as an error with no latency. ``COUNTING`` (``serve
 
 from __future__ import annotations
 
+import functools
 import time
 from bisect import bisect_left
 from collections.abc import Callable
 
-from deltavol.backend.base import Backend, Extent
+from deltavol.backend.base import Backend, Extent, WriteJob
 from deltavol.errors import NotSupported, OutOfRange, Protected, ReadOnly
 from deltavol.nbd.constants import TransmissionFlag as TF
 
@@ -154,6 +155,26 @@ class Export:
             st.bytes[WRITE] += len(data)
             st.buckets[WRITE][0] += 1
         return done
+
+    def pwrite_soon(self, offset: int, data: bytes) -> WriteJob | None:
+        st = self.stats
+        try:
+            self._check_write(offset, len(data))
+            job = self.top.pwrite_soon(offset, data)
+        except Exception:
+            if st is not None:
+                st.failed(WRITE)
+            raise
+        if job is not None and st is not None:
+            job.after.append(functools.partial(self._written, len(data), _now()))
+        return job
+
+    def _written(self, nbytes: int, t: float, error: BaseException | None) -> None:
+        assert self.stats is not None
+        if error is None:
+            self.stats.done(WRITE, nbytes, _now() - t)
+        else:
+            self.stats.failed(WRITE)
 
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
         st = self.stats

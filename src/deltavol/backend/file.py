@@ -5,7 +5,9 @@ take at once: reads are tried inline with ``RWF_NOWAIT`` first and fall back to 
 on EAGAIN, and small writes go inline unless they would read from disk, a pool write of
 the file runs, or the last one stalled, asleep in the kernel (see ``pwrite_now``) — a
 thread hop, with the GIL handed back and forth, costs more than copying a few KiB into
-the page cache (4 KiB random writes: 7 K -> 15 K IOPS).
+the page cache (4 KiB random writes: 7 K -> 15 K IOPS). A connection's bursts of writes
+and its large ones go to its write lane (``pwrite_soon``, ``backend/lane.py``): one
+worker thread for many writes, not a hop each.
 
 Zeroing uses ``fallocate`` (punch hole or zero range) on files and ``BLKDISCARD`` /
 ``BLKZEROOUT`` on block devices, falling back to writing zero buffers where the kernel or
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import resource
 import stat
@@ -26,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from deltavol.backend.base import Extent
+from deltavol.backend.base import Extent, WriteJob
 from deltavol.errors import os_error
 from deltavol.nbd.constants import STATE_HOLE, STATE_ZERO
 from deltavol.store import fs
@@ -84,6 +87,7 @@ class FileBackend:
         self._punch = not self.is_block
         self._zero_range = not self.is_block
         self._seek = not self.is_block
+        self._copy_range = True  # copy_file_range into this file works (see copy_from)
         self._nowait = bool(_NOWAIT)
         self._inline_after = 0.0  # monotonic time before which writes go to the pool
         self._backoff = INLINE_BACKOFF  # how long the next stall sends writes to the pool
@@ -203,6 +207,17 @@ class FileBackend:
             self._backoff = INLINE_BACKOFF
         return True
 
+    def pwrite_soon(self, offset: int, data: bytes) -> WriteJob | None:
+        """The write as a job for a worker thread: there it may wait for the disk (a
+        partial page read, dirty-page throttling) without holding up the event loop."""
+        return WriteJob(functools.partial(self._pwrite_job, offset, data))
+
+    def _pwrite_job(self, offset: int, data: bytes) -> None:
+        try:
+            self._counted(self._pwrite_full, offset, data, False)
+        except OSError as exc:
+            raise os_error(exc, f"write on volume {self.name!r}") from exc
+
     def _page_cached(self, offset: int) -> bool:
         """True if the page holding ``offset`` needs no read to be partly overwritten."""
         if offset % PAGE == 0 or offset >= self.size:
@@ -223,6 +238,51 @@ class FileBackend:
             offset += n
         if fua:
             fs.fdatasync(self._fd)
+
+    async def copy_from(self, source: FileBackend, offset: int, length: int) -> None:
+        """Copy [offset, offset+length) of ``source`` to the same place in this file, in a
+        pool thread with ``copy_file_range``: the data never enters Python, and the loop
+        only hands the request over. Where the kernel cannot (another file system, a block
+        device), the thread reads and writes instead."""
+        await self._run_writing("copy", self._copy_from, source, offset, length)
+
+    async def copy_spans(self, source: FileBackend, spans: list[tuple[int, int]]) -> int:
+        """Copy each (offset, length) of ``spans`` from ``source``, all in one pool thread
+        (one hand-over for many scattered chunks): the source's holes as zero requests, its
+        data as ``copy_from``. Returns the bytes copied as data."""
+        return await self._run_writing("copy", self._copy_spans, source, spans)
+
+    def _copy_spans(self, source: FileBackend, spans: list[tuple[int, int]]) -> int:
+        sent = 0
+        for offset, length in spans:
+            for n, flags in source.extents_now(offset, length):
+                if flags & STATE_HOLE:
+                    self._zero(offset, n, True, False)
+                else:
+                    self._copy_from(source, offset, n)
+                    sent += n
+                offset += n
+        return sent
+
+    def _copy_from(self, source: FileBackend, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end and self._copy_range:
+            try:
+                n = fs.copy_file_range(source._fd, self._fd, end - offset, offset, offset)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                self._copy_range = False  # remember: copy through a buffer from now on
+                break
+            if n == 0:  # the source file ends early (an imported one): the rest reads as zeroes
+                self._pwrite_full(offset, bytes(end - offset), False)
+                return
+            offset += n
+        while offset < end:
+            n = min(ZERO_CHUNK, end - offset)
+            data = source._pread_full(offset, n)
+            self._pwrite_full(offset, data, False)
+            offset += n
 
     async def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
         await self._run_writing("write zeroes", self._zero, offset, length, may_trim, fua)
@@ -286,6 +346,10 @@ class FileBackend:
         await self._run("cache", fs.posix_fadvise, self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
+        return self.extents_now(offset, length)
+
+    def extents_now(self, offset: int, length: int) -> list[Extent]:
+        """``extents``, callable from a thread."""
         if not self._seek:
             return [(length, 0)]
         try:

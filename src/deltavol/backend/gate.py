@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from deltavol.backend.base import Backend, Layer
+from deltavol.backend.base import Backend, Layer, WriteJob
 
 
 class WriteGate:
@@ -37,6 +37,14 @@ class WriteGate:
             await self._reopened.wait()
         self._writers += 1
         self._idle.clear()
+
+    def enter_now(self) -> bool:
+        """``enter`` if that needs no waiting (the gate is open); False if it would."""
+        if self._reopened is not None:
+            return False
+        self._writers += 1
+        self._idle.clear()
+        return True
 
     def leave(self) -> None:
         self._writers -= 1
@@ -81,6 +89,20 @@ class GateLayer(Layer):
     def pwrite_now(self, offset: int, data: bytes) -> bool:
         # synchronous, so no mark can fall in the middle of it: no need to enter
         return self.gate.open and self.next.pwrite_now(offset, data)
+
+    def pwrite_soon(self, offset: int, data: bytes) -> WriteJob | None:
+        # checked synchronously as ``pwrite_now``; the write itself runs later, so it holds
+        # the gate until it is done: a mark waits for it
+        if not self.gate.open:
+            return None
+        job = self.next.pwrite_soon(offset, data)
+        if job is not None:
+            self.gate.enter_now()
+            job.after.append(self._left)
+        return job
+
+    def _left(self, error: BaseException | None) -> None:
+        self.gate.leave()
 
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
         await self._enter()

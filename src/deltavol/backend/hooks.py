@@ -10,7 +10,8 @@ under copy-on-first-write, or with several sessions, waits for one fsync's time,
 per hook. If one fails, the others are cancelled and awaited before the change fails: no
 hook goes on working once its change has left the write gate (a mark could run then).
 Work that needs no waiting (a first write where tracking only has to put a bit
-in its file) a hook may do at once (``now``), and the write stays on the inline path.
+in its file) a hook may do at once (``now``), and the write stays on the fast path
+(``pwrite_now`` inline, or ``pwrite_soon`` to the connection's write lane).
 
 Asking every hook on every write costs more than the write itself once several sessions
 track a volume, and almost always the answer is "nothing to do". So the layer keeps a
@@ -26,7 +27,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from deltavol.backend.base import Backend, Layer
+from deltavol.backend.base import Backend, Layer, WriteJob
 from deltavol.backend.gate import WriteGate
 from deltavol.bitmap.bitmap import MAX_GRANULARITY, Bitmap
 
@@ -65,7 +66,16 @@ class BeforeChange(Layer):
             await _all([asyncio.ensure_future(before(offset, length)) for before in todo])
 
     def pwrite_now(self, offset: int, data: bytes) -> bool:
-        n, idle = len(data), self._idle
+        return self._ready_now(offset, len(data)) and self.next.pwrite_now(offset, data)
+
+    def pwrite_soon(self, offset: int, data: bytes) -> WriteJob | None:
+        # the hooks are done (or had nothing to do) before the job exists: the write
+        # itself, whenever it runs, comes after them
+        return self.next.pwrite_soon(offset, data) if self._ready_now(offset, len(data)) else None
+
+    def _ready_now(self, offset: int, n: int) -> bool:
+        """True if every hook has nothing to do for this change, or did it at once."""
+        idle = self._idle
         if self._epoch != self.gate.epoch:
             idle.clear_all()
             self._epoch = self.gate.epoch
@@ -73,7 +83,7 @@ class BeforeChange(Layer):
             if not all(hook.ready(offset, n) or (hook.now and hook.now(offset, n)) for hook in self.hooks):
                 return False
             self._learn(offset, n)
-        return self.next.pwrite_now(offset, data)
+        return True
 
     def _learn(self, offset: int, length: int) -> None:
         idle, cell = self._idle, self._idle.granularity

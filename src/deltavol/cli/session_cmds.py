@@ -69,6 +69,33 @@ def session() -> None:
 @click.option("--granularity", default="64KiB", show_default=True, help="Chunk size (4KiB-16MiB).")
 @click.option("--max-rate", help="Copy rate limit, e.g. 100MiB/s.")
 @click.option("--every", help="Run an incremental update every interval, e.g. 15m.")
+@click.option(
+    "--peer-api",
+    metavar="URL",
+    help="The target is a volume of the deltavol server with this control API: it guards the "
+    "volume for this session, and 'session reverse' hands the session over to it.",
+)
+@click.option(
+    "--peer-token-file",
+    type=click.Path(dir_okay=False, exists=True, readable=True),
+    help="File holding the peer's token (its DATA_DIR/peer.token).",
+)
+@click.option(
+    "--peer-certificates",
+    metavar="DIR",
+    help="For an https:// --peer-api: ca-cert.pem (and client-cert.pem/client-key.pem), "
+    "on this server's host.",
+)
+@click.option(
+    "--reverse-api",
+    metavar="URL",
+    help="This server's control API as the peer reaches it (default: its --api address).",
+)
+@click.option(
+    "--reverse-target",
+    metavar="URI",
+    help="The source as the peer reaches it over NBD (default: this server's NBD address).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def create(
@@ -80,9 +107,16 @@ def create(
     granularity: str,
     max_rate: str | None,
     every: str | None,
+    peer_api: str | None,
+    peer_token_file: str | None,
+    peer_certificates: str | None,
+    reverse_api: str | None,
+    reverse_target: str | None,
     as_json: bool,
 ) -> None:
     """Create session NAME copying SOURCE to TARGET (the first update is a full one)."""
+    if not peer_api and (peer_token_file or peer_certificates or reverse_api or reverse_target):
+        raise click.UsageError("--peer-token-file, --peer-certificates and --reverse-* need --peer-api")
     if tls_certificates:
         target = with_certificates(target, os.path.abspath(os.path.expanduser(tls_certificates)))
     body = {
@@ -93,6 +127,19 @@ def create(
         "max_rate": max_rate,
         "every": every,
     }
+    if peer_api:
+        token = None
+        if peer_token_file:
+            with open(peer_token_file, encoding="utf-8", errors="replace") as f:
+                token = f.read().strip()
+        certs = os.path.abspath(os.path.expanduser(peer_certificates)) if peer_certificates else None
+        body.update(
+            peer_api=peer_api,
+            peer_token=token,
+            peer_certificates=certs,
+            reverse_api=reverse_api,
+            reverse_target=reverse_target,
+        )
     info = call(api, "POST", "/v1/sessions", body)
     emit_json(info) if as_json else click.echo(
         f"created session {name}: {source} -> {target} (granularity {format_size(info['granularity'])})"
@@ -341,11 +388,15 @@ def restore(api: ApiTarget, name: str, wait: bool, as_json: bool) -> None:
         if as_json:
             emit_json(info)
         else:
+            if info.get("notice"):  # an update under way was cancelled first
+                click.echo(f"session {name}: {info['notice']}")
             click.echo(
                 f"session {name}: restoring {info['source']} to {info['point_in_time']} "
                 f"(the source refuses writes until it is done)"
             )
     if wait:
+        if as_json and info.get("notice"):  # the JSON printed is the end's: say it here
+            click.echo(f"session {name}: {info['notice']}", err=True)
         final = _wait_restore(api, name, quiet=as_json)
         if as_json:
             emit_json(final)
@@ -374,16 +425,36 @@ def _wait_restore(api: ApiTarget, name: str, quiet: bool) -> dict[str, Any]:
 
 @session.command()
 @click.argument("name")
+@click.option(
+    "--reverse-api",
+    metavar="URL",
+    help="For a session with a peer: this server's API as the peer reaches it, to reverse back.",
+)
+@click.option(
+    "--reverse-target",
+    metavar="URI",
+    help="For a session with a peer: the source as the peer reaches it over NBD.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def reverse(api: ApiTarget, name: str, as_json: bool) -> None:
+def reverse(
+    api: ApiTarget, name: str, reverse_api: str | None, reverse_target: str | None, as_json: bool
+) -> None:
     """Make the target of NAME its writable source, and the source its target (failover).
 
-    The next update copies only what changed on either side since the point in time."""
-    info = call(api, "POST", f"/v1/sessions/{name}/reverse")
-    emit_json(info) if as_json else click.echo(
-        f"session {name}: reversed: {info['source']} is the source now, {info['target']} the target"
-    )
+    The next update copies only what changed on either side since the point in time. With
+    a target on another deltavol server (created with --peer-api), that server takes the
+    session over and this one no longer lists it."""
+    body = {"reverse_api": reverse_api, "reverse_target": reverse_target}
+    info = call(api, "POST", f"/v1/sessions/{name}/reverse", body)
+    if as_json:
+        emit_json(info)
+    elif "reversed_to" in info:
+        where = info["reversed_to"]
+        click.echo(f"session {name}: reversed: it runs on {where} now, this source is its target")
+    else:
+        source, target = info["source"], info["target"]
+        click.echo(f"session {name}: reversed: {source} is the source now, {target} the target")
 
 
 @session.command()

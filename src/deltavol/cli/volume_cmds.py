@@ -19,6 +19,7 @@ INFO_FIELDS = (
     "connections",
     "written_bytes",
     "read_only",
+    "guarded_by",
     "allocated",
 )
 
@@ -136,3 +137,15 @@ def remove(api: ApiTarget, name: str) -> None:
     """Remove volume NAME (deletes its image unless it was imported)."""
     call(api, "DELETE", f"/v1/volumes/{name}")
     click.echo(f"removed volume {name}")
+
+
+@volume.command()
+@click.argument("name")
+@click.pass_obj
+def unguard(api: ApiTarget, name: str) -> None:
+    """Drop the guard another deltavol server's session holds on volume NAME (its source host is
+    lost, or its session was removed while this server did not answer): NAME becomes writable,
+    and that session's copies to it are refused from now on."""
+    info = call(api, "DELETE", f"/v1/volumes/{name}/guard")
+    was = info.get("was")
+    click.echo(f"volume {name}: guard of {was} dropped" if was else f"volume {name} had no guard")

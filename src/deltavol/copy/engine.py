@@ -4,8 +4,9 @@ Shape (after nbdcopy): a bitmap's runs are cut into requests of at most ``max_ch
 chunks (a full pass also cuts them at the source's holes, and sends each hole as one
 request); ``inflight`` workers take requests in ascending order, each drawing from the
 throttle first; the work of one request (read, zero-detect, write, clear bits) is the
-caller's ``job``. Progress counts completions, not submissions. An error in one worker
-stops the others and is raised once.
+caller's ``job``. ``batches`` instead groups scattered runs many to a request (for a
+target that copies them in one hand-over). Progress counts completions, not
+submissions. An error in one worker stops the others and is raised once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from deltavol.copy.throttle import Throttle
 from deltavol.nbd.constants import STATE_HOLE
@@ -68,6 +69,28 @@ def requests(runs: Iterator[tuple[int, int]], max_chunks: int) -> Iterator[tuple
             yield first, n
             first += n
             count -= n
+
+
+def batches(
+    runs: Iterator[tuple[int, int]], max_chunks: int, max_runs: int
+) -> Iterator[tuple[tuple[tuple[int, int], ...]]]:
+    """Runs of chunks (first, count) grouped into requests of at most ``max_chunks`` chunks
+    and ``max_runs`` runs, each request as ``(runs,)``: scattered chunks go many to a
+    request, so each costs the copy one hand-over to a thread for a batch, not its own."""
+    batch: list[tuple[int, int]] = []
+    chunks = 0
+    for first, count in runs:
+        while count > 0:
+            n = min(count, max_chunks - chunks)
+            batch.append((first, n))
+            chunks += n
+            first += n
+            count -= n
+            if chunks == max_chunks or len(batch) == max_runs:
+                yield (tuple(batch),)
+                batch, chunks = [], 0
+    if batch:
+        yield (tuple(batch),)
 
 
 Extents = Callable[[int, int], Awaitable[list[tuple[int, int]]]]
@@ -138,7 +161,7 @@ async def _aiter(items: Iterable[tuple[int, ...]]) -> AsyncIterator[tuple[int, .
 
 
 async def run_pipeline(
-    work: Iterable[tuple[int, ...]] | AsyncIterator[tuple[int, ...]],
+    work: Iterable[tuple[Any, ...]] | AsyncIterator[tuple[Any, ...]],
     job: Callable[..., Awaitable[None]],
     *,
     throttle: Throttle,

@@ -4,54 +4,85 @@ copy them (copy-on-first-write).
 Design notes
 ------------
 One file per session: a 4096-byte header (magic, version, granularity, volume size,
-update id, nonce, CRC32) and then the current update's records, one after the other, each
-a 40-byte record header (magic, the update's nonce, chunk number, start within the chunk,
-length, synced, CRC32 of those fields and the data) followed by the data. ``save`` returns
-only when its record is durable (pwrite + fdatasync), and the caller issues the overwrite
-only after that: so after a crash every block whose source was overwritten has a complete
-record. ``synced`` is where the records known durable ended when the record was written
-(the end of the last record whose round succeeded): it costs no write and no fsync.
+update id, nonce, the boot it was written in, CRC32) and then the current update's
+records, one after the other, each a 40-byte record header (magic, the update's nonce,
+chunk number, start within the chunk, length, synced, CRC32 of those fields and the data)
+followed by the data.
+
+**No sync on the write path.** ``put`` writes a record into the page cache (a pwrite on
+the loop) and indexes it at once; the caller issues the overwrite only after that. So
+the old contents reach the file before the overwrite is issued, and:
+
+* after a killed server (``kill -9``: the page cache survives) every block whose source
+  was overwritten has a complete record: ``open`` reads them, fdatasyncs them (they are
+  trusted from then on) and the update finishes its own mark;
+* after a power loss the records not yet written back may be gone while their
+  overwrites reached the source. The header says which boot wrote the records; ``open``
+  sets ``intact`` only when that is this boot (or for an area of version 3 or 4, whose
+  saves were each synced). An update whose area is not intact gives up its mark at
+  start-up and re-marks (``SessionFiles.load``): what it still owes, what changed since
+  its mark (tracking, the hot set, and the records that did survive) is copied as of a
+  new mark -- a later point in time, never a wrong one and never a full copy. When the
+  boot id is unknown, no area is intact: a kill cannot be told from a power loss.
+
+What still is synced, and why:
+
+* ``create``: the header, before the mark commits (a new nonce voids the old records;
+  the boot in it is what ``open`` judges the records by). Once per update.
+* ``open``: what was read from the page cache, so a later save of the same blocks can
+  trust it. Once per start-up.
+* Not the records. Their other job -- a saved chunk's tracking bit is left to its record
+  (``Tracker`` ``BY_SAVE``) -- needs no durable record: the chunk is owed, so the
+  transfer file keeps it until a checkpoint clears it, and a checkpoint first makes the
+  tracking file durable (which holds the bit since the change was tracked), while no bit
+  is left to a save (``Protector.saving``). At the end of an update the tracking file is
+  made durable before the area goes; a cancel rewrites it whole.
+
+Why: with fio (4 KiB random writes, every chunk owed) the per-burst fdatasync this
+replaces was most of a protected write's p99 at iodepth 1 and capped its IOPS at
+iodepth 32 (``python -m bench --only cofw``).
+
+``synced`` in a record is where the records known durable ended when it was written (the
+records ``open`` synced, for version 5; the end of the last record whose round succeeded,
+for an area of version 4): it costs no write and no fsync.
 
 ``open`` reads records up to the first one that is torn, damaged or of another nonce: a
 torn record belongs to a save that never returned, whose overwrite never happened, and so
-does every record after it -- a torn tail. Damage inside a round that completed (bit rot,
-a disk that lied about a flush, a stray write) looks the same and would silently void that
-round's records and every later one; so ``open`` searches the rest of the file for records
-of the nonce, and one whose ``synced`` lies past the first bad record proves that record
-was durable once: the file is corrupt (``CorruptFile``, naming it). What this cannot tell:
-damage in the last round that completed when no later record was written. The search
-reads the rest of the file, only at a start-up that finds an update under protection.
-``open`` then fdatasyncs the file: after a killed server, the records it
-read may still be only in the page cache, and later saves of the same blocks trust them.
-Version 3 (records of 32 bytes, without ``synced``) is still read, the old way (the first
-bad record ends them), and such an area keeps writing version-3 records until its update
-ends; the next update's ``create`` writes version 4.
+does every record after it -- a torn tail. Damage before where a later record says the
+records were durable (bit rot, a disk that lied about a flush, a stray write) looks the
+same and would silently void those records and every later one; so ``open`` searches the
+rest of the file for records of the nonce, and one whose ``synced`` lies past the first
+bad record proves that record was durable once: the file is corrupt (``CorruptFile``,
+naming it). The search reads the rest of the file, only at a start-up that finds an
+update under protection.
 
-The fdatasync is most of a protected write's latency, and it costs half as much when the
-record overwrites blocks already written as when it appends (an append changes the file
-size: a journal commit). So ``prepare`` writes ``SPACE_AHEAD`` bytes of record space
-ahead (zeroes, before the mark, off the write path), and the file stays from one update to
-the next: ``create`` gives it a new header and nonce, which void every older record, and
-the new records overwrite them in place. Past the space written ahead, records append.
-A nonce, not the update id, marks the records: a source block that happens to look like
-a record of this update cannot be forged without knowing it.
+Versions 3 (records of 32 bytes, without ``synced``) and 4 (no boot in the header) are
+still read: their records were each synced before their overwrite (group commit, see
+``GroupCommit``), so they are intact after any crash, and such an area keeps saving the
+old way -- its version's records, each save synced -- until its update ends; the next
+update's ``create`` writes version 5. (Version 3's first bad record ends its records.)
+
+``prepare`` writes ``SPACE_AHEAD`` bytes of record space ahead (zeroes, before the mark,
+off the write path), and the file stays from one update to the next: ``create`` gives it
+a new header and nonce, which void every older record, and the new records overwrite them
+in place. Past the space written ahead, records append. A nonce, not the update id, marks
+the records: a source block that happens to look like a record of this update cannot be
+forged without knowing it.
 
 A record holds only the 4 KiB blocks a change overwrites, not its whole chunk: a 4 KiB
-write under copy-on-first-write costs a 4 KiB durable append, not a chunk's (the fsync is
-most of a protected write's latency), and the area holds sixteen times as many of them.
-A block's first record counts (``_index``); ``pieces`` gives a chunk's saved blocks, which
-the copy lays over the source's current contents.
+write under copy-on-first-write costs a 4 KiB record, not a chunk's, and the area holds
+sixteen times as many of them. A block's first record counts (``_index``); ``pieces``
+gives a chunk's saved blocks, which the copy lays over the source's current contents.
 
 Records go into the page cache one after another, on the event loop, so a failed write (a
-full disk) never leaves a gap before a good record; the saves of a burst then share one
-fdatasync (group commit: with 32 writes in flight they would otherwise queue behind each
-other's). A failed fdatasync ends saving for the update: the kernel may have dropped the
-pages it could not write, and a later fdatasync would make records durable behind that
-gap. The file is deleted when its session goes. Rewriting the header in
-place relies on its 48 bytes being written whole (one sector); the header only changes
-before the session row commits a mark, and a restart drops a save area no update owns.
-``limit`` bounds the file; past it (or after a failed fdatasync) ``save`` returns False
-and the caller falls back to copy-before-write.
+full disk) never leaves a gap before a good record. A write that fails for another reason
+(EIO) ends saving for the update, as a failed fdatasync does for an area of version 4
+(the kernel may have dropped the pages it could not write, and a later fdatasync would
+make records durable behind that gap): ``save`` returns False from then on and the
+caller falls back to copy-before-write. The file is deleted when its session goes.
+Rewriting the header in place relies on its 60 bytes being written whole (one sector);
+the header only changes before the session row commits a mark, and a restart drops a
+save area no update owns. ``limit`` bounds the file; past it ``save`` returns False too.
 """
 
 from __future__ import annotations
@@ -74,8 +105,10 @@ from deltavol.store.group_commit import GroupCommit
 log = logging.getLogger("deltavol.save_area")
 
 MAGIC = b"DVSAVEAR"
-VERSION = 4
-HEADER = struct.Struct(">8sIIQQQ")  # magic, version, granularity, size, update id, nonce
+VERSION = 5
+# magic, version, granularity, size, update id, nonce, boot (see the notes)
+HEADER = struct.Struct(">8sIIQQQ16s")
+HEADER_V4 = struct.Struct(">8sIIQQQ")  # versions 3 and 4: no boot
 HEADER_SIZE = 4096
 # magic, nonce, chunk, start in chunk, length, synced (see the notes), crc32(fields, data)
 RECORD = struct.Struct(">IQQIIQI")
@@ -99,8 +132,15 @@ class SaveArea:
         self._synced = HEADER_SIZE  # the records before this are durable (see the notes)
         self._record = RECORD  # RECORD_V3 for an area of version 3 (``open``)
         self._fd = -1
+        # an area of version 3 or 4, reopened: each save is synced (group commit) until
+        # its update ends, as that version promised (see the notes)
+        self.synced_saves = False
         self._commit = GroupCommit()
-        self._failed = False  # a sync failed: saves return False (copy-before-write)
+        self._now: asyncio.Future[None] | None = None  # the round of a save not synced: done
+        self._failed = False  # a write (or a sync) failed: saves return False (copy-before-write)
+        self.boot = b""  # the boot the records were written in (``open``)
+        # every record whose overwrite may have gone down is here (``open``): see the notes
+        self.intact = True
 
     # --- lifecycle -----------------------------------------------------------------------
     def prepare(self) -> None:
@@ -133,7 +173,8 @@ class SaveArea:
         """Begin this update's area: a header with a new nonce, durable. A file left by an
         earlier update (and ``prepare``) is kept, its old records void; else a new one."""
         self.nonce = secrets.randbits(64)
-        head = HEADER.pack(MAGIC, VERSION, self.granularity, self.size, self.update_id, self.nonce)
+        self.boot = fs.boot_id()
+        head = HEADER.pack(MAGIC, VERSION, self.granularity, self.size, self.update_id, self.nonce, self.boot)
         head = (head + struct.pack(">I", zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
         try:
             there = fs.exists(self.path)
@@ -163,7 +204,9 @@ class SaveArea:
 
     def open(self) -> SaveArea:
         """Reopen after a restart, validating the header and every record; damage before
-        the records' durable end is ``CorruptFile``, an I/O error is no corruption."""
+        the records' durable end is ``CorruptFile``, an I/O error is no corruption.
+        ``intact`` says whether the records can be trusted to hold every block whose
+        overwrite may have gone down (see the notes)."""
         try:
             fd = fs.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -185,18 +228,26 @@ class SaveArea:
 
     def _replay(self, fd: int) -> None:
         raw = fs.pread(fd, HEADER_SIZE, 0)
-        if len(raw) < HEADER.size + 4:
+        if len(raw) < HEADER_V4.size + 4:
             raise CorruptFile(path=self.path, why="header is truncated")
-        head = raw[: HEADER.size]
-        (crc,) = struct.unpack_from(">I", raw, HEADER.size)
-        magic, version, gran, size, update_id, self.nonce = HEADER.unpack(head)
-        if magic != MAGIC:
+        version = struct.unpack_from(">I", raw, 8)[0]
+        header = HEADER if version == VERSION else HEADER_V4
+        head = raw[: header.size]
+        (crc,) = struct.unpack_from(">I", raw, header.size)
+        if head[:8] != MAGIC:
             raise CorruptFile(path=self.path, why="not a deltavol save area (bad magic)")
         if zlib.crc32(head) != crc:
             raise CorruptFile(path=self.path, why="header checksum mismatch")
-        if version not in (3, VERSION):
+        if version not in (3, 4, VERSION):
             raise CorruptFile(path=self.path, why=f"unsupported version {version}")
-        self._record = RECORD if version == VERSION else RECORD_V3
+        if version == VERSION:
+            _, _, gran, size, update_id, self.nonce, self.boot = HEADER.unpack(head)
+            now = fs.boot_id()
+            self.intact = bool(now) and self.boot == now  # else the records may be lost
+        else:  # each save was synced before its overwrite: intact after any crash
+            _, _, gran, size, update_id, self.nonce = HEADER_V4.unpack(head)
+            self.synced_saves, self.intact = True, True
+        self._record = RECORD_V3 if version == 3 else RECORD
         if (gran, size, update_id) != (self.granularity, self.size, self.update_id):
             raise CorruptFile(
                 path=self.path,
@@ -209,7 +260,7 @@ class SaveArea:
             self._index(chunk, start, pos + self._record.size, length)
             pos += self._record.size + length
         self._end = pos  # what follows is torn, void or space written ahead: the next save's
-        if self._record is RECORD:
+        if self._record is RECORD:  # versions 4 and 5
             self._check_torn(fd, pos, end)
 
     def _check_torn(self, fd: int, bad: int, end: int) -> None:
@@ -292,9 +343,9 @@ class SaveArea:
         return runs
 
     async def save(self, chunk: int, start: int, data: bytes) -> bool:
-        """Durably keep ``data`` as the old contents of ``chunk`` from ``start`` (whole
-        blocks: see ``missing``; a block saved before keeps its first record); False if
-        the area is full or failed."""
+        """Keep ``data`` as the old contents of ``chunk`` from ``start`` (whole blocks:
+        see ``missing``; a block saved before keeps its first record): written, not
+        synced (see the notes); False if the area is full or failed."""
         done = self.put(chunk, start, data)
         if done is None:
             return False
@@ -304,6 +355,8 @@ class SaveArea:
 
     def wait(self, done: asyncio.Future[None]) -> asyncio.Future[None]:
         """Await this for a round ``put`` returned (see ``GroupCommit.wait``)."""
+        if done is self._now:  # a save not synced: nothing to wait for
+            return done
         return self._commit.wait(done)
 
     @property
@@ -317,11 +370,14 @@ class SaveArea:
     def put(self, chunk: int, start: int, data: bytes) -> asyncio.Future[None] | None:
         """The first half of ``save``: the record goes into the page cache at once, at the
         end of the records (on the loop: one after another, so a failed write leaves no
-        gap before a later record). Returns the round that makes it durable (shared by the
-        saves of a burst: ``GroupCommit``), or None if the area is full or failed.
+        gap before a later record), and is indexed: the change may go down now. Returns a
+        round that is done already, or None if the area is full or failed.
 
-        The round itself settles the record, so a waiter cancelled meanwhile leaves no
-        record that is durable but unknown, and no failed round unnoticed.
+        An area that syncs its saves (version 3 or 4, reopened) returns the round that
+        makes the record durable instead (shared by the saves of a burst:
+        ``GroupCommit``); the round itself settles the record, so a waiter cancelled
+        meanwhile leaves no record that is durable but unknown, and no failed round
+        unnoticed.
         """
         if not self._whole_blocks(chunk, start, len(data)):
             raise ValueError(f"save of chunk {chunk} at {start}+{len(data)}: not whole blocks")
@@ -337,13 +393,21 @@ class SaveArea:
         try:
             self._put(record, pos)
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise os_error(exc, f"save area {self.path}") from exc
-            self.limit = self.used  # the data dir is full: as good as a full save area
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.limit = self.used  # the data dir is full: as good as a full save area
+            else:  # as a failed sync: what it left in the page cache is not to be trusted
+                log.error("save area %s: write failed, copy-before-write from now: %s", self.path, exc)
+                self._failed = True
             return None
         self._end = pos + need
-        done = self._commit.round(self)
         at = pos + self._record.size
+        if not self.synced_saves:
+            self._index(chunk, start, at, len(data))
+            if self._now is None:
+                self._now = asyncio.get_running_loop().create_future()
+                self._now.set_result(None)
+            return self._now
+        done = self._commit.round(self)
         done.add_done_callback(lambda f: self._settle(f, chunk, start, at, len(data)))
         return done
 
@@ -363,7 +427,8 @@ class SaveArea:
             raise OSError(errno.ENOSPC, "short write to the save area")
 
     def write_out(self) -> None:
-        """For ``GroupCommit``: records are written as they are saved."""
+        """For ``GroupCommit`` (an area that syncs its saves): records are written as they
+        are saved."""
 
     def sync(self) -> None:
         fs.fdatasync(self._fd)

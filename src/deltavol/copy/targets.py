@@ -59,20 +59,37 @@ class LocalTarget:
         self.description = f"volume {backend.name!r}"
         self.size = backend.size
         self._unstarted = 0  # bytes written since writeback was last started
-        self._writing: set[asyncio.Future[None]] = set()
+        self._writing: set[asyncio.Future[Any]] = set()
 
-    async def _write(self, op: Coroutine[Any, Any, None]) -> None:
+    async def _write(self, op: Coroutine[Any, Any, T]) -> T:
         """Run a write so that cancelling the copy waiting for it (pause, cancel, remove)
         leaves it running, as its thread does anyway, and ``close`` waits for it: no write
         may land after the session has let go of the target."""
         fut = asyncio.ensure_future(op)
         self._writing.add(fut)
         fut.add_done_callback(_forget(self._writing))
-        await asyncio.shield(fut)
+        return await asyncio.shield(fut)
 
     async def pwrite(self, offset: int, data: bytes) -> None:
         await self._write(self.backend.pwrite(offset, data))
-        self._unstarted += len(data)
+        await self._written(len(data))
+
+    async def copy_from(self, source: FileBackend, offset: int, length: int) -> None:
+        """Copy [offset, offset+length) of ``source`` here in the kernel (``FileBackend.copy_from``):
+        what the source holds there now is what lands, so the caller must hold it still."""
+        await self._write(self.backend.copy_from(source, offset, length))
+        await self._written(length)
+
+    async def copy_spans(self, source: FileBackend, spans: list[tuple[int, int]]) -> int:
+        """``copy_from`` for each (offset, length) of ``spans``, the source's holes as zero
+        requests, in one hand-over to a thread (``FileBackend.copy_spans``); the bytes
+        copied as data. The caller must hold the spans of the source still."""
+        sent = await self._write(self.backend.copy_spans(source, spans))
+        await self._written(sum(n for _, n in spans))
+        return sent
+
+    async def _written(self, n: int) -> None:
+        self._unstarted += n
         if self._unstarted >= self.WRITEBACK_BYTES:
             self._unstarted = 0
             await self.backend.start_writeback()
@@ -97,8 +114,8 @@ class LocalTarget:
         stopped and lands when the disk takes it (a local disk that hangs that long)."""
 
 
-def _forget(pending: set[asyncio.Future[None]]) -> Callable[[asyncio.Future[None]], None]:
-    def done(fut: asyncio.Future[None]) -> None:
+def _forget(pending: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
+    def done(fut: asyncio.Future[Any]) -> None:
         pending.discard(fut)
         if not fut.cancelled():
             fut.exception()  # retrieved: a failure nobody waits for any more is no warning
@@ -133,9 +150,10 @@ class NbdTarget:
     request_size = 256 * 1024
     inflight = 64
 
-    def __init__(self, uri: str, timeout: float = TARGET_TIMEOUT) -> None:
+    def __init__(self, uri: str, timeout: float = TARGET_TIMEOUT, export: str | None = None) -> None:
         self.uri = uri
         self.timeout = timeout
+        self.export = export  # opened instead of the URI's (``NAME@SECRET``: a peer's guard)
         self.description = uri
         self.size = 0
         self._clients: list[Any] = []
@@ -148,6 +166,8 @@ class NbdTarget:
             tls = client_tls(self.uri)
         except (TlsFileMissing, TlsFileInvalid) as exc:
             raise TargetError(msg=f"target {self.uri}: {exc.message}") from exc
+        if self.export is not None:  # only when set: connect's stand-ins in tests know no export
+            tls = {**tls, "export": self.export}
         try:
             first = await NbdClient.connect(self.uri, timeout=self.timeout, **tls)
             self._clients = [first]

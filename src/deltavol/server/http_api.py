@@ -26,6 +26,7 @@ from deltavol import metrics
 from deltavol.errors import DeltavolError, UsageError
 from deltavol.events import Event
 from deltavol.service import Service
+from deltavol.sessions.peers import Peer
 from deltavol.units import parse_interval, parse_rate, parse_size
 
 log = logging.getLogger("deltavol.api")
@@ -33,6 +34,8 @@ log = logging.getLogger("deltavol.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVICE: web.AppKey[Service] = web.AppKey("service", Service)
 TOKEN: web.AppKey[str | None] = web.AppKey("token", str)
+PEER_TOKEN: web.AppKey[str | None] = web.AppKey("peer_token", str)
+PEER_PATHS = "/v1/peer/"  # the calls of another deltavol server: its peer token is enough
 LAG: web.AppKey[metrics.LoopLag] = web.AppKey("lag", metrics.LoopLag)
 REGISTRY: web.AppKey[Any] = web.AppKey("registry", object)
 STOPPING: web.AppKey[asyncio.Event] = web.AppKey("stopping", asyncio.Event)
@@ -51,7 +54,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     tcp = _tcp(request)
     open_path = request.path == "/" or request.path.startswith(OPEN_PATHS[1])
     if token is not None and tcp and not open_path and not _token_ok(request, token):
-        return _error(401, "Unauthorized", "missing or wrong API token")
+        peer_token = request.app[PEER_TOKEN]
+        peer_path = request.path.startswith(PEER_PATHS)
+        if not (peer_token is not None and peer_path and _token_ok(request, peer_token)):
+            return _error(401, "Unauthorized", "missing or wrong API token")
     try:
         return await handler(request)
     except web.HTTPException:
@@ -92,6 +98,13 @@ def _field(body: dict[str, Any], key: str, kind: type) -> Any:
     value = body.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise UsageError(msg=f"field {key!r} is required ({kind.__name__})")
+    return value
+
+
+def _optional(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise UsageError(msg=f"field {key!r} must be text")
     return value
 
 
@@ -138,6 +151,17 @@ def routes(service: Service) -> web.RouteTableDef:
     async def create_session(request: web.Request) -> web.Response:
         body = await _body(request)
         granularity = body.get("granularity", "64KiB")
+        peer = None
+        if body.get("peer_api") is not None:
+            peer = Peer(
+                api=_field(body, "peer_api", str),
+                token=_optional(body, "peer_token"),
+                certificates=_optional(body, "peer_certificates"),
+                back_api=_optional(body, "reverse_api"),
+                back_target=_optional(body, "reverse_target"),
+            )
+        elif any(body.get(k) is not None for k in ("peer_token", "reverse_api", "reverse_target")):
+            raise UsageError(msg="peer_token, reverse_api and reverse_target need peer_api")
         info = await service.create_session(
             name=_field(body, "name", str),
             source=_field(body, "source", str),
@@ -145,8 +169,41 @@ def routes(service: Service) -> web.RouteTableDef:
             granularity=parse_size(granularity),
             max_rate=parse_rate(body.get("max_rate")),
             every=parse_interval(body.get("every")),
+            peer=peer,
         )
         return web.json_response(info, status=201)
+
+    @r.get("/v1/sessions/{name}/tracking")
+    async def session_tracking(request: web.Request) -> web.Response:
+        bits, headers = service.session_tracking(request.match_info["name"])
+        return web.Response(body=bits, content_type="application/octet-stream", headers=headers)
+
+    @r.delete("/v1/volumes/{name}/guard")
+    async def unguard_volume(request: web.Request) -> web.Response:
+        return web.json_response(service.unguard(request.match_info["name"]))
+
+    @r.put("/v1/peer/guards/{volume}")
+    async def put_guard(request: web.Request) -> web.Response:
+        body = await _body(request)
+        info = service.put_guard(
+            request.match_info["volume"], _field(body, "holder", str), _field(body, "secret", str)
+        )
+        return web.json_response(info)
+
+    @r.delete("/v1/peer/guards/{volume}")
+    async def drop_guard(request: web.Request) -> web.Response:
+        body = await _body(request)
+        secret = _field(body, "secret", str)
+        return web.json_response(service.drop_guard(request.match_info["volume"], secret))
+
+    @r.post("/v1/peer/reversals")
+    async def adopt_session(request: web.Request) -> web.Response:
+        info, new = await service.adopt_session(await _body(request))
+        return web.json_response(info, status=201 if new else 200)
+
+    @r.post("/v1/peer/reversals/{request}/settle")
+    async def settle_reversal(request: web.Request) -> web.Response:
+        return web.json_response(service.settle_reversal(request.match_info["request"]))
 
     @r.get("/v1/sessions/{name}")
     async def session_status(request: web.Request) -> web.Response:
@@ -178,6 +235,10 @@ def routes(service: Service) -> web.RouteTableDef:
     @r.post("/v1/sessions/{name}/{action:pause|resume|cancel|verify|restore|reverse}")
     async def session_action(request: web.Request) -> web.Response:
         name, action = request.match_info["name"], request.match_info["action"]
+        if action == "reverse":
+            body = await _body(request) if request.can_read_body else {}
+            back_api, back_target = _optional(body, "reverse_api"), _optional(body, "reverse_target")
+            return web.json_response(await service.reverse_session(name, back_api, back_target))
         do = {
             "pause": service.pause_session,
             "resume": service.resume_session,
@@ -299,10 +360,11 @@ def _gap(after: int, next_id: int) -> bytes:
     return f"event: gap\ndata: {data}\n\n".encode()
 
 
-def make_app(service: Service, token: str | None = None) -> web.Application:
+def make_app(service: Service, token: str | None = None, peer_token: str | None = None) -> web.Application:
     app = web.Application(middlewares=[errors])
     app[SERVICE] = service
     app[TOKEN] = token
+    app[PEER_TOKEN] = peer_token
     app[LAG] = lag = metrics.LoopLag()
     app[REGISTRY] = metrics.registry(service, lag)
     app[STOPPING] = asyncio.Event()

@@ -55,7 +55,8 @@ async def serve(config: ServerConfig) -> None:
             fd = os.open(datadir.api_token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.write(fd, token.encode())
             os.close(fd)
-        runner = web.AppRunner(make_app(service, token), access_log=None)
+        peer_token = service.sessions.peer_files.own_token() if config.api_tcp else None
+        runner = web.AppRunner(make_app(service, token, peer_token), access_log=None)
         await runner.setup()
         unlink_socket(str(api_socket))
         await _listen(str(api_socket), web.UnixSite(runner, api_socket).start())

@@ -149,6 +149,7 @@ class NbdClient:
         age: float | None = None,
         tls_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        export: str | None = None,
     ) -> NbdClient:
         """Connect and negotiate within ``timeout`` seconds (a blackholed host's SYNs are
         otherwise retried for minutes); ``timeout`` then bounds the wait for replies, and
@@ -158,7 +159,8 @@ class NbdClient:
         if where.tls and tls_context is None:
             raise ValueError(f"{uri}: an nbds URI needs a TLS context")
         tls = tls_context is not None
-        conn = ClientConnection(where.export, block_status=block_status, tls=tls)
+        # ``export`` replaces the URI's (a name that must not show in messages: a guard's secret)
+        conn = ClientConnection(export or where.export, block_status=block_status, tls=tls)
         client = cls(uri, conn, timeout, age)
         loop = asyncio.get_running_loop()
         if tls:

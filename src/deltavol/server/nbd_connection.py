@@ -2,10 +2,17 @@
 
 Reading: the transport receives in place (``asyncio.BufferedProtocol``) into the buffer
 the sans-I/O ``ServerConnection`` offers (its receive buffer, or the payload buffer of a
-large WRITE); a read from the page cache or a write nothing has to wait for is done at
-once, and any other ``Request`` becomes a task, so requests run concurrently and reply out
-of order. Backpressure is bounded in count and
-bytes: past ``MAX_INFLIGHT`` requests or ``MAX_INFLIGHT_BYTES`` of payload, or while the
+large WRITE); a read from the page cache is done at once, and any other ``Request``
+becomes a task, so requests run concurrently and reply out of order. Writes no layer has
+to wait for (``Layer.pwrite_soon``) go to the connection's ``WriteLane`` instead: one
+worker thread does them in the order they came while the loop goes on receiving, and
+they are acknowledged once done (for a burst of 4 KiB writes the kernel's copy into the
+page cache then runs on the other core; for 1 MiB ones the loop receives the next while
+the last is copied). Only a lone small write, with none in the lane, is done at once on
+the loop: a thread hop would cost it more than the copy. So writes that did not take the
+task path land in the order they were received, however they overlap, and a FLUSH waits
+for every write put in the lane before it. Backpressure is bounded in count and bytes:
+past ``MAX_INFLIGHT`` requests or ``MAX_INFLIGHT_BYTES`` of payload, or while the
 transport's write buffer is full, reading pauses until requests complete.
 
 Replies are queued by the sans-I/O layer and written in one ``writelines``: those of a
@@ -36,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, cast
 
 from deltavol.backend.export import Export
+from deltavol.backend.lane import BARRIER, Done, WriteLane
 from deltavol.errors import DeltavolError, NotFound
 from deltavol.nbd.constants import Cmd, CmdFlag, Rep, TlsMode
 from deltavol.nbd.events import (
@@ -57,6 +65,7 @@ log = logging.getLogger("deltavol.nbd")
 MAX_INFLIGHT = 64
 MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 SPARSE_READ_MIN = 64 * 1024
+LANE_ALWAYS = 128 * 1024  # writes larger than this always go to the lane
 SOCKET_BUFFER = 4 * 1024 * 1024  # reads this large look for holes to send as OFFSET_HOLE
 TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds a client has to finish the TLS handshake
 
@@ -91,6 +100,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.tasks: set[asyncio.Task[None]] = set()
+        self.lane: WriteLane | None = None  # writes done in a worker thread, in order
         self.inflight_bytes = 0
         self._reading_paused = False
         self._writing_paused = False
@@ -147,7 +157,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._closed = True
         self._lost = True
         self.conn.drop_payload()  # a WRITE cut off mid-payload: its sink is given back
-        if not self.tasks:
+        if not self._running():
             self._release()
         # else requests still run on the export: the last to finish releases it
 
@@ -192,7 +202,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         busy = (
             self._writing_paused
-            or len(self.tasks) >= MAX_INFLIGHT
+            or self._running() >= MAX_INFLIGHT
             or self.inflight_bytes >= MAX_INFLIGHT_BYTES
         )
         if busy and not self._reading_paused:
@@ -233,7 +243,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._flush()  # the acks of a burst of requests leave in one write
 
     def _close_when_idle(self) -> None:
-        if not self.tasks:
+        if not self._running():
             self.close()
         else:
             task = asyncio.get_running_loop().create_task(self._drain_then_close())
@@ -311,7 +321,7 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _open(self, name: str) -> Export:
         export = self.directory.open_export(name)
         self.export = export
-        log.info("nbd %s: opened export %r", self.peer, name)
+        log.info("nbd %s: opened export %r", self.peer, _shown(name))
         return export
 
     def _option(self, event: object) -> None:
@@ -324,7 +334,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                     self.directory.close_export(event.name)
             except DeltavolError as exc:
                 refusal = Rep.ERR_UNKNOWN if isinstance(exc, NotFound) else Rep.ERR_POLICY
-                log.info("nbd %s: refused export %r: %s", self.peer, event.name, exc.message)
+                log.info("nbd %s: refused export %r: %s", self.peer, _shown(event.name), exc.message)
                 self.conn.reply_info(None, exc.message, refusal)
                 return
             self.conn.reply_info(self._info(export))
@@ -332,7 +342,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             try:
                 export = self._open(event.name)
             except DeltavolError as exc:
-                log.info("nbd %s: refused export %r: %s", self.peer, event.name, exc.message)
+                log.info("nbd %s: refused export %r: %s", self.peer, _shown(event.name), exc.message)
                 self.conn.refuse_export_name(exc.message)
                 self._closed = True
                 self.close()
@@ -343,11 +353,25 @@ class NbdConnection(asyncio.BufferedProtocol):
             self.conn.reply_meta_context(known, f"export {event.name!r} does not exist")
 
     # --- transmission ------------------------------------------------------------------------
+    def _running(self) -> int:
+        """Requests under way: tasks, and writes in the lane."""
+        return len(self.tasks) + (self.lane.pending if self.lane is not None else 0)
+
     def _start(self, req: Request) -> None:
         if req.cmd is Cmd.READ and self._read_inline(req):
             return
-        if req.cmd is Cmd.WRITE and not req.flags & _FUA and self._write_inline(req):
-            return
+        if req.cmd is Cmd.WRITE and not req.flags & _FUA:
+            lane = self.lane
+            if lane is None:
+                lane = self.lane = WriteLane(asyncio.get_running_loop(), self._lane_done)
+            # To the lane: a large write, or one of a burst (more received behind it), or
+            # behind writes in the lane, so the loop goes on while a worker writes; a lone
+            # small write is done at once (a thread hop would cost it more).
+            if lane.pending or self.conn.buffered or len(req.data) > LANE_ALWAYS:
+                if self._write_soon(req):
+                    return
+            elif self._write_inline(req):
+                return
         task = asyncio.get_running_loop().create_task(self._run(req))
         self.tasks.add(task)
         self.idle.clear()
@@ -394,14 +418,69 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.conn.send_ok(req.cookie)
         return True
 
-    def _crashed(self, req: Request, exc: Exception) -> None:
-        log.exception("nbd %s: %s at %d+%d crashed", self.peer, req.cmd.name, req.offset, req.length)
+    def _write_soon(self, req: Request) -> bool:
+        """Put a write every layer agreed to (``Layer.pwrite_soon``) in the lane; it is
+        acknowledged once done (``_lane_done``). False if it must take the task path."""
+        export, lane = self.export, self.lane
+        assert export is not None and lane is not None
+        try:
+            job = export.pwrite_soon(req.offset, req.data)  # type: ignore[arg-type]  # see _write
+        except DeltavolError as exc:
+            log.info("nbd %s: WRITE failed: %s", self.peer, exc.message)
+            self.conn.send_error(req.cookie, exc.nbd_errno, exc.message)
+            return True
+        except Exception as exc:  # as in ``_run``: a bug costs this request, not the connection
+            self._crashed(req, exc)
+            return True
+        if job is None:
+            return False
+        try:
+            lane.put(job, req)
+        except Exception as exc:  # no worker thread to be had (the interpreter exits)
+            job.finish(exc)
+            self._crashed(req, exc)
+            return True
+        self.idle.clear()
+        self.inflight_bytes += req.length
+        self._update_reading()
+        return True
+
+    def _lane_done(self, done: list[Done]) -> None:
+        """On the loop: writes of the lane are done (in the order they were put)."""
+        for job, token, error in done:
+            if job is BARRIER:  # a FLUSH waits for it
+                waiter = cast("asyncio.Future[None]", token)
+                if not waiter.done():
+                    waiter.set_result(None)
+                continue
+            req = cast(Request, token)
+            self.inflight_bytes -= req.length
+            job.finish(error)
+            if error is None:
+                self.conn.send_ok(req.cookie)
+            elif isinstance(error, DeltavolError):
+                log.info("nbd %s: WRITE failed: %s", self.peer, error.message)
+                self.conn.send_error(req.cookie, error.nbd_errno, error.message)
+            else:
+                self._crashed(req, error)
+        self._flush()
+        self._settle()
+
+    def _crashed(self, req: Request, exc: BaseException) -> None:
+        log.error(
+            "nbd %s: %s at %d+%d crashed", self.peer, req.cmd.name, req.offset, req.length, exc_info=exc
+        )
         self.conn.send_error(req.cookie, errno.EIO, f"internal error: {exc}")
 
     def _finished(self, task: asyncio.Task[None], *, req: Request) -> None:
         self.tasks.discard(task)
         self.inflight_bytes -= req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0
-        if not self.tasks:
+        self._settle()
+
+    def _settle(self) -> None:
+        """A request finished: idle (and released, if the connection is gone) when it was
+        the last; else reading may resume."""
+        if not self._running():
             self.idle.set()
             if self._lost:
                 self._release()
@@ -444,6 +523,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.conn.send_ok(req.cookie)
 
     async def _flush_cmd(self, export: Export, req: Request) -> None:
+        lane = self.lane
+        if lane is not None and lane.pending:  # the writes put in the lane before it land first
+            landed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            lane.put(BARRIER, landed)
+            await landed
         await export.flush()
         self.conn.send_ok(req.cookie)
 
@@ -497,3 +581,9 @@ _HANDLERS: dict[Cmd, Callable[[NbdConnection, Export, Request], Awaitable[None]]
     Cmd.CACHE: NbdConnection._cache,
     Cmd.BLOCK_STATUS: NbdConnection._block_status,
 }
+
+
+def _shown(name: str) -> str:
+    """An export name as logged: a guard's secret (``NAME@SECRET``) is never written out."""
+    head, at, _ = name.partition("@")
+    return f"{head}@..." if at else name

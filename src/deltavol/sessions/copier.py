@@ -7,6 +7,11 @@ Design notes
   bits. A full pass (``Phase.FULL_COPY``) reads by extents, writes holes as zeroes, and
   has no protection: what changes under it is tracked and copied by the catch-up
   incremental pass that ends every full update.
+* **In the kernel** (``copy_batch``, ``LocalTarget.copy_spans``): to a local volume, a
+  pool thread copies the source with ``copy_file_range`` (holes as zero requests), many
+  scattered runs to a request. While protecting, only chunks with no saved block, and
+  only while their locks hold every write to them back: the source is then the mark's
+  image. A batch with a saved block goes run by run through ``copy_run``.
 * **Checkpoint** (``checkpoint``): a chunk is done for good only once a target flush
   sent after its copy completed has succeeded: the transfer is snapshotted, the target
   flushed, the snapshot written. Until then the chunk stays owed (``owed``: in the
@@ -30,10 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
-from deltavol.copy.engine import requests, run_pipeline, split_at_holes, write_piece
-from deltavol.copy.targets import CopyTarget
+from deltavol.copy.engine import batches, requests, run_pipeline, split_at_holes, write_piece
+from deltavol.copy.targets import CopyTarget, LocalTarget
 from deltavol.copy.throttle import Throttle
-from deltavol.errors import DeltavolError, TargetError
+from deltavol.errors import DeltavolError, IoFailure, TargetError
 from deltavol.nbd.constants import STATE_HOLE
 from deltavol.sessions.states import Phase
 from deltavol.store import fs
@@ -42,6 +47,7 @@ if TYPE_CHECKING:
     from deltavol.sessions.session import Session
 
 log = logging.getLogger("deltavol.session")
+BATCH_RUNS = 64  # runs of chunks one request to a local target copies at most
 
 CHECKPOINT_SECONDS = 2.0
 _PROTECTING = Phase.PROTECTING
@@ -122,6 +128,9 @@ class Copier:
         ``checkpointing``, which a checkpoint holds from its staleness check until its
         write is over (even when cancelled: the thread cannot be stopped).
 
+        Before the write, the tracking bits left to save records are made durable (see
+        ``_bits_left_to_saves_durable``): a chunk cleared in the file must not lose both.
+
         Bits only go from set to clear here, so they are written in place (no new space
         needed on a full disk; a torn write leaves each byte old or new, both safe).
         """
@@ -135,6 +144,7 @@ class Copier:
         async with self.checkpointing:
             if s.transfer is not transfer or seq < self._landed:
                 return  # a mark replaced the transfer, or a newer checkpoint landed
+            await self._bits_left_to_saves_durable()
             write = asyncio.ensure_future(
                 fs.to_thread(persist.write_bits_in_place, s.files.transfer_path, snapshot)
             )
@@ -147,6 +157,18 @@ class Copier:
                     self.durable = self.durable.copy()
                     self.durable.or_(snapshot)
             write.result()  # a failed write raises
+
+    async def _bits_left_to_saves_durable(self) -> None:
+        """Before a checkpoint clears chunks in the transfer file: the tracking bits left to
+        save records (``Protector``'s notes), which are not synced, must be durable in the
+        tracking file. ``checkpointing`` is held, so no bit is left to a save meanwhile."""
+        s = self.session
+        tf = s.tracker.file
+        if s.protector.save is None or tf is None:
+            return  # nothing protected: no bit was left to a save
+        await tf.durable()
+        if tf.lost is not None:  # a round proves nothing then (``persist``): the file holds the chunks
+            raise IoFailure(what=f"session {s.name}: checkpoint", why=f"tracking file: {tf.lost}")
 
     async def try_checkpoint(self) -> None:
         s = self.session
@@ -287,6 +309,16 @@ class Copier:
             request = min(request, max(s.granularity, rate // 4))
         max_chunks = max(1, request // s.granularity)
         runs, g = s.transfer.runs(), s.granularity
+        if s.update.phase is _PROTECTING and isinstance(target, LocalTarget) and not rate:
+            # scattered chunks, many to a request: one thread hand-over copies them all
+            await run_pipeline(
+                batches(runs, max_chunks, BATCH_RUNS),
+                lambda runs: self.copy_batch(target, runs),
+                throttle=Throttle(rate),
+                request_bytes=lambda runs: sum(n for _, n in runs) * g,
+                inflight=target.inflight,
+            )
+            return
         # a full pass is cut at the source's holes, so it goes as fast as its data
         work = (
             requests(runs, max_chunks)
@@ -309,22 +341,36 @@ class Copier:
         offset = first * g
         length = min(count * g, s.source.size - offset)
         chunks = range(first, first + count)
+        local = target if isinstance(target, LocalTarget) else None
+        pieces: list[tuple[int, bytes | int]] = []
         if hole:
-            pieces: list[tuple[int, bytes | int]] = [(offset, length)]
+            pieces = [(offset, length)]
         elif update.phase is not _PROTECTING:
-            pieces = await self._read_by_extents(offset, length)
+            if local is not None:  # nothing to hold still: what changes is copied by the catch-up
+                sent = await local.copy_spans(s.source.backend, [(offset, length)])
+                progress.bytes_sent += sent  # not `+= await`: see below
+            else:
+                pieces = await self._read_by_extents(offset, length)
         else:
             protector = s.protector
             async with protector.locks.hold(chunks):
                 live = [c for c in chunks if transfer.test(c)]
                 if not live:
                     return
-                data = bytearray(await s.source.backend.pread(offset, length))
-                if protector.save is not save or (
-                    save is not None and not await protector.lay_saved(data, offset, live, save)
-                ):
-                    return  # the mark this run copies for is over: nothing copied, its bits stay
-            pieces = _live_pieces(data, offset, live, self.chunk_span)
+                if local is not None and save is not None and not any(c in save for c in live):
+                    # no block saved: the source under the locks is the mark's image, and
+                    # the kernel copies it while the locks keep every write to it waiting
+                    sent = await local.copy_spans(s.source.backend, _live_spans(live, self.chunk_span))
+                    progress.bytes_sent += sent
+                    if protector.save is not save:
+                        return  # the mark ended under the copy: its bits stay (copied again)
+                else:
+                    data = bytearray(await s.source.backend.pread(offset, length))
+                    if protector.save is not save or (
+                        save is not None and not await protector.lay_saved(data, offset, live, save)
+                    ):
+                        return  # the mark this run copies for is over: nothing copied, its bits stay
+                    pieces = _live_pieces(data, offset, live, self.chunk_span)
         for off, piece in pieces:
             n = piece if isinstance(piece, int) else len(piece)
             sent = await write_piece(target, off, None if isinstance(piece, int) else piece, n, g)
@@ -332,6 +378,40 @@ class Copier:
         if self.target is not target:  # dropped meanwhile: no flush of it will come
             raise TargetError(msg=f"target {target.description}: connection closed during a copy")
         progress.done(transfer.clear_run(first, count))
+        s.events.progress(
+            s.name,
+            id=update.id,
+            bytes_total=progress.bytes_total,
+            bytes_done=progress.bytes_done,
+            bytes_sent=progress.bytes_sent,
+        )
+
+    async def copy_batch(self, target: LocalTarget, runs: tuple[tuple[int, int], ...]) -> None:
+        """Copy the runs of chunks ``runs`` (ascending) under copy-on-first-write to a local
+        target, in the kernel and in one thread hand-over, while their locks hold the
+        source still; a batch with a saved block goes run by run through ``copy_run``."""
+        s = self.session
+        transfer, update, progress, protector = s.transfer, s.update, s.progress, s.protector
+        assert transfer is not None and update is not None and progress is not None
+        save = protector.save
+        chunks = [c for first, count in runs for c in range(first, first + count)]
+        async with protector.locks.hold(chunks):
+            live = [c for c in chunks if transfer.test(c)]
+            if not live or protector.save is not save:
+                return  # copied by copy-before-write; or the mark is over: its bits stay
+            saved = save is None or any(c in save for c in live)
+            if not saved:
+                sent = await target.copy_spans(s.source.backend, _live_spans(live, self.chunk_span))
+                progress.bytes_sent += sent
+                if protector.save is not save:
+                    return  # the mark ended under the copy: its bits stay (copied again)
+        if saved:  # the old way, each run under its own locks again
+            for first, count in runs:
+                await self.copy_run(target, first, count)
+            return
+        if self.target is not target:  # dropped meanwhile: no flush of it will come
+            raise TargetError(msg=f"target {target.description}: connection closed during a copy")
+        progress.done(sum(transfer.clear_run(first, count) for first, count in runs))
         s.events.progress(
             s.name,
             id=update.id,
@@ -349,6 +429,18 @@ class Copier:
             pieces.append((pos, n if flags & STATE_HOLE else await source.backend.pread(pos, n)))
             pos += n
         return pieces
+
+
+def _live_spans(live: list[int], span: Any) -> list[tuple[int, int]]:
+    """(offset, length) of the runs of adjacent chunks among ``live``."""
+    spans: list[tuple[int, int]] = []
+    for c in live:
+        off, n = span(c)
+        if spans and spans[-1][0] + spans[-1][1] == off:
+            spans[-1] = (spans[-1][0], spans[-1][1] + n)
+        else:
+            spans.append((off, n))
+    return spans
 
 
 def _live_pieces(data: bytearray, offset: int, live: list[int], span: Any) -> list[tuple[int, bytes | int]]:

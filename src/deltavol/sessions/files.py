@@ -74,7 +74,9 @@ class SessionFiles:
         committed, or one that finished just before the crash) goes back into tracking:
         a superset of the changes is safe, a lost bit is not. The file of a later update's
         mark that did not commit, under the row of an update still running, is that
-        update's transfer, as of a new mark (``_later_mark``). Every file is read first;
+        update's transfer, as of a new mark (``_later_mark``). An update under protection
+        whose save area may have lost records (a power loss) gives up its mark and
+        re-marks (``_give_up_lost_records``). Every file is read first;
         then tracking is rewritten (the one step that needs space), so what a reboot may
         have cost (the hot regions ``load`` added) is durable and the file is of this
         boot; only then do the files no update owns go. A failure at any step leaves the
@@ -115,6 +117,8 @@ class SessionFiles:
             s._rewrite_tracking()
             if later:
                 self._later_mark(later)
+            if save is not None and not save.intact and s.update is not None:
+                self._give_up_lost_records()
             if orphan:
                 fs.unlink(self.transfer_path)
             if save is None:  # no update owns it: a mark or the end of its update made its bits durable
@@ -181,6 +185,34 @@ class SessionFiles:
         log.warning("session %s: %s", s.name, why)
         if s.update.phase is Phase.PROTECTING:
             s._give_up_mark(s.update, why)
+
+    def _give_up_lost_records(self) -> None:
+        """The machine restarted since the save area's records were written, and they are
+        not synced (``copy/save_area.py``): a power loss may have taken some whose overwrite
+        reached the source, so the update cannot finish its own mark. It gives it up and
+        re-marks when its copy goes on: what it owes (the transfer file), what changed
+        since its mark (tracking, the hot set, the records that survived: in the tracking
+        file just rewritten) as of a new mark.
+
+        The row says so before anything else happens: the re-mark writes a new header over
+        the area (this boot's, voiding the old records), and a crash before the re-mark
+        commits must not find the old mark protecting with an area that looks intact."""
+        s = self.session
+        assert s.update is not None
+        if s.update.phase is not Phase.PROTECTING:
+            return  # given up already: it re-marks
+        why = "the machine restarted since the save area's records were written (they may be lost)"
+        before = s.last_error
+        s.update.move("give_up", s.name)
+        s.update.remark = why
+        s.last_error = f"{why}; the update gives up its point in time and will copy as of a new mark"
+        try:
+            s._save_row()
+        except BaseException:
+            s.update.put_back(Phase.PROTECTING, s.name)
+            s.update.remark, s.last_error = None, before
+            raise
+        log.warning("session %s: %s", s.name, s.last_error)
 
     def set_aside(self, why: str) -> None:
         """Corrupt files: keep them for inspection, fail the session, track afresh.

@@ -31,14 +31,16 @@ from deltavol.errors import (
     UsageError,
 )
 from deltavol.events import EventBus
-from deltavol.sessions import restore
+from deltavol.server.nbd_client import parse_uri
+from deltavol.sessions import peers, restore
+from deltavol.sessions.peers import Peer, PeerFiles
 from deltavol.sessions.records import RetryPolicy, update_from_row, update_to_row
 from deltavol.sessions.session import Session
 from deltavol.sessions.states import IllegalTransition, State
 from deltavol.store import fs
 from deltavol.store.db import Database
 from deltavol.store.group_commit import GroupCommit
-from deltavol.volumes import Volume, Volumes, check_name
+from deltavol.volumes import PeerGuard, Volume, Volumes, check_name
 
 log = logging.getLogger("deltavol.sessions")
 
@@ -116,6 +118,11 @@ class SessionManager:
         # the reverse's checks to its commit so that no create takes either volume meanwhile
         self._reversing: dict[str, tuple[str, str]] = {}
         self._resuming: set[asyncio.Task[None]] = set()  # restores going on after a restart
+        # sessions whose target is a volume of another deltavol server (peers.py), by name
+        self.peer_files = PeerFiles(bitmaps.parent)
+        self.peers: dict[str, Peer] = {}
+        # reverses to a peer not settled yet (reverse.py), by session name: the request id
+        self.pending: dict[str, str] = {}
 
     # --- lookup -------------------------------------------------------------------------------
     def get(self, name: str) -> Session:
@@ -141,7 +148,9 @@ class SessionManager:
             if vol.name in pair
         ]
         users = list(dict.fromkeys(users))  # a session being reversed is in both
-        return f"used by session(s) {', '.join(users)}" if users else None
+        if users:
+            return f"used by session(s) {', '.join(users)}"
+        return vol.why_guarded() if vol.peer_guard is not None else None
 
     # --- wiring -----------------------------------------------------------------------------
     def _wiring_for(self, source: Volume) -> _SourceWiring:
@@ -186,10 +195,16 @@ class SessionManager:
             target.write_guard = lambda: None
             target.open_guard = lambda: None
 
+    def nbd_target(self, spec: str, peer: Peer | None) -> NbdTarget:
+        """The target as this server opens it: a peer's volume through its guard's export."""
+        if peer is None or not peer.guard:
+            return NbdTarget(spec, self.config.target_timeout)
+        return NbdTarget(spec, self.config.target_timeout, export=f"{parse_uri(spec).export}@{peer.guard}")
+
     async def _open_target(self, session: Session) -> CopyTarget:
         spec = session.target_spec
         if is_uri(spec):
-            return await NbdTarget(spec, self.config.target_timeout).open()
+            return await self.nbd_target(spec, self.peers.get(session.name)).open()
         vol = self.volumes.find(spec)
         if vol is None:
             raise TargetError(msg=f"target volume {spec!r} does not exist")
@@ -201,24 +216,29 @@ class SessionManager:
             log.warning("session %s: removed, its row is not written again", s.name)
             return
         with self.db.transaction() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    s.name,
-                    s.source.name,
-                    s.target_spec,
-                    s.granularity,
-                    s.max_rate,
-                    s.every,
-                    s.state.value,
-                    int(s.consistent),
-                    s.point_in_time,
-                    s.last_error,
-                    s.created_at,
-                    s.next_update_id,
-                    update_to_row(s.update, s.name) if s.update else None,
-                ),
-            )
+            self.write_row(conn, s)
+
+    @staticmethod
+    def write_row(conn: Any, s: Session) -> None:
+        """The session's row, inside the caller's transaction."""
+        conn.execute(
+            "INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                s.name,
+                s.source.name,
+                s.target_spec,
+                s.granularity,
+                s.max_rate,
+                s.every,
+                s.state.value,
+                int(s.consistent),
+                s.point_in_time,
+                s.last_error,
+                s.created_at,
+                s.next_update_id,
+                update_to_row(s.update, s.name) if s.update else None,
+            ),
+        )
 
     def _new(self, name: str, source: Volume, target: str, granularity: int, **kw: Any) -> Session:
         return Session(
@@ -287,6 +307,21 @@ class SessionManager:
                 ) from exc
             if s.state is State.RESTORING:  # restore.py: the source stays guarded until it ends
                 self._load_restoring(s)
+        self._load_peers()
+
+    def _load_peers(self) -> None:
+        """Guards a peer holds on volumes here, what sessions know of their peers, and
+        reverses not settled yet (settled by ``start``)."""
+        for row in self.db.conn.execute("SELECT * FROM guards").fetchall():
+            vol = self.volumes.find(row["volume"])
+            if vol is not None:
+                vol.peer_guard = PeerGuard(row["holder"], row["secret_sha256"])
+        for name in list(self._sessions) + list(self._unloaded):
+            peer = self.peer_files.load(name)
+            if peer is not None:
+                self.peers[name] = peer
+        for row in self.db.conn.execute("SELECT * FROM reversals").fetchall():
+            self.pending[row["session"]] = row["request"]
 
     def _load_restoring(self, s: Session) -> None:
         """A restoring session guards its source, unless another one (loaded first) restores
@@ -337,6 +372,12 @@ class SessionManager:
                 task = asyncio.get_running_loop().create_task(restore.resume_at_start(s))
                 self._resuming.add(task)
                 task.add_done_callback(self._resuming.discard)
+        for name in list(self.pending):  # reverse.py: ask the peer how the exchange ended
+            from deltavol.sessions import reverse
+
+            task = asyncio.get_running_loop().create_task(reverse.settle_at_start(self, name))
+            self._resuming.add(task)
+            task.add_done_callback(self._resuming.discard)
         self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
 
     async def shutdown(self) -> None:
@@ -361,6 +402,8 @@ class SessionManager:
         left for a later tick: scheduled updates never queue behind an operation."""
         for s in self.all():
             if not s.every or s.busy or s.operating or s.state not in (State.IDLE, State.NEW):
+                continue
+            if s.name in self.pending:  # a reverse not settled: the session may be gone
                 continue
             pending = self._scheduled.get(s.name)
             if pending is not None and not pending.done():
@@ -404,6 +447,7 @@ class SessionManager:
         granularity: int = DEFAULT_GRANULARITY,
         max_rate: int | None = None,
         every: int | None = None,
+        peer: Peer | None = None,
     ) -> Session:
         check_name(name, "session")
         if name in self._sessions or name in self._creating or name in self._unloaded:
@@ -417,9 +461,66 @@ class SessionManager:
         # name and the target are this create's
         self._creating[name] = (source, target)
         try:
-            return await self._create(name, src, target, granularity, max_rate, every)
+            if peer is None:
+                return await self._create(name, src, target, granularity, max_rate, every)
+            return await self._create_with_peer(name, src, target, granularity, max_rate, every, peer)
         finally:
             del self._creating[name]
+
+    def holder(self, name: str) -> str:
+        """How a peer names this server's session ``name`` as its guard's holder."""
+        return f"session {name!r} of the deltavol server {self.server_id()}"
+
+    def server_id(self) -> str:
+        row = self.db.conn.execute("SELECT value FROM meta WHERE key = 'server_id'").fetchone()
+        if row is not None:
+            return str(row[0])
+        sid = peers.new_secret()[:12]
+        with self.db.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('server_id', ?)", (sid,))
+        return self.server_id()
+
+    async def _create_with_peer(
+        self,
+        name: str,
+        src: Volume,
+        target: str,
+        granularity: int,
+        max_rate: int | None,
+        every: int | None,
+        peer: Peer,
+    ) -> Session:
+        """A session whose target is a volume of another deltavol server: the peer guards
+        it first (idempotent: a create retried after a crash replaces the guard of the
+        same holder), then the session commits as any other. The peer file is written
+        before the row; if the create fails, the guard is dropped again."""
+        if not is_uri(target):
+            raise UsageError(msg=f"session {name!r}: --peer-api needs a target on that server (nbd[s]://...)")
+        volume = parse_uri(target).export
+        peer.guard = peers.new_secret()
+        self.peer_files.save(name, peer)
+        guard_body = {"holder": self.holder(name), "secret": peer.guard}
+        try:
+            await peers.call(peer, "PUT", f"/v1/peer/guards/{volume}", guard_body)
+            self.peers[name] = peer
+            return await self._create(name, src, target, granularity, max_rate, every)
+        except BaseException:
+            self.peers.pop(name, None)
+            if name not in self._sessions:
+                self.peer_files.delete(name)
+                await self.drop_peer_guard(name, target, peer)
+            raise
+
+    async def drop_peer_guard(self, name: str, target: str, peer: Peer) -> bool:
+        """Ask the peer to drop its guard on the target; False (logged) when it does not answer."""
+        try:
+            await peers.call(
+                peer, "DELETE", f"/v1/peer/guards/{parse_uri(target).export}", {"secret": peer.guard}
+            )
+        except DeltavolError as exc:
+            log.warning("session %s: the peer's guard on %s is not dropped: %s", name, target, exc.message)
+            return False
+        return True
 
     def _check_roles(self, name: str, source: str, target: str) -> None:
         """A target is one session's only, and no volume is both a source and a target:
@@ -431,6 +532,10 @@ class SessionManager:
             raise InUse(kind="volume", name=target, why="it is the source of a session")
         if self.of_target(source):
             raise InUse(kind="volume", name=source, why="it is the target of a session")
+        for vname in (source, target):
+            vol = self.volumes.find(vname)
+            if vol is not None and vol.peer_guard is not None:
+                raise InUse(kind="volume", name=vname, why=str(vol.why_guarded()))
         pending = (*self._creating.items(), *self._reversing.items(), *self._unloaded.items())
         for pname, (psource, ptarget) in pending:
             if pname == name:  # this create's own hold
@@ -447,7 +552,7 @@ class SessionManager:
     ) -> Session:
         source = src.name
         if is_uri(target):
-            probe: CopyTarget = await NbdTarget(target, self.config.target_timeout).open()
+            probe: CopyTarget = await self.nbd_target(target, self.peers.get(name)).open()
             size = probe.size
             await probe.close()
         else:
@@ -495,6 +600,10 @@ class SessionManager:
         copy-before-write may write to the target) finish before the hooks go; then the
         target is released and the files deleted.
         """
+        if name in self.pending:  # a reverse not settled: settle it first (it may be gone)
+            from deltavol.sessions import reverse
+
+            await reverse.settle_now(self, name)
         s = self.get(name)
         with s.closing():  # a verify does not hold the removal up: it is interrupted
             async with s.operation():
@@ -512,4 +621,8 @@ class SessionManager:
                 await s.copier.drop_target()  # such a write may have opened it again
                 await restore.forget(s)  # a restore's guard on the source and its file
                 s.delete_files()
+                peer = self.peers.pop(name, None)
+                if peer is not None:  # the target goes back to the peer's clients
+                    await self.drop_peer_guard(name, s.target_spec, peer)
+                    self.peer_files.delete(name)
         log.info("session %s: removed", name)

@@ -20,11 +20,20 @@ Design notes
   that durable before the change goes down. A target that fails or does not answer
   within ``target_timeout`` costs the update its point in time, not the client its write
   (``Session._give_up_mark``).
+* **Records are not synced** (``copy/save_area.py``): a save writes its record into the
+  page cache and the change goes down. A killed server finds every record; after a power
+  loss an update whose records may be lost re-marks (``SessionFiles.load``).
 * **A save implies its tracking bit**: the tracker leaves the bit of a chunk this change
-  saves to the save record (``saving``); once the record is durable the protector tells it
-  (``Tracker.saved``), unless a failed mark voided the records on disk (``records_void``):
-  they keep protecting the copy in memory, but make no bit durable any more. What the
-  save did not cover waits for a round (``Tracker.track_rest``).
+  saves to the save record (``saving``), and the protector tells it once the record is
+  written (``Tracker.saved``), unless a failed mark voided the records on disk
+  (``records_void``): they keep protecting the copy in memory, but make no bit durable
+  any more. What the save did not cover waits for a round (``Tracker.track_rest``).
+  The bit needs no durable record: it is in the tracking file's page cache from the
+  moment the change was tracked, and the chunk is owed, so the transfer file keeps it
+  until a checkpoint clears it; a checkpoint makes the tracking file durable first
+  (``Copier.checkpoint``), holding ``checkpointing``, and while it is held no bit is
+  left to a save (``saving``): every bit left to one is in the file before that sync
+  begins. A power loss then re-marks with the bit in the transfer or tracking file.
 * ``lay_saved`` turns what the copy read from the source back into the mark's image, and
   says when the save area is the session's no more (the mark is over).
 
@@ -139,6 +148,7 @@ class Protector:
             and update is not None
             and update.phase is _PROTECTING
             and s.transfer is not None
+            and not self.copier.checkpointing.locked()  # a checkpoint syncs tracking (see the notes)
             and chunk not in save
             and self.copier.owed(chunk)
         )
@@ -171,7 +181,7 @@ class Protector:
         if not self.records_void:
             for c in todo:
                 if c in save:
-                    tracker.saved(c)  # the save record makes the bit durable
+                    tracker.saved(c)  # the save record stands for the bit (see the notes)
         # what the bits of this change still wait for: a save that did not happen (the chunk
         # was copied meanwhile, or went to the target with the save area full), or the round
         # another change's protect started for them
@@ -221,7 +231,7 @@ class Protector:
             reads.append((c, start, old))
         puts = [(len(old), save.put(c, start, old)) for c, start, old in reads]
         done = next((r for _, r in puts if r is not None), None)  # puts of one step share a round
-        if done is not None:
+        if done is not None and not done.done():  # an area that syncs its saves (version 4)
             with contextlib.suppress(Exception):  # the save area has seen it
                 await save.wait(done)
         if save.failed:

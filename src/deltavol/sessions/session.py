@@ -69,6 +69,7 @@ from deltavol.sessions.files import SessionFiles
 from deltavol.sessions.protector import ChunkLocks, Protector
 from deltavol.sessions.records import RetryPolicy, UpdateRecord, now_iso
 from deltavol.sessions.states import Phase, State, next_state
+from deltavol.sessions.target_writes import TargetWrites
 from deltavol.sessions.tracker import Tracker
 from deltavol.store.group_commit import GroupCommit
 from deltavol.volumes import Volume
@@ -139,6 +140,7 @@ class Session:
         self.next_update_id = 1
         self.last_started = 0.0
         self._gate = gate
+        self.target_writes = TargetWrites()  # see target_writes.py (a restore reads it)
         self._open_target = open_target
         self._persist_row = persist_row
         self._commit = commit
@@ -163,6 +165,22 @@ class Session:
         self._closing = 0  # removals and shutdowns waiting for the session (see closing())
 
     # --- what the collaborators hold ---------------------------------------------------------
+    @property
+    def _open_target(self) -> Callable[[Session], Awaitable[CopyTarget]]:
+        """Opens a connection to the target whose writes ``target_writes`` sees first (of
+        the opener set now: one that wraps what this returned does not recurse)."""
+        raw, writes = self._open_raw, self.target_writes
+
+        async def open_watched(s: Session) -> CopyTarget:
+            target: CopyTarget = await raw(s)
+            return writes.watch(target)
+
+        return open_watched
+
+    @_open_target.setter
+    def _open_target(self, open_target: Callable[[Session], Awaitable[CopyTarget]]) -> None:
+        self._open_raw = open_target
+
     @property
     def removed(self) -> bool:
         """Its row is deleted (``SessionManager.remove``): nothing may write it again, and a
@@ -391,6 +409,11 @@ class Session:
         )
         self.next_update_id += 1
         self.last_started = time.monotonic()
+        if full or self.state is State.NEW:
+            self.target_writes.started(untouched=False)
+        elif self.state is State.IDLE:  # nothing writes the target before this mark
+            self.target_writes.started(untouched=self.consistent and self.point_in_time is not None)
+        # (an update that marks again, paused or failed, keeps what the unfinished one wrote)
         try:
             if full:
                 await self._start_full(new_state, update)
@@ -593,6 +616,9 @@ class Session:
                         continue  # copy-before-write gave the mark up meanwhile
                     # the save area goes: the bits its records made durable must be in the file
                     await self._tracking_durable()
+                    # no checkpoint runs (the lock is held): stopped now, the task ends in the
+                    # turn that makes the session idle, not a turn later
+                    await stop(checkpointer)
                     self._finish()
                 break
         except asyncio.CancelledError:

@@ -9,7 +9,8 @@ Design notes
   yet durable waits for that same round.
 * **What a bit still waits for** is ``unsynced[chunk]``: the round making it durable, or a
   ``Pending``: ``BY_SAVE`` (the chunk's save record makes it durable: the change's
-  copy-on-first-write saves it first), ``RETRY`` (its round failed, or its write into the
+  copy-on-first-write saves it first; see ``Protector``'s notes for why the record need
+  not be durable), ``RETRY`` (its round failed, or its write into the
   file did: the next change of the chunk writes it again and asks for a round). A chunk
   not in ``unsynced`` has its bit durable (or unset).
 * **A save implies its tracking bit**: the tracker does not know the save area. Its owner
@@ -177,10 +178,11 @@ class Tracker:
 
     # --- what the protector says of its saves ---------------------------------------------
     def saved(self, chunk: int) -> None:
-        """The chunk's save record is durable: it makes a bit left to it (or to a retry)
-        durable too."""
+        """The chunk's save record is written: it stands for a bit left to it (the bit is
+        in the file, see ``Protector``'s notes). A bit to retry may not be in the file:
+        the next change writes it again."""
         unsynced = self.unsynced
-        if chunk in unsynced and unsynced[chunk] in (_BY_SAVE, _RETRY):
+        if unsynced.get(chunk) is _BY_SAVE:
             del unsynced[chunk]
 
     def saves_void(self, kept: Callable[[int], bool]) -> None:

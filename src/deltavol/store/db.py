@@ -12,6 +12,10 @@ its version 1 rows stay as they are and are read by the version 1 migration of
 ``records.update_from_row`` until the session writes its row again. A deltavol that knows
 only format 1 then refuses the database at open, instead of failing on a row it cannot
 read.
+
+Tables ``guards``, ``reversals`` and ``adoptions`` (sessions between two deltavol servers,
+``sessions/reverse.py``) are created when missing; they need no new format version: a
+deltavol that does not know them ignores them (and with them the guards they hold).
 """
 
 from __future__ import annotations
@@ -47,6 +51,21 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_at TEXT NOT NULL,
     next_update_id INTEGER NOT NULL,
     update_json TEXT
+);
+CREATE TABLE IF NOT EXISTS guards (
+    volume TEXT PRIMARY KEY REFERENCES volumes(name),
+    holder TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reversals (
+    session TEXT PRIMARY KEY,
+    request TEXT NOT NULL,
+    volume TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS adoptions (
+    request TEXT PRIMARY KEY,
+    session TEXT NOT NULL,
+    outcome TEXT NOT NULL
 );
 """
 

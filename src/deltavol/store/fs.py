@@ -55,6 +55,7 @@ class FileSystem(Protocol):
     def pread(self, fd: int, length: int, offset: int) -> bytes: ...
     def preadv(self, fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int: ...
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int: ...
+    def copy_file_range(self, src: int, dst: int, count: int, src_offset: int, dst_offset: int) -> int: ...
     def fsync(self, fd: int) -> None: ...
     def fdatasync(self, fd: int) -> None: ...
     def ftruncate(self, fd: int, length: int) -> None: ...
@@ -93,6 +94,9 @@ class RealFS:
 
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
         return os.pwrite(fd, data, offset)
+
+    def copy_file_range(self, src: int, dst: int, count: int, src_offset: int, dst_offset: int) -> int:
+        return os.copy_file_range(src, dst, count, src_offset, dst_offset)
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
@@ -192,6 +196,10 @@ def preadv(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> in
 
 def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
     return _current.pwrite(fd, data, offset)
+
+
+def copy_file_range(src: int, dst: int, count: int, src_offset: int, dst_offset: int) -> int:
+    return _current.copy_file_range(src, dst, count, src_offset, dst_offset)
 
 
 def fsync(fd: int) -> None:

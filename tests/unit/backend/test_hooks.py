@@ -46,6 +46,25 @@ def test_a_write_with_work_to_do_is_not_done_inline() -> None:
     assert disk.landed == [(0, G)]
 
 
+def test_a_write_for_the_lane_is_agreed_to_only_once_no_hook_has_work() -> None:
+    f, tracker, _, disk = layer()
+    now: list[tuple[int, int]] = []
+
+    def at_once(offset: int, length: int) -> bool:  # tracking's bit put in its file at once
+        now.append((offset, length))
+        return offset >= 2 * G
+
+    f.hooks = [tracker.hook, Hook(tracker.before, lambda o, n: False, at_once)]
+    assert f.pwrite_soon(0, bytes(G)) is None  # both hooks have work, one must wait
+    tracker.done.set_range(0, SIZE)
+    assert f.pwrite_soon(0, bytes(G)) is None  # the second still must wait there
+    job = f.pwrite_soon(2 * G, bytes(G))
+    assert job is not None and now[-1] == (2 * G, G)  # done before the job exists
+    assert disk.landed == []  # nothing written until the job runs
+    job.run()
+    assert disk.landed == [(2 * G, G)]
+
+
 def test_the_cache_is_dropped_when_the_gate_says_work_came_back() -> None:
     f, tracker, gate, _ = layer()
     tracker.done.set_range(0, SIZE)

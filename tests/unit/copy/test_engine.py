@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.engine import (
     Progress,
+    batches,
     is_zero,
     requests,
     run_pipeline,
@@ -57,6 +58,32 @@ class RecordingTarget:
 
 def test_requests_cut_runs_at_max_chunks() -> None:
     assert list(requests(iter([(0, 5), (10, 2)]), 2)) == [(0, 2), (2, 2), (4, 1), (10, 2)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    runs=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 40)), max_size=30),
+    max_chunks=st.integers(1, 33),
+    max_runs=st.integers(1, 6),
+)
+def test_batches_cover_the_runs_in_order_within_both_bounds(
+    runs: list[tuple[int, int]], max_chunks: int, max_runs: int
+) -> None:
+    """Disjoint ascending runs (gaps given) come back as the same chunks, in order, each
+    request at most ``max_chunks`` chunks in at most ``max_runs`` runs, none empty."""
+    absolute, at = [], 0
+    for gap, count in runs:
+        absolute.append((at + gap, count))
+        at += gap + count + 1
+    got = list(batches(iter(absolute), max_chunks, max_runs))
+    flat = [c for (batch,) in got for first, n in batch for c in range(first, first + n)]
+    assert flat == [c for first, n in absolute for c in range(first, first + n)]
+    for (batch,) in got:
+        assert batch and len(batch) <= max_runs and all(n > 0 for _, n in batch)
+        assert sum(n for _, n in batch) <= max_chunks
+    # a request ends only when it is full: all but the last reach one of the bounds
+    for (batch,) in got[:-1]:
+        assert sum(n for _, n in batch) == max_chunks or len(batch) == max_runs
 
 
 def test_requests_of_empty_runs_is_empty() -> None:

@@ -4,6 +4,7 @@ start writing them out every ``WRITEBACK_BYTES``, not once per write."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from pathlib import Path
 
@@ -56,3 +57,68 @@ def test_start_writeback_reports_a_bad_descriptor() -> None:
     with pytest.raises(OSError) as exc:
         start_writeback(-1)
     assert exc.value.errno == errno.EBADF
+
+
+def _sha(path: str, offset: int, length: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return hashlib.sha256(f.read(length)).hexdigest()
+
+
+@pytest.fixture
+async def source(tmp_path: Path):  # type: ignore[no-untyped-def]
+    path = tmp_path / "src.img"
+    with open(path, "wb") as f:
+        f.write(os.urandom(16 * MiB))
+    backend = FileBackend("src", str(path))
+    yield backend
+    await backend.close()
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["copy_file_range", "exdev-fallback"])
+async def test_copy_from_lands_the_source_bytes_over_old_data(
+    target: LocalTarget, source: FileBackend, kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel copy, and the thread's read and write where the kernel refuses (another
+    file system), land exactly the source's bytes over what the target held, and count
+    towards the writeback start."""
+    calls: list[int] = []
+    copy_file_range = os.copy_file_range
+
+    def spy(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
+        calls.append(count)
+        if not kernel:
+            raise OSError(errno.EXDEV, "cross-device")
+        return copy_file_range(src, dst, count, src_off, dst_off)
+
+    started: list[int] = []
+
+    async def spy_writeback() -> None:
+        started.append(1)
+
+    monkeypatch.setattr(os, "copy_file_range", spy)
+    monkeypatch.setattr(target.backend, "start_writeback", spy_writeback)
+    await target.pwrite(0, b"\x77" * 16 * MiB)
+    await target.copy_from(source, 3 * MiB + 512, 5 * MiB)
+    await target.copy_from(source, 12 * MiB, 4 * MiB)  # the fallback is remembered
+    await target.flush()
+    assert _sha(target.backend.path, 3 * MiB + 512, 5 * MiB) == _sha(source.path, 3 * MiB + 512, 5 * MiB)
+    assert _sha(target.backend.path, 12 * MiB, 4 * MiB) == _sha(source.path, 12 * MiB, 4 * MiB)
+    old = hashlib.sha256(b"\x77" * (3 * MiB + 512)).hexdigest()
+    assert _sha(target.backend.path, 0, 3 * MiB + 512) == old
+    assert calls and (len(calls) == 1 if not kernel else calls[0] == 5 * MiB)
+    assert len(started) == 2 and target._unstarted == 0  # the 9 MiB copied count like writes
+
+
+async def test_copy_from_past_the_source_end_lands_zeroes(target: LocalTarget, tmp_path: Path) -> None:
+    """An imported source file shorter than its range reads as zeroes there: so must the copy."""
+    path = tmp_path / "short.img"
+    path.write_bytes(b"\x11" * MiB)
+    short = FileBackend("short", str(path))
+    try:
+        await target.pwrite(0, b"\x77" * 4 * MiB)
+        await target.copy_from(short, 0, 4 * MiB)
+    finally:
+        await short.close()
+    with open(target.backend.path, "rb") as f:
+        assert f.read(4 * MiB) == b"\x11" * MiB + bytes(3 * MiB)

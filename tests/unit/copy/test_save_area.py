@@ -18,6 +18,7 @@ import pytest
 from deltavol.copy import save_area
 from deltavol.copy.save_area import BLOCK, HEADER_SIZE, RECORD, SaveArea
 from deltavol.errors import CorruptFile, DeltavolError
+from deltavol.store import fs
 from tests.fakes import until
 
 G = 4 * BLOCK  # chunks of four blocks
@@ -26,6 +27,27 @@ SIZE = 64 * G - BLOCK // 2  # the last chunk ends half-way through a block
 
 def area(tmp_path: Path, limit: int = 1 << 20, update_id: int = 7) -> SaveArea:
     return SaveArea(tmp_path / "s.save", G, SIZE, update_id, limit)
+
+
+def header(version: int, nonce: int, boot: bytes = b"", update_id: int = 7) -> bytes:
+    """A save area's header of ``version`` (3 and 4 have no boot)."""
+    if version == save_area.VERSION:
+        head = save_area.HEADER.pack(save_area.MAGIC, version, G, SIZE, update_id, nonce, boot)
+    else:
+        head = save_area.HEADER_V4.pack(save_area.MAGIC, version, G, SIZE, update_id, nonce)
+    return (head + struct.pack(">I", zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
+
+
+def v4_area(tmp_path: Path) -> SaveArea:
+    """An area of version 4 reopened (an update interrupted before an upgrade): it syncs
+    each save before the overwrite, as that version promised."""
+    sa = area(tmp_path).create()
+    sa.close()
+    with open(tmp_path / "s.save", "r+b") as f:
+        f.write(header(4, sa.nonce))
+    old = area(tmp_path).open()
+    assert old.synced_saves and old.intact
+    return old
 
 
 async def test_save_and_read_back_pieces(tmp_path: Path) -> None:
@@ -217,7 +239,7 @@ def test_no_space_is_written_ahead_on_a_nearly_full_disk(
 
 
 async def test_concurrent_saves_share_an_fdatasync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    sa = area(tmp_path).create()
+    sa = v4_area(tmp_path)
     syncs = []
     real = os.fdatasync
     monkeypatch.setattr(save_area.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
@@ -233,7 +255,7 @@ async def test_concurrent_saves_share_an_fdatasync(tmp_path: Path, monkeypatch: 
 async def test_a_failed_sync_fails_its_saves_and_every_later_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sa = area(tmp_path).create()
+    sa = v4_area(tmp_path)
     assert await sa.save(1, 0, b"a" * BLOCK)
 
     def eio(self: SaveArea) -> None:
@@ -284,7 +306,7 @@ def held_sync(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> tuple[thre
 async def test_a_save_cancelled_while_its_round_runs_still_counts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sa = area(tmp_path).create()
+    sa = v4_area(tmp_path)
     go, entered = held_sync(monkeypatch)
     first = asyncio.ensure_future(sa.save(1, 0, b"a" * BLOCK))
     await until(entered.is_set, "the round's sync")  # its record is in the file, its round waits
@@ -320,7 +342,7 @@ async def test_open_reads_on_past_a_block_saved_twice(tmp_path: Path) -> None:
 async def test_a_failed_round_whose_saves_were_all_cancelled_still_ends_saving(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sa = area(tmp_path).create()
+    sa = v4_area(tmp_path)
     go, entered = held_sync(monkeypatch, fail=True)
     first = asyncio.ensure_future(sa.save(1, 0, b"a" * BLOCK))
     await until(entered.is_set, "the round's sync")
@@ -360,7 +382,7 @@ async def test_damage_in_a_round_that_completed_is_corrupt(tmp_path: Path) -> No
     """One bad byte in a record whose round was synced (bit rot, a disk that lied about a
     flush) must not silently void it and every later record: the copy would read those
     blocks from the overwritten source. A later record says that it was durable."""
-    sa = area(tmp_path).create()
+    sa = v4_area(tmp_path)
     for c in range(4):  # four saves, each its own completed round
         assert await sa.save(c, 0, bytes([c + 1]) * G)
     sa.close()
@@ -410,13 +432,13 @@ async def test_a_version_3_area_is_read_and_goes_on_in_version_3(tmp_path: Path)
     still count, and its later saves keep the file in one format."""
     path = tmp_path / "s.save"
     nonce = 0x1234_5678_9ABC_DEF0
-    head = save_area.HEADER.pack(save_area.MAGIC, 3, G, SIZE, 7, nonce)
-    head = (head + struct.pack(">I", zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
+    head = header(3, nonce)
     fields = save_area.RECORD_V3.pack(save_area.RECORD_MAGIC, nonce, 5, BLOCK, BLOCK, 0)[:-4]
     data = b"v" * BLOCK
     record = fields + struct.pack(">I", zlib.crc32(data, zlib.crc32(fields))) + data
     path.write_bytes(head + record)
     old = area(tmp_path).open()
+    assert old.synced_saves and old.intact, "its saves were synced: intact after any crash"
     assert await old.pieces(5) == [(BLOCK, data)]
     assert await old.save(6, 0, b"w" * G)
     old.close()
@@ -443,3 +465,72 @@ async def test_a_save_area_that_cannot_be_read_is_an_io_error_not_a_corrupt_one(
     assert not isinstance(info.value, CorruptFile)
     assert str(tmp_path / "s.save") in info.value.message and "Input/output error" in info.value.message
     assert sorted(area(tmp_path).open().index) == [1]
+
+
+async def test_a_save_writes_its_record_and_calls_no_fdatasync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 5: the record goes into the page cache and the save returns; nothing is
+    synced on the write path, and the record is there for a restart in this boot."""
+    sa = area(tmp_path).create()
+    calls: list[str] = []
+    for name in ("fdatasync", "fsync", "sync"):
+        monkeypatch.setattr(fs.current(), name, lambda *a, _n=name: calls.append(_n), raising=False)
+    blocks = {c: os.urandom(BLOCK) for c in range(20)}
+    assert all(await asyncio.gather(*(sa.save(c, 0, b) for c, b in blocks.items())))
+    assert all(c in sa for c in blocks), "a record not indexed when its save returned"
+    assert calls == [], f"a save synced: {calls}"
+    monkeypatch.undo()
+    sa.close()
+    again = area(tmp_path).open()
+    assert again.intact, "records written in this boot (a killed server) are not trusted"
+    for c, b in blocks.items():
+        assert await again.pieces(c) == [(0, b)]
+
+
+@pytest.mark.parametrize("boot", [b"\x01" * 16, b""], ids=["another boot", "boot unknown"])
+async def test_records_written_in_another_boot_are_not_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, boot: bytes
+) -> None:
+    """The header names the boot the records were written in: after a reboot (or when the
+    boot is unknown) unsynced records may be lost, and the area says so."""
+    sa = area(tmp_path).create()
+    assert sa.boot == fs.boot_id() and sa.boot
+    assert await sa.save(3, 0, b"a" * BLOCK)
+    sa.close()
+    monkeypatch.setattr(fs.current(), "boot_id", lambda: boot)
+    again = area(tmp_path).open()
+    assert not again.intact
+    assert await again.pieces(3) == [(0, b"a" * BLOCK)], "what survived is still read"
+
+
+async def test_a_failed_record_write_ends_saving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EIO on a record's write, as a failed fdatasync: nothing after it is trusted, and
+    saves return False (the caller copies before writing)."""
+    sa = area(tmp_path).create()
+    assert await sa.save(1, 0, b"a" * BLOCK)
+
+    def eio(self: SaveArea, record: bytes, pos: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(SaveArea, "_put", eio)
+    assert not await sa.save(2, 0, b"b" * BLOCK)
+    monkeypatch.undo()
+    assert sa.failed and not await sa.save(3, 0, b"c" * BLOCK)
+    assert set(sa.index) == {1} and await sa.pieces(1) == [(0, b"a" * BLOCK)]
+
+
+async def test_a_version_4_area_is_read_and_goes_on_in_version_4(tmp_path: Path) -> None:
+    """Its records were each synced: intact after any crash, and its later saves are
+    synced too, until its update ends; the next update's area is version 5."""
+    old = v4_area(tmp_path)
+    assert await old.save(2, 0, b"x" * G)
+    old.close()
+    raw = (tmp_path / "s.save").read_bytes()
+    assert struct.unpack_from(">I", raw, 8)[0] == 4
+    again = area(tmp_path).open()
+    assert again.intact and again.synced_saves and await again.pieces(2) == [(0, b"x" * G)]
+    again.close()
+    new = area(tmp_path, update_id=8).create()
+    assert not new.synced_saves
+    assert struct.unpack_from(">I", (tmp_path / "s.save").read_bytes(), 8)[0] == save_area.VERSION

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 import struct
+import threading
 import tracemalloc
 from typing import Any
 
 import pytest
 
+from deltavol.backend.base import WriteJob
 from deltavol.nbd.constants import Cmd, Opt, Rep, TlsMode
 from deltavol.nbd.server_conn import SINK_BUDGET, SinkBudget
 from deltavol.server.nbd_connection import NbdConnection
@@ -64,6 +66,9 @@ class Export:
 
     def pwrite_now(self, offset: int, data: Any) -> bool:
         return False  # every write takes the task path
+
+    def pwrite_soon(self, offset: int, data: Any) -> Any:
+        return None
 
     async def pwrite(self, offset: int, data: Any, fua: bool = False) -> None:
         await asyncio.sleep(0)
@@ -249,6 +254,9 @@ class Broken(Export):
     def pwrite_now(self, offset: int, data: Any) -> bool:
         raise RuntimeError("bug in the write path")
 
+    def pwrite_soon(self, offset: int, data: Any) -> Any:
+        raise RuntimeError("bug in the write path")
+
     async def flush(self) -> None:
         pass
 
@@ -267,3 +275,71 @@ async def test_a_bug_in_an_inline_read_or_write_costs_that_request_not_the_conne
     got = answers(b"".join(transport.writes))
     assert [(cookie, err) for cookie, err, _ in got] == [(1, 5), (2, 5), (3, 0)]  # EIO, EIO, ok
     assert "crashed" in caplog.text
+
+
+class Lanes(Export):
+    """Every write agreed to at once (``pwrite_soon``), done when the test lets it: the
+    lane's worker blocks on ``release``. ``flush`` records how many writes had landed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.flushed_after: list[int] = []
+
+    def pwrite_soon(self, offset: int, data: Any) -> WriteJob:
+        def run() -> None:
+            assert self.release.wait(10)
+            self.written.append((offset, bytes(data)))
+
+        return WriteJob(run)
+
+    async def flush(self) -> None:
+        self.flushed_after.append(len(self.written))
+
+
+async def test_a_flush_after_writes_in_the_lane_waits_for_all_of_them() -> None:
+    conn, transport, directory = connected()
+    conn.export = directory.export = export = Lanes()
+    stream = b"".join(
+        request(Cmd.WRITE, cookie=i, offset=i * 4096, data=bytes([i]) * 4096) for i in range(16)
+    )
+    receive(conn, stream + request(Cmd.FLUSH, cookie=99))
+    await asyncio.sleep(0.05)
+    assert answers(b"".join(transport.writes)) == []  # nothing acknowledged before it landed
+    assert export.flushed_after == [], "the FLUSH ran ahead of the writes before it"
+    export.release.set()
+    await asyncio.wait_for(conn.idle.wait(), 10)
+    await asyncio.sleep(0)
+    got = answers(b"".join(transport.writes))
+    assert [(cookie, err) for cookie, err, _ in got] == [(i, 0) for i in range(16)] + [(99, 0)]
+    assert export.flushed_after == [16]
+    assert export.written == [(i * 4096, bytes([i]) * 4096) for i in range(16)]  # in order
+
+
+async def test_a_lone_small_write_is_done_at_once_a_burst_goes_to_the_lane() -> None:
+    conn, transport, directory = connected()
+    conn.export = directory.export = export = Lanes()
+    inline: list[int] = []
+    export.pwrite_now = lambda offset, data: inline.append(offset) or True  # type: ignore[method-assign]
+    receive(conn, request(Cmd.WRITE, cookie=1, offset=0, data=b"a" * 4096))
+    assert inline == [0] and [c for c, _, _ in answers(b"".join(transport.writes))] == [1]
+    export.release.set()
+    burst = b"".join(request(Cmd.WRITE, cookie=i, offset=i * 4096, data=b"b" * 4096) for i in (2, 3))
+    receive(conn, burst)
+    await asyncio.wait_for(conn.idle.wait(), 10)
+    assert inline == [0]  # the burst went to the lane
+    assert export.written == [(8192, b"b" * 4096), (12288, b"b" * 4096)]
+
+
+async def test_a_connection_lost_with_writes_in_the_lane_gives_its_export_back_after_them() -> None:
+    conn, _, directory = connected()
+    conn.export = directory.export = export = Lanes()
+    closed: list[int] = []
+    directory.close_export = lambda name: closed.append(len(export.written))  # type: ignore[method-assign]
+    receive(conn, b"".join(request(Cmd.WRITE, cookie=i, offset=0, data=b"c" * 4096) for i in range(4)))
+    conn.connection_lost(None)
+    await asyncio.sleep(0.05)
+    assert closed == [], "the export was given back while its writes were still to land"
+    export.release.set()
+    await asyncio.wait_for(conn.idle.wait(), 10)
+    assert closed == [4]

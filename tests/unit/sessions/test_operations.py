@@ -33,6 +33,7 @@ from deltavol.store.datadir import DataDir
 from tests.fakes import until
 
 KiB = 1 << 10
+Spans = list[tuple[int, int]]
 MiB = 1 << 20
 G = 64 * KiB  # the default granularity
 SIZE = 4 * MiB
@@ -153,7 +154,19 @@ async def test_remove_returns_only_once_the_copy_write_its_stop_left_in_a_thread
         if self.name == "dst" and data[:1] == b"B":
             landed.append(offset)
 
+    copy_from = FileBackend._copy_from
+
+    def first_copy_slow(self: FileBackend, source: FileBackend, offset: int, length: int) -> None:
+        # a copy to a local volume goes in the kernel (copy_file_range), not through _pwrite_full
+        if self.name == "dst" and not writing.is_set():
+            writing.set()
+            release.wait(timeout=30)
+        copy_from(self, source, offset, length)
+        if self.name == "dst" and source.name == "src":
+            landed.append(offset)
+
     monkeypatch.setattr(FileBackend, "_pwrite_full", first_write_slow)
+    monkeypatch.setattr(FileBackend, "_copy_from", first_copy_slow)
     await s.start_update(False)
     await until(writing.is_set)
 
@@ -201,7 +214,12 @@ async def test_pause_or_cancel_during_a_mark_stops_the_update_it_started(
     async def hung_pwrite(self: LocalTarget, offset: int, data: bytes) -> None:
         await never.wait()  # no chunk is copied: the update owes all it marked
 
+    async def hung_copy(self: LocalTarget, source: FileBackend, spans: list[tuple[int, int]]) -> int:
+        await never.wait()
+        raise AssertionError("unreachable")
+
     monkeypatch.setattr(LocalTarget, "pwrite", hung_pwrite)
+    monkeypatch.setattr(LocalTarget, "copy_spans", hung_copy)
     await s._gate.enter()
     update = asyncio.create_task(s.start_update(False))
     await until(lambda: not s._gate.open)
@@ -243,7 +261,14 @@ async def test_an_update_asked_for_during_verify_waits_for_its_result(
         await pwrite(self, offset, data)
 
     monkeypatch.setattr(LocalTarget, "pread", held_pread)
+    copy_spans = LocalTarget.copy_spans
+
+    async def copy_after_verify(self: LocalTarget, source: FileBackend, spans: list[tuple[int, int]]) -> int:
+        await verified.wait()
+        return await copy_spans(self, source, spans)
+
     monkeypatch.setattr(LocalTarget, "pwrite", pwrite_after_verify)
+    monkeypatch.setattr(LocalTarget, "copy_spans", copy_after_verify)
     verify = asyncio.create_task(svc.verify_session("s"))
     await reading.wait()
     update = asyncio.create_task(s.start_update(False))
@@ -352,6 +377,14 @@ async def test_a_retry_whose_row_commit_fails_leaves_a_failed_session_that_resum
                 raise TargetError(msg="target: connection lost")
             await pwrite(self, offset, data)
 
+        copy_spans = LocalTarget.copy_spans
+
+        async def copy_failing_once(self: LocalTarget, source: FileBackend, spans: Spans) -> int:
+            if failures["writes"]:
+                failures["writes"] -= 1
+                raise TargetError(msg="target: connection lost")
+            return await copy_spans(self, source, spans)
+
         persist_row = s._persist_row
 
         def persist_failing_on_retry(session: Session) -> None:
@@ -361,6 +394,7 @@ async def test_a_retry_whose_row_commit_fails_leaves_a_failed_session_that_resum
             persist_row(session)
 
         monkeypatch.setattr(LocalTarget, "pwrite", pwrite_failing_once)
+        monkeypatch.setattr(LocalTarget, "copy_spans", copy_failing_once)
         s._persist_row = persist_failing_on_retry
         await s.start_update(False)
         await until(lambda: failures["rows"] == 1 and s._retry_task is not None and s._retry_task.done())

@@ -306,3 +306,47 @@ async def test_a_session_whose_source_is_missing_keeps_its_name_files_and_target
         (s,) = svc.sessions.all()
         assert (s.name, s.source.name, s.target_spec) == ("s", "src", "dst")
         assert s.status()["tracked_bytes"] > 0
+
+
+async def test_after_a_reboot_a_protecting_update_gives_up_its_mark_before_it_re_marks(
+    paused: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Save records are not synced: after a reboot they may be lost, so the paused update
+    gives up its mark at start-up, in its row too. The re-mark then writes a new save area
+    header (of this boot): a crash before it commits must find the mark given up, never an
+    update protecting with an area that looks intact and holds none of the old records."""
+    from deltavol.sessions.states import Phase
+    from deltavol.store import fs
+
+    monkeypatch.setattr(fs.current(), "boot_id", lambda: b"\x02" * 16)  # the machine restarted
+    async with started(paused) as svc:
+        s = svc.sessions.get("s")
+        assert s.update is not None and s.update.phase is Phase.GIVEN_UP
+        assert s.update.remark is not None and "restarted" in s.update.remark
+        assert s.state.value == "paused" and s.tracking.test(MiB // G), "the saved chunk's bit is gone"
+        update_id, old_mark = s.update.id, s.update.marked_at
+        area = s.protector.save_area(update_id)
+    area.create().close()  # as the re-mark does before its commit; then a crash
+    async with started(paused) as svc:
+        s = svc.sessions.get("s")
+        assert s.update is not None and s.update.phase is Phase.GIVEN_UP, "the old mark protects again"
+        await s.resume()
+        await s.wait()
+        assert s.state.value == "idle" and s.consistent and s.point_in_time != old_mark
+        src, dst = svc.volumes.get("src").export, svc.volumes.get("dst").export
+        assert await dst.pread(0, 4 * MiB) == await src.pread(0, 4 * MiB)
+        assert await dst.pread(MiB, G) == b"C" * G, "the target is not the source at the re-mark"
+
+
+async def test_after_a_restart_in_the_same_boot_the_update_keeps_its_mark(paused: Path) -> None:
+    """A killed server: the page cache kept every record, and the old mark is finished."""
+    from deltavol.sessions.states import Phase
+
+    async with started(paused) as svc:
+        s = svc.sessions.get("s")
+        assert s.update is not None and s.update.phase is Phase.PROTECTING and s.update.remark is None
+        old_mark = s.update.marked_at
+        await s.resume()
+        await s.wait()
+        assert s.consistent and s.point_in_time == old_mark
+        assert await svc.volumes.get("dst").export.pread(MiB, G) == b"B" * G, "not the image of the mark"

@@ -58,20 +58,48 @@ function card(name) {
   el.dataset.name = name;
   el.querySelector(".name").textContent = name;
   for (const b of el.querySelectorAll("button[data-action]")) {
-    b.addEventListener("click", () => act(name, b.dataset.action));
+    const action = b.dataset.action;
+    b.addEventListener("click", () => (CONFIRM[action] ? ask(el, name, action) : act(name, action)));
   }
+  el.querySelector(".confirm .no").addEventListener("click", () => { el.querySelector(".confirm").hidden = true; });
+  el.querySelector(".confirm .yes").addEventListener("click", () => {
+    el.querySelector(".confirm").hidden = true;
+    act(name, el.querySelector(".confirm").dataset.action);
+  });
   const list = document.getElementById("sessions");
   list.querySelector(".empty")?.remove();
   list.appendChild(el);
   return el;
 }
 
+// Actions that overwrite a volume or change a session's direction are asked twice: the
+// question says what will be overwritten, in the session's own names.
+const CONFIRM = {
+  restore: (s) => [`Restore overwrites ${s.source} with the copy's point in time (${when(s.point_in_time)}): ` +
+                   `what changed on ${s.source} since is lost, and it refuses writes until the restore ends.` +
+                   (s.state === "idle" ? "" : " An update under way is cancelled first if it has not written to the target yet."),
+                   `Restore ${s.source}`],
+  reverse: (s) => [`Reverse makes ${s.target} the writable source and ${s.source} its target: ` +
+                   `${s.source} is overwritten by the next update.`, `Reverse ${s.name}`],
+};
+
+function ask(el, name, action) {
+  const s = state.sessions[name];
+  if (!s) return;
+  const [question, yes] = CONFIRM[action](s);
+  const box = el.querySelector(".confirm");
+  box.dataset.action = action;
+  box.querySelector(".question").textContent = question;
+  box.querySelector(".yes").textContent = yes;
+  box.hidden = false;
+}
+
 async function act(name, action) {
   try {
     const s = await api("POST", `/v1/sessions/${encodeURIComponent(name)}/${action}`, action === "update" ? {} : undefined);
-    say(`${name}: ${action} done, ${s.state}`);
+    say(`${name}: ${action} done, ${s.state}` + (s.notice ? `: ${s.notice}` : ""));
     showSession(s);
-  } catch (e) { say(`${name}: ${action} failed: ${e.message}`); }
+  } catch (e) { say(`${name}: ${action} refused: ${e.message}`); }
 }
 
 function showSession(s) {
@@ -84,10 +112,12 @@ function showSession(s) {
   el.querySelector(".consistent").textContent = s.consistent ? "consistent" : "not consistent";
   el.querySelector(".route").textContent = `${s.source} \u2192 ${s.target}, chunks of ${size(s.granularity)}`;
   const u = s.update;
-  const running = s.state === "copying" || s.state === "paused" || s.state === "failed";
+  const updating = s.state === "copying" || s.state === "paused" || s.state === "failed";
+  const running = updating || s.state === "restoring";
+  const moving = s.state === "copying" || s.state === "restoring";
   progress(el, running && u ? u.bytes_done : 0, running && u ? u.bytes_total : 0, running);
-  el.querySelector(".rate").textContent = u && s.state === "copying" ? size(u.rate) + "/s" : "-";
-  el.querySelector(".eta").textContent = u && s.state === "copying" ? duration(u.eta) : "-";
+  el.querySelector(".rate").textContent = u && moving ? size(u.rate) + "/s" : "-";
+  el.querySelector(".eta").textContent = u && moving ? duration(u.eta) : "-";
   el.querySelector(".pit").textContent = when(s.point_in_time);
   el.querySelector(".tracked").textContent = size(s.tracked_bytes);
   el.querySelector(".success").textContent = when(s.last_success_at);
@@ -95,16 +125,22 @@ function showSession(s) {
   el.querySelector(".error").textContent = s.last_error ? "last error: " + s.last_error : "";
   s._rpo_base = s.rpo_seconds === null ? null : { rpo: s.rpo_seconds, at: Date.now() };
   tickRpo(el, s);
-  const can = { update: s.state !== "copying", pause: s.state === "copying",
-                resume: s.state === "paused" || s.state === "failed", cancel: running };
+  // restore and reverse stay clickable where the server may refuse: it says why
+  const can = { update: !moving, pause: s.state === "copying",
+                resume: s.state === "paused" || s.state === "failed", cancel: updating,
+                restore: s.point_in_time !== null && s.state !== "restoring" && s.state !== "new",
+                reverse: s.state === "idle" };
   for (const b of el.querySelectorAll("button[data-action]")) b.disabled = !can[b.dataset.action];
 }
 
 function progress(el, done, total, running) {
   const pct = total > 0 ? 100 * done / total : (running ? 0 : 100);
+  const restoring = el.dataset.state === "restoring";
+  el.querySelector(".progress").classList.toggle("restoring", restoring);
   el.querySelector(".bar").style.width = pct.toFixed(1) + "%";
   el.dataset.done = String(done);
-  el.querySelector(".label").textContent = running ? `${pct.toFixed(1)}%  ${size(done)} of ${size(total)}` : "no update running";
+  const what = restoring ? "restoring: " : "";
+  el.querySelector(".label").textContent = running ? `${what}${pct.toFixed(1)}%  ${size(done)} of ${size(total)}` : "no update running";
 }
 
 function tickRpo(el, s) {
@@ -188,12 +224,21 @@ function follow() {
   source.onopen = () => { conn.textContent = "live"; conn.className = "pill on"; refreshSoon(); };
   source.onerror = () => { conn.textContent = "reconnecting"; conn.className = "pill off"; };
   for (const kind of ["session.created", "session.removed", "session.state", "update.marked",
-                      "update.finished", "update.failed", "update.retry", "gap"]) {
+                      "update.finished", "update.failed", "update.retry", "update.cancelled",
+                      "restore.started", "restore.finished", "restore.failed", "session.reversed", "gap"]) {
     source.addEventListener(kind, refreshSoon);
   }
   for (const kind of ["volume.created", "volume.removed"]) {
     source.addEventListener(kind, () => loadVolumes().catch((e) => say(e.message)));
   }
+  source.addEventListener("update.cancelled", (msg) => {
+    const d = JSON.parse(msg.data);
+    if (d.message) say(`${d.name}: ${d.message}`);
+  });
+  source.addEventListener("restore.failed", (msg) => {
+    const d = JSON.parse(msg.data);
+    say(`${d.name}: restore failed: ${d.error}`);
+  });
   source.addEventListener("update.progress", (msg) => {
     const d = JSON.parse(msg.data);
     const el = document.querySelector(`article.session[data-name="${CSS.escape(d.name)}"]`);
