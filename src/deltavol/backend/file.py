@@ -274,9 +274,8 @@ class FileBackend:
                     raise
                 self._copy_range = False  # remember: copy through a buffer from now on
                 break
-            if n == 0:  # the source file ends early (an imported one): the rest reads as zeroes
-                self._pwrite_full(offset, bytes(end - offset), False)
-                return
+            if n == 0:  # the source ends early (an imported file), or the kernel gave up
+                break  # (copy offload refused mid-way): read the rest, past EOF as zeroes
             offset += n
         while offset < end:
             n = min(ZERO_CHUNK, end - offset)
