@@ -11,7 +11,9 @@ Design notes
   pool thread copies the source with ``copy_file_range`` (holes as zero requests), many
   scattered runs to a request. While protecting, only chunks with no saved block, and
   only while their locks hold every write to them back: the source is then the mark's
-  image. A batch with a saved block goes run by run through ``copy_run``.
+  image. A batch with a saved block goes run by run through ``copy_run``, and so does
+  every batch with a save area of an older version (``synced_saves``: a save is indexed
+  only once synced, after the write's lock is let go, so "not saved" proves nothing).
 * **Checkpoint** (``checkpoint``): a chunk is done for good only once a target flush
   sent after its copy completed has succeeded: the transfer is snapshotted, the target
   flushed, the snapshot written. Until then the chunk stays owed (``owed``: in the
@@ -44,6 +46,7 @@ from deltavol.sessions.states import Phase
 from deltavol.store import fs
 
 if TYPE_CHECKING:
+    from deltavol.copy.save_area import SaveArea
     from deltavol.sessions.session import Session
 
 log = logging.getLogger("deltavol.session")
@@ -357,7 +360,7 @@ class Copier:
                 live = [c for c in chunks if transfer.test(c)]
                 if not live:
                     return
-                if local is not None and save is not None and not any(c in save for c in live):
+                if local is not None and not _maybe_saved(save, live):
                     # no block saved: the source under the locks is the mark's image, and
                     # the kernel copies it while the locks keep every write to it waiting
                     sent = await local.copy_spans(s.source.backend, _live_spans(live, self.chunk_span))
@@ -399,7 +402,7 @@ class Copier:
             live = [c for c in chunks if transfer.test(c)]
             if not live or protector.save is not save:
                 return  # copied by copy-before-write; or the mark is over: its bits stay
-            saved = save is None or any(c in save for c in live)
+            saved = _maybe_saved(save, live)
             if not saved:
                 sent = await target.copy_spans(s.source.backend, _live_spans(live, self.chunk_span))
                 progress.bytes_sent += sent
@@ -429,6 +432,14 @@ class Copier:
             pieces.append((pos, n if flags & STATE_HOLE else await source.backend.pread(pos, n)))
             pos += n
         return pieces
+
+
+def _maybe_saved(save: SaveArea | None, live: list[int]) -> bool:
+    """Whether a block of the ``live`` chunks may be saved, so the source is not the mark's
+    image there (or nothing is protected). An area that syncs its saves (one of an older
+    version) indexes a record only once its sync is over, after the write's lock is let
+    go: a chunk not in it yet may be saved already."""
+    return save is None or save.synced_saves or any(c in save for c in live)
 
 
 def _live_spans(live: list[int], span: Any) -> list[tuple[int, int]]:
