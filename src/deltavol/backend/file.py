@@ -246,23 +246,38 @@ class FileBackend:
         device), the thread reads and writes instead."""
         await self._run_writing("copy", self._copy_from, source, offset, length)
 
-    async def copy_spans(self, source: FileBackend, spans: list[tuple[int, int]]) -> int:
+    async def copy_spans(
+        self, source: FileBackend, spans: list[tuple[int, int]], zeroes: list[tuple[int, int]] | None = None
+    ) -> int:
         """Copy each (offset, length) of ``spans`` from ``source``, all in one pool thread
-        (one hand-over for many scattered chunks): the source's holes as zero requests, its
-        data as ``copy_from``. Returns the bytes copied as data."""
-        return await self._run_writing("copy", self._copy_spans, source, spans)
+        (one hand-over for many scattered chunks): its data as ``copy_from``, its holes as
+        zero requests, or, given ``zeroes``, added to it for the caller to zero later
+        (``zero_spans``). Returns the bytes copied as data."""
+        return await self._run_writing("copy", self._copy_spans, source, spans, zeroes)
 
-    def _copy_spans(self, source: FileBackend, spans: list[tuple[int, int]]) -> int:
+    def _copy_spans(
+        self, source: FileBackend, spans: list[tuple[int, int]], zeroes: list[tuple[int, int]] | None
+    ) -> int:
         sent = 0
         for offset, length in spans:
             for n, flags in source.extents_now(offset, length):
-                if flags & STATE_HOLE:
-                    self._zero(offset, n, True, False)
-                else:
+                if not flags & STATE_HOLE:
                     self._copy_from(source, offset, n)
                     sent += n
+                elif zeroes is None:
+                    self._zero(offset, n, True, False)
+                else:
+                    zeroes.append((offset, n))
                 offset += n
         return sent
+
+    async def zero_spans(self, spans: list[tuple[int, int]]) -> None:
+        """``zero`` (may trim) each (offset, length) of ``spans``, all in one pool thread."""
+        await self._run_writing("write zeroes", self._zero_spans, spans)
+
+    def _zero_spans(self, spans: list[tuple[int, int]]) -> None:
+        for offset, length in spans:
+            self._zero(offset, length, True, False)
 
     def _copy_from(self, source: FileBackend, offset: int, length: int) -> None:
         end = offset + length
