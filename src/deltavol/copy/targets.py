@@ -82,14 +82,19 @@ class LocalTarget:
         await self.written(length)
 
     async def copy_spans(
-        self, source: FileBackend, spans: list[tuple[int, int]], zeroes: list[tuple[int, int]] | None = None
+        self,
+        source: FileBackend,
+        spans: list[tuple[int, int]],
+        zeroes: list[tuple[int, int]] | None = None,
+        granularity: int = 0,
     ) -> int:
         """``copy_from`` for each (offset, length) of ``spans`` in one hand-over to a thread
         (``FileBackend.copy_spans``); the bytes copied as data. The caller must hold the
         spans of the source still, and calls ``written`` after (once it holds nothing
-        more: the writeback start may wait for the disk). The source's zeroes go as zero
-        requests in the thread, or, given ``zeroes``, are added to it for ``zero_spans``."""
-        return await self._write(self.backend.copy_spans(source, spans, zeroes))
+        more: the writeback start may wait for the disk). The source's zeroes (its holes,
+        and with a ``granularity`` its blocks of zeroes) go as zero requests in the
+        thread, or, given ``zeroes``, are added to it for ``zero_spans``."""
+        return await self._write(self.backend.copy_spans(source, spans, zeroes, granularity))
 
     async def zero_spans(self, spans: list[tuple[int, int]]) -> None:
         """Zero (punch) each (offset, length) of ``spans``, in one hand-over to a thread."""

@@ -373,7 +373,7 @@ class Copier:
             pieces = [(offset, length)]
         elif update.phase is not _PROTECTING:
             if local is not None:  # nothing to hold still: what changes is copied by the catch-up
-                sent = await local.copy_spans(s.source.backend, [(offset, length)])
+                sent = await local.copy_spans(s.source.backend, [(offset, length)], None, g)
                 progress.bytes_sent += sent  # not `+= await`: see below
                 await local.written(length)
             else:
@@ -391,7 +391,7 @@ class Copier:
                     kernel = True
                     zeroes: list[tuple[int, int]] = []
                     spans = _live_spans(live, self.chunk_span)
-                    sent = await _in_thread(local.copy_spans(s.source.backend, spans, zeroes))
+                    sent = await _in_thread(local.copy_spans(s.source.backend, spans, zeroes, g))
                     progress.bytes_sent += sent
                 else:
                     data = bytearray(await s.source.backend.pread(offset, length))
@@ -440,7 +440,7 @@ class Copier:
             saved = _maybe_saved(save, live)
             if not saved:
                 spans = _live_spans(live, self.chunk_span)
-                sent = await _in_thread(target.copy_spans(s.source.backend, spans, zeroes))
+                sent = await _in_thread(target.copy_spans(s.source.backend, spans, zeroes, s.granularity))
                 progress.bytes_sent += sent
         if saved:  # the old way, each run under its own locks again
             for first, count in runs:
