@@ -17,7 +17,7 @@ from deltavol.service import Service
 from deltavol.sessions.states import State
 from tests.fakes import until
 from tests.unit.sessions.test_kernel_copy import dst_sha, sha, svc  # noqa: F401  (fixture)
-from tests.unit.sessions.test_operations import G, consistent_session
+from tests.unit.sessions.test_operations import G, MiB, consistent_session
 
 
 async def test_a_save_not_indexed_yet_keeps_the_copy_out_of_the_kernel(
@@ -238,3 +238,66 @@ async def test_a_write_does_not_wait_for_the_writeback_of_its_copied_chunk(
     await s.wait()
     assert s.state is State.IDLE and s.consistent
     assert await dst_sha(svc, 2 * G, G) == sha(b"B" * G)
+
+
+async def test_a_remark_waits_for_the_writes_to_the_target_given_up(
+    svc: Service,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A give-up drops the target while a write of the copy to it runs on in its thread
+    (its copy was cancelled): the re-mark waits for it, or it would land the old mark's
+    image over what the new mark copies there."""
+    size = 16 * MiB
+    svc.create_volume("src", size)
+    svc.create_volume("dst", size)
+    src = svc.volumes.get("src")
+    await src.export.pwrite(0, b"A" * MiB)
+    await svc.create_session(name="s", source="src", target="dst")
+    s = svc.sessions.get("s")
+    await s.start_update(True)
+    await s.wait()
+    await src.export.pwrite(2 * G, b"B" * G)
+    await src.export.pwrite(100 * G, b"D" * 100 * G)  # chunk 2 and these: two requests, side by side
+    opened = asyncio.Event()
+    real_open = s._open_target
+
+    async def slow_open(sess: Any) -> Any:
+        await opened.wait()
+        return await real_open(sess)
+
+    s._open_target = slow_open
+    writing, write_go, copying, copy_go = (threading.Event() for _ in range(4))
+    pwrite = FileBackend.pwrite
+
+    async def held_pwrite(self: FileBackend, offset: int, data: bytes, fua: bool = False) -> None:
+        if self.name == "dst" and offset == 2 * G and not writing.is_set():
+            writing.set()
+            await asyncio.to_thread(write_go.wait, 30)
+        await pwrite(self, offset, data, fua)
+
+    copy_from = FileBackend._copy_from
+
+    def held_copy(self: FileBackend, source: FileBackend, offset: int, length: int) -> None:
+        if self.name == "dst" and not copying.is_set():  # the second request's, in the kernel
+            copying.set()
+            copy_go.wait(timeout=30)
+        copy_from(self, source, offset, length)
+
+    monkeypatch.setattr(FileBackend, "pwrite", held_pwrite)
+    monkeypatch.setattr(FileBackend, "_copy_from", held_copy)
+    await s.start_update(False)  # mark 1: chunk 2 = "B"
+    await src.export.pwrite(2 * G, b"C" * 4096)  # saved: chunk 2 goes through a buffer
+    opened.set()
+    await until(lambda: writing.is_set() and copying.is_set())
+    assert s.update is not None
+    s._give_up_mark(s.update, "copy-before-write of chunk 9: no answer")
+    copy_go.set()  # its copy over, the batch finds the target gone: the copy pass stops
+    finishing = asyncio.create_task(s.wait())
+    await asyncio.wait({finishing}, timeout=1.0)
+    assert not finishing.done(), "re-marked and finished while a write to the old target ran"
+    write_go.set()
+    await finishing
+    assert s.state is State.IDLE and s.consistent
+    want = b"C" * 4096 + b"B" * (G - 4096)  # chunk 2 as of the new mark
+    assert await dst_sha(svc, 2 * G, G) == sha(want)
+    assert await dst_sha(svc, 100 * G, 100 * G) == sha(b"D" * 100 * G)
