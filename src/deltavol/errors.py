@@ -155,6 +155,12 @@ class TargetError(DeltavolError):
     http_status = 502
 
 
+class TargetClaimed(TargetError):
+    """target {target}: the update is being cancelled for a restore: nothing more is written to it"""
+
+    http_status = 409
+
+
 class VerifyInterrupted(DeltavolError):
     """verify of session {name!r} interrupted: {why}"""
 
@@ -165,6 +171,10 @@ class NotVerifiable(Conflict):
 
 class NotRestorable(Conflict):
     """session {name!r} cannot {action}: {why}"""
+
+
+class RestoreNotStarted(DeltavolError):
+    """session {name!r}: {done}; but the restore did not start: {why}"""
 
 
 class NotReversible(Conflict):

@@ -85,7 +85,14 @@ from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.engine import Progress, requests, run_pipeline, split_zeroes
 from deltavol.copy.targets import CopyTarget
 from deltavol.copy.throttle import Throttle
-from deltavol.errors import CorruptFile, DeltavolError, NotRestorable, TargetError, os_error
+from deltavol.errors import (
+    CorruptFile,
+    DeltavolError,
+    NotRestorable,
+    RestoreNotStarted,
+    TargetError,
+    os_error,
+)
 from deltavol.sessions.records import UpdateRecord, now_iso
 from deltavol.sessions.session import CHECKPOINT_SECONDS, Session, one_at_a_time
 from deltavol.sessions.states import State, next_state
@@ -189,10 +196,11 @@ async def _take_back(s: Session) -> str:
         if s.copier.durable is not None:
             s.tracking.or_(s.copier.durable)
         s._rewrite_tracking()
+        new_state = next_state(s.name, s.state, "cancel")  # before the row's fields change
         was = s.transfer, s.copier.durable, s.state, u.phase
         u.move("cancel", s.name)
         s.transfer = s.copier.durable = None
-        s.state = next_state(s.name, s.state, "cancel")
+        s.state = new_state
         try:
             s._persist_row(s)  # the commit point; the files below are garbage after it
         except BaseException:
@@ -238,13 +246,12 @@ async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
     if take_back:
         claimed = s.target_writes.claim()
         assert claimed, "checked with no await between"
-    s._cancel_retry()
-    if not by_retry:
-        s.retry.attempts = 0
     notice: str | None = None
     try:
         if take_back:
-            await s._stop_task()  # its copy stops before its first target write
+            # its copy stops before its first target write; a retry pending (a failed
+            # update's) stays armed until the update is taken back: given back, it goes on
+            await s._stop_copy()
         # the target must answer before anything changes
         await s.copier.drop_target()
         target = await s.ensure_target()
@@ -258,33 +265,41 @@ async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
             s.source.restoring_by = None
         if take_back and notice is None:  # not taken back: the update goes on as it was
             s.target_writes.release()
-            if copying and not s.closed and not s.busy:
+            # (its copy, if it was copying and still is: a real failure met meanwhile left
+            # it failed, with its retry)
+            if copying and s.state is State.COPYING and not s.closed and not s.busy:
                 s._spawn()
         raise
+    # nothing is given back from here on: the retry policy's next try is this restore's
+    s._cancel_retry()
+    if not by_retry:
+        s.retry.attempts = 0
     new_state = next_state(s.name, s.state, "restore")
     before = s.state, s.update, s.last_error, s.next_update_id, s.progress
-    if not resuming:
-        try:  # a file left by an earlier restore that ended (or a removed namesake) is void
-            if fs.exists(restore_path(s)):
-                fs.unlink(restore_path(s))
-                sync_dir(restore_path(s).parent)
-        except OSError as exc:
-            raise os_error(exc, f"removing an old restore file of session {s.name}") from exc
-        s.update = UpdateRecord(id=s.next_update_id, kind=KIND, started_at=now_iso())
-        s.update.move("restore", s.name)
-        s.next_update_id += 1
-    s.state, s.last_error = new_state, None
-    u = s.update
-    assert u is not None
-    # the progress shown (and saved with the row) is the restore's from now on
-    s.progress = Progress(bytes_total=u.bytes_total, bytes_done=u.bytes_done, bytes_sent=u.bytes_sent)
     try:
+        if not resuming:
+            try:  # a file left by an earlier restore that ended (or a removed namesake) is void
+                if fs.exists(restore_path(s)):
+                    fs.unlink(restore_path(s))
+                    sync_dir(restore_path(s).parent)
+            except OSError as exc:
+                raise os_error(exc, f"removing an old restore file of session {s.name}") from exc
+            s.update = UpdateRecord(id=s.next_update_id, kind=KIND, started_at=now_iso())
+            s.update.move("restore", s.name)
+            s.next_update_id += 1
+        s.state, s.last_error = new_state, None
+        u = s.update
+        assert u is not None
+        # the progress shown (and saved with the row) is the restore's from now on
+        s.progress = Progress(bytes_total=u.bytes_total, bytes_done=u.bytes_done, bytes_sent=u.bytes_sent)
         s._persist_row(s)  # the commit point
-    except BaseException:
+    except BaseException as exc:
         s.state, s.update, s.last_error, s.next_update_id, s.progress = before
         if not resuming and s.source.restoring_by == s.name:
             s.source.restoring_by = None
         await s.copier.drop_target()
+        if notice is not None and isinstance(exc, DeltavolError):  # the take-back stands
+            raise RestoreNotStarted(name=s.name, done=notice, why=exc.message) from exc
         raise
     guard_source(s)
     assert s.update is not None

@@ -12,7 +12,9 @@ Design notes
   written, whether it lands or not.
 * ``claim`` checks and shuts in one step of the loop (no await): either a write has begun,
   or none ever will until ``release`` or the next update (``started``). A write refused
-  that way fails as a target error; the update is being cancelled then.
+  that way raises ``TargetClaimed``: the update is being stopped then, not failed (its
+  copy task ends without a failure; a copy-before-write gives the mark up without
+  touching the target or its connection, which is the restore's).
 * What a restart cannot know it does not assume: after one, ``untouched`` is False until
   the next update starts.
 """
@@ -23,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from deltavol.copy.targets import CopyTarget
-from deltavol.errors import TargetError
+from deltavol.errors import TargetClaimed
 
 T = TypeVar("T")
 
@@ -40,10 +42,7 @@ class TargetWrites:
 
     def begin(self, description: str) -> None:
         if self.shut:
-            raise TargetError(
-                msg=f"target {description}: the update is being cancelled for a restore: "
-                "nothing more is written to it"
-            )
+            raise TargetClaimed(target=description)
         self.untouched = False
 
     def claim(self) -> bool:
