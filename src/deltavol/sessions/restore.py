@@ -56,8 +56,10 @@ Design notes
   the file in the thread pool): no task, no thread hop. A small zeroed piece is written as
   zeroes, not punched: on ext4 a hole punched waits for the range's dirty pages to reach
   the disk and holds the file's lock meanwhile (1 % of 4 GiB restored: 0.3-0.4 s of
-  punches and writes in the pool, against 65-100 ms inline here). Zeroes take no more
-  space than the change they undo did. What cannot go at once takes the task path.
+  punches and writes in the pool, against 65-100 ms inline here). A piece whose range is
+  a hole of the source already (``SEEK_DATA``: the change it undoes was a punch) is not
+  written at all, so a sparse source stays sparse; and a full file system (``ENOSPC``)
+  gets the piece punched instead. What cannot go at once takes the task path.
 * **Tracking is left alone until the end.** The restore writes only chunks whose tracking
   bits are set already (its work came from tracking), and no other change reaches the
   source: so tracking still holds every chunk the restore set out to copy back, a
@@ -88,11 +90,13 @@ from deltavol.copy.throttle import Throttle
 from deltavol.errors import (
     CorruptFile,
     DeltavolError,
+    NoSpace,
     NotRestorable,
     RestoreNotStarted,
     TargetError,
     os_error,
 )
+from deltavol.nbd.constants import STATE_HOLE
 from deltavol.sessions.records import UpdateRecord, now_iso
 from deltavol.sessions.session import CHECKPOINT_SECONDS, Session, one_at_a_time
 from deltavol.sessions.states import State, next_state
@@ -464,8 +468,14 @@ class Restorer:
             if not gate.open or s.closed or s.source.restoring_by != s.name:
                 break  # the task path waits for the gate, or stops
             if isinstance(part, int):
-                if part > INLINE_ZEROES or not stack.pwrite_now(at, _ZEROES[:part]):
+                if part > INLINE_ZEROES:
                     break
+                if not self._hole(at, part):
+                    try:
+                        if not stack.pwrite_now(at, _ZEROES[:part]):
+                            break
+                    except NoSpace:
+                        break  # the task path punches it instead
             else:
                 if not stack.pwrite_now(at, part):
                     break
@@ -489,14 +499,26 @@ class Restorer:
                     raise asyncio.CancelledError
                 if isinstance(part, int) and part > INLINE_ZEROES:
                     await stack.zero(at, part, may_trim=True)
-                elif isinstance(part, int):  # as zeroes, not punched (see the module notes)
-                    await stack.pwrite(at, _ZEROES[:part])
-                else:
+                elif isinstance(part, int) and not self._hole(at, part):
+                    try:  # as zeroes, not punched (see the module notes)
+                        await stack.pwrite(at, _ZEROES[:part])
+                    except NoSpace:  # a full file system: the zeroes would take room, a hole none
+                        await stack.zero(at, part, may_trim=True)
+                elif not isinstance(part, int):
                     await stack.pwrite(at, part)
                     sent += len(part)
             return sent
         finally:
             gate.leave()
+
+    def _hole(self, offset: int, length: int) -> bool:
+        """True if the source has a hole there already: it reads zeroes, so a zeroed piece
+        needs no write (zeroes written there would allocate room on a sparse file)."""
+        try:
+            extents = self.s.source.backend.extents_now(offset, length)
+        except (DeltavolError, OSError):
+            return False  # written, then: zeroes are right either way
+        return len(extents) == 1 and extents[0][0] >= length and bool(extents[0][1] & STATE_HOLE)
 
     async def _checkpoint_loop(self) -> None:
         while True:

@@ -8,11 +8,14 @@ either takes it back or, when the target does not answer the restore, gives it b
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
+from deltavol.backend.file import FileBackend
 from deltavol.copy.save_area import SaveArea
 from deltavol.copy.targets import CopyTarget, LocalTarget
 from deltavol.errors import MetadataError, RestoreNotStarted, TargetError
@@ -269,3 +272,79 @@ async def test_a_failed_restore_commit_after_the_take_back_says_the_update_was_c
     assert "was cancelled first" in message and "disk I/O error (test)" in message
     assert s.state is State.IDLE and s.consistent and s.source.restoring_by is None
     assert row_state(svc, "a") == "idle"
+
+
+def _data_at(path: str, offset: int) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        assert exc.errno == errno.ENXIO
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+async def test_a_zeroed_piece_over_a_hole_leaves_the_hole(svc_rig: ServiceRig) -> None:
+    """The point in time has an unallocated chunk; since, it was written then punched: the
+    restore writes nothing there, and the source stays sparse."""
+    svc = svc_rig.open()
+    for v in ("src", "t1"):
+        svc.create_volume(v, SIZE)
+    await svc.start()
+    src = svc.volumes.get("src")
+    await src.export.pwrite(MiB, b"\x01" * MiB)  # the first MiB is a hole
+    await svc.create_session(name="a", source="src", target="t1")
+    await svc.update_session("a", True, None)
+    await idle(svc, "a")
+    at_pit = await image(svc, "src")
+    s = svc.sessions.get("a")
+    await src.export.pwrite(0, b"\x02" * 4096)
+    await src.export.trim(0, s.granularity)
+    await src.export.pwrite(MiB, b"\x02" * 4096)  # and a data chunk to copy back
+    path = src.backend.path
+    assert _data_at(path, 0) >= MiB  # the file system punched it
+    assert s.tracking.test(0)
+    await svc.restore_session("a")
+    assert s._task is not None
+    async with asyncio.timeout(WAIT):
+        await asyncio.shield(s._task)
+    assert s.state is State.IDLE and s.last_error is None
+    assert await image(svc, "src") == at_pit
+    assert _data_at(path, 0) >= MiB
+
+
+async def test_zeroes_that_find_the_disk_full_are_punched(
+    svc_rig: ServiceRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small zeroed piece over data meets ENOSPC: it is punched instead, and the restore
+    finishes."""
+    svc = svc_rig.open()
+    s, at_pit = await consistent_session(svc)
+    src = svc.volumes.get("src")
+    await svc.update_session("a", False, None)
+    await idle(svc, "a")
+    await src.export.pwrite(0, b"\x01" * MiB)
+    # the point in time: chunk 1 zeroed, with data around it
+    await src.export.pwrite(s.granularity, bytes(s.granularity))
+    await svc.update_session("a", False, None)
+    await idle(svc, "a")
+    at_pit = await image(svc, "src")
+    assert at_pit[s.granularity : 2 * s.granularity] == bytes(s.granularity)
+    await src.export.pwrite(s.granularity, b"\x04" * s.granularity)
+    orig = FileBackend._pwrite_full
+    refused: list[int] = []
+
+    def full(self: FileBackend, offset: int, data: bytes, fua: bool) -> None:
+        if self is src.backend and data == bytes(len(data)):
+            refused.append(offset)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        orig(self, offset, data, fua)
+
+    monkeypatch.setattr(FileBackend, "_pwrite_full", full)
+    await svc.restore_session("a")
+    assert s._task is not None
+    async with asyncio.timeout(WAIT):
+        await asyncio.shield(s._task)
+    assert refused and s.state is State.IDLE and s.last_error is None
+    assert await image(svc, "src") == at_pit
