@@ -350,19 +350,12 @@ class Sim:
         except Deadlock as exc:
             raise Violation(f"liveness: {exc} (a hang)") from None
         finally:
-            heard = listening(loop)
-            for t in tasks:  # a task that died with nobody to hear it: a defect, or a lost copy
-                if t.done() and not t.cancelled() and getattr(t, "_log_traceback", False):
-                    t._log_traceback = False  # type: ignore[attr-defined]
-                    exc = t.exception()
-                    if isinstance(exc, Halt | Violation):
-                        continue
-                    if id(t) in heard:  # its listeners were due to run: the process died first
-                        to = heard[id(t)]
-                        self.event(f"task {t.get_name()} failed as the process died: {exc!r}, for {to}")
-                        continue
-                    self.background_errors.append(f"{t.get_name()}: {exc!r}")
-                    self.event(f"background task {t.get_name()} died: {exc!r}")
+            died, excused = unheard(loop, tasks, self.fs, halted)
+            for t, exc, to in excused:  # its listeners were due to run: the process died first
+                self.event(f"task {t.get_name()} failed as the process died: {exc!r}, heard by {to}")
+            for t, exc in died:  # a task that died with nobody to hear it: a defect, or a lost copy
+                self.background_errors.append(f"{t.get_name()}: {exc!r}")
+                self.event(f"background task {t.get_name()} died: {exc!r}")
             self.graveyard.extend(t for t in tasks if not t.done())
             if halted or end != "clean":
                 self._bury()
@@ -776,27 +769,96 @@ class Sim:
         raise Violation(f"liveness: session {s.name} never finished ({s.state.value}: {s.last_error})")
 
 
-def listening(loop: asyncio.AbstractEventLoop) -> dict[int, str]:
-    """The futures whose done callbacks are scheduled but have not run: id -> the callbacks.
+AnyTask = asyncio.Task[Any]
+
+
+def unheard(
+    loop: asyncio.AbstractEventLoop, tasks: list[AnyTask], fs: SimFS, halted: bool
+) -> tuple[list[tuple[AnyTask, BaseException]], list[tuple[AnyTask, BaseException, str]]]:
+    """The tasks of a life that failed with nobody to retrieve their exception: (task,
+    exception) each; and those a crash kept from being heard: (task, exception, by what).
 
     A task that fails hands its exception to its done callbacks (the task awaiting it, or
-    an ``add_done_callback``) by scheduling them on the loop; the exception counts as heard
-    only when one of them runs. A process that dies (``Halt`` out of a callback, or the
-    end of a life) stops the loop between the two: in the same turn, a task may have failed
-    and its callbacks not have run yet, though they would have in the next one. Such a task
-    did not die unheard; a task whose callbacks did run, or that has none, still counts. (A
-    callback that would not retrieve the exception is then missed for this seed; any other
-    seed where the failure does not meet a crash catches it.)
+    an ``add_done_callback``) by scheduling them on the loop. A process that dies (``Halt``
+    out of a callback) stops the loop between the two: a task may have failed in the turn
+    of the crash and its callbacks not have run yet, though they would have in the next
+    turn. Only then (``halted``), and only if those callbacks would retrieve the exception
+    (``hear_out``), was the task heard; a callback that never retrieves it (``set.discard``,
+    a ``lambda _t: None``) leaves it unheard, as does a task with no callback or whose
+    callbacks already ran. A life that ended otherwise excuses nothing.
     """
-    due: dict[int, str] = {}
-    for handle in getattr(loop, "_ready", ()):  # the handles the next turn would run
-        if handle.cancelled():
-            continue
-        for arg in getattr(handle, "_args", None) or ():
-            if isinstance(arg, asyncio.Future):
-                name = getattr(handle._callback, "__qualname__", repr(handle._callback))
-                due[id(arg)] = f"{due[id(arg)]}, {name}" if id(arg) in due else name
-    return due
+    failed = [
+        t
+        for t in tasks
+        if t.done()
+        and not t.cancelled()
+        and getattr(t, "_log_traceback", False)
+        and not isinstance(t._exception, Halt | Violation)  # type: ignore[attr-defined]
+    ]
+    heard = hear_out(loop, failed, fs) if halted and failed else {}
+    died, excused = [], []
+    for t in failed:
+        t._log_traceback = False  # type: ignore[attr-defined]
+        exc = t.exception()
+        assert exc is not None
+        if id(t) in heard:
+            excused.append((t, exc, heard[id(t)]))
+        else:
+            died.append((t, exc))
+    return died, excused
+
+
+def hear_out(
+    loop: asyncio.AbstractEventLoop, failed: list[AnyTask], fs: SimFS, waves: int = 3
+) -> dict[int, str]:
+    """Run what the failed tasks of a dead process were on their way to; id -> the
+    callback that retrieved the exception, for each task whose exception one did.
+
+    This is the next turn, cut down to the failures: their done callbacks still in the
+    loop's ready queue run, then the done callbacks those completed (``asyncio.wait``'s
+    waiter wakes the task that waits, which may then look at what failed), up to
+    ``waves`` deep; nothing else of the next turn runs (no timer, no other task's step).
+    The disk is dead meanwhile: a callback's I/O ends it (``Halt``) and changes nothing.
+    Whether the exception was retrieved is then the task's own flag (``_log_traceback``),
+    whatever the callback is: an awaiting task's wake-up, ``gather``, ``shield`` or a
+    callback of the server's that looks at ``exception()`` retrieve it; ``set.discard``
+    does not.
+    """
+    ready: Any = getattr(loop, "_ready", None)
+    if ready is None:
+        return {}
+    left = {id(t): t for t in failed}
+    heard: dict[int, str] = {}
+    wave = [h for h in ready if not h.cancelled() and any(id(a) in left for a in h._args or ())]
+    was_dead, fs.dead = fs.dead, True
+    running = asyncio.events._get_running_loop()
+    asyncio.events._set_running_loop(loop)  # as in the turn it stands for
+    try:
+        for _ in range(waves):
+            if not wave or not left:
+                break
+            before = {id(h) for h in ready}
+            for handle in wave:
+                if handle.cancelled():
+                    continue
+                with contextlib.suppress(Halt):  # its I/O met the dead disk
+                    handle._run()
+                for key, t in list(left.items()):
+                    if not getattr(t, "_log_traceback", False):
+                        del left[key]
+                        heard[key] = getattr(handle._callback, "__qualname__", repr(handle._callback))
+                handle.cancel()  # (run: not again)
+            wave = [  # the done callbacks of the futures those completed
+                h
+                for h in ready
+                if id(h) not in before
+                and not h.cancelled()
+                and any(isinstance(a, asyncio.Future) and a.done() for a in h._args or ())
+            ]
+    finally:
+        asyncio.events._set_running_loop(running)
+        fs.dead = was_dead
+    return heard
 
 
 def _chunks(bm: Any) -> set[int]:

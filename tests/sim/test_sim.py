@@ -9,14 +9,18 @@ out (``sim.KNOBS``). A failing seed prints what broke, the last events and its r
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
+import random
+from typing import Any
 
 import pytest
 
 from deltavol.errors import TargetError
-from tests.sim.sim import listening, off_from_env, report, run_seed
-from tests.sim.simfs import Clock, Halt, SimLoop
+from tests.sim.sim import off_from_env, report, run_seed, unheard
+from tests.sim.simfs import Clock, Halt, SimFS, SimLoop
 
 CI_SEEDS = 24
 
@@ -56,30 +60,68 @@ def test_seeds(seeds: range) -> None:
     assert not failed, f"{len(failed)} of {count} seeds failed:\n" + "\n".join(failed)
 
 
-def test_a_task_failing_in_the_turn_the_process_dies_was_heard_if_its_callbacks_were_due() -> None:
-    """The checker's rule for tasks that fail as a crash stops the loop (see ``listening``):
-    the failure of ``opening`` is on its way to its done callback when a callback of the
-    same turn dies (``Halt``): it was heard; ``orphan``, failing with no callback, was not."""
-    loop = SimLoop(Clock())
+@pytest.mark.parametrize("halted", [True, False], ids=["crash", "no-crash"])
+def test_a_task_failing_as_the_process_dies_was_heard_only_if_its_callbacks_retrieve_it(halted: bool) -> None:
+    """The checker's rule for tasks that fail in the turn a crash stops the loop (see
+    ``unheard``): their done callbacks were due in the next turn. Those whose callbacks
+    would have retrieved the exception (a callback that looks at it, a task awaiting it,
+    ``wait_for``) were heard; one whose only callback is ``set.discard``, or that has none,
+    died unheard; and a life that ended without a crash excuses none of them."""
+    loop, fs = SimLoop(Clock()), SimFS(random.Random(1), Clock())
+    tasks: list[asyncio.Task[Any]] = []
+    loop.set_task_factory(lambda lp, coro, **kw: tasks.append(asyncio.Task(coro, loop=lp, **kw)) or tasks[-1])
     seen: list[BaseException | None] = []
+    pending: set[asyncio.Task[None]] = set()
 
     async def fail() -> None:
+        await asyncio.sleep(0)  # (the waiters below wait before it fails)
         raise TargetError(msg="target: connection refused")
+
+    async def awaits(t: asyncio.Task[None]) -> None:
+        with contextlib.suppress(TargetError):
+            await t
+
+    async def waits_for(t: asyncio.Task[None]) -> None:
+        with contextlib.suppress(TargetError):
+            await asyncio.wait_for(t, 10)
 
     def die() -> None:
         raise Halt("crash at fdatasync")
 
     try:
-        opening = loop.create_task(fail())
-        opening.add_done_callback(lambda t: seen.append(t.exception()))
-        orphan = loop.create_task(fail())
-        loop.call_soon(die)  # runs in the turn both tasks fail, after them
-        with pytest.raises(Halt):
+        looked = loop.create_task(fail(), name="looked")
+        looked.add_done_callback(lambda t: seen.append(t.exception()))
+        awaited = loop.create_task(fail(), name="awaited")
+        waited = loop.create_task(fail(), name="waited")
+        discarded = loop.create_task(fail(), name="discarded")
+        pending.add(discarded)
+        discarded.add_done_callback(pending.discard)  # hears nothing
+        orphan = loop.create_task(fail(), name="orphan")
+        loop.create_task(awaits(awaited))
+        loop.create_task(waits_for(waited))
+        if halted:  # at the end of the turn the tasks fail in
+            loop.call_soon(loop.call_soon, die)
+            with pytest.raises(Halt):
+                loop.run_forever()
+        else:
+            loop.call_soon(loop.call_soon, loop.stop)
             loop.run_forever()
-        assert opening.done() and orphan.done() and not seen, "the callback ran: nothing to show"
-        due = listening(loop)
-        assert id(opening) in due and id(orphan) not in due
-        for t in (opening, orphan):
-            t.exception()  # (retrieved: no "never retrieved" when they go)
+        failing = (looked, awaited, waited, discarded, orphan)
+        assert all(t.done() for t in failing) and not seen, "the callbacks ran: nothing to show"
+        assert discarded in pending, "set.discard ran before the crash"
+        fs.dead = False
+        died, excused = unheard(loop, tasks, fs, halted)
+        assert not fs.dead, "the disk left dead"
+        died_names = sorted(t.get_name() for t, _ in died)
+        if halted:
+            assert sorted(t.get_name() for t, _, _ in excused) == ["awaited", "looked", "waited"]
+            assert died_names == ["discarded", "orphan"]
+            assert seen and isinstance(seen[0], TargetError) and discarded not in pending
+        else:
+            assert not excused and died_names == ["awaited", "discarded", "looked", "orphan", "waited"]
+        assert all(isinstance(exc, TargetError) for _, exc in died)
     finally:
+        for t in tasks:
+            if t.done() and not t.cancelled():
+                t.exception()
         loop.close()

@@ -98,6 +98,7 @@ class TargetWrites:
         return watched
 
 
-WRITES = ("pwrite", "zero", "trim", "copy_from", "copy_spans")  # every way a target is written
-# what a target may also have, none of which writes it (``watch`` refuses any other)
-READS = ("pread", "flush", "close", "open", "extents", "cache", "block_status")
+WRITES = ("pwrite", "zero", "trim", "copy_from", "copy_spans", "zero_spans")  # every way a target is written
+# what a target may also have, none of which writes it (``watch`` refuses any other):
+# ``written`` and ``drain`` only start the writeback of, or wait for, writes made by the above
+READS = ("pread", "flush", "close", "open", "extents", "cache", "block_status", "written", "drain")

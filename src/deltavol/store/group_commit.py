@@ -4,10 +4,10 @@ Writers change their file's contents in memory and ask for the round that will m
 them durable. A round starts on the next turn of the event loop, so every writer of one
 burst joins it; while it runs, newcomers gather for the next one. A round first has each
 file write out what its writers changed (on the loop: a page-cache write, one per file
-and round rather than one per writer), then syncs each file in a worker thread of its
-own: the tracking files of all sessions on one source cost one round per burst, not one
-per session, and a round of four files lasts about as long as its slowest fdatasync,
-not the sum of four.
+and round rather than one per writer), then syncs the files side by side in worker
+threads (up to four at once, see below): the tracking files of all sessions on one
+source cost one round per burst, not one per session, and a round of four files lasts
+about as long as its slowest fdatasync, not the sum of four.
 
 Each file of a round has its own future (``round(file)``), which its writers share: it
 ends when that file's sync does, and fails only if that file's write or sync failed.
@@ -19,6 +19,14 @@ done. So a round that succeeds covers only what was written before it began, a f
 never synced by two rounds at once (two concurrent fdatasyncs of one file descriptor
 may each report the other's error: the kernel reports a writeback error once per open
 file), and a failed round leaves the next one to start afresh.
+
+Each group commit syncs in threads of its own, at most ``THREADS`` at once: the files
+of a round beyond that sync as its threads free up (each still with its own future).
+A disk whose fdatasyncs stall thus holds only the threads of the group commits with files
+on it (the tracking files of a source, a session's save area), never another's: a
+save-area round of a healthy volume, on the protected-write path, never queues behind a
+stalled bitmaps disk, however many sessions that disk holds. Threads start as needed (a
+save area, one file per round, keeps one) and end with their group commit.
 
 The way back from the thread is short, because a protected write waits for it: the
 thread hands the result to the loop itself (``call_soon_threadsafe``), and the round
@@ -37,10 +45,9 @@ from typing import Protocol
 
 from deltavol.store import fs
 
-# the files of a round, and the rounds of different group commits (each save area has its
-# own, each source one for its tracking files), sync in parallel; as many as the file pool,
-# so no disk's slow fdatasync holds up the others' before there are that many sessions
-_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="deltavol-sync")
+# the threads of one group commit: the files of a round sync this many at once, and
+# different group commits in threads of their own (see the notes above)
+THREADS = 4
 
 # what the metrics show, by kind of file (its class): rounds that synced such a file, and
 # the files synced; counted on the loop as a round starts
@@ -64,6 +71,7 @@ class GroupCommit:
         self._next: dict[int, tuple[Syncable, asyncio.Future[None]]] = {}
         self._running: dict[asyncio.Future[None], Syncable] = {}  # the running round's, not done yet
         self._waiters: dict[asyncio.Future[None], list[asyncio.Future[None]]] = {}
+        self._pool: ThreadPoolExecutor | None = None  # its threads, from the first round on
 
     def round(self, file: Syncable) -> asyncio.Future[None]:
         """The next round's future for ``file``: done once what ``file`` holds now is
@@ -105,6 +113,8 @@ class GroupCommit:
         # its own: a file's outcome is its own writers' (a failed write or sync of one
         # file fails none of the others), and a round lasts as long as its slowest sync
         # rather than the sum of them
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="deltavol-sync")
         syncing = []
         for file, fut in entries:
             try:
@@ -115,8 +125,8 @@ class GroupCommit:
                 syncing.append((file, fut))
         for i, (file, fut) in enumerate(syncing):
             try:
-                fs.submit(_pool, _sync, file, loop, self._finish, fut)
-            except Exception as exc:  # the pool is shut down: fail this file and the rest
+                fs.submit(self._pool, _sync, file, loop, self._finish, fut)
+            except Exception as exc:  # no more threads (interpreter exit): fail this file and the rest
                 for _, left in syncing[i:]:
                     self._finish(left, exc)
                 break

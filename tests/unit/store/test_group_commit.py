@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
-from deltavol.store.group_commit import GroupCommit
+from deltavol.store import fs
+from deltavol.store.group_commit import THREADS, GroupCommit
 
 WAIT = 10.0  # seconds a test waits on a thread before calling it hung
 
@@ -347,3 +350,89 @@ async def test_waiting_for_a_round_of_another_group_commit_is_refused() -> None:
         mine.wait(r)
     await asyncio.wait_for(other.wait(r), WAIT)
     assert mine.wait(r).done(), "a round that is over: its outcome at once"
+
+
+class StallingFS(fs.RealFS):
+    """The real file calls, but an fdatasync of a file on the ``stalled`` disk (by fd)
+    hangs until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.stalled: set[int] = set()
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.stalls: dict[int, int] = {}  # fd -> its fdatasyncs hanging now
+        self.begun = threading.Condition(self.lock)
+
+    def fdatasync(self, fd: int) -> None:
+        if fd in self.stalled:
+            with self.begun:
+                self.stalls[fd] = self.stalls.get(fd, 0) + 1
+                self.begun.notify_all()
+            try:
+                assert self.release.wait(3 * WAIT), "a stalled fdatasync never released"
+            finally:
+                with self.lock:
+                    self.stalls[fd] -= 1
+        super().fdatasync(fd)
+
+    def wait_stalls(self, n: int) -> bool:
+        with self.begun:
+            return self.begun.wait_for(lambda: sum(self.stalls.values()) >= n, WAIT)
+
+
+class RealFile:
+    """A Syncable over a real file, through the ``store/fs.py`` seam."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = fs.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.data = b""
+
+    def write_out(self) -> None:
+        fs.pwrite(self.fd, self.data, 0)
+
+    def sync(self) -> None:
+        fs.fdatasync(self.fd)
+
+
+async def test_a_group_commit_whose_syncs_stall_holds_no_other_group_commits_round(tmp_path: Path) -> None:
+    """A stalled bitmaps disk with the tracking files of 20 sessions on 4 sources (4 group
+    commits): each holds at most ``THREADS`` threads, the rest of its files waiting for
+    them; a save area's round on a healthy disk (another group commit) still ends at once."""
+    stalling = StallingFS()
+    old = fs.use(stalling)
+    files: list[RealFile] = []
+    waiting: list[asyncio.Future[None]] = []
+    try:
+        tracking = [GroupCommit() for _ in range(4)]
+        stalled = [(tracking[i % 4], RealFile(tmp_path / f"t{i}")) for i in range(20)]
+        files += [f for _, f in stalled]
+        stalling.stalled |= {f.fd for f in files}
+        for _, f in stalled:
+            f.data = b"tracked"
+        rounds = [gc.wait(gc.round(f)) for gc, f in stalled]
+        waiting += [asyncio.ensure_future(r) for r in rounds]
+        assert await asyncio.to_thread(stalling.wait_stalls, 4 * THREADS), "the stalled syncs never began"
+
+        save = GroupCommit()
+        area = RealFile(tmp_path / "save")
+        files.append(area)
+        area.data = b"old contents"
+        try:
+            await asyncio.wait_for(save.wait(save.round(area)), WAIT)
+        except TimeoutError:
+            pytest.fail("the save area's round queued behind the stalled disk's syncs")
+        assert os.pread(area.fd, 12, 0) == b"old contents"
+        with stalling.lock:
+            per_fd = dict(stalling.stalls)
+        hanging = sum(per_fd.values())
+        assert hanging == 4 * THREADS, f"{hanging} stalled syncs at once, not {THREADS} per group commit"
+        for gc in tracking:
+            mine = sum(per_fd.get(f.fd, 0) for g, f in stalled if g is gc)
+            assert mine == THREADS, f"a group commit ran {mine} syncs at once"
+        assert not any(w.done() for w in waiting)
+    finally:
+        stalling.release.set()
+        fs.use(old)
+    await asyncio.wait_for(asyncio.gather(*waiting), WAIT)  # the rest synced as threads freed up
+    for f in files:
+        os.close(f.fd)
