@@ -250,6 +250,10 @@ async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
     if take_back:
         claimed = s.target_writes.claim()
         assert claimed, "checked with no await between"
+    else:  # (an update's retry pending is cancelled only once it is taken back: see below)
+        s._cancel_retry()
+        if not by_retry:
+            s.retry.attempts = 0
     notice: str | None = None
     try:
         if take_back:
@@ -274,9 +278,8 @@ async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
             if copying and s.state is State.COPYING and not s.closed and not s.busy:
                 s._spawn()
         raise
-    # nothing is given back from here on: the retry policy's next try is this restore's
-    s._cancel_retry()
-    if not by_retry:
+    if take_back:  # taken back: the update's retry has nothing left to retry
+        s._cancel_retry()
         s.retry.attempts = 0
     new_state = next_state(s.name, s.state, "restore")
     before = s.state, s.update, s.last_error, s.next_update_id, s.progress
