@@ -9,6 +9,7 @@ read-only while its session exists and cannot be opened while the copy is incons
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -551,6 +552,7 @@ class SessionManager:
         self, name: str, src: Volume, target: str, granularity: int, max_rate: int | None, every: int | None
     ) -> Session:
         source = src.name
+        tvol: Volume | None = None
         if is_uri(target):
             probe: CopyTarget = await self.nbd_target(target, self.peers.get(name)).open()
             size = probe.size
@@ -567,14 +569,22 @@ class SessionManager:
         s = self._new(name, src, target, granularity, max_rate=max_rate, every=every)
         # A write in flight on the source may have passed its hooks before this session's
         # tracking hook existed: wired in with the gate closed, every write either went
-        # down before (and the first update, a full one, copies it) or is tracked.
-        async with src.gate.closed():
+        # down before (and the first update, a full one, copies it) or is tracked. So on a
+        # local target: a client that opened it while this waited may have writes queued
+        # (agreed to before its guard existed); they land before the guard is up, and that
+        # client refuses the create, as one still connected.
+        target_gate: contextlib.AbstractAsyncContextManager[None] = (
+            tvol.gate.closed() if tvol is not None else contextlib.nullcontext()
+        )
+        async with src.gate.closed(), target_gate:
             if name in self._sessions:  # created by another request while this one waited
                 raise AlreadyExists(kind="session", name=name)
             if self.volumes.find(source) is not src:  # removed meanwhile
                 raise NotFound(kind="volume", name=source)
             # a reverse may have committed while this one waited: the source a target now
             self._check_roles(name, source, target)
+            if tvol is not None and tvol.connections:  # one came while the gates closed
+                raise InUse(kind="volume", name=target, why=f"{tvol.connections} NBD connection(s) open")
             s.create_files()
             self._attach(s)
             self._sessions[name] = s
