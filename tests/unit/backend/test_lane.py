@@ -6,6 +6,7 @@ with the bytes of the last of overlapping writes."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -213,3 +214,62 @@ async def test_a_mark_gets_its_gate_while_other_volumes_lanes_take_every_thread(
                 pass
 
         await asyncio.wait_for(mark(), 5)
+
+
+class HeldWrites(fs.RealFS):
+    """The real file calls; ``pwrite`` waits for ``release`` once it has its fd."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        self.entered.set()
+        assert self.release.wait(10)
+        return super().pwrite(fd, data, offset)
+
+
+async def test_a_file_is_closed_only_after_the_lane_write_under_way_in_it(
+    backend: FileBackend, tmp_path: Path
+) -> None:
+    held = HeldWrites()
+    real = fs.use(held)
+    try:
+        lane = Lane()
+        job = backend.pwrite_soon(0, b"X" * 4096)
+        assert job is not None
+        lane.lane.put(job, "w")
+        assert await asyncio.to_thread(held.entered.wait, 10)  # in the write, with the fd
+        closing = asyncio.ensure_future(backend.close())
+        async with asyncio.timeout(10):
+            while backend._fd >= 0:
+                await asyncio.sleep(0)
+        # a file opened now (a volume created at shutdown, say) must not get that fd's
+        # number: before, the write under way went into this file
+        other = tmp_path / "other"
+        other.write_bytes(bytes(8192))
+        fd = fs.open(other, os.O_RDWR)
+        held.release.set()
+        await lane.until(1)
+        await asyncio.wait_for(closing, 10)
+        fs.close(fd)
+    finally:
+        fs.use(real)
+        held.release.set()
+    assert lane.back[0][2] is None
+    assert other.read_bytes() == bytes(8192)
+    assert Path(backend.path).read_bytes()[:4096] == b"X" * 4096
+
+
+async def test_a_lane_write_handed_to_a_thread_after_close_fails_and_writes_nothing(
+    backend: FileBackend,
+) -> None:
+    lane = Lane()
+    job = backend.pwrite_soon(0, b"X" * 4096)
+    assert job is not None
+    await backend.close()
+    lane.lane.put(job, "w")
+    await lane.until(1)
+    error = lane.back[0][2]
+    assert isinstance(error, DeltavolError) and "closed" in error.message
+    assert Path(backend.path).read_bytes()[:4096] == bytes(4096)
