@@ -241,6 +241,12 @@ class PeerUnreachable(DeltavolError):
     http_status = 502
 
 
+class PayloadTooLarge(UsageError):
+    """request body too large: more than {cap} bytes"""
+
+    http_status = 413
+
+
 class PeerRefused(Conflict):
     """peer deltavol server {api} refused: {why}"""
 

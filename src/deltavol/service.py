@@ -55,6 +55,9 @@ class Service:
         name, at, secret = name.partition("@")
         vol = self.volumes.get(name)
         why = vol.open_guard()
+        if not why and not at and vol.peer_guard is not None:
+            # this server cannot know when the peer's copy is consistent: no reader
+            why = f"{vol.why_guarded()}, which may not have finished copying to it"
         if why:
             raise Protected(name=name, why=why)
         export = vol.holder_export(secret) if at else vol.export
@@ -62,13 +65,14 @@ class Service:
         return export
 
     def close_export(self, name: str) -> None:
-        vol = self.volumes.find(name)
+        """Undo ``open_export`` of ``NAME`` or ``NAME@SECRET`` (an NBD_OPT_INFO's name)."""
+        vol = self.volumes.find(name.partition("@")[0])
         if vol is not None and vol.connections:
             vol.connections -= 1
 
     # --- volumes ----------------------------------------------------------------------------
-    def create_volume(self, name: str, size: int) -> dict[str, Any]:
-        info = self.volumes.create(name, size).info()
+    def create_volume(self, name: str, size: int, peer_target: bool = False) -> dict[str, Any]:
+        info = self.volumes.create(name, size, peer_target).info()
         self.events.publish("volume.created", name=name, size=info["size"])
         return info
 
@@ -97,6 +101,9 @@ class Service:
         stats = vol.export.stats
         written = None if stats is None else stats.bytes[WRITE] + stats.bytes[ZERO]
         return {**info, "written_bytes": written}
+
+    def set_peer_target(self, name: str, on: bool) -> dict[str, Any]:
+        return self._volume_json(self.volumes.set_peer_target(name, on).info())
 
     async def remove_volume(self, name: str) -> None:
         await self.volumes.remove(name, self.sessions.volume_busy)
@@ -180,8 +187,8 @@ class Service:
         return s.tracking.to_bytes(), headers
 
     # --- peers: another deltavol server's calls (sessions/reverse.py) ---------------------
-    def put_guard(self, volume: str, holder: str, secret: str) -> dict[str, Any]:
-        return reverse.put_guard(self.sessions, volume, holder, secret)
+    def put_guard(self, volume: str, holder: str, secret: str, current: str | None = None) -> dict[str, Any]:
+        return reverse.put_guard(self.sessions, volume, holder, secret, current)
 
     def drop_guard(self, volume: str, secret: str) -> dict[str, Any]:
         return reverse.drop_guard(self.sessions, volume, secret)

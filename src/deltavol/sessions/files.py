@@ -11,7 +11,8 @@ a lost bit is not).
 * ``create``: leftovers of a removed session of the same name go, durably, before a row
   that would adopt them commits; then a fresh tracking file.
 * ``load``: every file is read first, then tracking is rewritten (the one step that needs
-  space), and only then do the files no update owns go. A corrupt file raises
+  space), and only then do the files no update owns go. A running update whose transfer
+  file a later mark replaced (a row older than the file) takes that file and re-marks. A corrupt file raises
   ``CorruptFile``; any other error (a full disk, EIO) raises as it is: no file is taken
   for corrupt, and none is lost.
 * ``set_aside``: corrupt files are kept for inspection under names of their own, after
@@ -71,7 +72,9 @@ class SessionFiles:
 
         A transfer file that the session row does not own (an update that never
         committed, or one that finished just before the crash) goes back into tracking:
-        a superset of the changes is safe, a lost bit is not. An update under protection
+        a superset of the changes is safe, a lost bit is not. The file of a later update's
+        mark that did not commit, under the row of an update still running, is that
+        update's transfer, as of a new mark (``_later_mark``). An update under protection
         whose save area may have lost records (a power loss) gives up its mark and
         re-marks (``_give_up_lost_records``). Every file is read first;
         then tracking is rewritten (the one step that needs space), so what a reboot may
@@ -85,12 +88,18 @@ class SessionFiles:
         try:
             tracking, _, recopy = persist.load_tracking(self.tracking_path, s.granularity, s.source.size)
             owned = s.update is not None and s.state in (State.COPYING, State.PAUSED, State.FAILED)
-            transfer, orphan = None, False
+            transfer, orphan, later = None, False, 0
             if fs.exists(self.transfer_path):
                 transfer, generation = persist.load(
                     self.transfer_path, TRANSFER, s.granularity, s.source.size
                 )
-                if not owned or s.update is None or generation != s.update.id:
+                running = s.update.id if owned and s.update is not None and s.update.running else 0
+                if running and generation < running:  # no mark writes that: not what the update owes
+                    why = f"transfer bitmap is of update {generation}, not of the running update {running}"
+                    raise CorruptFile(path=self.transfer_path, why=why)
+                if running and generation > running:
+                    later = generation  # a later mark that did not commit: see _later_mark
+                elif not owned or s.update is None or generation != s.update.id:
                     tracking.or_(transfer)
                     transfer, orphan, owned = None, True, False
             elif owned:
@@ -100,12 +109,14 @@ class SessionFiles:
             area = s.protector.save_area(s.update.id if s.update else 0)
             # a given-up mark keeps its records until the re-mark: they tell which chunks changed
             if owned and s.update is not None and s.update.phase in (Phase.PROTECTING, Phase.GIVEN_UP):
-                save = area.open()
-                for c in save.index:  # saved, so changed after the mark: their bits came with the saves
-                    tracking.set(c)
+                save = self._records(area, later)
+                for c in save.index if save is not None else ():
+                    tracking.set(c)  # saved, so changed after the mark: their bits came with the saves
             tracker.tracking, s.recopy = tracking, recopy
             tracker.open_file()
             s._rewrite_tracking()
+            if later:
+                self._later_mark(later)
             if save is not None and not save.intact and s.update is not None:
                 self._give_up_lost_records()
             if orphan:
@@ -132,6 +143,48 @@ class SessionFiles:
                 recopy.bytes,
             )
         s._gate.changed()  # bitmaps replaced: what the write path cached is void
+
+    def _records(self, area: SaveArea, later: int) -> SaveArea | None:
+        """The save area of the update the row owns, reopened; with ``later`` (a later
+        update's mark did not commit, ``_later_mark``), None if that mark's new header voided
+        its records: the mark made the tracking file durable first, so no bit was left to
+        them."""
+        try:
+            return area.open()
+        except CorruptFile:
+            if not later:
+                raise
+            try:  # the later mark's own header, and nothing else, says its records are void
+                s = self.session
+                s.protector.save_area(later).open().close()
+            except CorruptFile:
+                pass
+            else:
+                return None
+            raise
+
+    def _later_mark(self, later: int) -> None:
+        """The row owns a running update, and its transfer file is of a later update, whose
+        mark wrote it and then did not commit: the session row is older than the file. A
+        mark that fails after its file is written (its save area or its commit fails) leaves
+        the file behind while the update it replaced goes on (and may commit ``copying``
+        again: a resume), and a crash before the commit does the same.
+
+        That file holds all the update still owes (the mark ORed in what its transfer and
+        its last checkpoint owed; a checkpoint since cleared only chunks copied and flushed),
+        and may hold chunks changed since its mark (they are in tracking too): it becomes the
+        update's transfer, so the session comes up as its row says and resumes. Not as of
+        its own mark: a chunk changed since would be copied as it is now, and the later mark
+        may have voided its save records. So an update under
+        protection gives its mark up, in the row, before its copy can go on, and re-marks
+        (``Session._remark``); one given up already re-marks anyway, and a full update's
+        pass copies the file's chunks from the source, as it copies every other."""
+        s = self.session
+        assert s.update is not None
+        why = f"the mark of update {later} did not commit, and its transfer file replaced this update's"
+        log.warning("session %s: %s", s.name, why)
+        if s.update.phase is Phase.PROTECTING:
+            s._give_up_mark(s.update, why)
 
     def _give_up_lost_records(self) -> None:
         """The machine restarted since the save area's records were written, and they are

@@ -498,9 +498,17 @@ class SessionManager:
         if not is_uri(target):
             raise UsageError(msg=f"session {name!r}: --peer-api needs a target on that server (nbd[s]://...)")
         volume = parse_uri(target).export
+        # a peer file no session owns is a create that died after its guard went up:
+        # its secret is what the peer asks to replace that guard
+        try:
+            earlier = self.peer_files.load(name)
+        except DeltavolError:
+            earlier = None
         peer.guard = peers.new_secret()
         self.peer_files.save(name, peer)
         guard_body = {"holder": self.holder(name), "secret": peer.guard}
+        if earlier is not None and earlier.guard and earlier.api == peer.api:
+            guard_body["current"] = earlier.guard
         try:
             await peers.call(peer, "PUT", f"/v1/peer/guards/{volume}", guard_body)
             self.peers[name] = peer
