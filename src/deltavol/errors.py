@@ -137,7 +137,11 @@ class IoFailure(DeltavolError):
     """{what}: {why}"""
 
 
-class ImportFailed(DeltavolError):
+class ImportFailed(UsageError):
+    """cannot import {path}: {why}"""
+
+
+class ImportPathNotFound(NotFound):
     """cannot import {path}: {why}"""
 
 
