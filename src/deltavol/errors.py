@@ -175,6 +175,10 @@ class NotReversible(Conflict):
     """session {name!r} cannot be reversed: {why}"""
 
 
+class SessionUnavailable(Conflict):
+    """session {name!r} is unavailable: {why}; only 'session remove {name}' works on it"""
+
+
 class SessionLoadFailed(DeltavolError):
     """session {name}: {why}"""
 

@@ -293,6 +293,9 @@ async def test_a_session_whose_source_is_missing_keeps_its_name_files_and_target
     img.rename(img.with_name("src.img.offline"))  # the source cannot be opened at this start
     async with started(idle) as svc:
         assert [s.name for s in svc.sessions.all()] == []
+        (st,) = svc.list_sessions()  # listed all the same, saying why
+        assert (st["name"], st["state"]) == ("s", "unavailable") and "'src' is missing" in st["last_error"]
+        assert svc.session_status("s") | {"rpo_seconds": 0} == st | {"rpo_seconds": 0}
         svc.create_volume("other", 4 * MiB)
         svc.create_volume("dst2", 4 * MiB)
         with pytest.raises(DeltavolError):
