@@ -18,6 +18,7 @@ from typing import Any
 from deltavol.backend.base import Backend
 from deltavol.backend.gate import WriteGate
 from deltavol.backend.hooks import BeforeChange, Hook
+from deltavol.bitmap import persist
 from deltavol.config import ServerConfig
 from deltavol.copy.targets import CopyTarget, LocalTarget, NbdTarget, is_uri
 from deltavol.errors import (
@@ -360,9 +361,32 @@ class SessionManager:
                 raise SessionLoadFailed(
                     name=s.name, why=f"cannot load its files, they are kept as they are: {exc.message}"
                 ) from exc
+            self._track_all_if_untracked(s)
             if s.state is State.RESTORING:  # restore.py: the source stays guarded until it ends
                 self._load_restoring(s)
         self._load_peers()
+
+    def _track_all_if_untracked(self, s: Session) -> None:
+        """A session that was unavailable while its source was served (``_hold_unloaded``)
+        missed what was written meanwhile: every chunk is tracked, so the next update
+        copies all of it (``recopy_bytes`` and ``full_reason`` say why)."""
+        key = f"untracked:{s.name}"
+        row = self.db.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return
+        before = s.tracking.bytes_set()
+        s.tracking.set_all()
+        reason = f"its source was written while the session was unavailable ({row[0]})"
+        s.recopy = persist.Recopy(bytes=s.tracking.bytes_set() - before, reason=reason)
+        try:
+            s._rewrite_tracking()  # durable before the mark that says so goes
+            with self.db.transaction() as conn:
+                conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+        except (OSError, DeltavolError) as exc:
+            self._unload(s)
+            why = exc.message if isinstance(exc, DeltavolError) else str(exc)
+            raise SessionLoadFailed(name=s.name, why=f"tracking every chunk failed: {why}") from exc
+        log.warning("session %s: every chunk is tracked: %s", s.name, reason)
 
     def _load_peers(self) -> None:
         """Guards a peer holds on volumes here, what sessions know of their peers, and
@@ -405,6 +429,14 @@ class SessionManager:
         target, which no one may write or open (its copy may be inconsistent)."""
         name, source, target = row["name"], row["source"], row["target"]
         log.error("session %s: unavailable: %s", name, reason)
+        if self.volumes.find(source) is not None:
+            # its source is served, untracked by it: once it loads again it copies all of it
+            try:
+                with self.db.transaction() as conn:
+                    conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"untracked:{name}", reason))
+            except DeltavolError as exc:
+                why = f"{reason}; recording it failed: {exc.message}"
+                raise SessionLoadFailed(name=name, why=why) from exc
         self._unloaded[name] = (source, target)
         self.unavailable[name] = Unavailable(name, source, target, reason, dict(row))
         vol = self.volumes.find(target)
@@ -423,6 +455,7 @@ class SessionManager:
             )
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM sessions WHERE name = ?", (name,))
+            conn.execute("DELETE FROM meta WHERE key = ?", (f"untracked:{name}",))
         del self.unavailable[name]
         del self._unloaded[name]
         vol = self.volumes.find(u.target)
