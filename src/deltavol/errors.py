@@ -137,7 +137,11 @@ class IoFailure(DeltavolError):
     """{what}: {why}"""
 
 
-class ImportFailed(DeltavolError):
+class ImportFailed(UsageError):
+    """cannot import {path}: {why}"""
+
+
+class ImportPathNotFound(NotFound):
     """cannot import {path}: {why}"""
 
 
@@ -179,6 +183,10 @@ class RestoreNotStarted(DeltavolError):
 
 class NotReversible(Conflict):
     """session {name!r} cannot be reversed: {why}"""
+
+
+class SessionUnavailable(Conflict):
+    """session {name!r} is unavailable: {why}; only 'session remove {name}' works on it"""
 
 
 class SessionLoadFailed(DeltavolError):
