@@ -6,7 +6,7 @@ from typing import Any
 
 from deltavol.backend.export import WRITE, ZERO, Export
 from deltavol.config import ServerConfig
-from deltavol.errors import NotFound, Protected, UsageError
+from deltavol.errors import NotFound, Protected, SessionUnavailable, UsageError
 from deltavol.events import EventBus
 from deltavol.metrics import bitmap_grid, session_extras
 from deltavol.sessions import restore, reverse
@@ -31,7 +31,7 @@ class Service:
     def _find_session(self, name: str) -> Any:
         try:
             return self.sessions.get(name)
-        except NotFound:
+        except (NotFound, SessionUnavailable):
             return None
 
     def load(self) -> None:
@@ -55,6 +55,9 @@ class Service:
         name, at, secret = name.partition("@")
         vol = self.volumes.get(name)
         why = vol.open_guard()
+        if not why and not at and vol.peer_guard is not None:
+            # this server cannot know when the peer's copy is consistent: no reader
+            why = f"{vol.why_guarded()}, which may not have finished copying to it"
         if why:
             raise Protected(name=name, why=why)
         export = vol.holder_export(secret) if at else vol.export
@@ -62,13 +65,14 @@ class Service:
         return export
 
     def close_export(self, name: str) -> None:
-        vol = self.volumes.find(name)
+        """Undo ``open_export`` of ``NAME`` or ``NAME@SECRET`` (an NBD_OPT_INFO's name)."""
+        vol = self.volumes.find(name.partition("@")[0])
         if vol is not None and vol.connections:
             vol.connections -= 1
 
     # --- volumes ----------------------------------------------------------------------------
-    def create_volume(self, name: str, size: int) -> dict[str, Any]:
-        info = self.volumes.create(name, size).info()
+    def create_volume(self, name: str, size: int, peer_target: bool = False) -> dict[str, Any]:
+        info = self.volumes.create(name, size, peer_target).info()
         self.events.publish("volume.created", name=name, size=info["size"])
         return info
 
@@ -98,6 +102,9 @@ class Service:
         written = None if stats is None else stats.bytes[WRITE] + stats.bytes[ZERO]
         return {**info, "written_bytes": written}
 
+    def set_peer_target(self, name: str, on: bool) -> dict[str, Any]:
+        return self._volume_json(self.volumes.set_peer_target(name, on).info())
+
     async def remove_volume(self, name: str) -> None:
         await self.volumes.remove(name, self.sessions.volume_busy)
         self.events.publish("volume.removed", name=name)
@@ -107,10 +114,16 @@ class Service:
         return session_extras(self, (await self.sessions.create(**params)).status())
 
     def list_sessions(self) -> list[dict[str, Any]]:
-        return [self._with_peer(session_extras(self, s.status())) for s in self.sessions.all()]
+        """Every session, those start-up could not load too (state ``unavailable``)."""
+        infos = [s.status() for s in self.sessions.all()]
+        infos += [u.status() for u in self.sessions.unavailable.values()]
+        infos.sort(key=lambda info: info["name"])
+        return [self._with_peer(session_extras(self, info)) for info in infos]
 
     def session_status(self, name: str) -> dict[str, Any]:
-        return self._with_peer(session_extras(self, self.sessions.get(name).status()))
+        u = self.sessions.unavailable.get(name)
+        info = u.status() if u is not None else self.sessions.get(name).status()
+        return self._with_peer(session_extras(self, info))
 
     def _with_peer(self, info: dict[str, Any]) -> dict[str, Any]:
         """A session with a target on another deltavol server says which (no secret), and
@@ -180,8 +193,8 @@ class Service:
         return s.tracking.to_bytes(), headers
 
     # --- peers: another deltavol server's calls (sessions/reverse.py) ---------------------
-    def put_guard(self, volume: str, holder: str, secret: str) -> dict[str, Any]:
-        return reverse.put_guard(self.sessions, volume, holder, secret)
+    def put_guard(self, volume: str, holder: str, secret: str, current: str | None = None) -> dict[str, Any]:
+        return reverse.put_guard(self.sessions, volume, holder, secret, current)
 
     def drop_guard(self, volume: str, secret: str) -> dict[str, Any]:
         return reverse.drop_guard(self.sessions, volume, secret)

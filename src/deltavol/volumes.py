@@ -29,6 +29,7 @@ from deltavol.errors import (
     AlreadyExists,
     DeltavolError,
     ImportFailed,
+    ImportPathNotFound,
     InUse,
     InvalidName,
     InvalidSize,
@@ -110,6 +111,9 @@ class Volume:
     restore_writes: set[asyncio.Task[int]] = field(default_factory=set)
     # The target of a session of another deltavol server (sessions/peers.py), or None.
     peer_guard: PeerGuard | None = None
+    # The administrator let another deltavol server guard it (``volume create --peer-target``,
+    # ``volume peer-target``): the peer token can put a guard on no other volume.
+    peer_target: bool = False
     # The write path of that session's copier, by the guard's secret_sha256: one export per
     # guard, writable only while that very guard stands (a guard dropped or replaced makes
     # the connections opened with its secret read-only).
@@ -187,6 +191,7 @@ class Volume:
             "connections": self.connections,
             "read_only": self.export.read_only,
             "guarded_by": self.peer_guard.holder if self.peer_guard is not None else None,
+            "peer_target": self.peer_target,
             "allocated": _allocated(self.path),
         }
 
@@ -215,6 +220,10 @@ class Volumes:
             except (OSError, DeltavolError) as exc:
                 log.error("volume %s: cannot open %s: %s", row["name"], row["path"], exc)
             known.add(row["path"])
+        for row in self.db.conn.execute("SELECT volume FROM peer_targets").fetchall():
+            vol = self._by_name.get(row["volume"])
+            if vol is not None:
+                vol.peer_target = True
         for leftover in self.images.glob("*.img"):
             if str(leftover) not in known:  # created but never committed
                 log.warning("removing uncommitted volume image %s", leftover)
@@ -243,11 +252,24 @@ class Volumes:
         if name in self._by_name or name in self._filling:
             raise AlreadyExists(kind="volume", name=name)
 
-    def create(self, name: str, size: int) -> Volume:
+    def create(self, name: str, size: int, peer_target: bool = False) -> Volume:
         self._check_new(name)
         check_size(size)
         path = self._make_image(name, size)
-        return self._commit(name, str(path), imported=False)
+        return self._commit(name, str(path), imported=False, peer_target=peer_target)
+
+    def set_peer_target(self, name: str, on: bool) -> Volume:
+        """Whether another deltavol server may guard the volume (and so write it through
+        its guard). Turning it off keeps a guard that stands: it ends as guards do."""
+        vol = self.get(name)
+        with self.db.transaction() as conn:
+            if on:
+                conn.execute("INSERT OR IGNORE INTO peer_targets VALUES (?)", (name,))
+            else:
+                conn.execute("DELETE FROM peer_targets WHERE volume = ?", (name,))
+        vol.peer_target = on
+        log.info("volume %s: %s a peer target", name, "now" if on else "no longer")
+        return vol
 
     async def create_from(
         self, name: str, size: int, fill: Callable[[FileBackend], Awaitable[None]]
@@ -302,6 +324,8 @@ class Volumes:
         real = os.path.realpath(path)
         try:
             st = os.stat(real)
+        except FileNotFoundError as exc:
+            raise ImportPathNotFound(path=path, why=exc.strerror) from exc
         except OSError as exc:
             raise ImportFailed(path=path, why=exc.strerror) from exc
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
@@ -320,15 +344,18 @@ class Volumes:
         check_size(size)
         return self._commit(name, real, imported=True)
 
-    def _commit(self, name: str, path: str, imported: bool) -> Volume:
+    def _commit(self, name: str, path: str, imported: bool, peer_target: bool = False) -> Volume:
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         vol = self._open(name, path, imported, now)
+        vol.peer_target = peer_target
         try:
             with self.db.transaction() as conn:
                 conn.execute(
                     "INSERT INTO volumes VALUES (?, ?, ?, ?, ?)",
                     (name, path, vol.size, int(imported), now),
                 )
+                if peer_target:
+                    conn.execute("INSERT INTO peer_targets VALUES (?)", (name,))
         except BaseException:
             self._by_name.pop(name, None)
             raise
@@ -349,6 +376,7 @@ class Volumes:
         if why:
             raise InUse(kind="volume", name=name, why=why)
         with self.db.transaction() as conn:
+            conn.execute("DELETE FROM peer_targets WHERE volume = ?", (name,))
             conn.execute("DELETE FROM volumes WHERE name = ?", (name,))
         del self._by_name[name]
         await vol.backend.close()

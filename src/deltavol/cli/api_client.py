@@ -87,7 +87,13 @@ async def acall(target: ApiTarget, method: str, path: str, body: Any = None, tim
             ) as session,
             session.request(method, base + path, json=body, headers=headers) as resp,
         ):
-            data = await resp.json(content_type=None)
+            raw = await resp.read()
+            try:
+                data = json.loads(raw) if raw else None
+            except ValueError:  # not ours (a proxy's page, aiohttp's own 413): say what came
+                text = raw[:200].decode(errors="replace").strip()
+                why = f"HTTP {resp.status} {resp.reason or ''}".strip() + (f": {text}" if text else "")
+                raise ApiError(resp.status if resp.status >= 400 else 502, "BadReply", why) from None
             if resp.status >= 400:
                 err = (data or {}).get("error", {}) if isinstance(data, dict) else {}
                 raise ApiError(

@@ -20,6 +20,7 @@ INFO_FIELDS = (
     "written_bytes",
     "read_only",
     "guarded_by",
+    "peer_target",
     "allocated",
 )
 
@@ -55,13 +56,22 @@ def volume() -> None:
     metavar="SESSION",
     help="Copy the point in time of SESSION's target into the new volume (its source's size).",
 )
+@click.option(
+    "--peer-target",
+    is_flag=True,
+    help="Let another deltavol server's session (its peer token) guard and write this volume.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the new volume as JSON.")
 @click.pass_obj
-def create(api: ApiTarget, name: str, size: int | None, from_session: str | None, as_json: bool) -> None:
+def create(
+    api: ApiTarget, name: str, size: int | None, from_session: str | None, peer_target: bool, as_json: bool
+) -> None:
     """Create a sparse volume NAME of SIZE bytes in the data dir, or a copy of a session's
     point in time (--from-session)."""
     if (size is None) == (from_session is None):
         raise click.UsageError("give exactly one of --size and --from-session")
+    if from_session is not None and peer_target:
+        raise click.UsageError("--peer-target goes with --size (use 'volume peer-target' afterwards)")
     if from_session is not None:
         body: dict[str, object] = {"name": name, "from_session": from_session}
         info = call(api, "POST", "/v1/volumes", body, timeout=24 * 3600)
@@ -70,7 +80,8 @@ def create(api: ApiTarget, name: str, size: int | None, from_session: str | None
             f"from the point in time of session {from_session}"
         )
         return
-    info = call(api, "POST", "/v1/volumes", {"name": name, "size": size})
+    body = {"name": name, "size": size, **({"peer_target": True} if peer_target else {})}
+    info = call(api, "POST", "/v1/volumes", body)
     emit_json(info) if as_json else click.echo(f"created volume {info['name']} ({format_size(info['size'])})")
 
 
@@ -149,3 +160,15 @@ def unguard(api: ApiTarget, name: str) -> None:
     info = call(api, "DELETE", f"/v1/volumes/{name}/guard")
     was = info.get("was")
     click.echo(f"volume {name}: guard of {was} dropped" if was else f"volume {name} had no guard")
+
+
+@volume.command(name="peer-target")
+@click.argument("name")
+@click.option("--on/--off", "on", required=True, help="Allow (or no longer allow) peers to guard NAME.")
+@click.pass_obj
+def peer_target(api: ApiTarget, name: str, on: bool) -> None:
+    """Whether a session of another deltavol server may make volume NAME its target: with
+    --on, the peer token can guard NAME (and that session's copier then writes it); no other
+    volume can be guarded with the peer token. --off refuses new guards (one that stands stays)."""
+    call(api, "PUT", f"/v1/volumes/{name}/peer-target", {"enabled": on})
+    click.echo(f"volume {name}: {'a peer target' if on else 'no peer target'}")

@@ -63,11 +63,25 @@ class _Pending:
     covered: int = 0  # bytes of a structured read answered so far (data or hole)
 
 
+def _shown(export: str) -> str:
+    """An export name as messages say it: ``NAME@...`` for ``NAME@SECRET`` (a peer guard's
+    secret, the one writable way into a deltavol server's guarded volume)."""
+    name, at, _ = export.partition("@")
+    return f"{name}@..." if at else export
+
+
 class ClientConnection:
     def __init__(
-        self, export: str, *, structured: bool = True, block_status: bool = False, tls: bool = False
+        self,
+        export: str,
+        *,
+        structured: bool = True,
+        block_status: bool = False,
+        tls: bool = False,
+        shown: str | None = None,
     ) -> None:
-        self.export = export
+        self.export = export  # the name sent, never said: it may hold a secret (NAME@SECRET)
+        self.shown = shown if shown is not None else _shown(export)  # what messages say instead
         self.phase = Phase.AWAIT_GREETING
         self._want_tls = tls
         self.tls = False  # the transport is encrypted (``tls_started`` was called)
@@ -201,7 +215,7 @@ class ClientConnection:
                 self._close(failed.reason)
                 return failed
             if opt == Opt.GO:
-                failed = HandshakeFailed(f"server refused export {self.export!r}: {message or name}")
+                failed = HandshakeFailed(f"server refused export {self.shown!r}: {message or name}")
                 self._close(failed.reason)
                 return failed
             # structured replies or meta contexts refused: go on without them

@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from deltavol import metrics
-from deltavol.errors import DeltavolError, UsageError
+from deltavol.errors import DeltavolError, PayloadTooLarge, UsageError
 from deltavol.events import Event
 from deltavol.service import Service
 from deltavol.sessions.peers import Peer
@@ -84,14 +84,34 @@ def _token_ok(request: web.Request, token: str) -> bool:
     return hmac.compare_digest(given, f"Bearer {token}".encode())
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
+async def _body(request: web.Request, cap: int | None = None) -> dict[str, Any]:
+    """The JSON object of the request; with ``cap``, read here up to that many bytes instead
+    of aiohttp's own limit (``client_max_size``, 1 MiB)."""
     try:
-        body = await request.json()
+        if cap is None:
+            body = await request.json()
+        else:
+            raw = bytearray()
+            while chunk := await request.content.read(1 << 20):
+                raw += chunk
+                if len(raw) > cap:
+                    raise PayloadTooLarge(size=len(raw), cap=cap)
+            body = json.loads(raw)
     except ValueError:
         raise UsageError(msg="request body is not JSON") from None
     if not isinstance(body, dict):
         raise UsageError(msg="request body must be a JSON object")
     return body
+
+
+def _reversal_cap(service: Service) -> int:
+    """A reverse's body holds a tracking bitmap in base64: room for the largest volume's at
+    the smallest granularity (the bits are sent compressed, this is the worst case)."""
+    from deltavol.sessions.manager import MIN_GRANULARITY
+
+    largest = max((v.size for v in service.volumes.all()), default=0)
+    bitmap = -(-largest // MIN_GRANULARITY) // 8 + 1
+    return (1 << 20) + bitmap * 4 // 3 + 4
 
 
 def _field(body: dict[str, Any], key: str, kind: type) -> Any:
@@ -131,12 +151,23 @@ def routes(service: Service) -> web.RouteTableDef:
             size = body.get("size")
             if not isinstance(size, int | str) or isinstance(size, bool):
                 raise UsageError(msg="field 'size' is required (bytes or a size such as 4GiB)")
-            info = service.create_volume(name, parse_size(size))
+            peer_target = body.get("peer_target", False)
+            if not isinstance(peer_target, bool):
+                raise UsageError(msg="field 'peer_target' must be true or false")
+            info = service.create_volume(name, parse_size(size), peer_target)
         return web.json_response(info, status=201)
 
     @r.get("/v1/volumes/{name}")
     async def volume_info(request: web.Request) -> web.Response:
         return web.json_response(service.volume_info(request.match_info["name"]))
+
+    @r.put("/v1/volumes/{name}/peer-target")
+    async def peer_target(request: web.Request) -> web.Response:
+        body = await _body(request)
+        on = body.get("enabled")
+        if not isinstance(on, bool):
+            raise UsageError(msg="field 'enabled' is required (true or false)")
+        return web.json_response(service.set_peer_target(request.match_info["name"], on))
 
     @r.delete("/v1/volumes/{name}")
     async def remove_volume(request: web.Request) -> web.Response:
@@ -186,7 +217,10 @@ def routes(service: Service) -> web.RouteTableDef:
     async def put_guard(request: web.Request) -> web.Response:
         body = await _body(request)
         info = service.put_guard(
-            request.match_info["volume"], _field(body, "holder", str), _field(body, "secret", str)
+            request.match_info["volume"],
+            _field(body, "holder", str),
+            _field(body, "secret", str),
+            _optional(body, "current"),
         )
         return web.json_response(info)
 
@@ -198,7 +232,8 @@ def routes(service: Service) -> web.RouteTableDef:
 
     @r.post("/v1/peer/reversals")
     async def adopt_session(request: web.Request) -> web.Response:
-        info, new = await service.adopt_session(await _body(request))
+        body = await _body(request, cap=_reversal_cap(service))
+        info, new = await service.adopt_session(body)
         return web.json_response(info, status=201 if new else 200)
 
     @r.post("/v1/peer/reversals/{request}/settle")

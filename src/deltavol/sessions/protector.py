@@ -19,7 +19,9 @@ Design notes
   contents go to the target at once, its transfer bit is cleared, and a checkpoint makes
   that durable before the change goes down. A target that fails or does not answer
   within ``target_timeout`` costs the update its point in time, not the client its write
-  (``Session._give_up_mark``).
+  (``Session._give_up_mark``). While a restore takes the update back (``target_writes``
+  shut), the target is not touched at all: the mark is given up at once, and the
+  restore's connection is left alone.
 * **Records are not synced** (``copy/save_area.py``): a save writes its record into the
   page cache and the change goes down. A killed server finds every record; after a power
   loss an update whose records may be lost re-marks (``SessionFiles.load``).
@@ -264,6 +266,13 @@ class Protector:
                 break
             update.cofw_saved_bytes += end - start
         else:
+            return
+        if session.target_writes.shut:
+            # a restore is taking the update back (target_writes.py): its target still holds
+            # the point in time and must not be written, and the connection opening is the
+            # restore's. The mark is given up, durably before the change goes down: if the
+            # restore does not start after all, the update goes on as of a new mark
+            session._give_up_mark(update, f"copy-before-write of chunk {c}: the update is being taken back")
             return
         if deadline is None:
             deadline = asyncio.get_running_loop().time() + session.target_timeout

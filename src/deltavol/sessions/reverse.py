@@ -44,8 +44,9 @@ Design notes
   the session is as before. (c) R commits in 2 and L dies before 3: settling answers
   ``adopted`` and L finishes step 3. (d) R unreachable when L settles: the reverse stays
   pending, A stays guarded (nobody writes it), the session's updates are not scheduled,
-  and the next ``reverse`` or ``remove`` or start settles it. In every case exactly one
-  server ends with session S.
+  and the next ``reverse`` or ``remove`` or start settles it. (e) L's peer file lost while
+  a request is unsettled: no way to ask R, so the same as (d), naming the file, until it is
+  put back. In every case exactly one server ends with session S.
 """
 
 from __future__ import annotations
@@ -54,10 +55,13 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import ipaddress
 import logging
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.targets import is_uri
@@ -71,6 +75,7 @@ from deltavol.errors import (
     PeerUnreachable,
     Protected,
     ReversePending,
+    TargetError,
     UsageError,
     os_error,
 )
@@ -214,6 +219,20 @@ def _own_nbd(m: SessionManager, volume: str) -> str | None:
     return None
 
 
+def _is_local(url: str) -> bool:
+    """Whether ``url`` (an API URL or NBD URI) reaches this host only: loopback or a socket."""
+    parts = urlsplit(url)
+    if parts.scheme.endswith("+unix"):
+        return True
+    host = parts.hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def _reverse_to_peer(
     m: SessionManager, s: Session, back_api: str | None, back_target: str | None
 ) -> dict[str, Any]:
@@ -223,13 +242,18 @@ async def _reverse_to_peer(
         if why is not None:
             raise NotReversible(name=name, why=why)
         old = s.source
-        back_api = back_api or peer.back_api or _own_api(m)
-        back_target = back_target or peer.back_target or _own_nbd(m, old.name)
+        own_api, own_nbd = _own_api(m), _own_nbd(m, old.name)
+        if not _is_local(peer.api):  # an address only this host reaches is no default for it
+            own_api = None if own_api is not None and _is_local(own_api) else own_api
+            own_nbd = None if own_nbd is not None and _is_local(own_nbd) else own_nbd
+        back_api = back_api or peer.back_api or own_api
+        back_target = back_target or peer.back_target or own_nbd
         if back_api is None or back_target is None:
             raise NotReversible(
                 name=name,
                 why="its peer needs this server's API and NBD address to reverse back: serve the "
-                "API on TCP (serve --api HOST:PORT), or give --reverse-api URL and --reverse-target URI",
+                "API on TCP (serve --api HOST:PORT), or give --reverse-api URL and --reverse-target URI "
+                "(a loopback address or a unix socket is no default for a peer on another host)",
             )
         if old.connections:
             raise InUse(
@@ -278,7 +302,8 @@ async def _reverse_to_peer(
             "next_update_id": s.next_update_id,
             "max_rate": s.max_rate,
             "every": s.every,
-            "tracking": base64.b64encode(bits).decode(),
+            "tracking": base64.b64encode(zlib.compress(bits)).decode(),
+            "tracking_encoding": "zlib",
             "peer": {"api": back_api, "token": own_token},
             "back": {"api": peer.api, "target": s.target_spec},
         }
@@ -355,9 +380,19 @@ async def _settle(m: SessionManager, s: Session) -> str:
     holds the session's operation). Raises ``ReversePending`` when the peer does not answer."""
     name, peer = s.name, m.peers.get(s.name)
     request = m.pending[name]
-    if peer is None:  # no way to ask: the file was lost; the reverse cannot have been sent
-        _undo(m, s)
-        return "aborted"
+    if peer is None:  # lost or unreadable: read it again (it may have been put back)
+        path = m.peer_files.path(name)
+        try:
+            peer = m.peer_files.load(name)
+        except DeltavolError as exc:
+            s.last_error = f"reverse not settled: {exc.message}"
+            raise ReversePending(name=name, api="its peer", why=exc.message) from exc
+        if peer is None:  # no way to ask: the peer may have taken the session; undoing
+            # here would leave two writable directions, so the source stays guarded
+            why = f"peer file {path} is missing or unreadable: put it back to settle"
+            s.last_error = f"reverse not settled: {why}"
+            raise ReversePending(name=name, api="its peer", why=why)
+        m.peers[name] = peer
     try:
         answer = await peers.call(peer, "POST", f"/v1/peer/reversals/{request}/settle", {"session": name})
     except DeltavolError as exc:
@@ -404,7 +439,31 @@ def _number(body: dict[str, Any], key: str, required: bool = True) -> int | None
         return None
     if not isinstance(value, int) or isinstance(value, bool):
         raise UsageError(msg=f"field {key!r} is required (a whole number)")
+    if not 1 <= value < 1 << 63:  # each a size, rate, interval or id: positive, fits its column
+        raise UsageError(msg=f"field {key!r} must be from 1 to 2**63-1, not {value}")
     return value
+
+
+def _tracking(body: dict[str, Any], size: int, granularity: int) -> Bitmap:
+    """The peer's tracking bits: base64, zlib-compressed when ``tracking_encoding`` says so
+    (never inflated past the bitmap's size), one bit per chunk of the volume, no more."""
+    encoding = body.get("tracking_encoding")
+    if encoding not in (None, "zlib"):
+        raise UsageError(msg=f"field 'tracking_encoding' must be 'zlib' or absent, not {encoding!r}")
+    nbits = -(-size // granularity)
+    expected = (nbits + 7) // 8
+    try:
+        raw = base64.b64decode(_text(body, "tracking"), validate=True)
+        if encoding == "zlib":
+            inflate = zlib.decompressobj()
+            raw = inflate.decompress(raw, expected + 1)
+            if not inflate.eof or inflate.unconsumed_tail:
+                raise ValueError(f"more than the {expected} bytes of this volume's bitmap, or cut short")
+        if len(raw) == expected and nbits % 8 and raw[-1] >> (nbits % 8):
+            raise ValueError(f"bits set past the volume's last chunk ({nbits} chunks)")
+        return Bitmap.from_bytes(size, granularity, raw)
+    except (ValueError, binascii.Error, zlib.error) as exc:
+        raise UsageError(msg=f"field 'tracking' is not a bitmap of this volume: {exc}") from exc
 
 
 def _outcome(m: SessionManager, request: str) -> str | None:
@@ -436,10 +495,7 @@ async def adopt(m: SessionManager, body: dict[str, Any]) -> tuple[dict[str, Any]
         raise AlreadyExists(kind="session", name=name)
     if _number(body, "size") != vol.size:
         raise UsageError(msg=f"volume {source!r} is {vol.size} bytes, the peer's source {body.get('size')}")
-    try:
-        tracking = Bitmap.from_bytes(vol.size, granularity, base64.b64decode(_text(body, "tracking")))
-    except (ValueError, binascii.Error) as exc:
-        raise UsageError(msg=f"field 'tracking' is not a bitmap of this volume: {exc}") from exc
+    tracking = _tracking(body, vol.size, granularity)
     them, back = body.get("peer"), body.get("back")
     if not isinstance(them, dict) or not isinstance(back, dict):
         raise UsageError(msg="fields 'peer' and 'back' are required (objects)")
@@ -474,6 +530,7 @@ async def adopt(m: SessionManager, body: dict[str, Any]) -> tuple[dict[str, Any]
     committed = False
     try:
         m.peer_files.save(name, peer)  # before the row: garbage if it never commits
+        await _probe(m, name, target, peer, vol.size)
         async with vol.gate.closed():  # no change passes between the guard's end and tracking
             if name in m._sessions or name in m._reversing:
                 raise AlreadyExists(kind="session", name=name)
@@ -504,6 +561,20 @@ async def adopt(m: SessionManager, body: dict[str, Any]) -> tuple[dict[str, Any]
     return s.status(), True
 
 
+async def _probe(m: SessionManager, name: str, target: str, peer: Peer, size: int) -> None:
+    """The session's new target opens, through its guard, writable and of the source's size:
+    a session this server could not copy is not taken (409: the peer keeps it)."""
+    try:
+        probe = await m.nbd_target(target, peer).open()
+    except TargetError as exc:
+        raise Conflict(msg=f"session {name!r}: cannot write its target from here: {exc.message}") from exc
+    try:
+        if probe.size != size:
+            raise Conflict(msg=f"session {name!r}: its target {target} is {probe.size} bytes, not {size}")
+    finally:
+        await probe.close()
+
+
 def settle_request(m: SessionManager, request: str) -> dict[str, Any]:
     """``POST /v1/peer/reversals/ID/settle``: how a request ended. One not adopted is
     recorded as aborted, for good, in the same step: it is never adopted later."""
@@ -518,14 +589,34 @@ def settle_request(m: SessionManager, request: str) -> dict[str, Any]:
     return {"request": request, "outcome": outcome}
 
 
-def put_guard(m: SessionManager, volume: str, holder: str, secret: str) -> dict[str, Any]:
-    """``PUT /v1/peer/guards/VOLUME``: the volume becomes the target of ``holder``. The same
-    holder again replaces its secret (a create retried); another holder is refused."""
+MAX_HOLDER = 200  # characters of a guard's holder (shown by ``volume info``)
+
+
+def check_holder(holder: str) -> str:
+    if not holder or len(holder) > MAX_HOLDER or not holder.isprintable():
+        raise UsageError(msg=f"field 'holder' must be printable text of 1 to {MAX_HOLDER} characters")
+    return holder
+
+
+def put_guard(
+    m: SessionManager, volume: str, holder: str, secret: str, current: str | None = None
+) -> dict[str, Any]:
+    """``PUT /v1/peer/guards/VOLUME``: the volume becomes the target of ``holder``. Only a
+    volume the administrator made a peer target may be guarded. A guard that stands is
+    replaced only by who shows its secret (``current``: a create retried after a crash);
+    the same guard again (same holder and secret) is no change."""
+    check_holder(holder)
     vol = m.volumes.get(volume)
     guard = vol.peer_guard
-    if guard is not None and guard.holder != holder:
-        raise InUse(kind="volume", name=volume, why=str(vol.why_guarded()))
-    if guard is None:
+    if guard is not None:
+        if guard.holder == holder and guard.admits(secret):
+            return {"volume": volume, "guarded_by": holder}
+        if current is None or guard.holder != holder or not guard.admits(current):
+            raise InUse(kind="volume", name=volume, why=str(vol.why_guarded()))
+    else:
+        if not vol.peer_target:
+            why = "it is no peer target: on its server, run 'deltavol volume peer-target' first"
+            raise Protected(name=volume, why=why)
         busy = m.volume_busy(vol)
         if busy is not None:
             raise InUse(kind="volume", name=volume, why=busy)

@@ -61,6 +61,7 @@ from deltavol.errors import (
     NotFound,
     NothingToResume,
     ShuttingDown,
+    TargetClaimed,
     TargetError,
 )
 from deltavol.events import EventBus
@@ -343,7 +344,10 @@ class Session:
             update.put_back(_PROTECTING, self.name)
             update.remark, self.last_error = before
             raise
-        self.copier.abort_target()
+        if not self.target_writes.shut:
+            self.copier.abort_target()
+        # else a restore claimed the update before any write to its target began: there is
+        # nothing to reset, and the connection is the restore's (target_writes.py)
         save = self.save
         # bits left to saves that will not happen now: the next change of the chunk writes its bit again
         self.tracker.saves_void(lambda c: save is not None and c in save)
@@ -355,6 +359,7 @@ class Session:
         Protection starts again with the new mark's save area, in the mark's commit."""
         update, transfer = self.update, self.transfer
         assert update is not None and transfer is not None and update.remark is not None
+        await self.copier.drain()  # the given-up target's writes land before the new mark's copies
         if self.copier.durable is not None:
             transfer.or_(self.copier.durable)  # copied, maybe not flushed: owed again
         marked_at, catchup = update.marked_at, update.catchup_bytes
@@ -390,6 +395,7 @@ class Session:
         if self.busy:
             raise AlreadyCopying(name=self.name)
         new_state = next_state(self.name, self.state, "update")
+        await self.copier.drain()  # whatever the state: no write of an earlier copy lands after the mark
         if self.state in (State.NEW, State.IDLE):
             # nothing uses the target between updates (no transfer: no copy-before-write), and
             # a connection kept since the last update or verify may have died with its server
@@ -623,6 +629,10 @@ class Session:
                 break
         except asyncio.CancelledError:
             raise
+        except TargetClaimed:
+            # a restore claimed the update (restore.py) and is stopping this task: a request
+            # that resumed in the same step as the claim met it; no failure, no retry
+            log.info("session %s: update %d stopped for a restore", self.name, self.update.id)
         except TargetError as exc:
             failure = exc.message, True
         except (DeltavolError, OSError) as exc:
@@ -637,6 +647,7 @@ class Session:
 
     def _finish(self) -> None:
         assert self.update is not None
+        new_state = next_state(self.name, self.state, "done")  # before anything changes
         self._sync_progress()
         was = (
             self.transfer,
@@ -654,7 +665,7 @@ class Session:
         self.retry.attempts = 0
         self.point_in_time = self.update.marked_at
         self.update.finished_at = now_iso()
-        self.state = next_state(self.name, self.state, "done")
+        self.state = new_state
         try:
             self._persist_row(self)  # the commit point; the files below are garbage after it
         except BaseException:
@@ -731,17 +742,26 @@ class Session:
 
     async def _stop_task(self) -> None:
         self._cancel_retry()
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if await self._stop_copy():
             self._cancel_retry()  # one its failure may have scheduled before it stopped
+
+    async def _stop_copy(self) -> bool:
+        """Stop the copy task, if one runs, and wait until it is over; a retry pending is
+        left as it is (a restore that takes the update back cancels it only once it has).
+        True if a task was stopped."""
+        task, self._task = self._task, None
+        if task is None or task.done():
+            return False
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return True
 
     @one_at_a_time
     async def pause(self) -> dict[str, Any]:
         self.state = next_state(self.name, self.state, "pause")
         await self._stop_task()
+        await self.copier.drain()  # writes of the cancelled copy: see Copier.drain
         if await self.copier.target_answers():
             await self.copier.try_checkpoint()
         # paused must be durable even when that checkpoint failed or was skipped (its row

@@ -13,8 +13,8 @@ its version 1 rows stay as they are and are read by the version 1 migration of
 only format 1 then refuses the database at open, instead of failing on a row it cannot
 read.
 
-Tables ``guards``, ``reversals`` and ``adoptions`` (sessions between two deltavol servers,
-``sessions/reverse.py``) are created when missing; they need no new format version: a
+Tables ``guards``, ``reversals``, ``adoptions`` and ``peer_targets`` (sessions between two
+deltavol servers, ``sessions/reverse.py``) are created when missing; they need no new format version: a
 deltavol that does not know them ignores them (and with them the guards they hold).
 """
 
@@ -66,6 +66,9 @@ CREATE TABLE IF NOT EXISTS adoptions (
     request TEXT PRIMARY KEY,
     session TEXT NOT NULL,
     outcome TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS peer_targets (
+    volume TEXT PRIMARY KEY REFERENCES volumes(name)
 );
 """
 

@@ -42,8 +42,9 @@ class Pair:
         export: str = "disk",
         split: Splitter = whole,
         delivery: int = 0,
+        shown: str | None = None,
     ) -> None:
-        self.client = ClientConnection(export, structured=structured, block_status=block_status)
+        self.client = ClientConnection(export, structured=structured, block_status=block_status, shown=shown)
         self.server = ServerConnection()
         self.disk = bytearray(SIZE)
         self.split = split
@@ -171,6 +172,18 @@ def test_a_refused_export_name_fails_the_handshake() -> None:
     assert isinstance(pair.client.next_event(), Closed)
     with pytest.raises(RuntimeError):
         pair.client.request(Cmd.READ, 0, 512)
+
+
+def test_a_refused_guarded_export_name_keeps_its_secret_out_of_the_reason() -> None:
+    """``NAME@SECRET`` (a peer guard's secret) is sent, but messages say ``NAME@...``."""
+    pair = Pair(export="B@topsecret")
+    events = pair.pump()
+    assert pair.server_events[0] == OptInfo("B@topsecret", (3,), go=True)  # the wire name
+    assert len(events) == 1 and isinstance(events[0], HandshakeFailed)
+    ours = events[0].reason.partition(": ")[0]
+    assert ours == "server refused export 'B@...'", events[0].reason
+    assert "topsecret" not in ours
+    assert Pair(export="x", shown="y").client.shown == "y" and Pair(export="disk").client.shown == "disk"
 
 
 def test_requests_before_ready_are_refused() -> None:
