@@ -696,7 +696,6 @@ class SessionManager:
             raise UsageError(
                 msg=f"target {target} ({size} bytes) is smaller than source {source} ({src.size} bytes)"
             )
-        s = self._new(name, src, target, granularity, max_rate=max_rate, every=every)
         # A write in flight on the source may have passed its hooks before this session's
         # tracking hook existed: wired in with the gate closed, every write either went
         # down before (and the first update, a full one, copies it) or is tracked. So on a
@@ -715,6 +714,9 @@ class SessionManager:
             self._check_roles(name, source, target)
             if tvol is not None and tvol.connections:  # one came while the gates closed
                 raise InUse(kind="volume", name=target, why=f"{tvol.connections} NBD connection(s) open")
+            # made in the turn it is wired in: the source's wiring (and the group commit its
+            # tracking shares) may have gone with its last session while this one waited
+            s = self._new(name, src, target, granularity, max_rate=max_rate, every=every)
             s.create_files()
             self._attach(s)
             self._sessions[name] = s
