@@ -96,8 +96,11 @@ full disk) never leaves a gap before a good record. A write that fails for anoth
 (the kernel may have dropped the pages it could not write, and a later fdatasync would
 make records durable behind that gap): ``save`` returns False from then on and the
 caller falls back to copy-before-write. Syncs and piece reads run in pool threads:
-``close`` waits until none uses the fd (``_using_fd``), else one could sync or read the
-file that reused it. The file is deleted when its session goes.
+``close`` never waits for them (the event loop must not wait for a stalled disk): it
+makes the area unusable at once (a sync or read from then on raises EBADF) and leaves
+the fd to the last thread still using it, which closes it as it returns
+(``_using_fd``); so no thread syncs or reads a file that reused the fd. The file is
+deleted when its session goes (an unlink with the fd still open is fine).
 Rewriting the header in place relies on its 60 bytes being written whole (one sector);
 the header only changes before the session row commits a mark, and a restart drops a
 save area no update owns. ``limit`` bounds the file; past it ``save`` returns False too.
@@ -158,10 +161,11 @@ class SaveArea:
         self._synced = HEADER_SIZE  # the records before this are durable (see the notes)
         self._record = RECORD  # RECORD_V3 for an area of version 3 (``open``)
         self._fd = -1
-        # threads using the fd (a sync, reads of pieces): close() waits until there are
-        # none, else a thread could sync or read whatever file reused the fd (``_using_fd``)
+        # threads using the fd (a sync, reads of pieces): the fd is closed only once there
+        # are none, else a thread could sync or read whatever file reused it (``_using_fd``)
         self._fd_users = 0
-        self._fd_idle = threading.Condition()
+        self._fd_idle = threading.Lock()
+        self._fd_closing = -1  # closed while in use: the last user closes it (``close``)
         # an area of version 3 or 4, reopened: each save is synced (group commit) until
         # its update ends, as that version promised (see the notes)
         self.synced_saves = False
@@ -389,11 +393,19 @@ class SaveArea:
         return chunk, start, length, synced, data
 
     def close(self) -> None:
-        with self._fd_idle:  # a sync or a read in a thread is over, or sees it closed
-            self._fd_idle.wait_for(lambda: not self._fd_users)
-            if self._fd >= 0:
-                fs.close(self._fd)
-                self._fd = -1
+        """Close the area at once, without waiting: from now on a sync or a read raises
+        EBADF. A thread still using the fd (a read of pieces, a sync on a stalled disk)
+        keeps it open, and the last of them closes it as it returns (``_using_fd``): the
+        event loop never waits for the disk, and no thread sees the fd reused."""
+        with self._fd_idle:  # held only while a thread counts itself in or out
+            fd, self._fd = self._fd, -1
+            if fd < 0:
+                return
+            if self._fd_users:
+                self._fd_closing = fd
+                log.info("save area %s: in use by a thread: closed when it is done", self.path)
+                return
+        fs.close(fd)
 
     @contextlib.contextmanager
     def _using_fd(self) -> Iterator[int]:
@@ -409,8 +421,12 @@ class SaveArea:
         finally:
             with self._fd_idle:
                 self._fd_users -= 1
+                closing = -1
                 if not self._fd_users:
-                    self._fd_idle.notify_all()
+                    closing, self._fd_closing = self._fd_closing, -1
+            if closing >= 0:  # ``close`` came meanwhile and left the fd to the last user
+                with contextlib.suppress(OSError):
+                    fs.close(closing)
 
     def delete(self) -> None:
         self.close()
