@@ -291,7 +291,11 @@ class TrackingFile:
         self._shift = (self.hot.granularity // granularity).bit_length() - 1  # chunk >> _shift: region
         self._hot_at = _hot_at(Bitmap(size, granularity).nbits)
         self._fd = -1  # until ``rewrite`` writes the file
+        # held only to take, swap or count the fd, never across I/O: the event loop must
+        # not wait for a round's sync on a stalled disk (``close``, ``rewrite``)
         self._fd_lock = threading.Lock()
+        self._fd_users = 0  # round threads syncing the fd
+        self._fd_closing: list[int] = []  # fds replaced or closed meanwhile: the last user closes them
         self._pending: set[int] = set()  # pages of hot bits to write at the next round
         self._lru: dict[int, int] = {}  # the hot set, least recently used first: region -> its last _seq
         self._covering: dict[int, asyncio.Future[None]] = {}  # region -> round making it durable
@@ -445,20 +449,48 @@ class TrackingFile:
             raise os_error(exc, f"tracking bitmap {self.path}") from exc
 
     def sync(self) -> None:
-        with self._fd_lock:  # close() and rewrite() must not swap the fd under a round's thread
+        with self._fd_lock:  # close() and rewrite() may swap the fd meanwhile: not close it
             if self._fd < 0:  # closed (its session is gone): nothing left to make durable
                 return
+            fd, dir_unsynced = self._fd, self._dir_unsynced
+            self._fd_users += 1
+        try:
             try:
-                fs.fdatasync(self._fd)
+                fs.fdatasync(fd)
             except OSError as exc:
                 self._sync_failed = True
                 raise os_error(exc, f"tracking bitmap {self.path}") from exc
-            if self._dir_unsynced:
+            if dir_unsynced:
                 try:
                     fs.sync_dir(self.path.parent)
                 except OSError as exc:
                     raise os_error(exc, f"directory of tracking bitmap {self.path}") from exc
-                self._dir_unsynced = False
+                with self._fd_lock:
+                    if self._fd == fd:  # not for a file that replaced it meanwhile
+                        self._dir_unsynced = False
+        finally:
+            self._release_fd()
+
+    def _release_fd(self) -> None:
+        """A round's thread is done with the fd: the last one closes what was let go meanwhile."""
+        with self._fd_lock:
+            self._fd_users -= 1
+            closing: list[int] = []
+            if not self._fd_users:
+                closing, self._fd_closing = self._fd_closing, []
+        for fd in closing:
+            with contextlib.suppress(OSError):
+                fs.close(fd)
+
+    def _let_go(self, fd: int) -> None:
+        """Close ``fd`` (swapped out under ``_fd_lock``) now, or, while a round's thread
+        syncs it, when that thread is done: the loop never waits for the disk."""
+        with self._fd_lock:
+            if self._fd_users:
+                self._fd_closing.append(fd)
+                return
+        with contextlib.suppress(OSError):
+            fs.close(fd)
 
     def round(self) -> asyncio.Future[None]:
         """The group-commit round that makes the bits written so far durable."""
@@ -580,14 +612,13 @@ class TrackingFile:
         self.lost, self._lost_header = None, b""
         self._bitmap, self._generation = bitmap, generation
         if old >= 0:  # last: the state above goes with the new fd whatever this does
-            with contextlib.suppress(OSError):
-                fs.close(old)
+            self._let_go(old)
 
     def close(self) -> None:
         if self._settle is not None:
             self._settle.cancel()
             self._settle = None
         with self._fd_lock:
-            if self._fd >= 0:
-                fs.close(self._fd)
-                self._fd = -1
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            self._let_go(fd)
