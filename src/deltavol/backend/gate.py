@@ -3,6 +3,10 @@
 Writes pass the gate shared; ``closed()`` waits for writes in flight to finish and holds
 new ones back while a session marks (tracking -> transfer) or resets its tracking bitmap.
 
+``shut()`` closes it for good when the server stops: once the writes in flight are
+done, the sessions seal and close their files, and no write may pass after that (it
+would find them closed, or open their target again).
+
 ``epoch`` counts the moments when what the write path may skip could have changed (every
 closing, and ``changed()`` for the rest): ``BeforeChange`` forgets what it cached then.
 """
@@ -22,6 +26,7 @@ class WriteGate:
         self._idle = asyncio.Event()
         self._idle.set()
         self._reopened: asyncio.Event | None = None
+        self._shut: asyncio.Event | None = None  # never set: ``shut``
         self.epoch = 0
 
     def changed(self) -> None:
@@ -30,17 +35,20 @@ class WriteGate:
 
     @property
     def open(self) -> bool:
-        return self._reopened is None
+        return self._reopened is None and self._shut is None
 
     async def enter(self) -> None:
-        while self._reopened is not None:
-            await self._reopened.wait()
+        while not self.open:
+            if self._shut is not None:
+                await self._shut.wait()  # until the process ends
+            elif self._reopened is not None:
+                await self._reopened.wait()
         self._writers += 1
         self._idle.clear()
 
     def enter_now(self) -> bool:
         """``enter`` if that needs no waiting (the gate is open); False if it would."""
-        if self._reopened is not None:
+        if not self.open:
             return False
         self._writers += 1
         self._idle.clear()
@@ -50,6 +58,15 @@ class WriteGate:
         self._writers -= 1
         if not self._writers:
             self._idle.set()
+
+    async def shut(self) -> None:
+        """Close the gate for good (the server stops): no write passes from now on (it
+        waits until the process ends); returns once the writes in flight are done.
+        ``closed`` still works (it waits for no writer)."""
+        if self._shut is None:
+            self._shut = asyncio.Event()
+            self.epoch += 1
+        await self._idle.wait()
 
     @asynccontextmanager
     async def closed(self) -> AsyncIterator[None]:

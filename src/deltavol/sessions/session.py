@@ -883,6 +883,10 @@ class Session:
 
     async def _shutdown(self) -> None:
         await self._stop_task()
+        # the writes in flight finish first (a copy-before-write with the target still
+        # open, a save with room), and none passes after: one would find the save area
+        # sealed and open the target again for a copy-before-write, or give up the mark
+        await self._gate.shut()
         if self.state is State.COPYING and await self.copier.target_answers():
             await self.copier.try_checkpoint()
         await self.copier.drop_target()

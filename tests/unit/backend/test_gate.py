@@ -81,3 +81,25 @@ async def test_a_change_let_through_before_a_guard_is_refused_once_past_the_gate
         assert await vol.export.pread(0, 8192) == bytes(4096) + b"\x77" * 4096
     finally:
         await vol.backend.close()
+
+
+async def test_shut_waits_for_writers_and_lets_none_pass_after() -> None:
+    """The server stops: ``shut`` returns once the write in flight is done, and a write
+    that comes after never passes, now or after a mark's ``closed``."""
+    gate = WriteGate()
+    await gate.enter()  # a write in flight
+    shutting = asyncio.create_task(gate.shut())
+    await until(lambda: not gate.open, "the gate shutting")
+    assert not gate.enter_now()
+    late = asyncio.create_task(gate.enter())
+    await asyncio.sleep(0)
+    assert not shutting.done()  # the write in flight is not done yet
+    gate.leave()
+    await shutting
+    async with gate.closed():  # another session's mark or shutdown still gets through
+        pass
+    await gate.shut()  # again: at once
+    done, _ = await asyncio.wait([late], timeout=0.2)
+    assert not done, "a write passed the shut gate"
+    assert not gate.open and not gate.enter_now()
+    late.cancel()

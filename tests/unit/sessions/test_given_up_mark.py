@@ -265,21 +265,24 @@ async def test_a_failed_re_mark_keeps_on_disk_the_bits_its_save_area_voided(
 
 
 async def test_a_copy_before_write_that_outlives_a_remove_does_not_bring_the_row_back(rig: Rig) -> None:
-    """``session remove`` stops the session and deletes its row and files while a client's
-    write waits in copy-before-write (as SessionManager.remove does)."""
+    """``session remove`` deletes the session's row, stops it and waits at the write gate
+    for a client's write in copy-before-write before its hooks and files go (as
+    SessionManager.remove does); the write's wait for the target ends during the remove."""
     target, rows = Target(), Rows()
     s = rig.session("s", target, rows)  # no room in its save area: copy-before-write
     rig.change_before_mark(s, CHANGED, 0xA1)
     target.go.clear()  # a target that does not answer in time
     await s.start_update(False)
-    stopping = asyncio.create_task(s.shutdown())  # its flush waits for the target
-    await asyncio.sleep(TIMEOUT / 3)  # so the write's wait ends after the remove
     write = asyncio.create_task(rig.write(3, 0xEE))  # an owed chunk: copy-before-write
-    await stopping
+    await until(lambda: target.asked > 0)  # the write (or the copy) waits for the target
     rows.row.clear()  # DELETE FROM sessions
-    s.removed = True
-    rig.wiring.sessions.remove(s)
-    rig.wiring.rehook()
+    s.removed = s.closed = True
+    await s._stop_task()
+    await s.copier.drop_target()
+    async with s._gate.closed():  # the write in flight ends first
+        rig.wiring.sessions.remove(s)
+        rig.wiring.rehook()
+    await s.copier.drop_target()
     s.delete_files()
     async with asyncio.timeout(WAIT):
         await asyncio.wait([write])
