@@ -459,6 +459,10 @@ class SessionManager:
             conn.execute("DELETE FROM meta WHERE key = ?", (f"untracked:{name}",))
         del self.unavailable[name]
         del self._unloaded[name]
+        # its peer file goes with the row, before any await: a create of this name may come
+        # in meanwhile and write its own (the secret stays in memory for the peer's DELETE)
+        peer = self.peers.pop(name, None)
+        self.peer_files.delete(name)
         vol = self.volumes.find(u.target)
         if vol is not None:
             vol.write_guard = lambda: None
@@ -472,10 +476,8 @@ class SessionManager:
             fs.sync_dir(self.save)
         except OSError as exc:  # the row is gone: a later session of this name removes them
             log.warning("session %s: files not removed: %s", name, exc.strerror or exc)
-        peer = self.peers.pop(name, None)
         if peer is not None:  # the target goes back to the peer's clients
             await self.drop_peer_guard(name, u.target, peer)
-            self.peer_files.delete(name)
         log.info("session %s: removed (it was unavailable)", name)
 
     def _unload(self, s: Session) -> None:
@@ -682,6 +684,10 @@ class SessionManager:
         self, name: str, src: Volume, target: str, granularity: int, max_rate: int | None, every: int | None
     ) -> Session:
         source = src.name
+        if name not in self.peers:
+            # a peer file left by a session of this name whose removal died before deleting
+            # it: gone durably before this session's row, or it would be this session's peer
+            self.peer_files.discard(name)
         tvol: Volume | None = None
         if is_uri(target):
             probe: CopyTarget = await self.nbd_target(target, self.peers.get(name)).open()
@@ -756,6 +762,10 @@ class SessionManager:
                     conn.execute("DELETE FROM sessions WHERE name = ?", (name,))
                 s.removed = s.closed = True
                 del self._sessions[name]
+                # its peer file goes with the row, before any await: a create of this name
+                # may come in meanwhile and write its own (the secret stays in memory)
+                peer = self.peers.pop(name, None)
+                self.peer_files.delete(name)
                 try:
                     await s._stop_task()
                     await s.copier.drop_target()  # waits for the copy's writes its cancel left in a thread
@@ -766,8 +776,6 @@ class SessionManager:
                 await s.copier.drop_target()  # such a write may have opened it again
                 await restore.forget(s)  # a restore's guard on the source and its file
                 s.delete_files()
-                peer = self.peers.pop(name, None)
                 if peer is not None:  # the target goes back to the peer's clients
                     await self.drop_peer_guard(name, s.target_spec, peer)
-                    self.peer_files.delete(name)
         log.info("session %s: removed", name)

@@ -95,11 +95,18 @@ class PeerFiles:
 
     def delete(self, name: str) -> None:
         try:
+            self.discard(name)
+        except DeltavolError as exc:
+            log.warning("session %s: %s", name, exc.message)
+
+    def discard(self, name: str) -> None:
+        """Remove the peer file of ``name``, durably; raises if that fails."""
+        try:
             fs.unlink(self.path(name), missing_ok=True)
             if self.dir.exists():
                 fs.sync_dir(self.dir)
         except OSError as exc:
-            log.warning("session %s: peer file not removed: %s", name, exc.strerror or exc)
+            raise os_error(exc, f"removing the peer file of session {name}") from exc
 
     def own_token(self) -> str:
         """This server's peer token, made on first use."""
