@@ -101,6 +101,7 @@ HOT = 4 * G  # hot region of the tracking files
 SECTORS = SIZE // SECTOR
 SOURCES = ("src0", "src1")
 MAX_SESSIONS = 3
+TARGETS = tuple(f"tgt{i}" for i in range(MAX_SESSIONS))  # local volumes a session may copy to
 HANG_S = 120.0
 LIFE_S = (20.0, 90.0)
 META = ("/bitmaps/", "/save/")
@@ -167,7 +168,35 @@ def pattern(op: int, first: int, n: int) -> list[bytes]:
 
 # What a seed may do; ``off`` (DELTAVOL_SIM_OFF=a,b) leaves some out, to look at one
 # class of defect at a time.
-KNOBS = ("concurrent_ops", "create_race", "faults", "targets", "power", "crash_io", "full")
+KNOBS = ("concurrent_ops", "create_race", "faults", "targets", "power", "crash_io", "full", "local")
+
+
+class LocalHost:
+    """A local volume as a session's target: the checks read its file on the simulated
+    disk, as the page cache has it (``cache``) and as a power cut would leave it if
+    nothing more were synced (``durable``, the log left out). It has no trouble of its
+    own (``_op_target`` leaves it alone): its writes fail and get lost with the disk's."""
+
+    def __init__(self, name: str, fs: SimFS, path: Path) -> None:
+        self.name = name
+        self.fs = fs
+        self.path = str(path)
+        self.down_until = self.silent_until = self.slow_until = 0.0
+
+    def _get(self, durable: bool) -> bytes:
+        inode = self.fs.names.get(self.path)
+        if inode is None:
+            return bytes(SIZE)
+        data = inode.durable if durable else inode.data
+        return bytes(data[:SIZE]).ljust(SIZE, b"\0")
+
+    @property
+    def cache(self) -> bytes:
+        return self._get(False)
+
+    @property
+    def durable(self) -> bytes:
+        return self._get(True)
 
 
 class Sim:
@@ -194,7 +223,7 @@ class Sim:
             retry_backoff=self.rng.choice((0.5, 2.0)),
         )
         self.events: list[str] = []
-        self.hosts: dict[str, TargetHost] = {}
+        self.hosts: dict[str, TargetHost | LocalHost] = {}
         self.models: dict[str, SourceModel] = {}
         self.images: dict[str, dict[str, bytes]] = {}
         self.stamps = 0
@@ -215,6 +244,8 @@ class Sim:
         self.locks: dict[str, asyncio.Lock] = {}
         self.quiet = {v: 0 for v in SOURCES}
         self.removed: set[str] = set()
+        # the share of sessions whose target is a local volume (the kernel copy's path)
+        self.local_share = self.rng.choice((0.0, 0.3, 0.6, 1.0)) if "local" in self.on else 0.0
 
     # --- bookkeeping ---------------------------------------------------------------------
     def event(self, what: str) -> None:
@@ -290,6 +321,7 @@ class Sim:
 
     def _uninstall(self, saved: list[tuple[Any, str, Any]]) -> None:
         self._bury()
+        self.fs.close_workers()
         fs.use(self._old_fs)
         for obj, attr, value in reversed(saved):
             if isinstance(obj, dict):
@@ -357,6 +389,8 @@ class Sim:
                 self.background_errors.append(f"{t.get_name()}: {exc!r}")
                 self.event(f"background task {t.get_name()} died: {exc!r}")
             self.graveyard.extend(t for t in tasks if not t.done())
+            if not halted and end == "clean":
+                self.fs.end_workers(finish=True)  # a clean exit waits for its threads
             if halted or end != "clean":
                 self._bury()
             loop.close()
@@ -369,7 +403,7 @@ class Sim:
                 self.event("power cut")
                 self.fs.power_loss()
                 for h in self.hosts.values():
-                    if self.rng.random() < 0.3:  # a local target, or its host on the same power
+                    if isinstance(h, TargetHost) and self.rng.random() < 0.3:  # on the same power
                         self.event(f"target {h.name} loses power too")
                         h.crash()
                 self._power_checked = False
@@ -397,6 +431,8 @@ class Sim:
             for v in SOURCES:
                 service.create_volume(v, SIZE)
                 self.models[v] = SourceModel(bytes(SIZE))
+            for v in TARGETS:
+                service.create_volume(v, SIZE)
             if crash_at is not None:
                 self.fs.crash_at = crash_at + self.fs.ops - before
         try:
@@ -638,8 +674,14 @@ class Sim:
     async def _op_create(self, service: Any) -> None:
         self.created += 1
         name = f"s{self.created}"
-        uri = f"nbd+unix:///{name}?socket=sim"
-        self.hosts[uri] = TargetHost(name, SIZE, Random(self.rng.random()), self.fs)
+        used = {s.target_spec for s in service.sessions.all()}
+        free = [t for t in TARGETS if t not in used]
+        if free and self.rng.random() < self.local_share:
+            uri = self.rng.choice(free)
+            self.hosts[uri] = LocalHost(uri, self.fs, self.root / "volumes" / f"{uri}.img")
+        else:
+            uri = f"nbd+unix:///{name}?socket=sim"
+            self.hosts[uri] = TargetHost(name, SIZE, Random(self.rng.random()), self.fs)
         src = self.rng.choice(SOURCES)
         if "create_race" not in self.on:  # no client write in flight on the source meanwhile
             self.quiet[src] += 1
@@ -661,6 +703,8 @@ class Sim:
 
     def _op_target(self, s: Session) -> None:
         host, rng, now = self.hosts[s.target_spec], self.rng, self.clock.now
+        if not isinstance(host, TargetHost):
+            return  # a local volume: its trouble is the disk's (faults, crashes, power)
         kind = rng.choice(("crash", "down", "slow", "silent"))
         if kind == "crash":
             host.crash()
