@@ -3,8 +3,10 @@ save area and copy code on a simulated disk, loop and targets (``simfs.py``).
 
 Design notes
 ------------
-One seed is one world: two source volumes, sessions to remote targets created and
-removed as it goes, and a series of server lives. In each life the real ``Service``
+One seed is one world: two source volumes, sessions created and removed as it goes,
+to remote targets or (a share of them the seed picks, ``Sim.local_share``) to one of
+three local volumes on the simulated disk, copied with the kernel's copy_file_range
+(``LocalTarget``), and a series of server lives. In each life the real ``Service``
 loads the data dir from the simulated disk, client tasks write, zero, trim, flush and
 write with FUA through the volumes' exports (the NBD server's path, inline writes
 included), and an operator task issues, concurrently, the session operations (create,
@@ -28,7 +30,8 @@ The checks use an independent model, never the server's own view:
 * the image of every source at each moment the server stamps a time (``now_iso``: the
   mark's time is stamped with the write gate closed), keyed by the stamp, so a session's
   ``point_in_time`` names the image its target must equal (invariants 3 and 4).
-* the target hosts' caches and durable contents, against the source, and the session's
+* the target hosts' caches and durable contents (for a local volume: its file's page
+  cache, and what a power cut would leave of it now), against the source, and the session's
   bitmaps: wherever they may differ, the chunk must be set (invariant 2). Checked after
   every restart on what was loaded from disk, and while running on sessions that are not
   copying (a copying session's "done" bits are its files', checked at the next restart).
@@ -47,8 +50,8 @@ Running it: ``python -m tests.sim 1-50`` (or ``pytest tests/sim``, see ``test_si
 ``DELTAVOL_SIM_OFF`` takes a comma-separated subset of ``KNOBS`` to leave out (concurrent
 operations on one session and the scheduler, sessions created while writes are in flight
 on their source, data-dir faults, target trouble, power cuts, crashes at an I/O, full
-updates), to look at one class of defect at a time; ``DELTAVOL_SIM_STALLS`` sets how often
-a thread hand-off stalls (default 0.03).
+updates, sessions to local volumes), to look at one class of defect at a time;
+``DELTAVOL_SIM_STALLS`` sets how often a thread hand-off stalls (default 0.03).
 """
 
 from __future__ import annotations
