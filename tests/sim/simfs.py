@@ -488,7 +488,10 @@ class SimFS:
 
     def end_workers(self, finish: bool) -> None:
         """The parked workers run to their end (``finish``: a clean exit waits for its
-        threads) or die where they are (the process is gone)."""
+        threads; no crash point meanwhile) or die where they are (the process is gone)."""
+        crash_at = self.crash_at
+        if finish:
+            self.crash_at = None
         while self._parked:
             worker = next(iter(self._parked))
             del self._parked[worker]
@@ -499,6 +502,7 @@ class SimFS:
             worker.resume()
             worker.unparked = worker.kill = False
             self._idle.append(worker)
+        self.crash_at = crash_at
 
     def close_workers(self) -> None:
         self.end_workers(finish=False)
