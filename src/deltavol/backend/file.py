@@ -42,6 +42,7 @@ BLKGETSIZE64 = 0x80081272
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 ZERO_CHUNK = 1 << 20
+PROBE = 4096  # bytes of a data block read first to tell zeroes from data (see _copy_data)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 INLINE_WRITE_MAX = 128 << 10  # larger writes go to the pool: copying MiBs into the page cache
 # on several threads beats one loop (seq 1 MiB writes 0.65x -> 1.1x of qemu-nbd here)
@@ -246,23 +247,80 @@ class FileBackend:
         device), the thread reads and writes instead."""
         await self._run_writing("copy", self._copy_from, source, offset, length)
 
-    async def copy_spans(self, source: FileBackend, spans: list[tuple[int, int]]) -> int:
+    async def copy_spans(
+        self,
+        source: FileBackend,
+        spans: list[tuple[int, int]],
+        zeroes: list[tuple[int, int]] | None = None,
+        granularity: int = 0,
+    ) -> int:
         """Copy each (offset, length) of ``spans`` from ``source``, all in one pool thread
-        (one hand-over for many scattered chunks): the source's holes as zero requests, its
-        data as ``copy_from``. Returns the bytes copied as data."""
-        return await self._run_writing("copy", self._copy_spans, source, spans)
+        (one hand-over for many scattered chunks): its data as ``copy_from``, its holes as
+        zero requests, or, given ``zeroes``, added to it for the caller to zero later
+        (``zero_spans``). With a ``granularity``, data is read instead and each of its
+        ``granularity`` blocks that is all zeroes goes as zeroes too (``_copy_data``).
+        Returns the bytes copied as data."""
+        return await self._run_writing("copy", self._copy_spans, source, spans, zeroes, granularity)
 
-    def _copy_spans(self, source: FileBackend, spans: list[tuple[int, int]]) -> int:
+    def _copy_spans(
+        self,
+        source: FileBackend,
+        spans: list[tuple[int, int]],
+        zeroes: list[tuple[int, int]] | None,
+        granularity: int,
+    ) -> int:
         sent = 0
         for offset, length in spans:
             for n, flags in source.extents_now(offset, length):
-                if flags & STATE_HOLE:
+                if not flags & STATE_HOLE:
+                    if granularity:
+                        sent += self._copy_data(source, offset, n, zeroes, granularity)
+                    else:
+                        self._copy_from(source, offset, n)
+                        sent += n
+                elif zeroes is None:
                     self._zero(offset, n, True, False)
                 else:
-                    self._copy_from(source, offset, n)
-                    sent += n
+                    zeroes.append((offset, n))
                 offset += n
         return sent
+
+    def _copy_data(
+        self, source: FileBackend, offset: int, length: int, zeroes: list[tuple[int, int]] | None, g: int
+    ) -> int:
+        """Copy a data extent of ``source`` as ``copy_from``, but its ``g``-aligned blocks of
+        zeroes as zero requests (or into ``zeroes``): zeroes a source stores as data (a thick
+        image, a block device with no SEEK_DATA) stay unallocated on the target. A block is
+        read to be known as zeroes only if its first ``PROBE`` bytes are: data, which almost
+        always differs early, costs a small read per block. Returns the bytes copied as data."""
+        runs: list[tuple[int, int, bool]] = []  # (start, end, all zeroes)
+        pos, end = offset, offset + length
+        while pos < end:
+            nxt = min(end, pos // g * g + g)
+            zero = _all_zero(source, pos, nxt - pos)
+            if runs and runs[-1][2] == zero:
+                runs[-1] = (runs[-1][0], nxt, zero)
+            else:
+                runs.append((pos, nxt, zero))
+            pos = nxt
+        sent = 0
+        for start, stop, zero in runs:
+            if not zero:
+                self._copy_from(source, start, stop - start)
+                sent += stop - start
+            elif zeroes is None:
+                self._zero(start, stop - start, True, False)
+            else:
+                zeroes.append((start, stop - start))
+        return sent
+
+    async def zero_spans(self, spans: list[tuple[int, int]]) -> None:
+        """``zero`` (may trim) each (offset, length) of ``spans``, all in one pool thread."""
+        await self._run_writing("write zeroes", self._zero_spans, spans)
+
+    def _zero_spans(self, spans: list[tuple[int, int]]) -> None:
+        for offset, length in spans:
+            self._zero(offset, length, True, False)
 
     def _copy_from(self, source: FileBackend, offset: int, length: int) -> None:
         end = offset + length
@@ -274,9 +332,8 @@ class FileBackend:
                     raise
                 self._copy_range = False  # remember: copy through a buffer from now on
                 break
-            if n == 0:  # the source file ends early (an imported one): the rest reads as zeroes
-                self._pwrite_full(offset, bytes(end - offset), False)
-                return
+            if n == 0:  # the source ends early (an imported file), or the kernel gave up
+                break  # (copy offload refused mid-way): read the rest, past EOF as zeroes
             offset += n
         while offset < end:
             n = min(ZERO_CHUNK, end - offset)
@@ -364,6 +421,21 @@ class FileBackend:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             fs.close(fd)
+
+
+def _all_zero(source: FileBackend, offset: int, length: int) -> bool:
+    """Whether [offset, offset+length) of ``source`` reads as zeroes; its first ``PROBE``
+    bytes read first, the rest only if they are zeroes."""
+    probe = min(PROBE, length)
+    if source._pread_full(offset, probe) != _ZEROES[:probe]:
+        return False
+    pos, end = offset + probe, offset + length
+    while pos < end:
+        n = min(ZERO_CHUNK, end - pos)
+        if source._pread_full(pos, n) != _ZEROES[:n]:
+            return False
+        pos += n
+    return True
 
 
 def scan_extents(fd: int, offset: int, length: int) -> list[Extent]:

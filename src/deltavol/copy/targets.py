@@ -63,8 +63,9 @@ class LocalTarget:
 
     async def _write(self, op: Coroutine[Any, Any, T]) -> T:
         """Run a write so that cancelling the copy waiting for it (pause, cancel, remove)
-        leaves it running, as its thread does anyway, and ``close`` waits for it: no write
-        may land after the session has let go of the target."""
+        leaves it running, as its thread does anyway, and ``drain`` and ``close`` wait for
+        it: no write may land after the session has let go of the target, nor after a
+        copy that comes later."""
         fut = asyncio.ensure_future(op)
         self._writing.add(fut)
         fut.add_done_callback(_forget(self._writing))
@@ -72,23 +73,36 @@ class LocalTarget:
 
     async def pwrite(self, offset: int, data: bytes) -> None:
         await self._write(self.backend.pwrite(offset, data))
-        await self._written(len(data))
+        await self.written(len(data))
 
     async def copy_from(self, source: FileBackend, offset: int, length: int) -> None:
         """Copy [offset, offset+length) of ``source`` here in the kernel (``FileBackend.copy_from``):
         what the source holds there now is what lands, so the caller must hold it still."""
         await self._write(self.backend.copy_from(source, offset, length))
-        await self._written(length)
+        await self.written(length)
 
-    async def copy_spans(self, source: FileBackend, spans: list[tuple[int, int]]) -> int:
-        """``copy_from`` for each (offset, length) of ``spans``, the source's holes as zero
-        requests, in one hand-over to a thread (``FileBackend.copy_spans``); the bytes
-        copied as data. The caller must hold the spans of the source still."""
-        sent = await self._write(self.backend.copy_spans(source, spans))
-        await self._written(sum(n for _, n in spans))
-        return sent
+    async def copy_spans(
+        self,
+        source: FileBackend,
+        spans: list[tuple[int, int]],
+        zeroes: list[tuple[int, int]] | None = None,
+        granularity: int = 0,
+    ) -> int:
+        """``copy_from`` for each (offset, length) of ``spans`` in one hand-over to a thread
+        (``FileBackend.copy_spans``); the bytes copied as data. The caller must hold the
+        spans of the source still, and calls ``written`` after (once it holds nothing
+        more: the writeback start may wait for the disk). The source's zeroes (its holes,
+        and with a ``granularity`` its blocks of zeroes) go as zero requests in the
+        thread, or, given ``zeroes``, are added to it for ``zero_spans``."""
+        return await self._write(self.backend.copy_spans(source, spans, zeroes, granularity))
 
-    async def _written(self, n: int) -> None:
+    async def zero_spans(self, spans: list[tuple[int, int]]) -> None:
+        """Zero (punch) each (offset, length) of ``spans``, in one hand-over to a thread."""
+        if spans:
+            await self._write(self.backend.zero_spans(spans))
+
+    async def written(self, n: int) -> None:
+        """``n`` more bytes written: every ``WRITEBACK_BYTES``, start their writeback."""
         self._unstarted += n
         if self._unstarted >= self.WRITEBACK_BYTES:
             self._unstarted = 0
@@ -104,10 +118,14 @@ class LocalTarget:
     async def flush(self) -> None:
         await self.backend.flush()
 
+    async def drain(self) -> None:
+        """Wait until no write runs any more, those of a copy cancelled meanwhile too."""
+        while self._writing:
+            await asyncio.wait(set(self._writing))
+
     async def close(self) -> None:
         """The backend belongs to the volume: only the writes still under way are awaited."""
-        if self._writing:
-            await asyncio.wait(set(self._writing))
+        await self.drain()
 
     def abort(self) -> None:
         """Nothing queued here to discard; a write already in a worker thread cannot be

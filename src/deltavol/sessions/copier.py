@@ -11,7 +11,16 @@ Design notes
   pool thread copies the source with ``copy_file_range`` (holes as zero requests), many
   scattered runs to a request. While protecting, only chunks with no saved block, and
   only while their locks hold every write to them back: the source is then the mark's
-  image. A batch with a saved block goes run by run through ``copy_run``.
+  image. A batch with a saved block goes run by run through ``copy_run``, and so does
+  every batch with a save area of an older version (``synced_saves``: a save is indexed
+  only once synced, after the write's lock is let go, so "not saved" proves nothing).
+  The locks hold until the thread is over, even when the copy is cancelled (``over``):
+  it reads the source as long as it runs. The source's holes are zeroed, and the
+  writeback started, once the locks are let go: a write does not wait on the target's
+  disk for them (they are the mark's zeroes whatever the source gets meanwhile).
+* **Cancelled writes** (``drain``): a write to a local volume runs on in its thread when
+  the copy that waits for it is cancelled; a pause, a new update and a re-mark wait for
+  them all (those to a target given up too), so none lands after a later copy.
 * **Checkpoint** (``checkpoint``): a chunk is done for good only once a target flush
   sent after its copy completed has succeeded: the transfer is snapshotted, the target
   flushed, the snapshot written. Until then the chunk stays owed (``owed``: in the
@@ -31,7 +40,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
@@ -44,9 +54,11 @@ from deltavol.sessions.states import Phase
 from deltavol.store import fs
 
 if TYPE_CHECKING:
+    from deltavol.copy.save_area import SaveArea
     from deltavol.sessions.session import Session
 
 log = logging.getLogger("deltavol.session")
+T = TypeVar("T")
 BATCH_RUNS = 64  # runs of chunks one request to a local target copies at most
 
 CHECKPOINT_SECONDS = 2.0
@@ -86,6 +98,7 @@ class Copier:
         self.target: CopyTarget | None = None
         self._opening: asyncio.Future[CopyTarget] | None = None  # see ensure_target
         self._closing_targets: set[asyncio.Future[None]] = set()  # superseded connections
+        self._aborted: list[LocalTarget] = []  # given up with writes maybe still running: see drain
 
     # --- what is owed -----------------------------------------------------------------------
     def owed(self, chunk: int) -> bool:
@@ -287,6 +300,19 @@ class Copier:
         self._flush_failed = None
         if target is not None:
             target.abort()
+            if isinstance(target, LocalTarget):
+                self._aborted.append(target)
+
+    async def drain(self) -> None:
+        """Wait until no write to a local volume, the kept one or one given up, runs any
+        more. A write to it cannot be stopped: one a pause or a give-up cancelled goes on
+        in its thread, and must land before what a next copy (a next mark) writes there.
+        (A connection to a server is another matter: see ``abort_target``.)"""
+        while self._aborted:
+            await self._aborted[0].drain()
+            self._aborted.pop(0)
+        if isinstance(self.target, LocalTarget):
+            await self.target.drain()
 
     async def drop_target(self) -> None:
         """Close the target; a next one is a new connection, whose flushes cover none of
@@ -347,23 +373,26 @@ class Copier:
             pieces = [(offset, length)]
         elif update.phase is not _PROTECTING:
             if local is not None:  # nothing to hold still: what changes is copied by the catch-up
-                sent = await local.copy_spans(s.source.backend, [(offset, length)])
+                sent = await local.copy_spans(s.source.backend, [(offset, length)], None, g)
                 progress.bytes_sent += sent  # not `+= await`: see below
+                await local.written(length)
             else:
                 pieces = await self._read_by_extents(offset, length)
         else:
             protector = s.protector
+            kernel = False
             async with protector.locks.hold(chunks):
                 live = [c for c in chunks if transfer.test(c)]
                 if not live:
                     return
-                if local is not None and save is not None and not any(c in save for c in live):
+                if local is not None and not _maybe_saved(save, live):
                     # no block saved: the source under the locks is the mark's image, and
                     # the kernel copies it while the locks keep every write to it waiting
-                    sent = await local.copy_spans(s.source.backend, _live_spans(live, self.chunk_span))
+                    kernel = True
+                    zeroes: list[tuple[int, int]] = []
+                    spans = _live_spans(live, self.chunk_span)
+                    sent = await _in_thread(local.copy_spans(s.source.backend, spans, zeroes, g))
                     progress.bytes_sent += sent
-                    if protector.save is not save:
-                        return  # the mark ended under the copy: its bits stay (copied again)
                 else:
                     data = bytearray(await s.source.backend.pread(offset, length))
                     if protector.save is not save or (
@@ -371,6 +400,14 @@ class Copier:
                     ):
                         return  # the mark this run copies for is over: nothing copied, its bits stay
                     pieces = _live_pieces(data, offset, live, self.chunk_span)
+            if kernel:
+                assert local is not None
+                if protector.save is not save:
+                    return  # the mark ended under the copy: its bits stay (copied again)
+                # the locks are let go: the mark's zeroes stay zeroes, and a write no longer
+                # waits for the punches nor the writeback start on the target's disk
+                await local.zero_spans(zeroes)
+                await local.written(sum(n for _, n in spans))
         for off, piece in pieces:
             n = piece if isinstance(piece, int) else len(piece)
             sent = await write_piece(target, off, None if isinstance(piece, int) else piece, n, g)
@@ -395,20 +432,26 @@ class Copier:
         assert transfer is not None and update is not None and progress is not None
         save = protector.save
         chunks = [c for first, count in runs for c in range(first, first + count)]
+        zeroes: list[tuple[int, int]] = []
         async with protector.locks.hold(chunks):
             live = [c for c in chunks if transfer.test(c)]
             if not live or protector.save is not save:
                 return  # copied by copy-before-write; or the mark is over: its bits stay
-            saved = save is None or any(c in save for c in live)
+            saved = _maybe_saved(save, live)
             if not saved:
-                sent = await target.copy_spans(s.source.backend, _live_spans(live, self.chunk_span))
+                spans = _live_spans(live, self.chunk_span)
+                sent = await _in_thread(target.copy_spans(s.source.backend, spans, zeroes, s.granularity))
                 progress.bytes_sent += sent
-                if protector.save is not save:
-                    return  # the mark ended under the copy: its bits stay (copied again)
         if saved:  # the old way, each run under its own locks again
             for first, count in runs:
                 await self.copy_run(target, first, count)
             return
+        if protector.save is not save:
+            return  # the mark ended under the copy: its bits stay (copied again)
+        # the locks are let go: the mark's zeroes stay zeroes, and a write no longer waits
+        # for the punches nor the writeback start on the target's disk
+        await target.zero_spans(zeroes)
+        await target.written(sum(n for _, n in spans))
         if self.target is not target:  # dropped meanwhile: no flush of it will come
             raise TargetError(msg=f"target {target.description}: connection closed during a copy")
         progress.done(sum(transfer.clear_run(first, count) for first, count in runs))
@@ -429,6 +472,29 @@ class Copier:
             pieces.append((pos, n if flags & STATE_HOLE else await source.backend.pread(pos, n)))
             pos += n
         return pieces
+
+
+async def _in_thread(work: Awaitable[T]) -> T:
+    """Await ``work`` (a thread's) until it is over, even if cancelled meanwhile (``over``):
+    a copy in the kernel reads the source for as long as its thread runs, so the locks
+    that hold the source still are let go only then."""
+    fut = asyncio.ensure_future(work)
+    fut.add_done_callback(_retrieved)
+    await over(fut)
+    return fut.result()
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # a failure a cancelled copy no longer waits for is no warning
+
+
+def _maybe_saved(save: SaveArea | None, live: list[int]) -> bool:
+    """Whether a block of the ``live`` chunks may be saved, so the source is not the mark's
+    image there (or nothing is protected). An area that syncs its saves (one of an older
+    version) indexes a record only once its sync is over, after the write's lock is let
+    go: a chunk not in it yet may be saved already."""
+    return save is None or save.synced_saves or any(c in save for c in live)
 
 
 def _live_spans(live: list[int], span: Any) -> list[tuple[int, int]]:

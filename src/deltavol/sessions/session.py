@@ -355,6 +355,7 @@ class Session:
         Protection starts again with the new mark's save area, in the mark's commit."""
         update, transfer = self.update, self.transfer
         assert update is not None and transfer is not None and update.remark is not None
+        await self.copier.drain()  # the given-up target's writes land before the new mark's copies
         if self.copier.durable is not None:
             transfer.or_(self.copier.durable)  # copied, maybe not flushed: owed again
         marked_at, catchup = update.marked_at, update.catchup_bytes
@@ -390,6 +391,7 @@ class Session:
         if self.busy:
             raise AlreadyCopying(name=self.name)
         new_state = next_state(self.name, self.state, "update")
+        await self.copier.drain()  # whatever the state: no write of an earlier copy lands after the mark
         if self.state in (State.NEW, State.IDLE):
             # nothing uses the target between updates (no transfer: no copy-before-write), and
             # a connection kept since the last update or verify may have died with its server
@@ -742,6 +744,7 @@ class Session:
     async def pause(self) -> dict[str, Any]:
         self.state = next_state(self.name, self.state, "pause")
         await self._stop_task()
+        await self.copier.drain()  # writes of the cancelled copy: see Copier.drain
         if await self.copier.target_answers():
             await self.copier.try_checkpoint()
         # paused must be durable even when that checkpoint failed or was skipped (its row

@@ -80,4 +80,4 @@ class TargetWrites:
         return watched
 
 
-WRITES = ("pwrite", "zero", "copy_from", "copy_spans")  # every way a target is written
+WRITES = ("pwrite", "zero", "copy_from", "copy_spans", "zero_spans")  # every way a target is written

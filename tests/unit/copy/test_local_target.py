@@ -122,3 +122,26 @@ async def test_copy_from_past_the_source_end_lands_zeroes(target: LocalTarget, t
         await short.close()
     with open(target.backend.path, "rb") as f:
         assert f.read(4 * MiB) == b"\x11" * MiB + bytes(3 * MiB)
+
+
+async def test_copy_file_range_giving_up_early_falls_back_to_reading(
+    target: LocalTarget, source: FileBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``copy_file_range`` returning 0 before the range's end (copy offload refused half
+    way, a file system that gives up) is no end of file: the thread reads and writes the
+    rest, and the source's bytes land, not zeroes."""
+    copy_file_range = os.copy_file_range
+    calls: list[int] = []
+
+    def gives_up(src: int, dst: int, count: int, src_off: int, dst_off: int) -> int:
+        calls.append(count)
+        if len(calls) == 2:
+            return 0
+        return copy_file_range(src, dst, min(count, MiB), src_off, dst_off)
+
+    monkeypatch.setattr(os, "copy_file_range", gives_up)
+    await target.pwrite(0, b"\x77" * 4 * MiB)
+    await target.copy_spans(source, [(0, 4 * MiB)])
+    await target.flush()
+    assert len(calls) == 2  # one MiB in the kernel, then the rest through the thread's buffer
+    assert _sha(target.backend.path, 0, 4 * MiB) == _sha(source.path, 0, 4 * MiB)

@@ -214,7 +214,7 @@ async def test_pause_or_cancel_during_a_mark_stops_the_update_it_started(
     async def hung_pwrite(self: LocalTarget, offset: int, data: bytes) -> None:
         await never.wait()  # no chunk is copied: the update owes all it marked
 
-    async def hung_copy(self: LocalTarget, source: FileBackend, spans: list[tuple[int, int]]) -> int:
+    async def hung_copy(self: LocalTarget, source: FileBackend, spans: list[tuple[int, int]], *_: Any) -> int:
         await never.wait()
         raise AssertionError("unreachable")
 
@@ -263,9 +263,11 @@ async def test_an_update_asked_for_during_verify_waits_for_its_result(
     monkeypatch.setattr(LocalTarget, "pread", held_pread)
     copy_spans = LocalTarget.copy_spans
 
-    async def copy_after_verify(self: LocalTarget, source: FileBackend, spans: list[tuple[int, int]]) -> int:
+    async def copy_after_verify(
+        self: LocalTarget, source: FileBackend, spans: list[tuple[int, int]], *rest: Any
+    ) -> int:
         await verified.wait()
-        return await copy_spans(self, source, spans)
+        return await copy_spans(self, source, spans, *rest)
 
     monkeypatch.setattr(LocalTarget, "pwrite", pwrite_after_verify)
     monkeypatch.setattr(LocalTarget, "copy_spans", copy_after_verify)
@@ -379,11 +381,11 @@ async def test_a_retry_whose_row_commit_fails_leaves_a_failed_session_that_resum
 
         copy_spans = LocalTarget.copy_spans
 
-        async def copy_failing_once(self: LocalTarget, source: FileBackend, spans: Spans) -> int:
+        async def copy_failing_once(self: LocalTarget, source: FileBackend, spans: Spans, *rest: Any) -> int:
             if failures["writes"]:
                 failures["writes"] -= 1
                 raise TargetError(msg="target: connection lost")
-            return await copy_spans(self, source, spans)
+            return await copy_spans(self, source, spans, *rest)
 
         persist_row = s._persist_row
 

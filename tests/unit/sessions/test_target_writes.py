@@ -29,9 +29,12 @@ class Target:
     async def copy_from(self, source: Any, offset: int, length: int) -> None:
         self.reached.append("copy_from")
 
-    async def copy_spans(self, source: Any, spans: list[tuple[int, int]]) -> int:
+    async def copy_spans(self, source: Any, spans: list[tuple[int, int]], zeroes: Any = None) -> int:
         self.reached.append("copy_spans")
         return 0
+
+    async def zero_spans(self, spans: list[tuple[int, int]]) -> None:
+        self.reached.append("zero_spans")
 
 
 ARGS: dict[str, tuple[Any, ...]] = {
@@ -39,6 +42,7 @@ ARGS: dict[str, tuple[Any, ...]] = {
     "zero": (0, 4096),
     "copy_from": (None, 0, 4096),
     "copy_spans": (None, [(0, 4096)]),
+    "zero_spans": ([(0, 4096)],),
 }
 
 
