@@ -731,6 +731,7 @@ class Sim:
             "remove": lambda: service.remove_session(name),
         }
         before = (s.state, s.consistent, s.point_in_time, s.transfer is not None)
+        host = self.hosts.get(s.target_spec)  # (a local volume may get a new session meanwhile)
         self.op_running[name] = self.op_running.get(name, 0) + 1
         try:
             if what == "update":
@@ -759,7 +760,7 @@ class Sim:
         if what in ("pause", "cancel") and s.busy:
             raise Violation(f"serialization: {what} of {name} returned while its copy still runs")
         self.check_live(service)  # right after the operation, before anything else runs
-        if what == "remove":
+        if what == "remove" and self.hosts.get(s.target_spec) is host:
             self.hosts.pop(s.target_spec, None)
             self.removed.add(name)
 
