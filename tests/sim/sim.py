@@ -510,6 +510,13 @@ class Sim:
                 raise Violation(f"serialization: {len(copies)} copy tasks run for session {s.name}")
             if s.busy and s.state is not State.COPYING and not self.op_running.get(s.name):
                 raise Violation(f"serialization: a copy runs while session {s.name} is {s.state.value}")
+            if isinstance(self.hosts.get(s.target_spec), LocalHost) and s.name not in self.removed:
+                vol = service.volumes.find(s.target_spec)
+                if vol is None or vol.write_guard() is None:
+                    raise Violation(
+                        f"guard: the target volume {s.target_spec} of session {s.name} "
+                        f"({s.state.value}) takes clients' writes"
+                    )
             if self._exempt(s) or s.busy:
                 continue
             if s.state is State.IDLE:
