@@ -504,8 +504,9 @@ class Sim:
             )
 
     def check_live(self, service: Any) -> None:
+        running = [t.get_name() for t in asyncio.all_tasks() if not t.done()]  # (once: it costs)
         for s in service.sessions.all():
-            copies = [t for t in asyncio.all_tasks() if t.get_name() == f"session-{s.name}" and not t.done()]
+            copies = [n for n in running if n == f"session-{s.name}"]
             if len(copies) > 1:
                 raise Violation(f"serialization: {len(copies)} copy tasks run for session {s.name}")
             if s.busy and s.state is not State.COPYING and not self.op_running.get(s.name):

@@ -21,7 +21,8 @@ Design notes
   on the loop after a delay the seeded random source chooses, even if the waiter was
   cancelled (a thread cannot be stopped): this is how the simulation decides when each
   piece of I/O completes relative to the rest. The function runs in a worker thread that
-  takes turns with the loop (exactly one of them runs at a time, so a seed still replays):
+  takes turns with the loop (exactly one of them runs at a time, so a seed still replays;
+  only a hand-off that may reach the kernel copy, the others run on the loop):
   ``copy_file_range`` called there copies one piece (a sector to a few blocks) per call
   and then parks the worker for a delay, as the kernel copies page by page: the loop runs
   meanwhile, and a write to either file can land between two pieces. A process that dies
@@ -452,6 +453,19 @@ class SimFS:
         def start() -> None:
             if self.dead:
                 raise Halt("dead process")
+            if not _copies(fn, args):  # (a thread switch costs: only where it can park)
+                try:
+                    result = fn(*args)
+                except (Halt, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                        fut.exception()  # a cancelled waiter's thread: nobody retrieves it
+                    return
+                if not fut.done():
+                    fut.set_result(result)
+                return
             worker = self._idle.pop() if self._idle else _Worker()
             worker.start(lambda: fn(*args))
             self._after(loop, worker, fut)
@@ -521,6 +535,13 @@ class SimFS:
 
 
 _local = threading.local()
+COPIES = ("_copy_spans", "_copy_from", "copy_file_range")  # what may call copy_file_range
+
+
+def _copies(fn: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+    """Whether a thread hand-off may reach copy_file_range (``FileBackend`` runs its
+    writes as ``_counted(fn, ...)``): only those run in a worker, the rest on the loop."""
+    return any(getattr(f, "__name__", "") in COPIES for f in (fn, *args[:1]))
 
 
 class _Worker:
