@@ -137,7 +137,11 @@ class IoFailure(DeltavolError):
     """{what}: {why}"""
 
 
-class ImportFailed(DeltavolError):
+class ImportFailed(UsageError):
+    """cannot import {path}: {why}"""
+
+
+class ImportPathNotFound(NotFound):
     """cannot import {path}: {why}"""
 
 
@@ -155,6 +159,12 @@ class TargetError(DeltavolError):
     http_status = 502
 
 
+class TargetClaimed(TargetError):
+    """target {target}: the update is being cancelled for a restore: nothing more is written to it"""
+
+    http_status = 409
+
+
 class VerifyInterrupted(DeltavolError):
     """verify of session {name!r} interrupted: {why}"""
 
@@ -167,8 +177,16 @@ class NotRestorable(Conflict):
     """session {name!r} cannot {action}: {why}"""
 
 
+class RestoreNotStarted(DeltavolError):
+    """session {name!r}: {done}; but the restore did not start: {why}"""
+
+
 class NotReversible(Conflict):
     """session {name!r} cannot be reversed: {why}"""
+
+
+class SessionUnavailable(Conflict):
+    """session {name!r} is unavailable: {why}; only 'session remove {name}' works on it"""
 
 
 class SessionLoadFailed(DeltavolError):
@@ -189,6 +207,10 @@ class DataDirLocked(DeltavolError):
 
 class CorruptFile(DeltavolError):
     """{path} is corrupt: {why}"""
+
+
+class SaveRecordLost(DeltavolError):
+    """save area {path}: the record of chunk {chunk} at byte {at} does not read back as written"""
 
 
 class NewerFormat(DeltavolError):

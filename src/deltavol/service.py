@@ -6,7 +6,7 @@ from typing import Any
 
 from deltavol.backend.export import WRITE, ZERO, Export
 from deltavol.config import ServerConfig
-from deltavol.errors import NotFound, Protected, UsageError
+from deltavol.errors import NotFound, Protected, SessionUnavailable, UsageError
 from deltavol.events import EventBus
 from deltavol.metrics import bitmap_grid, session_extras
 from deltavol.sessions import restore, reverse
@@ -31,7 +31,7 @@ class Service:
     def _find_session(self, name: str) -> Any:
         try:
             return self.sessions.get(name)
-        except NotFound:
+        except (NotFound, SessionUnavailable):
             return None
 
     def load(self) -> None:
@@ -114,10 +114,16 @@ class Service:
         return session_extras(self, (await self.sessions.create(**params)).status())
 
     def list_sessions(self) -> list[dict[str, Any]]:
-        return [self._with_peer(session_extras(self, s.status())) for s in self.sessions.all()]
+        """Every session, those start-up could not load too (state ``unavailable``)."""
+        infos = [s.status() for s in self.sessions.all()]
+        infos += [u.status() for u in self.sessions.unavailable.values()]
+        infos.sort(key=lambda info: info["name"])
+        return [self._with_peer(session_extras(self, info)) for info in infos]
 
     def session_status(self, name: str) -> dict[str, Any]:
-        return self._with_peer(session_extras(self, self.sessions.get(name).status()))
+        u = self.sessions.unavailable.get(name)
+        info = u.status() if u is not None else self.sessions.get(name).status()
+        return self._with_peer(session_extras(self, info))
 
     def _with_peer(self, info: dict[str, Any]) -> dict[str, Any]:
         """A session with a target on another deltavol server says which (no secret), and

@@ -29,6 +29,7 @@ from deltavol.errors import (
     AlreadyExists,
     DeltavolError,
     ImportFailed,
+    ImportPathNotFound,
     InUse,
     InvalidName,
     InvalidSize,
@@ -323,6 +324,8 @@ class Volumes:
         real = os.path.realpath(path)
         try:
             st = os.stat(real)
+        except FileNotFoundError as exc:
+            raise ImportPathNotFound(path=path, why=exc.strerror) from exc
         except OSError as exc:
             raise ImportFailed(path=path, why=exc.strerror) from exc
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):

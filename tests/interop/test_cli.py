@@ -66,6 +66,7 @@ def test_volume_lifecycle_and_json(server: Server) -> None:
         (["volume", "info", "nope"], 1, "nope"),
         (["volume", "remove", "nope"], 1, "nope"),
         (["volume", "import", "imp", "--path", "/no/such/file"], 1, "/no/such/file"),
+        (["volume", "import", "imp", "--path", "/"], 2, "not a regular file"),
         (["session", "update", "nope"], 1, "nope"),
     ],
 )

@@ -30,8 +30,16 @@ class WriteJob:
     after: list[Callable[[BaseException | None], None]] = field(default_factory=list)
 
     def finish(self, error: BaseException | None) -> None:
+        """Call every ``after``, even past one that raises (a later one may give back the
+        write gate: kept, every mark would wait for ever); then raise the first error."""
+        failed: BaseException | None = None
         for after in self.after:
-            after(error)
+            try:
+                after(error)
+            except BaseException as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
 
 class Backend(Protocol):

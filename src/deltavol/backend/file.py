@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
+import logging
 import os
 import resource
 import stat
@@ -49,6 +50,9 @@ INLINE_WRITE_MAX = 128 << 10  # larger writes go to the pool: copying MiBs into 
 INLINE_STALL = 0.002  # seconds
 INLINE_BACKOFF = 1.0  # seconds: the back-off after a stall; each stall in a row doubles it
 INLINE_BACKOFF_MAX = 64.0  # seconds
+CLOSE_WAIT = 10.0  # seconds ``close`` waits for the worker threads still using the file
+
+log = logging.getLogger("deltavol.backend")
 
 
 def _voluntary_switches() -> int:
@@ -96,6 +100,13 @@ class FileBackend:
         # them for the inode lock, and the event loop with it. Changed by pool threads.
         self._writing = 0
         self._writing_lock = threading.Lock()
+        # Worker threads using the file (``_held``): ``close`` waits for them before it
+        # closes the fd, whose number the next open could otherwise give to another file
+        # while a thread still writes to it (a lane's write at shutdown, say).
+        self._users = 0
+        self._unused = threading.Event()
+        self._unused.set()
+        self._fd_lock = threading.Lock()
 
     def can_trim(self) -> bool:
         return True
@@ -111,13 +122,29 @@ class FileBackend:
 
     async def _run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         try:
-            return await fs.run_in_pool(_pool, fn, *args)
+            return await fs.run_in_pool(_pool, self._held, fn, *args)
         except OSError as exc:
             raise os_error(exc, f"{what} on volume {self.name!r}") from exc
 
     async def _run_writing(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         """``_run`` for what changes the file: counted in ``_writing`` while it runs."""
         return await self._run(what, self._counted, fn, *args)
+
+    def _held(self, fn: Callable[..., T], *args: Any) -> T:
+        """In a worker thread: ``fn(*args)`` with the file kept open meanwhile; EBADF,
+        with nothing done, once ``close`` began."""
+        with self._fd_lock:
+            if self._fd < 0:
+                raise OSError(errno.EBADF, "the volume is closed")
+            self._users += 1
+            self._unused.clear()
+        try:
+            return fn(*args)
+        finally:
+            with self._fd_lock:
+                self._users -= 1
+                if not self._users:
+                    self._unused.set()
 
     def _counted(self, fn: Callable[..., T], *args: Any) -> T:
         with self._writing_lock:
@@ -215,7 +242,7 @@ class FileBackend:
 
     def _pwrite_job(self, offset: int, data: bytes) -> None:
         try:
-            self._counted(self._pwrite_full, offset, data, False)
+            self._held(self._counted, self._pwrite_full, offset, data, False)
         except OSError as exc:
             raise os_error(exc, f"write on volume {self.name!r}") from exc
 
@@ -245,7 +272,7 @@ class FileBackend:
         pool thread with ``copy_file_range``: the data never enters Python, and the loop
         only hands the request over. Where the kernel cannot (another file system, a block
         device), the thread reads and writes instead."""
-        await self._run_writing("copy", self._copy_from, source, offset, length)
+        await self._run_writing("copy", source._held, self._copy_from, source, offset, length)
 
     async def copy_spans(
         self,
@@ -260,7 +287,9 @@ class FileBackend:
         (``zero_spans``). With a ``granularity``, data is read instead and each of its
         ``granularity`` blocks that is all zeroes goes as zeroes too (``_copy_data``).
         Returns the bytes copied as data."""
-        return await self._run_writing("copy", self._copy_spans, source, spans, zeroes, granularity)
+        return await self._run_writing(
+            "copy", source._held, self._copy_spans, source, spans, zeroes, granularity
+        )
 
     def _copy_spans(
         self,
@@ -418,9 +447,18 @@ class FileBackend:
             raise os_error(exc, f"block status on volume {self.name!r}") from exc
 
     async def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            fs.close(fd)
+        """Close the file once no worker thread uses it (for up to ``CLOSE_WAIT``); what
+        is handed to a thread from now on fails with EBADF and does nothing. A thread
+        still busy after that (a hung disk) keeps the fd open: never closed under it."""
+        with self._fd_lock:
+            fd, self._fd = self._fd, -1
+            busy = self._users
+        if fd < 0:
+            return
+        if busy and not await fs.to_thread(self._unused.wait, CLOSE_WAIT):
+            log.warning("volume %s: still in use by a worker thread: its file stays open", self.name)
+            return
+        fs.close(fd)
 
 
 def _all_zero(source: FileBackend, offset: int, length: int) -> bool:

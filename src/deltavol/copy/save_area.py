@@ -18,20 +18,36 @@ the old contents reach the file before the overwrite is issued, and:
   trusted from then on) and the update finishes its own mark;
 * after a power loss the records not yet written back may be gone while their
   overwrites reached the source. The header says which boot wrote the records; ``open``
-  sets ``intact`` only when that is this boot (or for an area of version 3 or 4, whose
-  saves were each synced). An update whose area is not intact gives up its mark at
-  start-up and re-marks (``SessionFiles.load``): what it still owes, what changed since
-  its mark (tracking, the hot set, and the records that did survive) is copied as of a
-  new mark -- a later point in time, never a wrong one and never a full copy. When the
-  boot id is unknown, no area is intact: a kill cannot be told from a power loss.
+  sets ``intact`` only when that is this boot, or the area is sealed (below), or for an
+  area of version 3 or 4, whose saves were each synced. An update whose area is not
+  intact gives up its mark at start-up and re-marks (``SessionFiles.load``): what it
+  still owes, what changed since its mark (tracking, the hot set, and the records that
+  did survive) is copied as of a new mark -- a later point in time, never a wrong one and
+  never a full copy. When the boot id is unknown, no unsealed area is intact: a kill
+  cannot be told from a power loss.
+
+**Sealed at a clean stop** (``seal``): the records are synced, then a seal (magic, nonce,
+where the records end, CRC32) is written at ``SEAL_AT`` in the header's block and synced;
+no save is taken after it. A start in another boot trusts a sealed area (records ending
+elsewhere than the seal says: ``CorruptFile``), and ``open`` takes the seal off, writing
+this boot into the header, durably before any new save. A kill leaves no seal.
 
 What still is synced, and why:
 
 * ``create``: the header, before the mark commits (a new nonce voids the old records;
   the boot in it is what ``open`` judges the records by). Once per update.
 * ``open``: what was read from the page cache, so a later save of the same blocks can
-  trust it. Once per start-up.
-* Not the records. Their other job -- a saved chunk's tracking bit is left to its record
+  trust it. Once per start-up. A failure here (a writeback error, reported once per file:
+  the next start's sync would succeed) means records may be gone, and replay took the
+  first hole for a torn tail: the area is not ``intact`` and saves no more.
+* ``durable``: one group-commit round over the records written so far, before a
+  checkpoint records as done a chunk its copy read from records, and before the update
+  ends (``Copier.records_durable``). Nothing else syncs a record, so a background
+  writeback error that made the kernel drop one is heard there or nowhere; a failure
+  gives up the mark. ``pieces`` also checks every record it reads (magic, nonce, chunk,
+  CRC: a dropped page reads back as what the disk holds) and raises ``SaveRecordLost``,
+  which gives up the mark too. Each indexed piece keeps the offset of its record for that.
+* Not each record as it is written. Their other job -- a saved chunk's tracking bit is left to its record
   (``Tracker`` ``BY_SAVE``) -- needs no durable record: the chunk is owed, so the
   transfer file keeps it until a checkpoint clears it, and a checkpoint first makes the
   tracking file durable (which holds the bit since the change was tracked), while no bit
@@ -43,7 +59,7 @@ replaces was most of a protected write's p99 at iodepth 1 and capped its IOPS at
 iodepth 32 (``python -m bench --only cofw``).
 
 ``synced`` in a record is where the records known durable ended when it was written (the
-records ``open`` synced, for version 5; the end of the last record whose round succeeded,
+records ``open`` or ``durable`` synced, for version 5; the end of the last record whose round succeeded,
 for an area of version 4): it costs no write and no fsync.
 
 ``open`` reads records up to the first one that is torn, damaged or of another nonce: a
@@ -79,7 +95,9 @@ full disk) never leaves a gap before a good record. A write that fails for anoth
 (EIO) ends saving for the update, as a failed fdatasync does for an area of version 4
 (the kernel may have dropped the pages it could not write, and a later fdatasync would
 make records durable behind that gap): ``save`` returns False from then on and the
-caller falls back to copy-before-write. The file is deleted when its session goes.
+caller falls back to copy-before-write. Syncs and piece reads run in pool threads:
+``close`` waits until none uses the fd (``_using_fd``), else one could sync or read the
+file that reused it. The file is deleted when its session goes.
 Rewriting the header in place relies on its 60 bytes being written whole (one sector);
 the header only changes before the session row commits a mark, and a restart drops a
 save area no update owns. ``limit`` bounds the file; past it ``save`` returns False too.
@@ -94,10 +112,12 @@ import logging
 import os
 import secrets
 import struct
+import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
-from deltavol.errors import CorruptFile, os_error
+from deltavol.errors import CorruptFile, IoFailure, SaveRecordLost, os_error
 from deltavol.store import fs
 from deltavol.store.fs import sync_dir
 from deltavol.store.group_commit import GroupCommit
@@ -110,6 +130,11 @@ VERSION = 5
 HEADER = struct.Struct(">8sIIQQQ16s")
 HEADER_V4 = struct.Struct(">8sIIQQQ")  # versions 3 and 4: no boot
 HEADER_SIZE = 4096
+# the seal of a clean stop (see the notes): magic, nonce, end of the records; then CRC32.
+# In the header's block, a sector of its own past the header proper
+SEAL = struct.Struct(">8sQQ")
+SEAL_MAGIC = b"DVSEALED"
+SEAL_AT = 512
 # magic, nonce, chunk, start in chunk, length, synced (see the notes), crc32(fields, data)
 RECORD = struct.Struct(">IQQIIQI")
 RECORD_V3 = struct.Struct(">IQQIII")  # version 3: no synced
@@ -125,13 +150,18 @@ class SaveArea:
         self.size = size
         self.update_id = update_id
         self.limit = limit
-        self.index: dict[int, list[tuple[int, int, int]]] = {}  # chunk -> [(start, at, length)]
+        # chunk -> [(start, at, length, record)]: data at ``at``, in the record at ``record``
+        self.index: dict[int, list[tuple[int, int, int, int]]] = {}
         self._saved: dict[int, int] = {}  # chunk -> bit mask of its saved blocks
         self.nonce = 0
         self._end = HEADER_SIZE
         self._synced = HEADER_SIZE  # the records before this are durable (see the notes)
         self._record = RECORD  # RECORD_V3 for an area of version 3 (``open``)
         self._fd = -1
+        # threads using the fd (a sync, reads of pieces): close() waits until there are
+        # none, else a thread could sync or read whatever file reused the fd (``_using_fd``)
+        self._fd_users = 0
+        self._fd_idle = threading.Condition()
         # an area of version 3 or 4, reopened: each save is synced (group commit) until
         # its update ends, as that version promised (see the notes)
         self.synced_saves = False
@@ -141,6 +171,7 @@ class SaveArea:
         self.boot = b""  # the boot the records were written in (``open``)
         # every record whose overwrite may have gone down is here (``open``): see the notes
         self.intact = True
+        self.sealed = False  # a clean stop sealed the records (``seal``): no save from then on
 
     # --- lifecycle -----------------------------------------------------------------------
     def prepare(self) -> None:
@@ -174,8 +205,7 @@ class SaveArea:
         earlier update (and ``prepare``) is kept, its old records void; else a new one."""
         self.nonce = secrets.randbits(64)
         self.boot = fs.boot_id()
-        head = HEADER.pack(MAGIC, VERSION, self.granularity, self.size, self.update_id, self.nonce, self.boot)
-        head = (head + struct.pack(">I", zlib.crc32(head))).ljust(HEADER_SIZE, b"\0")
+        head = self._header().ljust(HEADER_SIZE, b"\0")
         try:
             there = fs.exists(self.path)
         except OSError as exc:  # EIO, EACCES: not known to be missing
@@ -215,16 +245,56 @@ class SaveArea:
             raise os_error(exc, f"opening save area {self.path}") from exc
         try:
             self._replay(fd)
-            fs.fdatasync(fd)  # what was read from the page cache is trusted from now on
         except OSError as exc:
             fs.close(fd)
             raise os_error(exc, f"reading save area {self.path}") from exc
         except BaseException:
             fs.close(fd)
             raise
-        self._synced = self._end
+        try:
+            if self.sealed:  # saves go on: the seal must not vouch for their records, and
+                # they are this boot's (the sealed ones are durable: no boot can lose them)
+                self.boot = fs.boot_id()
+                fs.pwrite(fd, self._header().ljust(SEAL_AT, b"\0") + bytes(SEAL.size + 4), 0)
+            fs.fdatasync(fd)  # what was read from the page cache is trusted from now on
+        except OSError as exc:
+            # a writeback error: the kernel may have dropped records, and replay took the
+            # first hole for a torn tail (the error is reported once: the next start's
+            # sync would succeed). Not intact: its update re-marks (see the notes)
+            log.error("save area %s: sync failed, its records may be lost: %s", self.path, exc)
+            self.intact, self._failed = False, True
+        else:
+            self._synced = self._end
+            self.sealed = False
         self._fd = fd
         return self
+
+    def _header(self) -> bytes:
+        """The header (version 5) with its CRC, for this area's nonce and boot."""
+        head = HEADER.pack(MAGIC, VERSION, self.granularity, self.size, self.update_id, self.nonce, self.boot)
+        return head + struct.pack(">I", zlib.crc32(head))
+
+    async def seal(self) -> bool:
+        """At a clean stop: make the records durable and say so in the header, so that the
+        update finishes its own mark after a reboot too (see the notes). No save is taken
+        from now on. False if there was nothing to seal (an area that syncs its saves, or
+        one that failed) or it failed: the boot id then decides at the next start."""
+        if self.synced_saves or self._failed or self._fd < 0:
+            return False
+        self.sealed = True  # before the thread reads where the records end: no put after
+        seal = SEAL.pack(SEAL_MAGIC, self.nonce, self._end)
+        try:
+            await fs.to_thread(self._seal, seal + struct.pack(">I", zlib.crc32(seal)))
+        except OSError as exc:
+            log.warning("save area %s: not sealed: %s", self.path, exc.strerror or exc)
+            return False
+        return True
+
+    def _seal(self, seal: bytes) -> None:
+        with self._using_fd() as fd:
+            fs.fdatasync(fd)  # the records first: the seal says they are durable
+            fs.pwrite(fd, seal, SEAL_AT)
+            fs.fdatasync(fd)
 
     def _replay(self, fd: int) -> None:
         raw = fs.pread(fd, HEADER_SIZE, 0)
@@ -244,9 +314,11 @@ class SaveArea:
             _, _, gran, size, update_id, self.nonce, self.boot = HEADER.unpack(head)
             now = fs.boot_id()
             self.intact = bool(now) and self.boot == now  # else the records may be lost
+            sealed = _unseal(raw[SEAL_AT : SEAL_AT + SEAL.size + 4], self.nonce)
         else:  # each save was synced before its overwrite: intact after any crash
             _, _, gran, size, update_id, self.nonce = HEADER_V4.unpack(head)
             self.synced_saves, self.intact = True, True
+            sealed = None
         self._record = RECORD_V3 if version == 3 else RECORD
         if (gran, size, update_id) != (self.granularity, self.size, self.update_id):
             raise CorruptFile(
@@ -256,12 +328,19 @@ class SaveArea:
         end = fs.fstat(fd).st_size
         pos = HEADER_SIZE
         while (record := self._read_record(fd, pos, end)) is not None:
-            chunk, start, length, _ = record
-            self._index(chunk, start, pos + self._record.size, length)
+            chunk, start, length, _, _ = record
+            self._index(chunk, start, pos + self._record.size, length, pos)
             pos += self._record.size + length
         self._end = pos  # what follows is torn, void or space written ahead: the next save's
         if self._record is RECORD:  # versions 4 and 5
             self._check_torn(fd, pos, end)
+        if sealed is not None:  # a clean stop synced the records up to there, and wrote no more
+            if sealed != pos:
+                raise CorruptFile(
+                    path=self.path,
+                    why=f"sealed with its records ending at byte {sealed}, but they end at byte {pos}",
+                )
+            self.intact, self.sealed = True, True
 
     def _check_torn(self, fd: int, bad: int, end: int) -> None:
         """Raise ``CorruptFile`` if a record of this update after the first bad one, at
@@ -273,7 +352,7 @@ class SaveArea:
             if record is None:
                 at += 1
                 continue
-            _, _, length, synced = record
+            _, _, length, synced, _ = record
             if synced > bad:
                 raise CorruptFile(
                     path=self.path,
@@ -282,9 +361,9 @@ class SaveArea:
                 )
             at += self._record.size + length
 
-    def _read_record(self, fd: int, pos: int, end: int) -> tuple[int, int, int, int] | None:
-        """The record at ``pos`` as (chunk, start, length, synced), or None if there is
-        none: torn, damaged, of another nonce, or zeroes."""
+    def _read_record(self, fd: int, pos: int, end: int) -> tuple[int, int, int, int, bytes] | None:
+        """The record at ``pos`` as (chunk, start, length, synced, data), or None if there
+        is none: torn, damaged, of another nonce, or zeroes."""
         rec = self._record
         if pos + rec.size > end:
             return None
@@ -307,12 +386,31 @@ class SaveArea:
         data = fs.pread(fd, length, pos + rec.size)
         if _crc(head[:-4], data) != crc:
             return None
-        return chunk, start, length, synced
+        return chunk, start, length, synced, data
 
     def close(self) -> None:
-        if self._fd >= 0:
-            fs.close(self._fd)
-            self._fd = -1
+        with self._fd_idle:  # a sync or a read in a thread is over, or sees it closed
+            self._fd_idle.wait_for(lambda: not self._fd_users)
+            if self._fd >= 0:
+                fs.close(self._fd)
+                self._fd = -1
+
+    @contextlib.contextmanager
+    def _using_fd(self) -> Iterator[int]:
+        """The fd, for a thread: ``close`` waits until it is done with it. Syncs and reads
+        go on side by side; a closed area raises EBADF."""
+        with self._fd_idle:
+            if self._fd < 0:
+                raise OSError(errno.EBADF, f"save area {self.path} is closed")
+            self._fd_users += 1
+            fd = self._fd
+        try:
+            yield fd
+        finally:
+            with self._fd_idle:
+                self._fd_users -= 1
+                if not self._fd_users:
+                    self._fd_idle.notify_all()
 
     def delete(self) -> None:
         self.close()
@@ -365,7 +463,7 @@ class SaveArea:
 
     def room(self, need: int) -> bool:
         """True if records of ``need`` bytes (headers included) fit and saving goes on."""
-        return not self._failed and self.used + need <= self.limit
+        return not self._failed and not self.sealed and self.used + need <= self.limit
 
     def put(self, chunk: int, start: int, data: bytes) -> asyncio.Future[None] | None:
         """The first half of ``save``: the record goes into the page cache at once, at the
@@ -402,7 +500,7 @@ class SaveArea:
         self._end = pos + need
         at = pos + self._record.size
         if not self.synced_saves:
-            self._index(chunk, start, at, len(data))
+            self._index(chunk, start, at, len(data), pos)
             if self._now is None:
                 self._now = asyncio.get_running_loop().create_future()
                 self._now.set_result(None)
@@ -413,7 +511,7 @@ class SaveArea:
 
     def _settle(self, done: asyncio.Future[None], chunk: int, start: int, at: int, length: int) -> None:
         if not self._failed and not done.cancelled() and done.exception() is None:
-            self._index(chunk, start, at, length)
+            self._index(chunk, start, at, length, at - self._record.size)
             self._synced = max(self._synced, at + length)  # rounds succeed in order
         elif not self._failed:
             # after a failed fdatasync the kernel may drop what it could not write: a later
@@ -431,19 +529,53 @@ class SaveArea:
         are saved."""
 
     def sync(self) -> None:
-        fs.fdatasync(self._fd)
+        with self._using_fd() as fd:  # closed meanwhile, the fd may be another file's by now
+            fs.fdatasync(fd)
+
+    @property
+    def unsynced(self) -> bool:
+        """True if records were written since the area was last known durable."""
+        return self._end > self._synced
+
+    async def durable(self) -> None:
+        """Make every record written so far durable: one round of the area's group commit
+        (see the notes: before a checkpoint records as done chunks copied from records,
+        and before the update's end). A failure raises and ends saving: the kernel may
+        have dropped records, and a copy may have read them back wrong."""
+        if self._failed:
+            raise IoFailure(what=f"save area {self.path}", why="an earlier write or sync failed")
+        end = self._end
+        if end <= self._synced:
+            return
+        try:
+            await self._commit.wait(self._commit.round(self))
+        except OSError as exc:
+            self._failed = True
+            raise os_error(exc, f"save area {self.path}") from exc
+        self._synced = max(self._synced, end)
 
     async def pieces(self, chunk: int) -> list[tuple[int, bytes]]:
-        """The saved old contents of ``chunk``: ``(start in chunk, data)`` pieces."""
+        """The saved old contents of ``chunk``: ``(start in chunk, data)`` pieces. A record
+        that does not read back as written (its CRC: a page the kernel dropped after a
+        writeback error reads as what the disk holds) raises ``SaveRecordLost``."""
         return await fs.to_thread(self._read_pieces, self.index.get(chunk, []), chunk)
 
-    def _read_pieces(self, where: list[tuple[int, int, int]], chunk: int) -> list[tuple[int, bytes]]:
+    def _read_pieces(self, where: list[tuple[int, int, int, int]], chunk: int) -> list[tuple[int, bytes]]:
         pieces = []
-        for start, at, length in where:
-            data = fs.pread(self._fd, length, at)
-            if len(data) != length:
-                raise CorruptFile(path=self.path, why=f"record of chunk {chunk} is short")
-            pieces.append((start, data))
+        records: dict[int, bytes] = {}  # record -> its data, read and checked once
+        with self._using_fd() as fd:
+            for start, at, length, rec in where:
+                data = records.get(rec)
+                if data is None:
+                    record = self._read_record(fd, rec, self._end)
+                    if record is None or record[0] != chunk:
+                        raise SaveRecordLost(path=self.path, chunk=chunk, at=rec)
+                    data = records[rec] = record[4]
+                lo = at - rec - self._record.size
+                piece = data[lo : lo + length]
+                if len(piece) != length:
+                    raise SaveRecordLost(path=self.path, chunk=chunk, at=rec)
+                pieces.append((start, piece))
         return pieces
 
     def _chunk_end(self, chunk: int) -> int:
@@ -455,17 +587,29 @@ class SaveArea:
             return False
         return not end % BLOCK or end == self._chunk_end(chunk)
 
-    def _index(self, chunk: int, start: int, at: int, length: int) -> None:
+    def _index(self, chunk: int, start: int, at: int, length: int, rec: int) -> None:
         """Index a record, for its blocks no earlier record holds. A block saved twice: two
         changes raced to it (see ``Protector._save_at_once``), and the later one may have read
         it after the first change went down; or a save never returned, its overwrite never
         happened. Either way the first record holds the contents as of the mark."""
         for lo, hi in self.missing(chunk, start, start + length):
-            self._add(chunk, lo, at + lo - start, hi - lo)
+            self._add(chunk, lo, at + lo - start, hi - lo, rec)
 
-    def _add(self, chunk: int, start: int, at: int, length: int) -> None:
+    def _add(self, chunk: int, start: int, at: int, length: int, rec: int) -> None:
         self._saved[chunk] = self._saved.get(chunk, 0) | _blocks(start, start + length)
-        self.index.setdefault(chunk, []).append((start, at, length))
+        self.index.setdefault(chunk, []).append((start, at, length, rec))
+
+
+def _unseal(raw: bytes, nonce: int) -> int | None:
+    """Where the records end by the seal ``raw`` (see ``seal``), or None if it is no seal
+    of these records."""
+    if len(raw) < SEAL.size + 4:
+        return None
+    magic, sealed_nonce, end = SEAL.unpack_from(raw)
+    (crc,) = struct.unpack_from(">I", raw, SEAL.size)
+    if magic != SEAL_MAGIC or sealed_nonce != nonce or zlib.crc32(raw[: SEAL.size]) != crc:
+        return None
+    return int(end)
 
 
 def _blocks(start: int, end: int) -> int:

@@ -455,7 +455,11 @@ class NbdConnection(asyncio.BufferedProtocol):
                 continue
             req = cast(Request, token)
             self.inflight_bytes -= req.length
-            job.finish(error)
+            try:
+                job.finish(error)
+            except Exception as exc:  # a bug costs this request; the rest of the batch goes on
+                self._crashed(req, exc)
+                continue
             if error is None:
                 self.conn.send_ok(req.cookie)
             elif isinstance(error, DeltavolError):

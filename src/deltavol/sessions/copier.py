@@ -27,7 +27,9 @@ Design notes
   transfer or in ``durable``, the transfer as of the last checkpoint) and protected, and
   a failed target, a new connection, a re-mark or a cancel owe it again
   (``forget_unflushed``). Checkpoints carry a sequence number and land in order; a mark,
-  a cancel or the update's end replace the transfer under ``checkpointing``.
+  a cancel or the update's end replace the transfer under ``checkpointing``. Before it
+  clears a chunk whose copy read save records, and before the update's end, the save
+  area is synced (``records_durable``): a failure gives up the mark.
 * **Flush before done**: ``Session._run`` flushes the target (``flush``) after the last
   pass and before the update's end commits. Once a flush of a connection failed, that
   connection is not trusted again.
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from deltavol.bitmap import persist
@@ -91,6 +93,9 @@ class Copier:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.durable: Bitmap | None = None  # the transfer as of the last checkpoint
+        # the ``durable`` whose checkpoint write failed: the file may have bits of it
+        # cleared, so no bit is left to a save until a write succeeds (``in_file``)
+        self._unsure: Bitmap | None = None
         self.checkpointing = asyncio.Lock()  # see checkpoint
         self._checkpoints = 0  # checkpoints taken (a snapshot's number)
         self._landed = 0  # the number of the last checkpoint written
@@ -106,6 +111,14 @@ class Copier:
         assert transfer is not None
         durable = self.durable
         return transfer.test(chunk) or (durable is not None and durable.test(chunk))
+
+    def in_file(self, chunk: int) -> bool:
+        """True if ``chunk``'s bit is set in the transfer FILE for sure: ``durable`` (what
+        the last checkpoint wrote, or the mark), unless a checkpoint write failed since
+        (it may have cleared some of its bits and not others). Memory may owe more (a
+        failed target owes its unflushed chunks again): those are not in the file."""
+        durable = self.durable
+        return durable is not None and durable is not self._unsure and durable.test(chunk)
 
     def chunk_span(self, chunk: int) -> tuple[int, int]:
         g = self.session.granularity
@@ -143,6 +156,9 @@ class Copier:
 
         Before the write, the tracking bits left to save records are made durable (see
         ``_bits_left_to_saves_durable``): a chunk cleared in the file must not lose both.
+        And the save records its copies read are synced (``_sync_records``), beside the
+        flush and not under ``checkpointing`` (while that is held, protected writes pay a
+        tracking round): a failure gives up the mark, and the checkpoint does not land.
 
         Bits only go from set to clear here, so they are written in place (no new space
         needed on a full disk; a torn write leaves each byte old or new, both safe).
@@ -153,10 +169,24 @@ class Copier:
             return
         self._checkpoints += 1
         seq, snapshot = self._checkpoints, transfer.copy()  # before the flush: see above
-        await self.flush(target)
+        save, old = s.protector.save, self.durable
+
+        def anew(c: int) -> bool:  # cleared anew: its copy (done before the snapshot) may have read records
+            return not snapshot.test(c) and (old is None or old.test(c))
+
+        syncing = asyncio.ensure_future(self._sync_records(save, anew))
+        try:
+            await self.flush(target)
+        finally:
+            lost = await syncing  # never raises
         async with self.checkpointing:
             if s.transfer is not transfer or seq < self._landed:
                 return  # a mark replaced the transfer, or a newer checkpoint landed
+            update = s.update
+            if lost is not None and save is s.protector.save and update is not None:
+                s._give_up_mark(update, f"save records may be lost: {lost}")
+            if lost is not None:
+                raise IoFailure(what=f"session {s.name}: checkpoint", why=f"save records may be lost: {lost}")
             await self._bits_left_to_saves_durable()
             write = asyncio.ensure_future(
                 fs.to_thread(persist.write_bits_in_place, s.files.transfer_path, snapshot)
@@ -167,7 +197,7 @@ class Copier:
                 if write.exception() is None:
                     self.durable, self._landed = snapshot, seq
                 elif self.durable is not None:
-                    self.durable = self.durable.copy()
+                    self.durable = self._unsure = self.durable.copy()
                     self.durable.or_(snapshot)
             write.result()  # a failed write raises
 
@@ -182,6 +212,37 @@ class Copier:
         await tf.durable()
         if tf.lost is not None:  # a round proves nothing then (``persist``): the file holds the chunks
             raise IoFailure(what=f"session {s.name}: checkpoint", why=f"tracking file: {tf.lost}")
+
+    async def records_durable(self) -> bool:
+        """Before the update's end commits (the gate closed, ``checkpointing`` held): the
+        save records its copy read must be durable (``_sync_records``). A failure gives up
+        the mark (False): the saved chunks are in tracking, so the re-mark copies them
+        again."""
+        s = self.session
+        update = s.update
+        lost = await self._sync_records(s.protector.save, None)
+        if lost is None or update is None:
+            return True
+        s._give_up_mark(update, f"save records may be lost: {lost}")
+        return False
+
+    async def _sync_records(self, save: SaveArea | None, cleared: Callable[[int], bool] | None) -> str | None:
+        """Sync the save records before chunks copied from them are recorded as done (those
+        ``cleared`` marks, or all): nothing syncs them as they are written
+        (``copy/save_area.py``), so a background writeback error is reported to no one but
+        this sync, and the kernel may have dropped a page: the copy then read back what
+        the disk held. Why it failed, or None. A mark given up needs none: its re-mark
+        copies the saved chunks again."""
+        update = self.session.update
+        if save is None or update is None or update.phase is not _PROTECTING or not save.unsynced:
+            return None
+        if cleared is not None and not any(map(cleared, save.index)):
+            return None  # no chunk copied from records is recorded as done
+        try:
+            await save.durable()
+        except (DeltavolError, OSError) as exc:
+            return exc.message if isinstance(exc, DeltavolError) else str(exc)
+        return None
 
     async def try_checkpoint(self) -> None:
         s = self.session

@@ -9,6 +9,7 @@ read-only while its session exists and cannot be opened while the copy is incons
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 from deltavol.backend.base import Backend
 from deltavol.backend.gate import WriteGate
 from deltavol.backend.hooks import BeforeChange, Hook
+from deltavol.bitmap import persist
 from deltavol.config import ServerConfig
 from deltavol.copy.targets import CopyTarget, LocalTarget, NbdTarget, is_uri
 from deltavol.errors import (
@@ -27,7 +29,9 @@ from deltavol.errors import (
     InUse,
     NotFound,
     SessionLoadFailed,
+    SessionUnavailable,
     TargetError,
+    UnknownRecord,
     UsageError,
 )
 from deltavol.events import EventBus
@@ -87,6 +91,40 @@ class _SourceWiring:
         self.gate.changed()  # a session came or went: what BeforeChange cached is void
 
 
+@dataclass
+class Unavailable:
+    """A session start-up could not load (its source volume is missing, or its row's
+    update record cannot be read): its row and files stay, and so do its name and its
+    target. It is listed, with ``reason``; removing it is the one action it takes."""
+
+    name: str
+    source: str
+    target: str
+    reason: str
+    row: dict[str, Any]
+
+    def status(self) -> dict[str, Any]:
+        r = self.row
+        return {
+            "name": self.name,
+            "source": self.source,
+            "target": self.target,
+            "granularity": r["granularity"],
+            "state": "unavailable",
+            "stored_state": r["state"],
+            "consistent": bool(r["consistent"]),
+            "point_in_time": r["point_in_time"],
+            "tracked_bytes": None,
+            "recopy_bytes": None,
+            "full_reason": None,
+            "update": None,
+            "last_error": self.reason,
+            "retry": None,
+            "max_rate": r["max_rate"],
+            "every": r["every"],
+        }
+
+
 class SessionManager:
     def __init__(
         self,
@@ -111,9 +149,10 @@ class SessionManager:
         # probe between its checks and the session's coming in: these hold the name and
         # the target meanwhile, so that no other create passes the same checks
         self._creating: dict[str, tuple[str, str]] = {}
-        # sessions not loaded because their source volume is missing, by name: (source,
-        # target). Their rows and files stay, so their names and targets stay theirs
+        # sessions start-up could not load (``Unavailable``), by name: (source, target).
+        # Their rows and files stay, so their names and targets stay theirs
         self._unloaded: dict[str, tuple[str, str]] = {}
+        self.unavailable: dict[str, Unavailable] = {}
         # sessions being reversed (reverse.py), by name: (new source, new target), held from
         # the reverse's checks to its commit so that no create takes either volume meanwhile
         self._reversing: dict[str, tuple[str, str]] = {}
@@ -129,6 +168,9 @@ class SessionManager:
         try:
             return self._sessions[name]
         except KeyError:
+            u = self.unavailable.get(name)
+            if u is not None:
+                raise SessionUnavailable(name=name, why=u.reason) from None
             raise NotFound(kind="session", name=name) from None
 
     def all(self) -> list[Session]:
@@ -268,9 +310,25 @@ class SessionManager:
         for row in self.db.conn.execute("SELECT * FROM sessions ORDER BY name").fetchall():
             source = self.volumes.find(row["source"])
             if source is None:
-                log.error("session %s: source volume %s is missing", row["name"], row["source"])
-                self._hold_unloaded(row["name"], row["source"], row["target"])
+                why = (
+                    f"its source volume {row['source']!r} is missing (its file or device could not "
+                    "be opened at start-up); restart the server once it is back"
+                )
+                self._hold_unloaded(row, why)
                 continue
+            try:
+                state = State(row["state"])
+            except ValueError:
+                why = f"its row in the sessions table has an unknown state {row['state']!r}"
+                self._hold_unloaded(row, why)
+                continue
+            update = None
+            if row["update_json"]:
+                try:
+                    update = update_from_row(row["update_json"], row["name"], state)
+                except UnknownRecord as exc:
+                    self._hold_unloaded(row, f"its row in the sessions table cannot be read: {exc.message}")
+                    continue
             s = self._new(
                 row["name"],
                 source,
@@ -279,14 +337,13 @@ class SessionManager:
                 max_rate=row["max_rate"],
                 every=row["every"],
             )
-            s.state = State(row["state"])
+            s.state = state
             s.consistent = bool(row["consistent"])
             s.point_in_time = row["point_in_time"]
             s.last_error = row["last_error"]
             s.created_at = row["created_at"]
             s.next_update_id = row["next_update_id"]
-            if row["update_json"]:
-                s.update = update_from_row(row["update_json"], s.name, s.state)
+            s.update = update
             self._attach(s)
             self._sessions[s.name] = s
             try:
@@ -305,9 +362,32 @@ class SessionManager:
                 raise SessionLoadFailed(
                     name=s.name, why=f"cannot load its files, they are kept as they are: {exc.message}"
                 ) from exc
+            self._track_all_if_untracked(s)
             if s.state is State.RESTORING:  # restore.py: the source stays guarded until it ends
                 self._load_restoring(s)
         self._load_peers()
+
+    def _track_all_if_untracked(self, s: Session) -> None:
+        """A session that was unavailable while its source was served (``_hold_unloaded``)
+        missed what was written meanwhile: every chunk is tracked, so the next update
+        copies all of it (``recopy_bytes`` and ``full_reason`` say why)."""
+        key = f"untracked:{s.name}"
+        row = self.db.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return
+        before = s.tracking.bytes_set()
+        s.tracking.set_all()
+        reason = f"its source was written while the session was unavailable ({row[0]})"
+        s.recopy = persist.Recopy(bytes=s.tracking.bytes_set() - before, reason=reason)
+        try:
+            s._rewrite_tracking()  # durable before the mark that says so goes
+            with self.db.transaction() as conn:
+                conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+        except (OSError, DeltavolError) as exc:
+            self._unload(s)
+            why = exc.message if isinstance(exc, DeltavolError) else str(exc)
+            raise SessionLoadFailed(name=s.name, why=f"tracking every chunk failed: {why}") from exc
+        log.warning("session %s: every chunk is tracked: %s", s.name, reason)
 
     def _load_peers(self) -> None:
         """Guards a peer holds on volumes here, what sessions know of their peers, and
@@ -345,15 +425,58 @@ class SessionManager:
             why = exc.message if isinstance(exc, DeltavolError) else str(exc)
             raise SessionLoadFailed(name=s.name, why=f"{s.last_error}; recording it failed: {why}") from exc
 
-    def _hold_unloaded(self, name: str, source: str, target: str) -> None:
+    def _hold_unloaded(self, row: Any, reason: str) -> None:
         """Keep what a session not loaded owns: its name, its row and files, and its
         target, which no one may write or open (its copy may be inconsistent)."""
+        name, source, target = row["name"], row["source"], row["target"]
+        log.error("session %s: unavailable: %s", name, reason)
+        if self.volumes.find(source) is not None:
+            # its source is served, untracked by it: once it loads again it copies all of it
+            try:
+                with self.db.transaction() as conn:
+                    conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"untracked:{name}", reason))
+            except DeltavolError as exc:
+                why = f"{reason}; recording it failed: {exc.message}"
+                raise SessionLoadFailed(name=name, why=why) from exc
         self._unloaded[name] = (source, target)
+        self.unavailable[name] = Unavailable(name, source, target, reason, dict(row))
         vol = self.volumes.find(target)
         if vol is not None:
-            why = f"it is the target of session {name!r}, whose source volume {source!r} is missing"
+            why = f"it is the target of session {name!r}, which is unavailable: {reason}"
             vol.write_guard = lambda: why
             vol.open_guard = lambda: why
+
+    async def _remove_unavailable(self, name: str) -> None:
+        """Remove a session start-up could not load: its row (the commit point), then the
+        guards on its target, its files and its peer's guard."""
+        u = self.unavailable[name]
+        if name in self.pending:
+            raise SessionUnavailable(
+                name=name, why=f"{u.reason}; and its reverse is not settled: bring it back to settle it first"
+            )
+        with self.db.transaction() as conn:
+            conn.execute("DELETE FROM sessions WHERE name = ?", (name,))
+            conn.execute("DELETE FROM meta WHERE key = ?", (f"untracked:{name}",))
+        del self.unavailable[name]
+        del self._unloaded[name]
+        vol = self.volumes.find(u.target)
+        if vol is not None:
+            vol.write_guard = lambda: None
+            vol.open_guard = lambda: None
+        paths = [self.bitmaps / f"{name}.{kind}" for kind in ("tracking", "transfer", "restore")]
+        paths.append(self.save / f"{name}.save")
+        try:
+            for path in paths:
+                fs.unlink(path, missing_ok=True)
+            fs.sync_dir(self.bitmaps)
+            fs.sync_dir(self.save)
+        except OSError as exc:  # the row is gone: a later session of this name removes them
+            log.warning("session %s: files not removed: %s", name, exc.strerror or exc)
+        peer = self.peers.pop(name, None)
+        if peer is not None:  # the target goes back to the peer's clients
+            await self.drop_peer_guard(name, u.target, peer)
+            self.peer_files.delete(name)
+        log.info("session %s: removed (it was unavailable)", name)
 
     def _unload(self, s: Session) -> None:
         """Forget a session whose files could not be loaded (they stay on disk)."""
@@ -559,6 +682,7 @@ class SessionManager:
         self, name: str, src: Volume, target: str, granularity: int, max_rate: int | None, every: int | None
     ) -> Session:
         source = src.name
+        tvol: Volume | None = None
         if is_uri(target):
             probe: CopyTarget = await self.nbd_target(target, self.peers.get(name)).open()
             size = probe.size
@@ -575,14 +699,22 @@ class SessionManager:
         s = self._new(name, src, target, granularity, max_rate=max_rate, every=every)
         # A write in flight on the source may have passed its hooks before this session's
         # tracking hook existed: wired in with the gate closed, every write either went
-        # down before (and the first update, a full one, copies it) or is tracked.
-        async with src.gate.closed():
+        # down before (and the first update, a full one, copies it) or is tracked. So on a
+        # local target: a client that opened it while this waited may have writes queued
+        # (agreed to before its guard existed); they land before the guard is up, and that
+        # client refuses the create, as one still connected.
+        target_gate: contextlib.AbstractAsyncContextManager[None] = (
+            tvol.gate.closed() if tvol is not None else contextlib.nullcontext()
+        )
+        async with src.gate.closed(), target_gate:
             if name in self._sessions:  # created by another request while this one waited
                 raise AlreadyExists(kind="session", name=name)
             if self.volumes.find(source) is not src:  # removed meanwhile
                 raise NotFound(kind="volume", name=source)
             # a reverse may have committed while this one waited: the source a target now
             self._check_roles(name, source, target)
+            if tvol is not None and tvol.connections:  # one came while the gates closed
+                raise InUse(kind="volume", name=target, why=f"{tvol.connections} NBD connection(s) open")
             s.create_files()
             self._attach(s)
             self._sessions[name] = s
@@ -608,6 +740,9 @@ class SessionManager:
         copy-before-write may write to the target) finish before the hooks go; then the
         target is released and the files deleted.
         """
+        if name in self.unavailable:
+            await self._remove_unavailable(name)
+            return
         if name in self.pending:  # a reverse not settled: settle it first (it may be gone)
             from deltavol.sessions import reverse
 

@@ -19,10 +19,14 @@ Design notes
   contents go to the target at once, its transfer bit is cleared, and a checkpoint makes
   that durable before the change goes down. A target that fails or does not answer
   within ``target_timeout`` costs the update its point in time, not the client its write
-  (``Session._give_up_mark``).
+  (``Session._give_up_mark``). While a restore takes the update back (``target_writes``
+  shut), the target is not touched at all: the mark is given up at once, and the
+  restore's connection is left alone.
 * **Records are not synced** (``copy/save_area.py``): a save writes its record into the
   page cache and the change goes down. A killed server finds every record; after a power
-  loss an update whose records may be lost re-marks (``SessionFiles.load``).
+  loss an update whose records may be lost re-marks (``SessionFiles.load``). They are
+  synced before a checkpoint or the update's end counts on what the copy read from them
+  (``Copier.records_durable``).
 * **A save implies its tracking bit**: the tracker leaves the bit of a chunk this change
   saves to the save record (``saving``), and the protector tells it once the record is
   written (``Tracker.saved``), unless a failed mark voided the records on disk
@@ -34,6 +38,13 @@ Design notes
   (``Copier.checkpoint``), holding ``checkpointing``, and while it is held no bit is
   left to a save (``saving``): every bit left to one is in the file before that sync
   begins. A power loss then re-marks with the bit in the transfer or tracking file.
+  "The transfer file keeps it" is tested on what the file holds for sure
+  (``Copier.in_file``), not on what memory owes: after a failure memory owes the
+  unflushed chunks again while a late checkpoint may clear them in the file, and a
+  checkpoint write that failed half-way leaves the file unknown until one succeeds.
+* **A record that reads back wrong** (``SaveRecordLost`` from ``pieces``: the kernel
+  dropped it after a writeback error) gives up the mark in ``lay_saved``: the saved
+  chunk is in tracking, and the re-mark copies it as of the new mark.
 * ``lay_saved`` turns what the copy read from the source back into the mark's image, and
   says when the save area is the session's no more (the mark is over).
 
@@ -54,7 +65,7 @@ from deltavol.backend.hooks import Hook
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.engine import write_piece
 from deltavol.copy.save_area import RECORD, SaveArea
-from deltavol.errors import DeltavolError, TargetError
+from deltavol.errors import DeltavolError, SaveRecordLost, TargetError
 from deltavol.sessions.records import UpdateRecord
 from deltavol.sessions.states import Phase
 from deltavol.store import fs
@@ -150,7 +161,7 @@ class Protector:
             and s.transfer is not None
             and not self.copier.checkpointing.locked()  # a checkpoint syncs tracking (see the notes)
             and chunk not in save
-            and self.copier.owed(chunk)
+            and self.copier.in_file(chunk)  # owed in the transfer FILE, not only in memory
         )
 
     # --- the hook ---------------------------------------------------------------------------
@@ -265,6 +276,13 @@ class Protector:
             update.cofw_saved_bytes += end - start
         else:
             return
+        if session.target_writes.shut:
+            # a restore is taking the update back (target_writes.py): its target still holds
+            # the point in time and must not be written, and the connection opening is the
+            # restore's. The mark is given up, durably before the change goes down: if the
+            # restore does not start after all, the update goes on as of a new mark
+            session._give_up_mark(update, f"copy-before-write of chunk {c}: the update is being taken back")
+            return
         if deadline is None:
             deadline = asyncio.get_running_loop().time() + session.target_timeout
         try:
@@ -310,6 +328,13 @@ class Protector:
             if c in save:
                 try:
                     pieces = await save.pieces(c)
+                except SaveRecordLost as exc:
+                    # the kernel dropped the record (a writeback error) and it read back
+                    # as the disk holds it: the mark's contents of c are gone
+                    update = self.session.update
+                    if save is self.save and update is not None:
+                        self.session._give_up_mark(update, exc.message)
+                    return False
                 except OSError:
                     if save is not self.save:  # closed under the read
                         return False

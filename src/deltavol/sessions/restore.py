@@ -56,8 +56,10 @@ Design notes
   the file in the thread pool): no task, no thread hop. A small zeroed piece is written as
   zeroes, not punched: on ext4 a hole punched waits for the range's dirty pages to reach
   the disk and holds the file's lock meanwhile (1 % of 4 GiB restored: 0.3-0.4 s of
-  punches and writes in the pool, against 65-100 ms inline here). Zeroes take no more
-  space than the change they undo did. What cannot go at once takes the task path.
+  punches and writes in the pool, against 65-100 ms inline here). A piece whose range is
+  a hole of the source already (``SEEK_DATA``: the change it undoes was a punch) is not
+  written at all, so a sparse source stays sparse; and a full file system (``ENOSPC``)
+  gets the piece punched instead. What cannot go at once takes the task path.
 * **Tracking is left alone until the end.** The restore writes only chunks whose tracking
   bits are set already (its work came from tracking), and no other change reaches the
   source: so tracking still holds every chunk the restore set out to copy back, a
@@ -85,7 +87,16 @@ from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.engine import Progress, requests, run_pipeline, split_zeroes
 from deltavol.copy.targets import CopyTarget
 from deltavol.copy.throttle import Throttle
-from deltavol.errors import CorruptFile, DeltavolError, NotRestorable, TargetError, os_error
+from deltavol.errors import (
+    CorruptFile,
+    DeltavolError,
+    NoSpace,
+    NotRestorable,
+    RestoreNotStarted,
+    TargetError,
+    os_error,
+)
+from deltavol.nbd.constants import STATE_HOLE
 from deltavol.sessions.records import UpdateRecord, now_iso
 from deltavol.sessions.session import CHECKPOINT_SECONDS, Session, one_at_a_time
 from deltavol.sessions.states import State, next_state
@@ -189,10 +200,11 @@ async def _take_back(s: Session) -> str:
         if s.copier.durable is not None:
             s.tracking.or_(s.copier.durable)
         s._rewrite_tracking()
+        new_state = next_state(s.name, s.state, "cancel")  # before the row's fields change
         was = s.transfer, s.copier.durable, s.state, u.phase
         u.move("cancel", s.name)
         s.transfer = s.copier.durable = None
-        s.state = next_state(s.name, s.state, "cancel")
+        s.state = new_state
         try:
             s._persist_row(s)  # the commit point; the files below are garbage after it
         except BaseException:
@@ -238,13 +250,16 @@ async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
     if take_back:
         claimed = s.target_writes.claim()
         assert claimed, "checked with no await between"
-    s._cancel_retry()
-    if not by_retry:
-        s.retry.attempts = 0
+    else:  # (an update's retry pending is cancelled only once it is taken back: see below)
+        s._cancel_retry()
+        if not by_retry:
+            s.retry.attempts = 0
     notice: str | None = None
     try:
         if take_back:
-            await s._stop_task()  # its copy stops before its first target write
+            # its copy stops before its first target write; a retry pending (a failed
+            # update's) stays armed until the update is taken back: given back, it goes on
+            await s._stop_copy()
         # the target must answer before anything changes
         await s.copier.drop_target()
         target = await s.ensure_target()
@@ -258,33 +273,40 @@ async def restore(s: Session, by_retry: bool = False) -> dict[str, Any]:
             s.source.restoring_by = None
         if take_back and notice is None:  # not taken back: the update goes on as it was
             s.target_writes.release()
-            if copying and not s.closed and not s.busy:
+            # (its copy, if it was copying and still is: a real failure met meanwhile left
+            # it failed, with its retry)
+            if copying and s.state is State.COPYING and not s.closed and not s.busy:
                 s._spawn()
         raise
+    if take_back:  # taken back: the update's retry has nothing left to retry
+        s._cancel_retry()
+        s.retry.attempts = 0
     new_state = next_state(s.name, s.state, "restore")
     before = s.state, s.update, s.last_error, s.next_update_id, s.progress
-    if not resuming:
-        try:  # a file left by an earlier restore that ended (or a removed namesake) is void
-            if fs.exists(restore_path(s)):
-                fs.unlink(restore_path(s))
-                sync_dir(restore_path(s).parent)
-        except OSError as exc:
-            raise os_error(exc, f"removing an old restore file of session {s.name}") from exc
-        s.update = UpdateRecord(id=s.next_update_id, kind=KIND, started_at=now_iso())
-        s.update.move("restore", s.name)
-        s.next_update_id += 1
-    s.state, s.last_error = new_state, None
-    u = s.update
-    assert u is not None
-    # the progress shown (and saved with the row) is the restore's from now on
-    s.progress = Progress(bytes_total=u.bytes_total, bytes_done=u.bytes_done, bytes_sent=u.bytes_sent)
     try:
+        if not resuming:
+            try:  # a file left by an earlier restore that ended (or a removed namesake) is void
+                if fs.exists(restore_path(s)):
+                    fs.unlink(restore_path(s))
+                    sync_dir(restore_path(s).parent)
+            except OSError as exc:
+                raise os_error(exc, f"removing an old restore file of session {s.name}") from exc
+            s.update = UpdateRecord(id=s.next_update_id, kind=KIND, started_at=now_iso())
+            s.update.move("restore", s.name)
+            s.next_update_id += 1
+        s.state, s.last_error = new_state, None
+        u = s.update
+        assert u is not None
+        # the progress shown (and saved with the row) is the restore's from now on
+        s.progress = Progress(bytes_total=u.bytes_total, bytes_done=u.bytes_done, bytes_sent=u.bytes_sent)
         s._persist_row(s)  # the commit point
-    except BaseException:
+    except BaseException as exc:
         s.state, s.update, s.last_error, s.next_update_id, s.progress = before
         if not resuming and s.source.restoring_by == s.name:
             s.source.restoring_by = None
         await s.copier.drop_target()
+        if notice is not None and isinstance(exc, DeltavolError):  # the take-back stands
+            raise RestoreNotStarted(name=s.name, done=notice, why=exc.message) from exc
         raise
     guard_source(s)
     assert s.update is not None
@@ -449,8 +471,14 @@ class Restorer:
             if not gate.open or s.closed or s.source.restoring_by != s.name:
                 break  # the task path waits for the gate, or stops
             if isinstance(part, int):
-                if part > INLINE_ZEROES or not stack.pwrite_now(at, _ZEROES[:part]):
+                if part > INLINE_ZEROES:
                     break
+                if not self._hole(at, part):
+                    try:
+                        if not stack.pwrite_now(at, _ZEROES[:part]):
+                            break
+                    except NoSpace:
+                        break  # the task path punches it instead
             else:
                 if not stack.pwrite_now(at, part):
                     break
@@ -474,14 +502,26 @@ class Restorer:
                     raise asyncio.CancelledError
                 if isinstance(part, int) and part > INLINE_ZEROES:
                     await stack.zero(at, part, may_trim=True)
-                elif isinstance(part, int):  # as zeroes, not punched (see the module notes)
-                    await stack.pwrite(at, _ZEROES[:part])
-                else:
+                elif isinstance(part, int) and not self._hole(at, part):
+                    try:  # as zeroes, not punched (see the module notes)
+                        await stack.pwrite(at, _ZEROES[:part])
+                    except NoSpace:  # a full file system: the zeroes would take room, a hole none
+                        await stack.zero(at, part, may_trim=True)
+                elif not isinstance(part, int):
                     await stack.pwrite(at, part)
                     sent += len(part)
             return sent
         finally:
             gate.leave()
+
+    def _hole(self, offset: int, length: int) -> bool:
+        """True if the source has a hole there already: it reads zeroes, so a zeroed piece
+        needs no write (zeroes written there would allocate room on a sparse file)."""
+        try:
+            extents = self.s.source.backend.extents_now(offset, length)
+        except (DeltavolError, OSError):
+            return False  # written, then: zeroes are right either way
+        return len(extents) == 1 and extents[0][0] >= length and bool(extents[0][1] & STATE_HOLE)
 
     async def _checkpoint_loop(self) -> None:
         while True:

@@ -61,6 +61,7 @@ from deltavol.errors import (
     NotFound,
     NothingToResume,
     ShuttingDown,
+    TargetClaimed,
     TargetError,
 )
 from deltavol.events import EventBus
@@ -343,7 +344,10 @@ class Session:
             update.put_back(_PROTECTING, self.name)
             update.remark, self.last_error = before
             raise
-        self.copier.abort_target()
+        if not self.target_writes.shut:
+            self.copier.abort_target()
+        # else a restore claimed the update before any write to its target began: there is
+        # nothing to reset, and the connection is the restore's (target_writes.py)
         save = self.save
         # bits left to saves that will not happen now: the next change of the chunk writes its bit again
         self.tracker.saves_void(lambda c: save is not None and c in save)
@@ -618,6 +622,9 @@ class Session:
                         continue  # copy-before-write gave the mark up meanwhile
                     # the save area goes: the bits its records made durable must be in the file
                     await self._tracking_durable()
+                    # and what the copy read from its records must have been what they hold
+                    if not await self.copier.records_durable():
+                        continue  # they may be lost: the mark is given up, and re-marks
                     # no checkpoint runs (the lock is held): stopped now, the task ends in the
                     # turn that makes the session idle, not a turn later
                     await stop(checkpointer)
@@ -625,6 +632,10 @@ class Session:
                 break
         except asyncio.CancelledError:
             raise
+        except TargetClaimed:
+            # a restore claimed the update (restore.py) and is stopping this task: a request
+            # that resumed in the same step as the claim met it; no failure, no retry
+            log.info("session %s: update %d stopped for a restore", self.name, self.update.id)
         except TargetError as exc:
             failure = exc.message, True
         except (DeltavolError, OSError) as exc:
@@ -639,6 +650,7 @@ class Session:
 
     def _finish(self) -> None:
         assert self.update is not None
+        new_state = next_state(self.name, self.state, "done")  # before anything changes
         self._sync_progress()
         was = (
             self.transfer,
@@ -656,7 +668,7 @@ class Session:
         self.retry.attempts = 0
         self.point_in_time = self.update.marked_at
         self.update.finished_at = now_iso()
-        self.state = next_state(self.name, self.state, "done")
+        self.state = new_state
         try:
             self._persist_row(self)  # the commit point; the files below are garbage after it
         except BaseException:
@@ -733,12 +745,20 @@ class Session:
 
     async def _stop_task(self) -> None:
         self._cancel_retry()
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if await self._stop_copy():
             self._cancel_retry()  # one its failure may have scheduled before it stopped
+
+    async def _stop_copy(self) -> bool:
+        """Stop the copy task, if one runs, and wait until it is over; a retry pending is
+        left as it is (a restore that takes the update back cancels it only once it has).
+        True if a task was stopped."""
+        task, self._task = self._task, None
+        if task is None or task.done():
+            return False
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return True
 
     @one_at_a_time
     async def pause(self) -> dict[str, Any]:
@@ -866,6 +886,8 @@ class Session:
         if self.state is State.COPYING and await self.copier.target_answers():
             await self.copier.try_checkpoint()
         await self.copier.drop_target()
+        if self.save is not None:  # a clean stop seals the records: a reboot keeps the mark
+            await self.save.seal()
         if self.tracking_file is not None:
             try:  # a clean stop leaves no hot region: a reboot then costs no extra copy
                 await self.tracking_file.settle(everything=True)

@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 
 from deltavol.backend.base import WriteJob
+from deltavol.backend.gate import GateLayer, WriteGate
 from deltavol.nbd.constants import Cmd, Opt, Rep, TlsMode
 from deltavol.nbd.server_conn import SINK_BUDGET, SinkBudget
 from deltavol.server.nbd_connection import NbdConnection
+from tests.fakes import Disk
 from tests.protocol.wire import chunks, client_flags, info_data, option, option_replies, request
 
 SIZE = 64 << 20
@@ -343,3 +345,45 @@ async def test_a_connection_lost_with_writes_in_the_lane_gives_its_export_back_a
     export.release.set()
     await asyncio.wait_for(conn.idle.wait(), 10)
     assert closed == [4]
+
+
+class GatedLanes(Export):
+    """Writes agreed to through a real write gate (``GateLayer``); the ``after`` of the
+    write at ``BROKEN`` (the file's end: it runs before the gate's) raises."""
+
+    BROKEN = 4096
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = WriteGate()
+        self.layer = GateLayer(Disk(SIZE), self.gate)
+
+    def pwrite_soon(self, offset: int, data: Any) -> WriteJob | None:
+        job = self.layer.pwrite_soon(offset, bytes(data))
+        if job is not None and offset == self.BROKEN:
+
+            def broken(error: BaseException | None) -> None:
+                raise RuntimeError("bookkeeping bug")
+
+            job.after.insert(0, broken)
+        return job
+
+
+async def test_a_bug_in_one_lane_writes_after_costs_that_write_not_the_gate_or_the_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    conn, transport, directory = connected()
+    conn.export = directory.export = export = GatedLanes()
+    burst = b"".join(request(Cmd.WRITE, cookie=i, offset=i * 4096, data=bytes([i]) * 4096) for i in range(4))
+    receive(conn, burst)  # a burst: all four go to the lane
+    await asyncio.wait_for(conn.idle.wait(), 10)  # before: the two after the bug never came back
+    await asyncio.sleep(0)
+    got = answers(b"".join(transport.writes))
+    assert [(cookie, err) for cookie, err, _ in got] == [(0, 0), (1, 5), (2, 0), (3, 0)]
+    assert "crashed" in caplog.text
+
+    async def mark() -> None:
+        async with export.gate.closed():  # before: the gate's writers leaked, a mark hung
+            pass
+
+    await asyncio.wait_for(mark(), 5)

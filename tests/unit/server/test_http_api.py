@@ -258,3 +258,13 @@ async def test_an_imported_file_is_used_in_place_and_kept_on_removal(
     assert data[4096:4608] == b"\x07" * 512 and data[:4096] == b"\x42" * 4096, (
         "not used in place, or not kept"
     )
+
+
+async def test_an_import_of_a_missing_path_is_404_and_of_a_directory_400(
+    api: Client, service: Service, tmp_path: Path
+) -> None:
+    got = await call(api, "POST", "/v1/volumes", 404, json={"name": "imp", "path": str(tmp_path / "no")})
+    assert error_of(got)[0] == "ImportPathNotFound" and "No such file" in error_of(got)[1]
+    got = await call(api, "POST", "/v1/volumes", 400, json={"name": "imp", "path": str(tmp_path)})
+    assert error_of(got)[0] == "ImportFailed" and "not a regular file" in error_of(got)[1]
+    assert service.volumes.find("imp") is None

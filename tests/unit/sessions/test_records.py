@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from deltavol.errors import IllegalPhase, UnknownRecord
+from deltavol.errors import IllegalPhase, SessionUnavailable, UnknownRecord
 from deltavol.sessions import manager
 from deltavol.sessions.records import ROW_VERSION, UpdateRecord, update_from_row, update_to_row
 from deltavol.sessions.states import Phase, State
-from tests.unit.sessions.test_startup import G, MiB, idle, paused, refused, started, status
+from tests.unit.sessions.test_startup import G, MiB, idle, paused, started, status
 
 __all__ = ["idle", "paused"]  # fixtures
 
@@ -200,15 +200,26 @@ async def test_a_paused_update_stored_as_version_1_is_resumed_as_of_its_mark(pau
     assert (version, again["version"], again["phase"]) == ("2", ROW_VERSION, "done")
 
 
-async def test_a_row_of_a_newer_version_fails_the_start_naming_the_session(idle: Path) -> None:
+async def test_a_row_of_a_newer_version_makes_the_session_unavailable_naming_it(idle: Path) -> None:
+    """The start goes on: the session is unavailable, its row is left as it is (a newer
+    deltavol reads it), every action but remove is refused with the reason."""
     db = sqlite3.connect(idle / "deltavol.db")
     (text,) = db.execute("SELECT update_json FROM sessions WHERE name = 's'").fetchone()
     row = json.loads(text) | {"version": ROW_VERSION + 1}
     with db:
         db.execute("UPDATE sessions SET update_json = ? WHERE name = 's'", (json.dumps(row),))
+    async with started(idle) as svc:
+        (st,) = svc.list_sessions()
+        assert st["state"] == "unavailable" and f"version {ROW_VERSION + 1}" in st["last_error"], st
+        with pytest.raises(SessionUnavailable) as info:
+            await svc.update_session("s", False, None)
+        assert "session 's'" in info.value.message and info.value.http_status == 409
+    assert db.execute("SELECT update_json FROM sessions WHERE name = 's'").fetchone() == (json.dumps(row),)
+    async with started(idle) as svc:
+        await svc.remove_session("s")
+        assert svc.list_sessions() == []
+    assert db.execute("SELECT count(*) FROM sessions").fetchone() == (0,)
     db.close()
-    err = await refused(idle)
-    assert isinstance(err, UnknownRecord) and "session 's'" in err.message
 
 
 async def test_a_cancel_during_a_start_waits_and_cancels_a_committed_update(

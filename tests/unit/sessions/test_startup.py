@@ -293,6 +293,9 @@ async def test_a_session_whose_source_is_missing_keeps_its_name_files_and_target
     img.rename(img.with_name("src.img.offline"))  # the source cannot be opened at this start
     async with started(idle) as svc:
         assert [s.name for s in svc.sessions.all()] == []
+        (st,) = svc.list_sessions()  # listed all the same, saying why
+        assert (st["name"], st["state"]) == ("s", "unavailable") and "'src' is missing" in st["last_error"]
+        assert svc.session_status("s") | {"rpo_seconds": 0} == st | {"rpo_seconds": 0}
         svc.create_volume("other", 4 * MiB)
         svc.create_volume("dst2", 4 * MiB)
         with pytest.raises(DeltavolError):
@@ -315,9 +318,13 @@ async def test_after_a_reboot_a_protecting_update_gives_up_its_mark_before_it_re
     gives up its mark at start-up, in its row too. The re-mark then writes a new save area
     header (of this boot): a crash before it commits must find the mark given up, never an
     update protecting with an area that looks intact and holds none of the old records."""
+    from deltavol.copy.save_area import SEAL, SEAL_AT
     from deltavol.sessions.states import Phase
     from deltavol.store import fs
 
+    with open(paused / "save" / "s.save", "r+b") as f:  # killed, not stopped: no seal
+        f.seek(SEAL_AT)
+        f.write(bytes(SEAL.size + 4))
     monkeypatch.setattr(fs.current(), "boot_id", lambda: b"\x02" * 16)  # the machine restarted
     async with started(paused) as svc:
         s = svc.sessions.get("s")
@@ -338,6 +345,26 @@ async def test_after_a_reboot_a_protecting_update_gives_up_its_mark_before_it_re
         assert await dst.pread(MiB, G) == b"C" * G, "the target is not the source at the re-mark"
 
 
+async def test_after_a_clean_stop_and_a_reboot_the_update_keeps_its_mark(
+    paused: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clean stop sealed the save area (its records synced, the header says so): the
+    reboot loses none of them, and the old mark is finished, as after a kill."""
+    from deltavol.sessions.states import Phase
+    from deltavol.store import fs
+
+    monkeypatch.setattr(fs.current(), "boot_id", lambda: b"\x03" * 16)  # the machine restarted
+    async with started(paused) as svc:
+        s = svc.sessions.get("s")
+        assert s.update is not None and s.update.phase is Phase.PROTECTING and s.update.remark is None
+        assert s.save is not None and not s.save.sealed, "saves after the start must not be sealed"
+        old_mark = s.update.marked_at
+        await s.resume()
+        await s.wait()
+        assert s.consistent and s.point_in_time == old_mark
+        assert await svc.volumes.get("dst").export.pread(MiB, G) == b"B" * G, "not the image of the mark"
+
+
 async def test_after_a_restart_in_the_same_boot_the_update_keeps_its_mark(paused: Path) -> None:
     """A killed server: the page cache kept every record, and the old mark is finished."""
     from deltavol.sessions.states import Phase
@@ -350,3 +377,33 @@ async def test_after_a_restart_in_the_same_boot_the_update_keeps_its_mark(paused
         await s.wait()
         assert s.consistent and s.point_in_time == old_mark
         assert await svc.volumes.get("dst").export.pread(MiB, G) == b"B" * G, "not the image of the mark"
+
+
+async def test_a_session_back_after_its_row_was_unreadable_copies_what_was_written_meanwhile(
+    idle: Path,
+) -> None:
+    """Unavailable, it tracked nothing while its source was written: once its row is
+    repaired, every chunk is tracked and the next update brings the target up to date."""
+    import sqlite3
+
+    db = sqlite3.connect(idle / "deltavol.db")
+    (good,) = db.execute("SELECT update_json FROM sessions WHERE name = 's'").fetchone()
+    with db:
+        db.execute("UPDATE sessions SET update_json = '{not json' WHERE name = 's'")
+    async with started(idle) as svc:
+        assert svc.session_status("s")["state"] == "unavailable"
+        await svc.volumes.get("src").export.pwrite(2 * MiB, b"U" * G)  # untracked by s
+    with db:
+        db.execute("UPDATE sessions SET update_json = ? WHERE name = 's'", (good,))
+    async with started(idle) as svc:
+        st = status(svc)
+        assert st["state"] == "idle" and st["tracked_bytes"] == 4 * MiB, st
+        assert st["recopy_bytes"] == 4 * MiB - G and "unavailable" in st["full_reason"], st
+        s = svc.sessions.get("s")
+        await s.start_update(False, None)
+        await s.wait()
+        assert await svc.volumes.get("dst").export.pread(2 * MiB, G) == b"U" * G
+    assert db.execute("SELECT count(*) FROM meta WHERE key LIKE 'untracked:%'").fetchone() == (0,)
+    db.close()
+    async with started(idle) as svc:  # once only
+        assert status(svc)["tracked_bytes"] == 0 and status(svc)["full_reason"] is None
