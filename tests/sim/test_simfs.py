@@ -168,7 +168,7 @@ def copy_racing_a_write(seed: int, sync: bool = False, die: bool = False) -> tup
     fs.fsync(dst)
     fs.sync_dir(D)
 
-    def copy() -> None:
+    def _copy_from() -> None:  # (FileBackend's name: a hand-off of it runs in a worker)
         pos = 0
         while pos < size:
             order.append(f"copy at {pos}")
@@ -176,7 +176,7 @@ def copy_racing_a_write(seed: int, sync: bool = False, die: bool = False) -> tup
         order.append(f"copied {pos}")
 
     async def run() -> None:
-        job = fs.run_in_pool(None, copy)  # type: ignore[arg-type]
+        job = fs.run_in_pool(None, _copy_from)  # type: ignore[arg-type]
         await asyncio.sleep(0.0015)  # the copy started, and parked after a piece
         for at in (0, size - BLOCK):
             fs.pwrite(src, b"n" * BLOCK, at)
