@@ -106,11 +106,10 @@ def _refusal(m: SessionManager, s: Session) -> str | None:
     others = [o.name for o in m.of_source(s.source.name) if o is not s]
     if others:
         return f"its source {s.source.name!r} is also the source of session(s) {', '.join(others)}"
-    pending = (*m._creating.items(), *m._reversing.items(), *m._unloaded.items())
-    for pname, pair in pending:
+    for pname, pair in m.holds():
         used = [v for v in (s.source.name, s.target_spec) if v in pair]
         if pname != s.name and used:
-            what = "being created, reversed or not loaded"
+            what = "being created, reversed or removed, or not loaded"
             return f"volume {used[0]!r} is also used by session {pname!r} ({what})"
     return None
 
