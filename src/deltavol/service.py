@@ -193,8 +193,10 @@ class Service:
         return s.tracking.to_bytes(), headers
 
     # --- peers: another deltavol server's calls (sessions/reverse.py) ---------------------
-    def put_guard(self, volume: str, holder: str, secret: str, current: str | None = None) -> dict[str, Any]:
-        return reverse.put_guard(self.sessions, volume, holder, secret, current)
+    async def put_guard(
+        self, volume: str, holder: str, secret: str, current: str | None = None
+    ) -> dict[str, Any]:
+        return await reverse.put_guard(self.sessions, volume, holder, secret, current)
 
     def drop_guard(self, volume: str, secret: str) -> dict[str, Any]:
         return reverse.drop_guard(self.sessions, volume, secret)

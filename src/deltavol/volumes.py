@@ -210,6 +210,8 @@ class Volumes:
         self.images = images
         self._by_name: dict[str, Volume] = {}
         self._filling: set[str] = set()  # names of volumes being made by ``create_from``
+        # volumes being removed, by name: their name and image stay theirs until it is unlinked
+        self._removing: dict[str, str] = {}
 
     def load(self) -> None:
         rows = self.db.conn.execute("SELECT * FROM volumes ORDER BY name").fetchall()
@@ -251,6 +253,8 @@ class Volumes:
         check_name(name)
         if name in self._by_name or name in self._filling:
             raise AlreadyExists(kind="volume", name=name)
+        if name in self._removing:
+            raise InUse(kind="volume", name=name, why="it is being removed: try again when that is done")
 
     def create(self, name: str, size: int, peer_target: bool = False) -> Volume:
         self._check_new(name)
@@ -303,6 +307,9 @@ class Volumes:
         try:
             fd = fs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileExistsError:
+            owner = self._owner_of(path)
+            if owner is not None:  # never a file a volume (live or being removed) still owns
+                raise InUse(kind="file", name=str(path), why=f"it is the image of volume {owner!r}") from None
             fs.unlink(path)  # an uncommitted leftover of a crashed create
             fd = fs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -318,6 +325,15 @@ class Volumes:
             raise os_error(exc, f"creating {path}") from exc
         fs.close(fd)
         return path
+
+    def _owner_of(self, path: Path) -> str | None:
+        """The name of the volume, live or being removed, whose image ``path`` is."""
+        real = os.path.realpath(path)
+        owned = [(v.name, v.path) for v in self._by_name.values()] + list(self._removing.items())
+        for name, vpath in owned:
+            if os.path.realpath(vpath) == real:
+                return name
+        return None
 
     def import_(self, name: str, path: str) -> Volume:
         self._check_new(name)
@@ -378,10 +394,16 @@ class Volumes:
         with self.db.transaction() as conn:
             conn.execute("DELETE FROM peer_targets WHERE volume = ?", (name,))
             conn.execute("DELETE FROM volumes WHERE name = ?", (name,))
+        # the name stays reserved until the image is gone: a create of it meanwhile would
+        # make images/NAME.img anew, and the unlink below would take the new volume's image
+        self._removing[name] = vol.path
         del self._by_name[name]
-        await vol.backend.close()
-        if not vol.imported:
-            fs.unlink(vol.path, missing_ok=True)
+        try:
+            await vol.backend.close()
+            if not vol.imported:
+                fs.unlink(vol.path, missing_ok=True)
+        finally:
+            del self._removing[name]
         log.info("volume %s: removed", name)
 
     async def close(self) -> None:

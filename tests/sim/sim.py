@@ -3,8 +3,10 @@ save area and copy code on a simulated disk, loop and targets (``simfs.py``).
 
 Design notes
 ------------
-One seed is one world: two source volumes, sessions to remote targets created and
-removed as it goes, and a series of server lives. In each life the real ``Service``
+One seed is one world: two source volumes, sessions created and removed as it goes,
+to remote targets or (a share of them the seed picks, ``Sim.local_share``) to one of
+three local volumes on the simulated disk, copied with the kernel's copy_file_range
+(``LocalTarget``), and a series of server lives. In each life the real ``Service``
 loads the data dir from the simulated disk, client tasks write, zero, trim, flush and
 write with FUA through the volumes' exports (the NBD server's path, inline writes
 included), and an operator task issues, concurrently, the session operations (create,
@@ -28,7 +30,8 @@ The checks use an independent model, never the server's own view:
 * the image of every source at each moment the server stamps a time (``now_iso``: the
   mark's time is stamped with the write gate closed), keyed by the stamp, so a session's
   ``point_in_time`` names the image its target must equal (invariants 3 and 4).
-* the target hosts' caches and durable contents, against the source, and the session's
+* the target hosts' caches and durable contents (for a local volume: its file's page
+  cache, and what a power cut would leave of it now), against the source, and the session's
   bitmaps: wherever they may differ, the chunk must be set (invariant 2). Checked after
   every restart on what was loaded from disk, and while running on sessions that are not
   copying (a copying session's "done" bits are its files', checked at the next restart).
@@ -47,8 +50,8 @@ Running it: ``python -m tests.sim 1-50`` (or ``pytest tests/sim``, see ``test_si
 ``DELTAVOL_SIM_OFF`` takes a comma-separated subset of ``KNOBS`` to leave out (concurrent
 operations on one session and the scheduler, sessions created while writes are in flight
 on their source, data-dir faults, target trouble, power cuts, crashes at an I/O, full
-updates), to look at one class of defect at a time; ``DELTAVOL_SIM_STALLS`` sets how often
-a thread hand-off stalls (default 0.03).
+updates, sessions to local volumes), to look at one class of defect at a time;
+``DELTAVOL_SIM_STALLS`` sets how often a thread hand-off stalls (default 0.03).
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ HOT = 4 * G  # hot region of the tracking files
 SECTORS = SIZE // SECTOR
 SOURCES = ("src0", "src1")
 MAX_SESSIONS = 3
+TARGETS = tuple(f"tgt{i}" for i in range(MAX_SESSIONS))  # local volumes a session may copy to
 HANG_S = 120.0
 LIFE_S = (20.0, 90.0)
 META = ("/bitmaps/", "/save/")
@@ -167,7 +171,35 @@ def pattern(op: int, first: int, n: int) -> list[bytes]:
 
 # What a seed may do; ``off`` (DELTAVOL_SIM_OFF=a,b) leaves some out, to look at one
 # class of defect at a time.
-KNOBS = ("concurrent_ops", "create_race", "faults", "targets", "power", "crash_io", "full")
+KNOBS = ("concurrent_ops", "create_race", "faults", "targets", "power", "crash_io", "full", "local")
+
+
+class LocalHost:
+    """A local volume as a session's target: the checks read its file on the simulated
+    disk, as the page cache has it (``cache``) and as a power cut would leave it if
+    nothing more were synced (``durable``, the log left out). It has no trouble of its
+    own (``_op_target`` leaves it alone): its writes fail and get lost with the disk's."""
+
+    def __init__(self, name: str, fs: SimFS, path: Path) -> None:
+        self.name = name
+        self.fs = fs
+        self.path = str(path)
+        self.down_until = self.silent_until = self.slow_until = 0.0
+
+    def _get(self, durable: bool) -> bytes:
+        inode = self.fs.names.get(self.path)
+        if inode is None:
+            return bytes(SIZE)
+        data = inode.durable if durable else inode.data
+        return bytes(data[:SIZE]).ljust(SIZE, b"\0")
+
+    @property
+    def cache(self) -> bytes:
+        return self._get(False)
+
+    @property
+    def durable(self) -> bytes:
+        return self._get(True)
 
 
 class Sim:
@@ -194,7 +226,7 @@ class Sim:
             retry_backoff=self.rng.choice((0.5, 2.0)),
         )
         self.events: list[str] = []
-        self.hosts: dict[str, TargetHost] = {}
+        self.hosts: dict[str, TargetHost | LocalHost] = {}
         self.models: dict[str, SourceModel] = {}
         self.images: dict[str, dict[str, bytes]] = {}
         self.stamps = 0
@@ -215,6 +247,8 @@ class Sim:
         self.locks: dict[str, asyncio.Lock] = {}
         self.quiet = {v: 0 for v in SOURCES}
         self.removed: set[str] = set()
+        # the share of sessions whose target is a local volume (the kernel copy's path)
+        self.local_share = self.rng.choice((0.0, 0.3, 0.6, 1.0)) if "local" in self.on else 0.0
 
     # --- bookkeeping ---------------------------------------------------------------------
     def event(self, what: str) -> None:
@@ -290,6 +324,7 @@ class Sim:
 
     def _uninstall(self, saved: list[tuple[Any, str, Any]]) -> None:
         self._bury()
+        self.fs.close_workers()
         fs.use(self._old_fs)
         for obj, attr, value in reversed(saved):
             if isinstance(obj, dict):
@@ -357,6 +392,8 @@ class Sim:
                 self.background_errors.append(f"{t.get_name()}: {exc!r}")
                 self.event(f"background task {t.get_name()} died: {exc!r}")
             self.graveyard.extend(t for t in tasks if not t.done())
+            if not halted and end == "clean":
+                self.fs.end_workers(finish=True)  # a clean exit waits for its threads
             if halted or end != "clean":
                 self._bury()
             loop.close()
@@ -369,7 +406,7 @@ class Sim:
                 self.event("power cut")
                 self.fs.power_loss()
                 for h in self.hosts.values():
-                    if self.rng.random() < 0.3:  # a local target, or its host on the same power
+                    if isinstance(h, TargetHost) and self.rng.random() < 0.3:  # on the same power
                         self.event(f"target {h.name} loses power too")
                         h.crash()
                 self._power_checked = False
@@ -397,6 +434,8 @@ class Sim:
             for v in SOURCES:
                 service.create_volume(v, SIZE)
                 self.models[v] = SourceModel(bytes(SIZE))
+            for v in TARGETS:
+                service.create_volume(v, SIZE)
             if crash_at is not None:
                 self.fs.crash_at = crash_at + self.fs.ops - before
         try:
@@ -465,12 +504,20 @@ class Sim:
             )
 
     def check_live(self, service: Any) -> None:
+        running = [t.get_name() for t in asyncio.all_tasks() if not t.done()]  # (once: it costs)
         for s in service.sessions.all():
-            copies = [t for t in asyncio.all_tasks() if t.get_name() == f"session-{s.name}" and not t.done()]
+            copies = [n for n in running if n == f"session-{s.name}"]
             if len(copies) > 1:
                 raise Violation(f"serialization: {len(copies)} copy tasks run for session {s.name}")
             if s.busy and s.state is not State.COPYING and not self.op_running.get(s.name):
                 raise Violation(f"serialization: a copy runs while session {s.name} is {s.state.value}")
+            if isinstance(self.hosts.get(s.target_spec), LocalHost) and s.name not in self.removed:
+                vol = service.volumes.find(s.target_spec)
+                if vol is None or vol.write_guard() is None:
+                    raise Violation(
+                        f"guard: the target volume {s.target_spec} of session {s.name} "
+                        f"({s.state.value}) takes clients' writes"
+                    )
             if self._exempt(s) or s.busy:
                 continue
             if s.state is State.IDLE:
@@ -638,8 +685,14 @@ class Sim:
     async def _op_create(self, service: Any) -> None:
         self.created += 1
         name = f"s{self.created}"
-        uri = f"nbd+unix:///{name}?socket=sim"
-        self.hosts[uri] = TargetHost(name, SIZE, Random(self.rng.random()), self.fs)
+        used = {s.target_spec for s in service.sessions.all()}
+        free = [t for t in TARGETS if t not in used]
+        if free and self.rng.random() < self.local_share:
+            uri = self.rng.choice(free)
+            self.hosts[uri] = LocalHost(uri, self.fs, self.root / "volumes" / f"{uri}.img")
+        else:
+            uri = f"nbd+unix:///{name}?socket=sim"
+            self.hosts[uri] = TargetHost(name, SIZE, Random(self.rng.random()), self.fs)
         src = self.rng.choice(SOURCES)
         if "create_race" not in self.on:  # no client write in flight on the source meanwhile
             self.quiet[src] += 1
@@ -661,6 +714,8 @@ class Sim:
 
     def _op_target(self, s: Session) -> None:
         host, rng, now = self.hosts[s.target_spec], self.rng, self.clock.now
+        if not isinstance(host, TargetHost):
+            return  # a local volume: its trouble is the disk's (faults, crashes, power)
         kind = rng.choice(("crash", "down", "slow", "silent"))
         if kind == "crash":
             host.crash()
@@ -684,6 +739,7 @@ class Sim:
             "remove": lambda: service.remove_session(name),
         }
         before = (s.state, s.consistent, s.point_in_time, s.transfer is not None)
+        host = self.hosts.get(s.target_spec)  # (a local volume may get a new session meanwhile)
         self.op_running[name] = self.op_running.get(name, 0) + 1
         try:
             if what == "update":
@@ -712,7 +768,7 @@ class Sim:
         if what in ("pause", "cancel") and s.busy:
             raise Violation(f"serialization: {what} of {name} returned while its copy still runs")
         self.check_live(service)  # right after the operation, before anything else runs
-        if what == "remove":
+        if what == "remove" and self.hosts.get(s.target_spec) is host:
             self.hosts.pop(s.target_spec, None)
             self.removed.add(name)
 

@@ -12,10 +12,22 @@ Design notes
   follows. A ``kill`` (kill -9) keeps the page cache. An fsync that fails with EIO drops
   the logged writes as the kernel does (the pages are marked clean, not written): a later
   fsync succeeds without them.
+* Each inode knows which 4 KiB blocks are allocated (written, or zeroed in place) and
+  which are holes (never written, punched, cut off by a truncation), in the page cache and
+  on the disk, with the same log: ``lseek`` answers SEEK_DATA / SEEK_HOLE from it, and a
+  power cut keeps a punch whole or not at all, a write's blocks with the sectors that
+  reached the disk.
 * Thread hand-offs (``to_thread``, ``run_in_pool``, ``submit``) run the blocking function
   on the loop after a delay the seeded random source chooses, even if the waiter was
   cancelled (a thread cannot be stopped): this is how the simulation decides when each
-  piece of I/O completes relative to the rest.
+  piece of I/O completes relative to the rest. The function runs in a worker thread that
+  takes turns with the loop (exactly one of them runs at a time, so a seed still replays;
+  only a hand-off that may reach the kernel copy, the others run on the loop):
+  ``copy_file_range`` called there copies one piece (a sector to a few blocks) per call
+  and then parks the worker for a delay, as the kernel copies page by page: the loop runs
+  meanwhile, and a write to either file can land between two pieces. A process that dies
+  kills its parked workers (the rest of their copy never happens); a clean stop lets them
+  finish.
 * ``SimLoop`` runs on virtual time: when nothing is ready it jumps to the next timer. It
   keeps asyncio's one ordering promise (callbacks run in the order they were scheduled);
   what it varies is what varies in the real world: when I/O completes, when timers fire
@@ -38,6 +50,7 @@ import errno
 import os
 import selectors
 import stat
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
@@ -50,6 +63,8 @@ from deltavol.errors import TargetError
 T = TypeVar("T")
 SECTOR = 512
 FD_BASE = 1 << 20  # far above any real descriptor: a stray real os.close(fd) fails, harmlessly
+BLOCK = 4096  # the file system's block: the unit of allocation, holes and SEEK_DATA/SEEK_HOLE
+FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 class Halt(SystemExit):
@@ -110,64 +125,83 @@ class Inode:
     def __init__(self) -> None:
         self.data = bytearray()  # as the page cache has it
         self.durable = bytearray()
-        self.log: list[tuple[str, int, bytes]] = []  # ("w", offset, data) | ("t", size, b"")
+        # ("w", offset, data) | ("t", size, b"") | ("p", offset, zeroes): write, truncate, punch
+        self.log: list[tuple[str, int, bytes]] = []
+        self.alloc: set[int] = set()  # allocated blocks, as the page cache has them
+        self.durable_alloc: set[int] = set()
 
     def write(self, offset: int, data: bytes) -> None:
-        end = offset + len(data)
-        if end > len(self.data):
-            self.data.extend(bytes(end - len(self.data)))
-        self.data[offset:end] = data
-        self.log.append(("w", offset, bytes(data)))
+        self._do("w", offset, bytes(data))
 
     def truncate(self, size: int) -> None:
-        if size < len(self.data):
-            del self.data[size:]
-        else:
-            self.data.extend(bytes(size - len(self.data)))
-        self.log.append(("t", size, b""))
+        self._do("t", size, b"")
+
+    def punch(self, offset: int, length: int) -> None:
+        """FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: zeroes, and the whole blocks inside
+        become holes."""
+        length = min(offset + length, len(self.data)) - offset
+        if length > 0:
+            self._do("p", offset, bytes(length))
+
+    def _do(self, kind: str, offset: int, data: bytes) -> None:
+        _apply(self.data, self.alloc, kind, offset, data)
+        self.log.append((kind, offset, data))
 
     def sync(self) -> None:
         """Write back what the log holds (after a failed sync it holds less than ``data``)."""
         for kind, offset, data in self.log:
-            if kind == "t":
-                _truncate(self.durable, offset)
-            else:
-                _put(self.durable, offset, data)
+            _apply(self.durable, self.durable_alloc, kind, offset, data)
         self.log.clear()
 
     def lose_power(self, rng: Random) -> None:
-        out = bytearray(self.durable)
+        out, alloc = bytearray(self.durable), set(self.durable_alloc)
         for kind, offset, data in self.log:
             roll = rng.random()
             if roll < 0.35:
                 continue  # never reached the disk
-            if kind == "t":
-                _truncate(out, offset)
+            if kind != "w" or roll >= 0.55:  # a truncation or a punch is whole or nothing
+                _apply(out, alloc, kind, offset, data)
                 continue
-            if roll < 0.55:  # torn: some of its sectors only
-                for lo in range((offset // SECTOR) * SECTOR, offset + len(data), SECTOR):
-                    a, b = max(lo, offset), min(lo + SECTOR, offset + len(data))
-                    if rng.random() < 0.5:
-                        _put(out, a, data[a - offset : b - offset])
-            else:
-                _put(out, offset, data)
-        self.durable = out
-        self.data = bytearray(out)
+            for lo in range((offset // SECTOR) * SECTOR, offset + len(data), SECTOR):  # torn
+                a, b = max(lo, offset), min(lo + SECTOR, offset + len(data))
+                if rng.random() < 0.5:
+                    _apply(out, alloc, "w", a, data[a - offset : b - offset])
+        self.durable, self.durable_alloc = out, alloc
+        self.data, self.alloc = bytearray(out), set(alloc)
         self.log.clear()
 
+    def seek(self, pos: int, data: bool) -> int:
+        """lseek SEEK_DATA (``data``) or SEEK_HOLE from ``pos``, at block granularity."""
+        size = len(self.data)
+        if pos >= size or pos < 0:
+            raise OSError(errno.ENXIO, "No such device or address")
+        b = pos // BLOCK
+        if data:
+            found = [x for x in self.alloc if x >= b and x * BLOCK < size]
+            if not found:
+                raise OSError(errno.ENXIO, "No such device or address")
+            return max(pos, min(found) * BLOCK)
+        while b in self.alloc and b * BLOCK < size:
+            b += 1
+        return min(max(pos, b * BLOCK), size)
 
-def _truncate(buf: bytearray, size: int) -> None:
-    if size < len(buf):
-        del buf[size:]
-    else:
-        buf.extend(bytes(size - len(buf)))
 
-
-def _put(buf: bytearray, offset: int, data: bytes) -> None:
+def _apply(buf: bytearray, alloc: set[int], kind: str, offset: int, data: bytes) -> None:
+    if kind == "t":
+        if offset < len(buf):
+            del buf[offset:]
+        else:
+            buf.extend(bytes(offset - len(buf)))
+        alloc.difference_update({b for b in alloc if b * BLOCK >= offset})
+        return
     end = offset + len(data)
     if end > len(buf):
         buf.extend(bytes(end - len(buf)))
     buf[offset:end] = data
+    if kind == "w":
+        alloc.update(range(offset // BLOCK, (end + BLOCK - 1) // BLOCK))
+    else:  # a punch frees the blocks it covers whole
+        alloc.difference_update(range((offset + BLOCK - 1) // BLOCK, end // BLOCK))
 
 
 class SimFS:
@@ -188,6 +222,8 @@ class SimFS:
         self.fault: Callable[[str, str], int | None] = lambda op, path: None
         self.io_delay: Callable[[], float] = lambda: 0.0
         self.trace: Callable[[str], None] = lambda what: None
+        self._idle: list[_Worker] = []
+        self._parked: dict[_Worker, None] = {}  # (in the order they parked)
 
     # --- process life ----------------------------------------------------------------
     def tick(self, op: str, path: str = "") -> None:
@@ -205,7 +241,8 @@ class SimFS:
             raise OSError(err, os.strerror(err), path)
 
     def restart(self) -> None:
-        """The process is gone: its descriptors with it."""
+        """The process is gone: its descriptors with it, and the rest of its parked copies."""
+        self.end_workers(finish=False)
         self.fds.clear()
         self.dead = False
         self.crash_at = None
@@ -294,8 +331,19 @@ class SimFS:
         return len(data)
 
     def copy_file_range(self, src: int, dst: int, count: int, src_offset: int, dst_offset: int) -> int:
-        data = self.pread(src, count, src_offset)
-        return self.pwrite(dst, data, dst_offset) if data else 0
+        """One piece of the copy (a short count, as the kernel may return), then, in a
+        worker, a pause in which the loop runs (see the module notes)."""
+        worker: _Worker | None = getattr(_local, "worker", None)
+        piece = self.rng.choice((SECTOR, BLOCK, 2 * BLOCK, 4 * BLOCK)) if worker is not None else count
+        data = self.pread(src, min(count, piece), src_offset)
+        if not data:
+            return 0
+        inode = self._inode(dst)
+        self.tick("copy_file_range", self._name(inode))
+        inode.write(dst_offset, data)
+        if worker is not None and len(data) < count:
+            worker.park()
+        return len(data)
 
     def _name(self, inode: Inode) -> str:
         return next((n for n, i in self.names.items() if i is inode), "?")
@@ -332,19 +380,18 @@ class SimFS:
         return SimpleNamespace(f_bavail=1 << 20, f_frsize=4096)
 
     def lseek(self, fd: int, pos: int, how: int) -> int:
-        size = len(self._inode(fd).data)
-        if how == os.SEEK_DATA:
-            if pos >= size:
-                raise OSError(errno.ENXIO, "no more data")
-            return pos
-        if how == os.SEEK_HOLE:
-            return size
+        inode = self._inode(fd)
+        if how in (os.SEEK_DATA, os.SEEK_HOLE):
+            return inode.seek(pos, how == os.SEEK_DATA)
         raise OSError(errno.EINVAL, "lseek")
 
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
         inode = self._inode(fd)
         self.tick("fallocate", self._name(inode))
-        end = min(offset + length, len(inode.data))  # FALLOC_FL_KEEP_SIZE
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            inode.punch(offset, length)
+            return
+        end = min(offset + length, len(inode.data))  # FALLOC_FL_KEEP_SIZE; zeroed in place
         if end > offset:
             inode.write(offset, bytes(end - offset))
 
@@ -398,26 +445,84 @@ class SimFS:
     def boot_id(self) -> bytes:
         return self.boot.to_bytes(16, "big")
 
-    # --- threads: run on the loop, when the simulation says --------------------------------
+    # --- threads: run in turn with the loop, when the simulation says ------------------------
     def _later(self, fn: Callable[..., T], args: tuple[Any, ...]) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
 
-        def run() -> None:
-            try:
-                result = fn(*args)
-            except (Halt, KeyboardInterrupt):
-                raise
-            except BaseException as exc:
+        def start() -> None:
+            if self.dead:
+                raise Halt("dead process")
+            if not _copies(fn, args):  # (a thread switch costs: only where it can park)
+                try:
+                    result = fn(*args)
+                except (Halt, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                        fut.exception()  # a cancelled waiter's thread: nobody retrieves it
+                    return
                 if not fut.done():
-                    fut.set_exception(exc)
-                    fut.exception()  # a cancelled waiter's thread: nobody retrieves it
+                    fut.set_result(result)
                 return
-            if not fut.done():
-                fut.set_result(result)
+            worker = self._idle.pop() if self._idle else _Worker()
+            worker.start(lambda: fn(*args))
+            self._after(loop, worker, fut)
 
-        loop.call_later(self.io_delay(), run)
+        loop.call_later(self.io_delay(), start)
         return fut
+
+    def _after(self, loop: asyncio.AbstractEventLoop, worker: _Worker, fut: asyncio.Future[Any]) -> None:
+        """The worker gave the turn back: parked part-way (resumed later), or done."""
+        if worker.outcome is None:
+            self._parked[worker] = None
+            loop.call_later(self.io_delay(), self._resume, loop, worker, fut)
+            return
+        self._idle.append(worker)
+        ok, value = worker.outcome
+        if isinstance(value, Halt | KeyboardInterrupt):
+            raise value
+        if fut.done():
+            return
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+            fut.exception()  # a cancelled waiter's thread: nobody retrieves it
+
+    def _resume(self, loop: asyncio.AbstractEventLoop, worker: _Worker, fut: asyncio.Future[Any]) -> None:
+        if worker not in self._parked:
+            return  # ended with the process
+        del self._parked[worker]
+        if self.dead:
+            raise Halt("dead process")
+        worker.resume()
+        self._after(loop, worker, fut)
+
+    def end_workers(self, finish: bool) -> None:
+        """The parked workers run to their end (``finish``: a clean exit waits for its
+        threads; no crash point meanwhile) or die where they are (the process is gone)."""
+        crash_at = self.crash_at
+        if finish:
+            self.crash_at = None
+        while self._parked:
+            worker = next(iter(self._parked))
+            del self._parked[worker]
+            if finish:
+                worker.unparked = True
+            else:
+                worker.kill = True
+            worker.resume()
+            worker.unparked = worker.kill = False
+            self._idle.append(worker)
+        self.crash_at = crash_at
+
+    def close_workers(self) -> None:
+        self.end_workers(finish=False)
+        for worker in self._idle:
+            worker.stop()
+        self._idle.clear()
 
     async def to_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await self._later(fn, args)
@@ -427,6 +532,66 @@ class SimFS:
 
     def submit(self, pool: Executor, fn: Callable[..., Any], *args: Any) -> None:
         asyncio.get_running_loop().call_later(self.io_delay(), fn, *args)
+
+
+_local = threading.local()
+COPIES = ("_copy_spans", "_copy_from", "copy_file_range")  # what may call copy_file_range
+
+
+def _copies(fn: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+    """Whether a thread hand-off may reach copy_file_range (``FileBackend`` runs its
+    writes as ``_counted(fn, ...)``): only those run in a worker, the rest on the loop."""
+    return any(getattr(f, "__name__", "") in COPIES for f in (fn, *args[:1]))
+
+
+class _Worker:
+    """A thread that runs only while the loop waits for it: ``start``/``resume`` return when
+    the job ends or parks (``park``, called in the thread). One of the two runs at a time."""
+
+    def __init__(self) -> None:
+        self.go = threading.Semaphore(0)
+        self.back = threading.Semaphore(0)
+        self.job: Callable[[], Any] | None = None
+        self.outcome: tuple[bool, Any] | None = None
+        self.kill = False  # the process died: the job ends at its next park
+        self.unparked = False  # a clean exit: the job runs on without parking
+        self.thread = threading.Thread(target=self._main, daemon=True, name="sim-worker")
+        self.thread.start()
+
+    def _main(self) -> None:
+        while True:
+            self.go.acquire()
+            job = self.job
+            if job is None:
+                return
+            _local.worker = self
+            try:
+                self.outcome = (True, job())
+            except BaseException as exc:
+                self.outcome = (False, exc)
+            _local.worker = None
+            self.back.release()
+
+    def start(self, job: Callable[[], Any]) -> None:
+        self.job, self.outcome = job, None
+        self.resume()
+
+    def resume(self) -> None:
+        self.go.release()
+        self.back.acquire()
+
+    def park(self) -> None:
+        if self.unparked:
+            return
+        self.back.release()
+        self.go.acquire()
+        if self.kill:
+            raise Halt("the process died during a copy_file_range")
+
+    def stop(self) -> None:
+        self.job = None
+        self.go.release()
+        self.thread.join()
 
 
 class TargetHost:

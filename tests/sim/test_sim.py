@@ -19,16 +19,55 @@ from typing import Any
 import pytest
 
 from deltavol.errors import TargetError
-from tests.sim.sim import off_from_env, report, run_seed, unheard
+from deltavol.sessions.states import State
+from tests.sim.sim import LocalHost, Sim, off_from_env, report, run_seed, unheard
 from tests.sim.simfs import Clock, Halt, SimFS, SimLoop
 
 CI_SEEDS = 24
+LOCAL_SEED = 1  # a seed with sessions to local volumes within two lives
 
 
 def test_a_seed_replays_exactly() -> None:
     first, again = run_seed(7), run_seed(7)
     assert len(first.events) > 20
     assert (first.ok, first.message, first.digest) == (again.ok, again.message, again.digest)
+
+
+def test_sessions_to_local_volumes_run_the_kernel_copy_and_are_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A seed's sessions to local volumes copy with copy_file_range, in pieces (the worker
+    parks between them); and the checks read the volume: a byte changed in it behind the
+    server's back, while its session is idle and consistent, is a violation."""
+    pieces = []
+    copy_file_range = SimFS.copy_file_range
+
+    def counted(fs: SimFS, *args: int) -> int:
+        pieces.append(args[2])
+        return copy_file_range(fs, *args)
+
+    monkeypatch.setattr(SimFS, "copy_file_range", counted)
+    r = run_seed(LOCAL_SEED, lives=2)
+    assert r.ok, report(r)
+    assert any("-> tgt" in e for e in r.events), "no session to a local volume"
+    assert len(pieces) > 50, "hardly any kernel copy"
+    assert any(n > 4 * 4096 for n in pieces), "no kernel copy asked for more than a piece"
+
+    changed: list[str] = []
+    check_live = Sim.check_live
+
+    def tamper(sim: Sim, service: Any) -> None:
+        for s in service.sessions.all():
+            host = sim.hosts.get(s.target_spec)
+            idle = s.state is State.IDLE and s.consistent and not s.busy
+            if not changed and isinstance(host, LocalHost) and idle:
+                sim.fs.names[host.path].data[5] ^= 0xFF
+                changed.append(s.name)
+        check_live(sim, service)
+
+    monkeypatch.setattr(Sim, "check_live", tamper)
+    bad = run_seed(LOCAL_SEED, lives=2)
+    assert changed and not bad.ok and "invariant" in bad.message and changed[0] in bad.message, bad.message
 
 
 def test_replay() -> None:

@@ -216,7 +216,7 @@ def routes(service: Service) -> web.RouteTableDef:
     @r.put("/v1/peer/guards/{volume}")
     async def put_guard(request: web.Request) -> web.Response:
         body = await _body(request)
-        info = service.put_guard(
+        info = await service.put_guard(
             request.match_info["volume"],
             _field(body, "holder", str),
             _field(body, "secret", str),

@@ -156,6 +156,10 @@ class SessionManager:
         # sessions being reversed (reverse.py), by name: (new source, new target), held from
         # the reverse's checks to its commit so that no create takes either volume meanwhile
         self._reversing: dict[str, tuple[str, str]] = {}
+        # sessions being removed: (name, (source, target)), from the row's deletion until their
+        # hooks and guards are gone (``remove``), so no create takes either volume meanwhile.
+        # Not by name: a create may reuse the name at once, but not the volumes
+        self._removing: list[tuple[str, tuple[str, str]]] = []
         self._resuming: set[asyncio.Task[None]] = set()  # restores going on after a restart
         # sessions whose target is a volume of another deltavol server (peers.py), by name
         self.peer_files = PeerFiles(bitmaps.parent)
@@ -182,13 +186,16 @@ class SessionManager:
     def of_target(self, volume: str) -> Session | None:
         return next((s for s in self._sessions.values() if s.target_spec == volume), None)
 
+    def holds(self, but_created: str | None = None) -> list[tuple[str, tuple[str, str]]]:
+        """The (source, target) pairs held by sessions that are not in (being created,
+        reversed or removed, or not loaded), by session name; without the create of
+        ``but_created`` (a create's own hold)."""
+        creating = [(n, pair) for n, pair in self._creating.items() if n != but_created]
+        return [*creating, *self._reversing.items(), *self._unloaded.items(), *self._removing]
+
     def volume_busy(self, vol: Volume) -> str | None:
         users = [s.name for s in self.all() if vol.name in (s.source.name, s.target_spec)]
-        users += [
-            name
-            for name, pair in (*self._creating.items(), *self._reversing.items(), *self._unloaded.items())
-            if vol.name in pair
-        ]
+        users += [name for name, pair in self.holds() if vol.name in pair]
         users = list(dict.fromkeys(users))  # a session being reversed is in both
         if users:
             return f"used by session(s) {', '.join(users)}"
@@ -459,6 +466,10 @@ class SessionManager:
             conn.execute("DELETE FROM meta WHERE key = ?", (f"untracked:{name}",))
         del self.unavailable[name]
         del self._unloaded[name]
+        # its peer file goes with the row, before any await: a create of this name may come
+        # in meanwhile and write its own (the secret stays in memory for the peer's DELETE)
+        peer = self.peers.pop(name, None)
+        self.peer_files.delete(name)
         vol = self.volumes.find(u.target)
         if vol is not None:
             vol.write_guard = lambda: None
@@ -472,10 +483,8 @@ class SessionManager:
             fs.sync_dir(self.save)
         except OSError as exc:  # the row is gone: a later session of this name removes them
             log.warning("session %s: files not removed: %s", name, exc.strerror or exc)
-        peer = self.peers.pop(name, None)
         if peer is not None:  # the target goes back to the peer's clients
             await self.drop_peer_guard(name, u.target, peer)
-            self.peer_files.delete(name)
         log.info("session %s: removed (it was unavailable)", name)
 
     def _unload(self, s: Session) -> None:
@@ -667,10 +676,7 @@ class SessionManager:
             vol = self.volumes.find(vname)
             if vol is not None and vol.peer_guard is not None:
                 raise InUse(kind="volume", name=vname, why=str(vol.why_guarded()))
-        pending = (*self._creating.items(), *self._reversing.items(), *self._unloaded.items())
-        for pname, (psource, ptarget) in pending:
-            if pname == name:  # this create's own hold
-                continue
+        for pname, (psource, ptarget) in self.holds(but_created=name):
             if target == ptarget:
                 raise InUse(kind="target", name=target, why=f"session {pname!r} writes to it")
             if target == psource:
@@ -682,6 +688,10 @@ class SessionManager:
         self, name: str, src: Volume, target: str, granularity: int, max_rate: int | None, every: int | None
     ) -> Session:
         source = src.name
+        if name not in self.peers:
+            # a peer file left by a session of this name whose removal died before deleting
+            # it: gone durably before this session's row, or it would be this session's peer
+            self.peer_files.discard(name)
         tvol: Volume | None = None
         if is_uri(target):
             probe: CopyTarget = await self.nbd_target(target, self.peers.get(name)).open()
@@ -756,18 +766,25 @@ class SessionManager:
                     conn.execute("DELETE FROM sessions WHERE name = ?", (name,))
                 s.removed = s.closed = True
                 del self._sessions[name]
+                hold = (name, (s.source.name, s.target_spec))
+                self._removing.append(hold)  # its volumes stay its own until its guards are gone
                 try:
-                    await s._stop_task()
-                    await s.copier.drop_target()  # waits for the copy's writes its cancel left in a thread
-                except Exception:  # the row is gone: the removal goes on
-                    log.exception("session %s: stopping its update", name)
-                async with s._gate.closed():  # a copy-before-write in flight ends before its hook goes
-                    self._detach(s)
-                await s.copier.drop_target()  # such a write may have opened it again
-                await restore.forget(s)  # a restore's guard on the source and its file
-                s.delete_files()
-                peer = self.peers.pop(name, None)
-                if peer is not None:  # the target goes back to the peer's clients
-                    await self.drop_peer_guard(name, s.target_spec, peer)
+                    # its peer file goes with the row, before any await: a create of this name
+                    # may come in meanwhile and write its own (the secret stays in memory)
+                    peer = self.peers.pop(name, None)
                     self.peer_files.delete(name)
+                    try:
+                        await s._stop_task()
+                        await s.copier.drop_target()  # the writes its cancel left in a thread
+                    except Exception:  # the row is gone: the removal goes on
+                        log.exception("session %s: stopping its update", name)
+                    async with s._gate.closed():  # a copy-before-write in flight ends before its hook goes
+                        self._detach(s)
+                    await s.copier.drop_target()  # such a write may have opened it again
+                    await restore.forget(s)  # a restore's guard on the source and its file
+                    s.delete_files()
+                    if peer is not None:  # the target goes back to the peer's clients
+                        await self.drop_peer_guard(name, s.target_spec, peer)
+                finally:
+                    self._removing.remove(hold)
         log.info("session %s: removed", name)

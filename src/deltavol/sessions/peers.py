@@ -7,8 +7,10 @@ Design notes
   peer needs to reverse the session back (this server's API and the NBD URI of the source
   as the peer reaches them). It lives in ``DATA_DIR/peers/NAME.json`` (0600, written
   atomically, never logged and never in the session's JSON), written before the session
-  row commits and deleted after the row is gone: a file no row owns is garbage, replaced
-  by the next session of that name.
+  row commits and deleted in the step that deletes the row, before any await (the secret
+  stays in memory for the peer's DELETE of the guard): a file no row owns is garbage,
+  replaced by the next session of that name with a peer, removed (durably, before its
+  row) by the next one without.
 * **The guard** (``volumes.PeerGuard``): the peer keeps, in its ``guards`` table, that its
   volume is the target of ``holder`` and the sha256 of a secret. Its clients may not change
   the volume; the copier opens the export as ``NAME@SECRET``, the one writable way in.
@@ -95,11 +97,18 @@ class PeerFiles:
 
     def delete(self, name: str) -> None:
         try:
+            self.discard(name)
+        except DeltavolError as exc:
+            log.warning("session %s: %s", name, exc.message)
+
+    def discard(self, name: str) -> None:
+        """Remove the peer file of ``name``, durably; raises if that fails."""
+        try:
             fs.unlink(self.path(name), missing_ok=True)
             if self.dir.exists():
                 fs.sync_dir(self.dir)
         except OSError as exc:
-            log.warning("session %s: peer file not removed: %s", name, exc.strerror or exc)
+            raise os_error(exc, f"removing the peer file of session {name}") from exc
 
     def own_token(self) -> str:
         """This server's peer token, made on first use."""

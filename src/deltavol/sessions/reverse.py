@@ -70,6 +70,7 @@ from deltavol.errors import (
     Conflict,
     DeltavolError,
     InUse,
+    NotFound,
     NotReversible,
     PeerRefused,
     PeerUnreachable,
@@ -83,7 +84,7 @@ from deltavol.sessions import peers
 from deltavol.sessions.peers import Peer, Uncertain
 from deltavol.sessions.session import Session
 from deltavol.sessions.states import State
-from deltavol.volumes import PeerGuard, check_name, secret_sha256
+from deltavol.volumes import PeerGuard, Volume, check_name, secret_sha256
 
 if TYPE_CHECKING:
     from deltavol.sessions.manager import SessionManager
@@ -105,11 +106,10 @@ def _refusal(m: SessionManager, s: Session) -> str | None:
     others = [o.name for o in m.of_source(s.source.name) if o is not s]
     if others:
         return f"its source {s.source.name!r} is also the source of session(s) {', '.join(others)}"
-    pending = (*m._creating.items(), *m._reversing.items(), *m._unloaded.items())
-    for pname, pair in pending:
+    for pname, pair in m.holds():
         used = [v for v in (s.source.name, s.target_spec) if v in pair]
         if pname != s.name and used:
-            what = "being created, reversed or not loaded"
+            what = "being created, reversed or removed, or not loaded"
             return f"volume {used[0]!r} is also used by session {pname!r} ({what})"
     return None
 
@@ -598,37 +598,55 @@ def check_holder(holder: str) -> str:
     return holder
 
 
-def put_guard(
+async def put_guard(
     m: SessionManager, volume: str, holder: str, secret: str, current: str | None = None
 ) -> dict[str, Any]:
     """``PUT /v1/peer/guards/VOLUME``: the volume becomes the target of ``holder``. Only a
     volume the administrator made a peer target may be guarded. A guard that stands is
-    replaced only by who shows its secret (``current``: a create retried after a crash);
-    the same guard again (same holder and secret) is no change."""
+    replaced only by who shows its secret (``current``: a create retried after a crash),
+    and only once no connection opened with the old secret is left; the same guard again
+    (same holder and secret) is no change. The guard goes up with the volume's gate
+    closed: a change that passed the gate under the old guard (or none) has landed, and
+    none passes it under the old one after."""
     check_holder(holder)
     vol = m.volumes.get(volume)
     guard = vol.peer_guard
-    if guard is not None:
-        if guard.holder == holder and guard.admits(secret):
-            return {"volume": volume, "guarded_by": holder}
-        if current is None or guard.holder != holder or not guard.admits(current):
-            raise InUse(kind="volume", name=volume, why=str(vol.why_guarded()))
-    else:
-        if not vol.peer_target:
-            why = "it is no peer target: on its server, run 'deltavol volume peer-target' first"
-            raise Protected(name=volume, why=why)
-        busy = m.volume_busy(vol)
-        if busy is not None:
-            raise InUse(kind="volume", name=volume, why=busy)
-        if vol.connections:
-            why = f"{vol.connections} NBD connection(s) open: disconnect them first"
-            raise InUse(kind="volume", name=volume, why=why)
-    sha = secret_sha256(secret)
-    with m.db.transaction() as conn:
-        conn.execute("INSERT OR REPLACE INTO guards VALUES (?, ?, ?)", (volume, holder, sha))
-    vol.peer_guard = PeerGuard(holder, sha)
+    if guard is not None and guard.holder == holder and guard.admits(secret):
+        return {"volume": volume, "guarded_by": holder}
+    _check_guardable(m, vol, holder, current)
+    async with vol.gate.closed():
+        if m.volumes.find(volume) is not vol:  # removed meanwhile
+            raise NotFound(kind="volume", name=volume)
+        if vol.peer_guard is not guard:
+            raise InUse(kind="volume", name=volume, why="its guard changed meanwhile: try again")
+        _check_guardable(m, vol, holder, current)  # a connection may have come meanwhile
+        sha = secret_sha256(secret)
+        with m.db.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO guards VALUES (?, ?, ?)", (volume, holder, sha))
+        vol.peer_guard = PeerGuard(holder, sha)
     log.info("volume %s: guarded: it is the target of %s", volume, holder)
     return {"volume": volume, "guarded_by": holder}
+
+
+def _check_guardable(m: SessionManager, vol: Volume, holder: str, current: str | None) -> None:
+    """Why ``holder`` may not put a new guard on ``vol`` now (raised), if it may not."""
+    guard = vol.peer_guard
+    if guard is not None:
+        if current is None or guard.holder != holder or not guard.admits(current):
+            raise InUse(kind="volume", name=vol.name, why=str(vol.why_guarded()))
+        if vol.connections:  # the old copier's: its writes would land after the new guard's copy
+            why = f"{vol.connections} NBD connection(s) with its current guard open: close them first"
+            raise InUse(kind="volume", name=vol.name, why=why)
+        return
+    if not vol.peer_target:
+        why = "it is no peer target: on its server, run 'deltavol volume peer-target' first"
+        raise Protected(name=vol.name, why=why)
+    busy = m.volume_busy(vol)
+    if busy is not None:
+        raise InUse(kind="volume", name=vol.name, why=busy)
+    if vol.connections:
+        why = f"{vol.connections} NBD connection(s) open: disconnect them first"
+        raise InUse(kind="volume", name=vol.name, why=why)
 
 
 def unguard(m: SessionManager, volume: str) -> dict[str, Any]:
