@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from deltavol.errors import PeerRefused
+from deltavol.errors import InUse, PeerRefused
 from deltavol.sessions import manager, peers
 from deltavol.sessions.peers import Peer
 from tests.unit.sessions.service_rig import SIZE, WAIT, ServiceRig, svc_rig
@@ -64,6 +64,7 @@ async def test_a_create_during_a_remove_keeps_its_peer_file(
     monkeypatch.setattr(manager, "NbdTarget", FakeTarget)
     svc = svc_rig.open()
     svc.create_volume("A", SIZE)
+    svc.create_volume("A2", SIZE)
     await svc.start()
     m = svc.sessions
     api.release["PUT"].set()
@@ -77,8 +78,10 @@ async def test_a_create_during_a_remove_keeps_its_peer_file(
     async with asyncio.timeout(WAIT):
         await api.arrived["DELETE"].wait()  # the removal waits for the peer
     assert not m.peer_files.path("s").exists(), "the peer file outlived the row"
-    new = Peer(api="http://127.0.0.1:9", token="t")
-    creating = asyncio.create_task(m.create("s", "A", "nbd://127.0.0.1:9/B", peer=new))
+    with pytest.raises(InUse):  # its volumes stay the removal's until it is done
+        await m.create("s", "A", "nbd://127.0.0.1:9/B", peer=Peer(api="http://127.0.0.1:9", token="t"))
+    new = Peer(api="http://127.0.0.1:9", token="t")  # the name is free at once
+    creating = asyncio.create_task(m.create("s", "A2", "nbd://127.0.0.1:9/C", peer=new))
     async with asyncio.timeout(WAIT):
         await api.arrived["PUT"].wait()  # the new create's peer file is written
     assert new.guard is not None and new.guard != old_secret
