@@ -17,6 +17,7 @@ from deltavol.backend.base import WriteJob
 from deltavol.backend.gate import GateLayer, WriteGate
 from deltavol.nbd.constants import Cmd, Opt, Rep, TlsMode
 from deltavol.nbd.server_conn import SINK_BUDGET, SinkBudget
+from deltavol.server import nbd_connection
 from deltavol.server.nbd_connection import NbdConnection
 from tests.fakes import Disk
 from tests.protocol.wire import chunks, client_flags, info_data, option, option_replies, request
@@ -279,6 +280,13 @@ async def test_a_bug_in_an_inline_read_or_write_costs_that_request_not_the_conne
     assert "crashed" in caplog.text
 
 
+@pytest.fixture
+def small_writes_in_the_lane(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bursts of 4 KiB writes go to the lane, as 64 KiB ones do: the lane's rules with
+    small test payloads."""
+    monkeypatch.setattr(nbd_connection, "LANE_MIN", 0)
+
+
 class Lanes(Export):
     """Every write agreed to at once (``pwrite_soon``), done when the test lets it: the
     lane's worker blocks on ``release``. ``flush`` records how many writes had landed."""
@@ -299,7 +307,7 @@ class Lanes(Export):
         self.flushed_after.append(len(self.written))
 
 
-async def test_a_flush_after_writes_in_the_lane_waits_for_all_of_them() -> None:
+async def test_a_flush_after_writes_in_the_lane_waits_for_all_of_them(small_writes_in_the_lane: None) -> None:
     conn, transport, directory = connected()
     conn.export = directory.export = export = Lanes()
     stream = b"".join(
@@ -318,22 +326,28 @@ async def test_a_flush_after_writes_in_the_lane_waits_for_all_of_them() -> None:
     assert export.written == [(i * 4096, bytes([i]) * 4096) for i in range(16)]  # in order
 
 
-async def test_a_lone_small_write_is_done_at_once_a_burst_goes_to_the_lane() -> None:
+async def test_small_writes_are_done_at_once_a_burst_of_large_ones_goes_to_the_lane() -> None:
     conn, transport, directory = connected()
     conn.export = directory.export = export = Lanes()
     inline: list[int] = []
     export.pwrite_now = lambda offset, data: inline.append(offset) or True  # type: ignore[method-assign]
     receive(conn, request(Cmd.WRITE, cookie=1, offset=0, data=b"a" * 4096))
     assert inline == [0] and [c for c, _, _ in answers(b"".join(transport.writes))] == [1]
+    small = b"".join(request(Cmd.WRITE, cookie=i, offset=i * 4096, data=b"b" * 4096) for i in (2, 3))
+    receive(conn, small)
+    assert inline == [0, 8192, 12288]  # a thread hop costs a small write more than its copy
     export.release.set()
-    burst = b"".join(request(Cmd.WRITE, cookie=i, offset=i * 4096, data=b"b" * 4096) for i in (2, 3))
-    receive(conn, burst)
+    K64 = 64 * 1024
+    large = b"".join(request(Cmd.WRITE, cookie=i, offset=i * K64, data=b"c" * K64) for i in (4, 5))
+    receive(conn, large)
     await asyncio.wait_for(conn.idle.wait(), 10)
-    assert inline == [0]  # the burst went to the lane
-    assert export.written == [(8192, b"b" * 4096), (12288, b"b" * 4096)]
+    assert inline == [0, 8192, 12288]  # the burst of large ones went to the lane
+    assert export.written == [(4 * K64, b"c" * K64), (5 * K64, b"c" * K64)]
 
 
-async def test_a_connection_lost_with_writes_in_the_lane_gives_its_export_back_after_them() -> None:
+async def test_a_connection_lost_with_writes_in_the_lane_gives_its_export_back_after_them(
+    small_writes_in_the_lane: None,
+) -> None:
     conn, _, directory = connected()
     conn.export = directory.export = export = Lanes()
     closed: list[int] = []
@@ -370,7 +384,7 @@ class GatedLanes(Export):
 
 
 async def test_a_bug_in_one_lane_writes_after_costs_that_write_not_the_gate_or_the_batch(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, small_writes_in_the_lane: None
 ) -> None:
     conn, transport, directory = connected()
     conn.export = directory.export = export = GatedLanes()
