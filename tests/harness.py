@@ -55,10 +55,20 @@ class Server:
         )
         deadline = time.monotonic() + 30  # a loaded machine starts a server slowly
         while time.monotonic() < deadline and self.proc.poll() is None:
-            if (self.root / "api.sock").exists():
+            if self._api_answers():
                 return
             time.sleep(0.05)
         raise AssertionError("server did not start: " + self.log_path.read_text()[-2000:])
+
+    def _api_answers(self) -> bool:
+        """The API socket accepts connections: it exists from its bind, a moment before the
+        server listens on it (a connect then is refused)."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            try:
+                sock.connect(str(self.root / "api.sock"))
+            except (FileNotFoundError, ConnectionRefusedError):
+                return False
+        return True
 
     def kill9(self) -> None:
         assert self.proc is not None
