@@ -99,8 +99,9 @@ def test_dashboard_live_progress_heat_map_and_pause(
     )[0]
     until("live", lambda: browser.find_element(By.ID, "conn").text == "live")
     assert card.find_element(By.CSS_SELECTOR, ".state").text == "idle"
-    rows = browser.find_elements(By.CSS_SELECTOR, "#volumes tbody tr")
-    assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows] == ["a", "b"]
+    # the volume rows are rebuilt on every refresh: read them in one step of the page's script
+    names = "return [...document.querySelectorAll('#volumes tbody td:first-child')].map(e => e.textContent)"
+    until("volumes listed", lambda: browser.execute_script(names) == ["a", "b"])
 
     # the heat map of tracking changes once qemu-io writes to the source
     tracking = card.find_element(By.CSS_SELECTOR, "canvas.tracking")
