@@ -48,6 +48,7 @@ class Server:
 
     def start(self) -> None:
         (self.root / "api.sock").unlink(missing_ok=True)
+        ready = self._readies()
         self.proc = subprocess.Popen(
             [*self.exe, "serve", "--nbd-socket", str(self.sock), "--retry-backoff", "0.2", *self.extra],
             env=self.env,
@@ -55,10 +56,20 @@ class Server:
         )
         deadline = time.monotonic() + 30  # a loaded machine starts a server slowly
         while time.monotonic() < deadline and self.proc.poll() is None:
-            if self._api_answers():
+            # the API socket listens first, the NBD ones after it (a killed server's nbd.sock
+            # is still there, refusing, until the new one replaces it): the server logs that
+            # it is ready once every socket listens
+            if self._readies() > ready and self._api_answers():
                 return
             time.sleep(0.05)
         raise AssertionError("server did not start: " + self.log_path.read_text()[-2000:])
+
+    def _readies(self) -> int:
+        """How many starts of a server the log shows as ready (one log for all its starts)."""
+        try:
+            return self.log_path.read_text(errors="replace").count("server: ready")
+        except FileNotFoundError:
+            return 0
 
     def _api_answers(self) -> bool:
         """The API socket accepts connections: it exists from its bind, a moment before the
