@@ -18,7 +18,10 @@ Design notes
   predicate, or None while nothing is protected), and the protector tells it when a save
   record made a bit durable (``saved``) or will not be written after all (``saves_void``).
 * ``rewrite`` (the write gate closed, or nothing writes yet) replaces the file with the
-  bitmap in memory: every bit set is durable then and nothing waits.
+  bitmap in memory: every bit set is durable then and nothing waits. ``reset`` (a mark,
+  a full update's start) empties tracking and rewrites it with the regions written
+  since the last mark carried as hot (``persist.TrackingFile.recent``): the first
+  changes after a mark in the regions the workload writes need no round.
 """
 
 from __future__ import annotations
@@ -86,6 +89,16 @@ class Tracker:
         closed, or nothing writes yet): every bit set is durable now."""
         assert self.file is not None
         self.file.rewrite(self.tracking, generation)
+        self.unsynced.clear()
+
+    def reset(self, generation: int) -> None:
+        """Empty tracking and replace the file durably with it, the regions written since
+        the last mark carried as hot (the write gate is closed). Tracking is empty in
+        memory even if the file is not replaced: the old file is a superset then."""
+        assert self.file is not None
+        hot = self.file.recent(self.tracking)
+        self.tracking.clear_all()
+        self.file.rewrite(self.tracking, generation, hot)
         self.unsynced.clear()
 
     async def make_durable(self, generation: int) -> None:

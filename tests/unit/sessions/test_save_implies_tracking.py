@@ -274,6 +274,10 @@ def rigs(tmp_path: Path, syncs: SyncLog, request: pytest.FixtureRequest) -> Iter
         s.next_update_id = 2
         await s._mark()
         assert s.update.protecting and s.save is not None and s.tracking.is_empty()
+        assert s.tracking_file is not None and s.tracking_file.covered(OWED), "the mark carries them"
+        # the regions the mark carried as hot went idle: first changes need a save or a round
+        await s.tracking_file.settle(everything=True)
+        assert s.tracking_file.hot.is_empty()
         await s.ensure_target()  # connected, as the copy is: a checkpoint flushes it
         rig = Rig(s, disk, target, wire(s, disk), syncs, granularity, [s])
 
