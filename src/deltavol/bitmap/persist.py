@@ -334,11 +334,25 @@ class TrackingFile:
         """Write the bit bytes of ``chunks`` (sorted, already set in ``bitmap``) into the
         file now: into the page cache, which outlives the server, not a power loss."""
         self._bitmap = bitmap  # what a file that lost pages is written again from
+        self._seq = seq = self._seq + 1
+        lru = self._lru
+        if len(chunks) == 1:  # the usual case, a small write: no sets, one page
+            c = chunks[0]
+            r = c >> self._shift
+            self._touched.add(r)
+            if r in lru:  # used: last out of the hot set
+                del lru[r]
+                lru[r] = seq
+            try:
+                with bitmap.view() as bits:
+                    lo = (c >> _PAGE_BITS) * _PAGE
+                    _write_all(self._fd, bits[lo : lo + _PAGE], HEADER_SIZE + lo)
+            except OSError as exc:
+                raise os_error(exc, f"tracking bitmap {self.path}") from exc
+            return
         shift = self._shift
         regions = {c >> shift for c in chunks}
         self._touched.update(regions)
-        self._seq = seq = self._seq + 1
-        lru = self._lru
         for r in regions:  # used: last out of the hot set
             if r in lru:
                 del lru[r]
