@@ -287,7 +287,7 @@ def tracking(s: Settings) -> Iterator[Row]:
         sessions(dv, 0)
     yield Row(
         "tracking overhead",
-        f"4 KiB random write, 1 job, 1 session tracking, first {first_ios} writes after a mark, "
+        f"4 KiB random write, 1 job, 1 session tracking, first {first_ios} writes after it starts, "
         f"hot set {SMALL_HOT_SET // REGION} of {regions} regions (eviction cost)",
         "IOPS", max(evicting), "no session", max(first_base[1]),
     )  # fmt: skip
