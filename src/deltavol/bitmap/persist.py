@@ -374,6 +374,11 @@ class TrackingFile:
                 return False
         return True
 
+    def covered_chunk(self, chunk: int) -> bool:
+        """``covered`` of one chunk (the write path's usual case)."""
+        r = chunk >> self._shift
+        return r in self._lru and r not in self._covering
+
     def cover(self, chunk: int) -> asyncio.Future[None] | None:
         """The round that makes ``chunk``'s hot region durable; None if it already is."""
         r = chunk >> self._shift

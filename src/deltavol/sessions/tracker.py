@@ -168,8 +168,24 @@ class Tracker:
         """Track a change at once if that needs no waiting: its chunks' hot regions are
         durable, or this change's ``protect`` saves them all (a save record makes the bit
         durable). False leaves it all to ``track`` and changes nothing."""
-        tf, chunks, unsynced = self.file, self.tracking.chunk_range(offset, length), self.unsynced
-        if tf is None or (unsynced and any(c in unsynced for c in chunks)):
+        tf, tracking, unsynced = self.file, self.tracking, self.unsynced
+        if tf is None:
+            return False
+        c = offset // self.granularity
+        if (
+            length > 0
+            and (offset + length - 1) // self.granularity == c < tracking.nbits
+            and c not in unsynced
+            and not self.removed
+            and tf.covered_chunk(c)
+            and self.saves() is None
+        ):  # one chunk, its region durably hot, nothing protected: what ``track`` does then
+            if not tracking.test(c):
+                tracking.set(c)
+                self._write_bits([c])
+            return True
+        chunks = tracking.chunk_range(offset, length)
+        if unsynced and any(c in unsynced for c in chunks):
             return False
         if not tf.covered(chunks):
             saving = self.saves()
