@@ -617,7 +617,7 @@ class TrackingFile:
         hot set first, at most the set's bound; least recently used first. Memory only."""
         cap, shift = self.capacity, self._shift
         keep = list(self._lru)[-cap:]
-        have, extra = set(keep), []
+        have, extra = set(keep), list[int]()
         pos = 0
         while len(keep) + len(extra) < cap:
             c = bitmap.first_set(pos)
