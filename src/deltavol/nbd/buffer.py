@@ -10,16 +10,22 @@ a new, larger bytearray. One that grew past ``COMPACT_AT`` is given up for a sma
 soon as everything in it was consumed, so memory stays bounded on a long stream. It starts
 at the capacity its owner asks for (a server connection: small until transmission, where
 nothing has authenticated the client) and grows when more is needed.
+
+``PayloadPool`` keeps the buffers the payloads of large WRITEs are received into, for the
+next ones (see its docstring).
 """
 
 from __future__ import annotations
 
 import struct
+import sys
+import threading
 from typing import Any
 
 CAPACITY = 256 * 1024  # the default size
 MIN_SPACE = 64 * 1024  # ``space`` offers at least this much unless told otherwise
 COMPACT_AT = 1 << 20  # a buffer grown larger than this shrinks back once drained
+POOL_BYTES = 32 << 20  # payload buffers a pool keeps (free or lent) for reuse
 
 
 class ReceiveBuffer:
@@ -124,3 +130,69 @@ class ReceiveBuffer:
         target[at : at + n] = self._view[pos : pos + n]
         self._pos = pos + n
         return True
+
+
+def _refs(bufs: list[bytearray], i: int) -> int:
+    """The reference count of ``bufs[i]`` as seen from here (the list's, and the call's)."""
+    return sys.getrefcount(bufs[i])
+
+
+_probe = [bytearray(1)]
+_UNHELD = _refs(_probe, 0)  # the count of a buffer only the pool's list refers to
+del _probe
+
+
+class PayloadPool:
+    """Buffers of exact sizes for WRITE payloads, handed out again once nothing holds them.
+
+    A fresh 1 MiB ``bytearray`` costs a memset of it and, when the allocator maps new
+    memory, a page fault per page, on the event loop, for every large WRITE. The pool
+    keeps up to ``limit`` bytes of buffers it handed out; ``get`` returns one of them only
+    when its reference count (CPython's) says that nothing but the pool refers to it: no
+    request, no write job waiting or running in a worker thread (whose ``pwrite`` holds a
+    buffer export of it, which counts), no memoryview, no transport. So a buffer whose
+    bytes may still be read is never written into, and what a client sends after an
+    acknowledged write cannot change what that write put in the file. A buffer handed out
+    is always filled whole before it is used (its old bytes are never read). When the pool
+    is full, free buffers of other sizes are let go; if that is not room enough, ``get``
+    returns a new buffer the pool does not keep.
+    """
+
+    __slots__ = ("_bufs", "_held", "_lock", "limit")
+
+    def __init__(self, limit: int = POOL_BYTES) -> None:
+        self.limit = limit
+        self._bufs: list[bytearray] = []
+        self._held = 0  # bytes of the buffers in ``_bufs``
+        self._lock = threading.Lock()  # connections of several event loops may share one
+
+    @property
+    def held(self) -> int:
+        """Bytes of the buffers the pool keeps (free or lent)."""
+        return self._held
+
+    def get(self, n: int) -> bytearray:
+        """A buffer of ``n`` bytes that nothing else refers to; its contents are stale."""
+        with self._lock:
+            bufs = self._bufs
+            for i in range(len(bufs)):
+                if len(bufs[i]) == n and _refs(bufs, i) == _UNHELD:
+                    return bufs[i]
+            if self._held + n > self.limit:
+                self._let_go(n)
+            if self._held + n > self.limit:
+                return bytearray(n)
+            buf = bytearray(n)
+            bufs.append(buf)
+            self._held += n
+            return buf
+
+    def _let_go(self, n: int) -> None:
+        """Drop free buffers (oldest first) until ``n`` more bytes fit, or none is free."""
+        bufs = self._bufs
+        i = 0
+        while i < len(bufs) and self._held + n > self.limit:
+            if _refs(bufs, i) == _UNHELD:
+                self._held -= len(bufs.pop(i))
+            else:
+                i += 1

@@ -19,7 +19,9 @@ Bytes can also be received in place (``get_buffer`` / ``buffer_updated``, the sh
 ``asyncio.BufferedProtocol``): into the receive buffer, or, once the header of a WRITE of
 ``DIRECT_PAYLOAD`` bytes or more has been parsed and its payload is not all here, into a
 ``bytearray`` of the payload's size that becomes the request's ``data``. Such a payload is
-copied only by the kernel's receive; the buffer is the request's own, never reused. A
+copied only by the kernel's receive. The buffer comes from a ``PayloadPool``: one of the
+same size received into before, once nothing (request, write job, view) refers to it any
+more, so a stream of 1 MiB writes costs no allocation, memset or page fault per write. A
 28-byte header must not buy 32 MiB of memory: the WRITE's flags and range are checked
 first (a bad one is discarded as it arrives), and the sinks of all connections together
 draw on one ``SinkBudget``; a payload that does not fit in it is received through the
@@ -50,7 +52,7 @@ from typing import TypeVar
 
 from deltavol.nbd import constants as c
 from deltavol.nbd import wire
-from deltavol.nbd.buffer import ReceiveBuffer
+from deltavol.nbd.buffer import PayloadPool, ReceiveBuffer
 from deltavol.nbd.constants import Cmd, CmdFlag, Errno, Info, Opt, Rep, ReplyFlag, ReplyType, TlsMode
 from deltavol.nbd.events import (
     NEED_DATA,
@@ -110,6 +112,7 @@ class SinkBudget:
 
 
 _SINKS = SinkBudget()  # the process-wide default
+_PAYLOADS = PayloadPool()  # the process-wide default
 
 
 class ServerConnection:
@@ -119,6 +122,7 @@ class ServerConnection:
         max_payload: int = c.MAX_PAYLOAD,
         tls_mode: TlsMode = TlsMode.OFF,
         sink_budget: SinkBudget | None = None,
+        payload_pool: PayloadPool | None = None,
     ) -> None:
         self.phase = Phase.AWAIT_CLIENT_FLAGS
         self.max_payload = max_payload
@@ -142,6 +146,7 @@ class ServerConnection:
         self._sink_got = 0
         self._into_sink = False  # the view ``get_buffer`` handed out last is of ``_sink``
         self._budget = _SINKS if sink_budget is None else sink_budget
+        self._pool = _PAYLOADS if payload_pool is None else payload_pool
         self._eof = False
         self._out.append(
             wire.GREETING.pack(
@@ -399,7 +404,7 @@ class ServerConnection:
             else:
                 self._head = head
                 if length >= DIRECT_PAYLOAD and self._budget.take(length):
-                    self._sink = bytearray(length)
+                    self._sink = self._pool.get(length)
                     self._sink_got = len(rx)
                     rx.take_into(self._sink, 0, len(rx))
                 return NEED_DATA
