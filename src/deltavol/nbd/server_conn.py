@@ -192,17 +192,20 @@ class ServerConnection:
             return self._rx.space(RECEIVE_SPACE)
         return self._rx.space(HANDSHAKE_SPACE)
 
-    def buffer_updated(self, n: int) -> None:
-        """``n`` bytes were received into the view ``get_buffer`` handed out last."""
+    def buffer_updated(self, n: int) -> bool:
+        """``n`` bytes were received into the view ``get_buffer`` handed out last. False
+        when they only went into a WRITE payload that is still not whole: ``next_event``
+        would say ``NEED_DATA`` (a 1 MiB payload comes in several receives)."""
         if self._into_sink:
-            self._sink_got += n
-            return
+            got = self._sink_got = self._sink_got + n
+            return got >= len(self._sink)  # type: ignore[arg-type]  # set while _into_sink
         if self.phase is Phase.CLOSED:
-            return  # as ``receive_data``: nothing more will be parsed
+            return True  # as ``receive_data``: nothing more will be parsed
         if self.phase is Phase.TLS_HANDSHAKE:
             self._close("client sent plain data after NBD_OPT_STARTTLS")
-            return
+            return True
         self._rx.wrote(n)
+        return True
 
     def data_to_send(self) -> list[bytes | memoryview]:
         out, self._out = self._out, []
