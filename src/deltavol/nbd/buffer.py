@@ -26,6 +26,7 @@ CAPACITY = 256 * 1024  # the default size
 MIN_SPACE = 64 * 1024  # ``space`` offers at least this much unless told otherwise
 COMPACT_AT = 1 << 20  # a buffer grown larger than this shrinks back once drained
 POOL_BYTES = 32 << 20  # payload buffers a pool keeps (free or lent) for reuse
+POOL_SIZES = 256  # sizes a pool remembers having been asked for
 
 
 class ReceiveBuffer:
@@ -153,17 +154,23 @@ class PayloadPool:
     buffer export of it, which counts), no memoryview, no transport. So a buffer whose
     bytes may still be read is never written into, and what a client sends after an
     acknowledged write cannot change what that write put in the file. A buffer handed out
-    is always filled whole before it is used (its old bytes are never read). When the pool
-    is full, free buffers of other sizes are let go; if that is not room enough, ``get``
-    returns a new buffer the pool does not keep.
+    is always filled whole before it is used (its old bytes are never read).
+
+    Buffers are kept by size, the sizes in the order last asked for, and only for a size
+    asked for before (while remembered): a size seen once gets a buffer the pool does not
+    keep, since a pool of sizes never asked for again would only hold cold memory. When
+    the pool is full, free buffers of the sizes asked for least recently are let go first (a stream
+    of writes of one size keeps its buffers; writes of ever other sizes do not fill the
+    pool for good); if that is not room enough, ``get`` returns a new buffer the pool
+    does not keep.
     """
 
-    __slots__ = ("_bufs", "_held", "_lock", "limit")
+    __slots__ = ("_held", "_lock", "_sizes", "limit")
 
     def __init__(self, limit: int = POOL_BYTES) -> None:
         self.limit = limit
-        self._bufs: list[bytearray] = []
-        self._held = 0  # bytes of the buffers in ``_bufs``
+        self._sizes: dict[int, list[bytearray]] = {}  # least recently asked for first
+        self._held = 0  # bytes of the buffers kept
         self._lock = threading.Lock()  # connections of several event loops may share one
 
     @property
@@ -174,25 +181,48 @@ class PayloadPool:
     def get(self, n: int) -> bytearray:
         """A buffer of ``n`` bytes that nothing else refers to; its contents are stale."""
         with self._lock:
-            bufs = self._bufs
+            sizes = self._sizes
+            bufs = sizes.pop(n, None)
+            if bufs is None:  # a size not asked for lately: remembered, not kept (yet)
+                sizes[n] = []
+                if len(sizes) > POOL_SIZES:
+                    self._forget()
+                return bytearray(n)
+            sizes[n] = bufs  # now the most recently asked for
             for i in range(len(bufs)):
-                if len(bufs[i]) == n and _refs(bufs, i) == _UNHELD:
+                if _refs(bufs, i) == _UNHELD:
                     return bufs[i]
             if self._held + n > self.limit:
                 self._let_go(n)
-            if self._held + n > self.limit:
-                return bytearray(n)
+                if self._held + n > self.limit:
+                    return bytearray(n)
             buf = bytearray(n)
             bufs.append(buf)
             self._held += n
             return buf
 
+    def _forget(self) -> None:
+        """Forget the sizes asked for least recently that hold no buffer, down to half."""
+        sizes = self._sizes
+        unkept = [size for size, bufs in sizes.items() if not bufs]
+        for size in unkept[: len(sizes) - POOL_SIZES // 2]:
+            del sizes[size]
+
     def _let_go(self, n: int) -> None:
-        """Drop free buffers (oldest first) until ``n`` more bytes fit, or none is free."""
-        bufs = self._bufs
-        i = 0
-        while i < len(bufs) and self._held + n > self.limit:
-            if _refs(bufs, i) == _UNHELD:
-                self._held -= len(bufs.pop(i))
-            else:
-                i += 1
+        """Drop free buffers, of the sizes least recently asked for first, until ``n``
+        more bytes fit or none is free."""
+        emptied: list[int] = []
+        for size, bufs in self._sizes.items():
+            i = 0
+            while i < len(bufs) and self._held + n > self.limit:
+                if _refs(bufs, i) == _UNHELD:
+                    del bufs[i]
+                    self._held -= size
+                else:
+                    i += 1
+            if not bufs and size != n:
+                emptied.append(size)
+            if self._held + n <= self.limit:
+                break
+        for size in emptied:
+            del self._sizes[size]

@@ -10,7 +10,7 @@ import threading
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deltavol.nbd.buffer import COMPACT_AT, PayloadPool, ReceiveBuffer
+from deltavol.nbd.buffer import COMPACT_AT, POOL_SIZES, PayloadPool, ReceiveBuffer
 
 U32 = struct.Struct(">I")
 
@@ -92,6 +92,7 @@ def test_take_after_a_header_consumes_both_or_nothing() -> None:
 
 def test_a_payload_buffer_comes_back_only_once_nothing_holds_it() -> None:
     pool = PayloadPool(8 << 20)
+    assert len(pool.get(1 << 20)) == 1 << 20 and pool.held == 0  # a size seen once: not kept
     first = pool.get(1 << 20)
     second = pool.get(1 << 20)
     assert second is not first  # still held
@@ -110,6 +111,7 @@ def test_a_payload_buffer_comes_back_only_once_nothing_holds_it() -> None:
 
 def test_a_buffer_a_worker_thread_writes_from_is_not_handed_out() -> None:
     pool = PayloadPool(8 << 20)
+    pool.get(1 << 20)  # the size is asked for before: kept from now on
     buf = pool.get(1 << 20)
     started, release = threading.Event(), threading.Event()
 
@@ -130,6 +132,7 @@ def test_a_buffer_a_worker_thread_writes_from_is_not_handed_out() -> None:
 
 def test_the_pool_keeps_at_most_its_limit_letting_free_buffers_go_first() -> None:
     pool = PayloadPool(4 << 20)
+    pool.get(1 << 20)
     held = [pool.get(1 << 20) for _ in range(4)]
     assert pool.held == 4 << 20
     extra = pool.get(1 << 20)  # full, nothing free: a buffer the pool does not keep
@@ -137,5 +140,34 @@ def test_the_pool_keeps_at_most_its_limit_letting_free_buffers_go_first() -> Non
     del extra
     assert all(pool.get(1 << 20) is not b for b in held) and pool.held == 4 << 20
     del held[:3]  # three free buffers of 1 MiB
+    pool.get(2 << 20)
     big = pool.get(2 << 20)  # two of them go to make room
     assert len(big) == 2 << 20 and pool.held == 4 << 20
+
+
+def test_a_full_pool_lets_the_sizes_asked_for_least_recently_go_first() -> None:
+    pool = PayloadPool(4 << 20)
+    pool.get(1 << 20)
+    old, recent = pool.get(1 << 20), pool.get(1 << 20)  # 1 MiB: asked for first
+    pool.get(512 << 10)
+    small = [pool.get(512 << 10) for _ in range(2)]  # 512 KiB: more recently
+    del old, recent, small
+    kept = id(pool.get(512 << 10))  # a free one reused, nothing made
+    assert pool.held == 3 << 20
+    pool.get(2 << 20)
+    pool.get(2 << 20)  # full: a 1 MiB one goes (asked for least recently), not a 512 KiB one
+    assert pool.held == 4 << 20
+    assert id(pool.get(512 << 10)) == kept
+    for size in range(100_000, 100_050):  # ever new sizes, each asked for twice: each fits
+        pool.get(size)  # by letting free ones go
+        assert len(pool.get(size)) == size and pool.held <= 4 << 20
+    assert pool.held > 3 << 20
+
+
+def test_sizes_asked_for_once_are_not_kept_nor_remembered_for_ever() -> None:
+    pool = PayloadPool(4 << 20)
+    for size in range(65536, 65536 + 10 * POOL_SIZES):  # each once: none kept
+        assert len(pool.get(size)) == size
+    assert pool.held == 0 and len(pool._sizes) <= POOL_SIZES
+    pool.get(65536 + 10 * POOL_SIZES - 1)  # the last one, again: kept now
+    assert pool.held == 65536 + 10 * POOL_SIZES - 1

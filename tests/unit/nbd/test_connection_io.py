@@ -155,6 +155,7 @@ async def test_a_large_write_buffer_is_received_into_again_only_once_its_write_i
     conn, _, directory = connected()
     directory.export = conn.export = Forgetful()  # type: ignore[assignment]
     pool = conn.conn._pool = PayloadPool()
+    pool.get(1 << 20)  # a size asked for before: its buffers are kept
 
     def sink_of(stream: bytes) -> int:
         """Send a WRITE's first bytes; the id of the buffer its payload goes into."""
