@@ -1,7 +1,10 @@
 """``python -m bench.ab SRC_A SRC_B``: the copy-on-first-write figure of two source trees
 (each a ``src`` directory, e.g. ``git archive REV src | tar -x -C /tmp/a``), in alternation;
 with ``--sessions N``, the tracking figure instead: the first writes after N sessions
-start tracking (8 per hot region, so that nearly every region comes in while measured).
+start tracking (8 per hot region, so that nearly every region comes in while measured);
+with ``--data RW:BS:IODEPTH`` (``write:1m:16``, say), that fio job on the volume with no
+session, and the CPU time the server spent per GiB moved: on a shared machine the CPU
+time per GiB moves much less from run to run than the throughput does.
 
 For a change to the protected write path, whose effect is smaller than the noise between
 two full ``make bench`` runs here. What made earlier A/B runs lie: each tree had its own
@@ -36,7 +39,24 @@ def reset_cache(image: Path) -> None:
             pass
 
 
-def start(tree: Path, root: Path, image: Path, size: int, sessions: int) -> Deltavol:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def data_job(dv: Deltavol, job: str, runtime: float) -> tuple[FioResult, float]:
+    """One fio ``RW:BS:IODEPTH`` run on the volume: its result, and the server's CPU
+    seconds per GiB moved (ramp included, as the CPU time is)."""
+    rw, bs, depth = job.split(":")
+    assert dv.proc is not None
+    before = cpu_seconds(dv.proc.pid)
+    got = fio(dv.uri("bench"), rw, bs, int(depth), runtime)
+    spent = cpu_seconds(dv.proc.pid) - before
+    return got, spent / max(got.bw * (runtime + 1) / GiB, 1e-9)
+
+
+def start(tree: Path, root: Path, image: Path, size: int, sessions: int, plain: bool = False) -> Deltavol:
     """A server running ``tree``'s code: with every chunk of its volume owed by the next
     mark, or (``sessions``) with the target volumes of that many sessions."""
     shutil.rmtree(root, ignore_errors=True)
@@ -46,6 +66,9 @@ def start(tree: Path, root: Path, image: Path, size: int, sessions: int) -> Delt
         dv.start()
     finally:
         del os.environ["PYTHONPATH"]
+    if plain:
+        dv.volume("bench", path=image)
+        return dv
     if not sessions:
         owe_every_chunk(dv, image, size)
         return dv
@@ -70,15 +93,20 @@ def first_writes(dv: Deltavol, sessions: int, size: int, depth: int, runtime: fl
 @click.option("--runs", default=3, show_default=True, help="Runs of each tree (ABBA order).")
 @click.option("--runtime", default=5.0, show_default=True, help="Seconds per fio run.")
 @click.option("--sessions", default=0, show_default=True, help="Tracking figure with this many sessions.")
-def main(trees: tuple[Path, Path], depth: int, runs: int, runtime: float, sessions: int) -> None:
+@click.option("--data", "job", default="", help="A data-path figure instead: RW:BS:IODEPTH (write:1m:16).")
+def main(trees: tuple[Path, Path], depth: int, runs: int, runtime: float, sessions: int, job: str) -> None:
     work = HERE / "work"
     work.mkdir(exist_ok=True)
     image, size = work / "ab.img", 1 * GiB
     if not image.exists():
         fill(image, size)
     servers = [
-        start(tree.resolve(), work / f"dv-ab{i}", image, size, sessions) for i, tree in enumerate(trees)
+        start(tree.resolve(), work / f"dv-ab{i}", image, size, sessions, plain=bool(job))
+        for i, tree in enumerate(trees)
     ]
+    if job:
+        data_ab(trees, servers, job, runs, runtime)
+        return
     results: list[list[tuple[float, float]]] = [[], []]
     try:
         for r in range(runs):
@@ -100,6 +128,27 @@ def main(trees: tuple[Path, Path], depth: int, runs: int, runtime: float, sessio
         p99 = statistics.median(p for p, _ in got)
         iops = statistics.median(n for _, n in got)
         click.echo(f"{tree}: median p99 {p99:,.0f} us, median {iops:,.0f} IOPS over {len(got)} runs")
+
+
+def data_ab(trees: tuple[Path, Path], servers: list[Deltavol], job: str, runs: int, runtime: float) -> None:
+    """``--data``: the job on each tree in ABBA order, each run after ``sync``."""
+    results: list[list[tuple[float, float]]] = [[], []]
+    try:
+        for r in range(runs):
+            for i in (0, 1) if r % 2 == 0 else (1, 0):
+                os.sync()
+                got, per_gib = data_job(servers[i], job, runtime)
+                results[i].append((got.bw / 2**20, per_gib))
+                figures = f"{got.bw / 2**20:,.0f} MiB/s, {got.iops:,.0f} IOPS, {per_gib:.3f} CPU s/GiB"
+                click.echo(f"{trees[i]}: {figures}")
+    finally:
+        for dv in servers:
+            dv.stop()
+    for tree, got in zip(trees, results, strict=True):
+        bw = statistics.median(b for b, _ in got)
+        per_gib = statistics.median(c for _, c in got)
+        click.echo(f"{tree}: median {bw:,.0f} MiB/s, median {per_gib:.3f} CPU s/GiB over {len(got)} runs")
+    click.echo(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
