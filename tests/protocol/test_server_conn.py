@@ -948,6 +948,38 @@ def test_buffer_updated_says_false_only_while_a_payload_is_not_whole() -> None:
     assert [e.cookie for e in events] == [7, 8] and events[0].data == payload  # type: ignore[attr-defined]
 
 
+def test_after_an_in_place_payload_the_next_large_payload_is_not_copied_at_all() -> None:
+    conn = in_transmission(BIG)
+    first, second = b"\x01" * (1 << 20), b"\x02" * (1 << 20)
+    stream = request(Cmd.WRITE, cookie=1, offset=0, data=first)
+    assert receive_in_place(conn, stream[:1000]) == []
+    view = conn.get_buffer()
+    view[:] = stream[1000:]
+    conn.buffer_updated(len(view))
+    del view
+    [event] = events_until_need_data(conn)
+    assert event.data == first  # type: ignore[attr-defined]
+    header = conn.get_buffer()
+    assert len(header) == 28  # only the next request's header, not a slice of its payload
+    header[:] = request(Cmd.WRITE, cookie=2, offset=1 << 20, length=len(second))
+    del header
+    conn.buffer_updated(28)
+    assert conn.next_event() is NEED_DATA
+    sink = conn.get_buffer()
+    assert len(sink) == len(second)  # the whole payload straight into its own buffer
+    sink[:] = second
+    conn.buffer_updated(len(sink))
+    [event] = events_until_need_data(conn)
+    assert event.data == second and event.data is sink.obj  # type: ignore[attr-defined]
+    del sink
+    # a small request after it: read whole, and the receive buffer offers its full room again
+    assert receive_in_place(conn, request(Cmd.FLUSH, cookie=3) + request(Cmd.FLUSH, cookie=4)) == [
+        Request(3, Cmd.FLUSH, CmdFlag(0), 0, 0),
+        Request(4, Cmd.FLUSH, CmdFlag(0), 0, 0),
+    ]
+    assert len(conn.get_buffer()) > 64 * 1024
+
+
 def test_requests_after_an_in_place_payload_are_parsed_in_order() -> None:
     conn = in_transmission(BIG)
     payload = b"\x5a" * 300_000

@@ -145,6 +145,7 @@ class ServerConnection:
         self._sink: bytearray | None = None  # where a large WRITE's payload is received
         self._sink_got = 0
         self._into_sink = False  # the view ``get_buffer`` handed out last is of ``_sink``
+        self._header_next = False  # a payload was just received in place: receive a header
         self._budget = _SINKS if sink_budget is None else sink_budget
         self._pool = _PAYLOADS if payload_pool is None else payload_pool
         self._eof = False
@@ -189,6 +190,11 @@ class ServerConnection:
             return memoryview(sink)[self._sink_got :]
         self._into_sink = False
         if self.phase is _TRANSMISSION:
+            if self._header_next and (want := _REQUEST.size - len(self._rx)) > 0:
+                # After a payload received in place, only the next header: if it is
+                # another large WRITE's, its payload goes straight into its own buffer
+                # rather than partly here and then copied there.
+                return self._rx.space(RECEIVE_SPACE)[:want]
             return self._rx.space(RECEIVE_SPACE)
         return self._rx.space(HANDSHAKE_SPACE)
 
@@ -393,6 +399,7 @@ class ServerConnection:
             head = rx.unpack(_REQUEST)
             if head is None:
                 return NEED_DATA
+            self._header_next = False
             magic, flags, cmd, cookie, offset, length = head
             if magic != _REQUEST_MAGIC:
                 return self._close(f"bad request magic {magic:#x}")
@@ -418,6 +425,7 @@ class ServerConnection:
                 if self._sink_got < length:
                     return NEED_DATA
                 data, self._sink, self._sink_got = sink, None, 0
+                self._header_next = True
                 self._budget.give(length)
             else:
                 taken = rx.take(length)
