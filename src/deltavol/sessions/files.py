@@ -112,9 +112,9 @@ class SessionFiles:
                 save = self._records(area, later)
                 for c in save.index if save is not None else ():
                     tracking.set(c)  # saved, so changed after the mark: their bits came with the saves
-            tracker.tracking, s.recopy = tracking, recopy
+            s.recopy = recopy
             tracker.open_file()
-            s._rewrite_tracking()
+            s._rewrite_tracking(tracking)  # in memory once in the file (see ``Tracker.rewrite``)
             if later:
                 self._later_mark(later)
             if save is not None and not save.intact and s.update is not None:

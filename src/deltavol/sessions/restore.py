@@ -196,10 +196,11 @@ async def _take_back(s: Session) -> str:
     u, transfer = s.update, s.transfer
     assert u is not None and transfer is not None
     async with s._gate.closed(), s.copier.checkpointing:  # no change half-way down the stack
-        s.tracking.or_(transfer)
+        merged = s.tracking.copy()  # in memory once in the file (see ``Tracker.rewrite``)
+        merged.or_(transfer)
         if s.copier.durable is not None:
-            s.tracking.or_(s.copier.durable)
-        s._rewrite_tracking()
+            merged.or_(s.copier.durable)
+        s._rewrite_tracking(merged)
         new_state = next_state(s.name, s.state, "cancel")  # before the row's fields change
         was = s.transfer, s.copier.durable, s.state, u.phase
         u.move("cancel", s.name)

@@ -569,10 +569,11 @@ class Session:
         except (DeltavolError, OSError) as exc:
             log.warning("session %s: %s failed: %s", self.name, what, exc)
 
-    def _rewrite_tracking(self) -> None:
-        """Replace the tracking file durably with the bitmap in memory (the write gate is
-        closed, or nothing writes yet): every bit set is durable now."""
-        self.tracker.rewrite(self.next_update_id)
+    def _rewrite_tracking(self, tracking: Bitmap | None = None) -> None:
+        """Replace the tracking file durably with the bitmap in memory, or with ``tracking``
+        that becomes it once the file holds it (the write gate is closed, or nothing writes
+        yet): every bit set is durable now (see ``Tracker.rewrite``)."""
+        self.tracker.rewrite(self.next_update_id, tracking)
 
     def _reset_tracking(self) -> None:
         """Empty tracking and replace its file durably, the regions written since the last
@@ -834,9 +835,12 @@ class Session:
             if self.transfer is not None:
                 # back into tracking: what the update still owes, and what its last
                 # checkpoint does (copied since, never flushed: the target may lose it)
+                # (into a copy: memory has the bits only once the file does, or a
+                # later change of such a chunk would be taken for tracked, in no file)
                 self.copier.forget_unflushed()
-                self.tracking.or_(self.transfer)
-                self._rewrite_tracking()
+                merged = self.tracking.copy()
+                merged.or_(self.transfer)
+                self._rewrite_tracking(merged)
             was = self.transfer, self.copier.durable, self.consistent, self.state
             update = self.update if self.update is not None and self.update.running else None
             phase = update.phase if update is not None else None

@@ -84,11 +84,18 @@ class Tracker:
         if self.file is not None:
             self.file.close()
 
-    def rewrite(self, generation: int) -> None:
-        """Replace the tracking file durably with the bitmap in memory (the write gate is
-        closed, or nothing writes yet): every bit set is durable now."""
+    def rewrite(self, generation: int, tracking: Bitmap | None = None) -> None:
+        """Replace the tracking file durably with the bitmap in memory, or with ``tracking``
+        (the write gate is closed, or nothing writes yet): every bit set is durable now.
+
+        ``tracking`` (the bitmap in memory with more bits set) becomes the bitmap in memory
+        only once the file holds it: if the rewrite fails, memory keeps the bitmap the file
+        does, or a subset of it. A bit set in memory is taken for durable by ``track``: one
+        in no file would let a later change of its chunk go down unrecorded."""
         assert self.file is not None
-        self.file.rewrite(self.tracking, generation)
+        new = self.tracking if tracking is None else tracking
+        self.file.rewrite(new, generation)
+        self.tracking = new
         self.unsynced.clear()
 
     def reset(self, generation: int) -> None:

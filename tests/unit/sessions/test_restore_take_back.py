@@ -11,14 +11,16 @@ import asyncio
 import errno
 import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from deltavol.backend.file import FileBackend
+from deltavol.bitmap import persist
 from deltavol.copy.save_area import SaveArea
 from deltavol.copy.targets import CopyTarget, LocalTarget
-from deltavol.errors import MetadataError, RestoreNotStarted, TargetError
+from deltavol.errors import DeltavolError, MetadataError, RestoreNotStarted, TargetError
 from deltavol.events import Event
 from deltavol.service import Service
 from deltavol.sessions import copier as copier_mod
@@ -349,3 +351,33 @@ async def test_zeroes_that_find_the_disk_full_are_punched(
         await asyncio.shield(s._task)
     assert refused and s.state is State.IDLE and s.last_error is None
     assert await image(svc, "src") == at_pit
+
+
+async def test_a_take_back_whose_tracking_rewrite_fails_keeps_tracking_as_the_file_has_it(
+    svc_rig: ServiceRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The take-back ORs what the update owes into tracking by a rewrite; a full disk
+    before the rename fails the restore and leaves memory with only the bits the tracking
+    file has (one more would be taken for durable: a later change in no file)."""
+    svc = svc_rig.open()
+    s, _ = await consistent_session(svc)
+    await held_update(svc, s, monkeypatch)
+    assert s.transfer is not None and not s.transfer.is_empty()
+    real = persist.fs.replace_atomic
+    left = {"fail": 1}
+
+    def replace_atomic(path: Path, *a: Any, **kw: Any) -> int:
+        if left["fail"] and path == s.files.tracking_path:
+            left["fail"] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(persist.fs, "replace_atomic", replace_atomic)
+    with pytest.raises(DeltavolError):
+        await svc.restore_session("a")
+    assert left["fail"] == 0
+    on_disk, _ = persist.load(s.files.tracking_path, persist.KIND_TRACKING, s.granularity, s.source.size)
+    extra = s.tracking.copy()
+    extra.or_(on_disk)
+    assert extra.count() == on_disk.count(), "bits in memory that the tracking file lacks"
+    assert s.transfer is not None and s.transfer.count() > 0, "the update still owes its chunks"
