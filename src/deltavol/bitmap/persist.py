@@ -65,8 +65,10 @@ Two ways of writing:
   leaves as the least recently used (its chunk bits are durable: the file was written
   whole) or when ``settle`` finds it idle (it counts as used at the mark, so an idle one
   goes within two settle periods). It only widens what a power loss re-copies, within
-  the bound. The set in memory holds them only once the replace and its directory sync
-  succeeded: until then a power loss may leave the old file.
+  the bound. If the directory sync after the replace fails, a power loss may leave the old
+  file: the carried regions then enter the set as regions coming in do, each covered by the
+  next round (which syncs the directory before anything counts as durable), so a change in
+  one waits for it, and the set still keeps to its bound.
 
   The layout is the same as version 2 wrote it; ``_LOST_BOOT`` is new, and a version 2
   reader takes it for another boot, which is safe.
@@ -634,26 +636,49 @@ class TrackingFile:
         by default; see ``recent``): every bit set is durable in it; this is where
         cleared bits land. If it fails, the fd stays on the file in place (the old one,
         or the new one once it has replaced it), and so does the hot set that goes with
-        it; after a failed directory sync the set holds none of ``hot``."""
+        it; after a failed directory sync, the regions of ``hot`` are in the set as regions
+        coming in: each waits for a round, which syncs the directory first."""
         carried = Bitmap(self.hot.size, self.hot.granularity)
         for r in hot or ():
             carried.set(r)
-        save_atomic(
-            self.path,
-            bitmap,
-            generation,
-            KIND_TRACKING,
-            carried,
-            adopt=lambda fd: self._adopt(fd, bitmap, generation, carried),
-        )
+        adopted = False
+
+        def adopt(fd: int) -> None:
+            nonlocal adopted
+            self._adopt(fd, bitmap, generation, carried)
+            adopted = True
+
+        try:
+            save_atomic(self.path, bitmap, generation, KIND_TRACKING, carried, adopt=adopt)
+        except BaseException:
+            if adopted and hot:  # hot in the file in place, its name maybe not durable
+                self._carry(hot, durable=False)
+            raise
         self._dir_unsynced = False  # (a failed directory sync left it set: see ``sync``)
         if hot:  # durably hot in the file that is the file now: in the set, used at the mark
-            seq, lru = self._seq, self._lru
+            self._carry(hot, durable=True)
+
+    def _carry(self, hot: list[int], durable: bool) -> None:
+        """Put the regions ``hot`` carried by a rewrite (hot in the file now) into the set,
+        used at the mark: counted by ``_make_room`` and cleared by ``settle`` like any other.
+        Not ``durable`` (the directory sync failed): each is covered by the next round, as a
+        region coming in is, and a change in it waits for that round."""
+        seq, lru = self._seq, self._lru
+        for r in hot:
+            lru[r] = seq
+        self._touched.update(hot)
+        if not durable:
+            fut = self.round()
+            regions = self._rounds.get(fut)
+            if regions is None:
+                regions = self._rounds[fut] = []
+                fut.add_done_callback(self._round_done)
             for r in hot:
-                lru[r] = seq
-            self._touched.update(hot)
-            if self._settle is None:
-                self._settle = asyncio.get_running_loop().call_later(SETTLE_SECONDS, self._start_settle)
+                self._covering[r] = fut
+                regions.append(r)
+            self._make_room()
+        if self._settle is None:
+            self._settle = asyncio.get_running_loop().call_later(SETTLE_SECONDS, self._start_settle)
 
     def _adopt(self, fd: int, bitmap: Bitmap, generation: int, hot: Bitmap) -> None:
         with self._fd_lock:

@@ -33,6 +33,7 @@ from deltavol.bitmap.bitmap import Bitmap
 from deltavol.errors import DeltavolError
 from deltavol.sessions.manager import _SourceWiring
 from deltavol.sessions.session import Session
+from deltavol.store import fs
 from deltavol.store.group_commit import GroupCommit
 
 GIB = 1 << 30
@@ -357,3 +358,80 @@ async def test_first_writes_after_a_mark_into_the_regions_written_before_it_need
     finally:
         assert again.tracking_file is not None
         again.tracking_file.close()
+
+
+def failing_dir_sync(monkeypatch: pytest.MonkeyPatch, log: list[str]) -> None:
+    """The next directory sync fails (EIO); each call is logged."""
+    real = fs._current.sync_dir
+    left = {"fail": 1}
+
+    def sync_dir(path: Path) -> None:
+        if left["fail"]:
+            left["fail"] -= 1
+            log.append("sync_dir failed")
+            raise OSError(errno.EIO, "Input/output error")
+        real(path)
+        log.append("sync_dir")
+
+    monkeypatch.setattr(fs._current, "sync_dir", sync_dir)
+
+
+async def test_after_a_failed_directory_sync_the_carried_regions_count_in_the_bound(
+    tmp_path: Path, volume: FileBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hot set of 4 regions: 4 are written, a mark carries them and the directory sync
+    of its rewrite fails; 4 new regions come in. The carried ones must leave as any
+    other: the file's hot section keeps to the bound (plus the regions of one round)."""
+    s = new_session(tmp_path, hot_set=4 * REGION)
+    s.create_files()
+    wiring = _SourceWiring(gate=s._gate, commit=s._commit, sessions=[s])
+    wiring.rehook()
+    layer = BeforeChange(volume, wiring.hooks, wiring.gate)  # type: ignore[arg-type]
+    tf = s.tracking_file
+    assert tf is not None
+    try:
+        for r in (1, 2, 3, 4):
+            await layer.pwrite(r * REGION, b"a" * BLOCK)
+        log: list[str] = []
+        failing_dir_sync(monkeypatch, log)
+        async with s._gate.closed():  # the mark's last step, after its commit
+            s._after_commit("resetting tracking", s._reset_tracking)
+        assert log == ["sync_dir failed"]
+        assert list(hot_of(Path(tf.path).read_bytes()).runs()) == [(1, 4)], "carried into the new file"
+        for r in (20, 21, 22, 23):
+            await layer.pwrite(r * REGION, b"c" * BLOCK)
+        await tf.durable()
+        on_disk = hot_of(Path(tf.path).read_bytes())
+        assert on_disk.count() <= tf.capacity + 1, f"{list(on_disk.runs())} hot, bound {tf.capacity}"
+        assert all(on_disk.test(r) for r in (20, 21, 22, 23))
+    finally:
+        tf.close()
+
+
+async def test_a_change_in_a_region_carried_before_a_failed_directory_sync_waits_for_one(
+    tmp_path: Path, volume: FileBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power loss after a failed directory sync may leave the old file: a change in a
+    carried region is acknowledged only after a round that synced the directory."""
+    s = new_session(tmp_path, hot_set=16 * REGION)
+    s.create_files()
+    wiring = _SourceWiring(gate=s._gate, commit=s._commit, sessions=[s])
+    wiring.rehook()
+    layer = BeforeChange(volume, wiring.hooks, wiring.gate)  # type: ignore[arg-type]
+    tf = s.tracking_file
+    assert tf is not None
+    try:
+        for r in (3, 7, 11):
+            await layer.pwrite(r * REGION, b"a" * BLOCK)
+        log: list[str] = []
+        failing_dir_sync(monkeypatch, log)
+        async with s._gate.closed():
+            s._after_commit("resetting tracking", s._reset_tracking)
+        assert tf._dir_unsynced
+        await layer.pwrite(3 * REGION + G, b"b" * BLOCK)
+        log.append("acked")
+        assert log[0] == "sync_dir failed" and "sync_dir" in log
+        assert log.index("sync_dir") < log.index("acked"), log
+        assert not tf._dir_unsynced
+    finally:
+        tf.close()
