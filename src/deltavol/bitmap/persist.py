@@ -290,6 +290,7 @@ class TrackingFile:
         self.capacity = max(1, hot_set // self.hot.granularity)  # regions in the hot set at most
         self._shift = (self.hot.granularity // granularity).bit_length() - 1  # chunk >> _shift: region
         self._hot_at = _hot_at(Bitmap(size, granularity).nbits)
+        self._bitmap_size, self._granularity = size, granularity  # of the chunk bits (``stage``)
         self._fd = -1  # until ``rewrite`` writes the file
         # held only to take, swap or count the fd, never across I/O: the event loop must
         # not wait for a round's sync on a stalled disk (``close``, ``rewrite``)
@@ -595,6 +596,68 @@ class TrackingFile:
             adopt=lambda fd: self._adopt(fd, bitmap, generation),
         )
         self._dir_unsynced = False  # (a failed directory sync left it set: see ``sync``)
+
+    @property
+    def staged_path(self) -> Path:
+        """Where ``stage`` writes a new file (a name of its own: a ``rewrite`` meanwhile
+        uses ``save_atomic``'s tmp file, and neither may truncate the other's)."""
+        return self.path.with_name(self.path.name + ".new")
+
+    def stage(self, generation: int) -> int:
+        """The first half of a reset (``install`` is the second): a new file with no bit
+        set and no hot region, written and fsynced beside this one, not yet in its place.
+        Blocking, and touching no state of this object: run it in a thread while the
+        loop goes on (a mark stages it beside its other syncs, before its commit).
+        Returns the new file's descriptor; on failure the file is removed."""
+        nothing = Bitmap(self._bitmap_size, self._granularity)
+        empty = Bitmap(self.hot.size, self.hot.granularity)
+        try:
+            with nothing.view() as bits, empty.view() as hot:  # as ``save_atomic`` lays it out
+                parts: list[tuple[int, bytes | memoryview]] = [
+                    (0, _header(nothing, generation, KIND_TRACKING, empty.granularity)),
+                    (HEADER_SIZE, bits),
+                    (self._hot_at, hot),
+                ]
+                return fs.write_synced(self.staged_path, parts, write=lambda *a: _write_all(*a))
+        except OSError as exc:
+            raise os_error(exc, f"tracking bitmap {self.staged_path}") from exc
+
+    def install(self, fd: int, bitmap: Bitmap, generation: int) -> None:
+        """The second half of a reset, on the loop (the write gate closed, ``bitmap``
+        empty): the staged file (``stage``'s ``fd``) replaces this one and holds every bit
+        set. Its name is durable only once ``sync_dir`` is done: until then no round makes
+        anything durable (``sync`` makes the name durable first). If the rename fails the
+        staged file goes and this one stays (a superset)."""
+        assert bitmap.is_empty()
+        try:
+            fs.replace(self.staged_path, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                fs.close(fd)
+            with contextlib.suppress(OSError):
+                fs.unlink(self.staged_path, missing_ok=True)
+            raise os_error(exc, f"tracking bitmap {self.path}") from exc
+        self._adopt(fd, bitmap, generation)
+
+    def discard(self, fd: int) -> None:
+        """A staged file that will not be installed (the mark did not commit)."""
+        with contextlib.suppress(OSError):
+            fs.close(fd)
+        with contextlib.suppress(OSError):
+            fs.unlink(self.staged_path, missing_ok=True)
+
+    def sync_dir(self) -> None:
+        """Make the name of the file in place durable (after ``install``). Blocking: run
+        it in a thread. A failure leaves it to the next round's ``sync``."""
+        with self._fd_lock:
+            fd = self._fd
+        try:
+            fs.sync_dir(self.path.parent)
+        except OSError as exc:
+            raise os_error(exc, f"directory of tracking bitmap {self.path}") from exc
+        with self._fd_lock:
+            if self._fd == fd:  # not for a file that replaced it meanwhile
+                self._dir_unsynced = False
 
     def _adopt(self, fd: int, bitmap: Bitmap, generation: int) -> None:
         with self._fd_lock:

@@ -72,6 +72,7 @@ from deltavol.sessions.records import RetryPolicy, UpdateRecord, now_iso
 from deltavol.sessions.states import Phase, State, next_state
 from deltavol.sessions.target_writes import TargetWrites
 from deltavol.sessions.tracker import Tracker
+from deltavol.store import fs
 from deltavol.store.group_commit import GroupCommit
 from deltavol.volumes import Volume
 
@@ -511,15 +512,8 @@ class Session:
                     transfer.or_(owed)
             before = self.transfer_bytes(transfer)
             transfer.or_(self.tracking)
-            persist.save_atomic(self.files.transfer_path, transfer, update.id, TRANSFER)
-            if self.save is not None:
-                # the new header voids the unfinished update's records, and with them what
-                # made the bits of its saved chunks durable: if this mark does not commit,
-                # that update goes on and only the tracking file can keep those bits
-                assert self.tracking_file is not None
-                await self.tracking_file.durable()
-                self.protector.records_void = True  # until this mark commits, or for good if it fails
-            save = self.protector.save_area(update.id).create()
+            save = self.protector.save_area(update.id)
+            staged = await self._mark_syncs(transfer, update.id, save)
             kept = self.update, self.state, self.progress, self.last_error
             progress = self.progress if new is None else None
             was = (update.marked_at, update.phase, update.catchup_bytes)
@@ -541,6 +535,8 @@ class Session:
                 # now, but so is it (the transfer file is this update's): a restart
                 # ends it, and until then its records in memory still protect its copy
                 save.close()
+                if staged is not None:
+                    self._discard_staged(staged)
                 update.marked_at, update.catchup_bytes = was[0], was[2]
                 update.put_back(was[1], self.name)
                 if progress is not None:
@@ -551,7 +547,90 @@ class Session:
             self.protector.save, self.transfer, self.protector.records_void = save, transfer, False
             self.copier.durable = transfer.copy()
             self.tracking.clear_all()
-            self._after_commit("resetting tracking", self._rewrite_tracking)
+            if staged is not None and staged[1] == self.next_update_id:
+                self._after_commit("resetting tracking", lambda: self.tracker.install(*staged))
+            else:
+                if staged is not None:
+                    self._discard_staged(staged)
+                self._after_commit("resetting tracking", self._rewrite_tracking)
+
+    async def _mark_syncs(self, transfer: Bitmap, update_id: int, save: SaveArea) -> tuple[int, int] | None:
+        """What a mark's commit depends on, made durable side by side, each sync in a
+        thread of its own (none on the event loop): the source flushed (what is copied
+        as of the mark is durable there), the new transfer file, and the save area's new
+        header (``save`` is created). Beside them the next tracking file is staged
+        (``Tracker.stage``: empty, fsynced, not yet in place; the reset after the commit
+        renames it): returned as (descriptor, generation), or None if staging failed (the
+        reset then rewrites the file whole, as it would have anyway).
+
+        One order stays: when an update under way owns the save area (its records
+        protect, ``PROTECTING`` or ``GIVEN_UP``), the new header voids its records. A
+        restart finding that header must find this mark's transfer file in place
+        (``SessionFiles._later_mark``), and the records' tracking bits durable: so the
+        transfer file first, then the tracking file synced, then the header. With no
+        such update nothing reads the old area after a crash (the start-up removes it),
+        and the header goes beside the rest.
+
+        Every thread is over before this returns or raises (a thread cannot be stopped:
+        a mark that gave up must not leave a file being written under the next one); a
+        failure raises the first error, with the save area closed and nothing staged."""
+        current = self.update
+        voids = self.save is not None or (current is not None and current.phase in (_PROTECTING, _GIVEN_UP))
+        tracker = self.tracker
+
+        async def transfer_file() -> None:
+            await fs.to_thread(persist.save_atomic, self.files.transfer_path, transfer, update_id, TRANSFER)
+
+        async def header(after: Awaitable[None] | None) -> None:
+            if after is not None:
+                await after
+            if self.save is not None:
+                # the new header voids the unfinished update's records, and with them what
+                # made the bits of its saved chunks durable: if this mark does not commit,
+                # that update goes on and only the tracking file can keep those bits
+                assert self.tracking_file is not None
+                await self.tracking_file.durable()
+                self.protector.records_void = True  # until this mark commits, or for good if it fails
+            await fs.to_thread(save.create)
+
+        flushing = asyncio.ensure_future(self._flush_source())
+        writing = asyncio.ensure_future(transfer_file())
+        creating = asyncio.ensure_future(header(writing if voids else None))
+        staging: asyncio.Future[int] | None = None
+        if tracker.file is not None:
+            staging = asyncio.ensure_future(fs.to_thread(tracker.stage, self.next_update_id))
+        jobs = [flushing, writing, creating, *([staging] if staging is not None else [])]
+        cancelled = False
+        while not all(j.done() for j in jobs):
+            try:
+                await asyncio.wait(jobs)  # unlike gather, a cancel does not cancel them
+            except asyncio.CancelledError:
+                cancelled = True
+        staged: tuple[int, int] | None = None
+        if staging is not None and not staging.cancelled():
+            if staging.exception() is None:
+                staged = staging.result(), self.next_update_id
+            else:
+                why = staging.exception()
+                log.warning("session %s: staging the tracking reset failed: %s", self.name, why)
+        failed = [j.exception() for j in (flushing, writing, creating) if not j.cancelled() and j.exception()]
+        if cancelled or failed or any(j.cancelled() for j in (flushing, writing, creating)):
+            if not creating.cancelled() and creating.exception() is None:
+                save.close()
+            if staged is not None:
+                self._discard_staged(staged)
+            if failed and not cancelled:
+                raise failed[0]
+            raise asyncio.CancelledError
+        return staged
+
+    def _discard_staged(self, staged: tuple[int, int]) -> None:
+        tf = self.tracking_file
+        if tf is not None:
+            tf.discard(staged[0])
+        else:
+            with contextlib.suppress(OSError):
+                fs.close(staged[0])
 
     async def _flush_source(self) -> None:
         """What a mark copies must be durable on the source: a change acknowledged but not

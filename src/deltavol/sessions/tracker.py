@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.errors import DeltavolError
+from deltavol.store import fs
 from deltavol.store.group_commit import GroupCommit
 
 
@@ -42,6 +44,7 @@ class Pending(enum.Enum):
 
 
 _BY_SAVE, _RETRY = Pending.BY_SAVE, Pending.RETRY
+log = logging.getLogger("deltavol.session")
 
 
 class Tracker:
@@ -68,6 +71,7 @@ class Tracker:
         # the protector's predicate "this change's protect saves the chunk", or None
         self.saves: Callable[[], Callable[[int], bool] | None] = lambda: None
         self.removed = False  # the session's row is gone: its closed files are not touched
+        self._dir_syncs: set[asyncio.Future[None]] = set()  # ``install``'s, under way
 
     # --- the file -------------------------------------------------------------------------
     def open_file(self) -> None:
@@ -87,6 +91,34 @@ class Tracker:
         assert self.file is not None
         self.file.rewrite(self.tracking, generation)
         self.unsynced.clear()
+
+    def stage(self, generation: int) -> int:
+        """``rewrite``'s first half for a reset, blocking (in a thread): an empty file,
+        fsynced, beside the tracking file (``TrackingFile.stage``). Its descriptor."""
+        assert self.file is not None
+        return self.file.stage(generation)
+
+    def install(self, fd: int, generation: int) -> None:
+        """``rewrite``'s second half for a reset (the write gate closed, tracking empty in
+        memory): the staged file replaces the tracking file. Its name is synced in a
+        thread, without waiting: no acknowledged change relies on the new file before a
+        round, and a round that begins before that sync is done syncs the directory
+        itself (``TrackingFile.sync``). Meanwhile a power loss leaves the old file, whose
+        bits are all owed elsewhere (a superset). If the rename fails, the old file stays
+        in place and this raises."""
+        tf = self.file
+        assert tf is not None
+        tf.install(fd, self.tracking, generation)
+        self.unsynced.clear()
+        syncing = asyncio.ensure_future(fs.to_thread(tf.sync_dir))
+        self._dir_syncs.add(syncing)
+        syncing.add_done_callback(self._dir_synced)
+
+    def _dir_synced(self, fut: asyncio.Future[None]) -> None:
+        self._dir_syncs.discard(fut)
+        if not fut.cancelled() and fut.exception() is not None:  # the next round syncs it
+            exc = fut.exception()
+            log.warning("%s", exc.message if isinstance(exc, DeltavolError) else exc)
 
     async def make_durable(self, generation: int) -> None:
         """Make every bit set durable in the tracking file (the write gate is closed)."""

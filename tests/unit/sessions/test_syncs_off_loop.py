@@ -1,0 +1,120 @@
+"""A mark and the end of a restore sync their files in threads, side by side, never on the
+event loop: a sync on the loop holds up every client of every volume for as long as the
+disk takes (a loaded disk: tens of milliseconds per fsync).
+
+Drives the real Service, SessionManager, write path and SQLite in a tmp data dir (local
+targets), with the ``store/fs.py`` seam recording the thread of every sync.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deltavol.bitmap import persist
+from deltavol.service import Service
+from deltavol.sessions.states import State
+from deltavol.store import fs
+from tests.unit.sessions.service_rig import SIZE, MiB, ServiceRig, idle, image, svc_rig
+
+__all__ = ["svc_rig"]
+
+
+class Recording(fs.RealFS):
+    """The real file system, noting each sync that runs on the loop's thread."""
+
+    def __init__(self) -> None:
+        self.loop_thread = threading.get_ident()
+        self.on_loop: list[tuple[str, Any]] = []
+        self.syncs = 0
+
+    def _note(self, what: str, arg: Any) -> None:
+        self.syncs += 1
+        if threading.get_ident() == self.loop_thread:
+            self.on_loop.append((what, arg))
+
+    def fsync(self, fd: int) -> None:
+        self._note("fsync", fd)
+        super().fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        self._note("fdatasync", fd)
+        super().fdatasync(fd)
+
+    def sync_dir(self, path: Path) -> None:
+        self._note("sync_dir", path)
+        super().sync_dir(path)
+
+
+@pytest.fixture
+def recording() -> Iterator[Recording]:
+    rec = Recording()
+    old = fs.use(rec)
+    try:
+        yield rec
+    finally:
+        fs.use(old)
+
+
+async def consistent_session(svc: Service) -> None:
+    for v in ("src", "dst"):
+        svc.create_volume(v, SIZE)
+    await svc.start()
+    await svc.volumes.get("src").export.pwrite(0, b"\x01" * SIZE)
+    await svc.create_session(name="s", source="src", target="dst")
+    await svc.update_session("s", True, None)
+    await idle(svc, "s")
+
+
+async def test_an_incremental_mark_syncs_nothing_on_the_loop(
+    svc_rig: ServiceRig, recording: Recording
+) -> None:
+    svc = svc_rig.open()
+    await consistent_session(svc)
+    src = svc.volumes.get("src")
+    await src.export.pwrite(MiB, b"\x02" * MiB)
+    await svc.update_session("s", False, None)  # an incremental update: marks, copies, ends
+    s = svc.sessions.get("s")
+    await src.export.pwrite(2 * MiB, b"\x03" * MiB)
+    await idle(svc, "s")
+    # the second mark: a save area and a tracking file of an update before, both replaced
+    recording.on_loop.clear()
+    recording.syncs = 0
+    await svc.update_session("s", False, None)
+    assert recording.syncs >= 5, recording.syncs  # the source (twice), transfer, header, tracking
+    assert recording.on_loop == []
+    await idle(svc, "s")
+    assert s.state is State.IDLE and s.consistent
+    assert await image(svc, "src") == await image(svc, "dst")
+    # the staged file is in place: an empty tracking file of the next update, nothing left beside
+    tracking = s.tracker.path
+    bits, generation, _ = persist.load_tracking(tracking, s.granularity, SIZE)
+    assert bits.is_empty() and generation == s.next_update_id
+    assert not tracking.with_name(tracking.name + ".new").exists()
+
+
+async def test_the_end_of_a_restore_syncs_nothing_on_the_loop(
+    svc_rig: ServiceRig, recording: Recording
+) -> None:
+    svc = svc_rig.open()
+    await consistent_session(svc)
+    src = svc.volumes.get("src")
+    await src.export.pwrite(MiB, b"\x02" * MiB)
+    recording.on_loop.clear()
+    recording.syncs = 0
+    await svc.restore_session("s")
+    s = svc.sessions.get("s")
+    assert s._task is not None
+    await s._task
+    assert s.state is State.IDLE and s.consistent
+    assert recording.syncs >= 2, recording.syncs  # the source, the new tracking file
+    assert recording.on_loop == []
+    assert await image(svc, "src") == b"\x01" * SIZE
+    tracking = s.tracker.path
+    bits, _, _ = persist.load_tracking(tracking, s.granularity, SIZE)
+    assert bits.is_empty()
+    assert not tracking.with_name(tracking.name + ".new").exists()
