@@ -499,11 +499,13 @@ class Session:
         """
         update = new[0] if new is not None else self.update
         assert update is not None
-        if self.save is None:  # no update writes to the save area: write its space ahead
-            await self.protector.prepare_save_area()
-        await self._flush_source()
-        async with self._gate.closed(), self.copier.checkpointing:
+        if self.save is None:  # no update writes to the save area: write its space ahead,
+            # beside the flush before the gate closes (both in threads; create waits for both)
+            await asyncio.gather(self.protector.prepare_save_area(), self._flush_source())
+        else:
             await self._flush_source()
+        async with self._gate.closed(), self.copier.checkpointing:
+            # (the flush inside the gate runs beside the files' syncs: _mark_syncs)
             # a new bitmap: if this mark fails, start_update puts back the unfinished
             # update's transfer, which must not have gained the chunks changed since its mark
             transfer = Bitmap(self.source.size, self.granularity)
