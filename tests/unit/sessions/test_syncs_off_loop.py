@@ -8,6 +8,7 @@ targets), with the ``store/fs.py`` seam recording the thread of every sync.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,3 +119,39 @@ async def test_the_end_of_a_restore_syncs_nothing_on_the_loop(
     bits, _, _ = persist.load_tracking(tracking, s.granularity, SIZE)
     assert bits.is_empty()
     assert not tracking.with_name(tracking.name + ".new").exists()
+
+
+async def test_a_mark_flushes_the_source_inside_the_gate_before_it_commits(
+    svc_rig: ServiceRig, recording: Recording
+) -> None:
+    """What a mark copies must be durable on the source: a change that passed the gate
+    after the first flush (before the gate closed) is flushed by the one beside the files'
+    syncs, which the commit waits for."""
+    svc = svc_rig.open()
+    await consistent_session(svc)
+    src = svc.volumes.get("src")
+    s = svc.sessions.get("s")
+    source_file = os.path.realpath(src.backend.path)
+    gate = s._gate
+    seen: list[tuple[str, bool]] = []
+    note = recording._note
+
+    def noting(what: str, arg: Any) -> None:
+        if what == "fsync" and os.path.realpath(f"/proc/self/fd/{arg}") == source_file:
+            seen.append(("source fsync", not gate.open and gate._idle.is_set()))
+        note(what, arg)
+
+    recording._note = noting  # type: ignore[method-assign]
+    persist_row = s._persist_row
+
+    def committing(session: Any) -> None:
+        seen.append(("commit", not gate.open))
+        persist_row(session)
+
+    s._persist_row = committing
+    await src.export.pwrite(MiB, b"\x02" * MiB)
+    await svc.update_session("s", False, None)
+    first_commit = seen.index(("commit", True))
+    assert ("source fsync", True) in seen[:first_commit], seen
+    await idle(svc, "s")
+    assert await image(svc, "src") == await image(svc, "dst")
