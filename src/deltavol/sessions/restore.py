@@ -99,7 +99,7 @@ from deltavol.errors import (
 from deltavol.nbd.constants import STATE_HOLE
 from deltavol.sessions.copier import over
 from deltavol.sessions.records import UpdateRecord, now_iso
-from deltavol.sessions.session import CHECKPOINT_SECONDS, Session, one_at_a_time
+from deltavol.sessions.session import CHECKPOINT_SECONDS, Session, looked_at, one_at_a_time
 from deltavol.sessions.states import State, next_state
 from deltavol.store import fs
 from deltavol.store.fs import sync_dir
@@ -444,6 +444,7 @@ class Restorer:
             staging = None
             if tracker.file is not None:
                 staging = asyncio.ensure_future(fs.to_thread(tracker.stage, generation))
+                staging.add_done_callback(looked_at)  # a failure is handled below, once over
             try:
                 await s.source.backend.flush()  # every run written back is durable: _finish may go
                 if staging is not None:

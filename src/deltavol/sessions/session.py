@@ -88,6 +88,12 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+def looked_at(fut: asyncio.Future[Any]) -> None:
+    """A done callback that retrieves a failure (its owner handles it, or has died)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 def one_at_a_time(
     op: Callable[Concatenate[Session, _P], Awaitable[_R]],
 ) -> Callable[Concatenate[Session, _P], Awaitable[_R]]:
@@ -602,6 +608,8 @@ class Session:
         if tracker.file is not None:
             staging = asyncio.ensure_future(fs.to_thread(tracker.stage, self.next_update_id))
         jobs = [flushing, writing, creating, *([staging] if staging is not None else [])]
+        for j in jobs:  # each failure is looked at below, once all are over; and even if the
+            j.add_done_callback(looked_at)  # process ends first, with one still running
         cancelled = False
         while not all(j.done() for j in jobs):
             try:
