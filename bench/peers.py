@@ -126,6 +126,23 @@ class Deltavol:
         self.wait(name)  # (at once: it has finished) idle, or it raises
         return took
 
+    def tracking_syncs(self) -> int:
+        """Tracking files synced by group-commit rounds so far (``deltavol_fsyncs``)."""
+        import aiohttp
+
+        async def get() -> str:
+            connector = aiohttp.UnixConnector(path=self.api.unix_socket)
+            async with (
+                aiohttp.ClientSession(connector=connector) as http,
+                http.get("http://deltavol/metrics") as resp,
+            ):
+                return await resp.text()
+
+        for line in asyncio.run(get()).splitlines():
+            if line.startswith('deltavol_fsyncs_total{file="tracking"}'):
+                return int(float(line.split()[-1]))
+        return 0
+
     def rss(self) -> tuple[int, int]:
         """(current, peak) resident set size of the server, in bytes."""
         assert self.proc is not None

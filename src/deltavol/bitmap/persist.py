@@ -56,6 +56,18 @@ Two ways of writing:
   file is always a superset of the acknowledged changes. ``rewrite`` also forgets every
   round started for the replaced file: such a round makes nothing durable in the new one.
 
+  A mark (or a full update's start) empties the chunk bits but *carries* hot regions into
+  the new file (``rewrite(..., hot=recent(bitmap))``): the regions written since the last
+  mark, the hot set's own first, at most the set's bound. The new file holds their hot
+  bits, fsynced with it before it replaces the old one, so they are durable before any
+  change to the new file: the first change in such a region needs no round, as for a
+  region that came in by one. From then on a carried region is one like any other: it
+  leaves as the least recently used (its chunk bits are durable: the file was written
+  whole) or when ``settle`` finds it idle (it counts as used at the mark, so an idle one
+  goes within two settle periods). It only widens what a power loss re-copies, within
+  the bound. The set in memory holds them only once the replace and its directory sync
+  succeeded: until then a power loss may leave the old file.
+
   The layout is the same as version 2 wrote it; ``_LOST_BOOT`` is new, and a version 2
   reader takes it for another boot, which is safe.
 """
@@ -290,7 +302,6 @@ class TrackingFile:
         self.capacity = max(1, hot_set // self.hot.granularity)  # regions in the hot set at most
         self._shift = (self.hot.granularity // granularity).bit_length() - 1  # chunk >> _shift: region
         self._hot_at = _hot_at(Bitmap(size, granularity).nbits)
-        self._bitmap_size, self._granularity = size, granularity  # of the chunk bits (``stage``)
         self._fd = -1  # until ``rewrite`` writes the file
         # held only to take, swap or count the fd, never across I/O: the event loop must
         # not wait for a round's sync on a stalled disk (``close``, ``rewrite``)
@@ -323,11 +334,25 @@ class TrackingFile:
         """Write the bit bytes of ``chunks`` (sorted, already set in ``bitmap``) into the
         file now: into the page cache, which outlives the server, not a power loss."""
         self._bitmap = bitmap  # what a file that lost pages is written again from
+        self._seq = seq = self._seq + 1
+        lru = self._lru
+        if len(chunks) == 1:  # the usual case, a small write: no sets, one page
+            c = chunks[0]
+            r = c >> self._shift
+            self._touched.add(r)
+            if r in lru:  # used: last out of the hot set
+                del lru[r]
+                lru[r] = seq
+            try:
+                with bitmap.view() as bits:
+                    lo = (c >> _PAGE_BITS) * _PAGE
+                    _write_all(self._fd, bits[lo : lo + _PAGE], HEADER_SIZE + lo)
+            except OSError as exc:
+                raise os_error(exc, f"tracking bitmap {self.path}") from exc
+            return
         shift = self._shift
         regions = {c >> shift for c in chunks}
         self._touched.update(regions)
-        self._seq = seq = self._seq + 1
-        lru = self._lru
         for r in regions:  # used: last out of the hot set
             if r in lru:
                 del lru[r]
@@ -348,6 +373,11 @@ class TrackingFile:
             if r not in lru or r in covering:
                 return False
         return True
+
+    def covered_chunk(self, chunk: int) -> bool:
+        """``covered`` of one chunk (the write path's usual case)."""
+        r = chunk >> self._shift
+        return r in self._lru and r not in self._covering
 
     def cover(self, chunk: int) -> asyncio.Future[None] | None:
         """The round that makes ``chunk``'s hot region durable; None if it already is."""
@@ -581,91 +611,59 @@ class TrackingFile:
             raise os_error(exc, f"tracking bitmap {self.path}") from exc
         log.info("%s: written again after the failed fdatasync", self.path)
 
-    def rewrite(self, bitmap: Bitmap, generation: int) -> None:
-        """Replace the file atomically with ``bitmap`` and no hot region (every bit set is
-        durable in it); this is where cleared bits land. If it fails, the fd stays on the
-        file in place (the old one, or the new one once it has replaced it), and so does
-        the hot set that goes with it."""
-        empty = Bitmap(self.hot.size, self.hot.granularity)
+    def recent(self, bitmap: Bitmap) -> list[int]:
+        """The hot regions a file replacing this one, with ``bitmap``'s bits cleared,
+        carries (see the module notes): the regions of ``bitmap``'s bits, those of the
+        hot set first, at most the set's bound; least recently used first. Memory only."""
+        cap, shift = self.capacity, self._shift
+        keep = list(self._lru)[-cap:]
+        have, extra = set(keep), list[int]()
+        pos = 0
+        while len(keep) + len(extra) < cap:
+            c = bitmap.first_set(pos)
+            if c is None:
+                break
+            r = c >> shift
+            if r not in have:
+                extra.append(r)
+            pos = (r + 1) << shift
+        return extra + keep
+
+    def rewrite(self, bitmap: Bitmap, generation: int, hot: list[int] | None = None) -> None:
+        """Replace the file atomically with ``bitmap`` and the hot regions ``hot`` (none
+        by default; see ``recent``): every bit set is durable in it; this is where
+        cleared bits land. If it fails, the fd stays on the file in place (the old one,
+        or the new one once it has replaced it), and so does the hot set that goes with
+        it; after a failed directory sync the set holds none of ``hot``."""
+        carried = Bitmap(self.hot.size, self.hot.granularity)
+        for r in hot or ():
+            carried.set(r)
         save_atomic(
             self.path,
             bitmap,
             generation,
             KIND_TRACKING,
-            empty,
-            adopt=lambda fd: self._adopt(fd, bitmap, generation),
+            carried,
+            adopt=lambda fd: self._adopt(fd, bitmap, generation, carried),
         )
         self._dir_unsynced = False  # (a failed directory sync left it set: see ``sync``)
+        if hot:  # durably hot in the file that is the file now: in the set, used at the mark
+            seq, lru = self._seq, self._lru
+            for r in hot:
+                lru[r] = seq
+            self._touched.update(hot)
+            if self._settle is None:
+                self._settle = asyncio.get_running_loop().call_later(SETTLE_SECONDS, self._start_settle)
 
-    @property
-    def staged_path(self) -> Path:
-        """Where ``stage`` writes a new file (a name of its own: a ``rewrite`` meanwhile
-        uses ``save_atomic``'s tmp file, and neither may truncate the other's)."""
-        return self.path.with_name(self.path.name + ".new")
-
-    def stage(self, generation: int) -> int:
-        """The first half of a reset (``install`` is the second): a new file with no bit
-        set and no hot region, written and fsynced beside this one, not yet in its place.
-        Blocking, and touching no state of this object: run it in a thread while the
-        loop goes on (a mark stages it beside its other syncs, before its commit).
-        Returns the new file's descriptor; on failure the file is removed."""
-        nothing = Bitmap(self._bitmap_size, self._granularity)
-        empty = Bitmap(self.hot.size, self.hot.granularity)
-        try:
-            with nothing.view() as bits, empty.view() as hot:  # as ``save_atomic`` lays it out
-                parts: list[tuple[int, bytes | memoryview]] = [
-                    (0, _header(nothing, generation, KIND_TRACKING, empty.granularity)),
-                    (HEADER_SIZE, bits),
-                    (self._hot_at, hot),
-                ]
-                return fs.write_synced(self.staged_path, parts, write=lambda *a: _write_all(*a))
-        except OSError as exc:
-            raise os_error(exc, f"tracking bitmap {self.staged_path}") from exc
-
-    def install(self, fd: int, bitmap: Bitmap, generation: int) -> None:
-        """The second half of a reset, on the loop (the write gate closed, ``bitmap``
-        empty): the staged file (``stage``'s ``fd``) replaces this one and holds every bit
-        set. Its name is durable only once ``sync_dir`` is done: until then no round makes
-        anything durable (``sync`` makes the name durable first). If the rename fails the
-        staged file goes and this one stays (a superset)."""
-        assert bitmap.is_empty()
-        try:
-            fs.replace(self.staged_path, self.path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                fs.close(fd)
-            with contextlib.suppress(OSError):
-                fs.unlink(self.staged_path, missing_ok=True)
-            raise os_error(exc, f"tracking bitmap {self.path}") from exc
-        self._adopt(fd, bitmap, generation)
-
-    def discard(self, fd: int) -> None:
-        """A staged file that will not be installed (the mark did not commit)."""
-        with contextlib.suppress(OSError):
-            fs.close(fd)
-        with contextlib.suppress(OSError):
-            fs.unlink(self.staged_path, missing_ok=True)
-
-    def sync_dir(self) -> None:
-        """Make the name of the file in place durable (after ``install``). Blocking: run
-        it in a thread. A failure leaves it to the next round's ``sync``."""
-        with self._fd_lock:
-            fd = self._fd
-        try:
-            fs.sync_dir(self.path.parent)
-        except OSError as exc:
-            raise os_error(exc, f"directory of tracking bitmap {self.path}") from exc
-        with self._fd_lock:
-            if self._fd == fd:  # not for a file that replaced it meanwhile
-                self._dir_unsynced = False
-
-    def _adopt(self, fd: int, bitmap: Bitmap, generation: int) -> None:
+    def _adopt(self, fd: int, bitmap: Bitmap, generation: int, hot: Bitmap) -> None:
         with self._fd_lock:
             old, self._fd = self._fd, fd
             self._dir_unsynced = True
-        # the new file holds every bit set, durably, and no hot region; a round begun
-        # before makes nothing durable in it (it may have synced the old file only)
+        # the new file holds every bit set, durably, and the hot regions ``hot`` (in the
+        # set only once its name is durable: see ``rewrite``); a round begun before makes
+        # nothing durable in it (it may have synced the old file only)
         self.hot.clear_all()
+        self.hot.or_(hot)
         self._pending.clear()
         self._touched.clear()
         self._lru.clear()

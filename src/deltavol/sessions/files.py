@@ -258,8 +258,7 @@ class SessionFiles:
         s.protector.drop_save_area()
         try:
             s.protector.save_area(0).delete()
-            staged = self.tracking_path.with_name(self.tracking_path.name + ".new")  # a reset's
-            for path in (self.tracking_path, self.transfer_path, staged):
+            for path in (self.tracking_path, self.transfer_path):
                 fs.unlink(path, missing_ok=True)
             sync_dir(self.tracking_path.parent)
             sync_dir(s.protector.save_dir)

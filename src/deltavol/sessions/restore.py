@@ -97,9 +97,8 @@ from deltavol.errors import (
     os_error,
 )
 from deltavol.nbd.constants import STATE_HOLE
-from deltavol.sessions.copier import over
 from deltavol.sessions.records import UpdateRecord, now_iso
-from deltavol.sessions.session import CHECKPOINT_SECONDS, Session, looked_at, one_at_a_time
+from deltavol.sessions.session import CHECKPOINT_SECONDS, Session, one_at_a_time
 from deltavol.sessions.states import State, next_state
 from deltavol.store import fs
 from deltavol.store.fs import sync_dir
@@ -369,19 +368,13 @@ class Restorer:
         self.progress = Progress()
         self._checkpointing = asyncio.Lock()
         self._file = False  # the restore's bitmap file exists (see _checkpoint)
-        self._staged: tuple[int, int] | None = None  # the tracking reset staged (fd, generation)
 
     async def run(self) -> None:
         s = self.s
         try:
-            try:
-                await self._copy_back()
-                async with s._gate.closed():  # tracking is reset as a mark resets it
-                    self._finish()
-            finally:
-                if self._staged is not None:  # not installed: the run stopped before its end
-                    s._discard_staged(self._staged)
-                    self._staged = None
+            await self._copy_back()
+            async with s._gate.closed():  # tracking is reset as a mark resets it
+                self._finish()
         except asyncio.CancelledError:
             raise  # a removal lifts the guard once the writes left under way have landed
         except Exception as exc:
@@ -439,36 +432,7 @@ class Restorer:
             with contextlib.suppress(asyncio.CancelledError):
                 await checkpointer
         async with self._checkpointing:  # once a checkpoint under way is over
-            # beside the flush, the empty tracking file _finish puts in place is staged
-            tracker, generation = s.tracker, s.next_update_id
-            staging = None
-            if tracker.file is not None:
-                staging = asyncio.ensure_future(fs.to_thread(tracker.stage, generation))
-                staging.add_done_callback(looked_at)  # a failure is handled below, once over
-            try:
-                await s.source.backend.flush()  # every run written back is durable: _finish may go
-                if staging is not None:
-                    await over(staging)
-            except BaseException:
-                if staging is not None:  # (once its thread is over)
-                    staging.add_done_callback(self._discard_staged)
-                raise
-            if staging is not None:
-                if staging.exception() is None:
-                    self._staged = staging.result(), generation
-                else:  # _finish rewrites the file whole instead
-                    why = staging.exception()
-                    log.warning("session %s: staging the tracking reset failed: %s", s.name, why)
-
-    def _discard_staged(self, staging: asyncio.Future[int]) -> None:
-        tf = self.s.tracker.file
-        if staging.cancelled() or staging.exception() is not None:
-            return
-        if tf is not None:
-            tf.discard(staging.result())
-        else:
-            with contextlib.suppress(OSError):
-                fs.close(staging.result())
+            await s.source.backend.flush()  # every run written back is durable: _finish may go
 
     async def _copy_run(self, first: int, count: int) -> None:
         s, g = self.s, self.s.granularity
@@ -599,13 +563,7 @@ class Restorer:
         s, update = self.s, self.s.update
         assert update is not None
         s.tracking.clear_all()
-        staged, self._staged = self._staged, None
-        if staged is not None and staged[1] == s.next_update_id and s.tracker.file is not None:
-            s.tracker.install(*staged)  # its name is synced beside the commit: see Tracker.install
-        else:
-            if staged is not None:
-                s._discard_staged(staged)
-            s._rewrite_tracking()
+        s._rewrite_tracking()
         before = s.state, update.phase, update.finished_at, s.last_error
         s.state = next_state(s.name, s.state, "restored")
         update.move("restored", s.name)

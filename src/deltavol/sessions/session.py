@@ -19,7 +19,9 @@ Design notes
 * **Mark** (``_mark``): with the source flushed and its write gate closed (no change
   half-way through the stack), ``transfer |= tracking`` is saved atomically, then tracking
   is reset on disk. A crash between the two leaves the bits in both files: a superset,
-  never a miss. The update's phase moves to ``PROTECTING`` in the commit.
+  never a miss. The update's phase moves to ``PROTECTING`` in the commit. The reset
+  carries the regions written since the last mark as hot into the new tracking file, so
+  that a workload's first changes after the mark need no sync (``Tracker.reset``).
 * **Give up a mark** (``_give_up_mark``): a copy-before-write whose target fails or does
   not answer within ``target_timeout`` costs the update its point in time, not the client
   its write: protection stops (``GIVEN_UP``), the session row records it before the write
@@ -489,8 +491,7 @@ class Session:
                 raise
             self.copier.durable = transfer.copy()
             self._after_commit("dropping the save area", self.protector.drop_save_area)
-            self.tracking.clear_all()
-            self._after_commit("resetting tracking", self._rewrite_tracking)
+            self._after_commit("resetting tracking", self._reset_tracking)
 
     async def _mark(self, new: tuple[UpdateRecord, State] | None = None) -> None:
         """tracking -> transfer (OR-ed into any unfinished transfer), fresh tracking.
@@ -521,7 +522,7 @@ class Session:
             before = self.transfer_bytes(transfer)
             transfer.or_(self.tracking)
             save = self.protector.save_area(update.id)
-            staged = await self._mark_syncs(transfer, update.id, save)
+            await self._mark_syncs(transfer, update.id, save)
             kept = self.update, self.state, self.progress, self.last_error
             progress = self.progress if new is None else None
             was = (update.marked_at, update.phase, update.catchup_bytes)
@@ -543,8 +544,6 @@ class Session:
                 # now, but so is it (the transfer file is this update's): a restart
                 # ends it, and until then its records in memory still protect its copy
                 save.close()
-                if staged is not None:
-                    self._discard_staged(staged)
                 update.marked_at, update.catchup_bytes = was[0], was[2]
                 update.put_back(was[1], self.name)
                 if progress is not None:
@@ -554,22 +553,13 @@ class Session:
             self._after_commit("dropping the old save area", self.protector.drop_save_area)
             self.protector.save, self.transfer, self.protector.records_void = save, transfer, False
             self.copier.durable = transfer.copy()
-            self.tracking.clear_all()
-            if staged is not None and staged[1] == self.next_update_id:
-                self._after_commit("resetting tracking", lambda: self.tracker.install(*staged))
-            else:
-                if staged is not None:
-                    self._discard_staged(staged)
-                self._after_commit("resetting tracking", self._rewrite_tracking)
+            self._after_commit("resetting tracking", self._reset_tracking)
 
-    async def _mark_syncs(self, transfer: Bitmap, update_id: int, save: SaveArea) -> tuple[int, int] | None:
+    async def _mark_syncs(self, transfer: Bitmap, update_id: int, save: SaveArea) -> None:
         """What a mark's commit depends on, made durable side by side, each sync in a
         thread of its own (none on the event loop): the source flushed (what is copied
         as of the mark is durable there), the new transfer file, and the save area's new
-        header (``save`` is created). Beside them the next tracking file is staged
-        (``Tracker.stage``: empty, fsynced, not yet in place; the reset after the commit
-        renames it): returned as (descriptor, generation), or None if staging failed (the
-        reset then rewrites the file whole, as it would have anyway).
+        header (``save`` is created).
 
         One order stays: when an update under way owns the save area (its records
         protect, ``PROTECTING`` or ``GIVEN_UP``), the new header voids its records. A
@@ -581,10 +571,9 @@ class Session:
 
         Every thread is over before this returns or raises (a thread cannot be stopped:
         a mark that gave up must not leave a file being written under the next one); a
-        failure raises the first error, with the save area closed and nothing staged."""
+        failure raises the first error, with the save area closed."""
         current = self.update
         voids = self.save is not None or (current is not None and current.phase in (_PROTECTING, _GIVEN_UP))
-        tracker = self.tracker
 
         async def transfer_file() -> None:
             await fs.to_thread(persist.save_atomic, self.files.transfer_path, transfer, update_id, TRANSFER)
@@ -604,10 +593,7 @@ class Session:
         flushing = asyncio.ensure_future(self._flush_source())
         writing = asyncio.ensure_future(transfer_file())
         creating = asyncio.ensure_future(header(writing if voids else None))
-        staging: asyncio.Future[int] | None = None
-        if tracker.file is not None:
-            staging = asyncio.ensure_future(fs.to_thread(tracker.stage, self.next_update_id))
-        jobs = [flushing, writing, creating, *([staging] if staging is not None else [])]
+        jobs = [flushing, writing, creating]
         for j in jobs:  # each failure is looked at below, once all are over; and even if the
             j.add_done_callback(looked_at)  # process ends first, with one still running
         cancelled = False
@@ -616,31 +602,13 @@ class Session:
                 await asyncio.wait(jobs)  # unlike gather, a cancel does not cancel them
             except asyncio.CancelledError:
                 cancelled = True
-        staged: tuple[int, int] | None = None
-        if staging is not None and not staging.cancelled():
-            if staging.exception() is None:
-                staged = staging.result(), self.next_update_id
-            else:
-                why = staging.exception()
-                log.warning("session %s: staging the tracking reset failed: %s", self.name, why)
-        failed = [j.exception() for j in (flushing, writing, creating) if not j.cancelled() and j.exception()]
-        if cancelled or failed or any(j.cancelled() for j in (flushing, writing, creating)):
+        failed = [j.exception() for j in jobs if not j.cancelled() and j.exception()]
+        if cancelled or failed or any(j.cancelled() for j in jobs):
             if not creating.cancelled() and creating.exception() is None:
                 save.close()
-            if staged is not None:
-                self._discard_staged(staged)
             if failed and not cancelled:
                 raise failed[0]
             raise asyncio.CancelledError
-        return staged
-
-    def _discard_staged(self, staged: tuple[int, int]) -> None:
-        tf = self.tracking_file
-        if tf is not None:
-            tf.discard(staged[0])
-        else:
-            with contextlib.suppress(OSError):
-                fs.close(staged[0])
 
     async def _flush_source(self) -> None:
         """What a mark copies must be durable on the source: a change acknowledged but not
@@ -662,6 +630,11 @@ class Session:
         """Replace the tracking file durably with the bitmap in memory (the write gate is
         closed, or nothing writes yet): every bit set is durable now."""
         self.tracker.rewrite(self.next_update_id)
+
+    def _reset_tracking(self) -> None:
+        """Empty tracking and replace its file durably, the regions written since the last
+        mark carried as hot (the write gate is closed; see ``Tracker.reset``)."""
+        self.tracker.reset(self.next_update_id)
 
     async def _tracking_durable(self) -> None:
         """Make every bit set durable in the tracking file (the write gate is closed)."""

@@ -18,21 +18,22 @@ Design notes
   predicate, or None while nothing is protected), and the protector tells it when a save
   record made a bit durable (``saved``) or will not be written after all (``saves_void``).
 * ``rewrite`` (the write gate closed, or nothing writes yet) replaces the file with the
-  bitmap in memory: every bit set is durable then and nothing waits.
+  bitmap in memory: every bit set is durable then and nothing waits. ``reset`` (a mark,
+  a full update's start) empties tracking and rewrites it with the regions written
+  since the last mark carried as hot (``persist.TrackingFile.recent``): the first
+  changes after a mark in the regions the workload writes need no round.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.errors import DeltavolError
-from deltavol.store import fs
 from deltavol.store.group_commit import GroupCommit
 
 
@@ -44,7 +45,6 @@ class Pending(enum.Enum):
 
 
 _BY_SAVE, _RETRY = Pending.BY_SAVE, Pending.RETRY
-log = logging.getLogger("deltavol.session")
 
 
 class Tracker:
@@ -71,7 +71,6 @@ class Tracker:
         # the protector's predicate "this change's protect saves the chunk", or None
         self.saves: Callable[[], Callable[[int], bool] | None] = lambda: None
         self.removed = False  # the session's row is gone: its closed files are not touched
-        self._dir_syncs: set[asyncio.Future[None]] = set()  # ``install``'s, under way
 
     # --- the file -------------------------------------------------------------------------
     def open_file(self) -> None:
@@ -92,33 +91,15 @@ class Tracker:
         self.file.rewrite(self.tracking, generation)
         self.unsynced.clear()
 
-    def stage(self, generation: int) -> int:
-        """``rewrite``'s first half for a reset, blocking (in a thread): an empty file,
-        fsynced, beside the tracking file (``TrackingFile.stage``). Its descriptor."""
+    def reset(self, generation: int) -> None:
+        """Empty tracking and replace the file durably with it, the regions written since
+        the last mark carried as hot (the write gate is closed). Tracking is empty in
+        memory even if the file is not replaced: the old file is a superset then."""
         assert self.file is not None
-        return self.file.stage(generation)
-
-    def install(self, fd: int, generation: int) -> None:
-        """``rewrite``'s second half for a reset (the write gate closed, tracking empty in
-        memory): the staged file replaces the tracking file. Its name is synced in a
-        thread, without waiting: no acknowledged change relies on the new file before a
-        round, and a round that begins before that sync is done syncs the directory
-        itself (``TrackingFile.sync``). Meanwhile a power loss leaves the old file, whose
-        bits are all owed elsewhere (a superset). If the rename fails, the old file stays
-        in place and this raises."""
-        tf = self.file
-        assert tf is not None
-        tf.install(fd, self.tracking, generation)
+        hot = self.file.recent(self.tracking)
+        self.tracking.clear_all()
+        self.file.rewrite(self.tracking, generation, hot)
         self.unsynced.clear()
-        syncing = asyncio.ensure_future(fs.to_thread(tf.sync_dir))
-        self._dir_syncs.add(syncing)
-        syncing.add_done_callback(self._dir_synced)
-
-    def _dir_synced(self, fut: asyncio.Future[None]) -> None:
-        self._dir_syncs.discard(fut)
-        if not fut.cancelled() and fut.exception() is not None:  # the next round syncs it
-            exc = fut.exception()
-            log.warning("%s", exc.message if isinstance(exc, DeltavolError) else exc)
 
     async def make_durable(self, generation: int) -> None:
         """Make every bit set durable in the tracking file (the write gate is closed)."""
@@ -187,8 +168,24 @@ class Tracker:
         """Track a change at once if that needs no waiting: its chunks' hot regions are
         durable, or this change's ``protect`` saves them all (a save record makes the bit
         durable). False leaves it all to ``track`` and changes nothing."""
-        tf, chunks, unsynced = self.file, self.tracking.chunk_range(offset, length), self.unsynced
-        if tf is None or (unsynced and any(c in unsynced for c in chunks)):
+        tf, tracking, unsynced = self.file, self.tracking, self.unsynced
+        if tf is None:
+            return False
+        c = offset // self.granularity
+        if (
+            length > 0
+            and (offset + length - 1) // self.granularity == c < tracking.nbits
+            and c not in unsynced
+            and not self.removed
+            and tf.covered_chunk(c)
+            and self.saves() is None
+        ):  # one chunk, its region durably hot, nothing protected: what ``track`` does then
+            if not tracking.test(c):
+                tracking.set(c)
+                self._write_bits([c])
+            return True
+        chunks = tracking.chunk_range(offset, length)
+        if unsynced and any(c in unsynced for c in chunks):
             return False
         if not tf.covered(chunks):
             saving = self.saves()

@@ -311,31 +311,6 @@ def replace_atomic(
     return -1
 
 
-def write_synced(
-    path: Path,
-    parts: Iterable[tuple[int, bytes | memoryview]],
-    write: Callable[[int, bytes | memoryview, int], None] | None = None,
-) -> int:
-    """The first half of ``replace_atomic``: ``path`` (a tmp name) written anew with
-    ``parts`` (offset, data) and fsynced; the caller renames it into place and syncs the
-    directory. Returns its descriptor (read-write). On failure it is removed and the
-    ``OSError`` raised."""
-    try:
-        fd = open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            for offset, data in parts:
-                (write or _write_whole)(fd, data, offset)
-            fsync(fd)
-        except BaseException:
-            close(fd)
-            raise
-    except OSError:
-        with contextlib.suppress(OSError):
-            unlink(path, missing_ok=True)
-        raise
-    return fd
-
-
 def _write_whole(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:

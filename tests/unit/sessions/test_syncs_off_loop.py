@@ -1,6 +1,6 @@
-"""A mark and the end of a restore sync their files in threads, side by side, never on the
-event loop: a sync on the loop holds up every client of every volume for as long as the
-disk takes (a loaded disk: tens of milliseconds per fsync).
+"""A mark syncs what its commit depends on in threads, side by side, never on the event
+loop: a sync on the loop holds up every client of every volume for as long as the disk
+takes (a loaded disk: tens of milliseconds per fsync).
 
 Drives the real Service, SessionManager, write path and SQLite in a tmp data dir (local
 targets), with the ``store/fs.py`` seam recording the thread of every sync.
@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from deltavol.bitmap import persist
 from deltavol.service import Service
 from deltavol.sessions.states import State
 from deltavol.store import fs
@@ -71,7 +70,7 @@ async def consistent_session(svc: Service) -> None:
     await idle(svc, "s")
 
 
-async def test_an_incremental_mark_syncs_nothing_on_the_loop(
+async def test_an_incremental_mark_syncs_nothing_on_the_loop_before_it_commits(
     svc_rig: ServiceRig, recording: Recording
 ) -> None:
     svc = svc_rig.open()
@@ -82,43 +81,24 @@ async def test_an_incremental_mark_syncs_nothing_on_the_loop(
     s = svc.sessions.get("s")
     await src.export.pwrite(2 * MiB, b"\x03" * MiB)
     await idle(svc, "s")
-    # the second mark: a save area and a tracking file of an update before, both replaced
+    # the second mark: a save area and a transfer file of an update before, both replaced
+    at_commit: list[tuple[int, list[tuple[str, Any]]]] = []
+    persist_row = s._persist_row
+
+    def committing(session: Any) -> None:
+        at_commit.append((recording.syncs, list(recording.on_loop)))
+        persist_row(session)
+
+    s._persist_row = committing
     recording.on_loop.clear()
     recording.syncs = 0
     await svc.update_session("s", False, None)
-    assert recording.syncs >= 5, recording.syncs  # the source (twice), transfer, header, tracking
-    assert recording.on_loop == []
+    syncs, on_loop = at_commit[0]
+    assert syncs >= 4, syncs  # the source (twice), the transfer file and its directory, the header
+    assert on_loop == []
     await idle(svc, "s")
     assert s.state is State.IDLE and s.consistent
     assert await image(svc, "src") == await image(svc, "dst")
-    # the staged file is in place: an empty tracking file of the next update, nothing left beside
-    tracking = s.tracker.path
-    bits, generation, _ = persist.load_tracking(tracking, s.granularity, SIZE)
-    assert bits.is_empty() and generation == s.next_update_id
-    assert not tracking.with_name(tracking.name + ".new").exists()
-
-
-async def test_the_end_of_a_restore_syncs_nothing_on_the_loop(
-    svc_rig: ServiceRig, recording: Recording
-) -> None:
-    svc = svc_rig.open()
-    await consistent_session(svc)
-    src = svc.volumes.get("src")
-    await src.export.pwrite(MiB, b"\x02" * MiB)
-    recording.on_loop.clear()
-    recording.syncs = 0
-    await svc.restore_session("s")
-    s = svc.sessions.get("s")
-    assert s._task is not None
-    await s._task
-    assert s.state is State.IDLE and s.consistent
-    assert recording.syncs >= 2, recording.syncs  # the source, the new tracking file
-    assert recording.on_loop == []
-    assert await image(svc, "src") == b"\x01" * SIZE
-    tracking = s.tracker.path
-    bits, _, _ = persist.load_tracking(tracking, s.granularity, SIZE)
-    assert bits.is_empty()
-    assert not tracking.with_name(tracking.name + ".new").exists()
 
 
 async def test_a_mark_flushes_the_source_inside_the_gate_before_it_commits(
