@@ -575,12 +575,18 @@ class Session:
         current = self.update
         voids = self.save is not None or (current is not None and current.phase in (_PROTECTING, _GIVEN_UP))
 
-        async def transfer_file() -> None:
+        filing: set[str] = set()  # the jobs past their waits: a cancel waits for their files
+
+        async def transfer_file(*after: Awaitable[None]) -> None:
+            for job in after:  # shielded: a cancel of this job leaves them running
+                await asyncio.shield(job)
+            filing.add("transfer")
             await fs.to_thread(persist.save_atomic, self.files.transfer_path, transfer, update_id, TRANSFER)
 
-        async def header(after: Awaitable[None] | None) -> None:
-            if after is not None:
-                await after
+        async def header(*after: Awaitable[None]) -> None:
+            for job in after:
+                await asyncio.shield(job)
+            filing.add("header")
             if self.save is not None:
                 # the new header voids the unfinished update's records, and with them what
                 # made the bits of its saved chunks durable: if this mark does not commit,
@@ -591,8 +597,11 @@ class Session:
             await fs.to_thread(save.create)
 
         flushing = asyncio.ensure_future(self._flush_source())
-        writing = asyncio.ensure_future(transfer_file())
-        creating = asyncio.ensure_future(header(writing if voids else None))
+        # replacing the transfer file of an update under way, and voiding its records, wait
+        # for the flush: a failed flush must leave that update as it was (a kill -9 then
+        # finishes its own mark; its transfer file replaced, it would give its mark up)
+        writing = asyncio.ensure_future(transfer_file(flushing) if voids else transfer_file())
+        creating = asyncio.ensure_future(header(writing) if voids else header())
         jobs = [flushing, writing, creating]
         for j in jobs:  # each failure is looked at below, once all are over; and even if the
             j.add_done_callback(looked_at)  # process ends first, with one still running
@@ -602,7 +611,15 @@ class Session:
                 await asyncio.wait(jobs)  # unlike gather, a cancel does not cancel them
             except asyncio.CancelledError:
                 cancelled = True
-        failed = [j.exception() for j in jobs if not j.cancelled() and j.exception()]
+                # a cancel waits only for the threads that write files (no file may be
+                # written under the next mark); a flush writes none: a slow source disk
+                # must not hold a pause, cancel or stop, nor the gate, for as long as it takes
+                if "transfer" not in filing:
+                    writing.cancel()
+                if "header" not in filing:
+                    creating.cancel()
+                jobs = [writing, creating]
+        failed = [e for j in jobs if not j.cancelled() and (e := j.exception()) is not None]
         if cancelled or failed or any(j.cancelled() for j in jobs):
             if not creating.cancelled() and creating.exception() is None:
                 save.close()
