@@ -82,10 +82,11 @@ _PROTECTING = Phase.PROTECTING
 class Held:
     """The chunks one ``ChunkLocks.hold`` has taken; see ``ChunkLocks.let_writes_through``."""
 
-    __slots__ = ("chunks", "over", "taken")
+    __slots__ = ("chunks", "over", "passable", "taken")
 
     def __init__(self) -> None:
         self.chunks: list[int] = []
+        self.passable = False  # let writes through (``ChunkLocks.let_writes_through``)
         self.taken: set[int] = set()  # chunks a protected write took over from this hold
         self.over = asyncio.Event()  # set once the hold is let go
 
@@ -105,6 +106,7 @@ class ChunkLocks:
         self._held: dict[int, asyncio.Event] = {}
         self._passable: dict[int, Held] = {}  # held by a copy that lets protected writes through
         self._copying: dict[int, Held] = {}  # taken over from a copy whose hold is not over yet
+        self._writers_waiting: dict[int, int] = {}  # protected writes that wait for a chunk
 
     def any_held(self, chunks: Iterable[int]) -> bool:
         held = self._held
@@ -118,8 +120,9 @@ class ChunkLocks:
     def let_writes_through(self, held: Held) -> None:
         """From now on a protected write may take the chunks of ``held`` over (``hold`` with
         ``take_over``); those that wait for one are woken to do so."""
-        for c in held.chunks:
-            self._passable[c] = held
+        held.passable = True
+        self._passable.update(dict.fromkeys(held.chunks, held))
+        for c in [c for c in self._writers_waiting if self._passable.get(c) is held]:
             self._held.pop(c).set()
             self._held[c] = asyncio.Event()
 
@@ -138,7 +141,18 @@ class ChunkLocks:
                         self._copying[c] = owner
                         self._held.pop(c).set()
                         continue
-                    await ev.wait()
+                    if not take_over:
+                        await ev.wait()
+                        continue
+                    waiting = self._writers_waiting
+                    waiting[c] = waiting.get(c, 0) + 1  # woken if its holder lets writes through
+                    try:
+                        await ev.wait()
+                    finally:
+                        if waiting[c] == 1:
+                            del waiting[c]
+                        else:
+                            waiting[c] -= 1
                 self._held[c] = asyncio.Event()
                 held.chunks.append(c)
             yield held
@@ -148,8 +162,8 @@ class ChunkLocks:
                     if self._copying.get(c) is held:
                         del self._copying[c]
                     continue
-                if self._passable.get(c) is held:
-                    del self._passable[c]
+                if held.passable:
+                    self._passable.pop(c, None)
                 self._held.pop(c).set()
             held.over.set()
 

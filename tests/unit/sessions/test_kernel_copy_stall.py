@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from deltavol.service import Service
+from deltavol.sessions.protector import ChunkLocks
 from deltavol.sessions.states import Phase, State
 from deltavol.store import fs
 from tests.fakes import until
@@ -130,3 +131,33 @@ async def test_a_copy_before_write_waits_for_the_stalled_copy_at_most_the_target
         await s.wait()
     assert await dst_sha(svc, 0, SIZE) == sha(await marked_image(svc))
     assert await dst_sha(svc, 8 * G, 4096) == sha(b"E" * 4096)
+
+
+async def test_a_write_waiting_for_a_copy_takes_its_chunk_once_the_copy_lets_writes_through() -> None:
+    """A write that waited for a chunk before its copy's thread started is woken when it
+    starts, and takes the chunk over; until the copy's hold is over, the chunk is known as
+    one that copy may still write. A copy never takes a chunk over."""
+    locks = ChunkLocks()
+    took, copy_waits = asyncio.Event(), asyncio.Event()
+
+    async def write() -> None:
+        async with locks.hold([3, 5], take_over=True):
+            took.set()
+
+    async def other_copy() -> None:
+        async with locks.hold([6]):
+            copy_waits.set()
+
+    async with locks.hold([4, 5, 6]) as held:
+        writer = asyncio.ensure_future(write())
+        copy = asyncio.ensure_future(other_copy())
+        await asyncio.wait({writer}, timeout=0.2)
+        assert not writer.done(), "a write took a chunk from a copy that holds writes back"
+        locks.let_writes_through(held)
+        await asyncio.wait_for(writer, 5)
+        assert held.taken == {5} and locks.copying(5) is held
+        await asyncio.wait({copy}, timeout=0.2)
+        assert not copy_waits.is_set(), "a copy took a chunk from a copy that lets writes through"
+    assert locks.copying(5) is None and held.over.is_set()
+    await asyncio.wait_for(copy, 5)
+    assert not locks.any_held(range(10))
