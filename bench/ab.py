@@ -1,7 +1,11 @@
 """``python -m bench.ab SRC_A SRC_B``: the copy-on-first-write figure of two source trees
 (each a ``src`` directory, e.g. ``git archive REV src | tar -x -C /tmp/a``), in alternation;
 with ``--sessions N``, the tracking figure instead: the first writes after N sessions
-start tracking (8 per hot region, so that nearly every region comes in while measured).
+start tracking (8 per hot region, so that nearly every region comes in while measured);
+with ``--after-mark`` too, the first writes after the N sessions (made consistent once)
+mark, the same number of writes at random having gone before the mark: the workload
+writes the same regions before and after it. A third server (the first tree, no
+session) runs the same writes, for the ratio to no session.
 
 For a change to the protected write path, whose effect is smaller than the noise between
 two full ``make bench`` runs here. What made earlier A/B runs lie: each tree had its own
@@ -9,10 +13,15 @@ image file, and an image's page-cache state (large folios from readahead or from
 fill, small ones from random writes) moved a 4 KiB write's kernel cost as much as the
 change did. So every server imports one shared image, and before every run the image's
 pages are dropped and read back, the same for both trees.
+
+Beside p99 and IOPS it gives the CPU time the server's event loop (its main thread) spent
+per write: on a machine shared with other work, IOPS move with the load, while the loop's
+cost of a write moves much less, and the loop is what limits the figure.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import statistics
@@ -36,9 +45,21 @@ def reset_cache(image: Path) -> None:
             pass
 
 
-def start(tree: Path, root: Path, image: Path, size: int, sessions: int) -> Deltavol:
+def loop_cpu(dv: Deltavol) -> float:
+    """CPU seconds (user and system) the server's main thread, its event loop, has used."""
+    assert dv.proc is not None
+    pid = dv.proc.pid
+    with open(f"/proc/{pid}/task/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start(
+    tree: Path, root: Path, image: Path, size: int, sessions: int, after_mark: bool = False
+) -> Deltavol:
     """A server running ``tree``'s code: with every chunk of its volume owed by the next
-    mark, or (``sessions``) with the target volumes of that many sessions."""
+    mark, or (``sessions``) with the target volumes of that many sessions, and
+    (``after_mark``) those sessions, consistent."""
     shutil.rmtree(root, ignore_errors=True)
     os.environ["PYTHONPATH"] = str(tree)  # ahead of the editable install
     try:
@@ -52,6 +73,12 @@ def start(tree: Path, root: Path, image: Path, size: int, sessions: int) -> Delt
     dv.volume("bench", path=image)
     for i in range(sessions):
         dv.volume(f"copy{i}", size=size)
+    if after_mark:
+        for i in range(sessions):
+            dv.session(f"s{i}", "bench", f"copy{i}")
+            dv.update(f"s{i}", full=True)
+        for i in range(sessions):
+            dv.wait(f"s{i}")
     return dv
 
 
@@ -64,42 +91,81 @@ def first_writes(dv: Deltavol, sessions: int, size: int, depth: int, runtime: fl
     return fio(dv.uri("bench"), "randwrite", "4k", depth, runtime, ios=8 * (size // REGION))
 
 
+def writes_after_a_mark(dv: Deltavol, sessions: int, size: int, depth: int, runtime: float) -> FioResult:
+    """The first writes after the sessions mark, as many at random before it (copied by the
+    update, which is waited for: no copy-on-first-write in the figure)."""
+    ios = 8 * (size // REGION)
+    fio(dv.uri("bench"), "randwrite", "4k", depth, runtime, ios=ios)
+    for i in range(sessions):
+        dv.update(f"s{i}")
+    for i in range(sessions):
+        dv.wait(f"s{i}")
+    os.sync()
+    before = dv.tracking_syncs()
+    got = fio(dv.uri("bench"), "randwrite", "4k", depth, runtime, ios=ios)
+    click.echo(f"  tracking files synced during the writes after the mark: {dv.tracking_syncs() - before}")
+    return got
+
+
 @click.command()
 @click.argument("trees", nargs=2, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--depth", default=32, show_default=True, help="fio iodepth.")
 @click.option("--runs", default=3, show_default=True, help="Runs of each tree (ABBA order).")
 @click.option("--runtime", default=5.0, show_default=True, help="Seconds per fio run.")
 @click.option("--sessions", default=0, show_default=True, help="Tracking figure with this many sessions.")
-def main(trees: tuple[Path, Path], depth: int, runs: int, runtime: float, sessions: int) -> None:
+@click.option("--after-mark", is_flag=True, help="With --sessions: the first writes after a mark.")
+def main(
+    trees: tuple[Path, Path], depth: int, runs: int, runtime: float, sessions: int, after_mark: bool
+) -> None:
     work = HERE / "work"
     work.mkdir(exist_ok=True)
     image, size = work / "ab.img", 1 * GiB
     if not image.exists():
         fill(image, size)
     servers = [
-        start(tree.resolve(), work / f"dv-ab{i}", image, size, sessions) for i, tree in enumerate(trees)
+        start(tree.resolve(), work / f"dv-ab{i}", image, size, sessions, after_mark)
+        for i, tree in enumerate(trees)
     ]
-    results: list[list[tuple[float, float]]] = [[], []]
+    names = [str(t) for t in trees]
+    if after_mark:  # the same writes with no session
+        servers.append(start(trees[0].resolve(), work / "dv-ab-none", image, size, 1))
+        names.append("no session")
+    n = len(servers)
+    results: list[list[tuple[float, float, float]]] = [[] for _ in servers]
     try:
         for r in range(runs):
-            for i in (0, 1) if r % 2 == 0 else (1, 0):
+            for i in range(n) if r % 2 == 0 else reversed(range(n)):
                 dv = servers[i]
                 reset_cache(image)
-                if sessions:
+                if sessions and after_mark:
+                    got = writes_after_a_mark(dv, sessions if i < 2 else 0, size, depth, runtime)
+                    cpu = math.nan
+                elif sessions:
                     got = first_writes(dv, sessions, size, depth, runtime)
+                    cpu = math.nan  # a count of writes, not a time: no rate to divide by
                 else:
                     dv.update("s", max_rate="8MiB/s")  # keeps most chunks owed: most writes save first
+                    cpu = loop_cpu(dv)
                     got = fio(dv.uri("bench"), "randwrite", "4k", depth, runtime)
+                    cpu = loop_cpu(dv) - cpu
                     dv.call("POST", "/v1/sessions/s/cancel")
-                results[i].append((got.p99_us, got.iops))
-                click.echo(f"{trees[i]}: p99 {got.p99_us:,.0f} us, {got.iops:,.0f} IOPS")
+                per_write = 1e6 * cpu / max(got.iops * runtime, 1)
+                results[i].append((got.p99_us, got.iops, per_write))
+                click.echo(
+                    f"{names[i]}: p99 {got.p99_us:,.0f} us, {got.iops:,.0f} IOPS, "
+                    f"loop {per_write:.1f} us CPU per write (load {os.getloadavg()[0]:.1f})"
+                )
     finally:
         for dv in servers:
             dv.stop()
-    for tree, got in zip(trees, results, strict=True):
-        p99 = statistics.median(p for p, _ in got)
-        iops = statistics.median(n for _, n in got)
-        click.echo(f"{tree}: median p99 {p99:,.0f} us, median {iops:,.0f} IOPS over {len(got)} runs")
+    for name, got in zip(names, results, strict=True):
+        p99 = statistics.median(p for p, _, _ in got)
+        iops = statistics.median(n for _, n, _ in got)
+        cpu = statistics.median(c for _, _, c in got)
+        click.echo(
+            f"{name}: median p99 {p99:,.0f} us, median {iops:,.0f} IOPS, "
+            f"median loop {cpu:.1f} us CPU per write over {len(got)} runs"
+        )
 
 
 if __name__ == "__main__":

@@ -196,7 +196,14 @@ def tracking(s: Settings) -> Iterator[Row]:
     measurement (after a 1 s ramp none would be left). The eviction figure is the same
     with a hot set of 4 regions: the writes hop across more regions than it holds, so a
     write to a new chunk nearly always brings its region in again. In the steady state
-    every chunk is already tracked."""
+    every chunk is already tracked.
+
+    Those first writes follow the start of new sessions: nothing was written before, no
+    region is hot. After a real mark the regions written since the last one are carried
+    hot, so the figure "after a mark" runs the same writes after consistent sessions
+    marked, as many having gone before the mark (the update is waited for: no
+    copy-on-first-write in it), against a second server with no session on the same
+    image running the same writes, in alternation."""
     regions = s.fio_size // REGION
     first_ios = 8 * regions
 
@@ -212,6 +219,15 @@ def tracking(s: Settings) -> Iterator[Row]:
             dv.session(f"s{i}", "bench", f"copy{i}")
         if n and tracked:
             _write_chunks(dv.uri("bench"), list(range(s.fio_size // CHUNK)))
+
+    def after_mark(dv: Deltavol, n: int) -> float:
+        """The first writes after sessions s1..sn mark, as many at random before it."""
+        fio(dv.uri("bench"), "randwrite", "4k", 32, s.runtime, ios=first_ios)
+        for i in range(1, n + 1):
+            dv.update(f"s{i}")
+        for i in range(1, n + 1):
+            dv.wait(f"s{i}")
+        return run(dv, 1, first_ios)
 
     def volumes(dv: Deltavol, n: int) -> None:
         dv.volume("bench", path=fio_image(s))
@@ -232,7 +248,7 @@ def tracking(s: Settings) -> Iterator[Row]:
                     base.append(run(dv, jobs))
                     sessions(dv, n, tracked=True)
                     steady.append(run(dv, jobs))
-                what = f"first {first_ios} writes after a mark ({regions} regions), no ramp"
+                what = f"first {first_ios} writes after the sessions start ({regions} regions), no ramp"
                 yield Row(
                     "tracking overhead",
                     f"4 KiB random write, {jobs} job(s), {n} session(s) tracking, {what}",
@@ -242,6 +258,24 @@ def tracking(s: Settings) -> Iterator[Row]:
                     "tracking overhead",
                     f"4 KiB random write, {jobs} job(s), {n} session(s) tracking, steady state",
                     "IOPS", max(steady), "no session", max(base), (">=", 0.95),
+                )  # fmt: skip
+        with deltavol(s.work / "dv-track-none") as none:
+            none.volume("bench", path=fio_image(s))
+            for n in (1, 4):
+                sessions(dv, n)
+                for i in range(1, n + 1):
+                    dv.update(f"s{i}", full=True)
+                for i in range(1, n + 1):
+                    dv.wait(f"s{i}")
+                marked, base = [], []
+                for _ in range(2):
+                    marked.append(after_mark(dv, n))
+                    base.append(after_mark(none, 0))
+                yield Row(
+                    "tracking overhead",
+                    f"4 KiB random write, 1 job, {n} session(s) tracking, first {first_ios} writes after "
+                    f"a mark ({regions} regions), as many before it, no ramp",
+                    "IOPS", max(marked), "no session", max(base), (">=", 0.95),
                 )  # fmt: skip
         sessions(dv, 0)
     with deltavol(s.work / "dv-evict", "--hot-set", f"{SMALL_HOT_SET // MiB}MiB") as dv:
@@ -253,7 +287,7 @@ def tracking(s: Settings) -> Iterator[Row]:
         sessions(dv, 0)
     yield Row(
         "tracking overhead",
-        f"4 KiB random write, 1 job, 1 session tracking, first {first_ios} writes after a mark, "
+        f"4 KiB random write, 1 job, 1 session tracking, first {first_ios} writes after it starts, "
         f"hot set {SMALL_HOT_SET // REGION} of {regions} regions (eviction cost)",
         "IOPS", max(evicting), "no session", max(first_base[1]),
     )  # fmt: skip

@@ -3,6 +3,7 @@ file plugin, and qemu-storage-daemon with QEMU's copy-before-write filter."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -91,6 +92,23 @@ class Deltavol:
                     raise RuntimeError(f"session {name}: {info['state']}: {info['last_error']}")
                 return info
             time.sleep(0.01)
+
+    def tracking_syncs(self) -> int:
+        """Tracking files synced by group-commit rounds so far (``deltavol_fsyncs``)."""
+        import aiohttp
+
+        async def get() -> str:
+            connector = aiohttp.UnixConnector(path=self.api.unix_socket)
+            async with (
+                aiohttp.ClientSession(connector=connector) as http,
+                http.get("http://deltavol/metrics") as resp,
+            ):
+                return await resp.text()
+
+        for line in asyncio.run(get()).splitlines():
+            if line.startswith('deltavol_fsyncs_total{file="tracking"}'):
+                return int(float(line.split()[-1]))
+        return 0
 
     def rss(self) -> tuple[int, int]:
         """(current, peak) resident set size of the server, in bytes."""

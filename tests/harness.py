@@ -32,10 +32,23 @@ def require(*tools: str) -> None:
     pytest.skip(message)
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on at this moment."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class Server:
-    """``deltavol serve`` that can be killed -9 and started again on the same data dir."""
+    """``deltavol serve`` that can be killed -9 and started again on the same data dir.
+
+    A subclass serving on TCP sets ``port`` (from ``free_port``) and names it in ``extra``
+    as ``HOST:PORT``: another process (an xdist worker's server, any client's connection)
+    may take that port before the server binds it, and the first start then moves to
+    another free port."""
 
     exe: tuple[str | Path, ...] = (DELTAVOL,)  # what runs ``serve`` (tests/powercut wraps it)
+    port: int | None = None
 
     def __init__(self, root: Path, *extra: str, log_path: Path | None = None) -> None:
         self.root = root
@@ -45,9 +58,33 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = log_path or root.with_name(root.name + ".log")
         self.log = open(self.log_path, "ab")  # noqa: SIM115
+        self.started = False
 
     def start(self) -> None:
+        for _ in range(3):
+            seen = self.log_path.stat().st_size
+            try:
+                self._start()
+            except AssertionError:
+                told = self._log_since(seen).lower()
+                taken = f"cannot listen on 127.0.0.1:{self.port}:" in told and "already in use" in told
+                if self.started or self.port is None or not taken:
+                    raise
+                old, self.port = self.port, free_port()
+                self.extra = tuple(a.replace(f":{old}", f":{self.port}") for a in self.extra)
+                continue
+            self.started = True
+            return
+        raise AssertionError("no free port stayed free: " + self.log_path.read_text()[-2000:])
+
+    def _log_since(self, offset: int) -> str:
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+
+    def _start(self) -> None:
         (self.root / "api.sock").unlink(missing_ok=True)
+        ready = self._readies()
         self.proc = subprocess.Popen(
             [*self.exe, "serve", "--nbd-socket", str(self.sock), "--retry-backoff", "0.2", *self.extra],
             env=self.env,
@@ -55,10 +92,20 @@ class Server:
         )
         deadline = time.monotonic() + 30  # a loaded machine starts a server slowly
         while time.monotonic() < deadline and self.proc.poll() is None:
-            if self._api_answers():
+            # the API socket listens first, the NBD ones after it (a killed server's nbd.sock
+            # is still there, refusing, until the new one replaces it): the server logs that
+            # it is ready once every socket listens
+            if self._readies() > ready and self._api_answers():
                 return
             time.sleep(0.05)
         raise AssertionError("server did not start: " + self.log_path.read_text()[-2000:])
+
+    def _readies(self) -> int:
+        """How many starts of a server the log shows as ready (one log for all its starts)."""
+        try:
+            return self.log_path.read_text(errors="replace").count("server: ready")
+        except FileNotFoundError:
+            return 0
 
     def _api_answers(self) -> bool:
         """The API socket accepts connections: it exists from its bind, a moment before the

@@ -26,10 +26,10 @@ def loop_device(server: Server, volume: str, tmp: Path) -> Iterator[str]:
     fuse.mkdir(parents=True)
     proc = subprocess.Popen(["nbdfuse", str(fuse), server.uri(volume)], stderr=subprocess.PIPE)
     try:
-        for _ in range(100):
-            if (fuse / "nbd").exists():
-                break
+        deadline = time.monotonic() + 30  # a loaded machine starts nbdfuse slowly
+        while not (fuse / "nbd").exists():
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "nbdfuse did not mount"
             time.sleep(0.05)
         dev = run("losetup", "-f", "--show", str(fuse / "nbd")).stdout.strip()
         try:

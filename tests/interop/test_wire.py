@@ -162,7 +162,7 @@ def test_client_vanishing_mid_payload_writes_nothing(server: Server, vol: bytes)
     with handshake(server) as w:
         whole = request(CMD_WRITE, cookie=1, offset=4096, data=b"\xee" * 65536)
         w.sock.sendall(whole[: 28 + 30000])
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # a loaded machine may run the server late
     while server.log_path.read_text().count(gone) == before:  # it saw the payload cut short
         assert time.monotonic() < deadline, "the server never saw the client go"
         time.sleep(0.05)

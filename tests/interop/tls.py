@@ -11,14 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.harness import Server, require
+from tests.harness import Server, free_port, require
 from tests.interop.peers import run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20) -> None:
@@ -44,7 +38,8 @@ class TlsServer(Server):
     def start(self) -> None:
         super().start()
         wait_port(self.port, self.proc)
-        for _ in range(200):  # the unix socket is the last to listen
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the unix socket is the last to listen
             if self.sock.exists():
                 return
             time.sleep(0.025)

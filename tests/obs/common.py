@@ -11,15 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.harness import Server
+from tests.harness import Server, free_port
 
 MiB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class TcpServer(Server):
@@ -39,7 +33,7 @@ class TcpServer(Server):
 
     def start(self) -> None:
         super().start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # a loaded machine starts a server slowly
         while time.monotonic() < deadline:  # the unix socket comes first, then TCP
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()

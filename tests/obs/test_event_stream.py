@@ -20,6 +20,19 @@ def setup_session(server: Server, size: str = "16MiB", *extra: str) -> None:
     server.cli("session", "create", "s", "--source", "a", "--target", "b", *extra)
 
 
+def published_since(server: Server, last: int, timeout: float = 30) -> None:
+    """Wait until the server has published an event after id ``last`` (a new stream's
+    first line names the newest): a loaded machine may publish none for a while."""
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = EventReader(server)
+        probe.close()
+        if probe.opened_at > last:
+            return
+        assert time.monotonic() < deadline, f"no event published after {last}"
+        time.sleep(0.05)
+
+
 def test_update_events_in_order_and_a_reconnect_resumes(server: Server) -> None:
     require("qemu-io")
     setup_session(server)
@@ -27,7 +40,8 @@ def test_update_events_in_order_and_a_reconnect_resumes(server: Server) -> None:
     apply(server, "a", "write -P 1 0 8M")
     reader = EventReader(server)
     events = iter(reader)
-    st = json.loads(server.cli("session", "update", "s", "--json", "--max-rate", "4MiB/s"))
+    # about 4 s: a progress event every 0.25 s, many more than the 4 asked for below
+    st = json.loads(server.cli("session", "update", "s", "--json", "--max-rate", "2MiB/s"))
     uid = st["update"]["id"]
     seen = []
     for ev in events:
@@ -37,7 +51,7 @@ def test_update_events_in_order_and_a_reconnect_resumes(server: Server) -> None:
     # the stream goes away mid-update; a new one with Last-Event-ID picks up after the last seen
     last = seen[-1]["sse_id"]
     reader.close()
-    time.sleep(0.6)  # events are published meanwhile (progress every 0.25 s)
+    published_since(server, last)  # events are published meanwhile (progress every 0.25 s)
     reconnected = time.time()
     again = EventReader(server, last_id=last)
     replayed = []

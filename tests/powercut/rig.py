@@ -140,7 +140,8 @@ class Target:
         self.sock.unlink(missing_ok=True)
         cmd = ["qemu-nbd", "-f", "raw", "-x", "t", "-k", str(self.sock), "--persistent", "--shared=8"]
         self.proc = subprocess.Popen([*cmd, str(self.image)], stderr=self.log)
-        for _ in range(400):
+        deadline = time.monotonic() + 30  # a loaded machine starts a server slowly
+        while time.monotonic() < deadline:
             if self.sock.exists():
                 return
             assert self.proc.poll() is None, f"qemu-nbd exited with {self.proc.returncode}"

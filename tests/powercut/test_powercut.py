@@ -330,3 +330,46 @@ def test_a_power_cut_while_protecting_re_marks_and_copies_as_of_the_new_mark(rig
     catch_up_one = start_update(rig, "loc", False)
     st = finished(rig, "loc", catch_up_one["id"])
     assert not differing_chunks(image(rig, "dst"), source, G)
+
+
+@pytest.mark.timeout(300)
+def test_a_power_cut_after_a_mark_misses_no_write_into_the_regions_it_carried_hot(rig: Rig) -> None:
+    """A mark carries the regions written before it into the new tracking file as hot, so
+    the first writes after it in those regions go down with their chunk bits in the page
+    cache only. A power cut then loses those bits; the hot regions must bring them back:
+    after the power-on the next update makes the target the source again, every write
+    acknowledged with FUA or before a FLUSH included, and resends no more than the two
+    regions written."""
+    srv = rig.server
+    srv.cli("volume", "create", "src", "--size", str(SIZE))
+    srv.cli("volume", "create", "dst", "--size", str(SIZE))
+    PATHS.clear()
+    image(rig, "src"), image(rig, "dst")
+    srv.cli("session", "create", "loc", "--source", "src", "--target", "dst")
+    srv.cli("session", "update", "loc", "--full", "--wait")
+    model = SourceModel(bytes(SIZE), G)
+    w = run_writer(srv.uri("src"), 21, 48, G, CHUNKS, final_flush=True)  # before the mark
+    out, err = w.communicate(timeout=60)
+    assert w.returncode == 0, err
+    model.apply(out)
+    u = start_update(rig, "loc", False)
+    model.flush_all()
+    finished(rig, "loc", u["id"])  # the copy done: no copy-on-first-write below
+    rig.a.sync()
+    w = run_writer(srv.uri("src"), 22, 200, G, CHUNKS, flush_every=4, fua_percent=50, final_flush=True)
+    out, err = w.communicate(timeout=60)
+    assert w.returncode == 0, err
+    model.apply(out)
+    rig.power_cut()
+    rig.power_on()
+    source = settled(rig, model)
+    assert source != image(rig, "dst"), "the writes after the mark did not reach the source"
+    st = api(rig, "GET", "/v1/sessions/loc")
+    before = written_to_targets(rig)["loc"]
+    again = start_update(rig, "loc", False)
+    finished(rig, "loc", again["id"])
+    diff = differing_chunks(image(rig, "dst"), source, G)
+    assert not diff, f"writes after the mark missed by the update after the power cut: chunks {diff}"
+    assert 0 < st["recopy_bytes"] <= BOUND and "restarted" in st["full_reason"], st
+    sent = written_to_targets(rig)["loc"] - before
+    assert sent <= BOUND, f"{sent} bytes resent after the power cut, more than {BOUND}"

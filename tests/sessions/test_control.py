@@ -78,7 +78,9 @@ def test_a_paused_update_keeps_its_point_in_time(server: Server) -> None:
     owed = list(range(16))
     apply(server, "src", *model.chunks(0xBB, owed))
     at_mark = model.snapshot()
-    start_update(server, "--max-rate", "128KiB/s")  # about 8 s: the pause comes well before
+    # 16 s: the pause (a CLI process, slow to start on a loaded machine) comes long before
+    # the copy reaches chunk 12
+    start_update(server, "--max-rate", "64KiB/s")
     wait_for(server, lambda s: s["update"]["bytes_done"] > 0, "copying anything")
     server.cli("session", "pause", "s")
     paused = server.status()
@@ -105,7 +107,7 @@ def test_pause_resume_a_full_update(server: Server) -> None:
     model = Model(SIZE)
     apply(server, "src", model.write(0xAA, 0, SIZE))
     server.cli("session", "create", "s", "--source", "src", "--target", "dst")
-    start_update(server, "--full", "--max-rate", "4MiB/s")  # about 4 s
+    start_update(server, "--full", "--max-rate", "1MiB/s")  # 16 s: the pause comes long before
     wait_for(server, lambda s: s["update"]["bytes_done"] > 0, "copying anything")
     server.cli("session", "pause", "s")
     paused = server.status()
@@ -126,7 +128,7 @@ def test_cancel_a_full_update(server: Server) -> None:
     model = Model(SIZE)
     apply(server, "src", model.write(0xAA, 0, SIZE))
     server.cli("session", "create", "s", "--source", "src", "--target", "dst")
-    start_update(server, "--full", "--max-rate", "4MiB/s")
+    start_update(server, "--full", "--max-rate", "1MiB/s")  # 16 s: the cancel comes long before
     wait_for(server, lambda s: s["update"]["bytes_done"] > 0, "copying anything")
     server.cli("session", "cancel", "s")
     st = server.status()
@@ -141,7 +143,7 @@ def test_cancel_a_full_update(server: Server) -> None:
     assert_same(server, "dst", model.snapshot())
 
     # a full update cancelled after a good copy: the next incremental one copies what it left
-    start_update(server, "--full", "--max-rate", "4MiB/s")
+    start_update(server, "--full", "--max-rate", "1MiB/s")
     wait_for(server, lambda s: s["update"]["bytes_done"] > 0, "copying anything")
     apply(server, "src", *model.chunks(0xBB, [NCHUNKS - 2, NCHUNKS - 1]))
     server.cli("session", "cancel", "s")
@@ -186,11 +188,13 @@ def test_two_sessions_on_one_source_update_at_once(server: Server) -> None:
     assert_same(server, "dst2", model.snapshot())
     apply(server, "src", model.write(0xBB, 0, SIZE // 4))
     mark1 = model.snapshot()
-    start_update(server, "--max-rate", "1MiB/s")  # 4 MiB: about 4 s
-    apply(server, "src", *model.chunks(0xCC, list(range(8))))
+    start_update(server, "--max-rate", "256KiB/s")  # 4 MiB: about 16 s
+    # the writes go to the chunks each update copies last (the copy goes up): they find them
+    # still owed however slowly qemu-io and the CLI start on a loaded machine
+    apply(server, "src", *model.chunks(0xCC, list(range(63, 55, -1))))
     mark2 = model.snapshot()
-    start_update(server, "--max-rate", "1MiB/s", session="s2")
-    apply(server, "src", *model.chunks(0xDD, list(range(16))), model.write(0xDD, SIZE // 2, 4 * G))
+    start_update(server, "--max-rate", "256KiB/s", session="s2")
+    apply(server, "src", *model.chunks(0xDD, list(range(63, 47, -1))), model.write(0xDD, SIZE // 2, 4 * G))
     assert server.status()["state"] == server.status("s2")["state"] == "copying", (
         "writes outlived the updates"
     )

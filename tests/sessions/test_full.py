@@ -57,7 +57,8 @@ def test_full_update_while_fio_writes(server: Server, tmp_path: Path, kind: str)
         server.cli("session", "create", "s", "--source", "src", "--target", target)
         qemu_io(server.uri("src"), "write -P 0xa3 60M 1M")  # tracked: the full update clears it at start
         assert server.status()["tracked_bytes"] == 1 * MiB
-        started = start_update(server, "--full", "--max-rate", "8MiB/s")  # about 6 s: fio ends well before
+        # 48 MiB of data: about 12 s, fio (2 MiB of 4 KiB writes) ends well before on a loaded machine
+        started = start_update(server, "--full", "--max-rate", "4MiB/s")
         assert started["update"]["kind"] == "full" and not started["consistent"]
         assert started["tracked_bytes"] == 0
         iolog = tmp_path / "fio.iolog"

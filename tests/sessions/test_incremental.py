@@ -106,7 +106,7 @@ def test_copy_on_first_write_keeps_the_point_in_time(cofw_server: tuple[Server, 
     b_set, d_set = list(range(10, 30)), list(range(100, 120))
     apply(server, "src", *model.chunks(0xBB, b_set))
     at_mark = model.snapshot()  # A with B
-    start_update(server, "--max-rate", "256KiB/s")  # 20 chunks: about 5 s
+    start_update(server, "--max-rate", "128KiB/s")  # 20 chunks: about 10 s, qemu-io ends well before
     # at once: C over the chunks still owed (the last ones first: the copy goes up), whole and
     # partial, zeroes and a trim among them; and D on chunks the update does not copy
     c_commands = [*model.chunks(0xCC, b_set[:-5:-1])]

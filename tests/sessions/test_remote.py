@@ -14,7 +14,7 @@ import pytest
 from deltavol.sessions.session import CHECKPOINT_SECONDS
 from tests.harness import Server
 from tests.interop.peers import qemu_io
-from tests.sessions.common import G, MiB, Model, apply, differing_chunks, start_update, wait_for
+from tests.sessions.common import G, KiB, MiB, Model, apply, differing_chunks, start_update, wait_for
 from tests.sessions.targets import nbdkit_memory_cmd, qemu_nbd_cmd, serving, uri
 
 pytestmark = pytest.mark.interop
@@ -65,7 +65,8 @@ def test_a_killed_target_fails_a_full_update_and_resume_finishes_it(
     apply(server, "src", model.write(0xAA, 0, 12 * MiB))  # and a hole at the end
     with serving(qemu_nbd_cmd(image, sock), sock):
         server.cli("session", "create", "s", "--source", "src", "--target", uri(sock))
-        start_update(server, "--full", "--max-rate", "4MiB/s")  # about 4 s
+        # about 6 s: the kill comes 3 s before the end, however late this process runs
+        start_update(server, "--full", "--max-rate", "2MiB/s")
         wait_for(server, lambda s: s["update"]["bytes_done"] >= 6 * MiB, "copying")
     failed = wait_failed(server, sock)  # qemu-nbd was killed mid-copy
     assert not failed["consistent"]
@@ -78,7 +79,7 @@ def test_a_killed_target_fails_a_full_update_and_resume_finishes_it(
     assert u["catchup_bytes"] == 2 * G
     assert u["bytes_done"] == u["bytes_total"] == SIZE + 2 * G
     data = 12 * MiB + 2 * G  # the hole goes as a zero write, not as data
-    again = int(CHECKPOINT_SECONDS * 4 * MiB) + window(4 * MiB)  # unflushed at the kill, in flight
+    again = int(CHECKPOINT_SECONDS * 2 * MiB) + window(2 * MiB)  # unflushed at the kill, in flight
     assert data <= u["bytes_sent"] <= data + again  # resumed, not started over
     assert_image(image, model.snapshot())
 
@@ -96,7 +97,8 @@ def test_a_killed_target_fails_an_incremental_update_and_resume_keeps_the_point_
         server.cli("session", "update", "s", "--wait")
         apply(server, "src", model.write(0xBB, 0, 4 * MiB))
         at_mark = model.snapshot()
-        start_update(server, "--max-rate", "1MiB/s")  # about 4 s
+        # about 8 s: the kill comes 4 s before the end, however late this process runs
+        start_update(server, "--max-rate", "512KiB/s")
         wait_for(server, lambda s: s["update"]["bytes_done"] >= 2 * MiB, "copying")
     failed = wait_failed(server, sock)  # qemu-nbd was killed mid-copy
     assert failed["consistent"]  # the last point in time is still whole on the target
@@ -111,7 +113,7 @@ def test_a_killed_target_fails_an_incremental_update_and_resume_keeps_the_point_
         assert u["bytes_done"] == u["bytes_total"] == 4 * MiB
         # copied again: what the last checkpoint before the kill still owed (qemu-nbd never
         # flushed it), at most a checkpoint period of copying, and what was in flight
-        again = int(CHECKPOINT_SECONDS * MiB) + window(1 * MiB)
+        again = int(CHECKPOINT_SECONDS * 512 * KiB) + window(512 * KiB)
         assert u["bytes_total"] <= u["bytes_sent"] <= u["bytes_total"] + again
         assert_image(image, at_mark)  # B, not C
         server.cli("session", "update", "s", "--wait")
@@ -174,7 +176,7 @@ def test_nbdkit_target_incremental_updates(server: Server, tmp_path: Path) -> No
         server.cli("session", "update", "s", "--wait")
         apply(server, "src", *model.chunks(0xBB, list(range(0, 256, 8))))
         at_mark = model.snapshot()
-        start_update(server, "--max-rate", "512KiB/s")  # 2 MiB: about 4 s
+        start_update(server, "--max-rate", "256KiB/s")  # 2 MiB: about 8 s
         apply(server, "src", *model.chunks(0xCC, list(range(0, 256, 4))[::-1]))
         assert server.status()["state"] == "copying", "the writes outlived the update"
         wait_for(server, lambda s: s["state"] == "idle", "idle", timeout=120)

@@ -294,7 +294,8 @@ def test_an_update_with_a_write_in_flight_is_not_cancelled(server: Server, tmp_p
 def test_the_source_refuses_writes_while_it_is_restored(server: Server, tmp_path: Path) -> None:
     image, sock = tmp_path / "t.img", tmp_path / "t.sock"
     image.write_bytes(bytes(SIZE))
-    with serving(delayed_target(image, sock, "5"), sock):
+    # reads of 15 s: the restore outlasts a qemu-io and a CLI call on a loaded machine
+    with serving(delayed_target(image, sock, "15"), sock):
         server.cli("volume", "create", "src", "--size", str(SIZE))
         apply(server, "src", f"write -P 0xa1 0 {SIZE}")
         server.cli("session", "create", "s", "--source", "src", "--target", uri(sock))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import socket
 import subprocess
 import time
 import urllib.error
@@ -19,19 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import DELTAVOL, Server
+from tests.harness import DELTAVOL, Server, free_port
 from tests.interop.peers import nbdsh, qemu_io
 from tests.sessions.common import G, MiB, Model, apply, start_update, wait_for
 
 pytestmark = pytest.mark.interop
 
 SIZE = 8 * MiB
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Peer(Server):

@@ -56,6 +56,18 @@ Two ways of writing:
   file is always a superset of the acknowledged changes. ``rewrite`` also forgets every
   round started for the replaced file: such a round makes nothing durable in the new one.
 
+  A mark (or a full update's start) empties the chunk bits but *carries* hot regions into
+  the new file (``rewrite(..., hot=recent(bitmap))``): the regions written since the last
+  mark, the hot set's own first, at most the set's bound. The new file holds their hot
+  bits, fsynced with it before it replaces the old one, so they are durable before any
+  change to the new file: the first change in such a region needs no round, as for a
+  region that came in by one. From then on a carried region is one like any other: it
+  leaves as the least recently used (its chunk bits are durable: the file was written
+  whole) or when ``settle`` finds it idle (it counts as used at the mark, so an idle one
+  goes within two settle periods). It only widens what a power loss re-copies, within
+  the bound. The set in memory holds them only once the replace and its directory sync
+  succeeded: until then a power loss may leave the old file.
+
   The layout is the same as version 2 wrote it; ``_LOST_BOOT`` is new, and a version 2
   reader takes it for another boot, which is safe.
 """
@@ -322,11 +334,25 @@ class TrackingFile:
         """Write the bit bytes of ``chunks`` (sorted, already set in ``bitmap``) into the
         file now: into the page cache, which outlives the server, not a power loss."""
         self._bitmap = bitmap  # what a file that lost pages is written again from
+        self._seq = seq = self._seq + 1
+        lru = self._lru
+        if len(chunks) == 1:  # the usual case, a small write: no sets, one page
+            c = chunks[0]
+            r = c >> self._shift
+            self._touched.add(r)
+            if r in lru:  # used: last out of the hot set
+                del lru[r]
+                lru[r] = seq
+            try:
+                with bitmap.view() as bits:
+                    lo = (c >> _PAGE_BITS) * _PAGE
+                    _write_all(self._fd, bits[lo : lo + _PAGE], HEADER_SIZE + lo)
+            except OSError as exc:
+                raise os_error(exc, f"tracking bitmap {self.path}") from exc
+            return
         shift = self._shift
         regions = {c >> shift for c in chunks}
         self._touched.update(regions)
-        self._seq = seq = self._seq + 1
-        lru = self._lru
         for r in regions:  # used: last out of the hot set
             if r in lru:
                 del lru[r]
@@ -347,6 +373,11 @@ class TrackingFile:
             if r not in lru or r in covering:
                 return False
         return True
+
+    def covered_chunk(self, chunk: int) -> bool:
+        """``covered`` of one chunk (the write path's usual case)."""
+        r = chunk >> self._shift
+        return r in self._lru and r not in self._covering
 
     def cover(self, chunk: int) -> asyncio.Future[None] | None:
         """The round that makes ``chunk``'s hot region durable; None if it already is."""
@@ -580,29 +611,59 @@ class TrackingFile:
             raise os_error(exc, f"tracking bitmap {self.path}") from exc
         log.info("%s: written again after the failed fdatasync", self.path)
 
-    def rewrite(self, bitmap: Bitmap, generation: int) -> None:
-        """Replace the file atomically with ``bitmap`` and no hot region (every bit set is
-        durable in it); this is where cleared bits land. If it fails, the fd stays on the
-        file in place (the old one, or the new one once it has replaced it), and so does
-        the hot set that goes with it."""
-        empty = Bitmap(self.hot.size, self.hot.granularity)
+    def recent(self, bitmap: Bitmap) -> list[int]:
+        """The hot regions a file replacing this one, with ``bitmap``'s bits cleared,
+        carries (see the module notes): the regions of ``bitmap``'s bits, those of the
+        hot set first, at most the set's bound; least recently used first. Memory only."""
+        cap, shift = self.capacity, self._shift
+        keep = list(self._lru)[-cap:]
+        have, extra = set(keep), list[int]()
+        pos = 0
+        while len(keep) + len(extra) < cap:
+            c = bitmap.first_set(pos)
+            if c is None:
+                break
+            r = c >> shift
+            if r not in have:
+                extra.append(r)
+            pos = (r + 1) << shift
+        return extra + keep
+
+    def rewrite(self, bitmap: Bitmap, generation: int, hot: list[int] | None = None) -> None:
+        """Replace the file atomically with ``bitmap`` and the hot regions ``hot`` (none
+        by default; see ``recent``): every bit set is durable in it; this is where
+        cleared bits land. If it fails, the fd stays on the file in place (the old one,
+        or the new one once it has replaced it), and so does the hot set that goes with
+        it; after a failed directory sync the set holds none of ``hot``."""
+        carried = Bitmap(self.hot.size, self.hot.granularity)
+        for r in hot or ():
+            carried.set(r)
         save_atomic(
             self.path,
             bitmap,
             generation,
             KIND_TRACKING,
-            empty,
-            adopt=lambda fd: self._adopt(fd, bitmap, generation),
+            carried,
+            adopt=lambda fd: self._adopt(fd, bitmap, generation, carried),
         )
         self._dir_unsynced = False  # (a failed directory sync left it set: see ``sync``)
+        if hot:  # durably hot in the file that is the file now: in the set, used at the mark
+            seq, lru = self._seq, self._lru
+            for r in hot:
+                lru[r] = seq
+            self._touched.update(hot)
+            if self._settle is None:
+                self._settle = asyncio.get_running_loop().call_later(SETTLE_SECONDS, self._start_settle)
 
-    def _adopt(self, fd: int, bitmap: Bitmap, generation: int) -> None:
+    def _adopt(self, fd: int, bitmap: Bitmap, generation: int, hot: Bitmap) -> None:
         with self._fd_lock:
             old, self._fd = self._fd, fd
             self._dir_unsynced = True
-        # the new file holds every bit set, durably, and no hot region; a round begun
-        # before makes nothing durable in it (it may have synced the old file only)
+        # the new file holds every bit set, durably, and the hot regions ``hot`` (in the
+        # set only once its name is durable: see ``rewrite``); a round begun before makes
+        # nothing durable in it (it may have synced the old file only)
         self.hot.clear_all()
+        self.hot.or_(hot)
         self._pending.clear()
         self._touched.clear()
         self._lru.clear()

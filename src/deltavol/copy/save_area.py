@@ -443,17 +443,25 @@ class SaveArea:
 
     def missing(self, chunk: int, start: int, end: int) -> list[tuple[int, int]]:
         """The runs ``(start, end)`` of blocks of [start, end) in ``chunk`` not saved yet,
-        widened to whole blocks (clipped to the chunk's end)."""
-        saved, limit = self._saved.get(chunk, 0), self._chunk_end(chunk)
+        widened to whole blocks (clipped to the chunk's end). Asked several times on every
+        change: the runs come from the blocks' bit masks, not block by block."""
+        lo, hi = start // BLOCK, -(-end // BLOCK)
+        if lo >= hi:
+            return []
+        todo = ((1 << hi) - 1) ^ ((1 << lo) - 1)
+        saved = self._saved.get(chunk, 0)
+        if saved:
+            todo &= ~saved
+            if not todo:
+                return []
+        limit = self._chunk_end(chunk)
         runs: list[tuple[int, int]] = []
-        for b in range(start // BLOCK, -(-end // BLOCK)):
-            if saved >> b & 1:
-                continue
-            lo, hi = b * BLOCK, min((b + 1) * BLOCK, limit)
-            if runs and runs[-1][1] == lo:
-                runs[-1] = (runs[-1][0], hi)
-            else:
-                runs.append((lo, hi))
+        while todo:
+            lo = (todo & -todo).bit_length() - 1  # the first block of the next run
+            rest = todo >> lo
+            n = (~rest & (rest + 1)).bit_length() - 1  # how many blocks in a row from there
+            runs.append((lo * BLOCK, min((lo + n) * BLOCK, limit)))
+            todo ^= ((1 << n) - 1) << lo
         return runs
 
     async def save(self, chunk: int, start: int, data: bytes) -> bool:

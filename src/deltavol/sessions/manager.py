@@ -87,7 +87,9 @@ class _SourceWiring:
 
     def rehook(self) -> None:
         protect = [s.protector.hook for s in self.sessions]
-        self.hooks[:] = [*protect, Hook(self.track, self.tracked, self.track_now)]
+        # tracking first: its ``track_now`` leaves a bit to the save of this change only
+        # while the chunk is not saved yet, so before a protector's ``protect_now`` saves it
+        self.hooks[:] = [Hook(self.track, self.tracked, self.track_now), *protect]
         self.gate.changed()  # a session came or went: what BeforeChange cached is void
 
 

@@ -183,7 +183,7 @@ class Protector:
         self.records_void = False
         self._preparing: asyncio.Future[None] | None = None  # see prepare_save_area
         self.locks = ChunkLocks()
-        self.hook = Hook(self.protect, self.protected)
+        self.hook = Hook(self.protect, self.protected, self.protect_now)
 
     # --- the save area ----------------------------------------------------------------------
     def save_area(self, update_id: int) -> SaveArea:
@@ -262,6 +262,39 @@ class Protector:
         # another change's protect started for them
         await tracker.track_rest(offset, length)
 
+    def protect_now(self, offset: int, length: int) -> bool:
+        """Do ``protect``'s work at once if that needs no waiting, and say whether it did
+        (the ``now`` of the hook): the change then goes down inline, in the same step of
+        the loop, with no task. What ``_save_at_once`` does, and the same conditions: no
+        chunk held, every old block in the page cache, room in the save area, records
+        not synced one by one. And every tracking bit of the change settled: a bit left
+        to a save (``Tracker.track_now`` runs first, see ``rehook``) is settled by the
+        save's record; one the save did not cover makes this False, and ``protect``'s
+        round (``track_rest``) does it. False may leave records written: a later
+        ``protect`` finds them saved."""
+        session = self.session
+        update, save = session.update, self.save
+        if (
+            update is None
+            or session.transfer is None
+            or save is None
+            or update.phase is not _PROTECTING
+            or save.synced_saves
+        ):
+            return False
+        owed, part, tracker = self.copier.owed, self._part, self.tracker
+        chunks = tracker.tracking.chunk_range(offset, length)
+        todo = [c for c in chunks if owed(c) and save.missing(c, *part(c, offset, length))]
+        done = self._save_now(todo, offset, length, update, save)
+        if not self.records_void:
+            for c in todo:
+                if c in save:
+                    tracker.saved(c)  # the save record stands for the bit (see the notes)
+        if not done:
+            return False
+        unsynced = tracker.unsynced
+        return not unsynced or not any(c in unsynced for c in chunks)
+
     def protected(self, offset: int, length: int) -> bool:
         """True if ``protect`` would have nothing to do: no block here owed and unsaved."""
         session = self.session
@@ -273,6 +306,33 @@ class Protector:
             owed(c) and save.missing(c, *part(c, offset, length))
             for c in self.tracker.tracking.chunk_range(offset, length)
         )
+
+    def _save_now(
+        self, todo: list[int], offset: int, length: int, update: UpdateRecord, save: SaveArea
+    ) -> bool:
+        """The records of ``_save_at_once``, written and indexed in this step of the loop;
+        True if every run of ``todo`` is saved. Only for an area whose saves are not synced
+        one by one (``SaveArea.synced_saves``): its rounds are done at once."""
+        if self.locks.any_held(todo):
+            return False
+        g, part = self.session.granularity, self._part
+        runs = [(c, start, end) for c in todo for start, end in save.missing(c, *part(c, offset, length))]
+        if not runs:
+            return True
+        size = sum(end - start for _, start, end in runs)
+        if size > SAVE_AT_ONCE_MAX or not save.room(size + RECORD.size * len(runs)):
+            return False
+        cached, reads = self.session.source.backend.pread_cached, []
+        for c, start, end in runs:
+            old = cached(c * g + start, end - start)
+            if old is None:
+                return False
+            reads.append((c, start, old))
+        for c, start, old in reads:
+            if save.put(c, start, old) is None:
+                return False  # full or failed: the locks take the rest (copy-before-write)
+            update.cofw_saved_bytes += len(old)
+        return True
 
     async def _save_at_once(
         self, todo: list[int], offset: int, length: int, update: UpdateRecord, save: SaveArea

@@ -19,7 +19,9 @@ Design notes
 * **Mark** (``_mark``): with the source flushed and its write gate closed (no change
   half-way through the stack), ``transfer |= tracking`` is saved atomically, then tracking
   is reset on disk. A crash between the two leaves the bits in both files: a superset,
-  never a miss. The update's phase moves to ``PROTECTING`` in the commit.
+  never a miss. The update's phase moves to ``PROTECTING`` in the commit. The reset
+  carries the regions written since the last mark as hot into the new tracking file, so
+  that a workload's first changes after the mark need no sync (``Tracker.reset``).
 * **Give up a mark** (``_give_up_mark``): a copy-before-write whose target fails or does
   not answer within ``target_timeout`` costs the update its point in time, not the client
   its write: protection stops (``GIVEN_UP``), the session row records it before the write
@@ -482,8 +484,7 @@ class Session:
                 raise
             self.copier.durable = transfer.copy()
             self._after_commit("dropping the save area", self.protector.drop_save_area)
-            self.tracking.clear_all()
-            self._after_commit("resetting tracking", self._rewrite_tracking)
+            self._after_commit("resetting tracking", self._reset_tracking)
 
     async def _mark(self, new: tuple[UpdateRecord, State] | None = None) -> None:
         """tracking -> transfer (OR-ed into any unfinished transfer), fresh tracking.
@@ -550,8 +551,7 @@ class Session:
             self._after_commit("dropping the old save area", self.protector.drop_save_area)
             self.protector.save, self.transfer, self.protector.records_void = save, transfer, False
             self.copier.durable = transfer.copy()
-            self.tracking.clear_all()
-            self._after_commit("resetting tracking", self._rewrite_tracking)
+            self._after_commit("resetting tracking", self._reset_tracking)
 
     async def _flush_source(self) -> None:
         """What a mark copies must be durable on the source: a change acknowledged but not
@@ -573,6 +573,11 @@ class Session:
         """Replace the tracking file durably with the bitmap in memory (the write gate is
         closed, or nothing writes yet): every bit set is durable now."""
         self.tracker.rewrite(self.next_update_id)
+
+    def _reset_tracking(self) -> None:
+        """Empty tracking and replace its file durably, the regions written since the last
+        mark carried as hot (the write gate is closed; see ``Tracker.reset``)."""
+        self.tracker.reset(self.next_update_id)
 
     async def _tracking_durable(self) -> None:
         """Make every bit set durable in the tracking file (the write gate is closed)."""

@@ -18,7 +18,10 @@ Design notes
   predicate, or None while nothing is protected), and the protector tells it when a save
   record made a bit durable (``saved``) or will not be written after all (``saves_void``).
 * ``rewrite`` (the write gate closed, or nothing writes yet) replaces the file with the
-  bitmap in memory: every bit set is durable then and nothing waits.
+  bitmap in memory: every bit set is durable then and nothing waits. ``reset`` (a mark,
+  a full update's start) empties tracking and rewrites it with the regions written
+  since the last mark carried as hot (``persist.TrackingFile.recent``): the first
+  changes after a mark in the regions the workload writes need no round.
 """
 
 from __future__ import annotations
@@ -88,6 +91,16 @@ class Tracker:
         self.file.rewrite(self.tracking, generation)
         self.unsynced.clear()
 
+    def reset(self, generation: int) -> None:
+        """Empty tracking and replace the file durably with it, the regions written since
+        the last mark carried as hot (the write gate is closed). Tracking is empty in
+        memory even if the file is not replaced: the old file is a superset then."""
+        assert self.file is not None
+        hot = self.file.recent(self.tracking)
+        self.tracking.clear_all()
+        self.file.rewrite(self.tracking, generation, hot)
+        self.unsynced.clear()
+
     async def make_durable(self, generation: int) -> None:
         """Make every bit set durable in the tracking file (the write gate is closed)."""
         assert self.file is not None
@@ -155,8 +168,24 @@ class Tracker:
         """Track a change at once if that needs no waiting: its chunks' hot regions are
         durable, or this change's ``protect`` saves them all (a save record makes the bit
         durable). False leaves it all to ``track`` and changes nothing."""
-        tf, chunks, unsynced = self.file, self.tracking.chunk_range(offset, length), self.unsynced
-        if tf is None or (unsynced and any(c in unsynced for c in chunks)):
+        tf, tracking, unsynced = self.file, self.tracking, self.unsynced
+        if tf is None:
+            return False
+        c = offset // self.granularity
+        if (
+            length > 0
+            and (offset + length - 1) // self.granularity == c < tracking.nbits
+            and c not in unsynced
+            and not self.removed
+            and tf.covered_chunk(c)
+            and self.saves() is None
+        ):  # one chunk, its region durably hot, nothing protected: what ``track`` does then
+            if not tracking.test(c):
+                tracking.set(c)
+                self._write_bits([c])
+            return True
+        chunks = tracking.chunk_range(offset, length)
+        if unsynced and any(c in unsynced for c in chunks):
             return False
         if not tf.covered(chunks):
             saving = self.saves()

@@ -90,6 +90,31 @@ def test_a_cell_is_cached_only_if_the_hook_is_idle_on_all_of_it() -> None:
     assert not f.pwrite_now(G, bytes(G)), "cell 0 was cached from one idle chunk"
 
 
+def test_a_write_whose_hook_worked_at_once_does_not_ask_for_the_whole_cell() -> None:
+    """A protected write saves its block at once, and the chunk's other blocks still have
+    work: asking the hooks over the whole cell after it costs every such write. The next
+    write that finds every hook ready learns the cell."""
+    f, tracker, _, disk = layer()
+    asked: list[tuple[int, int]] = []
+
+    def ready(offset: int, length: int) -> bool:
+        asked.append((offset, length))
+        return tracker.ready(offset, length)
+
+    def at_once(offset: int, length: int) -> bool:
+        tracker.done.set_range(offset, length)
+        return True
+
+    f.hooks = [Hook(tracker.before, ready, at_once)]
+    tracker.done.set_range(G, MIN_CELL - G)  # all of cell 0 but its first block
+    assert f.pwrite_now(0, bytes(G))
+    assert asked == [(0, G)], "the cell was asked for after the hook's work at once"
+    assert f.pwrite_now(G, bytes(G))  # every hook ready: the cell is learned
+    assert asked[1:] == [(G, G), (0, MIN_CELL)]
+    assert f.pwrite_now(2 * G, bytes(G)) and len(asked) == 3, "the learned cell was asked again"
+    assert disk.landed == [(0, G), (G, G), (2 * G, G)]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["write", "work", "idle", "changed"]), st.integers(0, SIZE - 1))))
 def test_inline_writes_only_where_the_hook_is_idle(ops: list[tuple[str, int]]) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from deltavol.copy import save_area
 from deltavol.copy.save_area import BLOCK, HEADER_SIZE, RECORD, SaveArea
@@ -72,6 +74,34 @@ async def test_missing_is_what_is_not_saved_in_whole_blocks(tmp_path: Path) -> N
     assert sa.missing(last, 0, tail) == [(0, tail)]  # clipped to the volume
     assert await sa.save(last, 0, b"e" * tail)
     assert sa.missing(last, 0, tail) == []
+
+
+def missing_block_by_block(sa: SaveArea, chunk: int, start: int, end: int) -> list[tuple[int, int]]:
+    """What ``missing`` means, one block at a time."""
+    saved, limit = sa._saved.get(chunk, 0), min(G, SIZE - chunk * G)
+    runs: list[tuple[int, int]] = []
+    for b in range(start // BLOCK, -(-end // BLOCK)):
+        if saved >> b & 1:
+            continue
+        lo, hi = b * BLOCK, min((b + 1) * BLOCK, limit)
+        if runs and runs[-1][1] == lo:
+            runs[-1] = (runs[-1][0], hi)
+        else:
+            runs.append((lo, hi))
+    return runs
+
+
+@given(
+    chunk=st.sampled_from([0, 1, SIZE // G]),  # the last chunk ends inside a block
+    saved=st.integers(0, (1 << (G // BLOCK)) - 1),
+    span=st.tuples(st.integers(0, G), st.integers(0, G)),
+)
+def test_missing_runs_are_the_unsaved_blocks(chunk: int, saved: int, span: tuple[int, int]) -> None:
+    sa = area(Path("/nonexistent"))  # missing needs no file
+    limit = min(G, SIZE - chunk * G)
+    start, end = sorted(min(x, limit) for x in span)
+    sa._saved[chunk] = saved & ((1 << -(-limit // BLOCK)) - 1)
+    assert sa.missing(chunk, start, end) == missing_block_by_block(sa, chunk, start, end)
 
 
 async def test_a_block_saved_again_keeps_its_first_record(tmp_path: Path) -> None:

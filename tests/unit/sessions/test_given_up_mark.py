@@ -186,6 +186,7 @@ async def test_a_timed_out_copy_before_write_cannot_land_after_the_re_mark(rig: 
     await s.start_update(False)
     assert s.update is not None
     marked_at = s.update.marked_at
+    await until(lambda: target.asked > 0, "the copy's first request")
     await rig.write(3, 0xEE)  # its copy-before-write does not answer: the mark is given up
     assert s.update.remark is not None and rig.disk.landed[-1] == (3, 1), "not reset before the write"
     assert target.asked > 1  # the copy's requests wait: the reset fails them
@@ -236,6 +237,8 @@ async def test_a_failed_re_mark_keeps_on_disk_the_bits_its_save_area_voided(
     await s.start_update(False)
     assert s._task is not None and s.save is not None and s.transfer is not None
     s._task.cancel()  # the copy is driven by hand
+    assert s.tracking_file is not None
+    await s.tracking_file.settle(everything=True)  # the regions the mark carried as hot went idle
     await rig.write(4, 0xB4)  # saved: its tracking bit is durable by the save record alone
     assert 4 in s.save and s.tracking_file is not None and not s.tracking_file.covered(range(4, 5))
     target.data[4 * G : 5 * G] = fill(0xA1)  # the copy of chunk 4 as of the mark, checkpointed

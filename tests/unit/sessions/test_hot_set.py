@@ -279,3 +279,81 @@ async def test_a_failed_fdatasync_of_the_tracking_file_shows_in_status_until_it_
         assert recopy is None and list(back.runs()) == [(0, 1)]
     finally:
         s.tracking_file.close()
+
+
+@pytest.mark.parametrize(
+    ("hot_set", "ws_regions"),
+    [(None, 64), (16 * MIB, 64)],
+    ids=["working set in the hot set", "working set 16 times the hot set"],
+)
+async def test_first_writes_after_a_mark_into_the_regions_written_before_it_need_no_sync(
+    tmp_path: Path,
+    cut: PowerCut,
+    volume: FileBackend,
+    monkeypatch: pytest.MonkeyPatch,
+    hot_set: int | None,
+    ws_regions: int,
+) -> None:
+    """A workload writes at random in a working set of regions, the session marks (the
+    tracking file replaced as a mark does it, under the closed gate), and the workload
+    goes on in the same regions. When the working set fits in the hot set, the mark
+    carries it: none of the first writes after the mark waits for a tracking sync. Either
+    way every acknowledged write is covered by the tracking file as a power cut would
+    leave it, and after the cut, in another boot, every one is tracked, with a re-copy
+    within the hot set."""
+    kw = {} if hot_set is None else {"hot_set": hot_set}
+    bound = GIB if hot_set is None else hot_set
+    s = new_session(tmp_path, **kw)
+    s.create_files()
+    wiring = _SourceWiring(gate=s._gate, commit=s._commit, sessions=[s])
+    wiring.rehook()
+    layer = BeforeChange(volume, wiring.hooks, wiring.gate)  # type: ignore[arg-type]
+    rng = random.Random(1130)
+    base = [rng.randrange(SIZE // REGION) * REGION for _ in range(ws_regions)]  # scattered regions
+    missed: list[int] = []
+
+    async def writes(n: int) -> tuple[set[int], int]:
+        offsets = [rng.choice(base) + rng.randrange(REGION // BLOCK) * BLOCK for _ in range(n)]
+        acked: set[int] = set()
+        syncs = len(cut.synced)
+
+        async def writer(mine: list[int]) -> None:
+            for off in mine:
+                data = off.to_bytes(8, "big") * (BLOCK // 8)
+                if not layer.pwrite_now(off, data):
+                    await layer.pwrite(off, data)
+                if not cut.covers(off // G):
+                    missed.append(off // G)
+                acked.add(off // G)
+
+        await asyncio.gather(*(writer(offsets[i::INFLIGHT]) for i in range(INFLIGHT)))
+        return acked, len(cut.synced) - syncs
+
+    await writes(2000)
+    async with s._gate.closed():  # the mark's last step, after its commit
+        s._reset_tracking()
+    assert s.tracking.is_empty()
+    acked, syncs = await writes(1000)
+    assert not missed, f"acknowledged before a durable record covered them: {missed[:10]}"
+    if bound >= ws_regions * REGION:
+        assert syncs == 0, f"{syncs} tracking syncs for first writes in regions carried by the mark"
+    else:
+        assert syncs > 10  # the regions come in again, a sync each round
+    assert not cut.violations, cut.violations[:5]
+
+    # the power goes; the machine reboots
+    tracked = s.tracking.copy()
+    assert s.tracking_file is not None
+    s.tracking_file.close()
+    Path(cut.path).write_bytes(cut.raw)
+    monkeypatch.setattr(persist, "boot_id", lambda: bytes(range(16)))
+    again = new_session(tmp_path, **kw)
+    again.load_files()
+    try:
+        back = again.tracking
+        assert all(back.test(c) for c in acked), "a change after the mark is not tracked after the power loss"
+        recopy = back.bytes_set() - tracked.bytes_set()
+        assert 0 < recopy <= bound + INFLIGHT * REGION, f"re-copies {recopy / MIB:.0f} MiB"
+    finally:
+        assert again.tracking_file is not None
+        again.tracking_file.close()

@@ -213,6 +213,7 @@ async def test_copy_before_write_while_the_restore_opens_leaves_its_connection_a
     monkeypatch.setattr(copier_mod.Copier, "copy_run", never)
     monkeypatch.setattr(SaveArea, "save", refused)  # the save area is full: copy-before-write
     monkeypatch.setattr(Protector, "_save_at_once", refused)
+    monkeypatch.setattr(Protector, "_save_now", lambda *args: False)  # nor at once, inline
     await svc.update_session("a", False, None)
     async with asyncio.timeout(WAIT):
         await copying.wait()

@@ -274,6 +274,10 @@ def rigs(tmp_path: Path, syncs: SyncLog, request: pytest.FixtureRequest) -> Iter
         s.next_update_id = 2
         await s._mark()
         assert s.update.protecting and s.save is not None and s.tracking.is_empty()
+        assert s.tracking_file is not None and s.tracking_file.covered(OWED), "the mark carries them"
+        # the regions the mark carried as hot went idle: first changes need a save or a round
+        await s.tracking_file.settle(everything=True)
+        assert s.tracking_file.hot.is_empty()
         await s.ensure_target()  # connected, as the copy is: a checkpoint flushes it
         rig = Rig(s, disk, target, wire(s, disk), syncs, granularity, [s])
 
@@ -788,3 +792,79 @@ async def test_a_full_update_whose_commit_failed_leaves_the_unfinished_save_area
     with pytest.raises(OSError):
         await s._start_full(State.COPYING)
     assert s.save is old_save and c in old_save, "the unfinished update lost its save area"
+
+
+# --- 3c: protected changes that go down at once (Protector.protect_now) ------------------------
+def pieces_in_file(s: Session, c: int) -> list[tuple[int, bytes]]:
+    """Chunk ``c``'s saved blocks as the save area's file holds them now (checked records)."""
+    save = s.save
+    assert save is not None
+    return save._read_pieces(save.index.get(c, []), c)
+
+
+async def test_a_protected_change_goes_down_at_once_after_its_record(
+    rigs: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With its old blocks in the page cache, a first change to an owed chunk is tracked,
+    saved and written in one call (``pwrite_now``: the connection does it inline, with no
+    task): its record is in the save area's file as the change lands, and its bit is left to
+    that record (tracking runs first: ``_SourceWiring.rehook``), so no sync is paid. From
+    disk, the call does nothing but track, and the write takes the task path."""
+    rig = await rigs(granularity=G4)
+    s, c = rig.session, OWED.start + 2
+    at_landing: list[list[tuple[int, bytes]]] = []
+    real = rig.disk.landing
+
+    def landing(offset: int, length: int) -> tuple[int, int]:
+        at_landing.append(pieces_in_file(s, c))
+        return real(offset, length)
+
+    monkeypatch.setattr(rig.disk, "landing", landing)
+    done = rig.layer.pwrite_now(c * G4 + BLOCK, b"1" * BLOCK)
+    assert done is rig.disk.cached, "a protected change with its old blocks cached did not go down at once"
+    if not done:
+        assert rig.disk.landed == [] and s.save is not None and s.save.used == 0
+        await rig.write(c * G4 + BLOCK, b"1" * BLOCK)
+    assert at_landing == [[(BLOCK, rig.old(c)[BLOCK : 2 * BLOCK])]], "the change landed before its record"
+    assert rig.log.calls == [], "a protected change paid a sync"
+    assert s.tracker.unsynced == {} and s.tracked(c * G4, G4) and rig.disk.violations == []
+    assert s.update is not None and s.update.cofw_saved_bytes == BLOCK
+
+
+async def test_a_second_change_at_once_does_not_save_the_first_changes_data(rigs: MakeRig) -> None:
+    rig = await rigs(granularity=G4)
+    s, c = rig.session, OWED.start + 1
+    for fill in (b"A", b"B", b"C"):  # the same block, then one more beside it
+        if not rig.layer.pwrite_now(c * G4, fill * BLOCK):
+            await rig.write(c * G4, fill * BLOCK)
+    if not rig.layer.pwrite_now(c * G4 + BLOCK, b"D" * BLOCK):
+        await rig.write(c * G4 + BLOCK, b"D" * BLOCK)
+    assert rig.disk.data[c * G4 : c * G4 + 2 * BLOCK] == b"C" * BLOCK + b"D" * BLOCK
+    assert s.save is not None and len(s.save.index[c]) == 2, "a block was saved twice"
+    assert sorted(await s.save.pieces(c)) == [(0, rig.old(c)[:BLOCK]), (BLOCK, rig.old(c)[BLOCK : 2 * BLOCK])]
+    assert rig.log.calls == [] and rig.disk.violations == []
+
+
+async def test_a_change_to_a_chunk_the_copy_holds_waits_for_it(rigs: MakeRig) -> None:
+    """The copy holds the chunk's lock while it reads it and lays its records over what it
+    read: a change may not save (nor go down) at once meanwhile."""
+    rig = await rigs(granularity=G4)
+    s, c = rig.session, OWED.start
+    async with s.locks.hold([c]):
+        assert not rig.layer.pwrite_now(c * G4, b"x" * BLOCK)
+        assert s.save is not None and s.save.used == 0 and rig.disk.landed == []
+        assert s.update is not None and s.update.cofw_saved_bytes == 0
+    await rig.write(c * G4, b"x" * BLOCK)
+    assert await s.save.pieces(c) == [(0, rig.old(c)[:BLOCK])]
+    assert rig.disk.violations == []
+
+
+async def test_a_change_with_no_room_to_save_does_not_go_down_at_once(rigs: MakeRig) -> None:
+    """The save area is full: copy-before-write, which waits for the target, takes it."""
+    rig = await rigs(granularity=G4, save_limit=0)
+    s, c = rig.session, OWED.start + 4
+    assert not rig.layer.pwrite_now(c * G4, b"y" * BLOCK)
+    assert rig.disk.landed == [] and s.save is not None and s.save.used == 0
+    await rig.write(c * G4, b"y" * BLOCK)
+    assert rig.target.data[c * G4 : (c + 1) * G4] == rig.old(c), "copy-before-write did not copy the chunk"
+    assert rig.disk.violations == []
