@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -60,10 +61,10 @@ async def test_a_write_racing_the_kernel_copy_of_its_chunk_goes_on_and_the_copy_
             copied.append((offset, length))
         copy_from(self, source, offset, length)
 
-    async def spy_pwrite(self: FileBackend, offset: int, data: bytes, fua: bool = False) -> None:
+    async def spy_pwrite(self: FileBackend, offset: int, data: bytes, fua: bool = False, **kw: Any) -> None:
         if self.name == "dst":
             buffered.append((offset, len(data)))
-        await pwrite(self, offset, data, fua)
+        await pwrite(self, offset, data, fua, **kw)
 
     monkeypatch.setattr(FileBackend, "_copy_from", held_copy)
     monkeypatch.setattr(FileBackend, "pwrite", spy_pwrite)

@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 
+from deltavol.copy.engine import INFLIGHT
 from deltavol.service import Service
 from deltavol.sessions.protector import ChunkLocks
 from deltavol.sessions.states import Phase, State
 from deltavol.store import fs
 from tests.fakes import until
 from tests.unit.sessions.test_kernel_copy import dst_sha, sha, svc  # noqa: F401  (fixture)
-from tests.unit.sessions.test_operations import SIZE, G, consistent_session
+from tests.unit.sessions.test_operations import SIZE, G, MiB, consistent_session
 
 WRITE_BOUND = 5.0  # seconds a protected write may take while the target stalls
 
@@ -161,3 +162,60 @@ async def test_a_write_waiting_for_a_copy_takes_its_chunk_once_the_copy_lets_wri
     assert locks.copying(5) is None and held.over.is_set()
     await asyncio.wait_for(copy, 5)
     assert not locks.any_held(range(10))
+
+
+async def test_a_stalled_target_leaves_the_sources_io_its_threads(
+    svc: Service,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Scattered chunks owed, many batches; the target's disk stalls every copy, so all the
+    batches the copy keeps in flight block in the kernel at once. A protected write whose
+    old blocks are not in the page cache (its save reads them from the disk), one to a
+    chunk no copy started yet, a flush of the source and a client's read of it still
+    complete while that lasts: the copies to the target wait in threads of their own, not
+    in those the source's I/O needs. Once the stall ends, the target is the source at the
+    mark."""
+    size, g = 16 * MiB, 4096
+    svc.create_volume("src", size)
+    svc.create_volume("dst", size)
+    await svc.create_session(name="s", source="src", target="dst", granularity=g)
+    s = svc.sessions.get("s")
+    await s.start_update(True)
+    await s.wait()
+    src = svc.volumes.get("src")
+    for c in range(0, size // g, 2):  # 2048 runs of one chunk: 32 batches of BATCH_RUNS
+        await src.export.pwrite(c * g, bytes([c % 251 + 1]) * g)
+    dst_fd = svc.volumes.get("dst").backend._fd
+    release, lock, stalled = threading.Event(), threading.Lock(), [0]
+    real = fs._current.copy_file_range
+
+    def copy_file_range(src_fd: int, dst: int, count: int, src_offset: int, dst_offset: int) -> int:
+        if dst == dst_fd and not release.is_set():
+            with lock:
+                stalled[0] += 1
+            release.wait(timeout=60)  # the target's disk stalls
+        return real(src_fd, dst, count, src_offset, dst_offset)
+
+    monkeypatch.setattr(fs._current, "copy_file_range", copy_file_range)
+    try:
+        await s.start_update(False)
+        mark = await src.backend.pread(0, size)
+        await until(lambda: stalled[0] >= INFLIGHT, f"{INFLIGHT} copies to stall")
+        # the source's blocks are not in the page cache: every read goes to a worker thread
+        monkeypatch.setattr(src.backend, "pread_cached", lambda offset, length: None)
+        await bounded(src.export.pwrite(0, b"Y" * g), "an uncached protected write to a stalled chunk")
+        last = size // g - 2  # owed, in a batch no thread copies yet
+        await bounded(src.export.pwrite(last * g, b"Z" * g), "an uncached protected write to an owed chunk")
+        await bounded(src.export.flush(), "a flush of the source")
+        await bounded(src.export.pread(2 * MiB + 8192, 4096), "a client's read of the source")
+        assert stalled[0] == INFLIGHT, "a copy started beyond those in flight"
+        assert s.update is not None and s.update.phase is Phase.PROTECTING  # the mark holds
+        assert s.update.cofw_saved_bytes >= 2 * g  # both writes saved their chunk's old blocks
+    finally:
+        release.set()
+    await s.wait()
+    assert s.state is State.IDLE and s.consistent
+    assert await dst_sha(svc, 0, size) == sha(mark), "the target is not the source at the mark"
+    await s.start_update(False)
+    await s.wait()
+    assert await dst_sha(svc, 0, size) == sha(await src.backend.pread(0, size))
