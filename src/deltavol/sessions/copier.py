@@ -429,7 +429,12 @@ class Copier:
             inflight=target.inflight if not rate else 2,
         )
 
-    async def copy_run(self, target: CopyTarget, first: int, count: int, hole: bool = False) -> None:
+    async def copy_run(
+        self, target: CopyTarget, first: int, count: int, hole: bool = False, *, counted: bool = True
+    ) -> None:
+        """Copy the run of chunks ``first``.. (``hole``: a hole of the source, sent as
+        zeroes); ``counted``: its bytes count as sent (not when copied again after a copy
+        in the kernel that counted them, ``_taken_over``)."""
         s = self.session
         transfer, update, progress, save = s.transfer, s.update, s.progress, s.protector.save
         assert transfer is not None and update is not None and progress is not None
@@ -444,7 +449,8 @@ class Copier:
         elif update.phase is not _PROTECTING:
             if local is not None:  # nothing to hold still: what changes is copied by the catch-up
                 sent = await local.copy_spans(s.source.backend, [(offset, length)], None, g)
-                progress.bytes_sent += sent  # not `+= await`: see below
+                if counted:
+                    progress.bytes_sent += sent  # not `+= await`: see below
                 await local.written(length)
             else:
                 pieces = await self._read_by_extents(offset, length)
@@ -464,7 +470,8 @@ class Copier:
                     spans = _live_spans(live, self.chunk_span)
                     protector.locks.let_writes_through(held)
                     sent = await _in_thread(local.copy_spans(s.source.backend, spans, zeroes, g))
-                    progress.bytes_sent += sent
+                    if counted:
+                        progress.bytes_sent += sent
                 else:
                     data = bytearray(await s.source.backend.pread(offset, length))
                     if protector.save is not save or (
@@ -486,7 +493,8 @@ class Copier:
         for off, piece in pieces:
             n = piece if isinstance(piece, int) else len(piece)
             sent = await write_piece(target, off, None if isinstance(piece, int) else piece, n, g)
-            progress.bytes_sent += sent  # not `+= await`: that would read a stale total
+            if counted:
+                progress.bytes_sent += sent  # not `+= await`: that would read a stale total
         if self.target is not target:  # dropped meanwhile: no flush of it will come
             raise TargetError(msg=f"target {target.description}: connection closed during a copy")
         progress.done(transfer.clear_run(first, count))
@@ -549,7 +557,8 @@ class Copier:
         took over (``ChunkLocks.let_writes_through``): the thread may have read them while
         or after they changed, so what it wrote there does not count. The others are done;
         those are copied again, under their locks, from the source and the blocks the
-        writes saved (``copy_run``), over what the thread wrote (it is over)."""
+        writes saved (``copy_run``), over what the thread wrote (it is over). Their bytes
+        were counted as sent once, by the thread's copy: not again."""
         s = self.session
         transfer, update, progress = s.transfer, s.update, s.progress
         assert transfer is not None and update is not None and progress is not None
@@ -574,7 +583,7 @@ class Copier:
             bytes_sent=progress.bytes_sent,
         )
         for first, count in again:
-            await self.copy_run(target, first, count)
+            await self.copy_run(target, first, count, counted=False)
 
     async def _read_by_extents(self, offset: int, length: int) -> list[tuple[int, bytes | int]]:
         """Pieces of [offset, offset+length): data as bytes, holes as their length."""

@@ -85,6 +85,7 @@ async def test_protected_writes_do_not_wait_for_a_stalled_kernel_copy(
     assert s.state is State.IDLE and s.consistent
     assert await dst_sha(svc, 0, SIZE) == sha(mark), "the target is not the source at the mark"
     assert s.update is not None and s.update.cofw_saved_bytes > 0  # the writes saved the old blocks
+    assert s.update.bytes_sent <= 4 * G, "chunks copied again after a take-over counted twice"
     await s.start_update(False)
     await s.wait()
     assert await dst_sha(svc, 0, SIZE) == sha(await marked_image(svc))
