@@ -6,6 +6,9 @@ with ``--after-mark`` too, the first writes after the N sessions (made consisten
 mark, the same number of writes at random having gone before the mark: the workload
 writes the same regions before and after it. A third server (the first tree, no
 session) runs the same writes, for the ratio to no session.
+with ``--data RW:BS:IODEPTH`` (``write:1m:16``, say), that fio job on the volume with no
+session, and the CPU time the server spent per GiB moved: on a shared machine the CPU
+time per GiB moves much less from run to run than the throughput does.
 
 For a change to the protected write path, whose effect is smaller than the noise between
 two full ``make bench`` runs here. What made earlier A/B runs lie: each tree had its own
@@ -45,17 +48,38 @@ def reset_cache(image: Path) -> None:
             pass
 
 
-def loop_cpu(dv: Deltavol) -> float:
-    """CPU seconds (user and system) the server's main thread, its event loop, has used."""
-    assert dv.proc is not None
-    pid = dv.proc.pid
-    with open(f"/proc/{pid}/task/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, thread: bool = False) -> float:
+    """User and system CPU time so far of a process (all its threads), or with ``thread``
+    of its main thread alone: the event loop's."""
+    stat = f"/proc/{pid}/task/{pid}/stat" if thread else f"/proc/{pid}/stat"
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def loop_cpu(dv: Deltavol) -> float:
+    assert dv.proc is not None
+    return cpu_seconds(dv.proc.pid, thread=True)
+
+
+def data_job(dv: Deltavol, job: str, runtime: float) -> tuple[FioResult, float]:
+    """One fio ``RW:BS:IODEPTH`` run on the volume: its result, and the server's CPU
+    seconds per GiB moved (ramp included, as the CPU time is)."""
+    rw, bs, depth = job.split(":")
+    assert dv.proc is not None
+    before = cpu_seconds(dv.proc.pid)
+    got = fio(dv.uri("bench"), rw, bs, int(depth), runtime)
+    spent = cpu_seconds(dv.proc.pid) - before
+    return got, spent / max(got.bw * (runtime + 1) / GiB, 1e-9)
+
+
 def start(
-    tree: Path, root: Path, image: Path, size: int, sessions: int, after_mark: bool = False
+    tree: Path,
+    root: Path,
+    image: Path,
+    size: int,
+    sessions: int,
+    after_mark: bool = False,
+    plain: bool = False,
 ) -> Deltavol:
     """A server running ``tree``'s code: with every chunk of its volume owed by the next
     mark, or (``sessions``) with the target volumes of that many sessions, and
@@ -67,6 +91,9 @@ def start(
         dv.start()
     finally:
         del os.environ["PYTHONPATH"]
+    if plain:
+        dv.volume("bench", path=image)
+        return dv
     if not sessions:
         owe_every_chunk(dv, image, size)
         return dv
@@ -114,8 +141,9 @@ def writes_after_a_mark(dv: Deltavol, sessions: int, size: int, depth: int, runt
 @click.option("--runtime", default=5.0, show_default=True, help="Seconds per fio run.")
 @click.option("--sessions", default=0, show_default=True, help="Tracking figure with this many sessions.")
 @click.option("--after-mark", is_flag=True, help="With --sessions: the first writes after a mark.")
+@click.option("--data", "job", default="", help="A data-path figure instead: RW:BS:IODEPTH (write:1m:16).")
 def main(
-    trees: tuple[Path, Path], depth: int, runs: int, runtime: float, sessions: int, after_mark: bool
+    trees: tuple[Path, Path], depth: int, runs: int, runtime: float, sessions: int, after_mark: bool, job: str
 ) -> None:
     work = HERE / "work"
     work.mkdir(exist_ok=True)
@@ -123,9 +151,12 @@ def main(
     if not image.exists():
         fill(image, size)
     servers = [
-        start(tree.resolve(), work / f"dv-ab{i}", image, size, sessions, after_mark)
+        start(tree.resolve(), work / f"dv-ab{i}", image, size, sessions, after_mark, plain=bool(job))
         for i, tree in enumerate(trees)
     ]
+    if job:
+        data_ab(trees, servers, job, runs, runtime)
+        return
     names = [str(t) for t in trees]
     if after_mark:  # the same writes with no session
         servers.append(start(trees[0].resolve(), work / "dv-ab-none", image, size, 1))
@@ -166,6 +197,27 @@ def main(
             f"{name}: median p99 {p99:,.0f} us, median {iops:,.0f} IOPS, "
             f"median loop {cpu:.1f} us CPU per write over {len(got)} runs"
         )
+
+
+def data_ab(trees: tuple[Path, Path], servers: list[Deltavol], job: str, runs: int, runtime: float) -> None:
+    """``--data``: the job on each tree in ABBA order, each run after ``sync``."""
+    results: list[list[tuple[float, float]]] = [[], []]
+    try:
+        for r in range(runs):
+            for i in (0, 1) if r % 2 == 0 else (1, 0):
+                os.sync()
+                got, per_gib = data_job(servers[i], job, runtime)
+                results[i].append((got.bw / 2**20, per_gib))
+                figures = f"{got.bw / 2**20:,.0f} MiB/s, {got.iops:,.0f} IOPS, {per_gib:.3f} CPU s/GiB"
+                click.echo(f"{trees[i]}: {figures}")
+    finally:
+        for dv in servers:
+            dv.stop()
+    for tree, got in zip(trees, results, strict=True):
+        bw = statistics.median(b for b, _ in got)
+        per_gib = statistics.median(c for _, c in got)
+        click.echo(f"{tree}: median {bw:,.0f} MiB/s, median {per_gib:.3f} CPU s/GiB over {len(got)} runs")
+    click.echo(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

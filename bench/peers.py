@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from deltavol.cli.api_client import ApiTarget, call
+from deltavol.cli.api_client import ApiTarget, acall, call, events
 
 DELTAVOL = Path(sys.executable).with_name("deltavol")
 
@@ -92,6 +92,39 @@ class Deltavol:
                     raise RuntimeError(f"session {name}: {info['state']}: {info['last_error']}")
                 return info
             time.sleep(0.01)
+
+    def timed_run(self, name: str, start: str, ends: tuple[str, str], body: Any = None) -> float:
+        """Seconds from ``POST start`` until the server publishes the end of what it started
+        (``ends``: done, failed), as ``session update --wait`` follows an update: over the
+        event stream, subscribed before the clock starts. No polling interval and no
+        process start count. A failure raises."""
+
+        async def go() -> float:
+            began = 0.0
+
+            async def post() -> None:
+                nonlocal began
+                began = time.perf_counter()
+                await acall(self.api, "POST", start, body)
+
+            async for ev in events(self.api, opened=post):
+                if ev.data.get("name") != name or ev.kind not in ends:
+                    continue
+                took = time.perf_counter() - began
+                if ev.kind == ends[1]:
+                    raise RuntimeError(f"session {name}: {ev.kind}: {ev.data.get('error')}")
+                return took
+            raise RuntimeError("the server closed the event stream")
+
+        return asyncio.run(go())
+
+    def timed_update(self, name: str, full: bool = False) -> float:
+        """An update of ``name`` from its request to its end (``timed_run``); it must end idle."""
+        took = self.timed_run(
+            name, f"/v1/sessions/{name}/update", ("update.finished", "update.failed"), {"full": full}
+        )
+        self.wait(name)  # (at once: it has finished) idle, or it raises
+        return took
 
     def tracking_syncs(self) -> int:
         """Tracking files synced by group-commit rounds so far (``deltavol_fsyncs``)."""

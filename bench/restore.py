@@ -5,6 +5,8 @@ Both end durable: deltavol's restore fsyncs the source before it reports done, a
 runs with ``--flush``. The page cache is written back before each timed copy, so neither
 inherits the other's writeback; nbdcopy copies file to file (the target volume's image to a
 fresh file beside the source), as deltavol reads the target volume's file in-process.
+deltavol's restore is timed from its request to the server's ``restore.finished`` event,
+as a client following the event stream sees it end; nbdcopy's run includes its process start.
 """
 
 from __future__ import annotations
@@ -12,25 +14,21 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import time
 from collections.abc import Iterator
 
 from bench import figures as f
 from bench.peers import Deltavol, deltavol
 
 
-def _restored(dv: Deltavol, name: str) -> dict:
-    """Start a restore and poll (10 ms) until it ends; it must end idle and consistent."""
-    dv.call("POST", f"/v1/sessions/{name}/restore")
-    while True:
-        info = dv.call("GET", f"/v1/sessions/{name}")
-        if info["state"] != "restoring":
-            if info["state"] != "idle" or not info["consistent"]:
-                raise RuntimeError(f"session {name}: {info['state']}: {info['last_error']}")
-            return info
-        if info["last_error"]:
-            raise RuntimeError(f"session {name}: restore failed: {info['last_error']}")
-        time.sleep(0.01)
+def _restored(dv: Deltavol, name: str) -> tuple[float, dict]:
+    """A restore's seconds from its request to the server's ``restore.finished`` event (no
+    polling interval in them: ``Deltavol.timed_run``), and the session's status after it,
+    which must be idle and consistent."""
+    took = dv.timed_run(name, f"/v1/sessions/{name}/restore", ("restore.finished", "restore.failed"))
+    info = dv.call("GET", f"/v1/sessions/{name}")
+    if info["state"] != "idle" or not info["consistent"]:
+        raise RuntimeError(f"session {name}: {info['state']}: {info['last_error']}")
+    return took, info
 
 
 def restore(s: f.Settings) -> Iterator[f.Row]:
@@ -47,8 +45,7 @@ def restore(s: f.Settings) -> Iterator[f.Row]:
         changed = random.Random(13).sample(range(nchunks), nchunks // 100)
         f._write_chunks(dv.uri("src"), changed)
         os.sync()
-        info: dict = {}
-        ours = f.timed(lambda: info.update(_restored(dv, "s")))
+        ours, info = _restored(dv, "s")
         done = info["update"]["bytes_done"]
         assert done == len(changed) * f.CHUNK, (
             f"restore copied back {done}, expected {len(changed) * f.CHUNK}"

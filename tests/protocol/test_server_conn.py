@@ -896,7 +896,8 @@ BIG = ExportInfo(name="disk", size=1 << 30, flags=int(FLAGS), max_block=4 << 20)
 
 def receive_in_place(conn: ServerConnection, data: bytes, piece: int = 1 << 30) -> list[object]:
     """Put ``data`` where ``get_buffer`` says, at most ``piece`` bytes a call, and take the
-    events after each call, as ``NbdConnection`` does."""
+    events after each call, as ``NbdConnection`` does (it skips that when ``buffer_updated``
+    says nothing can be parsed: then there must be no event)."""
     events: list[object] = []
     pos = 0
     while pos < len(data):
@@ -904,9 +905,11 @@ def receive_in_place(conn: ServerConnection, data: bytes, piece: int = 1 << 30) 
         assert len(view) > 0
         n = min(len(view), piece, len(data) - pos)
         view[:n] = data[pos : pos + n]
-        conn.buffer_updated(n)
+        more = conn.buffer_updated(n)
         pos += n
-        events += events_until_need_data(conn)
+        got = events_until_need_data(conn)
+        assert more or not got, f"buffer_updated said no event could come, then {got}"
+        events += got
     return events
 
 
@@ -923,6 +926,58 @@ def test_large_write_payload_is_received_into_the_request_buffer() -> None:
     assert event == Request(7, Cmd.WRITE, CmdFlag(0), 1 << 20, len(payload), payload)
     assert isinstance(event, Request) and view.obj is event.data  # received there: no copy
     assert conn.next_event() is NEED_DATA and conn.buffered == 0
+
+
+def test_buffer_updated_says_false_only_while_a_payload_is_not_whole() -> None:
+    conn = in_transmission(BIG)
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    stream = request(Cmd.WRITE, cookie=7, offset=0, data=payload) + request(Cmd.FLUSH, cookie=8)
+    said, events, pos = [], [], 0
+    while pos < len(stream):
+        view = conn.get_buffer()
+        n = min(len(view), 100_000, len(stream) - pos)
+        view[:n] = stream[pos : pos + n]
+        del view
+        said.append(conn.buffer_updated(n))
+        pos += n
+        if said[-1]:
+            events += events_until_need_data(conn)
+    # True for the receive with the header, False for the payload's next ones until the
+    # one that makes it whole, True for the FLUSH after it
+    assert said[0] and not any(said[1:-2]) and said[-2:] == [True, True] and len(said) > 5
+    assert [e.cookie for e in events] == [7, 8] and events[0].data == payload  # type: ignore[attr-defined]
+
+
+def test_after_an_in_place_payload_the_next_large_payload_is_not_copied_at_all() -> None:
+    conn = in_transmission(BIG)
+    first, second = b"\x01" * (1 << 20), b"\x02" * (1 << 20)
+    stream = request(Cmd.WRITE, cookie=1, offset=0, data=first)
+    assert receive_in_place(conn, stream[:1000]) == []
+    view = conn.get_buffer()
+    view[:] = stream[1000:]
+    conn.buffer_updated(len(view))
+    del view
+    [event] = events_until_need_data(conn)
+    assert event.data == first  # type: ignore[attr-defined]
+    header = conn.get_buffer()
+    assert len(header) == 28  # only the next request's header, not a slice of its payload
+    header[:] = request(Cmd.WRITE, cookie=2, offset=1 << 20, length=len(second))
+    del header
+    conn.buffer_updated(28)
+    assert conn.next_event() is NEED_DATA
+    sink = conn.get_buffer()
+    assert len(sink) == len(second)  # the whole payload straight into its own buffer
+    sink[:] = second
+    conn.buffer_updated(len(sink))
+    [event] = events_until_need_data(conn)
+    assert event.data == second and event.data is sink.obj  # type: ignore[attr-defined]
+    del sink
+    # a small request after it: read whole, and the receive buffer offers its full room again
+    assert receive_in_place(conn, request(Cmd.FLUSH, cookie=3) + request(Cmd.FLUSH, cookie=4)) == [
+        Request(3, Cmd.FLUSH, CmdFlag(0), 0, 0),
+        Request(4, Cmd.FLUSH, CmdFlag(0), 0, 0),
+    ]
+    assert len(conn.get_buffer()) > 64 * 1024
 
 
 def test_requests_after_an_in_place_payload_are_parsed_in_order() -> None:

@@ -10,16 +10,23 @@ a new, larger bytearray. One that grew past ``COMPACT_AT`` is given up for a sma
 soon as everything in it was consumed, so memory stays bounded on a long stream. It starts
 at the capacity its owner asks for (a server connection: small until transmission, where
 nothing has authenticated the client) and grows when more is needed.
+
+``PayloadPool`` keeps the buffers the payloads of large WRITEs are received into, for the
+next ones (see its docstring).
 """
 
 from __future__ import annotations
 
 import struct
+import sys
+import threading
 from typing import Any
 
 CAPACITY = 256 * 1024  # the default size
 MIN_SPACE = 64 * 1024  # ``space`` offers at least this much unless told otherwise
 COMPACT_AT = 1 << 20  # a buffer grown larger than this shrinks back once drained
+POOL_BYTES = 32 << 20  # payload buffers a pool keeps (free or lent) for reuse
+POOL_SIZES = 256  # sizes a pool remembers having been asked for
 
 
 class ReceiveBuffer:
@@ -124,3 +131,103 @@ class ReceiveBuffer:
         target[at : at + n] = self._view[pos : pos + n]
         self._pos = pos + n
         return True
+
+
+def _refs(bufs: list[bytearray], i: int) -> int:
+    """The reference count of ``bufs[i]`` as seen from here (the list's, and the call's)."""
+    return sys.getrefcount(bufs[i])
+
+
+# The pool's safety rests on CPython's exact reference counts: elsewhere it keeps nothing.
+_EXACT_REFS = sys.implementation.name == "cpython" and hasattr(sys, "getrefcount")
+if _EXACT_REFS:
+    _probe = [bytearray(1)]
+    _UNHELD = _refs(_probe, 0)  # the count of a buffer only the pool's list refers to
+    del _probe
+
+
+class PayloadPool:
+    """Buffers of exact sizes for WRITE payloads, handed out again once nothing holds them.
+
+    A fresh 1 MiB ``bytearray`` costs a memset of it and, when the allocator maps new
+    memory, a page fault per page, on the event loop, for every large WRITE. The pool
+    keeps up to ``limit`` bytes of buffers it handed out; ``get`` returns one of them only
+    when its reference count (CPython's) says that nothing but the pool refers to it: no
+    request, no write job waiting or running in a worker thread (whose ``pwrite`` holds a
+    buffer export of it, which counts), no memoryview, no transport. So a buffer whose
+    bytes may still be read is never written into, and what a client sends after an
+    acknowledged write cannot change what that write put in the file. A buffer handed out
+    is always filled whole before it is used (its old bytes are never read).
+
+    Buffers are kept by size, the sizes in the order last asked for, and only for a size
+    asked for before (while remembered): a size seen once gets a buffer the pool does not
+    keep, since a pool of sizes never asked for again would only hold cold memory. When
+    the pool is full, free buffers of the sizes asked for least recently are let go first (a stream
+    of writes of one size keeps its buffers; writes of ever other sizes do not fill the
+    pool for good); if that is not room enough, ``get`` returns a new buffer the pool
+    does not keep.
+    """
+
+    __slots__ = ("_held", "_lock", "_sizes", "limit")
+
+    def __init__(self, limit: int = POOL_BYTES) -> None:
+        self.limit = limit
+        self._sizes: dict[int, list[bytearray]] = {}  # least recently asked for first
+        self._held = 0  # bytes of the buffers kept
+        self._lock = threading.Lock()  # connections of several event loops may share one
+
+    @property
+    def held(self) -> int:
+        """Bytes of the buffers the pool keeps (free or lent)."""
+        return self._held
+
+    def get(self, n: int) -> bytearray:
+        """A buffer of ``n`` bytes that nothing else refers to; its contents are stale."""
+        if not _EXACT_REFS:
+            return bytearray(n)
+        with self._lock:
+            sizes = self._sizes
+            bufs = sizes.pop(n, None)
+            if bufs is None:  # a size not asked for lately: remembered, not kept (yet)
+                sizes[n] = []
+                if len(sizes) > POOL_SIZES:
+                    self._forget()
+                return bytearray(n)
+            sizes[n] = bufs  # now the most recently asked for
+            for i in range(len(bufs)):
+                if _refs(bufs, i) == _UNHELD:
+                    return bufs[i]
+            if self._held + n > self.limit:
+                self._let_go(n)
+                if self._held + n > self.limit:
+                    return bytearray(n)
+            buf = bytearray(n)
+            bufs.append(buf)
+            self._held += n
+            return buf
+
+    def _forget(self) -> None:
+        """Forget the sizes asked for least recently that hold no buffer, down to half."""
+        sizes = self._sizes
+        unkept = [size for size, bufs in sizes.items() if not bufs]
+        for size in unkept[: len(sizes) - POOL_SIZES // 2]:
+            del sizes[size]
+
+    def _let_go(self, n: int) -> None:
+        """Drop free buffers, of the sizes least recently asked for first, until ``n``
+        more bytes fit or none is free."""
+        emptied: list[int] = []
+        for size, bufs in self._sizes.items():
+            i = 0
+            while i < len(bufs) and self._held + n > self.limit:
+                if _refs(bufs, i) == _UNHELD:
+                    del bufs[i]
+                    self._held -= size
+                else:
+                    i += 1
+            if not bufs and size != n:
+                emptied.append(size)
+            if self._held + n <= self.limit:
+                break
+        for size in emptied:
+            del self._sizes[size]

@@ -76,7 +76,8 @@ class StartTls:
 @dataclass(slots=True)
 class Request:
     """A well-formed transmission request; ``data`` is the payload of a WRITE (a
-    ``bytearray`` when it was received in place: it is the request's own, never reused).
+    ``bytearray`` when it was received in place: from a ``PayloadPool``, which receives
+    into it again only once nothing refers to it).
 
     ``flags`` holds the validated ``CmdFlag`` bits as a plain int, and the properties
     test them with plain ints: ``IntFlag`` arithmetic builds a new enum member per

@@ -19,7 +19,9 @@ Bytes can also be received in place (``get_buffer`` / ``buffer_updated``, the sh
 ``asyncio.BufferedProtocol``): into the receive buffer, or, once the header of a WRITE of
 ``DIRECT_PAYLOAD`` bytes or more has been parsed and its payload is not all here, into a
 ``bytearray`` of the payload's size that becomes the request's ``data``. Such a payload is
-copied only by the kernel's receive; the buffer is the request's own, never reused. A
+copied only by the kernel's receive. The buffer comes from a ``PayloadPool``: one of the
+same size received into before, once nothing (request, write job, view) refers to it any
+more, so a stream of 1 MiB writes costs no allocation, memset or page fault per write. A
 28-byte header must not buy 32 MiB of memory: the WRITE's flags and range are checked
 first (a bad one is discarded as it arrives), and the sinks of all connections together
 draw on one ``SinkBudget``; a payload that does not fit in it is received through the
@@ -50,7 +52,7 @@ from typing import TypeVar
 
 from deltavol.nbd import constants as c
 from deltavol.nbd import wire
-from deltavol.nbd.buffer import ReceiveBuffer
+from deltavol.nbd.buffer import PayloadPool, ReceiveBuffer
 from deltavol.nbd.constants import Cmd, CmdFlag, Errno, Info, Opt, Rep, ReplyFlag, ReplyType, TlsMode
 from deltavol.nbd.events import (
     NEED_DATA,
@@ -110,6 +112,7 @@ class SinkBudget:
 
 
 _SINKS = SinkBudget()  # the process-wide default
+_PAYLOADS = PayloadPool()  # the process-wide default
 
 
 class ServerConnection:
@@ -119,6 +122,7 @@ class ServerConnection:
         max_payload: int = c.MAX_PAYLOAD,
         tls_mode: TlsMode = TlsMode.OFF,
         sink_budget: SinkBudget | None = None,
+        payload_pool: PayloadPool | None = None,
     ) -> None:
         self.phase = Phase.AWAIT_CLIENT_FLAGS
         self.max_payload = max_payload
@@ -141,7 +145,9 @@ class ServerConnection:
         self._sink: bytearray | None = None  # where a large WRITE's payload is received
         self._sink_got = 0
         self._into_sink = False  # the view ``get_buffer`` handed out last is of ``_sink``
+        self._header_next = False  # a payload was just received in place: receive a header
         self._budget = _SINKS if sink_budget is None else sink_budget
+        self._pool = _PAYLOADS if payload_pool is None else payload_pool
         self._eof = False
         self._out.append(
             wire.GREETING.pack(
@@ -184,20 +190,29 @@ class ServerConnection:
             return memoryview(sink)[self._sink_got :]
         self._into_sink = False
         if self.phase is _TRANSMISSION:
+            if self._header_next and (want := _REQUEST.size - len(self._rx)) > 0:
+                # After a payload received in place, only the next header: if it is
+                # another large WRITE's, its payload goes straight into its own buffer
+                # rather than partly here and then copied there.
+                return self._rx.space(RECEIVE_SPACE)[:want]
             return self._rx.space(RECEIVE_SPACE)
         return self._rx.space(HANDSHAKE_SPACE)
 
-    def buffer_updated(self, n: int) -> None:
-        """``n`` bytes were received into the view ``get_buffer`` handed out last."""
+    def buffer_updated(self, n: int) -> bool:
+        """``n`` bytes were received into the view ``get_buffer`` handed out last. False
+        when they only went into a WRITE payload that is still not whole: ``next_event``
+        would say ``NEED_DATA`` (a 1 MiB payload comes in several receives)."""
         if self._into_sink:
-            self._sink_got += n
-            return
+            got = self._sink_got = self._sink_got + n
+            sink = self._sink
+            return sink is None or got >= len(sink)  # None: dropped since, parse to see
         if self.phase is Phase.CLOSED:
-            return  # as ``receive_data``: nothing more will be parsed
+            return True  # as ``receive_data``: nothing more will be parsed
         if self.phase is Phase.TLS_HANDSHAKE:
             self._close("client sent plain data after NBD_OPT_STARTTLS")
-            return
+            return True
         self._rx.wrote(n)
+        return True
 
     def data_to_send(self) -> list[bytes | memoryview]:
         out, self._out = self._out, []
@@ -385,6 +400,7 @@ class ServerConnection:
             head = rx.unpack(_REQUEST)
             if head is None:
                 return NEED_DATA
+            self._header_next = False
             magic, flags, cmd, cookie, offset, length = head
             if magic != _REQUEST_MAGIC:
                 return self._close(f"bad request magic {magic:#x}")
@@ -399,7 +415,7 @@ class ServerConnection:
             else:
                 self._head = head
                 if length >= DIRECT_PAYLOAD and self._budget.take(length):
-                    self._sink = bytearray(length)
+                    self._sink = self._pool.get(length)
                     self._sink_got = len(rx)
                     rx.take_into(self._sink, 0, len(rx))
                 return NEED_DATA
@@ -410,6 +426,7 @@ class ServerConnection:
                 if self._sink_got < length:
                     return NEED_DATA
                 data, self._sink, self._sink_got = sink, None, 0
+                self._header_next = True
                 self._budget.give(length)
             else:
                 taken = rx.take(length)

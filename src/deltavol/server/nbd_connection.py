@@ -142,8 +142,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             assert self._scratch is not None
             self._early.append(bytes(self._scratch[:nbytes]))
             return
-        self.conn.buffer_updated(nbytes)
-        self._pump()
+        if self.conn.buffer_updated(nbytes):  # else part of a payload that is not whole yet
+            self._pump()
 
     def eof_received(self) -> bool:
         if self._upgrading:
@@ -412,12 +412,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         try:
             if not export.pwrite_now(req.offset, req.data):  # type: ignore[arg-type]  # see _write
                 return False
-        except DeltavolError as exc:
-            log.info("nbd %s: WRITE failed: %s", self.peer, exc.message)
-            self.conn.send_error(req.cookie, exc.nbd_errno, exc.message)
-            return True
-        except Exception as exc:  # as in ``_run``: a bug costs this request, not the connection
-            self._crashed(req, exc)
+        except Exception as exc:
+            self._write_failed(req, exc)
             return True
         self.conn.send_ok(req.cookie)
         return True
@@ -429,12 +425,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         assert export is not None and lane is not None
         try:
             job = export.pwrite_soon(req.offset, req.data)  # type: ignore[arg-type]  # see _write
-        except DeltavolError as exc:
-            log.info("nbd %s: WRITE failed: %s", self.peer, exc.message)
-            self.conn.send_error(req.cookie, exc.nbd_errno, exc.message)
-            return True
-        except Exception as exc:  # as in ``_run``: a bug costs this request, not the connection
-            self._crashed(req, exc)
+        except Exception as exc:
+            self._write_failed(req, exc)
             return True
         if job is None:
             return False
@@ -466,13 +458,19 @@ class NbdConnection(asyncio.BufferedProtocol):
                 continue
             if error is None:
                 self.conn.send_ok(req.cookie)
-            elif isinstance(error, DeltavolError):
-                log.info("nbd %s: WRITE failed: %s", self.peer, error.message)
-                self.conn.send_error(req.cookie, error.nbd_errno, error.message)
             else:
-                self._crashed(req, error)
+                self._write_failed(req, error)
         self._flush()
         self._settle()
+
+    def _write_failed(self, req: Request, exc: BaseException) -> None:
+        """Answer a WRITE that failed inline or in the lane: a ``DeltavolError`` with its
+        errno; anything else is a bug, which (as in ``_run``) costs this request only."""
+        if isinstance(exc, DeltavolError):
+            log.info("nbd %s: WRITE failed: %s", self.peer, exc.message)
+            self.conn.send_error(req.cookie, exc.nbd_errno, exc.message)
+        else:
+            self._crashed(req, exc)
 
     def _crashed(self, req: Request, exc: BaseException) -> None:
         log.error(

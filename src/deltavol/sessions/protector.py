@@ -316,11 +316,17 @@ class Protector:
         if self.locks.any_held(todo):
             return False
         g, part = self.session.granularity, self._part
-        runs = [(c, start, end) for c in todo for start, end in save.missing(c, *part(c, offset, length))]
+        runs: list[tuple[int, int, int]] = []
+        size = 0
+        for c in todo:  # stops at the bound: a huge zero or trim is not walked on the loop
+            for start, end in save.missing(c, *part(c, offset, length)):
+                runs.append((c, start, end))
+                size += end - start
+                if size > SAVE_AT_ONCE_MAX:
+                    return False
         if not runs:
             return True
-        size = sum(end - start for _, start, end in runs)
-        if size > SAVE_AT_ONCE_MAX or not save.room(size + RECORD.size * len(runs)):
+        if not save.room(size + RECORD.size * len(runs)):
             return False
         cached, reads = self.session.source.backend.pread_cached, []
         for c, start, end in runs:

@@ -74,6 +74,7 @@ from deltavol.sessions.records import RetryPolicy, UpdateRecord, now_iso
 from deltavol.sessions.states import Phase, State, next_state
 from deltavol.sessions.target_writes import TargetWrites
 from deltavol.sessions.tracker import Tracker
+from deltavol.store import fs
 from deltavol.store.group_commit import GroupCommit
 from deltavol.volumes import Volume
 
@@ -87,6 +88,12 @@ _PROTECTING, _GIVEN_UP = Phase.PROTECTING, Phase.GIVEN_UP
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+
+
+def looked_at(fut: asyncio.Future[Any]) -> None:
+    """A done callback that retrieves a failure (its owner handles it, or has died)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def one_at_a_time(
@@ -499,11 +506,13 @@ class Session:
         """
         update = new[0] if new is not None else self.update
         assert update is not None
-        if self.save is None:  # no update writes to the save area: write its space ahead
-            await self.protector.prepare_save_area()
-        await self._flush_source()
-        async with self._gate.closed(), self.copier.checkpointing:
+        if self.save is None:  # no update writes to the save area: write its space ahead,
+            # beside the flush before the gate closes (both in threads; create waits for both)
+            await asyncio.gather(self.protector.prepare_save_area(), self._flush_source())
+        else:
             await self._flush_source()
+        async with self._gate.closed(), self.copier.checkpointing:
+            # (the flush inside the gate runs beside the files' syncs: _mark_syncs)
             # a new bitmap: if this mark fails, start_update puts back the unfinished
             # update's transfer, which must not have gained the chunks changed since its mark
             transfer = Bitmap(self.source.size, self.granularity)
@@ -512,15 +521,8 @@ class Session:
                     transfer.or_(owed)
             before = self.transfer_bytes(transfer)
             transfer.or_(self.tracking)
-            persist.save_atomic(self.files.transfer_path, transfer, update.id, TRANSFER)
-            if self.save is not None:
-                # the new header voids the unfinished update's records, and with them what
-                # made the bits of its saved chunks durable: if this mark does not commit,
-                # that update goes on and only the tracking file can keep those bits
-                assert self.tracking_file is not None
-                await self.tracking_file.durable()
-                self.protector.records_void = True  # until this mark commits, or for good if it fails
-            save = self.protector.save_area(update.id).create()
+            save = self.protector.save_area(update.id)
+            await self._mark_syncs(transfer, update.id, save)
             kept = self.update, self.state, self.progress, self.last_error
             progress = self.progress if new is None else None
             was = (update.marked_at, update.phase, update.catchup_bytes)
@@ -552,6 +554,78 @@ class Session:
             self.protector.save, self.transfer, self.protector.records_void = save, transfer, False
             self.copier.durable = transfer.copy()
             self._after_commit("resetting tracking", self._reset_tracking)
+
+    async def _mark_syncs(self, transfer: Bitmap, update_id: int, save: SaveArea) -> None:
+        """What a mark's commit depends on, made durable side by side, each sync in a
+        thread of its own (none on the event loop): the source flushed (what is copied
+        as of the mark is durable there), the new transfer file, and the save area's new
+        header (``save`` is created).
+
+        One order stays: when an update under way owns the save area (its records
+        protect, ``PROTECTING`` or ``GIVEN_UP``), the new header voids its records. A
+        restart finding that header must find this mark's transfer file in place
+        (``SessionFiles._later_mark``), and the records' tracking bits durable: so the
+        transfer file first, then the tracking file synced, then the header. With no
+        such update nothing reads the old area after a crash (the start-up removes it),
+        and the header goes beside the rest.
+
+        Every thread is over before this returns or raises (a thread cannot be stopped:
+        a mark that gave up must not leave a file being written under the next one); a
+        failure raises the first error, with the save area closed."""
+        current = self.update
+        voids = self.save is not None or (current is not None and current.phase in (_PROTECTING, _GIVEN_UP))
+
+        filing: set[str] = set()  # the jobs past their waits: a cancel waits for their files
+
+        async def transfer_file(*after: Awaitable[None]) -> None:
+            for job in after:  # shielded: a cancel of this job leaves them running
+                await asyncio.shield(job)
+            filing.add("transfer")
+            await fs.to_thread(persist.save_atomic, self.files.transfer_path, transfer, update_id, TRANSFER)
+
+        async def header(*after: Awaitable[None]) -> None:
+            for job in after:
+                await asyncio.shield(job)
+            filing.add("header")
+            if self.save is not None:
+                # the new header voids the unfinished update's records, and with them what
+                # made the bits of its saved chunks durable: if this mark does not commit,
+                # that update goes on and only the tracking file can keep those bits
+                assert self.tracking_file is not None
+                await self.tracking_file.durable()
+                self.protector.records_void = True  # until this mark commits, or for good if it fails
+            await fs.to_thread(save.create)
+
+        flushing = asyncio.ensure_future(self._flush_source())
+        # replacing the transfer file of an update under way, and voiding its records, wait
+        # for the flush: a failed flush must leave that update as it was (a kill -9 then
+        # finishes its own mark; its transfer file replaced, it would give its mark up)
+        writing = asyncio.ensure_future(transfer_file(flushing) if voids else transfer_file())
+        creating = asyncio.ensure_future(header(writing) if voids else header())
+        jobs = [flushing, writing, creating]
+        for j in jobs:  # each failure is looked at below, once all are over; and even if the
+            j.add_done_callback(looked_at)  # process ends first, with one still running
+        cancelled = False
+        while not all(j.done() for j in jobs):
+            try:
+                await asyncio.wait(jobs)  # unlike gather, a cancel does not cancel them
+            except asyncio.CancelledError:
+                cancelled = True
+                # a cancel waits only for the threads that write files (no file may be
+                # written under the next mark); a flush writes none: a slow source disk
+                # must not hold a pause, cancel or stop, nor the gate, for as long as it takes
+                if "transfer" not in filing:
+                    writing.cancel()
+                if "header" not in filing:
+                    creating.cancel()
+                jobs = [writing, creating]
+        failed = [e for j in jobs if not j.cancelled() and (e := j.exception()) is not None]
+        if cancelled or failed or any(j.cancelled() for j in jobs):
+            if not creating.cancelled() and creating.exception() is None:
+                save.close()
+            if failed and not cancelled:
+                raise failed[0]
+            raise asyncio.CancelledError
 
     async def _flush_source(self) -> None:
         """What a mark copies must be durable on the source: a change acknowledged but not

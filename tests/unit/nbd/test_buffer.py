@@ -1,14 +1,16 @@
 """ReceiveBuffer: what is fed comes out in order, whatever the piece sizes; memory stays
-bounded while a stream goes through it."""
+bounded while a stream goes through it. PayloadPool: a buffer is handed out again only
+once nothing else refers to it, and the pool keeps no more than its limit."""
 
 from __future__ import annotations
 
 import struct
+import threading
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deltavol.nbd.buffer import COMPACT_AT, ReceiveBuffer
+from deltavol.nbd.buffer import COMPACT_AT, POOL_SIZES, PayloadPool, ReceiveBuffer
 
 U32 = struct.Struct(">I")
 
@@ -86,3 +88,86 @@ def test_take_after_a_header_consumes_both_or_nothing() -> None:
     assert rx.take(3, skip=3) == b"pay" and len(rx) == 0
     rx.feed(b"HDR")
     assert rx.take(0, skip=3) == b"" and len(rx) == 0
+
+
+def test_a_payload_buffer_comes_back_only_once_nothing_holds_it() -> None:
+    pool = PayloadPool(8 << 20)
+    assert len(pool.get(1 << 20)) == 1 << 20 and pool.held == 0  # a size seen once: not kept
+    first = pool.get(1 << 20)
+    second = pool.get(1 << 20)
+    assert second is not first  # still held
+    first_id = id(first)
+    view = memoryview(first)[100:]  # a transport's view, a job's buffer export: held still
+    del first
+    third = pool.get(1 << 20)
+    assert id(third) != first_id
+    view.release()
+    del view, second, third
+    again = pool.get(1 << 20)
+    assert id(again) == first_id  # nothing refers to it now: reused, not allocated
+    assert len(again) == 1 << 20 and pool.held == 3 << 20
+    assert len(pool.get(4096)) == 4096  # exact sizes only
+
+
+def test_a_buffer_a_worker_thread_writes_from_is_not_handed_out() -> None:
+    pool = PayloadPool(8 << 20)
+    pool.get(1 << 20)  # the size is asked for before: kept from now on
+    buf = pool.get(1 << 20)
+    started, release = threading.Event(), threading.Event()
+
+    def pwrite(data: memoryview) -> None:  # as a lane's job: holds the buffer until done
+        started.set()
+        release.wait(5)
+
+    worker = threading.Thread(target=pwrite, args=(memoryview(buf),))
+    worker.start()
+    started.wait(5)
+    buf_id = id(buf)
+    del buf
+    assert id(pool.get(1 << 20)) != buf_id
+    release.set()
+    worker.join(5)
+    assert id(pool.get(1 << 20)) == buf_id
+
+
+def test_the_pool_keeps_at_most_its_limit_letting_free_buffers_go_first() -> None:
+    pool = PayloadPool(4 << 20)
+    pool.get(1 << 20)
+    held = [pool.get(1 << 20) for _ in range(4)]
+    assert pool.held == 4 << 20
+    extra = pool.get(1 << 20)  # full, nothing free: a buffer the pool does not keep
+    assert len(extra) == 1 << 20 and pool.held == 4 << 20
+    del extra
+    assert all(pool.get(1 << 20) is not b for b in held) and pool.held == 4 << 20
+    del held[:3]  # three free buffers of 1 MiB
+    pool.get(2 << 20)
+    big = pool.get(2 << 20)  # two of them go to make room
+    assert len(big) == 2 << 20 and pool.held == 4 << 20
+
+
+def test_a_full_pool_lets_the_sizes_asked_for_least_recently_go_first() -> None:
+    pool = PayloadPool(4 << 20)
+    pool.get(1 << 20)
+    old, recent = pool.get(1 << 20), pool.get(1 << 20)  # 1 MiB: asked for first
+    pool.get(512 << 10)
+    small = [pool.get(512 << 10) for _ in range(2)]  # 512 KiB: more recently
+    del old, recent, small
+    kept = id(pool.get(512 << 10))  # a free one reused, nothing made
+    assert pool.held == 3 << 20
+    pool.get(2 << 20)
+    pool.get(2 << 20)  # full: a 1 MiB one goes (asked for least recently), not a 512 KiB one
+    assert pool.held == 4 << 20
+    assert id(pool.get(512 << 10)) == kept
+    for size in range(100_000, 100_050):  # ever new sizes, each asked for twice: each fits
+        pool.get(size)  # by letting free ones go
+        assert len(pool.get(size)) == size and pool.held <= 4 << 20
+    assert pool.held > 3 << 20
+
+
+def test_sizes_asked_for_once_are_not_kept_nor_remembered_for_ever() -> None:
+    pool = PayloadPool(4 << 20)
+    for size in range(65536, 65536 + 10 * POOL_SIZES):  # each once: none kept
+        assert len(pool.get(size)) == size
+    assert pool.held == 0 and len(pool._sizes) <= POOL_SIZES
+    pool.get(65536 + 10 * POOL_SIZES - 1)  # the last one, again: kept now
+    assert pool.held == 65536 + 10 * POOL_SIZES - 1

@@ -15,6 +15,7 @@ import pytest
 
 from deltavol.backend.base import WriteJob
 from deltavol.backend.gate import GateLayer, WriteGate
+from deltavol.nbd.buffer import PayloadPool
 from deltavol.nbd.constants import Cmd, Opt, Rep, TlsMode
 from deltavol.nbd.server_conn import SINK_BUDGET, SinkBudget
 from deltavol.server import nbd_connection
@@ -140,6 +141,45 @@ async def test_large_write_reaches_the_export_in_its_receive_buffer_then_is_acke
     assert offset == 4096 and data == payload and data is view.obj
     await asyncio.sleep(0)  # the ack of a write leaves at the end of the loop's turn
     assert b"".join(transport.writes) == struct.pack(">IIQ", 0x67446698, 0, 9)
+
+
+class Forgetful(Export):
+    """An export that keeps a digest of each write, not its buffer."""
+
+    async def pwrite(self, offset: int, data: Any, fua: bool = False) -> None:
+        await asyncio.sleep(0)
+        self.written.append((offset, (bytes(data[:64]), len(data))))
+
+
+async def test_a_large_write_buffer_is_received_into_again_only_once_its_write_is_done() -> None:
+    conn, _, directory = connected()
+    directory.export = conn.export = Forgetful()  # type: ignore[assignment]
+    pool = conn.conn._pool = PayloadPool()
+    pool.get(1 << 20)  # a size asked for before: its buffers are kept
+
+    def sink_of(stream: bytes) -> int:
+        """Send a WRITE's first bytes; the id of the buffer its payload goes into."""
+        receive(conn, stream[:100])
+        view = conn.get_buffer(-1)
+        sink = id(view.obj)
+        view.release()
+        return sink
+
+    sinks = []
+    for i in range(3):
+        stream = request(Cmd.WRITE, cookie=i, offset=i << 20, data=bytes([i + 1]) * (1 << 20))
+        sinks.append(sink_of(stream))
+        receive(conn, stream[100:])
+        if i == 0:  # a second write while the first is under way: another buffer
+            other = request(Cmd.WRITE, cookie=9, offset=9 << 20, data=b"\x09" * (1 << 20))
+            assert sink_of(other) != sinks[0]
+            receive(conn, other[100:])
+        await asyncio.wait_for(conn.idle.wait(), 5)
+    assert sinks[0] == sinks[1] == sinks[2]  # each done before the next came: one buffer, reused
+    assert pool.held == 2 << 20  # and only the two were ever made
+    got = dict(directory.export.written)
+    for i, fill in ((0, 1), (1, 2), (2, 3), (9, 9)):
+        assert got[i << 20] == (bytes([fill]) * 64, 1 << 20)
 
 
 async def test_bytes_received_before_start_tls_returns_are_parsed_after_it(

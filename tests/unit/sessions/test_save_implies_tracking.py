@@ -4,10 +4,11 @@ not by a tracking-file fdatasync of its own.
 
 What this covers, and why:
 
-* the write path (``BeforeChange`` running every session's ``protect`` and the wiring's
-  ``track`` concurrently) pays no fdatasync at all for such a change: the save record is
-  written, not synced, and the chunk stays in the transfer file until a checkpoint, which
-  makes the tracking file durable before it clears the chunk; a change to a chunk not owed
+* the write path (``BeforeChange`` running the wiring's ``track`` first, then every
+  session's ``protect``, inline when nothing needs waiting) pays no fdatasync at all for
+  such a change: the save record is written, not synced, and the chunk stays in the
+  transfer file until a checkpoint, which makes the tracking file durable before it
+  clears the chunk; a change to a chunk not owed
   still waits for a tracking round;
 * a bit left to a save that does not happen (the chunk was copied and checkpointed while
   ``protect`` waited for its lock, or the save area is full and copy-before-write ran)
@@ -248,7 +249,7 @@ def new_session(tmp_path: Path, source: Any, target: Target, granularity: int, s
 
 
 def wire(s: Session, disk: Disk) -> BeforeChange:
-    """The source's filter as the session manager builds it: every protect hook, then tracking."""
+    """The source's filter as the session manager builds it: tracking, then every protect hook."""
     wiring = _SourceWiring(gate=s._gate, commit=s._commit, sessions=[s])
     wiring.rehook()
     return BeforeChange(disk, wiring.hooks, wiring.gate)  # type: ignore[arg-type]
