@@ -9,6 +9,12 @@ the page cache (4 KiB random writes: 7 K -> 15 K IOPS). A connection's bursts of
 and its large ones go to its write lane (``pwrite_soon``, ``backend/lane.py``): one
 worker thread for many writes, not a hop each.
 
+What a copy writes to the volume as its target (``LocalTarget``: the copies in the kernel,
+zeroes, writes, writeback starts and flushes) runs in the volume's own target threads,
+never in the pool: a target disk that stalls blocks every thread writing to it, and a
+copy keeps 16 requests in flight; in the shared pool they would hold up every source's
+reads, flushes and copy-on-first-write saves for as long as the stall lasts.
+
 Zeroing uses ``fallocate`` (punch hole or zero range) on files and ``BLKDISCARD`` /
 ``BLKZEROOUT`` on block devices, falling back to writing zero buffers where the kernel or
 file system refuses; ``extents`` comes from SEEK_DATA / SEEK_HOLE.
@@ -27,7 +33,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from deltavol.backend.base import Extent, WriteJob
@@ -51,6 +57,9 @@ INLINE_STALL = 0.002  # seconds
 INLINE_BACKOFF = 1.0  # seconds: the back-off after a stall; each stall in a row doubles it
 INLINE_BACKOFF_MAX = 64.0  # seconds
 CLOSE_WAIT = 10.0  # seconds ``close`` waits for the worker threads still using the file
+# a local target's threads: the 16 requests a copy keeps in flight (copy/engine.py's
+# INFLIGHT), and its writeback start and flush besides
+TARGET_WORKERS = 18
 
 log = logging.getLogger("deltavol.backend")
 
@@ -107,6 +116,9 @@ class FileBackend:
         self._unused = threading.Event()
         self._unused.set()
         self._fd_lock = threading.Lock()
+        # the threads of what is written here as a copy's target (see the module's doc);
+        # made on first use, shut down by ``close``
+        self._target_pool: ThreadPoolExecutor | None = None
 
     def can_trim(self) -> bool:
         return True
@@ -120,15 +132,28 @@ class FileBackend:
     def can_extents(self) -> bool:
         return True
 
-    async def _run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+    async def _run(self, what: str, fn: Callable[..., T], *args: Any, as_target: bool = False) -> T:
+        """``fn(*args)`` in a worker thread: the shared pool's, or, ``as_target``, one of
+        the volume's target threads."""
         try:
-            return await fs.run_in_pool(_pool, self._held, fn, *args)
+            return await fs.run_in_pool(self._executor(as_target), self._held, fn, *args)
         except OSError as exc:
             raise os_error(exc, f"{what} on volume {self.name!r}") from exc
 
-    async def _run_writing(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+    async def _run_writing(self, what: str, fn: Callable[..., T], *args: Any, as_target: bool = False) -> T:
         """``_run`` for what changes the file: counted in ``_writing`` while it runs."""
-        return await self._run(what, self._counted, fn, *args)
+        return await self._run(what, self._counted, fn, *args, as_target=as_target)
+
+    def _executor(self, as_target: bool) -> Executor:
+        if not as_target:
+            return _pool
+        if self._fd < 0:  # closed: its target threads are shut down (``_held`` refuses anyway)
+            raise OSError(errno.EBADF, "the volume is closed")
+        if self._target_pool is None:
+            self._target_pool = ThreadPoolExecutor(
+                max_workers=TARGET_WORKERS, thread_name_prefix="deltavol-target"
+            )
+        return self._target_pool
 
     def _held(self, fn: Callable[..., T], *args: Any) -> T:
         """In a worker thread: ``fn(*args)`` with the file kept open meanwhile; EBADF,
@@ -170,11 +195,12 @@ class FileBackend:
             return None
         return buf if n == length else None  # type: ignore[return-value]
 
-    async def pread(self, offset: int, length: int) -> bytes:
+    async def pread(self, offset: int, length: int, *, as_target: bool = False) -> bytes:
+        """``as_target``: a copy's read of its target, in the target threads (so too below)."""
         data = self.pread_cached(offset, length)
         if data is not None:
             return data
-        return await self._run("read", self._pread_full, offset, length)
+        return await self._run("read", self._pread_full, offset, length, as_target=as_target)
 
     def _pread_full(self, offset: int, length: int) -> bytes:
         data = fs.pread(self._fd, length, offset)
@@ -191,10 +217,10 @@ class FileBackend:
             data = b"".join(parts)
         return data
 
-    async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
+    async def pwrite(self, offset: int, data: bytes, fua: bool = False, *, as_target: bool = False) -> None:
         if not fua and self.pwrite_now(offset, data):
             return
-        await self._run_writing("write", self._pwrite_full, offset, data, fua)
+        await self._run_writing("write", self._pwrite_full, offset, data, fua, as_target=as_target)
 
     def pwrite_now(self, offset: int, data: bytes) -> bool:
         """Write into the page cache at once when that cannot wait for the disk.
@@ -269,10 +295,10 @@ class FileBackend:
 
     async def copy_from(self, source: FileBackend, offset: int, length: int) -> None:
         """Copy [offset, offset+length) of ``source`` to the same place in this file, in a
-        pool thread with ``copy_file_range``: the data never enters Python, and the loop
+        target thread with ``copy_file_range``: the data never enters Python, and the loop
         only hands the request over. Where the kernel cannot (another file system, a block
         device), the thread reads and writes instead."""
-        await self._run_writing("copy", source._held, self._copy_from, source, offset, length)
+        await self._run_writing("copy", source._held, self._copy_from, source, offset, length, as_target=True)
 
     async def copy_spans(
         self,
@@ -281,14 +307,14 @@ class FileBackend:
         zeroes: list[tuple[int, int]] | None = None,
         granularity: int = 0,
     ) -> int:
-        """Copy each (offset, length) of ``spans`` from ``source``, all in one pool thread
+        """Copy each (offset, length) of ``spans`` from ``source``, all in one target thread
         (one hand-over for many scattered chunks): its data as ``copy_from``, its holes as
         zero requests, or, given ``zeroes``, added to it for the caller to zero later
         (``zero_spans``). With a ``granularity``, data is read instead and each of its
         ``granularity`` blocks that is all zeroes goes as zeroes too (``_copy_data``).
         Returns the bytes copied as data."""
         return await self._run_writing(
-            "copy", source._held, self._copy_spans, source, spans, zeroes, granularity
+            "copy", source._held, self._copy_spans, source, spans, zeroes, granularity, as_target=True
         )
 
     def _copy_spans(
@@ -344,8 +370,8 @@ class FileBackend:
         return sent
 
     async def zero_spans(self, spans: list[tuple[int, int]]) -> None:
-        """``zero`` (may trim) each (offset, length) of ``spans``, all in one pool thread."""
-        await self._run_writing("write zeroes", self._zero_spans, spans)
+        """``zero`` (may trim) each (offset, length) of ``spans``, all in one target thread."""
+        await self._run_writing("write zeroes", self._zero_spans, spans, as_target=True)
 
     def _zero_spans(self, spans: list[tuple[int, int]]) -> None:
         for offset, length in spans:
@@ -370,8 +396,12 @@ class FileBackend:
             self._pwrite_full(offset, data, False)
             offset += n
 
-    async def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
-        await self._run_writing("write zeroes", self._zero, offset, length, may_trim, fua)
+    async def zero(
+        self, offset: int, length: int, may_trim: bool = True, fua: bool = False, *, as_target: bool = False
+    ) -> None:
+        await self._run_writing(
+            "write zeroes", self._zero, offset, length, may_trim, fua, as_target=as_target
+        )
 
     def _zero(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
         if length == 0:
@@ -420,13 +450,14 @@ class FileBackend:
         # A trim that reads back as zeroes is the most useful trim for a copy tool.
         await self.zero(offset, length, may_trim=True, fua=fua)
 
-    async def flush(self) -> None:
-        await self._run_writing("flush", fs.fsync, self._fd)
+    async def flush(self, *, as_target: bool = False) -> None:
+        await self._run_writing("flush", fs.fsync, self._fd, as_target=as_target)
 
     async def start_writeback(self) -> None:
         """Start writing what is dirty to the device, without waiting for it: a flush
-        later then waits for less, and a long copy does not pile up dirty pages."""
-        await self._run_writing("writeback", start_writeback, self._fd)
+        later then waits for less, and a long copy does not pile up dirty pages. (Only a
+        copy to the volume starts it: in a target thread.)"""
+        await self._run_writing("writeback", start_writeback, self._fd, as_target=True)
 
     async def cache(self, offset: int, length: int) -> None:
         await self._run("cache", fs.posix_fadvise, self._fd, offset, length, os.POSIX_FADV_WILLNEED)
@@ -449,16 +480,22 @@ class FileBackend:
     async def close(self) -> None:
         """Close the file once no worker thread uses it (for up to ``CLOSE_WAIT``); what
         is handed to a thread from now on fails with EBADF and does nothing. A thread
-        still busy after that (a hung disk) keeps the fd open: never closed under it."""
+        still busy after that (a hung disk) keeps the fd open: never closed under it.
+        The target threads are shut down, and waited for once none uses the file."""
         with self._fd_lock:
             fd, self._fd = self._fd, -1
             busy = self._users
         if fd < 0:
             return
+        pool, self._target_pool = self._target_pool, None
         if busy and not await fs.to_thread(self._unused.wait, CLOSE_WAIT):
             log.warning("volume %s: still in use by a worker thread: its file stays open", self.name)
+            if pool is not None:
+                pool.shutdown(wait=False)  # its threads end once the disk answers theirs
             return
         fs.close(fd)
+        if pool is not None:  # what is still queued there fails at once (EBADF)
+            await fs.to_thread(pool.shutdown, True)
 
 
 def _all_zero(source: FileBackend, offset: int, length: int) -> bool:

@@ -48,6 +48,10 @@ class LocalTarget:
     Every ``WRITEBACK_BYTES`` written, the copy starts the kernel writing them out (the
     writer that crosses the mark waits for the start, the others go on): the disk works
     while the copy does, instead of in the flush at each checkpoint and at the end.
+
+    Everything it does to the volume runs in the volume's target threads (``as_target``,
+    see ``backend/file.py``), never in the pool the sources' reads, writes and flushes
+    share: a stalled target disk stalls the copy, not the clients of the sources.
     """
 
     request_size = MAX_REQUEST
@@ -72,7 +76,7 @@ class LocalTarget:
         return await asyncio.shield(fut)
 
     async def pwrite(self, offset: int, data: bytes) -> None:
-        await self._write(self.backend.pwrite(offset, data))
+        await self._write(self.backend.pwrite(offset, data, as_target=True))
         await self.written(len(data))
 
     async def copy_from(self, source: FileBackend, offset: int, length: int) -> None:
@@ -109,14 +113,14 @@ class LocalTarget:
             await self.backend.start_writeback()
 
     async def zero(self, offset: int, length: int) -> bool:
-        await self._write(self.backend.zero(offset, length, may_trim=True))
+        await self._write(self.backend.zero(offset, length, may_trim=True, as_target=True))
         return True
 
     async def pread(self, offset: int, length: int) -> bytes:
-        return await self.backend.pread(offset, length)
+        return await self.backend.pread(offset, length, as_target=True)
 
     async def flush(self) -> None:
-        await self.backend.flush()
+        await self.backend.flush(as_target=True)
 
     async def drain(self) -> None:
         """Wait until no write runs any more, those of a copy cancelled meanwhile too."""

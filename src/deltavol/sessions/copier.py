@@ -15,9 +15,18 @@ Design notes
   every batch with a save area of an older version (``synced_saves``: a save is indexed
   only once synced, after the write's lock is let go, so "not saved" proves nothing).
   The locks hold until the thread is over, even when the copy is cancelled (``over``):
-  it reads the source as long as it runs. The source's holes are zeroed, and the
-  writeback started, once the locks are let go: a write does not wait on the target's
-  disk for them (they are the mark's zeroes whatever the source gets meanwhile).
+  it reads the source as long as it runs. But the thread also writes the target, whose
+  disk may stall: so once it has started, a protected write does not wait for it, it
+  takes its chunk over (``ChunkLocks.let_writes_through``) and saves the old blocks
+  first, as for any owed chunk. What the thread wrote of a chunk taken over does not
+  count (it may have read it while or after it changed): once the thread is over, that
+  chunk is copied again, under its lock, from the source and the saved blocks
+  (``_taken_over``), and only the others are done. A copy-before-write of a chunk taken
+  over waits for the thread first (within its deadline), so that the thread cannot land
+  the changed chunk after it. The source's holes are zeroed, and the writeback started,
+  once the locks are let go: a write does not wait on the target's disk for them (they
+  are the mark's zeroes whatever the source gets meanwhile, but in chunks taken over,
+  which are left to their copy again).
 * **Cancelled writes** (``drain``): a write to a local volume runs on in its thread when
   the copy that waits for it is cancelled; a pause, a new update and a re-mark wait for
   them all (those to a target given up too), so none lands after a later copy.
@@ -42,7 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from deltavol.bitmap import persist
@@ -420,7 +429,12 @@ class Copier:
             inflight=target.inflight if not rate else 2,
         )
 
-    async def copy_run(self, target: CopyTarget, first: int, count: int, hole: bool = False) -> None:
+    async def copy_run(
+        self, target: CopyTarget, first: int, count: int, hole: bool = False, *, counted: bool = True
+    ) -> None:
+        """Copy the run of chunks ``first``.. (``hole``: a hole of the source, sent as
+        zeroes); ``counted``: its bytes count as sent (not when copied again after a copy
+        in the kernel that counted them, ``_taken_over``)."""
         s = self.session
         transfer, update, progress, save = s.transfer, s.update, s.progress, s.protector.save
         assert transfer is not None and update is not None and progress is not None
@@ -435,25 +449,29 @@ class Copier:
         elif update.phase is not _PROTECTING:
             if local is not None:  # nothing to hold still: what changes is copied by the catch-up
                 sent = await local.copy_spans(s.source.backend, [(offset, length)], None, g)
-                progress.bytes_sent += sent  # not `+= await`: see below
+                if counted:
+                    progress.bytes_sent += sent  # not `+= await`: see below
                 await local.written(length)
             else:
                 pieces = await self._read_by_extents(offset, length)
         else:
             protector = s.protector
             kernel = False
-            async with protector.locks.hold(chunks):
+            async with protector.locks.hold(chunks) as held:
                 live = [c for c in chunks if transfer.test(c)]
                 if not live:
                     return
                 if local is not None and not _maybe_saved(save, live):
                     # no block saved: the source under the locks is the mark's image, and
-                    # the kernel copies it while the locks keep every write to it waiting
+                    # the kernel copies it; a write that takes a chunk over meanwhile saves
+                    # it first, and it is copied again (``_taken_over``)
                     kernel = True
                     zeroes: list[tuple[int, int]] = []
                     spans = _live_spans(live, self.chunk_span)
+                    protector.locks.let_writes_through(held)
                     sent = await _in_thread(local.copy_spans(s.source.backend, spans, zeroes, g))
-                    progress.bytes_sent += sent
+                    if counted:
+                        progress.bytes_sent += sent
                 else:
                     data = bytearray(await s.source.backend.pread(offset, length))
                     if protector.save is not save or (
@@ -467,12 +485,16 @@ class Copier:
                     return  # the mark ended under the copy: its bits stay (copied again)
                 # the locks are let go: the mark's zeroes stay zeroes, and a write no longer
                 # waits for the punches nor the writeback start on the target's disk
-                await local.zero_spans(zeroes)
+                await local.zero_spans(_outside(zeroes, held.taken, g))
                 await local.written(sum(n for _, n in spans))
+                if held.taken:
+                    await self._taken_over(local, [(first, count)], held.taken)
+                    return
         for off, piece in pieces:
             n = piece if isinstance(piece, int) else len(piece)
             sent = await write_piece(target, off, None if isinstance(piece, int) else piece, n, g)
-            progress.bytes_sent += sent  # not `+= await`: that would read a stale total
+            if counted:
+                progress.bytes_sent += sent  # not `+= await`: that would read a stale total
         if self.target is not target:  # dropped meanwhile: no flush of it will come
             raise TargetError(msg=f"target {target.description}: connection closed during a copy")
         progress.done(transfer.clear_run(first, count))
@@ -494,13 +516,14 @@ class Copier:
         save = protector.save
         chunks = [c for first, count in runs for c in range(first, first + count)]
         zeroes: list[tuple[int, int]] = []
-        async with protector.locks.hold(chunks):
+        async with protector.locks.hold(chunks) as held:
             live = [c for c in chunks if transfer.test(c)]
             if not live or protector.save is not save:
                 return  # copied by copy-before-write; or the mark is over: its bits stay
             saved = _maybe_saved(save, live)
             if not saved:
                 spans = _live_spans(live, self.chunk_span)
+                protector.locks.let_writes_through(held)  # see ``_taken_over``
                 sent = await _in_thread(target.copy_spans(s.source.backend, spans, zeroes, s.granularity))
                 progress.bytes_sent += sent
         if saved:  # the old way, each run under its own locks again
@@ -511,8 +534,11 @@ class Copier:
             return  # the mark ended under the copy: its bits stay (copied again)
         # the locks are let go: the mark's zeroes stay zeroes, and a write no longer waits
         # for the punches nor the writeback start on the target's disk
-        await target.zero_spans(zeroes)
+        await target.zero_spans(_outside(zeroes, held.taken, s.granularity))
         await target.written(sum(n for _, n in spans))
+        if held.taken:
+            await self._taken_over(target, runs, held.taken)
+            return
         if self.target is not target:  # dropped meanwhile: no flush of it will come
             raise TargetError(msg=f"target {target.description}: connection closed during a copy")
         progress.done(sum(transfer.clear_run(first, count) for first, count in runs))
@@ -523,6 +549,41 @@ class Copier:
             bytes_done=progress.bytes_done,
             bytes_sent=progress.bytes_sent,
         )
+
+    async def _taken_over(
+        self, target: LocalTarget, runs: Iterable[tuple[int, int]], taken: set[int]
+    ) -> None:
+        """After a copy in the kernel of ``runs`` whose chunks ``taken`` protected writes
+        took over (``ChunkLocks.let_writes_through``): the thread may have read them while
+        or after they changed, so what it wrote there does not count. The others are done;
+        those are copied again, under their locks, from the source and the blocks the
+        writes saved (``copy_run``), over what the thread wrote (it is over). Their bytes
+        were counted as sent once, by the thread's copy: not again."""
+        s = self.session
+        transfer, update, progress = s.transfer, s.update, s.progress
+        assert transfer is not None and update is not None and progress is not None
+        if self.target is not target:  # dropped meanwhile: no flush of it will come
+            raise TargetError(msg=f"target {target.description}: connection closed during a copy")
+        done = 0
+        again: list[tuple[int, int]] = []
+        for first, count in runs:
+            for c in range(first, first + count):
+                if c not in taken:
+                    done += transfer.clear_run(c, 1)
+                elif again and again[-1][0] + again[-1][1] == c:
+                    again[-1] = (again[-1][0], again[-1][1] + 1)
+                else:
+                    again.append((c, 1))
+        progress.done(done)
+        s.events.progress(
+            s.name,
+            id=update.id,
+            bytes_total=progress.bytes_total,
+            bytes_done=progress.bytes_done,
+            bytes_sent=progress.bytes_sent,
+        )
+        for first, count in again:
+            await self.copy_run(target, first, count, counted=False)
 
     async def _read_by_extents(self, offset: int, length: int) -> list[tuple[int, bytes | int]]:
         """Pieces of [offset, offset+length): data as bytes, holes as their length."""
@@ -556,6 +617,24 @@ def _maybe_saved(save: SaveArea | None, live: list[int]) -> bool:
     version) indexes a record only once its sync is over, after the write's lock is let
     go: a chunk not in it yet may be saved already."""
     return save is None or save.synced_saves or any(c in save for c in live)
+
+
+def _outside(spans: list[tuple[int, int]], chunks: set[int], g: int) -> list[tuple[int, int]]:
+    """The parts of ``spans`` (offset, length) outside the ``g``-byte ``chunks``."""
+    if not chunks:
+        return spans
+    out: list[tuple[int, int]] = []
+    for offset, length in spans:
+        pos, end = offset, offset + length
+        while pos < end:
+            stop = min(end, pos // g * g + g)
+            if pos // g not in chunks:
+                if out and out[-1][0] + out[-1][1] == pos:
+                    out[-1] = (out[-1][0], stop - out[-1][0])
+                else:
+                    out.append((pos, stop - pos))
+            pos = stop
+    return out
 
 
 def _live_spans(live: list[int], span: Any) -> list[tuple[int, int]]:

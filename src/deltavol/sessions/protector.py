@@ -79,29 +79,93 @@ SAVE_AT_ONCE_MAX = 128 * 1024  # bytes of old blocks a change may save without t
 _PROTECTING = Phase.PROTECTING
 
 
+class Held:
+    """The chunks one ``ChunkLocks.hold`` has taken; see ``ChunkLocks.let_writes_through``."""
+
+    __slots__ = ("chunks", "over", "passable", "taken")
+
+    def __init__(self) -> None:
+        self.chunks: list[int] = []
+        self.passable = False  # let writes through (``ChunkLocks.let_writes_through``)
+        self.taken: set[int] = set()  # chunks a protected write took over from this hold
+        self.over = asyncio.Event()  # set once the hold is let go
+
+
 class ChunkLocks:
-    """Per-chunk mutual exclusion between copying a chunk and saving it before a write."""
+    """Per-chunk mutual exclusion between copying a chunk and saving it before a write.
+
+    A copy in the kernel holds its chunks while its thread writes them to the target, and
+    a target's disk can stall for as long as it likes: so once its thread has started, it
+    lets protected writes take its chunks over (``let_writes_through``) instead of holding
+    them back. A write that takes one over saves the old blocks first, as always, and the
+    copy, once its thread is over, copies that chunk again (from the source and the saved
+    blocks: see ``Copier.copy_batch``); what its thread wrote there is not counted.
+    """
 
     def __init__(self) -> None:
         self._held: dict[int, asyncio.Event] = {}
+        self._passable: dict[int, Held] = {}  # held by a copy that lets protected writes through
+        self._copying: dict[int, Held] = {}  # taken over from a copy whose hold is not over yet
+        self._writers_waiting: dict[int, int] = {}  # protected writes that wait for a chunk
 
     def any_held(self, chunks: Iterable[int]) -> bool:
         held = self._held
         return bool(held) and any(c in held for c in chunks)
 
+    def copying(self, chunk: int) -> Held | None:
+        """The hold of a copy ``chunk`` was taken over from, while that copy may still write
+        it to the target (its thread is not over): None if none."""
+        return self._copying.get(chunk)
+
+    def let_writes_through(self, held: Held) -> None:
+        """From now on a protected write may take the chunks of ``held`` over (``hold`` with
+        ``take_over``); those that wait for one are woken to do so."""
+        held.passable = True
+        self._passable.update(dict.fromkeys(held.chunks, held))
+        for c in [c for c in self._writers_waiting if self._passable.get(c) is held]:
+            self._held.pop(c).set()
+            self._held[c] = asyncio.Event()
+
     @asynccontextmanager
-    async def hold(self, chunks: Iterable[int]) -> AsyncIterator[None]:
-        taken: list[int] = []
+    async def hold(self, chunks: Iterable[int], *, take_over: bool = False) -> AsyncIterator[Held]:
+        """Hold ``chunks``, waiting for each in ascending order (no deadlock between
+        multi-chunk holders). With ``take_over`` (a protected write), a chunk held by a copy
+        that lets writes through is taken from it at once (recorded in its ``taken``)."""
+        held = Held()
         try:
-            for c in sorted(chunks):  # ascending: no deadlock between multi-chunk holders
+            for c in sorted(chunks):
                 while (ev := self._held.get(c)) is not None:
-                    await ev.wait()
+                    owner = self._passable.pop(c, None) if take_over else None
+                    if owner is not None:
+                        owner.taken.add(c)
+                        self._copying[c] = owner
+                        self._held.pop(c).set()
+                        continue
+                    if not take_over:
+                        await ev.wait()
+                        continue
+                    waiting = self._writers_waiting
+                    waiting[c] = waiting.get(c, 0) + 1  # woken if its holder lets writes through
+                    try:
+                        await ev.wait()
+                    finally:
+                        if waiting[c] == 1:
+                            del waiting[c]
+                        else:
+                            waiting[c] -= 1
                 self._held[c] = asyncio.Event()
-                taken.append(c)
-            yield
+                held.chunks.append(c)
+            yield held
         finally:
-            for c in taken:
+            for c in held.chunks:
+                if c in held.taken:  # not ours any more
+                    if self._copying.get(c) is held:
+                        del self._copying[c]
+                    continue
+                if held.passable:
+                    self._passable.pop(c, None)
                 self._held.pop(c).set()
+            held.over.set()
 
 
 class Protector:
@@ -180,7 +244,7 @@ class Protector:
         chunks = tracker.tracking.chunk_range(offset, length)
         todo = [c for c in chunks if owed(c) and save.missing(c, *part(c, offset, length))]
         if todo and not await self._save_at_once(todo, offset, length, update, save):
-            async with self.locks.hold(todo):
+            async with self.locks.hold(todo, take_over=True):
                 # one deadline for the change, not one per chunk: it holds the write gate
                 deadline = asyncio.get_running_loop().time() + session.target_timeout
                 for c in todo:
@@ -353,6 +417,12 @@ class Protector:
             deadline = asyncio.get_running_loop().time() + session.target_timeout
         try:
             if transfer.test(c):
+                copying = self.locks.copying(c)
+                if copying is not None:
+                    # taken over from a copy in the kernel whose thread may still write the
+                    # chunk, as the source is now, to the target: after this copy, never
+                    async with asyncio.timeout_at(deadline):
+                        await copying.over.wait()
                 off, n = copier.chunk_span(c)
                 data = bytearray(await session.source.backend.pread(off, n))
                 if not await self.lay_saved(data, off, [c], save):

@@ -178,14 +178,14 @@ async def test_a_pause_waits_for_the_target_writes_of_the_cancelled_copy(
     landed: list[int] = []
     pwrite = FileBackend.pwrite
 
-    async def held_pwrite(self: FileBackend, offset: int, data: bytes, fua: bool = False) -> None:
+    async def held_pwrite(self: FileBackend, offset: int, data: bytes, fua: bool = False, **kw: Any) -> None:
         if self.name == "dst" and not writing.is_set():
             writing.set()
             await asyncio.to_thread(release.wait, 30)
-            await pwrite(self, offset, data, fua)
+            await pwrite(self, offset, data, fua, **kw)
             landed.append(offset)
             return
-        await pwrite(self, offset, data, fua)
+        await pwrite(self, offset, data, fua, **kw)
 
     monkeypatch.setattr(FileBackend, "pwrite", held_pwrite)
     opened = asyncio.Event()
@@ -269,11 +269,11 @@ async def test_a_remark_waits_for_the_writes_to_the_target_given_up(
     writing, write_go, copying, copy_go = (threading.Event() for _ in range(4))
     pwrite = FileBackend.pwrite
 
-    async def held_pwrite(self: FileBackend, offset: int, data: bytes, fua: bool = False) -> None:
+    async def held_pwrite(self: FileBackend, offset: int, data: bytes, fua: bool = False, **kw: Any) -> None:
         if self.name == "dst" and offset == 2 * G and not writing.is_set():
             writing.set()
             await asyncio.to_thread(write_go.wait, 30)
-        await pwrite(self, offset, data, fua)
+        await pwrite(self, offset, data, fua, **kw)
 
     copy_from = FileBackend._copy_from
 

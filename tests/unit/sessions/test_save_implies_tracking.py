@@ -454,7 +454,9 @@ async def test_a_change_whose_old_blocks_are_cached_saves_without_taking_a_lock(
     s, c = rig.session, OWED.start
     taken: list[list[int]] = []
     real = s.locks.hold
-    monkeypatch.setattr(s.locks, "hold", lambda chunks: (taken.append(list(chunks)), real(chunks))[1])
+    monkeypatch.setattr(
+        s.locks, "hold", lambda chunks, **kw: (taken.append(list(chunks)), real(chunks, **kw))[1]
+    )
     await rig.write(c * G4 + BLOCK, b"1" * 2 * BLOCK)
     assert (taken == []) is rig.disk.cached, f"chunk locks taken: {taken}"
     assert s.save is not None and await s.save.pieces(c) == [(BLOCK, rig.old(c)[BLOCK : 3 * BLOCK])]
