@@ -119,6 +119,8 @@ class FileBackend:
         # the threads of what is written here as a copy's target (see the module's doc);
         # made on first use, shut down by ``close``
         self._target_pool: ThreadPoolExecutor | None = None
+        # The first failed sync of this fd, for good (see ``_sync``). Set by pool threads.
+        self._sync_failed: OSError | None = None
 
     def can_trim(self) -> bool:
         return True
@@ -291,7 +293,7 @@ class FileBackend:
             view = view[n:]
             offset += n
         if fua:
-            fs.fdatasync(self._fd)
+            self._sync(fs.fdatasync)
 
     async def copy_from(self, source: FileBackend, offset: int, length: int) -> None:
         """Copy [offset, offset+length) of ``source`` to the same place in this file, in a
@@ -425,7 +427,7 @@ class FileBackend:
                 self._pwrite_full(offset, _ZEROES[:n], False)
                 offset += n
         if fua:
-            fs.fdatasync(self._fd)
+            self._sync(fs.fdatasync)
 
     def _try_fallocate(self, attr: str, mode: int, offset: int, length: int) -> bool:
         try:
@@ -451,7 +453,23 @@ class FileBackend:
         await self.zero(offset, length, may_trim=True, fua=fua)
 
     async def flush(self, *, as_target: bool = False) -> None:
-        await self._run_writing("flush", fs.fsync, self._fd, as_target=as_target)
+        await self._run_writing("flush", self._sync, fs.fsync, as_target=as_target)
+
+    def _sync(self, how: Callable[[int], None]) -> None:
+        """Sync the file (``fs.fsync`` or ``fs.fdatasync``); once a sync failed, every later
+        one fails too, until the volume is opened again. Linux reports a writeback error
+        once per open file: the sync after a failed one may succeed although what the
+        failed one was to make durable is lost, and a client's FLUSH, a FUA write or a mark
+        would then be told its data is on disk when it is not."""
+        failed = self._sync_failed
+        if failed is not None:
+            raise OSError(failed.errno, f"an earlier sync of this volume failed ({failed.strerror})")
+        try:
+            how(self._fd)
+        except OSError as exc:
+            if exc.errno != errno.EBADF:  # closed under it: nothing was lost by this fd
+                self._sync_failed = exc
+            raise
 
     async def start_writeback(self) -> None:
         """Start writing what is dirty to the device, without waiting for it: a flush
