@@ -313,32 +313,44 @@ class Protector:
         """The records of ``_save_at_once``, written and indexed in this step of the loop;
         True if every run of ``todo`` is saved. Only for an area whose saves are not synced
         one by one (``SaveArea.synced_saves``): its rounds are done at once."""
-        if self.locks.any_held(todo):
+        reads = self._old_blocks(todo, offset, length, save)
+        if reads is None:
             return False
-        g, part = self.session.granularity, self._part
-        runs: list[tuple[int, int, int]] = []
-        size = 0
-        for c in todo:  # stops at the bound: a huge zero or trim is not walked on the loop
-            for start, end in save.missing(c, *part(c, offset, length)):
-                runs.append((c, start, end))
-                size += end - start
-                if size > SAVE_AT_ONCE_MAX:
-                    return False
-        if not runs:
-            return True
-        if not save.room(size + RECORD.size * len(runs)):
-            return False
-        cached, reads = self.session.source.backend.pread_cached, []
-        for c, start, end in runs:
-            old = cached(c * g + start, end - start)
-            if old is None:
-                return False
-            reads.append((c, start, old))
         for c, start, old in reads:
             if save.put(c, start, old) is None:
                 return False  # full or failed: the locks take the rest (copy-before-write)
             update.cofw_saved_bytes += len(old)
         return True
+
+    def _old_blocks(
+        self, todo: list[int], offset: int, length: int, save: SaveArea
+    ) -> list[tuple[int, int, bytes]] | None:
+        """The old contents of the blocks of ``todo`` this change must save, as (chunk,
+        offset in it, bytes), read from the page cache in this step of the loop; None when
+        that cannot be done without waiting: a chunk held (by the copy, or by a save that
+        waits), over ``SAVE_AT_ONCE_MAX`` (a large zero or trim reads and saves under the
+        locks, off the loop; the walk stops at the bound), no room in the save area, or a
+        block not cached."""
+        if self.locks.any_held(todo):
+            return None
+        g, part = self.session.granularity, self._part
+        runs: list[tuple[int, int, int]] = []
+        size = 0
+        for c in todo:
+            for start, end in save.missing(c, *part(c, offset, length)):
+                runs.append((c, start, end))
+                size += end - start
+                if size > SAVE_AT_ONCE_MAX:
+                    return None
+        if runs and not save.room(size + RECORD.size * len(runs)):
+            return None
+        cached, reads = self.session.source.backend.pread_cached, []
+        for c, start, end in runs:
+            old = cached(c * g + start, end - start)
+            if old is None:
+                return None
+            reads.append((c, start, old))
+        return reads
 
     async def _save_at_once(
         self, todo: list[int], offset: int, length: int, update: UpdateRecord, save: SaveArea
@@ -357,19 +369,9 @@ class Protector:
         meanwhile reads the source before this change goes down, or lays this record over
         what it read (indexed before the change goes down).
         """
-        if self.locks.any_held(todo):
+        reads = self._old_blocks(todo, offset, length, save)
+        if reads is None:
             return False
-        g, part = self.session.granularity, self._part
-        runs = [(c, start, end) for c in todo for start, end in save.missing(c, *part(c, offset, length))]
-        size = sum(end - start for _, start, end in runs)
-        if size > SAVE_AT_ONCE_MAX or not save.room(size + RECORD.size * len(runs)):
-            return False  # a large zero or trim reads and saves under the locks, off the loop
-        cached, reads = self.session.source.backend.pread_cached, []
-        for c, start, end in runs:
-            old = cached(c * g + start, end - start)
-            if old is None:
-                return False
-            reads.append((c, start, old))
         puts = [(len(old), save.put(c, start, old)) for c, start, old in reads]
         done = next((r for _, r in puts if r is not None), None)  # puts of one step share a round
         if done is not None and not done.done():  # an area that syncs its saves (version 4)
