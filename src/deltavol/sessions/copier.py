@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
-from deltavol.copy.engine import batches, requests, run_pipeline, split_at_holes, write_piece
+from deltavol.copy.engine import Progress, batches, requests, run_pipeline, split_at_holes, write_piece
 from deltavol.copy.targets import CopyTarget, LocalTarget
 from deltavol.copy.throttle import Throttle
 from deltavol.errors import DeltavolError, IoFailure, TargetError
@@ -66,6 +66,7 @@ from deltavol.store import fs
 
 if TYPE_CHECKING:
     from deltavol.copy.save_area import SaveArea
+    from deltavol.sessions.records import UpdateRecord
     from deltavol.sessions.session import Session
 
 log = logging.getLogger("deltavol.session")
@@ -498,13 +499,7 @@ class Copier:
         if self.target is not target:  # dropped meanwhile: no flush of it will come
             raise TargetError(msg=f"target {target.description}: connection closed during a copy")
         progress.done(transfer.clear_run(first, count))
-        s.events.progress(
-            s.name,
-            id=update.id,
-            bytes_total=progress.bytes_total,
-            bytes_done=progress.bytes_done,
-            bytes_sent=progress.bytes_sent,
-        )
+        self._progressed(update, progress)
 
     async def copy_batch(self, target: LocalTarget, runs: tuple[tuple[int, int], ...]) -> None:
         """Copy the runs of chunks ``runs`` (ascending) under copy-on-first-write to a local
@@ -542,6 +537,10 @@ class Copier:
         if self.target is not target:  # dropped meanwhile: no flush of it will come
             raise TargetError(msg=f"target {target.description}: connection closed during a copy")
         progress.done(sum(transfer.clear_run(first, count) for first, count in runs))
+        self._progressed(update, progress)
+
+    def _progressed(self, update: UpdateRecord, progress: Progress) -> None:
+        s = self.session
         s.events.progress(
             s.name,
             id=update.id,
@@ -575,13 +574,7 @@ class Copier:
                 else:
                     again.append((c, 1))
         progress.done(done)
-        s.events.progress(
-            s.name,
-            id=update.id,
-            bytes_total=progress.bytes_total,
-            bytes_done=progress.bytes_done,
-            bytes_sent=progress.bytes_sent,
-        )
+        self._progressed(update, progress)
         for first, count in again:
             await self.copy_run(target, first, count, counted=False)
 
