@@ -37,7 +37,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from deltavol.backend.base import Extent, WriteJob
-from deltavol.errors import os_error
+from deltavol.errors import IoFailure, os_error
 from deltavol.nbd.constants import STATE_HOLE, STATE_ZERO
 from deltavol.store import fs
 
@@ -453,17 +453,26 @@ class FileBackend:
         await self.zero(offset, length, may_trim=True, fua=fua)
 
     async def flush(self, *, as_target: bool = False) -> None:
-        await self._run_writing("flush", self._sync, fs.fsync, as_target=as_target)
+        if as_target:  # a copy owes again what a failed flush covered: it may retry
+            await self._run_writing("flush", fs.fsync, self._fd, as_target=True)
+        else:
+            await self._run_writing("flush", self._sync, fs.fsync)
 
     def _sync(self, how: Callable[[int], None]) -> None:
-        """Sync the file (``fs.fsync`` or ``fs.fdatasync``); once a sync failed, every later
-        one fails too, until the volume is opened again. Linux reports a writeback error
-        once per open file: the sync after a failed one may succeed although what the
-        failed one was to make durable is lost, and a client's FLUSH, a FUA write or a mark
-        would then be told its data is on disk when it is not."""
+        """Sync the file (``fs.fsync`` or ``fs.fdatasync``) for a client or a mark; once
+        such a sync failed, every later one fails too, until the volume is opened again.
+        Linux reports a writeback error once per open file: the sync after a failed one
+        may succeed although what the failed one was to make durable is lost, and a
+        client's FLUSH, a FUA write or a mark would then be told its data is on disk when
+        it is not. (A copy's flush of its target does not need this: the chunks a failed
+        flush covered are owed again and copied anew before a later flush counts them.)"""
         failed = self._sync_failed
         if failed is not None:
-            raise OSError(failed.errno, f"an earlier sync of this volume failed ({failed.strerror})")
+            raise IoFailure(
+                what=f"sync of volume {self.name!r}",
+                why=f"an earlier sync of this volume failed ({failed.strerror}), so what was "
+                "written before it may be lost; restart the server to open the volume again",
+            )
         try:
             how(self._fd)
         except OSError as exc:
