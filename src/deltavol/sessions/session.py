@@ -392,6 +392,17 @@ class Session:
 
     # --- updates -------------------------------------------------------------------------
     @property
+    def image_now(self) -> bool:
+        """The target is, right now, the source as of ``point_in_time``: the session is
+        consistent and no update under way has begun writing the target (``consistent``
+        alone stays true through an incremental update, which keeps the point in time to
+        go back to until it ends; a restart cannot know whether the update wrote)."""
+        if not self.consistent:
+            return False
+        update = self.update
+        return update is None or not update.running or self.target_writes.untouched
+
+    @property
     def busy(self) -> bool:
         return self._task is not None and not self._task.done()
 
@@ -1000,7 +1011,7 @@ class Session:
             "target": self.target_spec,
             "granularity": self.granularity,
             "state": self.state.value,
-            "consistent": self.consistent,
+            "consistent": self.image_now,
             "point_in_time": self.point_in_time,
             "tracked_bytes": self.transfer_bytes(self.tracking),
             "recopy_bytes": self.recopy.bytes if self.recopy else 0,

@@ -1,7 +1,8 @@
 """A local target's fsync that fails once (ENOSPC, then the disk has room again) fails the
 update; a resume then finishes it, without a restart. The volume's failed syncs stay
 failed for its clients and marks (``FileBackend._sync``), but not for a copy's flushes of
-its target: the chunks a failed flush covered are owed again and copied anew."""
+its target: the chunks a failed flush covered are owed again and copied anew. Meanwhile
+the status does not call the session consistent: its target is partly written."""
 
 from __future__ import annotations
 
@@ -38,12 +39,16 @@ async def test_a_target_sync_that_failed_once_fails_the_update_but_not_the_resum
 
     monkeypatch.setattr(cur, "fsync", failing(cur.fsync))
     monkeypatch.setattr(cur, "fdatasync", failing(cur.fdatasync))
+    before = await dst.backend.pread(2 * G, G)
     await src.export.pwrite(2 * G, b"B" * G)
     await s.start_update(False)
     await s.wait()
     assert not armed[0] and s.state is State.FAILED, (s.state, s.last_error)
+    # the target already holds chunk 2 from after the point in time: no image of it now
+    assert await dst.backend.pread(2 * G, G) != before
+    assert not s.status()["consistent"]
     await s.resume()  # the disk has room again
     await s.wait()
-    assert s.state is State.IDLE and s.consistent, s.last_error
+    assert s.state is State.IDLE and s.status()["consistent"], s.last_error
     size = src.backend.size
     assert await dst.backend.pread(0, size) == await src.backend.pread(0, size)
