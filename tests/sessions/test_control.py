@@ -45,7 +45,9 @@ def test_pause_resume_cancel_an_incremental_update(server: Server) -> None:
     wait_for(server, lambda s: s["update"]["bytes_done"] > 0, "copying anything")
     server.cli("session", "pause", "s")
     paused = server.status()
-    assert paused["state"] == "paused" and paused["consistent"]  # the last point in time still holds
+    # part of the target is as of the new mark: no image of any point in time now, but the
+    # session still names the last one
+    assert paused["state"] == "paused" and not paused["consistent"] and paused["point_in_time"]
     done = paused["update"]["bytes_done"]
     assert 0 < done < total
     # while paused the chunks still owed stay protected: C over the last ones is saved first

@@ -101,7 +101,8 @@ def test_a_killed_target_fails_an_incremental_update_and_resume_keeps_the_point_
         start_update(server, "--max-rate", "512KiB/s")
         wait_for(server, lambda s: s["update"]["bytes_done"] >= 2 * MiB, "copying")
     failed = wait_failed(server, sock)  # qemu-nbd was killed mid-copy
-    assert failed["consistent"]  # the last point in time is still whole on the target
+    assert not failed["consistent"]  # part of the target is as of the new mark
+    assert failed["point_in_time"]  # the last point in time is still the session's
     # while failed, the chunks still owed stay protected
     apply(server, "src", model.write(0xCC, 0, 4 * MiB))
     assert server.status()["update"]["cofw_saved_bytes"] > 0

@@ -114,7 +114,8 @@ class Unavailable:
             "granularity": r["granularity"],
             "state": "unavailable",
             "stored_state": r["state"],
-            "consistent": bool(r["consistent"]),
+            # as a loaded session after a restart: an update under way may have written
+            "consistent": bool(r["consistent"]) and r["state"] in ("idle", "restoring"),
             "point_in_time": r["point_in_time"],
             "tracked_bytes": None,
             "recopy_bytes": None,
