@@ -594,14 +594,15 @@ async def _in_thread(work: Awaitable[T]) -> T:
     a copy in the kernel reads the source for as long as its thread runs, so the locks
     that hold the source still are let go only then."""
     fut = asyncio.ensure_future(work)
-    fut.add_done_callback(_retrieved)
+    fut.add_done_callback(looked_at)  # a failure a cancelled copy no longer waits for is no warning
     await over(fut)
     return fut.result()
 
 
-def _retrieved(fut: asyncio.Future[Any]) -> None:
+def looked_at(fut: asyncio.Future[Any]) -> None:
+    """A done callback that retrieves a failure (its owner handles it, or has died)."""
     if not fut.cancelled():
-        fut.exception()  # a failure a cancelled copy no longer waits for is no warning
+        fut.exception()
 
 
 def _maybe_saved(save: SaveArea | None, live: list[int]) -> bool:

@@ -66,6 +66,7 @@ from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.engine import write_piece
 from deltavol.copy.save_area import RECORD, SaveArea
 from deltavol.errors import DeltavolError, SaveRecordLost, TargetError
+from deltavol.sessions.copier import looked_at
 from deltavol.sessions.records import UpdateRecord
 from deltavol.sessions.states import Phase
 from deltavol.store import fs
@@ -442,7 +443,7 @@ class Protector:
             # make "c is done" durable before c changes; shielded, so that a checkpoint is
             # never cut between its snapshot and its file (it ends by itself if given up)
             checkpoint = asyncio.ensure_future(copier.checkpoint())
-            checkpoint.add_done_callback(_seen)
+            checkpoint.add_done_callback(looked_at)  # its failure was reported to that write
             async with asyncio.timeout_at(deadline):
                 await asyncio.shield(checkpoint)
             if copier.owed(c):  # no flush covered it (the target went): c must not change as is
@@ -489,9 +490,3 @@ class Protector:
         g = self.session.granularity
         base = chunk * g
         return max(offset, base) - base, min(offset + length, base + g) - base
-
-
-def _seen(task: asyncio.Future[None]) -> None:
-    """A checkpoint a write stopped waiting for: its failure was reported to that write."""
-    if not task.cancelled():
-        task.exception()

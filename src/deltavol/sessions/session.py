@@ -67,7 +67,7 @@ from deltavol.errors import (
     TargetError,
 )
 from deltavol.events import EventBus
-from deltavol.sessions.copier import CHECKPOINT_SECONDS, Copier, stop
+from deltavol.sessions.copier import CHECKPOINT_SECONDS, Copier, looked_at, stop
 from deltavol.sessions.files import SessionFiles
 from deltavol.sessions.protector import ChunkLocks, Protector
 from deltavol.sessions.records import RetryPolicy, UpdateRecord, now_iso
@@ -88,12 +88,6 @@ _PROTECTING, _GIVEN_UP = Phase.PROTECTING, Phase.GIVEN_UP
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
-
-
-def looked_at(fut: asyncio.Future[Any]) -> None:
-    """A done callback that retrieves a failure (its owner handles it, or has died)."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 def one_at_a_time(
