@@ -22,7 +22,7 @@ class Service:
     def __init__(self, db: Database, datadir: DataDir, config: ServerConfig) -> None:
         self.db = db
         self.events = EventBus()
-        self.volumes = Volumes(db, datadir.volumes)
+        self.volumes = Volumes(db, datadir.volumes, config.hot_set)
         self.sessions = SessionManager(db, self.volumes, datadir.bitmaps, datadir.save, config, self.events)
         self.warnings = list(config.warnings)  # how the server is exposed, said by `volume list`
         self.facts = Facts(db, self._find_session)

@@ -25,6 +25,8 @@ from deltavol.backend.base import Backend
 from deltavol.backend.export import Export
 from deltavol.backend.file import FileBackend, device_size
 from deltavol.backend.gate import GateLayer, WriteGate
+from deltavol.backend.recent import RecentWrites
+from deltavol.bitmap.persist import HOT_SET
 from deltavol.errors import (
     AlreadyExists,
     DeltavolError,
@@ -205,9 +207,10 @@ def _allocated(path: str) -> int | None:
 
 
 class Volumes:
-    def __init__(self, db: Database, images: Path) -> None:
+    def __init__(self, db: Database, images: Path, hot_set: int = HOT_SET) -> None:
         self.db = db
         self.images = images
+        self.hot_set = hot_set  # bytes of regions each volume's write gate keeps as written lately
         self._by_name: dict[str, Volume] = {}
         self._filling: set[str] = set()  # names of volumes being made by ``create_from``
         # volumes being removed, by name: their name and image stay theirs until it is unlinked
@@ -233,7 +236,8 @@ class Volumes:
 
     def _open(self, name: str, path: str, imported: bool, created_at: str) -> Volume:
         backend = FileBackend(name, path)
-        vol = Volume(name, path, backend.size, imported, created_at, backend)
+        gate = WriteGate(RecentWrites(self.hot_set))
+        vol = Volume(name, path, backend.size, imported, created_at, backend, gate=gate)
         self._by_name[name] = vol
         return vol
 

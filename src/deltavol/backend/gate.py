@@ -18,10 +18,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from deltavol.backend.base import Backend, Layer, WriteJob
+from deltavol.backend.recent import RecentWrites
 
 
 class WriteGate:
-    def __init__(self) -> None:
+    def __init__(self, recent: RecentWrites | None = None) -> None:
+        # the regions the changes passing it touched lately (``backend/recent.py``)
+        self.recent = recent if recent is not None else RecentWrites()
         self._writers = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -105,13 +108,17 @@ class GateLayer(Layer):
 
     def pwrite_now(self, offset: int, data: bytes) -> bool:
         # synchronous, so no mark can fall in the middle of it: no need to enter
-        return self.gate.open and self.next.pwrite_now(offset, data)
+        if not self.gate.open:
+            return False
+        self.gate.recent.note(offset, len(data))
+        return self.next.pwrite_now(offset, data)
 
     def pwrite_soon(self, offset: int, data: bytes) -> WriteJob | None:
         # checked synchronously as ``pwrite_now``; the write itself runs later, so it holds
         # the gate until it is done: a mark waits for it
         if not self.gate.open:
             return None
+        self.gate.recent.note(offset, len(data))
         job = self.next.pwrite_soon(offset, data)
         if job is not None:
             self.gate.enter_now()
@@ -124,6 +131,7 @@ class GateLayer(Layer):
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
         await self._enter()
         try:
+            self.gate.recent.note(offset, len(data))
             await self.next.pwrite(offset, data, fua)
         finally:
             self.gate.leave()
@@ -131,6 +139,7 @@ class GateLayer(Layer):
     async def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
         await self._enter()
         try:
+            self.gate.recent.note(offset, length)
             await self.next.zero(offset, length, may_trim, fua)
         finally:
             self.gate.leave()
@@ -138,6 +147,7 @@ class GateLayer(Layer):
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         await self._enter()
         try:
+            self.gate.recent.note(offset, length)
             await self.next.trim(offset, length, fua)
         finally:
             self.gate.leave()

@@ -63,7 +63,7 @@ class SessionFiles:
         except OSError as exc:
             raise os_error(exc, f"removing old files of session {s.name}") from exc
         s.tracker.open_file()
-        s._rewrite_tracking()
+        s._rewrite_tracking(carry=True)  # the regions the source wrote lately hot in it
 
     def load(self) -> None:
         """Reopen bitmaps and the save area after a restart. A corrupt file raises
@@ -114,7 +114,7 @@ class SessionFiles:
                     tracking.set(c)  # saved, so changed after the mark: their bits came with the saves
             s.recopy = recopy
             tracker.open_file()
-            s._rewrite_tracking(tracking)  # in memory once in the file (see ``Tracker.rewrite``)
+            s._rewrite_tracking(tracking, carry=True)  # in memory once in the file (``Tracker.rewrite``)
             if later:
                 self._later_mark(later)
             if save is not None and not save.intact and s.update is not None:

@@ -200,7 +200,7 @@ async def _take_back(s: Session) -> str:
         merged.or_(transfer)
         if s.copier.durable is not None:
             merged.or_(s.copier.durable)
-        s._rewrite_tracking(merged)
+        s._rewrite_tracking(merged, carry=True)
         new_state = next_state(s.name, s.state, "cancel")  # before the row's fields change
         was = s.transfer, s.copier.durable, s.state, u.phase
         u.move("cancel", s.name)

@@ -159,6 +159,7 @@ class Session:
         self.copier = Copier(self)
         self.protector = Protector(self, self.tracker, self.copier, save_dir, save_limit)
         self.tracker.saves = self.protector.saves
+        self.tracker.recent = gate.recent.regions  # (the source's gate: backend/recent.py)
         self.files = SessionFiles(self, files)
         self.retry = retry or RetryPolicy()
         self._retry_task: asyncio.Task[None] | None = None
@@ -648,11 +649,12 @@ class Session:
         except (DeltavolError, OSError) as exc:
             log.warning("session %s: %s failed: %s", self.name, what, exc)
 
-    def _rewrite_tracking(self, tracking: Bitmap | None = None) -> None:
+    def _rewrite_tracking(self, tracking: Bitmap | None = None, carry: bool = False) -> None:
         """Replace the tracking file durably with the bitmap in memory, or with ``tracking``
         that becomes it once the file holds it (the write gate is closed, or nothing writes
-        yet): every bit set is durable now (see ``Tracker.rewrite``)."""
-        self.tracker.rewrite(self.next_update_id, tracking)
+        yet): every bit set is durable now (see ``Tracker.rewrite``). With ``carry``, the
+        regions the source wrote lately are hot in it (``backend/recent.py``)."""
+        self.tracker.rewrite(self.next_update_id, tracking, carry)
 
     def _reset_tracking(self) -> None:
         """Empty tracking and replace its file durably, the regions written since the last
@@ -919,7 +921,7 @@ class Session:
                 self.copier.forget_unflushed()
                 merged = self.tracking.copy()
                 merged.or_(self.transfer)
-                self._rewrite_tracking(merged)
+                self._rewrite_tracking(merged, carry=True)
             was = self.transfer, self.copier.durable, self.consistent, self.state
             update = self.update if self.update is not None and self.update.running else None
             phase = update.phase if update is not None else None

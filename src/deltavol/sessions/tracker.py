@@ -70,6 +70,9 @@ class Tracker:
         self._round_chunks: dict[asyncio.Future[None], list[int]] = {}
         # the protector's predicate "this change's protect saves the chunk", or None
         self.saves: Callable[[], Callable[[int], bool] | None] = lambda: None
+        # the regions (of the size given) the source's writes touched lately, least
+        # recently first (``backend/recent.py``): what a file written from scratch carries
+        self.recent: Callable[[int], list[int]] = lambda size: []
         self.removed = False  # the session's row is gone: its closed files are not touched
 
     # --- the file -------------------------------------------------------------------------
@@ -84,9 +87,11 @@ class Tracker:
         if self.file is not None:
             self.file.close()
 
-    def rewrite(self, generation: int, tracking: Bitmap | None = None) -> None:
+    def rewrite(self, generation: int, tracking: Bitmap | None = None, carry: bool = False) -> None:
         """Replace the tracking file durably with the bitmap in memory, or with ``tracking``
         (the write gate is closed, or nothing writes yet): every bit set is durable now.
+        With ``carry``, the file also holds hot the regions the source wrote lately
+        (``recent``, at most the hot set's bound): the first changes there need no round.
 
         ``tracking`` (the bitmap in memory with more bits set) becomes the bitmap in memory
         only once the file holds it: if the rewrite fails, memory keeps the bitmap the file
@@ -94,7 +99,7 @@ class Tracker:
         in no file would let a later change of its chunk go down unrecorded."""
         assert self.file is not None
         new = self.tracking if tracking is None else tracking
-        self.file.rewrite(new, generation)
+        self.file.rewrite(new, generation, self._carried() if carry else None)
         self.tracking = new
         self.unsynced.clear()
 
@@ -107,6 +112,14 @@ class Tracker:
         self.tracking.clear_all()
         self.file.rewrite(self.tracking, generation, hot)
         self.unsynced.clear()
+
+    def _carried(self) -> list[int]:
+        """The hot regions a file written from scratch carries: those the source wrote
+        lately, the most recent ``capacity`` of them (in the file's bounds)."""
+        assert self.file is not None
+        hot = self.file.hot
+        regions = [r for r in self.recent(hot.granularity) if r < hot.nbits]
+        return regions[-self.file.capacity :]
 
     async def make_durable(self, generation: int) -> None:
         """Make every bit set durable in the tracking file (the write gate is closed)."""
