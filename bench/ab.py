@@ -115,7 +115,10 @@ def first_writes(dv: Deltavol, sessions: int, size: int, depth: int, runtime: fl
         dv.call("DELETE", f"/v1/sessions/{info['name']}")
     for i in range(sessions):
         dv.session(f"s{i}", "bench", f"copy{i}")
-    return fio(dv.uri("bench"), "randwrite", "4k", depth, runtime, ios=8 * (size // REGION))
+    before = dv.tracking_syncs()
+    got = fio(dv.uri("bench"), "randwrite", "4k", depth, runtime, ios=8 * (size // REGION))
+    click.echo(f"  tracking files synced during the first writes: {dv.tracking_syncs() - before}")
+    return got
 
 
 def writes_after_a_mark(dv: Deltavol, sessions: int, size: int, depth: int, runtime: float) -> FioResult:
