@@ -115,9 +115,14 @@ def first_writes(dv: Deltavol, sessions: int, size: int, depth: int, runtime: fl
         dv.call("DELETE", f"/v1/sessions/{info['name']}")
     for i in range(sessions):
         dv.session(f"s{i}", "bench", f"copy{i}")
-    before = dv.tracking_syncs()
-    got = fio(dv.uri("bench"), "randwrite", "4k", depth, runtime, ios=8 * (size // REGION))
-    click.echo(f"  tracking files synced during the first writes: {dv.tracking_syncs() - before}")
+    ios = 8 * (size // REGION)
+    before, cpu = dv.tracking_syncs(), loop_cpu(dv)
+    got = fio(dv.uri("bench"), "randwrite", "4k", depth, runtime, ios=ios)
+    cpu = loop_cpu(dv) - cpu
+    click.echo(
+        f"  during the first writes: {dv.tracking_syncs() - before} tracking files synced, "
+        f"loop {1e6 * cpu / ios:.1f} us CPU per write"
+    )
     return got
 
 
