@@ -366,6 +366,33 @@ class TrackingFile:
         except OSError as exc:
             raise os_error(exc, f"tracking bitmap {self.path}") from exc
 
+    def write_hot_bit(self, bitmap: Bitmap, chunk: int) -> bool:
+        """``write_bits`` of one chunk whose hot region is durable (``covered_chunk``):
+        sets its bit in ``bitmap`` if it is not set, and writes its page into the file
+        now. False (nothing done) if the region is not durably hot. The write path's
+        usual case, in one call: the checks and the write of ``write_bits`` for it."""
+        r = chunk >> self._shift
+        lru = self._lru
+        if r not in lru or r in self._covering:
+            return False
+        if bitmap.test(chunk):
+            return True
+        bitmap.set(chunk)
+        self._bitmap = bitmap  # what a file that lost pages is written again from
+        self._seq = seq = self._seq + 1
+        self._touched.add(r)
+        del lru[r]  # used: last out of the hot set
+        lru[r] = seq
+        lo = (chunk >> _PAGE_BITS) * _PAGE
+        try:
+            with bitmap.view() as bits:
+                page = bits[lo : lo + _PAGE]
+                if fs.pwrite(self._fd, page, HEADER_SIZE + lo) < len(page):
+                    _write_all(self._fd, page, HEADER_SIZE + lo)
+        except OSError as exc:
+            raise os_error(exc, f"tracking bitmap {self.path}") from exc
+        return True
+
     def covered(self, chunks: range) -> bool:
         """True if the hot regions of ``chunks`` are durable: their first changes need no round."""
         if not chunks:
