@@ -367,10 +367,10 @@ class TrackingFile:
             raise os_error(exc, f"tracking bitmap {self.path}") from exc
 
     def write_hot_bit(self, bitmap: Bitmap, chunk: int) -> bool:
-        """``write_bits`` of one chunk whose hot region is durable (``covered_chunk``):
-        sets its bit in ``bitmap`` if it is not set, and writes its page into the file
-        now. False (nothing done) if the region is not durably hot. The write path's
-        usual case, in one call: the checks and the write of ``write_bits`` for it."""
+        """``write_bits`` of one chunk whose hot region is durable (``covered``): sets
+        its bit in ``bitmap`` if it is not set, and writes its page into the file now.
+        False (nothing done) if the region is not durably hot. The write path's usual
+        case, in one call: the checks and the write of ``write_bits`` for it."""
         r = chunk >> self._shift
         lru = self._lru
         if r not in lru or r in self._covering:
@@ -384,11 +384,10 @@ class TrackingFile:
         del lru[r]  # used: last out of the hot set
         lru[r] = seq
         lo = (chunk >> _PAGE_BITS) * _PAGE
+        page = bitmap.bytes_at(lo, _PAGE)
         try:
-            with bitmap.view() as bits:
-                page = bits[lo : lo + _PAGE]
-                if fs.pwrite(self._fd, page, HEADER_SIZE + lo) < len(page):
-                    _write_all(self._fd, page, HEADER_SIZE + lo)
+            if fs.pwrite(self._fd, page, HEADER_SIZE + lo) < len(page):
+                _write_all(self._fd, page, HEADER_SIZE + lo)
         except OSError as exc:
             raise os_error(exc, f"tracking bitmap {self.path}") from exc
         return True
@@ -402,11 +401,6 @@ class TrackingFile:
             if r not in lru or r in covering:
                 return False
         return True
-
-    def covered_chunk(self, chunk: int) -> bool:
-        """``covered`` of one chunk (the write path's usual case)."""
-        r = chunk >> self._shift
-        return r in self._lru and r not in self._covering
 
     def cover(self, chunk: int) -> asyncio.Future[None] | None:
         """The round that makes ``chunk``'s hot region durable; None if it already is."""
