@@ -375,16 +375,15 @@ class TrackingFile:
         lru = self._lru
         if r not in lru or r in self._covering:
             return False
-        if bitmap.test(chunk):
+        page = bitmap.set_new(chunk, _PAGE)
+        if page is None:  # set already
             return True
-        bitmap.set(chunk)
         self._bitmap = bitmap  # what a file that lost pages is written again from
         self._seq = seq = self._seq + 1
         self._touched.add(r)
         del lru[r]  # used: last out of the hot set
         lru[r] = seq
         lo = (chunk >> _PAGE_BITS) * _PAGE
-        page = bitmap.bytes_at(lo, _PAGE)
         try:
             if fs.pwrite(self._fd, page, HEADER_SIZE + lo) < len(page):
                 _write_all(self._fd, page, HEADER_SIZE + lo)
