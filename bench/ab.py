@@ -126,9 +126,12 @@ def first_writes(dv: Deltavol, sessions: int, size: int, depth: int, runtime: fl
     return got
 
 
-def writes_after_a_mark(dv: Deltavol, sessions: int, size: int, depth: int, runtime: float) -> FioResult:
+def writes_after_a_mark(
+    dv: Deltavol, sessions: int, size: int, depth: int, runtime: float
+) -> tuple[FioResult, float]:
     """The first writes after the sessions mark, as many at random before it (copied by the
-    update, which is waited for: no copy-on-first-write in the figure)."""
+    update, which is waited for: no copy-on-first-write in the figure); and the loop's CPU
+    seconds per write during them."""
     ios = 8 * (size // REGION)
     fio(dv.uri("bench"), "randwrite", "4k", depth, runtime, ios=ios)
     for i in range(sessions):
@@ -136,10 +139,11 @@ def writes_after_a_mark(dv: Deltavol, sessions: int, size: int, depth: int, runt
     for i in range(sessions):
         dv.wait(f"s{i}")
     os.sync()
-    before = dv.tracking_syncs()
+    before, cpu = dv.tracking_syncs(), loop_cpu(dv)
     got = fio(dv.uri("bench"), "randwrite", "4k", depth, runtime, ios=ios)
+    cpu = loop_cpu(dv) - cpu
     click.echo(f"  tracking files synced during the writes after the mark: {dv.tracking_syncs() - before}")
-    return got
+    return got, cpu / ios
 
 
 @click.command()
@@ -177,8 +181,8 @@ def main(
                 dv = servers[i]
                 reset_cache(image)
                 if sessions and after_mark:
-                    got = writes_after_a_mark(dv, sessions if i < 2 else 0, size, depth, runtime)
-                    cpu = math.nan
+                    got, cpu = writes_after_a_mark(dv, sessions if i < 2 else 0, size, depth, runtime)
+                    cpu *= max(got.iops * runtime, 1)  # per write, as the line below divides it
                 elif sessions:
                     got = first_writes(dv, sessions, size, depth, runtime)
                     cpu = math.nan  # a count of writes, not a time: no rate to divide by

@@ -78,6 +78,19 @@ class Bitmap:
     def set(self, chunk: int) -> None:
         self._bits[chunk >> 3] |= 1 << (chunk & 7)
 
+    def set_new(self, chunk: int, page: int) -> bytes | bytearray | None:
+        """Set the bit; None if it was set already, else a copy of the ``page`` bytes
+        (a power of two) of bits that hold it (fewer at the end): what a file of the
+        bits needs written, in one call (the write path's, for every new bit)."""
+        bits, i = self._bits, chunk >> 3
+        old = bits[i]
+        new = old | 1 << (chunk & 7)
+        if new == old:
+            return None
+        bits[i] = new
+        lo = i & -page
+        return bits[lo : lo + page]
+
     def clear(self, chunk: int) -> None:
         self._bits[chunk >> 3] &= ~(1 << (chunk & 7)) & 0xFF
 

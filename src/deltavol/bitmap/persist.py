@@ -366,6 +366,31 @@ class TrackingFile:
         except OSError as exc:
             raise os_error(exc, f"tracking bitmap {self.path}") from exc
 
+    def write_hot_bit(self, bitmap: Bitmap, chunk: int) -> bool:
+        """``write_bits`` of one chunk whose hot region is durable (``covered``): sets
+        its bit in ``bitmap`` if it is not set, and writes its page into the file now.
+        False (nothing done) if the region is not durably hot. The write path's usual
+        case, in one call: the checks and the write of ``write_bits`` for it."""
+        r = chunk >> self._shift
+        lru = self._lru
+        if r not in lru or r in self._covering:
+            return False
+        page = bitmap.set_new(chunk, _PAGE)
+        if page is None:  # set already
+            return True
+        self._bitmap = bitmap  # what a file that lost pages is written again from
+        self._seq = seq = self._seq + 1
+        self._touched.add(r)
+        del lru[r]  # used: last out of the hot set
+        lru[r] = seq
+        lo = (chunk >> _PAGE_BITS) * _PAGE
+        try:
+            if fs.pwrite(self._fd, page, HEADER_SIZE + lo) < len(page):
+                _write_all(self._fd, page, HEADER_SIZE + lo)
+        except OSError as exc:
+            raise os_error(exc, f"tracking bitmap {self.path}") from exc
+        return True
+
     def covered(self, chunks: range) -> bool:
         """True if the hot regions of ``chunks`` are durable: their first changes need no round."""
         if not chunks:
@@ -375,11 +400,6 @@ class TrackingFile:
             if r not in lru or r in covering:
                 return False
         return True
-
-    def covered_chunk(self, chunk: int) -> bool:
-        """``covered`` of one chunk (the write path's usual case)."""
-        r = chunk >> self._shift
-        return r in self._lru and r not in self._covering
 
     def cover(self, chunk: int) -> asyncio.Future[None] | None:
         """The round that makes ``chunk``'s hot region durable; None if it already is."""

@@ -80,10 +80,17 @@ class _SourceWiring:
             await self.commit.wait(r)
 
     def tracked(self, offset: int, length: int) -> bool:
-        return all(s.tracker.tracked(offset, length) for s in self.sessions)
+        # asked on every write outside BeforeChange's idle cells: a loop, no generator
+        for s in self.sessions:  # noqa: SIM110
+            if not s.tracker.tracked(offset, length):
+                return False
+        return True
 
     def track_now(self, offset: int, length: int) -> bool:
-        return all(s.tracker.track_now(offset, length) for s in self.sessions)
+        for s in self.sessions:  # noqa: SIM110
+            if not s.tracker.track_now(offset, length):
+                return False
+        return True
 
     def rehook(self) -> None:
         protect = [s.protector.hook for s in self.sessions]

@@ -188,22 +188,22 @@ class Tracker:
         """Track a change at once if that needs no waiting: its chunks' hot regions are
         durable, or this change's ``protect`` saves them all (a save record makes the bit
         durable). False leaves it all to ``track`` and changes nothing."""
-        tf, tracking, unsynced = self.file, self.tracking, self.unsynced
+        tf, tracking, unsynced, g = self.file, self.tracking, self.unsynced, self.granularity
         if tf is None:
             return False
-        c = offset // self.granularity
+        c = offset // g
         if (
             length > 0
-            and (offset + length - 1) // self.granularity == c < tracking.nbits
+            and (offset + length - 1) // g == c < tracking.nbits
             and c not in unsynced
             and not self.removed
-            and tf.covered_chunk(c)
             and self.saves() is None
-        ):  # one chunk, its region durably hot, nothing protected: what ``track`` does then
-            if not tracking.test(c):
-                tracking.set(c)
-                self._write_bits([c])
-            return True
+        ):  # one chunk, nothing protected: if its region is durably hot, what ``track`` does then
+            try:
+                return tf.write_hot_bit(tracking, c)
+            except DeltavolError:  # set in memory, maybe not in the file: the next change writes it
+                unsynced[c] = _RETRY
+                raise
         chunks = tracking.chunk_range(offset, length)
         if unsynced and any(c in unsynced for c in chunks):
             return False

@@ -296,3 +296,15 @@ def test_scattered_bits_ored_into_a_big_bitmap_make_only_their_windows_resident(
     grown = _anon_rss() - before
     assert transfer.is_empty()
     assert grown < 8 << 20, f"ORing 32 scattered bits made {grown >> 20} MiB resident"
+
+
+def test_set_new_gives_the_page_of_a_new_bit_and_nothing_for_a_set_one() -> None:
+    bm = Bitmap(3 * 8 * 4096 * 4096 + 4096, 4096)  # three pages of bits and one byte
+    last = bm.nbits - 1
+    page = bm.set_new(8 * 4096 + 9, 4096)
+    assert page is not None and len(page) == 4096, "not the page of the bit"
+    assert page[1] == 0b10 and page.count(0) == 4095
+    assert bm.test(8 * 4096 + 9) and bm.set_new(8 * 4096 + 9, 4096) is None
+    end = bm.set_new(last, 4096)
+    assert end is not None and bytes(end) == b"\x01", "the last page is the one byte left"
+    assert bm.bytes_set() == 2 * 4096

@@ -208,6 +208,26 @@ async def test_a_failed_bit_write_fails_the_change_and_the_next_change_writes_it
     assert on_disk(s) == [(0, 2)]
 
 
+async def test_a_short_bit_write_is_finished_before_the_change_goes_down(
+    hot: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page of a bit written at once may go in in pieces: all of it is in the file
+    when ``track_now`` returns."""
+    s = hot
+    await asyncio.shield(s.track(0, G)[0])
+    real, calls = os.pwrite, []
+
+    def short(fd: int, data: Any, offset: int) -> int:
+        calls.append(len(data))
+        return real(fd, b"" if len(calls) == 1 else data, offset)  # the first one: nothing in
+
+    monkeypatch.setattr(os, "pwrite", short)
+    assert s.track_now(G, G)
+    monkeypatch.setattr(os, "pwrite", real)
+    assert len(calls) == 2, "the short write was not finished"
+    assert on_disk(s) == [(0, 2)]
+
+
 @pytest.mark.parametrize("rebooted", [False, True])
 async def test_reopening_after_a_reboot_adds_every_chunk_of_the_hot_regions(
     hot: Session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rebooted: bool
