@@ -115,6 +115,37 @@ def test_a_write_whose_hook_worked_at_once_does_not_ask_for_the_whole_cell() -> 
     assert disk.landed == [(0, G), (G, G), (2 * G, G)]
 
 
+def test_a_change_a_soon_hook_worked_for_goes_to_the_lane_after_the_work() -> None:
+    """A hook that saves at once (``soon``: copy-on-first-write) sends the change to the
+    lane: ``pwrite_now`` does the work and writes nothing; ``pwrite_soon`` right after
+    finds every hook ready, and its job lands the change. The cell is not asked for then."""
+    f, tracker, _, disk = layer()
+    asked: list[tuple[int, int]] = []
+    worked: list[tuple[int, int]] = []
+
+    def ready(offset: int, length: int) -> bool:
+        asked.append((offset, length))
+        return tracker.ready(offset, length)
+
+    def at_once(offset: int, length: int) -> bool:
+        worked.append((offset, length))
+        tracker.done.set_range(offset, length)
+        return True
+
+    f.hooks = [Hook(tracker.before, ready, at_once, soon=True)]
+    assert not f.pwrite_now(0, bytes(G)), "a saved change went down inline"
+    assert worked == [(0, G)] and disk.landed == []
+    job = f.pwrite_soon(0, bytes(G))
+    assert job is not None and worked == [(0, G)], "the work was done twice"
+    assert (0, MIN_CELL) not in asked, "the lane's job of a saved change asked for its cell"
+    assert disk.landed == []
+    job.run()
+    assert disk.landed == [(0, G)]
+    tracker.done.set_range(0, SIZE)
+    assert f.pwrite_now(G, bytes(G)), "a change with no work did not go down inline"
+    assert disk.landed == [(0, G), (G, G)]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["write", "work", "idle", "changed"]), st.integers(0, SIZE - 1))))
 def test_inline_writes_only_where_the_hook_is_idle(ops: list[tuple[str, int]]) -> None:
