@@ -66,9 +66,10 @@ class BeforeChange(Layer):
             cell *= 2
         self._idle = Bitmap(max(next.size, 1), cell)  # cells where no hook has work
         self._epoch = gate.epoch
-        # the change ``pwrite_now`` just did a ``soon`` hook's work for: its ``pwrite_soon``
-        # (next, in the same step of the loop) does not learn the cell (see ``_ready_now``)
-        self._handed: tuple[int, int] | None = None
+        # what ``pwrite_now`` found for the change it said no to: ``pwrite_soon`` of that
+        # change, next in the same step of the loop (the connection tries the lane then),
+        # takes it as found instead of asking every hook again (see ``pwrite_soon``)
+        self._refused: tuple[int, int, int, int] | None = None
 
     async def _before(self, offset: int, length: int) -> None:
         todo = [
@@ -83,21 +84,25 @@ class BeforeChange(Layer):
 
     def pwrite_now(self, offset: int, data: bytes) -> bool:
         ready = self._ready_now(offset, len(data))
-        if ready == WORKED_SOON:  # saved: the change goes to the lane (see the notes)
-            self._handed = (offset, len(data))
+        if ready in (WORKED_SOON, NOT_READY):  # saved: to the lane (see the notes)
+            self._refused = (offset, len(data), self.gate.epoch, ready)
             return False
-        return ready != NOT_READY and self.next.pwrite_now(offset, data)
+        return self.next.pwrite_now(offset, data)
 
     def pwrite_soon(self, offset: int, data: bytes) -> WriteJob | None:
         # the hooks are done (or had nothing to do) before the job exists: the write
-        # itself, whenever it runs, comes after them
-        handed, self._handed = self._handed, None
-        learn = handed != (offset, len(data))
-        if self._ready_now(offset, len(data), learn) == NOT_READY:
-            return None
-        return self.next.pwrite_soon(offset, data)
+        # itself, whenever it runs, comes after them. Right after ``pwrite_now`` said no
+        # to this change, in the same step of the loop, the hooks stand as it found them:
+        # work they did at once is done (WORKED_SOON), and one that must wait still must
+        # (NOT_READY: the task path); new work comes only with a new epoch of the gate
+        refused, self._refused = self._refused, None
+        if refused is not None and refused[:3] == (offset, len(data), self.gate.epoch):
+            ready = refused[3]
+        else:
+            ready = self._ready_now(offset, len(data))
+        return None if ready == NOT_READY else self.next.pwrite_soon(offset, data)
 
-    def _ready_now(self, offset: int, n: int, learn: bool = True) -> int:
+    def _ready_now(self, offset: int, n: int) -> int:
         """``READY`` if every hook has nothing to do for this change, ``WORKED`` if some
         did it at once (``WORKED_SOON`` if one of them is ``soon``), else ``NOT_READY``."""
         idle = self._idle
@@ -116,8 +121,8 @@ class BeforeChange(Layer):
         # A hook that had work here mostly still has work in the cell (the other blocks
         # of a protected chunk): asking every hook over the whole cell after each such
         # change was 7 % of a protected write's time. A change that finds them all ready
-        # learns it (not the lane's job of a change ``pwrite_now`` just saved for).
-        if found == READY and learn:
+        # learns it.
+        if found == READY:
             self._learn(offset, n)
         return found
 
@@ -130,6 +135,7 @@ class BeforeChange(Layer):
                 idle.set(c)
 
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
+        self._refused = None  # the change took the task path: nothing is left to take as found
         await self._before(offset, len(data))
         await self.next.pwrite(offset, data, fua)
 

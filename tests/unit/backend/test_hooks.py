@@ -118,7 +118,7 @@ def test_a_write_whose_hook_worked_at_once_does_not_ask_for_the_whole_cell() -> 
 def test_a_change_a_soon_hook_worked_for_goes_to_the_lane_after_the_work() -> None:
     """A hook that saves at once (``soon``: copy-on-first-write) sends the change to the
     lane: ``pwrite_now`` does the work and writes nothing; ``pwrite_soon`` right after
-    finds every hook ready, and its job lands the change. The cell is not asked for then."""
+    takes that as found (no hook asked again, nor the cell), and its job lands the change."""
     f, tracker, _, disk = layer()
     asked: list[tuple[int, int]] = []
     worked: list[tuple[int, int]] = []
@@ -137,13 +137,30 @@ def test_a_change_a_soon_hook_worked_for_goes_to_the_lane_after_the_work() -> No
     assert worked == [(0, G)] and disk.landed == []
     job = f.pwrite_soon(0, bytes(G))
     assert job is not None and worked == [(0, G)], "the work was done twice"
-    assert (0, MIN_CELL) not in asked, "the lane's job of a saved change asked for its cell"
+    assert asked == [(0, G)], "the hooks were asked again for the lane's job of a saved change"
     assert disk.landed == []
     job.run()
     assert disk.landed == [(0, G)]
     tracker.done.set_range(0, SIZE)
     assert f.pwrite_now(G, bytes(G)), "a change with no work did not go down inline"
     assert disk.landed == [(0, G), (G, G)]
+
+
+def test_a_change_refused_inline_is_refused_the_lane_and_a_new_epoch_asks_again() -> None:
+    """``pwrite_soon`` right after ``pwrite_now`` said no takes what it found: a hook that
+    must wait sends the change to the task path; after a mark (a new epoch of the gate),
+    or for another change, every hook is asked again."""
+    f, tracker, gate, disk = layer()
+    assert not f.pwrite_now(0, bytes(G))
+    tracker.done.set_range(0, G)  # not in the same step of the loop: never, but to tell
+    assert f.pwrite_soon(0, bytes(G)) is None, "the lane took a change a hook had to wait for"
+    assert not f.pwrite_now(G, bytes(G))
+    tracker.done.set_range(G, G)
+    gate.changed()
+    job = f.pwrite_soon(G, bytes(G))
+    assert job is not None, "a new epoch of the gate did not ask the hooks again"
+    job.run()
+    assert disk.landed == [(G, G)]
 
 
 @settings(max_examples=200, deadline=None)
