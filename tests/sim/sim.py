@@ -612,10 +612,13 @@ class Sim:
                 data = b"".join(values)
                 if kind == "fua":
                     await export.pwrite(offset, data, True)
-                elif not export.pwrite_now(offset, data):
-                    # as the NBD server: a write that cannot go down at once goes to the
-                    # lane if every layer agrees (a protected write, saved by pwrite_now),
-                    # its job in a thread; else the task path
+                elif not export.pwrite_now(offset, data) and (
+                    rng.random() < 0.5 or not export.pwrite_now(offset, data)
+                ):
+                    # as the NBD server: a write that cannot go down at once (a protected
+                    # write, saved by pwrite_now) is asked again when no request waits
+                    # behind it (here: at random), else goes to the lane if every layer
+                    # agrees, its job in a thread; else the task path
                     job = export.pwrite_soon(offset, data)
                     if job is None:
                         await export.pwrite(offset, data)

@@ -14,7 +14,10 @@ in its file) a hook may do at once (``now``), and the write stays on the fast pa
 (``pwrite_now`` inline, or ``pwrite_soon`` to the connection's write lane). A hook whose
 work at once was to save the old blocks (``soon``: copy-on-first-write) sends the change
 itself to the lane: ``pwrite_now`` did that work, writes nothing and says False, and the
-connection's ``pwrite_soon`` right after finds every hook ready. A 4 KiB write into the
+connection's ``pwrite_soon`` right after finds every hook ready. The connection does so
+while more requests wait behind the write (the loop is what they wait for); with none (a
+client with one request at a time) it asks ``pwrite_now`` again, and the write goes down
+at once: a thread hop would only add to its latency. A 4 KiB write into the
 source costs the kernel as much as the save did in Python (a large folio's buffer heads
 walked on every write), and in the lane it costs the event loop nothing. The order stays:
 the save's record is in the save area's page cache and indexed before the job exists.
@@ -66,9 +69,7 @@ class BeforeChange(Layer):
             cell *= 2
         self._idle = Bitmap(max(next.size, 1), cell)  # cells where no hook has work
         self._epoch = gate.epoch
-        # what ``pwrite_now`` found for the change it said no to: ``pwrite_soon`` of that
-        # change, next in the same step of the loop (the connection tries the lane then),
-        # takes it as found instead of asking every hook again (see ``pwrite_soon``)
+        # what ``pwrite_now`` found for the change it said no to (see ``_found``)
         self._refused: tuple[int, int, int, int] | None = None
 
     async def _before(self, offset: int, length: int) -> None:
@@ -83,24 +84,36 @@ class BeforeChange(Layer):
             await _all([asyncio.ensure_future(before(offset, length)) for before in todo])
 
     def pwrite_now(self, offset: int, data: bytes) -> bool:
-        ready = self._ready_now(offset, len(data))
-        if ready in (WORKED_SOON, NOT_READY):  # saved: to the lane (see the notes)
+        ready, again = self._found(offset, len(data), saved_only=True)
+        if ready == NOT_READY or (ready == WORKED_SOON and not again):  # saved: see the notes
             self._refused = (offset, len(data), self.gate.epoch, ready)
             return False
+        # asked again right after a save: the caller wants it at once all the same
         return self.next.pwrite_now(offset, data)
 
     def pwrite_soon(self, offset: int, data: bytes) -> WriteJob | None:
         # the hooks are done (or had nothing to do) before the job exists: the write
-        # itself, whenever it runs, comes after them. Right after ``pwrite_now`` said no
-        # to this change, in the same step of the loop, the hooks stand as it found them:
-        # work they did at once is done (WORKED_SOON), and one that must wait still must
-        # (NOT_READY: the task path); new work comes only with a new epoch of the gate
-        refused, self._refused = self._refused, None
-        if refused is not None and refused[:3] == (offset, len(data), self.gate.epoch):
-            ready = refused[3]
-        else:
-            ready = self._ready_now(offset, len(data))
+        # itself, whenever it runs, comes after them
+        ready, _ = self._found(offset, len(data))
         return None if ready == NOT_READY else self.next.pwrite_soon(offset, data)
+
+    def _found(self, offset: int, n: int, saved_only: bool = False) -> tuple[int, bool]:
+        """What ``_ready_now`` finds for this change, and whether it is what ``pwrite_now``
+        found when it just said no to it. Right after that (the connection tries the lane,
+        or inline again, in the same step of the loop) the hooks stand as it found them:
+        work they did at once is done (WORKED_SOON), and one that must wait still must
+        (NOT_READY: the task path); new work comes only with a new epoch of the gate. So
+        no hook is asked twice, and a save is not tried twice on the slow path. With
+        ``saved_only`` (``pwrite_now`` asked again) only a save is taken as found: a hook
+        that had to wait is asked again, as a caller may have waited for it meanwhile."""
+        refused, self._refused = self._refused, None
+        if (
+            refused is not None
+            and refused[:3] == (offset, n, self.gate.epoch)
+            and (refused[3] == WORKED_SOON or not saved_only)
+        ):
+            return refused[3], True
+        return self._ready_now(offset, n), False
 
     def _ready_now(self, offset: int, n: int) -> int:
         """``READY`` if every hook has nothing to do for this change, ``WORKED`` if some

@@ -146,6 +146,27 @@ def test_a_change_a_soon_hook_worked_for_goes_to_the_lane_after_the_work() -> No
     assert disk.landed == [(0, G), (G, G)]
 
 
+def test_a_saved_change_asked_again_at_once_goes_down_inline() -> None:
+    """A caller with no reason to leave the loop (nothing waits behind the write) asks
+    ``pwrite_now`` again right after the save: the change goes down inline then, with no
+    hook asked again; one refused because a hook must wait is asked again."""
+    f, tracker, _, disk = layer()
+    worked: list[tuple[int, int]] = []
+
+    def at_once(offset: int, length: int) -> bool:
+        worked.append((offset, length))
+        tracker.done.set_range(offset, length)
+        return offset < MIN_CELL  # the second cell must wait
+
+    f.hooks = [Hook(tracker.before, tracker.ready, at_once, soon=True)]
+    assert not f.pwrite_now(0, bytes(G)) and disk.landed == []
+    assert f.pwrite_now(0, bytes(G)), "asked again after its save, it did not go down inline"
+    assert worked == [(0, G)] and disk.landed == [(0, G)]
+    assert not f.pwrite_now(MIN_CELL, bytes(G))
+    assert f.pwrite_now(MIN_CELL, bytes(G)), "a hook done meanwhile was not asked again"
+    assert disk.landed == [(0, G), (MIN_CELL, G)]
+
+
 def test_a_change_refused_inline_is_refused_the_lane_and_a_new_epoch_asks_again() -> None:
     """``pwrite_soon`` right after ``pwrite_now`` said no takes what it found: a hook that
     must wait sends the change to the task path; after a mark (a new epoch of the gate),

@@ -407,6 +407,25 @@ async def test_a_small_write_that_cannot_go_down_at_once_goes_to_the_lane_not_a_
     assert export.written == [(i * 4096, bytes([i]) * 4096) for i in range(4)] and tasks == []
 
 
+async def test_a_saved_write_with_nothing_behind_it_goes_down_at_once_not_to_the_lane() -> None:
+    """With no request waiting behind it (one at a time), a write whose first
+    ``pwrite_now`` saved and said no is asked again, and goes down at once: a thread hop
+    would only add to its latency."""
+    conn, transport, directory = connected()
+    conn.export = directory.export = export = Lanes()
+    asked: list[int] = []
+
+    def pwrite_now(offset: int, data: Any) -> bool:
+        asked.append(offset)
+        return asked.count(offset) > 1  # the save done by the first, the write by the second
+
+    export.pwrite_now = pwrite_now  # type: ignore[method-assign]
+    receive(conn, request(Cmd.WRITE, cookie=7, offset=4096, data=b"s" * 4096))
+    assert asked == [4096, 4096]
+    assert conn.lane is not None and conn.lane.pending == 0 and not conn.tasks
+    assert [(c, err) for c, err, _ in answers(b"".join(transport.writes))] == [(7, 0)]
+
+
 async def test_a_connection_lost_with_writes_in_the_lane_gives_its_export_back_after_them(
     small_writes_in_the_lane: None,
 ) -> None:
