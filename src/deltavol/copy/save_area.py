@@ -524,7 +524,10 @@ class SaveArea:
         self._end = pos + need
         at = pos + self._record.size
         if not self.synced_saves:
-            self._index(chunk, start, at, len(data), pos)
+            if self._saved.get(chunk, 0) & _blocks(start, start + len(data)):
+                self._index(chunk, start, at, len(data), pos)
+            else:  # no block of it saved before (the common case): all of it, as ``_index``
+                self._add(chunk, start, at, len(data), pos)
             if self._now is None:
                 self._now = asyncio.get_running_loop().create_future()
                 self._now.set_result(None)

@@ -115,6 +115,75 @@ def test_a_write_whose_hook_worked_at_once_does_not_ask_for_the_whole_cell() -> 
     assert disk.landed == [(0, G), (G, G), (2 * G, G)]
 
 
+def test_a_change_a_soon_hook_worked_for_goes_to_the_lane_after_the_work() -> None:
+    """A hook that saves at once (``soon``: copy-on-first-write) sends the change to the
+    lane: ``pwrite_now`` does the work and writes nothing; ``pwrite_soon`` right after
+    takes that as found (no hook asked again, nor the cell), and its job lands the change."""
+    f, tracker, _, disk = layer()
+    asked: list[tuple[int, int]] = []
+    worked: list[tuple[int, int]] = []
+
+    def ready(offset: int, length: int) -> bool:
+        asked.append((offset, length))
+        return tracker.ready(offset, length)
+
+    def at_once(offset: int, length: int) -> bool:
+        worked.append((offset, length))
+        tracker.done.set_range(offset, length)
+        return True
+
+    f.hooks = [Hook(tracker.before, ready, at_once, soon=True)]
+    assert not f.pwrite_now(0, bytes(G)), "a saved change went down inline"
+    assert worked == [(0, G)] and disk.landed == []
+    job = f.pwrite_soon(0, bytes(G))
+    assert job is not None and worked == [(0, G)], "the work was done twice"
+    assert asked == [(0, G)], "the hooks were asked again for the lane's job of a saved change"
+    assert disk.landed == []
+    job.run()
+    assert disk.landed == [(0, G)]
+    tracker.done.set_range(0, SIZE)
+    assert f.pwrite_now(G, bytes(G)), "a change with no work did not go down inline"
+    assert disk.landed == [(0, G), (G, G)]
+
+
+def test_a_saved_change_asked_again_at_once_goes_down_inline() -> None:
+    """A caller with no reason to leave the loop (nothing waits behind the write) asks
+    ``pwrite_now`` again right after the save: the change goes down inline then, with no
+    hook asked again; one refused because a hook must wait is asked again."""
+    f, tracker, _, disk = layer()
+    worked: list[tuple[int, int]] = []
+
+    def at_once(offset: int, length: int) -> bool:
+        worked.append((offset, length))
+        tracker.done.set_range(offset, length)
+        return offset < MIN_CELL  # the second cell must wait
+
+    f.hooks = [Hook(tracker.before, tracker.ready, at_once, soon=True)]
+    assert not f.pwrite_now(0, bytes(G)) and disk.landed == []
+    assert f.pwrite_now(0, bytes(G)), "asked again after its save, it did not go down inline"
+    assert worked == [(0, G)] and disk.landed == [(0, G)]
+    assert not f.pwrite_now(MIN_CELL, bytes(G))
+    assert f.pwrite_now(MIN_CELL, bytes(G)), "a hook done meanwhile was not asked again"
+    assert disk.landed == [(0, G), (MIN_CELL, G)]
+
+
+def test_a_change_refused_inline_is_refused_the_lane_and_a_new_epoch_asks_again() -> None:
+    """``pwrite_soon`` right after ``pwrite_now`` said no takes what it found: a hook that
+    must wait sends the change to the task path; after a mark (a new epoch of the gate),
+    or for another change, every hook is asked again."""
+    f, tracker, gate, disk = layer()
+    assert not f.pwrite_now(0, bytes(G))
+    tracker.done.set_range(0, G)  # not in the same step of the loop: never, but to tell
+    assert f.pwrite_soon(0, bytes(G)) is None, "the lane took a change a hook had to wait for"
+    assert not f.pwrite_now(G, bytes(G))
+    tracker.done.set_range(G, G)
+    gate.changed()
+    job = f.pwrite_soon(G, bytes(G))
+    assert job is not None, "a new epoch of the gate did not ask the hooks again"
+    job.run()
+    assert disk.landed == [(G, G)]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["write", "work", "idle", "changed"]), st.integers(0, SIZE - 1))))
 def test_inline_writes_only_where_the_hook_is_idle(ops: list[tuple[str, int]]) -> None:
