@@ -25,10 +25,10 @@ of all the server's threads per write (work moved off the loop still costs a cor
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -110,29 +110,35 @@ def start(
     return dv
 
 
-def first_writes(dv: Deltavol, sessions: int, size: int, depth: int, runtime: float) -> FioResult:
+Spent = tuple[FioResult, float, float, float]  # the run; loop and all threads' CPU seconds; writes
+
+
+def measured(dv: Deltavol, run: Callable[[], FioResult], writes: int = 0) -> Spent:
+    """A fio run and the CPU seconds the server's loop and all its threads spent in it;
+    ``writes`` (or, with 0, the IOPS times the runtime) to give them per write."""
+    assert dv.proc is not None
+    loop, total = loop_cpu(dv), cpu_seconds(dv.proc.pid)
+    got = run()
+    loop, total = loop_cpu(dv) - loop, cpu_seconds(dv.proc.pid) - total
+    return got, loop, total, writes
+
+
+def first_writes(dv: Deltavol, sessions: int, size: int, depth: int, runtime: float) -> Spent:
     """The first writes after ``sessions`` new sessions start tracking the volume."""
     for info in dv.call("GET", "/v1/sessions"):
         dv.call("DELETE", f"/v1/sessions/{info['name']}")
     for i in range(sessions):
         dv.session(f"s{i}", "bench", f"copy{i}")
     ios = 8 * (size // REGION)
-    before, cpu = dv.tracking_syncs(), loop_cpu(dv)
-    got = fio(dv.uri("bench"), "randwrite", "4k", depth, runtime, ios=ios)
-    cpu = loop_cpu(dv) - cpu
-    click.echo(
-        f"  during the first writes: {dv.tracking_syncs() - before} tracking files synced, "
-        f"loop {1e6 * cpu / ios:.1f} us CPU per write"
-    )
-    return got
+    before = dv.tracking_syncs()
+    spent = measured(dv, lambda: fio(dv.uri("bench"), "randwrite", "4k", depth, runtime, ios=ios), ios)
+    click.echo(f"  tracking files synced during the first writes: {dv.tracking_syncs() - before}")
+    return spent
 
 
-def writes_after_a_mark(
-    dv: Deltavol, sessions: int, size: int, depth: int, runtime: float
-) -> tuple[FioResult, float]:
+def writes_after_a_mark(dv: Deltavol, sessions: int, size: int, depth: int, runtime: float) -> Spent:
     """The first writes after the sessions mark, as many at random before it (copied by the
-    update, which is waited for: no copy-on-first-write in the figure); and the loop's CPU
-    seconds per write during them."""
+    update, which is waited for: no copy-on-first-write in the figure)."""
     ios = 8 * (size // REGION)
     fio(dv.uri("bench"), "randwrite", "4k", depth, runtime, ios=ios)
     for i in range(sessions):
@@ -140,11 +146,18 @@ def writes_after_a_mark(
     for i in range(sessions):
         dv.wait(f"s{i}")
     os.sync()
-    before, cpu = dv.tracking_syncs(), loop_cpu(dv)
-    got = fio(dv.uri("bench"), "randwrite", "4k", depth, runtime, ios=ios)
-    cpu = loop_cpu(dv) - cpu
+    before = dv.tracking_syncs()
+    spent = measured(dv, lambda: fio(dv.uri("bench"), "randwrite", "4k", depth, runtime, ios=ios), ios)
     click.echo(f"  tracking files synced during the writes after the mark: {dv.tracking_syncs() - before}")
-    return got, cpu / ios
+    return spent
+
+
+def protected_writes(dv: Deltavol, depth: int, runtime: float) -> Spent:
+    """Writes while an update slowed to 8 MiB/s keeps most chunks owed: most save first."""
+    dv.update("s", max_rate="8MiB/s")
+    spent = measured(dv, lambda: fio(dv.uri("bench"), "randwrite", "4k", depth, runtime))
+    dv.call("POST", "/v1/sessions/s/cancel")
+    return spent
 
 
 @click.command()
@@ -182,20 +195,14 @@ def main(
                 dv = servers[i]
                 reset_cache(image)
                 if sessions and after_mark:
-                    got, cpu = writes_after_a_mark(dv, sessions if i < 2 else 0, size, depth, runtime)
-                    cpu *= max(got.iops * runtime, 1)  # per write, as the line below divides it
+                    spent = writes_after_a_mark(dv, sessions if i < 2 else 0, size, depth, runtime)
                 elif sessions:
-                    got = first_writes(dv, sessions, size, depth, runtime)
-                    cpu = math.nan  # a count of writes, not a time: no rate to divide by
+                    spent = first_writes(dv, sessions, size, depth, runtime)
                 else:
-                    dv.update("s", max_rate="8MiB/s")  # keeps most chunks owed: most writes save first
-                    assert dv.proc is not None
-                    cpu, total = loop_cpu(dv), cpu_seconds(dv.proc.pid)
-                    got = fio(dv.uri("bench"), "randwrite", "4k", depth, runtime)
-                    cpu, total = loop_cpu(dv) - cpu, cpu_seconds(dv.proc.pid) - total
-                    dv.call("POST", "/v1/sessions/s/cancel")
-                per_write = 1e6 * cpu / max(got.iops * runtime, 1)
-                all_threads = 1e6 * total / max(got.iops * runtime, 1)
+                    spent = protected_writes(dv, depth, runtime)
+                got, cpu, total, writes = spent
+                writes = writes or max(round(got.iops * runtime), 1)
+                per_write, all_threads = 1e6 * cpu / writes, 1e6 * total / writes
                 results[i].append((got.p99_us, got.iops, per_write, all_threads))
                 click.echo(
                     f"{names[i]}: p99 {got.p99_us:,.0f} us, {got.iops:,.0f} IOPS, "

@@ -324,7 +324,7 @@ class SimFS:
                 break
         return n
 
-    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
         inode = self._inode(fd)
         self.tick("pwrite", self._name(inode))
         inode.write(offset, bytes(data))

@@ -154,7 +154,7 @@ def save_atomic(
         raise os_error(exc, f"bitmap {path}") from exc
 
 
-def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def _write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = fs.pwrite(fd, view, offset)

@@ -54,7 +54,7 @@ class FileSystem(Protocol):
     def close(self, fd: int) -> None: ...
     def pread(self, fd: int, length: int, offset: int) -> bytes: ...
     def preadv(self, fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int: ...
-    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int: ...
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int: ...
     def copy_file_range(self, src: int, dst: int, count: int, src_offset: int, dst_offset: int) -> int: ...
     def fsync(self, fd: int) -> None: ...
     def fdatasync(self, fd: int) -> None: ...
@@ -92,7 +92,7 @@ class RealFS:
     def preadv(self, fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
         return os.preadv(fd, buffers, offset, flags)
 
-    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
         return os.pwrite(fd, data, offset)
 
     def copy_file_range(self, src: int, dst: int, count: int, src_offset: int, dst_offset: int) -> int:
@@ -194,7 +194,7 @@ def preadv(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> in
     return _current.preadv(fd, buffers, offset, flags)
 
 
-def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
+def pwrite(fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
     return _current.pwrite(fd, data, offset)
 
 

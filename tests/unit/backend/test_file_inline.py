@@ -24,7 +24,7 @@ class SlowWrites(fs.RealFS):
     def __init__(self, how: str) -> None:
         self.how = how
 
-    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
         if self.how == "sleep":
             time.sleep(3 * INLINE_STALL)
         else:

@@ -36,7 +36,7 @@ class Recorded(fs.RealFS):
         assert self.release.wait(10)
         return super().copy_file_range(src, dst, count, src_offset, dst_offset)
 
-    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
         self._note("pwrite", fd)
         return super().pwrite(fd, data, offset)
 

@@ -223,7 +223,7 @@ class HeldWrites(fs.RealFS):
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
         self.entered.set()
         assert self.release.wait(10)
         return super().pwrite(fd, data, offset)
