@@ -125,9 +125,10 @@ class Tracker:
         """Make every bit set durable in the tracking file (the write gate is closed)."""
         assert self.file is not None
         await self.file.durable()
-        if self.file.lost is not None:
-            # a failed sync may have dropped pages that no round writes again: a round
-            # proves nothing, only a file written anew holds every bit set
+        if self.file.lost is not None or _RETRY in self.unsynced.values():
+            # a failed sync may have dropped pages that no round writes again, and a bit
+            # to retry may never have been written: a round proves nothing for them, only
+            # a file written anew holds every bit set
             self.rewrite(generation)
         self.unsynced.clear()
 

@@ -208,6 +208,28 @@ async def test_a_failed_bit_write_fails_the_change_and_the_next_change_writes_it
     assert on_disk(s) == [(0, 2)]
 
 
+async def test_a_bit_whose_write_failed_is_in_the_file_once_tracking_is_made_durable(
+    hot: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An update's end makes tracking durable and forgets what waits: a bit set in memory
+    whose write into the file failed must be in the file then, or the chunk's next change
+    is taken as tracked and goes down with no bit on disk."""
+    s = hot
+    await asyncio.shield(s.track(0, G)[0])
+    real = os.pwrite
+
+    def failing(fd: int, data: Any, offset: int) -> int:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    with pytest.raises(DeltavolError):
+        s.track_now(G, G)
+    monkeypatch.setattr(os, "pwrite", real)
+    await s.tracker.make_durable(s.next_update_id)
+    assert s.tracked(G, G)
+    assert on_disk(s) == [(0, 2)], "a change taken as tracked has no bit in the file"
+
+
 async def test_a_short_bit_write_is_finished_before_the_change_goes_down(
     hot: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
