@@ -529,6 +529,8 @@ class Sim:
                 # goes on (a resume then has to copy it): memory or file, either will do
                 owed = _chunks(s.tracking) | _chunks(s.transfer) | self._transfer_file(s)
                 self._check_covered(s, owed, f"{s.state.value}, in tracking or transfer")
+                if s.image_now:  # status calls it consistent: its target is still the old image
+                    self._check_image(s)
 
     def _transfer_file(self, s: Session) -> set[int]:
         try:
