@@ -5,6 +5,13 @@ against nbdcopy to the same target.
 fio's NBD engine (libnbd) may not read ``?tls-certificates=DIR`` from a URI (local file
 access is off in it); libnbd then looks in ``$HOME/.pki/libnbd``, so fio runs with HOME
 set to a directory whose ``.pki/libnbd`` holds the certificates.
+
+The full update and nbdcopy copy the same source file, each reading it directly (deltavol
+imports it as a volume, nbdcopy is given its path), to the same fresh target file behind a
+fresh qemu-nbd, through the same URI and certificates; each flushes at the end. Both run
+at their defaults: qemu-nbd offers multi-conn, so each opens 4 connections with 256 KiB
+requests (nbdcopy keeps 64 in flight on each, deltavol 64 in all). deltavol's time also
+holds making and removing the session over the API, nbdcopy's its process start.
 """
 
 from __future__ import annotations

@@ -6,11 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deltavol.backend.export import BUCKETS, OPS, WRITE, ExportStats
+from deltavol.backend.export import BUCKETS, OPS, READ, WRITE, Export, ExportStats
 from deltavol.bitmap.bitmap import Bitmap
+from deltavol.errors import OutOfRange
 from deltavol.events import EventBus
 from deltavol.metrics import bitmap_grid, rpo_seconds
 from deltavol.store.db import Database
@@ -45,6 +47,37 @@ def test_latency_buckets_and_counts() -> None:
     assert stats.requests[WRITE] == 3 and stats.bytes[WRITE] == 16384 and stats.errors[WRITE] == 1
     assert stats.buckets[WRITE][0] == 2 and stats.buckets[WRITE][-1] == 1
     assert sum(stats.requests) == 3 and len(stats.requests) == len(OPS)
+
+
+class _AtOnce:
+    """A layer that takes every write and serves every read at once (the page cache)."""
+
+    name, size = "vol", 1 << 20
+
+    def pwrite_now(self, offset: int, data: bytes) -> bool:
+        return True
+
+    def pread_cached(self, offset: int, length: int) -> bytes | None:
+        return bytes(length)
+
+
+@given(writes=st.lists(st.integers(1, 8192), max_size=40), reads=st.lists(st.integers(1, 8192), max_size=40))
+def test_requests_served_at_once_are_counted_exactly(writes: list[int], reads: list[int]) -> None:
+    export = Export(_AtOnce())  # type: ignore[arg-type]
+    stats = export.stats
+    assert stats is not None
+    stats.done(WRITE, 100, 99.0)  # one that waited, in the +Inf bucket
+    for n in writes:
+        assert export.pwrite_now(0, bytes(n))
+    for n in reads:
+        assert export.pread_cached(0, n) is not None
+    with pytest.raises(OutOfRange):  # past the end: an error, not a request served
+        export.pwrite_now(1 << 20, b"x")
+    assert stats.requests[WRITE] == len(writes) + 1 and stats.requests[READ] == len(reads)
+    assert stats.bytes[WRITE] == sum(writes) + 100 and stats.bytes[READ] == sum(reads)
+    assert stats.buckets[WRITE][0] == len(writes) and stats.buckets[WRITE][-1] == 1
+    assert stats.buckets[READ][0] == len(reads) and sum(stats.buckets[READ]) == len(reads)
+    assert stats.errors[WRITE] == 1 and sum(stats.requests) == len(writes) + len(reads) + 1
 
 
 def test_rpo_is_the_age_of_the_point_in_time() -> None:

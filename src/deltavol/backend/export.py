@@ -6,10 +6,10 @@ transmission flags a client sees are derived here from the stack's capabilities.
 
 It is also where requests are counted for the metrics: per operation, requests, bytes,
 errors and a latency histogram, in plain lists of ints that a request bumps (two clock
-reads and one bisect; a request served at once, from the page cache without waiting, goes
-to the first bucket with no clock read: it took microseconds) and the metrics collector
-reads at scrape time. A request that fails
-its checks here is counted as an error with no latency. ``COUNTING`` (``serve
+reads and one bisect). A read or write served at once, from the page cache without
+waiting, bumps just two ints (a count and bytes), with no clock read: it took
+microseconds, and the first bucket gets it when the collector folds those in at scrape
+time. A request that fails its checks here is counted as an error with no latency. ``COUNTING`` (``serve
 --no-nbd-metrics``) leaves ``stats`` None: what a request costs without them.
 """
 
@@ -34,23 +34,54 @@ _now = time.perf_counter
 
 
 class ExportStats:
-    """Counters of one export since the server started, indexed by ``OPS``."""
+    """Counters of one export since the server started, indexed by ``OPS``.
 
-    __slots__ = ("buckets", "bytes", "errors", "requests", "seconds")
+    Reads and writes served at once (``pread_cached``, ``pwrite_now``) bump two plain ints
+    each, and are folded into ``requests``, ``bytes`` and the first bucket when those are
+    read (at scrape time): the commonest request pays two increments, not three list
+    updates."""
+
+    __slots__ = (
+        "_buckets", "_bytes", "_requests", "errors", "now_read_bytes", "now_reads", "now_write_bytes",
+        "now_writes", "seconds",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         n = len(OPS)
-        self.requests = [0] * n
-        self.bytes = [0] * n
+        self._requests = [0] * n
+        self._bytes = [0] * n
         self.errors = [0] * n
         self.seconds = [0.0] * n
-        self.buckets = [[0] * (len(BUCKETS) + 1) for _ in range(n)]
+        self._buckets = [[0] * (len(BUCKETS) + 1) for _ in range(n)]
+        self.now_reads = self.now_read_bytes = 0  # served at once: no clock read, first bucket
+        self.now_writes = self.now_write_bytes = 0
+
+    @property
+    def requests(self) -> list[int]:
+        folded = self._requests.copy()
+        folded[READ] += self.now_reads
+        folded[WRITE] += self.now_writes
+        return folded
+
+    @property
+    def bytes(self) -> list[int]:
+        folded = self._bytes.copy()
+        folded[READ] += self.now_read_bytes
+        folded[WRITE] += self.now_write_bytes
+        return folded
+
+    @property
+    def buckets(self) -> list[list[int]]:
+        folded = [b.copy() for b in self._buckets]
+        folded[READ][0] += self.now_reads
+        folded[WRITE][0] += self.now_writes
+        return folded
 
     def done(self, op: int, nbytes: int, took: float) -> None:
-        self.requests[op] += 1
-        self.bytes[op] += nbytes
+        self._requests[op] += 1
+        self._bytes[op] += nbytes
         self.seconds[op] += took
-        self.buckets[op][bisect_left(BUCKETS, took)] += 1
+        self._buckets[op][bisect_left(BUCKETS, took)] += 1
 
     def failed(self, op: int) -> None:
         self.errors[op] += 1
@@ -119,9 +150,8 @@ class Export:
             st.failed(READ)
             raise
         if data is not None:  # served at once: below the first bucket, no clock read
-            st.requests[READ] += 1
-            st.bytes[READ] += length
-            st.buckets[READ][0] += 1
+            st.now_reads += 1
+            st.now_read_bytes += length
         return data
 
     async def pread(self, offset: int, length: int) -> bytes:
@@ -151,9 +181,8 @@ class Export:
             st.failed(WRITE)
             raise
         if done:  # written at once: below the first bucket, no clock read
-            st.requests[WRITE] += 1
-            st.bytes[WRITE] += len(data)
-            st.buckets[WRITE][0] += 1
+            st.now_writes += 1
+            st.now_write_bytes += len(data)
         return done
 
     def pwrite_soon(self, offset: int, data: bytes) -> WriteJob | None:

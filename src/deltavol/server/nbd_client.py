@@ -26,7 +26,8 @@ reading the moment the ACK is parsed (the next bytes are the server's handshake)
 hands the socket to ``loop.start_tls``; the export is negotiated inside TLS. A server that
 refuses STARTTLS fails the connection: there is no fall back to plain text. The server's
 certificate is checked against ``server_hostname``: by default the URI's host, and
-``localhost`` for a unix socket (the URI names no host there).
+``localhost`` for a unix socket (the URI names no host there). The socket's transport may
+queue ``TLS_SOCKET_BUFFER`` bytes, so what is encrypted goes there at once (see there).
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ from deltavol.nbd.events import NEED_DATA, Closed, StartTls
 
 DEFAULT_PORT = 10809
 TIMEOUT = 30.0  # seconds to connect, and without any reply while requests wait
+# Under TLS, bytes the socket's transport may queue before it asks the TLS layer above to
+# wait (asyncio's default is 64 KiB). Above it, the TLS layer goes on encrypting every
+# write at once into its memory buffer, which grows, is copied as it grows, and is copied
+# out whole when the socket drains; below it, each write's records go to the socket's
+# queue as they are made (no more memory: the same bytes are queued in one place instead
+# of the other). A copy keeps up to 64 requests of 256 KiB in flight, 16 MiB when the
+# target allows one connection only (4 MiB each over 4). It cut the client's CPU time per
+# GiB sent to qemu-nbd over TLS by about 8 % (0.77 -> 0.71 s, alternating runs).
+TLS_SOCKET_BUFFER = 16 * 1024 * 1024
 
 
 def request_age(timeout: float) -> float:
@@ -199,6 +209,7 @@ class NbdClient:
         await asyncio.shield(self._tls_ack)
         transport = self._transport
         assert transport is not None
+        transport.set_write_buffer_limits(high=TLS_SOCKET_BUFFER)
         tls = await asyncio.get_running_loop().start_tls(
             transport, transport.get_protocol(), context, server_hostname=hostname
         )
@@ -382,6 +393,9 @@ class NbdClient:
 
     # --- operations --------------------------------------------------------------------------
     async def pread(self, offset: int, length: int) -> bytes:
+        if length <= self.max_block:  # one request: no task to gather
+            reply = await self._call("read", Cmd.READ, offset, length)
+            return bytes(reply.data or b"")
         parts = await asyncio.gather(
             *(self._call("read", Cmd.READ, o, n) for o, n in self._pieces(offset, length))
         )
@@ -389,6 +403,9 @@ class NbdClient:
 
     async def pwrite(self, offset: int, data: bytes, fua: bool = False) -> None:
         flags = CmdFlag.FUA if fua else 0
+        if len(data) <= self.max_block:  # one request: no task to gather
+            await self._call("write", Cmd.WRITE, offset, len(data), flags, data)
+            return
         view = memoryview(data)
         await asyncio.gather(
             *(

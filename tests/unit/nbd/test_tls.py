@@ -310,6 +310,31 @@ async def test_our_client_over_tls_with_structured_replies_and_block_status(
     assert served.image.read_bytes()[MiB : 4 * MiB] == payload
 
 
+async def test_our_tls_client_hands_what_it_encrypts_to_the_socket_at_once(
+    serve: Callable[..., Served], tls_certs: Path
+) -> None:
+    """Many writes in flight over TLS: each is encrypted once and queued on the socket, not
+    held encrypted in the TLS layer's memory buffer until the socket drains (which copies
+    and grows it again and again), and every byte lands."""
+    served = serve(TlsMode.REQUIRE)
+    client = await NbdClient.connect(served.unix_uri(tls_certs), tls_context=client_context(tls_certs))
+    step = 256 * 1024
+    blocks = [os.urandom(step) for _ in range(6 * MiB // step)]
+    try:
+        writes = [asyncio.ensure_future(client.pwrite(i * step, b)) for i, b in enumerate(blocks)]
+        await asyncio.sleep(0)  # every write submitted, none answered yet
+        transport = client._transport
+        assert transport is not None
+        held = transport.get_write_buffer_size()
+        await asyncio.gather(*writes)
+        await client.flush()
+        assert await client.pread(0, 6 * MiB) == b"".join(blocks)
+    finally:
+        await client.close()
+    assert held < MiB, f"{held} bytes held in the TLS layer"
+    assert served.image.read_bytes()[: 6 * MiB] == b"".join(blocks)
+
+
 def test_each_starttls_makes_a_fresh_context_so_new_certificates_need_no_restart(
     serve: Callable[..., Served], tmp_path: Path
 ) -> None:
