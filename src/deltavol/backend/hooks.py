@@ -97,6 +97,10 @@ class BeforeChange(Layer):
         ready, _ = self._found(offset, len(data))
         return None if ready == NOT_READY else self.next.pwrite_soon(offset, data)
 
+    def saved_soon(self, offset: int, length: int) -> bool:
+        refused = self._refused
+        return refused == (offset, length, self.gate.epoch, WORKED_SOON)
+
     def _found(self, offset: int, n: int, saved_only: bool = False) -> tuple[int, bool]:
         """What ``_ready_now`` finds for this change, and whether it is what ``pwrite_now``
         found when it just said no to it. Right after that (the connection tries the lane,

@@ -426,6 +426,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         thread hop would only add to its latency). False: the task path."""
         if self._write_inline(req):
             return True
+        export = self.export
+        assert export is not None
+        if not export.saved_soon(req.offset, req.length):
+            return False  # it must wait for something (a hook, the disk): the task path
         if not self.conn.buffered and self._write_inline(req):
             return True
         return self._write_soon(req)
