@@ -163,18 +163,14 @@ class NbdTarget:
     whole payload before it writes any of it, so small requests keep its writer busy while
     the socket delivers the next. A full update of 4 GiB (half holes) to qemu-nbd took
     0.87-1.07x nbdcopy's time this way, 1.19-1.35x with 4 MiB requests, 16 in flight.
-    Like nbdcopy, the copy keeps ``PER_CONNECTION`` requests in flight on each connection
-    (64 in all on one, 256 on 4): over TLS to qemu-nbd, on a busy machine, 256 in flight
-    took 0.65-0.85x the time of 64 (four alternating pairs).
 
     A server that does not connect, or stays silent with requests waiting, for ``timeout``
     seconds fails the connection (``NbdClient``): its requests raise ``TargetError``.
     """
 
     CONNECTIONS = 4
-    PER_CONNECTION = 64  # requests in flight on each connection, as nbdcopy's --requests
     request_size = 256 * 1024
-    inflight = PER_CONNECTION  # until open: PER_CONNECTION on each connection made
+    inflight = 64
 
     def __init__(self, uri: str, timeout: float = TARGET_TIMEOUT, export: str | None = None) -> None:
         self.uri = uri
@@ -227,7 +223,6 @@ class NbdTarget:
             await self.close()
             raise
         self.size = first.size
-        self.inflight = self.PER_CONNECTION * len(self._clients)
         return self
 
     def _client(self) -> Any:

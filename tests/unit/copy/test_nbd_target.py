@@ -103,24 +103,3 @@ async def test_an_open_cancelled_half_way_closes_the_connections_it_made(
         await opening
     assert len(made) == NbdTarget.CONNECTIONS - 1
     assert all(c.closed for c in made), "a connection made before the cancel stays open"
-
-
-@pytest.mark.parametrize("multi_conn", [True, False])
-async def test_each_connection_gets_its_share_of_requests_in_flight(
-    monkeypatch: pytest.MonkeyPatch, multi_conn: bool
-) -> None:
-    """As nbdcopy: ``PER_CONNECTION`` requests in flight on each connection made."""
-
-    async def connect(uri: str, *, timeout: float) -> FakeClient:
-        client = FakeClient()
-        client.can_multi_conn = multi_conn
-        return client
-
-    monkeypatch.setattr(NbdClient, "connect", connect)
-    target = await NbdTarget("nbd://dr/x").open()
-    try:
-        connections = NbdTarget.CONNECTIONS if multi_conn else 1
-        assert len(target._clients) == connections
-        assert target.inflight == NbdTarget.PER_CONNECTION * connections
-    finally:
-        await target.close()
