@@ -429,6 +429,11 @@ class SimFS:
             raise Halt("dead process")
         return str(path) in self.names
 
+    def same_file(self, fd: int, path: str | Path) -> bool:
+        if self.dead:
+            raise Halt("dead process")
+        return self._inode(fd) is self.names.get(str(path))
+
     def read_bytes(self, path: str | Path) -> bytes:
         if self.dead:
             raise Halt("dead process")

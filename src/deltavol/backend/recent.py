@@ -8,13 +8,15 @@ least recently written first: at most ``--hot-set`` bytes of them, as a tracking
 hot set. Memory only, nothing on disk trusts it: it is a guess at where the next writes
 go.
 
-A tracking file written from scratch (a session created, tracking written anew at a
-start-up, a cancel, a restore's take-back) carries these regions hot
+A tracking file written from scratch (a session created, a cancel, a restore's
+take-back) carries these regions hot
 (``Tracker.rewrite(..., carry=True)``), as a mark carries the regions written since the
 last one: their hot bits are in the file, fsynced with it before it replaces the old one,
 so the first write of the workload in each needs no group-commit round. What that costs is
 what any hot region costs: after a power loss every chunk of it is copied again, within
-the hot set's bound (``bitmap/persist.py``).
+the hot set's bound (``bitmap/persist.py``). Not at a start-up: sessions load before
+any export serves, when the record is still empty; the file written anew then carries no
+region, and the first write in each region waits for a round.
 
 Cost on the data path: one dict lookup when a write lands in the region the last one did,
 else two dict operations (and a third when the record is full).

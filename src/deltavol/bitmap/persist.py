@@ -48,7 +48,9 @@ Two ways of writing:
   ``_LOST_BOOT`` (written in place and synced with the next round: only the boot and the
   CRC change, both in the first sector), so that a load even in this boot adds the hot
   regions. The next ``settle`` (or a mark) replaces the file from the
-  bitmap in memory with ``rewrite``, which ends it. Until then the re-copy a power loss
+  bitmap in memory with ``rewrite``, which ends it (only while the file's name holds its
+  fd's inode, and never once it is closed: the name may be another session's file by
+  then). Until then the re-copy a power loss
   costs may exceed the hot set; ``lost`` says why.
 
   Chunk bits are never cleared in place; clearing happens in memory and reaches the disk
@@ -88,7 +90,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deltavol.bitmap.bitmap import MAX_GRANULARITY, Bitmap
-from deltavol.errors import CorruptFile, DeltavolError, os_error
+from deltavol.errors import CorruptFile, DeltavolError, IoFailure, os_error
 from deltavol.store import fs
 from deltavol.store.fs import boot_id
 from deltavol.store.group_commit import GroupCommit
@@ -305,6 +307,7 @@ class TrackingFile:
         self._shift = (self.hot.granularity // granularity).bit_length() - 1  # chunk >> _shift: region
         self._hot_at = _hot_at(Bitmap(size, granularity).nbits)
         self._fd = -1  # until ``rewrite`` writes the file
+        self._closed = False  # by ``close``: its session let it go, it never writes again
         # held only to take, swap or count the fd, never across I/O: the event loop must
         # not wait for a round's sync on a stalled disk (``close``, ``rewrite``)
         self._fd_lock = threading.Lock()
@@ -624,10 +627,14 @@ class TrackingFile:
 
     def _write_again(self) -> None:
         """``rewrite`` with what it last wrote and every bit set since: the file's lost
-        pages are in none of its inodes' page caches any more, only in memory."""
-        if self._bitmap is None:
+        pages are in none of its inodes' page caches any more, only in memory. Not once
+        closed, nor once its path names another file than its fd's (another session's of
+        the same name, created since): that one is not this one's to replace."""
+        if self._bitmap is None or self._closed:
             return
         try:
+            if self._fd < 0 or not fs.same_file(self._fd, self.path):
+                raise IoFailure(what=f"tracking bitmap {self.path}", why="its path names another file now")
             self.rewrite(self._bitmap, self._generation)
         except OSError as exc:
             raise os_error(exc, f"tracking bitmap {self.path}") from exc
@@ -657,7 +664,10 @@ class TrackingFile:
         cleared bits land. If it fails, the fd stays on the file in place (the old one,
         or the new one once it has replaced it), and so does the hot set that goes with
         it; after a failed directory sync, the regions of ``hot`` are in the set as regions
-        coming in: each waits for a round, which syncs the directory first."""
+        coming in: each waits for a round, which syncs the directory first. A closed
+        file is written no more: its path may name another session's file by then."""
+        if self._closed:
+            raise IoFailure(what=f"tracking bitmap {self.path}", why="closed: its session let it go")
         carried = Bitmap(self.hot.size, self.hot.granularity)
         for r in hot or ():
             carried.set(r)
@@ -721,6 +731,8 @@ class TrackingFile:
             self._let_go(old)
 
     def close(self) -> None:
+        """Let the file go for good: its settle is cancelled, and nothing writes it again."""
+        self._closed = True
         if self._settle is not None:
             self._settle.cancel()
             self._settle = None

@@ -114,7 +114,9 @@ class SessionFiles:
                     tracking.set(c)  # saved, so changed after the mark: their bits came with the saves
             s.recopy = recopy
             tracker.open_file()
-            s._rewrite_tracking(tracking, carry=True)  # in memory once in the file (``Tracker.rewrite``)
+            # in memory once in the file (``Tracker.rewrite``). No region carried hot: the
+            # source's record of recent writes is empty until its export serves
+            s._rewrite_tracking(tracking)
             if later:
                 self._later_mark(later)
             if save is not None and not save.intact and s.update is not None:

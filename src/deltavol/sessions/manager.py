@@ -213,10 +213,18 @@ class SessionManager:
 
     # --- wiring -----------------------------------------------------------------------------
     def _wiring_for(self, source: Volume) -> _SourceWiring:
+        """The wiring of ``source``: of this volume, not of a removed one of the same name
+        (its gate is the one every write to this volume passes)."""
         wiring = self._wiring.get(source.name)
-        if wiring is None:
+        if wiring is None or wiring.gate is not source.gate:
             wiring = self._wiring[source.name] = _SourceWiring(gate=source.gate)
         return wiring
+
+    def _drop_unused_wiring(self, source: Volume) -> None:
+        """Forget the wiring a session made but never joined (its creation failed)."""
+        wiring = self._wiring.get(source.name)
+        if wiring is not None and not wiring.sessions:
+            del self._wiring[source.name]
 
     def _attach(self, session: Session) -> None:
         source = session.source
@@ -737,7 +745,12 @@ class SessionManager:
             # made in the turn it is wired in: the source's wiring (and the group commit its
             # tracking shares) may have gone with its last session while this one waited
             s = self._new(name, src, target, granularity, max_rate=max_rate, every=every)
-            s.create_files()
+            try:
+                s.create_files()
+            except BaseException:
+                s.delete_files()  # its tracking file closed: nothing of it writes again
+                self._drop_unused_wiring(src)
+                raise
             self._attach(s)
             self._sessions[name] = s
         try:

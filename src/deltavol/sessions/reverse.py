@@ -174,9 +174,7 @@ async def reverse(
             try:
                 m._persist(r)  # the commit point
             except BaseException:
-                wiring = m._wiring.get(new.name)
-                if wiring is not None and not wiring.sessions:
-                    del m._wiring[new.name]
+                m._drop_unused_wiring(new)
                 raise
             s.removed = s.closed = True  # the old direction: no operation, no row written again
             s.tracker.close_file()
@@ -508,6 +506,10 @@ async def adopt(m: SessionManager, body: dict[str, Any]) -> tuple[dict[str, Any]
         back_api=_text(back, "api"),
         back_target=_text(back, "target"),
     )
+    point_in_time = body.get("point_in_time")
+    if not isinstance(point_in_time, str):  # checked before the session's wiring is made
+        raise UsageError(msg="field 'point_in_time' is required (text)")
+    next_update_id = _number(body, "next_update_id", required=False) or 1
     s = m._new(
         name,
         vol,
@@ -518,12 +520,10 @@ async def adopt(m: SessionManager, body: dict[str, Any]) -> tuple[dict[str, Any]
     )
     s.state = State.IDLE
     s.consistent = False  # its target is no image of its source: the first update is incremental
-    s.point_in_time = body.get("point_in_time") if isinstance(body.get("point_in_time"), str) else None
+    s.point_in_time = point_in_time
     if isinstance(body.get("created_at"), str):
         s.created_at = body["created_at"]
-    s.next_update_id = _number(body, "next_update_id", required=False) or 1
-    if s.point_in_time is None:
-        raise UsageError(msg="field 'point_in_time' is required (text)")
+    s.next_update_id = next_update_id
     # no await since the name's check: from here until the commit (or failure) the name is
     # this adoption's, so that no create of it writes (or loses) files of that name meanwhile
     m._creating[name] = (source, target)
@@ -556,6 +556,7 @@ async def adopt(m: SessionManager, body: dict[str, Any]) -> tuple[dict[str, Any]
         if not committed:
             s.delete_files()
             m.peer_files.delete(name)
+            m._drop_unused_wiring(vol)
     log.info("session %s: taken over from %s: %s -> %s (request %s)", name, peer.api, source, target, request)
     m.events.publish("session.reversed", name=name, source=source, target=target, peer=peer.api)
     return s.status(), True

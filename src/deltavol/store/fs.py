@@ -69,6 +69,7 @@ class FileSystem(Protocol):
     def rename(self, src: str | Path, dst: str | Path) -> None: ...
     def unlink(self, path: str | Path, missing_ok: bool = False) -> None: ...
     def exists(self, path: str | Path) -> bool: ...
+    def same_file(self, fd: int, path: str | Path) -> bool: ...
     def read_bytes(self, path: str | Path) -> bytes: ...
     def sync_dir(self, path: Path) -> None: ...
     def boot_id(self) -> bytes: ...
@@ -143,6 +144,15 @@ class RealFS:
         except (FileNotFoundError, NotADirectoryError):
             return False
         return True
+
+    def same_file(self, fd: int, path: str | Path) -> bool:
+        """True if ``path`` names the inode ``fd`` holds (False if it names none)."""
+        held = os.fstat(fd)
+        try:
+            named = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
     def read_bytes(self, path: str | Path) -> bytes:
         return Path(path).read_bytes()
@@ -252,6 +262,10 @@ def unlink(path: str | Path, missing_ok: bool = False) -> None:
 
 def exists(path: str | Path) -> bool:
     return _current.exists(path)
+
+
+def same_file(fd: int, path: str | Path) -> bool:
+    return _current.same_file(fd, path)
 
 
 def read_bytes(path: str | Path) -> bytes:
