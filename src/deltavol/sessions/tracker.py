@@ -108,6 +108,25 @@ class Tracker:
         self.file.rewrite(self.tracking, generation, hot)
         self.unsynced.clear()
 
+    def reset_aside(self, generation: int, carry: bool = True) -> persist.Aside:
+        """``reset`` off the event loop, its first part (memory only): the empty file to be,
+        with the regions it carries as hot (``carry``: a mark's; a restore's end carries
+        none). A thread writes it (``TrackingFile.write_aside``) while the loop goes on;
+        ``reset_to`` puts it in place."""
+        assert self.file is not None
+        hot = self.file.recent(self.tracking) if carry else []
+        return persist.Aside(Bitmap(self.size, self.granularity), generation, hot)
+
+    async def reset_to(self, aside: persist.Aside) -> None:
+        """``reset`` with the file ``aside`` (written now if it is not yet), renamed into
+        place and its directory synced in threads (the write gate is closed until this is
+        over). Tracking is empty in memory even if the file is not replaced: the old file
+        is a superset then."""
+        assert self.file is not None
+        self.tracking.clear_all()
+        await self.file.put_in_place(aside, self.tracking)
+        self.unsynced.clear()
+
     async def make_durable(self, generation: int) -> None:
         """Make every bit set durable in the tracking file (the write gate is closed)."""
         assert self.file is not None
