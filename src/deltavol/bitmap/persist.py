@@ -56,6 +56,11 @@ Two ways of writing:
   file is always a superset of the acknowledged changes. ``rewrite`` also forgets every
   round started for the replaced file: such a round makes nothing durable in the new one.
 
+  ``write_aside`` and ``put_in_place`` are ``rewrite`` in two halves for the event loop: the
+  new file written and fsynced under another name in a thread (a mark does it beside its
+  other syncs, before its commit), then renamed into place and its directory synced in
+  threads, the new fd adopted on the loop in between.
+
   A mark (or a full update's start) empties the chunk bits but *carries* hot regions into
   the new file (``rewrite(..., hot=recent(bitmap))``): the regions written since the last
   mark, the hot set's own first, at most the set's bound. The new file holds their hot

@@ -21,7 +21,9 @@ Design notes
   is reset on disk. A crash between the two leaves the bits in both files: a superset,
   never a miss. The update's phase moves to ``PROTECTING`` in the commit. The reset
   carries the regions written since the last mark as hot into the new tracking file, so
-  that a workload's first changes after the mark need no sync (``Tracker.reset``).
+  that a workload's first changes after the mark need no sync (``Tracker.reset``). The
+  new tracking file is written aside in a thread before the commit and put in place after
+  it (``Tracker.reset_to``), the gate closed until then: no fsync on the event loop.
 * **Give up a mark** (``_give_up_mark``): a copy-before-write whose target fails or does
   not answer within ``target_timeout`` costs the update its point in time, not the client
   its write: protection stops (``GIVEN_UP``), the session row records it before the write
