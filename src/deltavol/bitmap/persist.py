@@ -348,6 +348,7 @@ class TrackingFile:
         self._touched: set[int] = set()  # regions with a new chunk bit since settling began
         self._settle: asyncio.TimerHandle | asyncio.Task[None] | None = None
         self._settling = asyncio.Lock()  # one settle at a time: each owns the regions touched meanwhile
+        self._closing: set[asyncio.Future[None]] = set()  # replaced fds being closed in threads
 
     def write_bits(self, bitmap: Bitmap, chunks: list[int]) -> None:
         """Write the bit bytes of ``chunks`` (sorted, already set in ``bitmap``) into the
@@ -722,15 +723,18 @@ class TrackingFile:
 
     async def put_in_place(self, aside: Aside, bitmap: Bitmap) -> None:
         """``rewrite``'s second half: ``aside`` (written, or written now, in a thread)
-        replaces the file, renamed and its directory synced in threads. ``bitmap`` is the
-        bitmap in memory whose bits ``aside``'s are (what a file that lost pages is written
-        again from). As ``rewrite`` if it fails. One ``settle`` at a time: none replaces the
-        file between the rename and the adopting of the new fd."""
+        replaces the file: renamed and its directory synced in one thread, then its fd
+        adopted on the loop, and the replaced file's fd closed in a thread (the last close
+        of an unlinked file frees it: the journal again). ``bitmap`` is the bitmap in
+        memory whose bits ``aside``'s are (what a file that lost pages is written again
+        from). As ``rewrite`` if it fails. Meanwhile the fd in use stays the replaced
+        file's, which only bits already durable elsewhere reach (the write gate is closed);
+        and one ``settle`` at a time: none replaces the file before the fd is adopted."""
         async with self._settling:
             if aside.fd < 0:
                 await fs.to_thread(self.write_aside, aside)
             try:
-                await fs.to_thread(fs.replace, self.aside_path, self.path)
+                dir_failed = await fs.to_thread(self._rename_aside)
             except OSError as exc:
                 await fs.to_thread(self.drop_aside, aside)
                 raise os_error(exc, f"tracking bitmap {self.path}") from exc
@@ -738,18 +742,33 @@ class TrackingFile:
             carried = Bitmap(self.hot.size, self.hot.granularity)
             for r in aside.hot:
                 carried.set(r)
-            self._adopt(fd, bitmap, aside.generation, carried)
+            with self._fd_lock:
+                self._fd_users += 1  # so that _adopt leaves the replaced fd to _release_fd
             try:
-                await fs.to_thread(fs.sync_dir, self.path.parent)
-            except OSError as exc:
+                self._adopt(fd, bitmap, aside.generation, carried)
+            finally:
+                closing = asyncio.ensure_future(fs.to_thread(self._release_fd))
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+            if dir_failed is not None:
                 if aside.hot:  # hot in the file in place, its name maybe not durable
                     self._carry(aside.hot, durable=False)
-                raise os_error(exc, f"directory of tracking bitmap {self.path}") from exc
+                raise os_error(dir_failed, f"directory of tracking bitmap {self.path}") from dir_failed
             with self._fd_lock:
                 if self._fd == fd:  # (a round's directory sync may have cleared it already)
                     self._dir_unsynced = False
             if aside.hot:
                 self._carry(aside.hot, durable=True)
+
+    def _rename_aside(self) -> OSError | None:
+        """(In a thread.) ``aside_path`` renamed over the file, then the directory synced:
+        the error of that sync, if it failed (the new file is in place all the same)."""
+        fs.replace(self.aside_path, self.path)
+        try:
+            fs.sync_dir(self.path.parent)
+        except OSError as exc:
+            return exc
+        return None
 
     def _carry(self, hot: list[int], durable: bool) -> None:
         """Put the regions ``hot`` carried by a rewrite (hot in the file now) into the set,
