@@ -71,6 +71,7 @@ from deltavol.errors import (
 from deltavol.events import EventBus
 from deltavol.sessions.copier import CHECKPOINT_SECONDS, Copier, looked_at, stop
 from deltavol.sessions.files import SessionFiles
+from deltavol.sessions.peers import fault
 from deltavol.sessions.protector import ChunkLocks, Protector
 from deltavol.sessions.records import RetryPolicy, UpdateRecord, now_iso
 from deltavol.sessions.states import Phase, State, next_state
@@ -549,6 +550,7 @@ class Session:
                 else:  # the catch-up pass of a full update
                     update.catchup_bytes = total - before
                     progress.bytes_total = progress.bytes_done + total
+                fault("mark-before-commit")  # (tests: the new tracking file written aside)
                 self._save_row()  # the commit point: nothing below may raise (see _after_commit)
             except BaseException:
                 # the unfinished update keeps its save area: its records are void on disk
@@ -565,6 +567,7 @@ class Session:
             self._after_commit("dropping the old save area", self.protector.drop_save_area)
             self.protector.save, self.transfer, self.protector.records_void = save, transfer, False
             self.copier.durable = transfer.copy()
+            fault("mark-after-commit")  # (tests: the old tracking file still in place)
             reset = functools.partial(self.tracker.reset_to, aside)
             await self._after_commit_wait("resetting tracking", reset)
 
