@@ -58,6 +58,11 @@ Two ways of writing:
   file is always a superset of the acknowledged changes. ``rewrite`` also forgets every
   round started for the replaced file: such a round makes nothing durable in the new one.
 
+  ``write_aside`` and ``put_in_place`` are ``rewrite`` in two halves for the event loop: the
+  new file written and fsynced under another name in a thread (a mark does it beside its
+  other syncs, before its commit), then renamed into place and its directory synced in
+  threads, the new fd adopted on the loop in between.
+
   A mark (or a full update's start) empties the chunk bits but *carries* hot regions into
   the new file (``rewrite(..., hot=recent(bitmap))``): the regions written since the last
   mark, the hot set's own first, at most the set's bound. The new file holds their hot
@@ -284,6 +289,18 @@ def _write_pages(fd: int, bits: memoryview, at: int, pages: list[int]) -> None:
         _write_all(fd, bits[lo : (end + 1) * _PAGE], at + lo)
 
 
+@dataclass
+class Aside:
+    """A tracking file to be: written beside the file in place (``NAME.next``) in a thread,
+    and put in its place later on the loop (``TrackingFile.write_aside``, ``put_in_place``).
+    ``fd`` is the written file's, read-write, once it is durable; -1 before."""
+
+    bitmap: Bitmap
+    generation: int
+    hot: list[int]
+    fd: int = -1
+
+
 class TrackingFile:
     """The tracking bitmap's file, written ahead of every change (see the module notes).
 
@@ -334,6 +351,7 @@ class TrackingFile:
         self._touched: set[int] = set()  # regions with a new chunk bit since settling began
         self._settle: asyncio.TimerHandle | asyncio.Task[None] | None = None
         self._settling = asyncio.Lock()  # one settle at a time: each owns the regions touched meanwhile
+        self._closing: set[asyncio.Future[None]] = set()  # replaced fds being closed in threads
 
     def write_bits(self, bitmap: Bitmap, chunks: list[int]) -> None:
         """Write the bit bytes of ``chunks`` (sorted, already set in ``bitmap``) into the
@@ -687,6 +705,100 @@ class TrackingFile:
         self._dir_unsynced = False  # (a failed directory sync left it set: see ``sync``)
         if hot:  # durably hot in the file that is the file now: in the set, used at the mark
             self._carry(hot, durable=True)
+
+    # --- the same, off the event loop: a thread writes the file aside, the loop installs it
+    @property
+    def aside_path(self) -> Path:
+        """Where ``write_aside`` writes: not ``rewrite``'s tmp file, which a ``settle`` may
+        write meanwhile."""
+        return self.path.with_name(self.path.name + ".next")
+
+    def write_aside(self, aside: Aside) -> None:
+        """``rewrite``'s first half, for a thread: ``aside``'s bitmap and hot regions written
+        to ``aside_path`` and fsynced; its fd goes into ``aside.fd``. Reads nothing of this
+        object's state but its geometry: the loop goes on meanwhile. Not the file yet: a
+        crash leaves the file in place, and a file at ``aside_path`` that nothing reads
+        (the next ``write_aside`` truncates it, a start-up removes it)."""
+        tmp = self.aside_path
+        carried = Bitmap(self.hot.size, self.hot.granularity)
+        for r in aside.hot:
+            carried.set(r)
+        bitmap = aside.bitmap
+        try:
+            fd = fs.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, _header(bitmap, aside.generation, KIND_TRACKING, carried.granularity), 0)
+                with bitmap.view() as bits:
+                    _write_all(fd, bits, HEADER_SIZE)
+                with carried.view() as bits:
+                    _write_all(fd, bits, _hot_at(bitmap.nbits))
+                fs.fsync(fd)
+            except BaseException:
+                fs.close(fd)
+                raise
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                fs.unlink(tmp, missing_ok=True)
+            raise os_error(exc, f"tracking bitmap {tmp}") from exc
+        aside.fd = fd
+
+    def drop_aside(self, aside: Aside) -> None:
+        """An ``aside`` that will not be put in place: its fd closed, its file removed."""
+        fd, aside.fd = aside.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                fs.close(fd)
+            with contextlib.suppress(OSError):
+                fs.unlink(self.aside_path, missing_ok=True)
+
+    async def put_in_place(self, aside: Aside, bitmap: Bitmap) -> None:
+        """``rewrite``'s second half: ``aside`` (written, or written now, in a thread)
+        replaces the file: renamed and its directory synced in one thread, then its fd
+        adopted on the loop, and the replaced file's fd closed in a thread (the last close
+        of an unlinked file frees it: the journal again). ``bitmap`` is the bitmap in
+        memory whose bits ``aside``'s are (what a file that lost pages is written again
+        from). As ``rewrite`` if it fails. Meanwhile the fd in use stays the replaced
+        file's, which only bits already durable elsewhere reach (the write gate is closed);
+        and one ``settle`` at a time: none replaces the file before the fd is adopted."""
+        async with self._settling:
+            if aside.fd < 0:
+                await fs.to_thread(self.write_aside, aside)
+            try:
+                dir_failed = await fs.to_thread(self._rename_aside)
+            except OSError as exc:
+                await fs.to_thread(self.drop_aside, aside)
+                raise os_error(exc, f"tracking bitmap {self.path}") from exc
+            fd, aside.fd = aside.fd, -1
+            carried = Bitmap(self.hot.size, self.hot.granularity)
+            for r in aside.hot:
+                carried.set(r)
+            with self._fd_lock:
+                self._fd_users += 1  # so that _adopt leaves the replaced fd to _release_fd
+            try:
+                self._adopt(fd, bitmap, aside.generation, carried)
+            finally:
+                closing = asyncio.ensure_future(fs.to_thread(self._release_fd))
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+            if dir_failed is not None:
+                if aside.hot:  # hot in the file in place, its name maybe not durable
+                    self._carry(aside.hot, durable=False)
+                raise os_error(dir_failed, f"directory of tracking bitmap {self.path}") from dir_failed
+            with self._fd_lock:
+                if self._fd == fd:  # (a round's directory sync may have cleared it already)
+                    self._dir_unsynced = False
+            if aside.hot:
+                self._carry(aside.hot, durable=True)
+
+    def _rename_aside(self) -> OSError | None:
+        """(In a thread.) ``aside_path`` renamed over the file, then the directory synced:
+        the error of that sync, if it failed (the new file is in place all the same)."""
+        fs.replace(self.aside_path, self.path)
+        try:
+            fs.sync_dir(self.path.parent)
+        except OSError as exc:
+            return exc
+        return None
 
     def _carry(self, hot: list[int], durable: bool) -> None:
         """Put the regions ``hot`` carried by a rewrite (hot in the file now) into the set,

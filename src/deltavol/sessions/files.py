@@ -18,11 +18,21 @@ a lost bit is not).
 * ``set_aside``: corrupt files are kept for inspection under names of their own, after
   the row says "failed, needs a full update".
 * ``delete``: the session is gone, and so are its files, durably.
+* ``unlink_transfer``: after the commit that ends an update (done, cancelled, taken back
+  by a restore) its transfer file is garbage; it is removed in a thread, not on the event
+  loop (an unlink waits for the file system's journal: milliseconds on a busy disk). Every
+  later user of the path waits for that first (``transfer_gone``): a mark's or a full
+  update's new transfer file, the removal of the session and its stop. The pending removal
+  is kept by path, not by session, so that a session created again under the same name
+  waits for it too. Until it has happened a crash leaves the file: an orphan, whose bits go
+  back into tracking at the next start (a superset), as after a crash before any unlink.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,10 +54,15 @@ TRANSFER = persist.KIND_TRANSFER
 
 
 class SessionFiles:
+    # a transfer file's removal under way in a thread, by path (see ``unlink_transfer``)
+    _unlinking: dict[Path, asyncio.Future[None]] = {}
+
     def __init__(self, session: Session, files: Path) -> None:
         self.session = session
         self.tracking_path = files / f"{session.name}.tracking"
         self.transfer_path = files / f"{session.name}.transfer"
+        # a mark's new tracking file before it replaces the old one (TrackingFile.write_aside)
+        self.tracking_aside = files / f"{session.name}.tracking.next"
 
     def create(self) -> None:
         """A fresh tracking file, and no transfer bitmap or save area: a removed session of
@@ -56,7 +71,7 @@ class SessionFiles:
         s = self.session
         save_dir = s.protector.save_dir
         try:
-            for path in (self.transfer_path, s.protector.save_area(0).path):
+            for path in (self.transfer_path, self.tracking_aside, s.protector.save_area(0).path):
                 fs.unlink(path, missing_ok=True)
             sync_dir(self.transfer_path.parent)
             sync_dir(save_dir)
@@ -123,6 +138,7 @@ class SessionFiles:
                 self._give_up_lost_records()
             if orphan:
                 fs.unlink(self.transfer_path)
+            fs.unlink(self.tracking_aside, missing_ok=True)  # a mark's that did not commit
             if save is None:  # no update owns it: a mark or the end of its update made its bits durable
                 fs.unlink(area.path, missing_ok=True)
         except BaseException as exc:
@@ -260,7 +276,7 @@ class SessionFiles:
         s.protector.drop_save_area()
         try:
             s.protector.save_area(0).delete()
-            for path in (self.tracking_path, self.transfer_path):
+            for path in (self.tracking_path, self.transfer_path, self.tracking_aside):
                 fs.unlink(path, missing_ok=True)
             sync_dir(self.tracking_path.parent)
             sync_dir(s.protector.save_dir)
@@ -268,7 +284,44 @@ class SessionFiles:
             log.warning("session %s: files not removed: %s", s.name, exc.strerror or exc)
 
     def unlink_transfer(self) -> None:
-        fs.unlink(self.transfer_path, missing_ok=True)
+        """Remove the transfer file in a thread (see the module notes); a failure is logged:
+        the file left is an orphan, whose bits go back into tracking at the next start."""
+        path = self.transfer_path
+        before = self._pending()
+
+        async def unlink() -> None:
+            if before is not None:
+                await asyncio.shield(before)
+            try:
+                await fs.to_thread(functools.partial(fs.unlink, path, missing_ok=True))
+            except OSError as exc:
+                log.warning("session %s: removing the transfer file failed: %s", self.session.name, exc)
+
+        job = asyncio.ensure_future(unlink())
+        self._unlinking[path] = job
+
+        def done(fut: asyncio.Future[None]) -> None:
+            if self._unlinking.get(path) is fut:
+                del self._unlinking[path]
+            if not fut.cancelled():
+                fut.exception()  # (none: looked at, not left to the loop's handler)
+
+        job.add_done_callback(done)
+
+    async def transfer_gone(self) -> None:
+        """Once a removal of the transfer file under way is over (a cancel of the caller
+        leaves it running)."""
+        job = self._pending()
+        if job is not None:
+            await asyncio.shield(job)
+
+    def _pending(self) -> asyncio.Future[None] | None:
+        """The removal under way of this path, if any; one of another event loop (a server
+        stopped in this process, as tests do) is over as far as this one knows."""
+        job = self._unlinking.get(self.transfer_path)
+        if job is not None and job.get_loop() is not asyncio.get_running_loop():
+            return None
+        return job
 
 
 def _aside(path: Path, stamp: str) -> Path:

@@ -805,6 +805,7 @@ class SessionManager:
                         self._detach(s)
                     await s.copier.drop_target()  # such a write may have opened it again
                     await restore.forget(s)  # a restore's guard on the source and its file
+                    await s.files.transfer_gone()  # (a thread): before the directory sync
                     s.delete_files()
                     if peer is not None:  # the target goes back to the peer's clients
                         await self.drop_peer_guard(name, s.target_spec, peer)

@@ -370,13 +370,14 @@ class Restorer:
         self.progress = Progress()
         self._checkpointing = asyncio.Lock()
         self._file = False  # the restore's bitmap file exists (see _checkpoint)
+        self._left = False  # a file was there when the work was taken (maybe not this one's)
 
     async def run(self) -> None:
         s = self.s
         try:
             await self._copy_back()
             async with s._gate.closed():  # tracking is reset as a mark resets it
-                self._finish()
+                await self._finish()
         except asyncio.CancelledError:
             raise  # a removal lifts the guard once the writes left under way have landed
         except Exception as exc:
@@ -396,6 +397,7 @@ class Restorer:
         assert update is not None
         todo: Bitmap | None = None
         if fs.exists(self.path):
+            self._left = True
             try:
                 todo, generation = persist.load(self.path, persist.KIND_RESTORE, s.granularity, s.source.size)
             except CorruptFile as exc:  # tracking still holds all of it (see the module notes)
@@ -560,12 +562,15 @@ class Restorer:
         update.bytes_sent = self.progress.bytes_sent
         s._persist_row(s)
 
-    def _finish(self) -> None:
-        """Tracking empty (durably), then the row: idle, consistent, the same point in time."""
+    async def _finish(self) -> None:
+        """Tracking empty (durably), then the row: idle, consistent, the same point in time.
+        The empty file is written, renamed and its directory synced in threads, strictly
+        after the source's last flush (``_copy_back``): an empty tracking file durable
+        before the restored bytes would leave a resumed restore nothing to do. A cancel (a
+        removal) meanwhile waits for those threads, and leaves the row ``restoring``."""
         s, update = self.s, self.s.update
         assert update is not None
-        s.tracking.clear_all()
-        s._rewrite_tracking()
+        await _rewrite_empty(s)
         before = s.state, update.phase, update.finished_at, s.last_error
         s.state = next_state(s.name, s.state, "restored")
         update.move("restored", s.name)
@@ -578,8 +583,9 @@ class Restorer:
             update.put_back(before[1], s.name)
             raise
         _unguard(s)
-        with contextlib.suppress(OSError):
-            fs.unlink(self.path, missing_ok=True)
+        if self._file or self._left:  # (most restores find and write none)
+            with contextlib.suppress(OSError):
+                fs.unlink(self.path, missing_ok=True)
         s.events.publish(
             "restore.finished",
             name=s.name,
@@ -605,6 +611,21 @@ class Restorer:
             log.error("session %s: cannot record the failure: %s", s.name, exc.message)
         s.events.publish("restore.failed", name=s.name, error=why)
         await s.copier.drop_target()
+
+
+async def _rewrite_empty(s: Session) -> None:
+    """Tracking emptied and its file replaced durably, off the event loop; a cancel waits
+    until the threads are over (no file is written under a later step), then raises."""
+    job = asyncio.ensure_future(s.tracker.reset_to(s.tracker.reset_aside(s.next_update_id, carry=False)))
+    cancelled = False
+    while not job.done():
+        try:
+            await asyncio.wait([job])  # unlike awaiting it, a cancel does not cancel it
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    job.result()
 
 
 @one_at_a_time

@@ -21,7 +21,9 @@ Design notes
   is reset on disk. A crash between the two leaves the bits in both files: a superset,
   never a miss. The update's phase moves to ``PROTECTING`` in the commit. The reset
   carries the regions written since the last mark as hot into the new tracking file, so
-  that a workload's first changes after the mark need no sync (``Tracker.reset``).
+  that a workload's first changes after the mark need no sync (``Tracker.reset_aside``). The
+  new tracking file is written aside in a thread before the commit and put in place after
+  it (``Tracker.reset_to``), the gate closed until then: no fsync on the event loop.
 * **Give up a mark** (``_give_up_mark``): a copy-before-write whose target fails or does
   not answer within ``target_timeout`` costs the update its point in time, not the client
   its write: protection stops (``GIVEN_UP``), the session row records it before the write
@@ -69,6 +71,7 @@ from deltavol.errors import (
 from deltavol.events import EventBus
 from deltavol.sessions.copier import CHECKPOINT_SECONDS, Copier, looked_at, stop
 from deltavol.sessions.files import SessionFiles
+from deltavol.sessions.peers import fault
 from deltavol.sessions.protector import ChunkLocks, Protector
 from deltavol.sessions.records import RetryPolicy, UpdateRecord, now_iso
 from deltavol.sessions.states import Phase, State, next_state
@@ -481,6 +484,7 @@ class Session:
         await self._flush_source()
         async with self._gate.closed(), self.copier.checkpointing:
             await self._flush_source()
+            await self.files.transfer_gone()  # the last update's file, removed in a thread
             persist.save_atomic(self.files.transfer_path, transfer, update.id, TRANSFER)
             phase = update.phase
             update.move("start_full", self.name)
@@ -497,7 +501,7 @@ class Session:
                 raise
             self.copier.durable = transfer.copy()
             self._after_commit("dropping the save area", self.protector.drop_save_area)
-            self._after_commit("resetting tracking", self._reset_tracking)
+            await self._after_commit_wait("resetting tracking", self._reset_tracking)
 
     async def _mark(self, new: tuple[UpdateRecord, State] | None = None) -> None:
         """tracking -> transfer (OR-ed into any unfinished transfer), fresh tracking.
@@ -528,7 +532,10 @@ class Session:
             before = self.transfer_bytes(transfer)
             transfer.or_(self.tracking)
             save = self.protector.save_area(update.id)
-            await self._mark_syncs(transfer, update.id, save)
+            # the new tracking file is written beside the old one meanwhile, and replaces
+            # it only once the mark has committed (see _mark_syncs)
+            aside = self.tracker.reset_aside(self.next_update_id)
+            await self._mark_syncs(transfer, update.id, save, aside)
             kept = self.update, self.state, self.progress, self.last_error
             progress = self.progress if new is None else None
             was = (update.marked_at, update.phase, update.catchup_bytes)
@@ -544,12 +551,14 @@ class Session:
                 else:  # the catch-up pass of a full update
                     update.catchup_bytes = total - before
                     progress.bytes_total = progress.bytes_done + total
+                fault("mark-before-commit")  # (tests: the new tracking file written aside)
                 self._save_row()  # the commit point: nothing below may raise (see _after_commit)
             except BaseException:
                 # the unfinished update keeps its save area: its records are void on disk
                 # now, but so is it (the transfer file is this update's): a restart
                 # ends it, and until then its records in memory still protect its copy
                 save.close()
+                self._drop_aside(aside)
                 update.marked_at, update.catchup_bytes = was[0], was[2]
                 update.put_back(was[1], self.name)
                 if progress is not None:
@@ -559,9 +568,13 @@ class Session:
             self._after_commit("dropping the old save area", self.protector.drop_save_area)
             self.protector.save, self.transfer, self.protector.records_void = save, transfer, False
             self.copier.durable = transfer.copy()
-            self._after_commit("resetting tracking", self._reset_tracking)
+            fault("mark-after-commit")  # (tests: the old tracking file still in place)
+            reset = functools.partial(self.tracker.reset_to, aside)
+            await self._after_commit_wait("resetting tracking", reset)
 
-    async def _mark_syncs(self, transfer: Bitmap, update_id: int, save: SaveArea) -> None:
+    async def _mark_syncs(
+        self, transfer: Bitmap, update_id: int, save: SaveArea, aside: persist.Aside
+    ) -> None:
         """What a mark's commit depends on, made durable side by side, each sync in a
         thread of its own (none on the event loop): the source flushed (what is copied
         as of the mark is durable there), the new transfer file, and the save area's new
@@ -575,6 +588,12 @@ class Session:
         such update nothing reads the old area after a crash (the start-up removes it),
         and the header goes beside the rest.
 
+        Beside them too, the mark's new tracking file (empty, with the regions it carries
+        as hot) is written and fsynced as ``aside``: under another name, so that a crash
+        before the commit leaves the old tracking file in place (its bits are not in any
+        committed transfer file yet). It replaces the old one after the commit
+        (``Tracker.reset_to``). If it fails here, the reset writes it again then.
+
         Every thread is over before this returns or raises (a thread cannot be stopped:
         a mark that gave up must not leave a file being written under the next one); a
         failure raises the first error, with the save area closed."""
@@ -582,10 +601,13 @@ class Session:
         voids = self.save is not None or (current is not None and current.phase in (_PROTECTING, _GIVEN_UP))
 
         filing: set[str] = set()  # the jobs past their waits: a cancel waits for their files
+        tf = self.tracking_file
+        assert tf is not None
 
         async def transfer_file(*after: Awaitable[None]) -> None:
             for job in after:  # shielded: a cancel of this job leaves them running
                 await asyncio.shield(job)
+            await self.files.transfer_gone()  # the last update's file, removed in a thread
             filing.add("transfer")
             await fs.to_thread(persist.save_atomic, self.files.transfer_path, transfer, update_id, TRANSFER)
 
@@ -608,7 +630,8 @@ class Session:
         # finishes its own mark; its transfer file replaced, it would give its mark up)
         writing = asyncio.ensure_future(transfer_file(flushing) if voids else transfer_file())
         creating = asyncio.ensure_future(header(writing) if voids else header())
-        jobs = [flushing, writing, creating]
+        setting_aside = asyncio.ensure_future(self._write_aside(tf, aside))
+        jobs = [flushing, writing, creating, setting_aside]
         for j in jobs:  # each failure is looked at below, once all are over; and even if the
             j.add_done_callback(looked_at)  # process ends first, with one still running
         cancelled = False
@@ -624,14 +647,28 @@ class Session:
                     writing.cancel()
                 if "header" not in filing:
                     creating.cancel()
-                jobs = [writing, creating]
+                jobs = [writing, creating, setting_aside]  # (a thread from its start on)
         failed = [e for j in jobs if not j.cancelled() and (e := j.exception()) is not None]
         if cancelled or failed or any(j.cancelled() for j in jobs):
             if not creating.cancelled() and creating.exception() is None:
                 save.close()
+            self._drop_aside(aside)
             if failed and not cancelled:
                 raise failed[0]
             raise asyncio.CancelledError
+
+    async def _write_aside(self, tf: persist.TrackingFile, aside: persist.Aside) -> None:
+        """A mark's new tracking file, written aside in a thread (see ``_mark_syncs``); a
+        failure fails no mark: the reset after the commit writes it again."""
+        try:
+            await fs.to_thread(tf.write_aside, aside)
+        except DeltavolError as exc:
+            log.warning("session %s: new tracking file not written ahead: %s", self.name, exc.message)
+
+    def _drop_aside(self, aside: persist.Aside) -> None:
+        """A mark that does not commit: its new tracking file goes (the old one stays)."""
+        if self.tracking_file is not None:
+            self.tracking_file.drop_aside(aside)
 
     async def _flush_source(self) -> None:
         """What a mark copies must be durable on the source: a change acknowledged but not
@@ -649,6 +686,34 @@ class Session:
         except (DeltavolError, OSError) as exc:
             log.warning("session %s: %s failed: %s", self.name, what, exc)
 
+    async def _after_commit_wait(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        """``_after_commit`` for a step that awaits threads (a file replaced, its directory
+        synced). It runs to its end whatever cancels the caller meanwhile (a pause or a stop
+        cancelling the copy task in a re-mark): the caller must not roll back a commit whose
+        steps are half done. A cancel that came is delivered at the caller's next await
+        that suspends, after this returns: the callers have none before their rollbacks
+        are behind them (the closed gate's and the lock's exits do not suspend)."""
+        job = asyncio.ensure_future(step())
+        task = asyncio.current_task()
+        cancelled = 0
+        while not job.done():
+            try:
+                await asyncio.wait([job])  # unlike awaiting it, a cancel does not cancel it
+            except asyncio.CancelledError:
+                if task is not None:
+                    task.uncancel()
+                cancelled += 1
+        if cancelled and task is not None:
+            task.cancel()  # at the next await
+        if job.cancelled():
+            log.warning("session %s: %s was cancelled", self.name, what)
+            return
+        exc = job.exception()
+        if isinstance(exc, DeltavolError | OSError):
+            log.warning("session %s: %s failed: %s", self.name, what, exc)
+        elif exc is not None:
+            raise exc
+
     def _rewrite_tracking(self, tracking: Bitmap | None = None, carry: bool = False) -> None:
         """Replace the tracking file durably with the bitmap in memory, or with ``tracking``
         that becomes it once the file holds it (the write gate is closed, or nothing writes
@@ -656,10 +721,11 @@ class Session:
         regions the source wrote lately are hot in it (``backend/recent.py``)."""
         self.tracker.rewrite(self.next_update_id, tracking, carry)
 
-    def _reset_tracking(self) -> None:
+    async def _reset_tracking(self) -> None:
         """Empty tracking and replace its file durably, the regions written since the last
-        mark carried as hot (the write gate is closed; see ``Tracker.reset``)."""
-        self.tracker.reset(self.next_update_id)
+        mark carried as hot (the write gate is closed; see ``Tracker.reset_to``): the file
+        written, renamed and its directory synced in threads."""
+        await self.tracker.reset_to(self.tracker.reset_aside(self.next_update_id))
 
     async def _tracking_durable(self) -> None:
         """Make every bit set durable in the tracking file (the write gate is closed)."""
@@ -980,6 +1046,7 @@ class Session:
         if self.state is State.COPYING and await self.copier.target_answers():
             await self.copier.try_checkpoint()
         await self.copier.drop_target()
+        await self.files.transfer_gone()  # a file left would be an orphan at the next start
         if self.save is not None:  # a clean stop seals the records: a reboot keeps the mark
             await self.save.seal()
         if self.tracking_file is not None:

@@ -18,10 +18,11 @@ Design notes
   predicate, or None while nothing is protected), and the protector tells it when a save
   record made a bit durable (``saved``) or will not be written after all (``saves_void``).
 * ``rewrite`` (the write gate closed, or nothing writes yet) replaces the file with the
-  bitmap in memory: every bit set is durable then and nothing waits. ``reset`` (a mark,
-  a full update's start) empties tracking and rewrites it with the regions written
-  since the last mark carried as hot (``persist.TrackingFile.recent``): the first
-  changes after a mark in the regions the workload writes need no round.
+  bitmap in memory: every bit set is durable then and nothing waits. A mark or a full
+  update's start empties tracking (``reset_aside``, ``reset_to``): the new file, with the
+  regions written since the last mark carried as hot (``persist.TrackingFile.recent``),
+  is written aside in a thread and put in place with the gate closed; the first changes
+  after a mark in the regions the workload writes need no round.
 """
 
 from __future__ import annotations
@@ -103,16 +104,6 @@ class Tracker:
         self.tracking = new
         self.unsynced.clear()
 
-    def reset(self, generation: int) -> None:
-        """Empty tracking and replace the file durably with it, the regions written since
-        the last mark carried as hot (the write gate is closed). Tracking is empty in
-        memory even if the file is not replaced: the old file is a superset then."""
-        assert self.file is not None
-        hot = self.file.recent(self.tracking)
-        self.tracking.clear_all()
-        self.file.rewrite(self.tracking, generation, hot)
-        self.unsynced.clear()
-
     def _carried(self) -> list[int]:
         """The hot regions a file written from scratch carries: those the source wrote
         lately, the most recent ``capacity`` of them (in the file's bounds)."""
@@ -120,6 +111,25 @@ class Tracker:
         hot = self.file.hot
         regions = [r for r in self.recent(hot.granularity) if r < hot.nbits]
         return regions[-self.file.capacity :]
+
+    def reset_aside(self, generation: int, carry: bool = True) -> persist.Aside:
+        """Empty tracking, off the event loop: its first part (memory only), the empty file to be,
+        with the regions it carries as hot (``carry``: a mark's; a restore's end carries
+        none). A thread writes it (``TrackingFile.write_aside``) while the loop goes on;
+        ``reset_to`` puts it in place."""
+        assert self.file is not None
+        hot = self.file.recent(self.tracking) if carry else []
+        return persist.Aside(Bitmap(self.size, self.granularity), generation, hot)
+
+    async def reset_to(self, aside: persist.Aside) -> None:
+        """Empty tracking with the file ``aside`` (written now if it is not yet), renamed into
+        place and its directory synced in threads (the write gate is closed until this is
+        over). Tracking is empty in memory even if the file is not replaced: the old file
+        is a superset then."""
+        assert self.file is not None
+        self.tracking.clear_all()
+        await self.file.put_in_place(aside, self.tracking)
+        self.unsynced.clear()
 
     async def make_durable(self, generation: int) -> None:
         """Make every bit set durable in the tracking file (the write gate is closed)."""

@@ -468,6 +468,7 @@ async def test_a_cancel_commits_before_it_removes_the_transfer_file(
     s._persist_row = lambda s: at_commit.append((s.state, s.files.transfer_path.exists()))
     await s.cancel()
     assert at_commit[-1] == (State.IDLE, True), "a crash before the commit finds the transfer gone"
+    await s.files.transfer_gone()  # removed in a thread, after the commit
     assert not s.files.transfer_path.exists()
 
 

@@ -332,7 +332,7 @@ async def test_first_writes_after_a_mark_into_the_regions_written_before_it_need
 
     await writes(2000)
     async with s._gate.closed():  # the mark's last step, after its commit
-        s._reset_tracking()
+        await s._reset_tracking()
     assert s.tracking.is_empty()
     acked, syncs = await writes(1000)
     assert not missed, f"acknowledged before a durable record covered them: {missed[:10]}"
@@ -395,7 +395,7 @@ async def test_after_a_failed_directory_sync_the_carried_regions_count_in_the_bo
         log: list[str] = []
         failing_dir_sync(monkeypatch, log)
         async with s._gate.closed():  # the mark's last step, after its commit
-            s._after_commit("resetting tracking", s._reset_tracking)
+            await s._after_commit_wait("resetting tracking", s._reset_tracking)
         assert log == ["sync_dir failed"]
         assert list(hot_of(Path(tf.path).read_bytes()).runs()) == [(1, 4)], "carried into the new file"
         for r in (20, 21, 22, 23):
@@ -426,7 +426,7 @@ async def test_a_change_in_a_region_carried_before_a_failed_directory_sync_waits
         log: list[str] = []
         failing_dir_sync(monkeypatch, log)
         async with s._gate.closed():
-            s._after_commit("resetting tracking", s._reset_tracking)
+            await s._after_commit_wait("resetting tracking", s._reset_tracking)
         assert tf._dir_unsynced
         await layer.pwrite(3 * REGION + G, b"b" * BLOCK)
         log.append("acked")

@@ -237,6 +237,7 @@ async def test_pause_or_cancel_during_a_mark_stops_the_update_it_started(
     if action == "pause":  # the update is kept, with everything still to copy
         assert s.transfer is not None and list(s.transfer.runs()) == changed
     else:  # the update is over; what it had to copy is tracked again, on disk too
+        await s.files.transfer_gone()  # removed in a thread, after the commit
         assert s.transfer is None and not s.files.transfer_path.exists()
         assert list(s.tracking.runs()) == changed
         on_disk, _ = persist.load(s.files.tracking_path, persist.KIND_TRACKING, G, SIZE)
