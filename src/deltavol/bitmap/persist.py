@@ -684,8 +684,7 @@ class TrackingFile:
         it; after a failed directory sync, the regions of ``hot`` are in the set as regions
         coming in: each waits for a round, which syncs the directory first. A closed
         file is written no more: its path may name another session's file by then."""
-        if self._closed:
-            raise IoFailure(what=f"tracking bitmap {self.path}", why="closed: its session let it go")
+        self._check_open()
         carried = Bitmap(self.hot.size, self.hot.granularity)
         for r in hot or ():
             carried.set(r)
@@ -759,16 +758,26 @@ class TrackingFile:
         memory whose bits ``aside``'s are (what a file that lost pages is written again
         from). As ``rewrite`` if it fails. Meanwhile the fd in use stays the replaced
         file's, which only bits already durable elsewhere reach (the write gate is closed);
-        and one ``settle`` at a time: none replaces the file before the fd is adopted."""
+        and one ``settle`` at a time: none replaces the file before the fd is adopted.
+        Not once the file is closed, nor over a path that names another file than its fd's
+        (as ``_write_again``): the name may be another session's by then."""
         async with self._settling:
-            if aside.fd < 0:
-                await fs.to_thread(self.write_aside, aside)
             try:
+                self._check_open()
+                if aside.fd < 0:
+                    await fs.to_thread(self.write_aside, aside)
+                self._check_open()
                 dir_failed = await fs.to_thread(self._rename_aside)
             except OSError as exc:
                 await fs.to_thread(self.drop_aside, aside)
                 raise os_error(exc, f"tracking bitmap {self.path}") from exc
+            except DeltavolError:
+                await fs.to_thread(self.drop_aside, aside)
+                raise
             fd, aside.fd = aside.fd, -1
+            if self._closed:  # closed while it was renamed: the new fd is no one's to keep
+                await fs.to_thread(fs.close, fd)
+                self._check_open()
             carried = Bitmap(self.hot.size, self.hot.granularity)
             for r in aside.hot:
                 carried.set(r)
@@ -790,9 +799,15 @@ class TrackingFile:
             if aside.hot:
                 self._carry(aside.hot, durable=True)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise IoFailure(what=f"tracking bitmap {self.path}", why="closed: its session let it go")
+
     def _rename_aside(self) -> OSError | None:
         """(In a thread.) ``aside_path`` renamed over the file, then the directory synced:
         the error of that sync, if it failed (the new file is in place all the same)."""
+        if self._fd >= 0 and not fs.same_file(self._fd, self.path):
+            raise IoFailure(what=f"tracking bitmap {self.path}", why="its path names another file now")
         fs.replace(self.aside_path, self.path)
         try:
             fs.sync_dir(self.path.parent)

@@ -602,6 +602,7 @@ class SessionManager:
         check_name(name, "session")
         if name in self._sessions or name in self._creating or name in self._unloaded:
             raise AlreadyExists(kind="session", name=name)
+        self.check_not_removing(name)
         check_granularity(granularity)
         src = self.volumes.get(source)
         if target == source:
@@ -616,6 +617,12 @@ class SessionManager:
             return await self._create_with_peer(name, src, target, granularity, max_rate, every, peer)
         finally:
             del self._creating[name]
+
+    def check_not_removing(self, name: str) -> None:
+        """A session of this name whose removal is still under way has files of this name
+        to delete by path: a new one would have them deleted under it."""
+        if any(n == name for n, _ in self._removing):
+            raise InUse(kind="session", name=name, why="a session of this name is being removed; try again")
 
     def holder(self, name: str) -> str:
         """How a peer names this server's session ``name`` as its guard's holder."""

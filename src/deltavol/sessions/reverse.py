@@ -489,6 +489,7 @@ async def adopt(m: SessionManager, body: dict[str, Any]) -> tuple[dict[str, Any]
     vol = m.volumes.get(source)
     if vol.peer_guard is None or not vol.peer_guard.admits(guard):
         raise Protected(name=source, why="it is not the target of the session that asks to reverse")
+    m.check_not_removing(name)
     if name in m._sessions or name in m._creating or name in m._unloaded or name in m._reversing:
         raise AlreadyExists(kind="session", name=name)
     if _number(body, "size") != vol.size:

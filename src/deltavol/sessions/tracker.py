@@ -128,8 +128,10 @@ class Tracker:
         is a superset then."""
         assert self.file is not None
         self.tracking.clear_all()
-        await self.file.put_in_place(aside, self.tracking)
-        self.unsynced.clear()
+        try:
+            await self.file.put_in_place(aside, self.tracking)
+        finally:  # its chunks' bits are cleared in memory: nothing of theirs waits any more
+            self.unsynced.clear()
 
     async def make_durable(self, generation: int) -> None:
         """Make every bit set durable in the tracking file (the write gate is closed)."""

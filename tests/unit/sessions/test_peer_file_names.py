@@ -56,9 +56,12 @@ class FakeTarget:
         pass
 
 
-async def test_a_create_during_a_remove_keeps_its_peer_file(
+async def test_a_create_during_a_remove_waits_for_it_and_keeps_its_peer_file(
     svc_rig: ServiceRig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The removal deletes the session's files by name once its awaits are over (here the
+    peer's DELETE): a create of that name meanwhile is refused, and one after it keeps
+    the peer file it writes."""
     api = FakePeerApi()
     monkeypatch.setattr(peers, "call", api)
     monkeypatch.setattr(manager, "NbdTarget", FakeTarget)
@@ -80,22 +83,18 @@ async def test_a_create_during_a_remove_keeps_its_peer_file(
     assert not m.peer_files.path("s").exists(), "the peer file outlived the row"
     with pytest.raises(InUse):  # its volumes stay the removal's until it is done
         await m.create("s", "A", "nbd://127.0.0.1:9/B", peer=Peer(api="http://127.0.0.1:9", token="t"))
-    new = Peer(api="http://127.0.0.1:9", token="t")  # the name is free at once
-    creating = asyncio.create_task(m.create("s", "A2", "nbd://127.0.0.1:9/C", peer=new))
-    async with asyncio.timeout(WAIT):
-        await api.arrived["PUT"].wait()  # the new create's peer file is written
-    assert new.guard is not None and new.guard != old_secret
+    with pytest.raises(InUse, match="being removed"):  # and so does its name
+        await m.create("s", "A2", "nbd://127.0.0.1:9/C", peer=Peer(api="http://127.0.0.1:9", token="t"))
+    assert not api.arrived["PUT"].is_set()
     api.release["DELETE"].set()
     async with asyncio.timeout(WAIT):
         await removing
     assert ("DELETE", "/v1/peer/guards/B", {"secret": old_secret}) in api.calls
-    kept = m.peer_files.load("s")
-    assert kept is not None and kept.guard == new.guard, "the removal deleted the new create's peer file"
-    api.refuse.add("PUT")
+    new = Peer(api="http://127.0.0.1:9", token="t")
     api.release["PUT"].set()
-    with pytest.raises(PeerRefused):
-        async with asyncio.timeout(WAIT):
-            await creating
+    await m.create("s", "A2", "nbd://127.0.0.1:9/C", peer=new)
+    kept = m.peer_files.load("s")
+    assert kept is not None and new.guard not in (None, old_secret) and kept.guard == new.guard
 
 
 async def test_a_leftover_peer_file_is_no_later_sessions_peer(svc_rig: ServiceRig) -> None:
