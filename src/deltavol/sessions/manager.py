@@ -492,7 +492,8 @@ class SessionManager:
         if vol is not None:
             vol.write_guard = lambda: None
             vol.open_guard = lambda: None
-        paths = [self.bitmaps / f"{name}.{kind}" for kind in ("tracking", "transfer", "restore")]
+        kinds = ("tracking", "transfer", "restore", "tracking.next")  # (.next: a mark's, not committed)
+        paths = [self.bitmaps / f"{name}.{kind}" for kind in kinds]
         paths.append(self.save / f"{name}.save")
         try:
             for path in paths:

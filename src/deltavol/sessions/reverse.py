@@ -358,14 +358,20 @@ async def _finish(m: SessionManager, s: Session) -> None:
     s.removed = s.closed = True
     m.pending.pop(name, None)
     del m._sessions[name]
+    hold = (name, (s.source.name, s.target_spec))
+    m._removing.append(hold)  # its files go by name after the awaits: no create of it meanwhile
     try:
-        await s._stop_task()
-        await s.copier.drop_target()
-    except Exception:
-        log.exception("session %s: stopping its update", name)
-    async with s._gate.closed():
-        m._detach(s)
-    s.delete_files()
+        try:
+            await s._stop_task()
+            await s.copier.drop_target()
+        except Exception:
+            log.exception("session %s: stopping its update", name)
+        async with s._gate.closed():
+            m._detach(s)
+        await s.files.transfer_gone()  # (a thread): before the directory sync
+        s.delete_files()
+    finally:
+        m._removing.remove(hold)
     peer = m.peers.pop(name, None)
     m.peer_files.delete(name)
     api = peer.api if peer is not None else "its peer"
