@@ -73,7 +73,6 @@ from random import Random
 from typing import Any
 
 from deltavol.backend import file as file_module
-from deltavol.backend.base import WriteJob
 from deltavol.bitmap import persist
 from deltavol.config import ServerConfig
 from deltavol.copy import throttle as throttle_module
@@ -610,20 +609,8 @@ class Sim:
         try:
             if kind in ("write", "fua"):
                 data = b"".join(values)
-                if kind == "fua":
-                    await export.pwrite(offset, data, True)
-                elif not export.pwrite_now(offset, data) and (
-                    rng.random() < 0.5 or not export.pwrite_now(offset, data)
-                ):
-                    # as the NBD server: a write that cannot go down at once (a protected
-                    # write, saved by pwrite_now) is asked again when no request waits
-                    # behind it (here: at random), else goes to the lane if every layer
-                    # agrees, its job in a thread; else the task path
-                    job = export.pwrite_soon(offset, data)
-                    if job is None:
-                        await export.pwrite(offset, data)
-                    else:
-                        await _run_job(job)
+                if kind == "fua" or not export.pwrite_now(offset, data):
+                    await export.pwrite(offset, data, kind == "fua")
             elif kind == "zero":
                 await export.zero(offset, length, False, rng.random() < 0.3)
             else:
@@ -996,14 +983,3 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
-
-
-async def _run_job(job: WriteJob) -> None:
-    """A lane's job for one write (``backend/lane.py``): run in a thread, then finished on
-    the loop, its error (if any) raised as the connection would answer it."""
-    try:
-        await fs.to_thread(job.run)
-    except BaseException as exc:  # a halt or a cancel too: the gate must be left
-        job.finish(exc)
-        raise
-    job.finish(None)

@@ -185,9 +185,6 @@ class Export:
             st.now_write_bytes += len(data)
         return done
 
-    def saved_soon(self, offset: int, length: int) -> bool:
-        return self.top.saved_soon(offset, length)
-
     def pwrite_soon(self, offset: int, data: bytes) -> WriteJob | None:
         st = self.stats
         try:

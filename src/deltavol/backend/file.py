@@ -224,9 +224,6 @@ class FileBackend:
             return
         await self._run_writing("write", self._pwrite_full, offset, data, fua, as_target=as_target)
 
-    def saved_soon(self, offset: int, length: int) -> bool:
-        return False  # no hooks here (see ``Layer.saved_soon``)
-
     def pwrite_now(self, offset: int, data: bytes) -> bool:
         """Write into the page cache at once when that cannot wait for the disk.
 

@@ -374,7 +374,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             if lane.pending or n > LANE_ALWAYS or (n >= LANE_MIN and self.conn.buffered):
                 if self._write_soon(req):
                     return
-            elif self._write_small(req):
+            elif self._write_inline(req):
                 return
         task = asyncio.get_running_loop().create_task(self._run(req))
         self.tasks.add(task)
@@ -417,22 +417,6 @@ class NbdConnection(asyncio.BufferedProtocol):
             return True
         self.conn.send_ok(req.cookie)
         return True
-
-    def _write_small(self, req: Request) -> bool:
-        """A small write with none in the lane: at once if it can go down at once. One
-        that cannot may have had a hook's work done at once that wants the write off the
-        loop (a protected write, saved: ``BeforeChange``): to the lane while more requests
-        wait behind it (the loop is what they wait for), else at once all the same (a
-        thread hop would only add to its latency). False: the task path."""
-        if self._write_inline(req):
-            return True
-        export = self.export
-        assert export is not None
-        if not export.saved_soon(req.offset, req.length):
-            return False  # it must wait for something (a hook, the disk): the task path
-        if not self.conn.buffered and self._write_inline(req):
-            return True
-        return self._write_soon(req)
 
     def _write_soon(self, req: Request) -> bool:
         """Put a write every layer agreed to (``Layer.pwrite_soon``) in the lane; it is

@@ -184,7 +184,7 @@ class Protector:
         self.records_void = False
         self._preparing: asyncio.Future[None] | None = None  # see prepare_save_area
         self.locks = ChunkLocks()
-        self.hook = Hook(self.protect, self.protected, self.protect_now, soon=True)
+        self.hook = Hook(self.protect, self.protected, self.protect_now)
 
     # --- the save area ----------------------------------------------------------------------
     def save_area(self, update_id: int) -> SaveArea:
@@ -265,16 +265,14 @@ class Protector:
 
     def protect_now(self, offset: int, length: int) -> bool:
         """Do ``protect``'s work at once if that needs no waiting, and say whether it did
-        (the ``now`` of the hook, which is ``soon``): the change then goes to the
-        connection's write lane in the same step of the loop, with no task, its record
-        written and indexed before its job exists (``BeforeChange.pwrite_now``). What
-        ``_save_at_once`` does, and the same conditions: no chunk held, every old block
-        in the page cache, room in the save area, records not synced one by one. And
-        every tracking bit of the change settled: a bit left to a save
-        (``Tracker.track_now`` runs first, see ``rehook``) is settled by the save's
-        record; one the save did not cover makes this False, and ``protect``'s round
-        (``track_rest``) does it. False may leave records written: a later ``protect``
-        finds them saved."""
+        (the ``now`` of the hook): the change then goes down inline, in the same step of
+        the loop, with no task. What ``_save_at_once`` does, and the same conditions: no
+        chunk held, every old block in the page cache, room in the save area, records
+        not synced one by one. And every tracking bit of the change settled: a bit left
+        to a save (``Tracker.track_now`` runs first, see ``rehook``) is settled by the
+        save's record; one the save did not cover makes this False, and ``protect``'s
+        round (``track_rest``) does it. False may leave records written: a later
+        ``protect`` finds them saved."""
         session = self.session
         update, save = session.update, self.save
         if (

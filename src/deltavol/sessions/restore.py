@@ -81,7 +81,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from deltavol.backend.base import Backend
 from deltavol.backend.file import INLINE_WRITE_MAX, FileBackend
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
@@ -479,12 +478,12 @@ class Restorer:
                     break
                 if not self._hole(at, part):
                     try:
-                        if not _now(stack, at, _ZEROES[:part]):
+                        if not stack.pwrite_now(at, _ZEROES[:part]):
                             break
                     except NoSpace:
                         break  # the task path punches it instead
             else:
-                if not _now(stack, at, part):
+                if not stack.pwrite_now(at, part):
                     break
                 sent += len(part)
             done += 1
@@ -665,10 +664,3 @@ async def new_volume(s: Session, make: Callable[[Fill], Awaitable[T]]) -> T:
         return await make(fill)
     finally:
         await s.copier.drop_target()
-
-
-def _now(stack: Backend, at: int, data: bytes) -> bool:
-    """Write at once, also when another session's protection of the chunk saved it at
-    once and would rather have the write off the loop (``Layer.saved_soon``): a restore
-    has no lane to give it."""
-    return stack.pwrite_now(at, data) or (stack.saved_soon(at, len(data)) and stack.pwrite_now(at, data))

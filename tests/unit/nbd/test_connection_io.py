@@ -71,9 +71,6 @@ class Export:
     def pwrite_now(self, offset: int, data: Any) -> bool:
         return False  # every write takes the task path
 
-    def saved_soon(self, offset: int, length: int) -> bool:
-        return False  # no hook did work at once
-
     def pwrite_soon(self, offset: int, data: Any) -> Any:
         return None
 
@@ -386,72 +383,6 @@ async def test_small_writes_are_done_at_once_a_burst_of_large_ones_goes_to_the_l
     await asyncio.wait_for(conn.idle.wait(), 10)
     assert inline == [0, 8192, 12288]  # the burst of large ones went to the lane
     assert export.written == [(4 * K64, b"c" * K64), (5 * K64, b"c" * K64)]
-
-
-async def test_a_small_write_that_cannot_go_down_at_once_goes_to_the_lane_not_a_task() -> None:
-    """A protected write whose old blocks ``pwrite_now`` saved (and wrote nothing) goes to
-    the lane: its job, and the small writes received behind it, land in the order received,
-    and none is acknowledged before it landed."""
-    conn, transport, directory = connected()
-    conn.export = directory.export = export = Lanes()
-    refused: list[int] = []
-    export.pwrite_now = lambda offset, data: bool(refused.append(offset))  # type: ignore[method-assign]
-    export.saved_soon = lambda offset, length: True  # type: ignore[method-assign]
-    tasks: list[Any] = []
-    export.pwrite = lambda *a, **k: tasks.append(a)  # type: ignore[method-assign,assignment]
-    burst = b"".join(request(Cmd.WRITE, cookie=i, offset=i * 4096, data=bytes([i]) * 4096) for i in range(4))
-    receive(conn, burst)
-    assert refused == [0], "writes behind one in the lane were tried inline"
-    assert conn.lane is not None and conn.lane.pending == 4 and not conn.tasks
-    assert answers(b"".join(transport.writes)) == []
-    export.release.set()
-    await asyncio.wait_for(conn.idle.wait(), 10)
-    await asyncio.sleep(0)
-    assert [(c, err) for c, err, _ in answers(b"".join(transport.writes))] == [(i, 0) for i in range(4)]
-    assert export.written == [(i * 4096, bytes([i]) * 4096) for i in range(4)] and tasks == []
-
-
-async def test_a_small_write_refused_for_want_of_a_save_takes_the_task_path() -> None:
-    """A small write refused inline for any other reason (a block device, a page not
-    cached, a hook that must wait) takes the task path, asked once: the lane's one
-    thread is for writes whose protection was done at once."""
-    conn, transport, directory = connected()
-    conn.export = directory.export = export = Lanes()
-    refused: list[int] = []
-    export.pwrite_now = lambda offset, data: bool(refused.append(offset))  # type: ignore[method-assign]
-    tasks: list[Any] = []
-
-    async def pwrite(offset: int, data: Any, fua: bool = False) -> None:
-        tasks.append(offset)
-
-    export.pwrite = pwrite  # type: ignore[method-assign]
-    receive(conn, request(Cmd.WRITE, cookie=3, offset=4096, data=b"t" * 4096))
-    assert refused == [4096], "asked inline again though nothing was saved"
-    assert conn.lane is None or conn.lane.pending == 0, "went to the lane"
-    await asyncio.wait_for(conn.idle.wait(), 10)
-    await asyncio.sleep(0)
-    assert tasks == [4096]
-    assert [(c, err) for c, err, _ in answers(b"".join(transport.writes))] == [(3, 0)]
-
-
-async def test_a_saved_write_with_nothing_behind_it_goes_down_at_once_not_to_the_lane() -> None:
-    """With no request waiting behind it (one at a time), a write whose first
-    ``pwrite_now`` saved and said no is asked again, and goes down at once: a thread hop
-    would only add to its latency."""
-    conn, transport, directory = connected()
-    conn.export = directory.export = export = Lanes()
-    asked: list[int] = []
-
-    def pwrite_now(offset: int, data: Any) -> bool:
-        asked.append(offset)
-        return asked.count(offset) > 1  # the save done by the first, the write by the second
-
-    export.pwrite_now = pwrite_now  # type: ignore[method-assign]
-    export.saved_soon = lambda offset, length: True  # type: ignore[method-assign]
-    receive(conn, request(Cmd.WRITE, cookie=7, offset=4096, data=b"s" * 4096))
-    assert asked == [4096, 4096]
-    assert conn.lane is not None and conn.lane.pending == 0 and not conn.tasks
-    assert [(c, err) for c, err, _ in answers(b"".join(transport.writes))] == [(7, 0)]
 
 
 async def test_a_connection_lost_with_writes_in_the_lane_gives_its_export_back_after_them(

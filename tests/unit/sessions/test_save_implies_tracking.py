@@ -806,13 +806,11 @@ def pieces_in_file(s: Session, c: int) -> list[tuple[int, bytes]]:
 async def test_a_protected_change_goes_down_at_once_after_its_record(
     rigs: MakeRig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With its old blocks in the page cache, a first change to an owed chunk is tracked and
-    saved in one call (``pwrite_now``, on the loop, with no task), which writes nothing and
-    hands the change to the lane: ``pwrite_soon`` right after gives its job, to run in a
-    worker thread. Its record is in the save area's file (and indexed) before the job
-    exists, so before the change lands, and its bit is left to that record (tracking runs
-    first: ``_SourceWiring.rehook``), so no sync is paid. From disk, the call does nothing
-    but track, and the write takes the task path."""
+    """With its old blocks in the page cache, a first change to an owed chunk is tracked,
+    saved and written in one call (``pwrite_now``: the connection does it inline, with no
+    task): its record is in the save area's file as the change lands, and its bit is left to
+    that record (tracking runs first: ``_SourceWiring.rehook``), so no sync is paid. From
+    disk, the call does nothing but track, and the write takes the task path."""
     rig = await rigs(granularity=G4)
     s, c = rig.session, OWED.start + 2
     at_landing: list[list[tuple[int, bytes]]] = []
@@ -823,21 +821,12 @@ async def test_a_protected_change_goes_down_at_once_after_its_record(
         return real(offset, length)
 
     monkeypatch.setattr(rig.disk, "landing", landing)
-    offset, new = c * G4 + BLOCK, b"1" * BLOCK
-    assert not rig.layer.pwrite_now(offset, new), "a protected change went down on the loop"
-    assert rig.disk.landed == []
-    old = [(BLOCK, rig.old(c)[BLOCK : 2 * BLOCK])]
-    if rig.disk.cached:
-        assert pieces_in_file(s, c) == old, "no record before the change's job exists"
-        job = rig.layer.pwrite_soon(offset, new)
-        assert job is not None, "a saved change did not get its lane job"
-        assert rig.disk.landed == []
-        job.run()
-        job.finish(None)
-    else:
-        assert s.save is not None and s.save.used == 0
-        await rig.write(offset, new)
-    assert at_landing == [old], "the change landed before its record"
+    done = rig.layer.pwrite_now(c * G4 + BLOCK, b"1" * BLOCK)
+    assert done is rig.disk.cached, "a protected change with its old blocks cached did not go down at once"
+    if not done:
+        assert rig.disk.landed == [] and s.save is not None and s.save.used == 0
+        await rig.write(c * G4 + BLOCK, b"1" * BLOCK)
+    assert at_landing == [[(BLOCK, rig.old(c)[BLOCK : 2 * BLOCK])]], "the change landed before its record"
     assert rig.log.calls == [], "a protected change paid a sync"
     assert s.tracker.unsynced == {} and s.tracked(c * G4, G4) and rig.disk.violations == []
     assert s.update is not None and s.update.cofw_saved_bytes == BLOCK
