@@ -198,8 +198,8 @@ class Service:
     ) -> dict[str, Any]:
         return await reverse.put_guard(self.sessions, volume, holder, secret, current)
 
-    def drop_guard(self, volume: str, secret: str) -> dict[str, Any]:
-        return reverse.drop_guard(self.sessions, volume, secret)
+    async def drop_guard(self, volume: str, secret: str) -> dict[str, Any]:
+        return await reverse.drop_guard(self.sessions, volume, secret)
 
     def unguard(self, volume: str) -> dict[str, Any]:
         return reverse.unguard(self.sessions, volume)

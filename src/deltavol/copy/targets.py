@@ -32,6 +32,8 @@ class CopyTarget(Protocol):
     async def zero(self, offset: int, length: int) -> bool: ...
     async def pread(self, offset: int, length: int) -> bytes: ...
     async def flush(self) -> None: ...
+    # wait until no write sent so far, those of a copy cancelled meanwhile too, can still land
+    async def drain(self) -> None: ...
     async def close(self) -> None: ...
     # fail what is in flight and drop what is not yet sent, so that nothing sent so far
     # lands later than what is written next (over a new connection)
@@ -166,6 +168,12 @@ class NbdTarget:
 
     A server that does not connect, or stays silent with requests waiting, for ``timeout``
     seconds fails the connection (``NbdClient``): its requests raise ``TargetError``.
+
+    A copy stopped (pause, cancel, remove) cancels the waits for its requests, not the
+    requests: sent, or queued to be, they still run on the server. ``drain`` and ``close``
+    wait for their replies on every connection (each bounded by its watchdog, which
+    resets a connection that does not answer), so that none lands after they return, over
+    what a next connection writes.
     """
 
     CONNECTIONS = 4
@@ -255,8 +263,29 @@ class NbdTarget:
         for client in self._clients:  # kept: their requests fail (TargetError) until close
             client.abort()
 
+    async def drain(self) -> None:
+        """Wait until every connection has the replies of all it sent, or was reset for
+        not answering in time (``NbdClient.drain``), all at once."""
+        clients = list(self._clients)
+        try:
+            await asyncio.gather(*(client.drain() for client in clients))
+        except BaseException:  # cancelled: what they still have in flight must not land late
+            for client in clients:
+                client.abort()
+            raise
+
     async def close(self) -> None:
-        clients, self._clients = self._clients, []
-        for client in clients:
-            with contextlib.suppress(Exception):  # closing a dead connection is no news
-                await client.close()
+        """Drain, then disconnect; cancelled, reset the connections. They stay usable while
+        they drain (a copy-before-write sent meanwhile is waited for too)."""
+        clients = list(self._clients)
+        try:
+            await self.drain()
+            for client in clients:
+                with contextlib.suppress(Exception):  # closing a dead connection is no news
+                    await client.close()  # (drains again, should a write have come meanwhile)
+        except BaseException:
+            for client in clients:
+                client.abort()
+            raise
+        finally:
+            self._clients = []

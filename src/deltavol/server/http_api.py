@@ -228,7 +228,7 @@ def routes(service: Service) -> web.RouteTableDef:
     async def drop_guard(request: web.Request) -> web.Response:
         body = await _body(request)
         secret = _field(body, "secret", str)
-        return web.json_response(service.drop_guard(request.match_info["volume"], secret))
+        return web.json_response(await service.drop_guard(request.match_info["volume"], secret))
 
     @r.post("/v1/peer/reversals")
     async def adopt_session(request: web.Request) -> web.Response:

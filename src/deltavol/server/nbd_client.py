@@ -21,6 +21,14 @@ long after, over what was written since on another connection. An abort (SO_LING
 a TCP reset) discards the queue. A request the server has already read cannot be
 recalled: its caller must treat it as possibly landing (see ``Session._give_up_mark``).
 
+A close waits first for the reply of every request sent (``drain``), those whose callers
+stopped waiting too (a copy cancelled by a pause, a cancel or a remove): their bytes may
+still be queued in the transport or the kernel, and a close would deliver them, so that
+the server would run them after the close returned, over what a new connection writes
+next. The wait is the watchdog's: a server that stays silent, or leaves a request
+unanswered too long, has its connection reset (as above) instead. A close cancelled while
+it waits resets the connection too.
+
 TLS: given a context, the client sends NBD_OPT_STARTTLS before anything else, stops
 reading the moment the ACK is parsed (the next bytes are the server's handshake), and
 hands the socket to ``loop.start_tls``; the export is negotiated inside TLS. A server that
@@ -136,6 +144,8 @@ class NbdClient:
         self.timeout = timeout
         self.age = age if age is not None else request_age(timeout)  # see the module's notes
         self._asked: dict[int, float] = {}  # cookie -> loop time its request was sent, oldest first
+        self._answered = asyncio.Event()  # set while no request waits for its reply (``drain``)
+        self._answered.set()
         self._heard = 0.0  # loop time the server last sent anything (or requests began waiting)
         self._watchdog: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
@@ -283,6 +293,8 @@ class NbdClient:
                 break
             if isinstance(event, Reply):
                 self._asked.pop(event.cookie, None)
+                if not self._asked:
+                    self._answered.set()
                 fut = self._waiting.pop(event.cookie, None)
                 if fut is not None and not fut.done():
                     fut.set_result(event)
@@ -309,6 +321,7 @@ class NbdClient:
                 fut.set_exception(exc)
         self._waiting.clear()
         self._asked.clear()
+        self._answered.set()
         self._close_transport(abort=True)
 
     def abort(self, why: str = "aborted") -> None:
@@ -378,6 +391,7 @@ class NbdClient:
         self._watch()
         self._waiting[cookie] = fut
         self._asked[cookie] = asyncio.get_running_loop().time()
+        self._answered.clear()
         self._flush()
         reply = await fut
         if reply.error:
@@ -439,7 +453,31 @@ class NbdClient:
         reply = await self._call("block status", Cmd.BLOCK_STATUS, offset, min(length, (1 << 32) - 1))
         return reply.extents
 
+    @property
+    def outstanding(self) -> int:
+        """Requests sent whose reply has not come (those nobody waits for any more too)."""
+        return len(self._asked)
+
+    async def drain(self) -> None:
+        """Wait until every request sent has its reply, or the connection failed: the
+        watchdog resets a connection whose server is silent for ``timeout`` seconds, or
+        leaves a request unanswered for ``age`` (with no watchdog, ``age`` bounds the wait
+        here). Either way no request of this connection is queued on this side after."""
+        try:
+            async with asyncio.timeout(None if self.timeout > 0 else self.age):
+                while self._asked:  # (one sent after the last reply, before this resumed)
+                    await self._answered.wait()
+        except TimeoutError:
+            self._fail_all(f"a request unanswered for {self.age:g} s")
+
     async def close(self) -> None:
+        """Disconnect once every request has its reply (``drain``; see the module's notes):
+        never with one outstanding, whose bytes the close would still deliver."""
+        try:
+            await self.drain()
+        except BaseException:  # cancelled: what is still queued must not go out late
+            self.abort("closed with requests outstanding")
+            raise
         if self._error is None and self._transport is not None and not self._transport.is_closing():
             self.conn.request(Cmd.DISC, 0, 0)
             self._flush()

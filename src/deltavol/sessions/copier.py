@@ -29,7 +29,10 @@ Design notes
   which are left to their copy again).
 * **Cancelled writes** (``drain``): a write to a local volume runs on in its thread when
   the copy that waits for it is cancelled; a pause, a new update and a re-mark wait for
-  them all (those to a target given up too), so none lands after a later copy.
+  them all (those to a target given up too), so none lands after a later copy. A write
+  to a server is sent, or queued to be, and runs there all the same: a pause waits for
+  the replies of all (``NbdTarget.drain``), and so does a close (cancel, remove, resume),
+  bounded by the connection's watchdog, which resets a connection that does not answer.
 * **Checkpoint** (``checkpoint``): a chunk is done for good only once a target flush
   sent after its copy completed has succeeded: the transfer is snapshotted, the target
   flushed, the snapshot written. Until then the chunk stays owed (``owed``: in the
@@ -57,7 +60,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from deltavol.bitmap import persist
 from deltavol.bitmap.bitmap import Bitmap
 from deltavol.copy.engine import Progress, batches, requests, run_pipeline, split_at_holes, write_piece
-from deltavol.copy.targets import CopyTarget, LocalTarget
+from deltavol.copy.targets import CopyTarget, LocalTarget, NbdTarget
 from deltavol.copy.throttle import Throttle
 from deltavol.errors import DeltavolError, IoFailure, TargetError
 from deltavol.nbd.constants import STATE_HOLE
@@ -378,11 +381,13 @@ class Copier:
         """Wait until no write to a local volume, the kept one or one given up, runs any
         more. A write to it cannot be stopped: one a pause or a give-up cancelled goes on
         in its thread, and must land before what a next copy (a next mark) writes there.
-        (A connection to a server is another matter: see ``abort_target``.)"""
+        The kept connection to a server is drained too: the writes a cancelled copy left
+        in flight are answered (or the connection reset) before a checkpoint's flush and
+        before a next copy. (A connection given up is reset: see ``abort_target``.)"""
         while self._aborted:
             await self._aborted[0].drain()
             self._aborted.pop(0)
-        if isinstance(self.target, LocalTarget):
+        if isinstance(self.target, (LocalTarget, NbdTarget)):
             await self.target.drain()
 
     async def drop_target(self) -> None:

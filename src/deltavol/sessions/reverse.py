@@ -676,15 +676,22 @@ def unguard(m: SessionManager, volume: str) -> dict[str, Any]:
     return {"volume": volume, "was": guard.holder}
 
 
-def drop_guard(m: SessionManager, volume: str, secret: str) -> dict[str, Any]:
-    """``DELETE /v1/peer/guards/VOLUME``: only with the guard's secret; no guard is no error."""
+async def drop_guard(m: SessionManager, volume: str, secret: str) -> dict[str, Any]:
+    """``DELETE /v1/peer/guards/VOLUME``: only with the guard's secret; no guard is no error.
+    The guard goes with the volume's gate closed: a write of its holder's connections that
+    passed the gate has landed when this returns, and none passes it after (they are
+    read-only from then on), so that none lands over what a next writer writes."""
     vol = m.volumes.get(volume)
     if vol.peer_guard is None:
         return {"volume": volume, "dropped": False}
     if not vol.peer_guard.admits(secret):
         raise Protected(name=volume, why="that is not the secret of its guard")
-    with m.db.transaction() as conn:
-        conn.execute("DELETE FROM guards WHERE volume = ?", (volume,))
-    vol.peer_guard = None
+    async with vol.gate.closed():
+        guard = vol.peer_guard
+        if guard is None or not guard.admits(secret):  # dropped or replaced meanwhile
+            return {"volume": volume, "dropped": False}
+        with m.db.transaction() as conn:
+            conn.execute("DELETE FROM guards WHERE volume = ?", (volume,))
+        vol.peer_guard = None
     log.info("volume %s: guard dropped", volume)
     return {"volume": volume, "dropped": True}

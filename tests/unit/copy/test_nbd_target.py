@@ -76,6 +76,9 @@ class FakeClient:
     def __init__(self) -> None:
         self.closed = False
 
+    async def drain(self) -> None:  # nothing was sent on it
+        pass
+
     async def close(self) -> None:
         self.closed = True
 

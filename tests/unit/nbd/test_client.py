@@ -305,3 +305,69 @@ async def test_a_request_the_server_never_answers_fails_while_others_are_answere
         finally:
             stuck.cancel()
             await client.close()
+
+
+@pytest.mark.interop  # nbdkit
+async def test_a_close_with_requests_outstanding_waits_for_them_or_resets(tmp_path: Path) -> None:
+    """A write whose caller stopped waiting (a copy cancelled) may still be queued: a close
+    waits for its reply, and when none comes within the timeout, resets the connection
+    rather than deliver the write late; a DISC goes out only once nothing is outstanding."""
+    sock = tmp_path / "s.sock"
+    frozen = asyncio.Event()  # the server's answers stop reaching the client
+    ends: list[asyncio.Future[str]] = []
+
+    async def proxy(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        ended = ends[-1]
+        server_r, server_w = await asyncio.open_unix_connection(str(sock))
+
+        async def answers() -> None:
+            while data := await server_r.read(65536):
+                if not frozen.is_set():
+                    client_w.write(data)
+
+        pump = asyncio.create_task(answers())
+        try:
+            while data := await client_r.read(65536):
+                server_w.write(data)
+            ended.set_result("closed")
+        except ConnectionResetError:
+            ended.set_result("reset")
+        finally:
+            pump.cancel()
+            server_w.close()
+            client_w.close()
+
+    cmd = ["nbdkit", "-f", "-t", "1", "-U", str(sock), "-e", "t", "--filter=delay", "memory", "1M"]
+    require("nbdkit")
+    with serving([*cmd, "wdelay=200ms"], sock):
+        listener = await asyncio.start_server(proxy, "127.0.0.1", 0)
+        where = f"nbd://127.0.0.1:{listener.sockets[0].getsockname()[1]}/"
+        try:
+            ends.append(asyncio.get_running_loop().create_future())
+            client = await NbdClient.connect(where, timeout=2.0)
+            writes = [asyncio.ensure_future(client.pwrite(i * 4096, b"w" * 4096)) for i in range(4)]
+            await asyncio.sleep(0)  # sent
+            for w in writes:
+                w.cancel()
+            assert client.outstanding == 4
+            await client.close()  # answered one after the other, 0.8 s: they landed first
+            assert client.outstanding == 0
+            assert await asyncio.wait_for(ends[-1], 10) == "closed"
+            reader = await NbdClient.connect(uri(sock))
+            assert await reader.pread(0, 4 * 4096) == b"w" * 4 * 4096
+            await reader.close()
+
+            ends.append(asyncio.get_running_loop().create_future())
+            client = await NbdClient.connect(where, timeout=0.5)
+            frozen.set()
+            write = asyncio.ensure_future(client.pwrite(0, b"x" * 4096))
+            await asyncio.sleep(0)
+            write.cancel()
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            await client.close()  # no answer in 0.5 s: reset, not closed
+            assert loop.time() - began < 5
+            assert await asyncio.wait_for(ends[-1], 10) == "reset"
+        finally:
+            listener.close()
+            await listener.wait_closed()

@@ -72,3 +72,45 @@ async def test_a_replaced_guard_waits_for_the_old_writes_and_connections(svc_rig
         await old.pwrite(0, b"\x11" * 4096)
     assert await vol.backend.pread(0, 4096) == b"\x22" * 4096
     svc.close_export("B@new-secret")
+
+
+async def test_a_dropped_guard_waits_for_its_holders_writes(svc_rig: ServiceRig) -> None:
+    """The holder's session removed: its copier's write that passed the gate lands before
+    the drop returns (a next writer's data must not be overwritten by it), and its
+    connections write no more."""
+    svc = svc_rig.open()
+    svc.create_volume("B", SIZE, peer_target=True)
+    await svc.start()
+    vol = svc.volumes.get("B")
+    await svc.put_guard("B", HOLDER, "secret")
+    old = svc.open_export("B@secret")
+
+    backend, down, release = vol.backend, asyncio.Event(), asyncio.Event()
+    real_pwrite = backend.pwrite
+
+    async def held_pwrite(offset: int, data: bytes, fua: bool = False) -> None:
+        down.set()
+        await release.wait()
+        await real_pwrite(offset, data, fua)
+
+    backend.pwrite = held_pwrite  # type: ignore[method-assign]
+    write = asyncio.ensure_future(old.pwrite(0, b"\x11" * 4096))
+    async with asyncio.timeout(WAIT):
+        await down.wait()
+    backend.pwrite = real_pwrite  # type: ignore[method-assign]
+
+    drop = asyncio.ensure_future(svc.drop_guard("B", "secret"))
+    async with asyncio.timeout(WAIT):
+        while vol.gate.open:  # the drop closes the gate, and waits for the write
+            await asyncio.sleep(0)
+    assert not drop.done(), "the guard was dropped with its holder's write still under way"
+    assert vol.peer_guard is not None
+    release.set()
+    async with asyncio.timeout(WAIT):
+        await write
+        assert await drop == {"volume": "B", "dropped": True}
+    assert vol.peer_guard is None
+    with pytest.raises(Protected):
+        await old.pwrite(0, b"\x33" * 4096)
+    assert await vol.backend.pread(0, 4096) == b"\x11" * 4096
+    svc.close_export("B@secret")
