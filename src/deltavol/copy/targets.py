@@ -233,8 +233,14 @@ class NbdTarget:
         self.size = first.size
         return self
 
+    def _live(self) -> list[Any]:
+        if not self._clients:  # closed: a copy-before-write that held it sends no more
+            raise TargetError(msg=f"target {self.uri}: closed")
+        return self._clients
+
     def _client(self) -> Any:
-        return self._clients[next(self._turn) % len(self._clients)]
+        clients = self._live()
+        return clients[next(self._turn) % len(clients)]
 
     async def _do(self, what: str, coro: Awaitable[T]) -> T:
         try:
@@ -256,7 +262,7 @@ class NbdTarget:
         return await self._do(f"read at {offset}", self._client().pread(offset, length))
 
     async def flush(self) -> None:
-        client = self._clients[0]  # multi-conn: it covers what the others completed
+        client = self._live()[0]  # multi-conn: it covers what the others completed
         await self._do("flush", client.flush())
 
     def abort(self) -> None:

@@ -144,8 +144,7 @@ class NbdClient:
         self.timeout = timeout
         self.age = age if age is not None else request_age(timeout)  # see the module's notes
         self._asked: dict[int, float] = {}  # cookie -> loop time its request was sent, oldest first
-        self._answered = asyncio.Event()  # set while no request waits for its reply (``drain``)
-        self._answered.set()
+        self._replied = asyncio.Event()  # set by every reply, and a failure (``drain`` waits on it)
         self._heard = 0.0  # loop time the server last sent anything (or requests began waiting)
         self._watchdog: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
@@ -293,8 +292,7 @@ class NbdClient:
                 break
             if isinstance(event, Reply):
                 self._asked.pop(event.cookie, None)
-                if not self._asked:
-                    self._answered.set()
+                self._replied.set()
                 fut = self._waiting.pop(event.cookie, None)
                 if fut is not None and not fut.done():
                     fut.set_result(event)
@@ -321,7 +319,7 @@ class NbdClient:
                 fut.set_exception(exc)
         self._waiting.clear()
         self._asked.clear()
-        self._answered.set()
+        self._replied.set()
         self._close_transport(abort=True)
 
     def abort(self, why: str = "aborted") -> None:
@@ -391,7 +389,6 @@ class NbdClient:
         self._watch()
         self._waiting[cookie] = fut
         self._asked[cookie] = asyncio.get_running_loop().time()
-        self._answered.clear()
         self._flush()
         reply = await fut
         if reply.error:
@@ -459,14 +456,23 @@ class NbdClient:
         return len(self._asked)
 
     async def drain(self) -> None:
-        """Wait until every request sent has its reply, or the connection failed: the
-        watchdog resets a connection whose server is silent for ``timeout`` seconds, or
-        leaves a request unanswered for ``age`` (with no watchdog, ``age`` bounds the wait
-        here). Either way no request of this connection is queued on this side after."""
+        """Wait until every request sent before this call has its reply, or the connection
+        failed: the watchdog resets a connection whose server is silent for ``timeout``
+        seconds, or leaves a request unanswered for ``age`` (with no watchdog, ``age``
+        bounds the wait here). Either way none of them is queued on this side after.
+        Requests sent meanwhile are not waited for: they have callers of their own, and a
+        client that keeps some in flight would otherwise hold this up for as long as it
+        writes."""
+        before = dict(self._asked)  # cookie -> the time it was sent: one request each
         try:
             async with asyncio.timeout(None if self.timeout > 0 else self.age):
-                while self._asked:  # (one sent after the last reply, before this resumed)
-                    await self._answered.wait()
+                while self._asked:
+                    # oldest first: while one of ``before`` waits, the oldest is one of them
+                    cookie, sent = next(iter(self._asked.items()))
+                    if before.get(cookie) != sent:
+                        return
+                    self._replied.clear()
+                    await self._replied.wait()
         except TimeoutError:
             self._fail_all(f"a request unanswered for {self.age:g} s")
 
@@ -474,7 +480,8 @@ class NbdClient:
         """Disconnect once every request has its reply (``drain``; see the module's notes):
         never with one outstanding, whose bytes the close would still deliver."""
         try:
-            await self.drain()
+            while self._asked:  # a holder of the target may send more meanwhile: bounded
+                await self.drain()
         except BaseException:  # cancelled: what is still queued must not go out late
             self.abort("closed with requests outstanding")
             raise

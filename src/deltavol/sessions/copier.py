@@ -387,8 +387,16 @@ class Copier:
         while self._aborted:
             await self._aborted[0].drain()
             self._aborted.pop(0)
-        if isinstance(self.target, (LocalTarget, NbdTarget)):
-            await self.target.drain()
+        target = self.target
+        if isinstance(target, LocalTarget):
+            await target.drain()
+        elif isinstance(target, NbdTarget):
+            try:
+                await target.drain()
+            except BaseException:  # cancelled: its connections were reset, it is no use now
+                if self.target is target:
+                    self.abort_target()
+                raise
 
     async def drop_target(self) -> None:
         """Close the target; a next one is a new connection, whose flushes cover none of

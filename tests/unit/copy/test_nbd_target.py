@@ -106,3 +106,17 @@ async def test_an_open_cancelled_half_way_closes_the_connections_it_made(
         await opening
     assert len(made) == NbdTarget.CONNECTIONS - 1
     assert all(c.closed for c in made), "a connection made before the cancel stays open"
+
+
+@pytest.mark.interop  # nbdkit
+async def test_a_closed_target_refuses_writes_and_flushes_as_a_target_error(tmp_path: Path) -> None:
+    """A copy-before-write that took the target before its session dropped it may write
+    after the close: it fails as the target's error (the mark is given up), not as a bug."""
+    sock = tmp_path / "s.sock"
+    with serving(nbdkit_memory_cmd(SIZE, sock), sock):
+        target = await NbdTarget(uri(sock)).open()
+        await target.close()
+        with pytest.raises(TargetError, match="closed"):
+            await target.pwrite(0, b"x" * 4096)
+        with pytest.raises(TargetError, match="closed"):
+            await target.flush()

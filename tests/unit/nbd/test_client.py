@@ -371,3 +371,52 @@ async def test_a_close_with_requests_outstanding_waits_for_them_or_resets(tmp_pa
         finally:
             listener.close()
             await listener.wait_closed()
+
+
+@pytest.mark.interop  # nbdkit
+async def test_a_drain_waits_for_the_requests_sent_before_it_not_those_after(tmp_path: Path) -> None:
+    """A pause drains its stopped copy's requests while clients go on writing: their
+    copy-before-writes keep some requests in flight all the time, each answered in time.
+    The drain waits for those sent before it, not for ever."""
+    sock = tmp_path / "s.sock"
+    require("nbdkit")
+    cmd = [
+        "nbdkit",
+        "-f",
+        "-t",
+        "8",
+        "-U",
+        str(sock),
+        "-e",
+        "t",
+        "--filter=delay",
+        "memory",
+        "1M",
+        "wdelay=200ms",
+    ]
+    with serving(cmd, sock):
+        client = await NbdClient.connect(uri(sock), timeout=5.0)
+        stop = asyncio.Event()
+
+        async def stream() -> None:  # a new write every 50 ms: four always in flight
+            writes = []
+            while not stop.is_set():
+                writes.append(asyncio.ensure_future(client.pwrite(8192, b"c" * 4096)))
+                await asyncio.sleep(0.05)
+            await asyncio.gather(*writes)
+
+        try:
+            others = asyncio.ensure_future(stream())
+            await asyncio.sleep(0.3)
+            first = asyncio.ensure_future(client.pwrite(0, b"d" * 4096))
+            await asyncio.sleep(0)  # sent
+            async with asyncio.timeout(3):  # each answer in 0.2 s: never 3 s
+                await client.drain()
+            await asyncio.sleep(0)  # its reply is in: its caller resumes in this step
+            assert first.done(), "the drain returned before the request sent before it"
+            assert client.outstanding > 0 and not others.done()
+        finally:
+            stop.set()
+            await others
+            await client.close()
+        assert client.outstanding == 0
