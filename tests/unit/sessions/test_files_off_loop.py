@@ -26,39 +26,22 @@ from deltavol.bitmap import persist
 from deltavol.service import Service
 from deltavol.sessions.states import Phase, State
 from deltavol.store import fs
-from tests.unit.sessions.service_rig import WAIT, MiB, ServiceRig, idle, image, svc_rig
+from tests.unit.sessions.service_rig import WAIT, MiB, OnLoopFS, ServiceRig, idle, image, svc_rig
 
 __all__ = ["svc_rig"]
 
 G = 64 * 1024  # the sessions' granularity (the default)
 
 
-class Recording(fs.RealFS):
+class Recording(OnLoopFS):
     """The real file system, noting each sync, rename and unlink on the loop's thread;
     ``hold_replace`` holds a rename of a path ending so until ``release`` is set."""
 
     def __init__(self) -> None:
-        self.loop_thread = threading.get_ident()
-        self.on_loop: list[tuple[str, Any]] = []
+        super().__init__()
         self.hold_replace: str | None = None
         self.held = threading.Event()
         self.release = threading.Event()
-
-    def _note(self, what: str, arg: Any) -> None:
-        if threading.get_ident() == self.loop_thread:
-            self.on_loop.append((what, arg))
-
-    def fsync(self, fd: int) -> None:
-        self._note("fsync", fd)
-        super().fsync(fd)
-
-    def fdatasync(self, fd: int) -> None:
-        self._note("fdatasync", fd)
-        super().fdatasync(fd)
-
-    def sync_dir(self, path: Path) -> None:
-        self._note("sync_dir", path)
-        super().sync_dir(path)
 
     def replace(self, src: str | Path, dst: str | Path) -> None:
         self._note("replace", dst)

@@ -9,9 +9,7 @@ targets), with the ``store/fs.py`` seam recording the thread of every sync.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,35 +17,12 @@ import pytest
 from deltavol.service import Service
 from deltavol.sessions.states import State
 from deltavol.store import fs
-from tests.unit.sessions.service_rig import SIZE, MiB, ServiceRig, idle, image, svc_rig
+from tests.unit.sessions.service_rig import SIZE, MiB, OnLoopFS, ServiceRig, idle, image, svc_rig
 
 __all__ = ["svc_rig"]
 
 
-class Recording(fs.RealFS):
-    """The real file system, noting each sync that runs on the loop's thread."""
-
-    def __init__(self) -> None:
-        self.loop_thread = threading.get_ident()
-        self.on_loop: list[tuple[str, Any]] = []
-        self.syncs = 0
-
-    def _note(self, what: str, arg: Any) -> None:
-        self.syncs += 1
-        if threading.get_ident() == self.loop_thread:
-            self.on_loop.append((what, arg))
-
-    def fsync(self, fd: int) -> None:
-        self._note("fsync", fd)
-        super().fsync(fd)
-
-    def fdatasync(self, fd: int) -> None:
-        self._note("fdatasync", fd)
-        super().fdatasync(fd)
-
-    def sync_dir(self, path: Path) -> None:
-        self._note("sync_dir", path)
-        super().sync_dir(path)
+Recording = OnLoopFS  # every sync noted on the loop's thread, and counted
 
 
 @pytest.fixture
