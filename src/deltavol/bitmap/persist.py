@@ -90,7 +90,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,17 +148,26 @@ def save_atomic(
     if kind == KIND_TRACKING and hot is None:
         hot = Bitmap(bitmap.size, max(HOT_REGION, bitmap.granularity))
     try:
-        with contextlib.ExitStack() as views:  # no copy: a 16 TiB volume's bitmap is 32 MiB
-            parts: list[tuple[int, bytes | memoryview]] = [
-                (0, _header(bitmap, generation, kind, hot.granularity if hot else 0))
-            ]
-            parts.append((HEADER_SIZE, views.enter_context(bitmap.view())))
-            if hot is not None:
-                parts.append((_hot_at(bitmap.nbits), views.enter_context(hot.view())))
+        with contextlib.ExitStack() as views:
+            parts = _parts(views, bitmap, generation, kind, hot)
             # _write_all looked up at each call: tests put a full disk there
             fs.replace_atomic(path, parts, adopt=adopt, write=lambda *a: _write_all(*a))
     except OSError as exc:
         raise os_error(exc, f"bitmap {path}") from exc
+
+
+def _parts(
+    views: contextlib.ExitStack, bitmap: Bitmap, generation: int, kind: int, hot: Bitmap | None
+) -> list[tuple[int, bytes | memoryview]]:
+    """A bitmap file's pieces and where each goes: header, bits, and a tracking file's hot
+    regions. No copy (a 16 TiB volume's bitmap is 32 MiB): views, released with ``views``."""
+    parts: list[tuple[int, bytes | memoryview]] = [
+        (0, _header(bitmap, generation, kind, hot.granularity if hot else 0))
+    ]
+    parts.append((HEADER_SIZE, views.enter_context(bitmap.view())))
+    if hot is not None:
+        parts.append((_hot_at(bitmap.nbits), views.enter_context(hot.view())))
+    return parts
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -685,9 +694,7 @@ class TrackingFile:
         coming in: each waits for a round, which syncs the directory first. A closed
         file is written no more: its path may name another session's file by then."""
         self._check_open()
-        carried = Bitmap(self.hot.size, self.hot.granularity)
-        for r in hot or ():
-            carried.set(r)
+        carried = self._hot_bitmap(hot or ())
         adopted = False
 
         def adopt(fd: int) -> None:
@@ -719,18 +726,13 @@ class TrackingFile:
         crash leaves the file in place, and a file at ``aside_path`` that nothing reads
         (the next ``write_aside`` truncates it, a start-up removes it)."""
         tmp = self.aside_path
-        carried = Bitmap(self.hot.size, self.hot.granularity)
-        for r in aside.hot:
-            carried.set(r)
-        bitmap = aside.bitmap
+        carried = self._hot_bitmap(aside.hot)
         try:
             fd = fs.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                _write_all(fd, _header(bitmap, aside.generation, KIND_TRACKING, carried.granularity), 0)
-                with bitmap.view() as bits:
-                    _write_all(fd, bits, HEADER_SIZE)
-                with carried.view() as bits:
-                    _write_all(fd, bits, _hot_at(bitmap.nbits))
+                with contextlib.ExitStack() as views:
+                    for offset, data in _parts(views, aside.bitmap, aside.generation, KIND_TRACKING, carried):
+                        _write_all(fd, data, offset)
                 fs.fsync(fd)
             except BaseException:
                 fs.close(fd)
@@ -740,6 +742,13 @@ class TrackingFile:
                 fs.unlink(tmp, missing_ok=True)
             raise os_error(exc, f"tracking bitmap {tmp}") from exc
         aside.fd = fd
+
+    def _hot_bitmap(self, regions: Iterable[int]) -> Bitmap:
+        """A hot section with ``regions`` set: what a file written anew carries."""
+        carried = Bitmap(self.hot.size, self.hot.granularity)
+        for r in regions:
+            carried.set(r)
+        return carried
 
     def drop_aside(self, aside: Aside) -> None:
         """An ``aside`` that will not be put in place: its fd closed, its file removed."""
@@ -778,9 +787,7 @@ class TrackingFile:
             if self._closed:  # closed while it was renamed: the new fd is no one's to keep
                 await fs.to_thread(fs.close, fd)
                 self._check_open()
-            carried = Bitmap(self.hot.size, self.hot.granularity)
-            for r in aside.hot:
-                carried.set(r)
+            carried = self._hot_bitmap(aside.hot)
             with self._fd_lock:
                 self._fd_users += 1  # so that _adopt leaves the replaced fd to _release_fd
             try:
